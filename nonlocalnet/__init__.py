@@ -1,0 +1,5 @@
+"""nonlocalnet: non-local neural networks (Wang, Girshick, Gupta, He, CVPR 2018) in PyTorch."""
+from .layers import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
+
+__version__ = "0.1.0"
+__all__ = ["NonLocalBlock", "NonLocal1d", "NonLocal2d", "NonLocal3d", "__version__"]

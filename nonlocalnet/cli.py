@@ -1,0 +1,52 @@
+"""The ``nonlocalnet`` command line.
+
+Each sub-command lives in its own module under :mod:`nonlocalnet.commands` and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. A module is imported only when its command runs, so
+``nonlocalnet flops`` does not pay for the detection stack's imports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("nonlocalnet.commands.demo", "run the non-local block on a real input and check its fast paths"),
+    "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
+    "convert-caffe2": ("nonlocalnet.commands.convert_caffe2",
+                       "convert an official Caffe2 checkpoint (.pkl) into a safetensors file for a model"),
+    "detect-train": ("nonlocalnet.commands.detect_train",
+                     "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO or built-in data)"),
+    "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: nonlocalnet COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'nonlocalnet COMMAND --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"nonlocalnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"nonlocalnet {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

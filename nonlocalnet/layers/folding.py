@@ -1,0 +1,145 @@
+"""Which keys each query sees: the extents of Table 2(d) and temporal groups, as batch folding.
+
+A non-local block on a video attends over all T*H*W positions ("spacetime"). The paper's ablations restrict
+that to the same frame ("space") or the same spatial position across frames ("time"), and the official code
+saves memory on long clips by attending only within groups of k consecutive frames. Each of these is exact
+block-diagonal attention, so it is computed by folding the restricted axes into the batch: every folded batch
+entry is one independent attention problem with its own queries and keys.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+EXTENTS = ("spacetime", "space", "time")
+
+
+class Folding(NamedTuple):
+    """How a (B, C, *spatial) map becomes a batch of (B', L, C) position sequences.
+
+    Attributes:
+        extent: "spacetime", "space" or "time".
+        groups: number of temporal groups G for "spacetime" (1 = all frames together); ignored otherwise.
+    """
+
+    extent: str = "spacetime"
+    groups: int = 1
+
+
+def fold(t: Tensor, folding: Folding) -> Tensor:
+    """Turns a feature map into independent sequences of positions.
+
+    Args:
+        t: feature map (B, C, *spatial); for "space"/"time" or groups > 1 it must be a video (B, C, T, H, W).
+        folding: the extent and temporal groups.
+
+    Returns:
+        (B * F, L, C) where F is the number of independent problems per batch element and L their length.
+    """
+    b, c = t.shape[:2]
+    if folding.extent == "time":
+        # (B, C, T, H, W) -> (B, H, W, T, C) -> (B*H*W, T, C): one sequence per spatial position
+        return t.permute(0, 3, 4, 2, 1).reshape(b * t.shape[3] * t.shape[4], t.shape[2], c)
+    groups = _temporal_groups(t, folding)
+    if groups == 1:
+        # (B, C, *S) -> (B, C, N) -> (B, N, C)
+        return t.flatten(2).transpose(1, 2)
+    tt, h, w = t.shape[2:]
+    # (B, C, T, H, W) -> (B, C, G, T/G, H, W) -> (B, G, T/G, H, W, C) -> (B*G, T/G*H*W, C)
+    t = t.reshape(b, c, groups, tt // groups, h, w).permute(0, 2, 3, 4, 5, 1)
+    return t.reshape(b * groups, (tt // groups) * h * w, c)
+
+
+def unfold(y: Tensor, folding: Folding, batch: int, spatial: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`fold` for the query side.
+
+    Args:
+        y: (B * F, L, C) per-query outputs.
+        folding: the folding that produced the queries.
+        batch: B.
+        spatial: the query map's spatial size.
+
+    Returns:
+        (B, C, *spatial).
+    """
+    c = y.shape[-1]
+    if folding.extent == "time":
+        tt, h, w = spatial
+        # (B*H*W, T, C) -> (B, H, W, T, C) -> (B, C, T, H, W)
+        return y.reshape(batch, h, w, tt, c).permute(0, 4, 3, 1, 2)
+    groups = folding.groups if folding.extent == "spacetime" else spatial[0]
+    if groups == 1:
+        # (B, N, C) -> (B, C, N) -> (B, C, *S)
+        return y.transpose(1, 2).reshape(batch, c, *spatial)
+    tt, h, w = spatial
+    # (B*G, T/G*H*W, C) -> (B, G, T/G, H, W, C) -> (B, C, G, T/G, H, W) -> (B, C, T, H, W)
+    y = y.reshape(batch, groups, tt // groups, h, w, c).permute(0, 5, 1, 2, 3, 4)
+    return y.reshape(batch, c, tt, h, w)
+
+
+def scatter_attention(attn: Tensor, folding: Folding, batch: int, query_spatial: tuple[int, ...],
+                      key_spatial: tuple[int, ...]) -> Tensor:
+    """Places folded attention blocks into the full (B, N, M) matrix, zeros outside the extent.
+
+    Args:
+        attn: (B * F, L, K) weights of the folded problems.
+        folding: the folding used for queries and keys.
+        batch: B.
+        query_spatial: spatial size of the query map (N = product).
+        key_spatial: spatial size of the key map (M = product).
+
+    Returns:
+        (B, N, M) weights in flattened (t, h, w) order of queries and keys.
+    """
+    n = _numel(query_spatial)
+    m = _numel(key_spatial)
+    if attn.shape[0] == batch and attn.shape[1] == n and attn.shape[2] == m:
+        return attn
+    # fold position indices exactly like the features: (1, 1, *S) -> (F, L, 1) -> (F, L)
+    q_index = fold(torch.arange(n, device=attn.device).view(1, 1, *query_spatial), folding)[..., 0]
+    k_index = fold(torch.arange(m, device=attn.device).view(1, 1, *key_spatial), folding)[..., 0]
+    problems = q_index.shape[0]
+    full = attn.new_zeros(batch, n, m)
+    # (B*F, L, K) -> (B, F, L, K), written at rows q_index[f] and columns k_index[f] of each batch element
+    full[:, q_index[:, :, None], k_index[:, None, :]] = attn.reshape(batch, problems, *attn.shape[1:])
+    return full
+
+
+def check_folding(folding: Folding, query_spatial: tuple[int, ...], key_spatial: tuple[int, ...]) -> None:
+    """Raises ValueError if the queries and keys cannot be folded the same way."""
+    if folding.extent == "spacetime" and folding.groups == 1:
+        return
+    if len(query_spatial) != 3 or len(key_spatial) != 3:
+        raise ValueError(f"extent={folding.extent!r} with temporal_groups={folding.groups} needs video input "
+                         f"(B, C, T, H, W); got spatial size {tuple(query_spatial)}")
+    tq, tk = query_spatial[0], key_spatial[0]
+    if folding.extent == "time":
+        if tuple(query_spatial[1:]) != tuple(key_spatial[1:]):
+            raise ValueError(
+                f"extent='time' attends to the same spatial position across frames, so keys must keep the "
+                f"query's spatial size; got queries {tuple(query_spatial)} and keys {tuple(key_spatial)} "
+                f"(use no spatial subsampling with extent='time')")
+        return
+    if folding.extent == "space":
+        if tq != tk:
+            raise ValueError(f"extent='space' attends within each frame, so keys must keep all {tq} frames; got "
+                             f"{tk} (use no temporal subsampling with extent='space')")
+        return
+    g = folding.groups
+    if tq % g or tk % g:
+        raise ValueError(f"temporal_groups={g} must divide the number of frames: queries have {tq}, keys {tk}")
+
+
+def _temporal_groups(t: Tensor, folding: Folding) -> int:
+    if folding.extent == "space":
+        return t.shape[2]
+    return folding.groups
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out

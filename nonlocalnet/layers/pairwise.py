@@ -1,0 +1,103 @@
+"""One definition of the non-local maths, several execution paths: which path runs for which mode.
+
+| mode              | exact paths                        | "auto" picks                                   |
+|-------------------|------------------------------------|------------------------------------------------|
+| gaussian          | dense, sdpa, chunked               | sdpa                                           |
+| embedded_gaussian | dense, sdpa, chunked               | sdpa                                           |
+| dot_product       | dense, linear                      | whichever does fewer multiply-adds             |
+| concatenation     | dense, sorted                      | sorted                                         |
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .pairwise_concatenation import concatenation_sorted
+from .pairwise_dense import concatenation_dense, dot_product_dense, softmax_attention_dense
+from .pairwise_dot_product import dot_product_linear, dot_product_linear_is_cheaper
+from .pairwise_softmax import softmax_attention_chunked, softmax_attention_sdpa
+
+MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+IMPLS = ("auto", "dense", "sdpa", "chunked", "linear", "sorted")
+IMPLS_BY_MODE = {
+    "gaussian": ("dense", "sdpa", "chunked"),
+    "embedded_gaussian": ("dense", "sdpa", "chunked"),
+    "dot_product": ("dense", "linear"),
+    "concatenation": ("dense", "sorted"),
+}
+
+
+def check_mode_impl(mode: str, impl: str) -> None:
+    """Raises ValueError naming the problem if ``mode`` or ``impl`` is unknown or they do not go together."""
+    if mode not in MODES:
+        raise ValueError(f"unknown non-local mode {mode!r}; expected one of {', '.join(MODES)}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown non-local impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    if impl != "auto" and impl not in IMPLS_BY_MODE[mode]:
+        raise ValueError(f"impl {impl!r} does not compute mode {mode!r}; its paths are "
+                         f"{', '.join(IMPLS_BY_MODE[mode])} (or 'auto')")
+
+
+def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
+    """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes."""
+    if impl != "auto":
+        return impl
+    if mode == "dot_product":
+        return "linear" if dot_product_linear_is_cheaper(n, m, cq, cv) else "dense"
+    if mode == "concatenation":
+        return "sorted"
+    return "sdpa"
+
+
+def dense_pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float,
+                   concat_project: nn.Sequential | None = None) -> tuple[Tensor, Tensor]:
+    """The reference: y (B, N, Cv) and the normalised weights f/C(x) (B, N, M)."""
+    if mode == "dot_product":
+        return dot_product_dense(q, k, v, scale)
+    if mode == "concatenation":
+        assert concat_project is not None
+        return concatenation_dense(q, k, v, scale, concat_project)
+    return softmax_attention_dense(q, k, v, scale)
+
+
+def pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str,
+             concat_project: nn.Sequential | None = None) -> Tensor:
+    """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j over folded sequences, by the path ``impl`` (already resolved).
+
+    Args:
+        q: queries (B, N, Cq); k: keys (B, M, Cq); v: values (B, M, Cv).
+        mode: one of :data:`MODES`.
+        scale: s multiplying the pairwise term before f's non-linearity (1.0 = the paper).
+        impl: a concrete path from :data:`IMPLS_BY_MODE` (not "auto").
+        concat_project: the block's w_f module, for the concatenation mode.
+
+    Returns:
+        (B, N, Cv).
+    """
+    if impl == "dense":
+        return dense_pairwise(q, k, v, mode, scale, concat_project)[0]
+    if impl == "sdpa":
+        return softmax_attention_sdpa(q, k, v, scale)
+    if impl == "chunked":
+        return softmax_attention_chunked(q, k, v, scale)
+    if impl == "linear":
+        return dot_product_linear(q, k, v, scale)
+    if impl == "sorted":
+        assert concat_project is not None
+        weight = concat_project[0].weight.flatten()  # (1, 2Cq, 1, 1) -> (2Cq,)
+        cq = q.shape[-1]
+        return concatenation_sorted(q, k, v, scale, weight[:cq], weight[cq:])
+    raise ValueError(f"impl {impl!r} is not a concrete path")
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the pairwise step runs in: the inputs' lowest precision, but never float16.
+
+    exp(qᵀk) and sums over thousands of keys overflow float16's range (65504) long before they overflow
+    bfloat16's or float32's, so float16 inputs are computed in float32; bfloat16 runs natively.
+    """
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.element_size() < torch.empty((), dtype=dtype).element_size():
+            dtype = t.dtype
+    return torch.float32 if dtype == torch.float16 else dtype

@@ -1,0 +1,353 @@
+"""The non-local block: fast paths against the dense reference, the reference against the paper's formula,
+identity at init, gradients, errors, and precision."""
+import pytest
+import torch
+from torch import nn
+
+from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
+from nonlocalnet.layers import IMPLS_BY_MODE, MODES
+
+SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 4, 5, 6)}
+
+
+def make_active(block: NonLocalBlock, std: float = 0.5) -> NonLocalBlock:
+    """Random weights large enough that attention is peaky and the output depends on every parameter."""
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, std)
+        if isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
+            block.norm.running_var.uniform_(0.5, 2.0)
+            block.norm.running_mean.normal_()
+    return block.eval()
+
+
+def grads(block, x, memory=None):
+    block.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    inputs = [x]
+    if memory is not None:
+        memory = memory.detach().clone().requires_grad_(True)
+        inputs.append(memory)
+    z = block(x, memory=memory)
+    weight = torch.linspace(-1, 1, z.numel()).view_as(z)  # a non-uniform upstream gradient
+    (z * weight).sum().backward()
+    return z.detach(), [t.grad.clone() for t in inputs], {n: p.grad.clone() for n, p in block.named_parameters()}
+
+
+def assert_same_function(block, x, impl, memory=None, atol=1e-5):
+    block.impl = "dense"
+    z_ref, in_ref, p_ref = grads(block, x, memory)
+    block.impl = impl
+    z, in_g, p_g = grads(block, x, memory)
+    torch.testing.assert_close(z, z_ref, atol=atol, rtol=1e-4)
+    for a, b in zip(in_g, in_ref):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+    for name in p_ref:
+        torch.testing.assert_close(p_g[name], p_ref[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+FAST = [(mode, impl) for mode in MODES for impl in IMPLS_BY_MODE[mode] if impl != "dense"]
+
+
+@pytest.mark.parametrize("mode,impl", FAST)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("subsample,position", [(None, "input"), (2, "input"), (2, "projection")])
+def test_fast_path_equals_dense_reference(mode, impl, dim, subsample, position):
+    block = make_active(NonLocalBlock(8, dim=dim, mode=mode, subsample=subsample, subsample_position=position,
+                                      scale="auto"))
+    assert_same_function(block, torch.randn(SHAPES[dim]), impl)
+
+
+@pytest.mark.parametrize("mode,impl", FAST)
+@pytest.mark.parametrize("extent,groups,subsample", [
+    ("spacetime", 1, (1, 2, 2)), ("space", 1, (1, 2, 2)), ("time", 1, (2, 1, 1)), ("spacetime", 2, (1, 2, 2)),
+    ("spacetime", 2, (2, 2, 2)),
+])
+def test_fast_path_equals_dense_with_extents_and_groups(mode, impl, extent, groups, subsample):
+    block = make_active(NonLocal3d(8, mode=mode, extent=extent, temporal_groups=groups, subsample=subsample))
+    assert_same_function(block, torch.randn(2, 8, 4, 6, 5), impl)
+
+
+@pytest.mark.parametrize("mode,impl", FAST)
+def test_fast_path_equals_dense_with_memory(mode, impl):
+    channels = 8 if mode == "gaussian" else 6
+    block = make_active(NonLocal3d(8, mode=mode, memory_channels=channels, subsample=(1, 2, 2)))
+    memory = torch.randn(2, channels, 7, 4, 3)  # its own channels and length
+    assert_same_function(block, torch.randn(2, 8, 3, 5, 5), impl, memory=memory)
+
+
+def test_chunked_path_splits_queries_and_stays_exact(monkeypatch):
+    from nonlocalnet.layers import pairwise_softmax
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 64)  # forces many chunks of a few queries
+    calls = []
+    original = pairwise_softmax._softmax_chunk
+    monkeypatch.setattr(pairwise_softmax, "_softmax_chunk", lambda *a: calls.append(1) or original(*a))
+    block = make_active(NonLocal2d(8, mode="embedded_gaussian"))
+    assert_same_function(block, torch.randn(2, 8, 7, 9), "chunked")
+    assert len(calls) > 4
+
+
+def test_concatenation_sorted_handles_ties_and_all_negative():
+    block = make_active(NonLocal1d(4, mode="concatenation"))
+    x = torch.randn(1, 4, 9)
+    x[..., 5:] = x[..., :1]  # repeated keys: equal b_j
+    block.impl = "sorted"
+    z_sorted = block(x)
+    block.impl = "dense"
+    torch.testing.assert_close(z_sorted, block(x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        block.concat_project[0].weight.fill_(0.0)  # f == 0 everywhere: y == 0, z == norm(W_z 0) + x
+    block.impl = "sorted"
+    torch.testing.assert_close(block(x), block.norm(block.out(torch.zeros(1, 2, 9))) + x)
+
+
+@pytest.mark.parametrize("mode,impl", [(m, i) for m in MODES for i in IMPLS_BY_MODE[m]])
+def test_gradcheck_float64(mode, impl):
+    block = make_active(NonLocal2d(4, mode=mode, inter_channels=3, subsample=(1, 2), impl=impl)).double()
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: block(t), (x,), eps=1e-6, atol=1e-5)
+
+
+def paper_formula(block: NonLocalBlock, x: torch.Tensor) -> torch.Tensor:
+    """z_i = BN(W_z y_i) + x_i with y_i = 1/C(x) Σ_j f(x_i, x_j) g(x_j), a Python loop over positions (dim 1)."""
+    b, c, n = x.shape
+
+    def conv(layer, v):  # a 1x1 conv applied to one position vector
+        return layer.weight[:, :, 0] @ v + layer.bias
+
+    z = torch.empty_like(x)
+    for batch in range(b):
+        cols = [x[batch, :, i] for i in range(n)]
+        for i in range(n):
+            terms, f_values = [], []
+            for j in range(n):
+                if block.mode == "gaussian":
+                    f = torch.exp(block.scale * cols[i] @ cols[j])
+                elif block.mode == "embedded_gaussian":
+                    f = torch.exp(block.scale * conv(block.theta, cols[i]) @ conv(block.phi, cols[j]))
+                elif block.mode == "dot_product":
+                    f = block.scale * conv(block.theta, cols[i]) @ conv(block.phi, cols[j])
+                else:
+                    w = block.concat_project[0].weight.flatten()
+                    pair = torch.cat([conv(block.theta, cols[i]), conv(block.phi, cols[j])])
+                    f = torch.relu(block.scale * w @ pair)
+                f_values.append(f)
+                terms.append(f * conv(block.g, cols[j]))
+            normaliser = sum(f_values) if block.mode in ("gaussian", "embedded_gaussian") else n
+            y = sum(terms) / normaliser
+            w_y = conv(block.out, y)
+            bn = block.norm
+            z[batch, :, i] = (w_y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias \
+                + cols[i]
+    return z
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dense_reference_equals_paper_formula(mode):
+    block = make_active(NonLocal1d(4, mode=mode, impl="dense", scale=0.7), std=0.3).double()
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), paper_formula(block, x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["batch", "layer", None])
+def test_identity_at_init(mode, norm):
+    block = NonLocal3d(8, mode=mode, norm=norm, subsample=(1, 2, 2))
+    x = torch.randn(2, 8, 2, 4, 4)
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+    block.eval()
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["batch", "layer", None])
+def test_every_parameter_gets_a_gradient_after_one_step(mode, norm):
+    block = NonLocal2d(8, mode=mode, norm=norm)
+    optimizer = torch.optim.SGD(block.parameters(), lr=1.0)
+    x = torch.randn(2, 8, 5, 5)
+    target = torch.randn(2, 8, 5, 5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        ((block(x) - target) ** 2).mean().backward()
+        optimizer.step()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_submodule_names_and_parameter_counts():
+    res4 = NonLocal3d(1024, subsample=(1, 2, 2))
+    assert sum(p.numel() for p in res4.parameters()) == 2_101_760
+    assert sum(p.numel() for p in NonLocal3d(512).parameters()) == 526_592
+    assert isinstance(res4.theta, nn.Conv3d) and isinstance(res4.norm, nn.BatchNorm3d)
+    assert {n for n, _ in res4.named_children()} == {"theta", "phi", "g", "out", "norm", "pool"}
+    gaussian = NonLocal3d(16, mode="gaussian")
+    assert not hasattr(gaussian, "theta") and not hasattr(gaussian, "phi")
+    concat = NonLocal3d(16, mode="concatenation")
+    assert concat.concat_project[0].weight.shape == (1, 16, 1, 1)
+    assert isinstance(concat.concat_project[1], nn.ReLU)
+    assert concat.theta.bias is not None and concat.g.bias is not None
+
+
+def test_scale_options():
+    assert NonLocal2d(64).scale == 1.0
+    assert NonLocal2d(64, scale="auto").scale == pytest.approx(32 ** -0.5)
+    assert NonLocal2d(64, inter_channels=16, scale="auto").scale == pytest.approx(0.25)
+    assert NonLocal2d(64, scale=0.3).scale == 0.3
+
+
+def test_subsample_position_orders_pool_and_projection():
+    x = torch.randn(1, 8, 6, 6)
+    for position in ("input", "projection"):
+        block = make_active(NonLocal2d(8, subsample=2, subsample_position=position))
+        _, attn = block(x, return_attention=True)
+        assert attn.shape == (1, 36, 9)
+        pool = nn.MaxPool2d(2)
+        value = block.g(pool(x)) if position == "input" else pool(block.g(x))
+        key = block.phi(pool(x)) if position == "input" else pool(block.phi(x))
+        query = block.theta(x).flatten(2).transpose(1, 2)  # (1, 36, 4)
+        expected_attn = torch.softmax(query @ key.flatten(2), dim=-1)  # (1, 36, 9)
+        torch.testing.assert_close(attn, expected_attn)
+        y = (expected_attn @ value.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(1, 4, 6, 6)
+        torch.testing.assert_close(block(x), block.norm(block.out(y)) + x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_return_attention_is_normalised_f(mode):
+    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2)))
+    x = torch.randn(2, 8, 2, 4, 4)
+    z, attn = block(x, return_attention=True)
+    assert attn.shape == (2, 32, 8)
+    torch.testing.assert_close(z, block(x), atol=1e-5, rtol=1e-4)
+    if mode in ("gaussian", "embedded_gaussian"):
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 32))
+    if mode == "concatenation":
+        assert (attn >= 0).all()
+    if mode == "dot_product":
+        assert (attn < 0).any()
+
+
+def test_attention_is_zero_outside_extent_and_groups():
+    x = torch.randn(1, 8, 4, 3, 3)
+    space = make_active(NonLocal3d(8, extent="space"))
+    _, attn = space(x, return_attention=True)  # (1, 36, 36)
+    frame = torch.arange(36) // 9
+    same_frame = frame[:, None] == frame[None, :]
+    assert (attn[0][~same_frame] == 0).all() and (attn[0][same_frame] > 0).all()
+    time = make_active(NonLocal3d(8, extent="time"))
+    _, attn = time(x, return_attention=True)
+    pixel = torch.arange(36) % 9
+    assert (attn[0][pixel[:, None] != pixel[None, :]] == 0).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 36))
+    grouped = make_active(NonLocal3d(8, temporal_groups=2, subsample=(1, 3, 3)))
+    _, attn = grouped(x, return_attention=True)  # keys: 4 frames x 1 x 1
+    assert attn.shape == (1, 36, 4)
+    group_q, group_k = frame // 2, torch.arange(4) // 2
+    assert (attn[0][group_q[:, None] != group_k[None, :]] == 0).all()
+
+
+def test_space_extent_equals_per_frame_block():
+    block = make_active(NonLocal3d(8, extent="space", subsample=(1, 2, 2), norm=None))
+    frames = make_active(NonLocal2d(8, subsample=2, norm=None))
+    frames.load_state_dict({k: v.squeeze(-1) for k, v in block.state_dict().items()})
+    x = torch.randn(2, 8, 3, 4, 4)
+    per_frame = torch.stack([frames(x[:, :, t]) for t in range(3)], dim=2)
+    torch.testing.assert_close(block(x), per_frame, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_supplies_keys_and_values():
+    block = make_active(NonLocal1d(8, memory_channels=5))
+    x, bank = torch.randn(3, 8, 4), torch.randn(3, 5, 10)
+    z, attn = block(x, memory=bank, return_attention=True)
+    assert z.shape == x.shape and attn.shape == (3, 4, 10)
+    bank2 = bank.clone()
+    bank2[..., -1] += 3.0
+    assert not torch.allclose(block(x, memory=bank2), z)  # the last memory entry is attended to
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_norm_options(norm):
+    block = NonLocal3d(8, norm=norm)
+    expected = nn.BatchNorm3d if norm == "batch" else nn.Module
+    assert isinstance(block.norm, expected)
+    assert (block.norm.weight == 0).all()
+    if norm == "batch":
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(NonLocal3d(8))
+        assert isinstance(synced.norm, nn.SyncBatchNorm)
+    none = NonLocal3d(8, norm=None)
+    assert isinstance(none.norm, nn.Identity) and (none.out.weight == 0).all()
+
+
+@pytest.mark.parametrize("build,x,match", [
+    (lambda: NonLocal3d(8), torch.randn(2, 8, 4, 4), r"\(B, C, T, H, W\)"),
+    (lambda: NonLocal2d(8), torch.randn(2, 6, 4, 4), "8 input channels; x has 6"),
+    (lambda: NonLocal2d(8, subsample=4), torch.randn(2, 8, 3, 8), "larger than"),
+    (lambda: NonLocal3d(8, extent="time", subsample=(1, 2, 2)), torch.randn(1, 8, 2, 4, 4), "extent='time'"),
+    (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3"),
+    (lambda: NonLocal3d(8, memory_channels=4), torch.randn(1, 8, 4, 2, 2), "pass memory="),
+])
+def test_bad_input_is_named(build, x, match):
+    with pytest.raises(ValueError, match=match):
+        build()(x)
+
+
+def test_bad_memory_is_named():
+    block = NonLocal1d(8, memory_channels=4)
+    with pytest.raises(ValueError, match="memory has 3 channels"):
+        block(torch.randn(1, 8, 5), memory=torch.randn(1, 3, 5))
+    with pytest.raises(ValueError, match="batch size"):
+        block(torch.randn(2, 8, 5), memory=torch.randn(1, 4, 5))
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(mode="softmax"), "unknown non-local mode 'softmax'"),
+    (dict(impl="flash"), "unknown non-local impl 'flash'"),
+    (dict(mode="dot_product", impl="sdpa"), "does not compute mode 'dot_product'"),
+    (dict(mode="concatenation", impl="linear"), "does not compute mode 'concatenation'"),
+    (dict(norm="group"), "unknown norm 'group'"),
+    (dict(subsample_position="after"), "unknown subsample_position"),
+    (dict(extent="frame"), "unknown extent 'frame'"),
+    (dict(scale=-1.0), "scale must be"),
+    (dict(scale="sqrt"), "scale must be"),
+    (dict(subsample=(1, 2)), "subsample must be"),
+    (dict(dim=4), "dim must be 1, 2 or 3"),
+    (dict(dim=2, extent="time"), "needs video input"),
+    (dict(mode="gaussian", memory_channels=3), "memory_channels"),
+])
+def test_unknown_options_are_named(options, match):
+    options = {"dim": 3, **options}
+    with pytest.raises(ValueError, match=match):
+        NonLocalBlock(8, **options)
+
+
+def test_keyword_only_constructor():
+    with pytest.raises(TypeError):
+        NonLocalBlock(8, 3)
+
+
+@pytest.mark.parametrize("mode,impl", [(m, i) for m in MODES for i in IMPLS_BY_MODE[m]])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_has_no_overflow(mode, impl, dtype):
+    """Raw-feature gaussian with C=1024 is exp(xᵀx) with xᵀx in the thousands: finite fp32 result, no NaN."""
+    channels = 1024 if mode == "gaussian" else 64
+    block = make_active(NonLocal3d(channels, mode=mode, subsample=(1, 2, 2), impl=impl), std=0.05)
+    x = 3.0 * torch.randn(1, channels, 2, 4, 4)
+    with torch.no_grad():
+        reference = block(x)
+        with torch.autocast("cpu", dtype=dtype):
+            z = block(x)
+    assert torch.isfinite(reference).all()
+    assert torch.isfinite(z).all(), f"{mode}/{impl} under {dtype} autocast produced inf/NaN"
+    error = (z.float() - reference).abs().max() / reference.abs().max()
+    assert error < 0.1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_traced_block_equals_eager(mode):
+    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2)))
+    x = torch.randn(2, 8, 2, 4, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(block, (x,), check_trace=False)
+    other = torch.randn(2, 8, 2, 4, 4)
+    torch.testing.assert_close(traced(other), block(other), atol=1e-5, rtol=1e-4)
+
