@@ -351,3 +351,15 @@ def test_traced_block_equals_eager(mode):
     other = torch.randn(2, 8, 2, 4, 4)
     torch.testing.assert_close(traced(other), block(other), atol=1e-5, rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_sdpa_path_runs_on_the_flash_kernel(mode):
+    """Strided inputs or unequal head sizes would silently drop SDPA to its O(N·M) math fallback; with only the
+    flash backend allowed, such a fallback raises instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl="sdpa")).train()
+    x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        block(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -20,9 +20,16 @@ CHUNK_ELEMENTS = 1 << 24
 
 def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """softmax(s * q kᵀ) v via ``F.scaled_dot_product_attention``; q, k: (B, N|M, Cq), v: (B, M, Cv)."""
-    # (B, L, C) -> (B, 1, L, C): one head, the layout the fused kernels expect
-    y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)
-    return y.squeeze(1)  # (B, 1, N, Cv) -> (B, N, Cv)
+    # (B, L, C) -> (B, 1, L, C): one head. The fused kernels need the channel axis contiguous; folded
+    # (B, C, *S) maps are channel-strided, and given those SDPA silently takes its O(N M) math fallback.
+    cq, cv = q.shape[-1], v.shape[-1]
+    if cv < cq:  # the fused kernels want one head size: zero value channels add nothing to y
+        v = F.pad(v, (0, cq - cv))  # (B, M, Cq)
+    elif cq < cv:  # zero query/key channels add nothing to qᵀk
+        q, k = F.pad(q, (0, cv - cq)), F.pad(k, (0, cv - cq))
+    q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return y.squeeze(1)[..., :cv]  # (B, 1, N, C) -> (B, N, Cv)
 
 
 def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,

@@ -1,0 +1,184 @@
+"""Forward+backward time and peak memory of each non-local mode and path at the paper's shapes.
+
+    python benchmarks/block.py                 # all shapes, table to stdout (+ --markdown FILE)
+    python benchmarks/block.py --shapes res4   # one shape
+    python benchmarks/block.py --device cuda   # on a GPU (peak memory from torch.cuda)
+
+Times are measured side by side in this process, the paths of one (shape, mode) interleaved round-robin so
+that machine drift hits them alike; the ratio column is dense time / path time. Peak memory on CPU is the
+rise of the resident set size over a forward+backward, measured in a fresh child process per configuration
+(so one run's allocations cannot hide another's); on CUDA it is torch.cuda.max_memory_allocated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from nonlocalnet import NonLocalBlock
+from nonlocalnet.layers import IMPLS_BY_MODE, MODES
+
+# name -> (input shape (B, C, *spatial), subsample, what it is)
+SHAPES = {
+    "res4": ((2, 1024, 4, 14, 14), (1, 2, 2), "res4 of a 32-frame clip"),
+    "res3": ((2, 512, 4, 28, 28), (1, 2, 2), "res3 of a 32-frame clip"),
+    "res3_128": ((1, 512, 16, 28, 28), (1, 2, 2), "res3 of a 128-frame clip"),
+    "image": ((1, 512, 128, 128), None, "image map, no subsampling"),
+}
+# The literal concatenation reference builds a (B, N, M, 2C') pair tensor: skip it beyond this many elements.
+DENSE_CONCAT_LIMIT = 1.5e9
+
+
+def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalBlock, torch.Tensor]:
+    shape, subsample, _ = SHAPES[shape_name]
+    dim = len(shape) - 2
+    block = NonLocalBlock(shape[1], dim=dim, mode=mode, subsample=subsample, impl=impl).to(device)
+    with torch.no_grad():
+        block.norm.weight.fill_(1.0)  # a live block: gradients reach every path
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    return block, x
+
+
+def step(block: NonLocalBlock, x: torch.Tensor) -> None:
+    block(x).sum().backward()
+    x.grad = None
+    block.zero_grad(set_to_none=True)
+
+
+def too_big(shape_name: str, mode: str, impl: str) -> bool:
+    if not (mode == "concatenation" and impl == "dense"):
+        return False
+    shape, subsample, _ = SHAPES[shape_name]
+    n = 1
+    for s in shape[2:]:
+        n *= s
+    m = n
+    for k in subsample or ():
+        m //= k
+    return shape[0] * n * m * shape[1] > DENSE_CONCAT_LIMIT  # 2C' = C
+
+
+def peak_memory_child(shape_name: str, mode: str, impl: str) -> float:
+    """Runs one forward+backward in a fresh process; returns the rise of its peak RSS in MB."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import block as b; print(b._measure_rss({shape_name!r}, {mode!r}, {impl!r}))")
+    # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
+    # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_rss(shape_name: str, mode: str, impl: str) -> float:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    block, x = build(shape_name, mode, impl, "cpu")
+    step(block, x)  # warm-up: allocator caches and kernels in place
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident set
+    step(block, x)
+    return max(0.0, (_status_kb("VmHWM") - before) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cuda_peak(block: NonLocalBlock, x: torch.Tensor) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(block, x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int) -> dict[str, float]:
+    runs = {impl: build(shape_name, mode, impl, device) for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for impl in impls:
+        step(*runs[impl])  # warm-up
+    for _ in range(repeats):
+        for impl in impls:  # round-robin
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(*runs[impl])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[impl].append(time.perf_counter() - start)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--markdown", help="also write the table to this markdown file")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+
+    rows = []
+    header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
+              "|---|---|---|---:|---:|---:|---:|")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print(header)
+    for shape_name in args.shapes:
+        for mode in args.modes:
+            impls = [i for i in IMPLS_BY_MODE[mode] if not too_big(shape_name, mode, i)]
+            times = time_paths(shape_name, mode, impls, args.device, args.repeats)
+            for impl in IMPLS_BY_MODE[mode]:
+                if impl not in times:
+                    row = dict(shape=shape_name, mode=mode, impl=impl, ms=None, speedup=None, mb=None, mem=None)
+                    rows.append(row)
+                    print(f"| {shape_name} | {mode} | {impl} | skipped: the (B, N, M, 2C') pair tensor is too "
+                          f"large | | | |")
+                    continue
+                mb = None
+                if not args.no_memory:
+                    if args.device == "cuda":
+                        mb = cuda_peak(*build(shape_name, mode, impl, "cuda"))
+                    else:
+                        mb = peak_memory_child(shape_name, mode, impl)
+                rows.append(dict(shape=shape_name, mode=mode, impl=impl, ms=times[impl] * 1e3, mb=mb))
+            dense = next((r for r in rows if r["shape"] == shape_name and r["mode"] == mode
+                          and r["impl"] == "dense" and r["ms"] is not None), None)
+            for r in rows:
+                if r["shape"] != shape_name or r["mode"] != mode or r["ms"] is None:
+                    continue
+                r["speedup"] = dense["ms"] / r["ms"] if dense else None
+                r["mem"] = (r["mb"] / dense["mb"]) if dense and r["mb"] and dense["mb"] else None
+                print(f"| {shape_name} | {mode} | {r['impl']} | {r['ms']:.1f} | "
+                      f"{_fmt(r['speedup'], 'x')} | {_fmt(r['mb'], '')} | {_fmt(r['mem'], '')} |", flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(header + "\n")
+            for r in rows:
+                f.write(f"| {r['shape']} | {r['mode']} | {r['impl']} | {_fmt(r['ms'], '')} | "
+                        f"{_fmt(r['speedup'], 'x')} | {_fmt(r['mb'], '')} | {_fmt(r['mem'], '')} |\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def _fmt(value: float | None, suffix: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+
+
+if __name__ == "__main__":
+    main()
