@@ -246,6 +246,21 @@ def test_attention_is_zero_outside_extent_and_groups():
     assert (attn[0][group_q[:, None] != group_k[None, :]] == 0).all()
 
 
+def test_temporal_groups_count_frames_per_group():
+    # 6 frames in groups of k=3 frames: two groups {0,1,2} and {3,4,5} (not three groups of two)
+    block = make_active(NonLocal3d(8, temporal_groups=3))
+    _, attn = block(torch.randn(1, 8, 6, 2, 2), return_attention=True)
+    group = torch.arange(24) // 4 // 3
+    assert (attn[0][group[:, None] != group[None, :]] == 0).all()
+    assert (attn[0][group[:, None] == group[None, :]] > 0).all()
+
+
+def test_block_runs_on_meta_device():
+    block = NonLocal3d(16, subsample=(1, 2, 2)).to("meta")
+    z = block(torch.empty(2, 16, 4, 6, 6, device="meta"))
+    assert z.shape == (2, 16, 4, 6, 6) and z.device.type == "meta"
+
+
 def test_space_extent_equals_per_frame_block():
     block = make_active(NonLocal3d(8, extent="space", subsample=(1, 2, 2), norm=None))
     frames = make_active(NonLocal2d(8, subsample=2, norm=None))
@@ -283,7 +298,7 @@ def test_norm_options(norm):
     (lambda: NonLocal2d(8), torch.randn(2, 6, 4, 4), "8 input channels; x has 6"),
     (lambda: NonLocal2d(8, subsample=4), torch.randn(2, 8, 3, 8), "larger than"),
     (lambda: NonLocal3d(8, extent="time", subsample=(1, 2, 2)), torch.randn(1, 8, 2, 4, 4), "extent='time'"),
-    (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3"),
+    (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3 frames"),
     (lambda: NonLocal3d(8, memory_channels=4), torch.randn(1, 8, 4, 2, 2), "pass memory="),
 ])
 def test_bad_input_is_named(build, x, match):

@@ -21,7 +21,8 @@ class Folding(NamedTuple):
 
     Attributes:
         extent: "spacetime", "space" or "time".
-        groups: number of temporal groups G for "spacetime" (1 = all frames together); ignored otherwise.
+        groups: number of temporal groups G for "spacetime" (1 = all frames together; the block's
+            ``temporal_groups=k`` frames per group gives G = T / k); ignored otherwise.
     """
 
     extent: str = "spacetime"
@@ -129,7 +130,8 @@ def check_folding(folding: Folding, query_spatial: tuple[int, ...], key_spatial:
         return
     g = folding.groups
     if tq % g or tk % g:
-        raise ValueError(f"temporal_groups={g} must divide the number of frames: queries have {tq}, keys {tk}")
+        raise ValueError(f"temporal groups: queries split into {g} groups of {tq // g} frames, but the keys' "
+                         f"{tk} frames cannot be split into {g} equal groups")
 
 
 def _temporal_groups(t: Tensor, folding: Folding) -> int:

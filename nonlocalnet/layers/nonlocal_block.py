@@ -8,6 +8,7 @@ folding that restricts which keys each query sees.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -108,7 +109,8 @@ class NonLocalBlock(nn.Module):
         self.subsample_position = subsample_position
         self.scale = _parse_scale(scale, inter_channels)
         self.norm_type = norm
-        self.folding = Folding(extent, temporal_groups)
+        self.extent = extent
+        self.temporal_groups = temporal_groups
 
         conv = _CONV[dim]
         if mode != "gaussian":
@@ -172,24 +174,36 @@ class NonLocalBlock(nn.Module):
                 key = self.pool(source)
         query_spatial = tuple(query.shape[2:])
         key_spatial = tuple(key.shape[2:])
-        check_folding(self.folding, query_spatial, key_spatial)
+        folding = self._folding(query_spatial)
+        check_folding(folding, query_spatial, key_spatial)
 
-        q = fold(query, self.folding)  # (B', N, Cq)
-        k = fold(key, self.folding)  # (B', M, Cq)
-        v = fold(value, self.folding)  # (B', M, C')
+        q = fold(query, folding)  # (B', N, Cq)
+        k = fold(key, folding)  # (B', M, Cq)
+        v = fold(value, folding)  # (B', M, C')
         dtype = compute_dtype(q, k, v)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             if return_attention:
                 y, weights = dense_pairwise(q, k, v, self.mode, self.scale, self._concat_project())
             else:
                 impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
                 y = pairwise(q, k, v, self.mode, self.scale, impl, self._concat_project())
-        y = unfold(y.to(value.dtype), self.folding, x.shape[0], query_spatial)  # (B, C', *S)
+        y = unfold(y.to(value.dtype), folding, x.shape[0], query_spatial)  # (B, C', *S)
         z = self.norm(self.out(y)) + x
         if return_attention:
-            return z, scatter_attention(weights, self.folding, x.shape[0], query_spatial, key_spatial)
+            return z, scatter_attention(weights, folding, x.shape[0], query_spatial, key_spatial)
         return z
+
+    def _folding(self, query_spatial: tuple[int, ...]) -> Folding:
+        """The folding for this input: temporal groups of k frames become T/k independent problems."""
+        k = self.temporal_groups
+        if self.extent != "spacetime" or k == 1:
+            return Folding(self.extent, 1)
+        frames = query_spatial[0]
+        if frames % k:
+            raise ValueError(f"temporal_groups={k} frames per group must divide the clip's {frames} frames "
+                             f"(input spatial size {tuple(query_spatial)})")
+        return Folding("spacetime", frames // k)
 
     def _concat_project(self) -> nn.Sequential | None:
         return self.concat_project if self.mode == "concatenation" else None
@@ -216,7 +230,7 @@ class NonLocalBlock(nn.Module):
             if memory.shape[1] != self.memory_channels:
                 raise ValueError(f"memory has {memory.shape[1]} channels; this block was built for "
                                  f"memory_channels={self.memory_channels}")
-            if self.folding != Folding():
+            if self.extent != "spacetime" or self.temporal_groups != 1:
                 raise ValueError("memory= attends over another tensor: use extent='spacetime' and "
                                  "temporal_groups=1")
             source = memory
@@ -229,8 +243,15 @@ class NonLocalBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
                 f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
-                f"norm={self.norm_type!r}, extent={self.folding.extent!r}, "
-                f"temporal_groups={self.folding.groups}, impl={self.impl!r}")
+                f"norm={self.norm_type!r}, extent={self.extent!r}, "
+                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}")
+
+
+def _no_autocast(device_type: str):
+    """Disables autocast around the pairwise step; a no-op on devices autocast does not know (meta)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class NonLocal1d(NonLocalBlock):
