@@ -13,13 +13,9 @@ from typing import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("nonlocalnet.commands.demo", "run the non-local block on a real input and check its fast paths"),
     "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
     "convert-caffe2": ("nonlocalnet.commands.convert_caffe2",
                        "convert an official Caffe2 checkpoint (.pkl) into a safetensors file for a model"),
-    "detect-train": ("nonlocalnet.commands.detect_train",
-                     "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO or built-in data)"),
-    "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
 }
 
 

@@ -1,0 +1,72 @@
+"""``nonlocalnet convert-caffe2 in.pkl out.safetensors --model nl_i3d_r50``: official checkpoints to safetensors."""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from typing import Any
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """"width=32" -> ("width", 32); the value is a Python literal (a bare word is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, e.g. layers=(3,4,6,3); got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="an official Caffe2 checkpoint (.pkl)")
+    parser.add_argument("output", help="the safetensors file to write")
+    parser.add_argument("--model", required=True,
+                        help="the registered model the checkpoint was trained as, e.g. nl_i3d_r50, i3d_r50_128x1")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: the rows of the checkpoint's pred_w)")
+    parser.add_argument("--skip-classifier", action="store_true",
+                        help="leave the classifier out (for checkpoints without pred_w/pred_b, e.g. the official "
+                             "fine-tuning inits); load the file with strict=False")
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="a model option, e.g. --set layers=(3,4,6,3); repeatable")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import create_model, list_models, save_weights
+    from ..models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
+
+    if args.model not in list_models():
+        print(f"nonlocalnet convert-caffe2: unknown model {args.model!r}; see nonlocalnet.models.list_models()")
+        return 2
+    try:
+        blobs = load_caffe2_pickle(args.input)
+    except (FileNotFoundError, Caffe2ConversionError) as exc:
+        print(f"nonlocalnet convert-caffe2: {exc}")
+        return 1
+    num_classes = args.num_classes
+    if num_classes is None and "pred_w" in blobs and not args.skip_classifier:
+        num_classes = int(blobs["pred_w"].shape[0])
+    overrides = dict(args.overrides)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    try:
+        model = create_model(args.model, **overrides)
+    except (TypeError, ValueError) as exc:
+        print(f"nonlocalnet convert-caffe2: {exc}")
+        return 2
+    try:
+        result = convert_caffe2_blobs(blobs, model, skip=("head.",) if args.skip_classifier else ())
+    except Caffe2ConversionError as exc:
+        print(f"nonlocalnet convert-caffe2: {args.input} as {args.model}: {exc}")
+        return 1
+    # the file must load back into the model it was made for
+    model.load_state_dict(result.state_dict, strict=not args.skip_classifier)
+    metadata = {"model": args.model, "num_classes": str(model.num_classes), "source": os.path.basename(args.input),
+                "converted_from": "caffe2", "affine": "yes" if result.affine else "no"}
+    save_weights(result.state_dict, args.output, metadata=metadata)
+    print(f"wrote {args.output}: {len(result.state_dict)} tensors for {args.model} ({model.num_classes} classes)"
+          + (f"; {len(result.affine)} norm layers from affine (frozen-BN) blobs" if result.affine else "")
+          + (f"; skipped {len(result.skipped)} training-state blobs" if result.skipped else "")
+          + ("; classifier left out" if args.skip_classifier else ""))
+    return 0

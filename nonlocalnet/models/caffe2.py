@@ -1,0 +1,212 @@
+"""The official Caffe2 checkpoints (facebookresearch/video-nonlocal-net) into :class:`ResNet3d` state dicts.
+
+A checkpoint is a Python 2 pickle of ``{'blobs': {name: ndarray}}`` (some files are the flat ``{name: ndarray}``),
+read with ``encoding='latin1'``. Blob names, and the model entries they fill:
+
+| Caffe2 blob                                      | ResNet3d entry                               |
+|--------------------------------------------------|----------------------------------------------|
+| conv1_w                                          | conv1.weight                                 |
+| res_conv1_bn_{s,b,rm,riv}                        | bn1.{weight,bias,running_mean,running_var}   |
+| res{s}_{i}_branch2{a,b,c}_w                      | res{s}.{i}.conv_{a,b,c}.weight               |
+| res{s}_{i}_branch2{a,b,c}_bn_{s,b,rm,riv}        | res{s}.{i}.bn_{a,b,c}.*                      |
+| res{s}_{i}_branch1_w, _bn_*                      | res{s}.{i}.shortcut.conv.weight, .bn.*       |
+| nonlocal_conv{s}_{i}_{theta,phi,g,out}_{w,b}     | res{s}.nl{i}.{theta,phi,g,out}.{weight,bias} |
+| nonlocal_conv{s}_{i}_bn_{s,b,rm,riv}             | res{s}.nl{i}.norm.*                          |
+| pred_w, pred_b                                   | head.fc.weight, head.fc.bias                 |
+
+``riv`` holds a variance despite its name. Frozen-BN ("affine") checkpoints keep only ``_bn_s`` / ``_bn_b``, the
+statistics folded in (s = γ/√(σ²+ε), b = β - μ s): they fill weight = s, bias = b, running_mean = 0 and
+running_var = 1 - eps, so that the layer computes exactly x s + b.
+
+Training state (``*_momentum``, ``lr``, ``model_iter``, ``epoch``) is skipped; any other blob the model has no
+place for, and any model entry no blob fills, is an error naming it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+TRAINING_STATE = ("lr", "model_iter", "epoch")
+_BN_SUFFIX = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
+_BRANCH = {"conv_a": "branch2a", "conv_b": "branch2b", "conv_c": "branch2c", "shortcut.conv": "branch1",
+           "bn_a": "branch2a_bn", "bn_b": "branch2b_bn", "bn_c": "branch2c_bn", "shortcut.bn": "branch1_bn"}
+_BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(.+)\.([a-z_]+)$")
+_NONLOCAL = re.compile(r"^res([2-5])\.nl(\d+)\.([a-z_]+)\.([a-z_]+)$")
+_NL_CONVS = ("theta", "phi", "g", "out")
+
+
+class Caffe2ConversionError(ValueError):
+    """A checkpoint that does not fit the model: unplaced blobs, unfilled entries or wrong shapes."""
+
+
+def load_caffe2_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The blobs of an official checkpoint, ``{'blobs': {...}}`` or flat, as name -> ndarray.
+
+    Raises:
+        FileNotFoundError: no such file.
+        Caffe2ConversionError: not a pickled dict of arrays.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no Caffe2 checkpoint at {os.fspath(path)!r}")
+    with open(path, "rb") as f:
+        try:
+            data = pickle.load(f, encoding="latin1")
+        except Exception as exc:  # a truncated or non-pickle file
+            raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: {exc}") from exc
+    if isinstance(data, Mapping) and "blobs" in data and isinstance(data["blobs"], Mapping):
+        data = data["blobs"]
+    if not isinstance(data, Mapping):
+        raise Caffe2ConversionError(f"{os.fspath(path)!r} holds a {type(data).__name__}, not a dict of blobs")
+    return {_as_str(name): value for name, value in data.items()}
+
+
+def caffe2_name(name: str) -> str | None:
+    """The official blob name of a :class:`ResNet3d` state-dict entry (None for BN step counters).
+
+    Raises:
+        KeyError: an entry the official networks do not have (e.g. the concatenation mode's ``concat_project``).
+    """
+    module, _, tensor = name.rpartition(".")
+    if tensor == "num_batches_tracked":
+        return None
+    if module == "conv1" and tensor == "weight":
+        return "conv1_w"
+    if module == "bn1" and tensor in _BN_SUFFIX:
+        return f"res_conv1_bn_{_BN_SUFFIX[tensor]}"
+    if module == "head.fc" and tensor in ("weight", "bias"):
+        return f"pred_{tensor[0]}"
+    match = _BLOCK.match(name)
+    if match and match.group(3) in _BRANCH:
+        stage, block, part, tensor = match.groups()
+        prefix = f"res{stage}_{block}_{_BRANCH[part]}"
+        if part.startswith(("conv", "shortcut.conv")) and tensor == "weight":
+            return f"{prefix}_w"
+        if tensor in _BN_SUFFIX and not part.endswith("conv"):
+            return f"{prefix}_{_BN_SUFFIX[tensor]}"
+    match = _NONLOCAL.match(name)
+    if match:
+        stage, block, part, tensor = match.groups()
+        prefix = f"nonlocal_conv{stage}_{block}"
+        if part in _NL_CONVS and tensor in ("weight", "bias"):
+            return f"{prefix}_{part}_{tensor[0]}"
+        if part == "norm" and tensor in _BN_SUFFIX:
+            return f"{prefix}_bn_{_BN_SUFFIX[tensor]}"
+    raise KeyError(f"the official Caffe2 networks have no counterpart of {name!r}")
+
+
+@dataclass
+class Caffe2Conversion:
+    """The result of :func:`convert_caffe2_blobs`.
+
+    Attributes:
+        state_dict: model entry -> tensor, ready for ``model.load_state_dict``.
+        affine: names of the norm layers filled from affine (frozen-BN) blobs.
+        skipped: blobs skipped as training state (momentum, lr, iteration).
+        left_out: model entries deliberately not filled (``skip`` prefixes), absent from ``state_dict``.
+    """
+
+    state_dict: dict[str, Tensor]
+    affine: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+
+def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *,
+                         skip: tuple[str, ...] = ()) -> Caffe2Conversion:
+    """Maps official blobs onto a model's state dict, checking names and shapes both ways.
+
+    Args:
+        blobs: name -> array, as :func:`load_caffe2_pickle` returns.
+        model: the :class:`ResNet3d` the checkpoint was trained as (same arch, depth, non-local layout).
+        skip: prefixes of model entries to leave out (e.g. ``("head.",)`` for a checkpoint without ``pred_*``).
+
+    Returns:
+        A :class:`Caffe2Conversion`.
+
+    Raises:
+        Caffe2ConversionError: blobs the model has no place for, model entries no blob fills, or shape mismatches.
+    """
+    target = model.state_dict()
+    state: dict[str, Tensor] = {}
+    used: set[str] = set()
+    result = Caffe2Conversion(state)
+    unfilled: list[str] = []
+    mismatched: list[str] = []
+    affine_modules: set[str] = set()
+    no_counterpart: list[str] = []
+    for name, tensor in target.items():
+        if name.startswith(skip):
+            result.left_out.append(name)
+            continue
+        try:
+            blob_name = caffe2_name(name)
+        except KeyError:
+            no_counterpart.append(name)
+            continue
+        if blob_name is None:  # num_batches_tracked: a counter, not a weight
+            state[name] = torch.zeros_like(tensor)
+            continue
+        module, _, attr = name.rpartition(".")
+        if blob_name not in blobs and attr in ("running_mean", "running_var"):
+            # frozen-BN ("affine") file: only the folded scale and shift are there
+            prefix = blob_name.rsplit("_", 1)[0]
+            if f"{prefix}_s" in blobs and f"{prefix}_b" in blobs and f"{prefix}_rm" not in blobs \
+                    and f"{prefix}_riv" not in blobs:
+                eps = float(getattr(model.get_submodule(module), "eps", 1e-5))
+                state[name] = torch.zeros_like(tensor) if attr == "running_mean" \
+                    else torch.full_like(tensor, 1.0 - eps)
+                affine_modules.add(module)
+                continue
+        if blob_name not in blobs:
+            unfilled.append(f"{name} (blob {blob_name})")
+            continue
+        value = torch.from_numpy(np.ascontiguousarray(np.asarray(blobs[blob_name]))).to(tensor.dtype)
+        if blob_name == "pred_w" and value.numel() == tensor.numel() and value.dim() != tensor.dim():
+            value = value.reshape(tensor.shape)  # test nets store the classifier as a 1x1x1 conv
+        if tuple(value.shape) != tuple(tensor.shape):
+            mismatched.append(f"{blob_name} {tuple(value.shape)} -> {name} {tuple(tensor.shape)}")
+            continue
+        state[name] = value
+        used.add(blob_name)
+    result.affine = sorted(affine_modules)
+    result.skipped = sorted(b for b in blobs if b.endswith("_momentum") or b in TRAINING_STATE)
+    unplaced = sorted(set(blobs) - used - set(result.skipped) - _blobs_of_left_out(result.left_out))
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} blob(s) of the wrong shape (another arch, depth or class count?): "
+                        + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
+    if unplaced:
+        problems.append(f"{len(unplaced)} blob(s) the model has no place for: " + ", ".join(unplaced[:10])
+                        + (" ..." if len(unplaced) > 10 else ""))
+    if unfilled:
+        problems.append(f"{len(unfilled)} model entr{'y' if len(unfilled) == 1 else 'ies'} no blob fills: "
+                        + ", ".join(unfilled[:10]) + (" ..." if len(unfilled) > 10 else ""))
+    if no_counterpart:
+        problems.append(f"{len(no_counterpart)} model entr{'y' if len(no_counterpart) == 1 else 'ies'} with no "
+                        f"counterpart in the official networks: " + ", ".join(no_counterpart[:6]))
+    if problems:
+        raise Caffe2ConversionError("the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+    return result
+
+
+def _blobs_of_left_out(left_out: list[str]) -> set[str]:
+    names = set()
+    for name in left_out:
+        try:
+            blob = caffe2_name(name)
+        except KeyError:
+            continue
+        if blob is not None:
+            names.add(blob)
+    return names
+
+
+def _as_str(name: Any) -> str:
+    return name.decode("latin1") if isinstance(name, bytes) else str(name)

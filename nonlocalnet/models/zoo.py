@@ -1,0 +1,120 @@
+"""The paper's networks by name.
+
+Naming: ``[nl{k}_]{c2d|i3d|i3d3x3x3}_r{50|101}[_{variant}][_{clip}]``.
+- ``nl_`` is the 5-block layout, ``nl1_`` one block, ``nl10_`` ten blocks (Table 2c); see
+  :mod:`nonlocalnet.models.placements`.
+- No clip suffix is the 32x2 clip (32 frames, every other one, Table 1); ``_8x8`` the 8-frame layout;
+  ``_128x1`` the 128-frame models of Table 2(g), whose backbone BN is frozen, whose non-local blocks have no
+  norm (W_z zero at init) and attend within 4 temporal groups in res3, as the official code trains them.
+- Table 2(a) instantiations: ``nl1_c2d_r50_{gaussian,embedded_gaussian,dot_product,concatenation}``;
+  2(b) stages: ``nl1_c2d_r50_res{2,3,4,5}``; 2(d) extents: ``nl_c2d_r50_{space,time,spacetime}``.
+
+Non-local options follow the official code where the paper is silent or differs: keys/values are max-pooled
+1x2x2 *before* φ and g, and the softmax modes scale θᵀφ by C'^-0.5 (``scale="auto"``; the paper has no scale).
+The time-only extent attends across frames at one spatial position, so it does not pool space.
+
+Any default can be overridden: ``create_model("nl_i3d_r50", clip="8x8", num_classes=157)``; the dict-valued
+options (``nonlocal_options``, ``nonlocal_stage_options``) are merged key by key into the registered ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from . import placements as P
+from .registry import register_model
+from .resnet3d import ResNet3d
+
+_RESNET3D_OPTIONS = tuple(inspect.signature(ResNet3d.__init__).parameters)[1:]
+_MERGED = ("nonlocal_options", "nonlocal_stage_options")
+
+R50 = P.R50_LAYERS
+R101 = P.R101_LAYERS
+# the official code's non-local block in these networks
+NL = {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"}
+# 128-frame models: frozen backbone BN; blocks without norm, W_z zero-init; res3 attends within 4 temporal groups
+FROZEN_128 = {"clip": "128x1", "norm": "frozen", "nonlocal_options": {**NL, "norm": None},
+              "nonlocal_stage_options": {"res3": {"temporal_groups": 4}}}  # 4 frames per group
+
+
+def _register(name: str, summary: str, **defaults: Any) -> None:
+    def build(**overrides: Any) -> ResNet3d:
+        unknown = sorted(set(overrides) - set(_RESNET3D_OPTIONS))
+        if unknown:
+            raise TypeError(f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; ResNet3d takes "
+                            f"{', '.join(_RESNET3D_OPTIONS)}")
+        kwargs = dict(defaults)
+        for key, value in overrides.items():
+            if key in _MERGED and value is not None and kwargs.get(key) is not None:
+                value = {**kwargs[key], **value}
+            kwargs[key] = value
+        return ResNet3d(**kwargs)
+
+    build.__name__ = name
+    build.__qualname__ = name
+    build.__doc__ = summary
+    register_model(build, defaults=defaults)
+
+
+def _with_clips(name: str, summary: str, **defaults: Any) -> None:
+    """Registers ``name`` (32x2 clip) and ``name_8x8``."""
+    _register(name, f"{summary}, 32x2 clip", clip="32x2", **defaults)
+    _register(f"{name}_8x8", f"{summary}, 8x8 clip", **{**defaults, "clip": "8x8"})
+
+
+# --- baselines (Table 1, Table 2e-g) -------------------------------------------------------------------------
+_with_clips("c2d_r50", "C2D ResNet-50 (Table 1)", layers=R50, arch="c2d")
+_with_clips("c2d_r101", "C2D ResNet-101", layers=R101, arch="c2d")
+_with_clips("i3d_r50", "I3D ResNet-50, 3x1x1 inflation (Table 2f)", layers=R50, arch="i3d")
+_with_clips("i3d_r101", "I3D ResNet-101, 3x1x1 inflation (Table 2e)", layers=R101, arch="i3d")
+_with_clips("i3d3x3x3_r50", "I3D ResNet-50, 3x3x3 inflation", layers=R50, arch="i3d_3x3x3")
+_with_clips("i3d3x3x3_r101", "I3D ResNet-101, 3x3x3 inflation (Table 2e)", layers=R101, arch="i3d_3x3x3")
+
+# --- non-local C2D and I3D (Table 2c, 2e, 2f) ----------------------------------------------------------------
+_with_clips("nl1_c2d_r50", "C2D ResNet-50 + 1 non-local block in res4 (Table 2c)", layers=R50, arch="c2d",
+            nonlocal_locations=P.NL1_R50, nonlocal_options=NL)
+_with_clips("nl_c2d_r50", "C2D ResNet-50 + 5 non-local blocks (Table 2c)", layers=R50, arch="c2d",
+            nonlocal_locations=P.NL5_R50, nonlocal_options=NL)
+_with_clips("nl10_c2d_r50", "C2D ResNet-50 + 10 non-local blocks (Table 2c)", layers=R50, arch="c2d",
+            nonlocal_locations=P.NL10_R50, nonlocal_options=NL)
+_with_clips("nl1_c2d_r101", "C2D ResNet-101 + 1 non-local block in res4 (Table 2c)", layers=R101, arch="c2d",
+            nonlocal_locations=P.NL1_R101, nonlocal_options=NL)
+_with_clips("nl_c2d_r101", "C2D ResNet-101 + 5 non-local blocks (Table 2c, 2e)", layers=R101, arch="c2d",
+            nonlocal_locations=P.NL5_R101, nonlocal_options=NL)
+_with_clips("nl_i3d_r50", "NL I3D ResNet-50: I3D + 5 non-local blocks (Table 2f)", layers=R50, arch="i3d",
+            nonlocal_locations=P.NL5_R50, nonlocal_options=NL)
+_with_clips("nl_i3d_r101", "NL I3D ResNet-101: I3D + 5 non-local blocks (Table 2f)", layers=R101, arch="i3d",
+            nonlocal_locations=P.NL5_R101, nonlocal_options=NL)
+
+# --- Table 2(a): instantiations, one block in res4 of C2D R50 ------------------------------------------------
+for _mode, _scale in (("gaussian", "auto"), ("embedded_gaussian", "auto"), ("dot_product", None),
+                      ("concatenation", None)):
+    _register(f"nl1_c2d_r50_{_mode}", f"C2D ResNet-50 + 1 {_mode} non-local block in res4 (Table 2a)",
+              layers=R50, arch="c2d", clip="32x2", nonlocal_locations=P.NL1_R50,
+              nonlocal_options={**NL, "mode": _mode, "scale": _scale})
+
+# --- Table 2(b): one block right before the last block of a stage ---------------------------------------------
+for _stage, _locations in P.STAGE_ABLATION_R50.items():
+    _register(f"nl1_c2d_r50_{_stage}", f"C2D ResNet-50 + 1 non-local block in {_stage} (Table 2b)",
+              layers=R50, arch="c2d", clip="32x2", nonlocal_locations=_locations, nonlocal_options=NL)
+
+# --- Table 2(d): space-only, time-only, spacetime, 5 blocks ---------------------------------------------------
+for _extent in P.EXTENTS:
+    _register(f"nl_c2d_r50_{_extent}", f"C2D ResNet-50 + 5 {_extent} non-local blocks (Table 2d)",
+              layers=R50, arch="c2d", clip="32x2", nonlocal_locations=P.NL5_R50,
+              nonlocal_options={**NL, "extent": _extent,
+                                "subsample": None if _extent == "time" else NL["subsample"]})
+
+# --- Table 2(g): 128-frame models, frozen BN ------------------------------------------------------------------
+_register("c2d_r50_128x1", "C2D ResNet-50, 128x1 clip, frozen BN (Table 2g)", layers=R50, arch="c2d",
+          clip="128x1", norm="frozen")
+_register("c2d_r101_128x1", "C2D ResNet-101, 128x1 clip, frozen BN (Table 2g)", layers=R101, arch="c2d",
+          clip="128x1", norm="frozen")
+_register("i3d_r50_128x1", "I3D ResNet-50, 128x1 clip, frozen BN (Table 2g)", layers=R50, arch="i3d",
+          clip="128x1", norm="frozen")
+_register("i3d_r101_128x1", "I3D ResNet-101, 128x1 clip, frozen BN (Table 2g)", layers=R101, arch="i3d",
+          clip="128x1", norm="frozen")
+_register("nl_i3d_r50_128x1", "NL I3D ResNet-50, 128x1 clip, frozen BN (Table 2g)", layers=R50, arch="i3d",
+          nonlocal_locations=P.NL5_R50, **FROZEN_128)
+_register("nl_i3d_r101_128x1", "NL I3D ResNet-101, 128x1 clip, frozen BN (Table 2g)", layers=R101, arch="i3d",
+          nonlocal_locations=P.NL5_R101, **FROZEN_128)
