@@ -378,3 +378,18 @@ def test_sdpa_path_runs_on_the_flash_kernel(mode):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         block(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", ["batch", None])
+def test_pytorch_init_keeps_identity_at_init_but_larger_projections(mode, norm):
+    official = NonLocal3d(16, mode=mode, norm=norm)
+    block = NonLocal3d(16, mode=mode, norm=norm, init="pytorch")
+    x = torch.randn(2, 16, 2, 3, 3)
+    torch.testing.assert_close(block.eval()(x), x)
+    assert block.g.weight.std() > 5 * official.g.weight.std()
+
+
+def test_unknown_init_is_named():
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        NonLocal3d(8, init="xavier")

@@ -23,6 +23,7 @@ _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
 INIT_STD = 0.01  # the official code's init of θ, φ, g and W_z
+INITS = ("official", "pytorch")
 
 
 class ChannelLayerNorm(nn.Module):
@@ -66,13 +67,15 @@ class NonLocalBlock(nn.Module):
             None = same as ``in_channels``.
         impl: which exact path computes the pairwise step: "auto", "dense", "sdpa", "chunked" (softmax modes),
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
+        init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
+            conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
                  inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
                  subsample_position: str = "input", scale: None | float | str = None, norm: str | None = "batch",
                  extent: str = "spacetime", temporal_groups: int = 1, memory_channels: int | None = None,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", init: str = "official") -> None:
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim must be 1, 2 or 3 (sequences, images, videos); got {dim!r}")
@@ -94,6 +97,8 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"temporal_groups must be a positive int; got {temporal_groups!r}")
         if temporal_groups > 1 and (dim != 3 or extent != "spacetime"):
             raise ValueError("temporal_groups > 1 needs video input (dim=3) and extent='spacetime'")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {', '.join(map(repr, INITS))}")
         memory_channels = in_channels if memory_channels is None else memory_channels
         if mode == "gaussian" and memory_channels != in_channels:
             raise ValueError(f"the gaussian mode compares raw features, so memory_channels ({memory_channels}) "
@@ -111,6 +116,7 @@ class NonLocalBlock(nn.Module):
         self.norm_type = norm
         self.extent = extent
         self.temporal_groups = temporal_groups
+        self.init = init
 
         conv = _CONV[dim]
         if mode != "gaussian":
@@ -132,15 +138,27 @@ class NonLocalBlock(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The official init: θ, φ, g, W_z ~ N(0, 0.01²), biases 0; the block starts as the identity."""
+        """Initialises the block so that it starts as the identity.
+
+        ``init="official"``: θ, φ, g, W_z (and w_f) ~ N(0, 0.01²), biases 0, as the official code, made for
+        inserting blocks into a pretrained network. ``init="pytorch"``: PyTorch's default conv init (as
+        AlexHex7's port), whose larger θ/φ/g let a small network trained from scratch find the pairwise
+        interactions quickly; the official init's tiny products stall the dot-product and concatenation modes.
+        Either way the output starts at zero (γ = 0, or W_z = 0 without a norm).
+        """
         projections = [self.g, self.out] + ([] if self.mode == "gaussian" else [self.theta, self.phi])
-        for conv in projections:
-            nn.init.normal_(conv.weight, std=INIT_STD)
-            nn.init.zeros_(conv.bias)
         if self.mode == "concatenation":
-            nn.init.normal_(self.concat_project[0].weight, std=INIT_STD)
+            projections.append(self.concat_project[0])
+        for conv in projections:
+            if self.init == "official":
+                nn.init.normal_(conv.weight, std=INIT_STD)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+            else:
+                conv.reset_parameters()
         if self.norm_type is None:
             nn.init.zeros_(self.out.weight)  # no norm to start at zero: W_z itself does
+            nn.init.zeros_(self.out.bias)
         else:
             nn.init.zeros_(self.norm.weight)  # γ = 0
             nn.init.zeros_(self.norm.bias)
@@ -244,7 +262,7 @@ class NonLocalBlock(nn.Module):
         return (f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
                 f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
                 f"norm={self.norm_type!r}, extent={self.extent!r}, "
-                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}")
+                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}")
 
 
 def _no_autocast(device_type: str):
