@@ -393,3 +393,10 @@ def test_pytorch_init_keeps_identity_at_init_but_larger_projections(mode, norm):
 def test_unknown_init_is_named():
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         NonLocal3d(8, init="xavier")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_is_contiguous_like_the_input(mode):
+    # a strided output changes the kernels later convs pick and breaks .view() in heads that follow
+    z = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2)))(torch.randn(2, 8, 3, 4, 4))
+    assert z.is_contiguous()

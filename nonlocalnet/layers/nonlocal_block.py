@@ -206,7 +206,8 @@ class NonLocalBlock(nn.Module):
             else:
                 impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
                 y = pairwise(q, k, v, self.mode, self.scale, impl, self._concat_project())
-        y = unfold(y.to(value.dtype), folding, x.shape[0], query_spatial)  # (B, C', *S)
+        # unfold's transposed view would make z channels-last-strided; keep the input's layout for the convs after
+        y = unfold(y.to(value.dtype), folding, x.shape[0], query_spatial).contiguous()  # (B, C', *S)
         z = self.norm(self.out(y)) + x
         if return_attention:
             return z, scatter_attention(weights, folding, x.shape[0], query_spatial, key_spatial)
