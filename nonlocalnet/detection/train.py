@@ -1,0 +1,369 @@
+"""Training and evaluation of torchvision's detectors with NL blocks: plain functions, torchrun/DDP capable.
+
+``main(config)`` builds the data (COCO files or the built-in dataset), the detector, SGD with linear warmup and
+step decay, and runs ``train_one_epoch`` / ``evaluate`` per epoch, writing ``checkpoint.pth`` (atomically) and
+``log.jsonl`` to the output folder. Under ``torchrun --nproc_per_node N`` each process trains on its shard
+(NCCL on GPUs, gloo on CPUs) and the COCO evaluation gathers every process's detections.
+"""
+from __future__ import annotations
+
+import atexit
+import bisect
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from tqdm import tqdm
+
+from .builders import build_detector
+from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
+from .evaluate import coco_evaluate, format_summary, gather_results, to_coco_results
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------
+
+def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
+    """Join the torchrun process group when started by torchrun (WORLD_SIZE > 1).
+
+    Args:
+        device: "cpu", "cuda" or None (CUDA when available).
+
+    Returns:
+        (device of this process, rank, world size).
+    """
+    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if want_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device not in (None, "cuda") and world_size == 1:
+            return torch.device(device), rank, world_size
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), rank, world_size
+    return torch.device("cpu"), rank, world_size
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
+                   ) -> tuple[CocoDetection | None, CocoDetection]:
+    """The (train, val) datasets of a config's ``data`` section; the built-in one is drawn into a temp folder
+    (removed at exit). ``train=False`` builds only the validation set."""
+    keypoints = task == "keypoint"
+    if data["builtin"] is not None:
+        root = Path(tempfile.mkdtemp(prefix=f"nonlocalnet-{data['builtin']}-"))
+        atexit.register(shutil.rmtree, root, True)
+        size, seed = data["image_size"], data["seed"]
+        val_files = make_builtin_coco(data["builtin"], root, num_images=data["num_val"], image_size=size,
+                                      seed=seed + 1, split="val")
+        train_files = (make_builtin_coco(data["builtin"], root, num_images=data["num_train"], image_size=size,
+                                         seed=seed, split="train") if train else None)
+    else:
+        base = Path(data["root"]) if data["root"] else Path(".")
+        val_files = (base / data["val_images"], base / data["val_annotations"])
+        train_files = None
+        if train:
+            if not (data["train_images"] and data["train_annotations"]):
+                raise ValueError("training needs data.train_images and data.train_annotations")
+            train_files = (base / data["train_images"], base / data["train_annotations"])
+    val = CocoDetection(*val_files, masks=True, keypoints=keypoints)
+    train_set = None
+    if train_files is not None:
+        train_set = CocoDetection(*train_files, masks=True, keypoints=keypoints, train=True)
+        if train_set.category_ids != val.category_ids:
+            raise ValueError(f"train and val list different categories: {train_set.category_ids} vs "
+                             f"{val.category_ids}")
+    return train_set, val
+
+
+def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0
+                ) -> DataLoader:
+    if dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      drop_last=False, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------------------
+
+def make_lr_lambda(iters_per_epoch: int, lr_steps: Iterable[int], gamma: float, warmup_iters: int,
+                   warmup_factor: float):
+    """lr multiplier at iteration ``it``: linear warmup from ``warmup_factor`` over ``warmup_iters``, times
+    ``gamma`` for every step epoch passed."""
+    step_iters = sorted(int(s) * iters_per_epoch for s in lr_steps)
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if it < warmup_iters:
+            warm = warmup_factor + (1.0 - warmup_factor) * it / warmup_iters
+        return warm * gamma ** bisect.bisect_right(step_iters, it)
+
+    return factor
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device,
+                    epoch: int, lr_scheduler: torch.optim.lr_scheduler.LRScheduler, *,
+                    scaler: torch.amp.GradScaler | None = None, print_freq: int = 20,
+                    max_iters: int | None = None) -> dict[str, float]:
+    """One pass over ``loader``; the lr scheduler steps every iteration.
+
+    Returns:
+        the mean of each loss (and of their sum, "loss") over the epoch, averaged across processes.
+    """
+    model.train()
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    sums: dict[str, float] = {}
+    count = 0
+    total = len(loader) if max_iters is None else min(max_iters, len(loader))
+    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False)
+    start = time.time()
+    for it, (images, targets) in enumerate(bar):
+        if it >= total:
+            break
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=device.type, enabled=scaler is not None):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        logged = _reduce_mean({**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()})
+        if not math.isfinite(logged["loss"]):
+            raise FloatingPointError(f"loss is {logged['loss']} at epoch {epoch} iteration {it}: {logged}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        lr_scheduler.step()
+        for k, v in logged.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.2e}")
+        if print_freq and (it % print_freq == 0 or it == total - 1) and is_main_process():
+            parts = " ".join(f"{k} {v:.4f}" for k, v in logged.items())
+            tqdm.write(f"epoch {epoch} [{it + 1}/{total}] lr {lr:.2e} {parts} ({time.time() - start:.0f}s)")
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_types: Iterable[str], *,
+             kpt_oks_sigmas: Iterable[float] | None = None,
+             results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Run the detector over ``loader`` and score it with COCOeval (printed by the main process).
+
+    Args:
+        model: the detector (DDP-wrapped or not).
+        loader: over a :class:`CocoDetection`.
+        iou_types: e.g. ("bbox", "segm") or ("bbox", "keypoints").
+        kpt_oks_sigmas: OKS sigmas when the data has other than COCO's 17 keypoints.
+        results_file: also write the detections (COCO results format) as json, {iou_type: [...]}.
+
+    Returns:
+        {iou_type: {"AP": ..., "AP50": ..., ...}} on every process.
+    """
+    model.eval()
+    dataset: CocoDetection = loader.dataset
+    iou_types = tuple(iou_types)
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in iou_types}
+    seen: list[int] = []
+    for images, targets in tqdm(loader, desc="evaluate", disable=not is_main_process(), leave=False):
+        images = [im.to(device, non_blocking=True) for im in images]
+        outputs = model(images)
+        ids = [int(t["image_id"]) for t in targets]
+        seen += ids
+        for t, entries in to_coco_results(outputs, ids, dataset.category_ids, iou_types).items():
+            results[t].extend(entries)
+    results, evaluated = gather_results(results, seen)
+    summary: list[Any] = [None]
+    if is_main_process():
+        if results_file is not None:
+            Path(results_file).write_text(json.dumps(results))
+        sigmas = list(kpt_oks_sigmas) if kpt_oks_sigmas is not None else None
+        summary[0] = coco_evaluate(dataset.coco, results, kpt_oks_sigmas=sigmas, image_ids=evaluated)
+    if dist.is_initialized():
+        dist.broadcast_object_list(summary, src=0)
+    return summary[0]
+
+
+def iou_types_for(task: str) -> tuple[str, ...]:
+    return ("bbox", "segm") if task == "mask" else ("bbox", "keypoints")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, resume: str | Path | None = None,
+         backbone_weights: str | Path | None = None, device: str | None = None,
+         max_iters_per_epoch: int | None = None, evaluate_every: int = 1) -> dict[str, dict[str, float]]:
+    """Train a detector as the config says, evaluating on the val set; returns the last evaluation.
+
+    Args:
+        config: a complete config (:func:`~nonlocalnet.detection.config.load_config`).
+        output_dir: where ``checkpoint.pth`` and ``log.jsonl`` go (None: nowhere).
+        resume: a checkpoint to continue from (model, optimizer, lr schedule, epoch).
+        backbone_weights: a local torchvision ResNet state dict to start the backbone from.
+        device: "cpu", "cuda" or None (CUDA when available).
+        max_iters_per_epoch: cut epochs short (smoke tests).
+        evaluate_every: evaluate after every this many epochs (and always after the last).
+    """
+    device_, rank, world_size = init_distributed(device)
+    model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
+    task = model_cfg.get("task")
+    torch.manual_seed(train_cfg["seed"] + rank)
+    train_set, val_set = build_datasets(data_cfg, task)
+    assert train_set is not None
+    if train_cfg["hflip"]:
+        perm = train_set.flip_permutation() if task == "keypoint" else None
+        train_set.transform = RandomHorizontalFlip(train_cfg["hflip"], keypoint_permutation=perm)
+    model = build_detector(model_cfg, num_classes=train_set.num_classes,
+                           num_keypoints=train_set.num_keypoints or None, backbone_weights=backbone_weights)
+    model.to(device_)
+    if train_cfg["sync_bn"] and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device_.index] if device_.type == "cuda" else None)
+
+    batch = train_cfg["batch_size"]
+    lr = train_cfg["lr"] * batch * world_size / train_cfg["lr_reference_batch"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=train_cfg["momentum"],
+                                weight_decay=train_cfg["weight_decay"])
+    train_loader = make_loader(train_set, batch, train_cfg["workers"], train=True, seed=train_cfg["seed"])
+    val_loader = make_loader(val_set, batch, train_cfg["workers"], train=False)
+    iters = len(train_loader) if max_iters_per_epoch is None else min(max_iters_per_epoch, len(train_loader))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(
+        iters, train_cfg["lr_steps"], train_cfg["lr_gamma"], train_cfg["warmup_iters"], train_cfg["warmup_factor"]))
+    scaler = None
+    if train_cfg["amp"]:
+        if device_.type != "cuda":
+            raise ValueError("train.amp needs a CUDA device")
+        scaler = torch.amp.GradScaler("cuda")
+    meta = {"category_ids": train_set.category_ids, "num_classes": train_set.num_classes,
+            "keypoint_names": list(train_set.keypoint_names)}
+
+    start_epoch = 0
+    if resume is not None:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
+        unwrap(model).load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if scaler is not None and checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = checkpoint["epoch"] + 1
+
+    out = Path(output_dir) if output_dir is not None else None
+    if is_main_process():
+        print(f"detector: {task} {model_cfg.get('arch')} on {len(train_set)} train / {len(val_set)} val images, "
+              f"{world_size} process(es) x {batch} images, lr {lr:g}, {train_cfg['epochs']} epochs of {iters} "
+              f"iterations, device {device_}")
+    summary: dict[str, dict[str, float]] = {}
+    epochs = train_cfg["epochs"]
+    for epoch in range(start_epoch, epochs):
+        losses = train_one_epoch(model, optimizer, train_loader, device_, epoch, lr_scheduler, scaler=scaler,
+                                 print_freq=train_cfg["print_freq"], max_iters=max_iters_per_epoch)
+        last = epoch == epochs - 1
+        if last or (epoch + 1) % evaluate_every == 0:
+            summary = evaluate(model, val_loader, device_, iou_types_for(task),
+                               kpt_oks_sigmas=data_cfg["kpt_oks_sigmas"])
+            if is_main_process():
+                print(f"epoch {epoch}\n{format_summary(summary)}")
+        if out is not None and is_main_process():
+            save_checkpoint({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                             "lr_scheduler": lr_scheduler.state_dict(),
+                             "scaler": scaler.state_dict() if scaler is not None else None,
+                             "epoch": epoch, "config": dict(config), "meta": meta}, out / CHECKPOINT_NAME)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "losses": losses, "eval": summary if summary else None}) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, device: str | None = None,
+         results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate a checkpoint written by :func:`main` on the val set of its config (or of ``config``)."""
+    device_, _, _ = init_distributed(device)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{checkpoint} is not a detection checkpoint written by detect-train "
+                         "(needs 'model' and 'config')")
+    config = config if config is not None else state["config"]
+    task = config["model"].get("task")
+    _, val_set = build_datasets(config["data"], task, train=False)
+    meta = state.get("meta", {})
+    if meta.get("category_ids") and list(meta["category_ids"]) != val_set.category_ids:
+        raise ValueError(f"the checkpoint was trained on categories {meta['category_ids']}; the val set lists "
+                         f"{val_set.category_ids}")
+    model_cfg = {k: v for k, v in config["model"].items() if k != "backbone_weights"}  # the checkpoint has them
+    model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
+                           num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
+    model.load_state_dict(state["model"])
+    model.to(device_)
+    loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
+    summary = evaluate(model, loader, device_, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
+                       results_file=results_file)
+    if is_main_process():
+        print(format_summary(summary))
+    return summary
+
+
+def _reduce_mean(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[k].float() for k in names])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
