@@ -10,7 +10,10 @@ clip, keys and values from a bank L of features computed earlier over the whole 
 LayerNorm takes the place of the block's BatchNorm, and W_out starts at zero so that every layer, and the
 operator, starts as the identity on the clip path. Two layers are stacked, each attending over the same bank.
 :class:`FeatureBankClassifier` concatenates the operator's output with the clip feature before the classifier.
-The attention itself is the embedded-gaussian maths of :mod:`nonlocalnet.layers.pairwise`.
+The attention itself is the embedded-gaussian maths of :mod:`nonlocalnet.layers.pairwise`, the same as a
+:class:`~nonlocalnet.layers.NonLocalBlock` given the bank as ``memory=`` (tested equal); the layer is its own
+module because the follow-up orders the output differently (LayerNorm and ReLU *before* W_out, dropout after)
+from the block's Norm(W_z y).
 """
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""``nonlocalnet visualize``: draw what a trained model's non-local blocks attend to on a video clip.
+
+    nonlocalnet visualize --model nl_c2d_r50 --checkpoint run/model.safetensors --video clip.mp4 \\
+        [--query t,y,x] [--block res4.5] [--out attention.png]
+
+One clip is read from the video with PyAV (the model's clip length and sampling rate, centred in the video
+unless --start is given), optionally scaled and centre-cropped, normalised as in training, and run through the
+model once; the chosen block's weights are drawn over the frames (see :mod:`nonlocalnet.viz.render`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+from pathlib import Path
+
+
+def parse_query(text: str) -> tuple[float, float, float]:
+    """"t,y,x" -> (t, y, x) in input pixels (frame index within the clip, row, column)."""
+    try:
+        t, y, x = (float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--query must be t,y,x (frame in the clip, row, column); got {text!r}") \
+            from None
+    return t, y, x
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """"key=value" -> (key, value), the value read as a Python literal when it is one (else a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes key=value; got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="registered model name (default: the 'model' entry of the checkpoint's metadata)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="weights: a .safetensors state dict, or a training checkpoint (.pt) with a 'model' entry")
+    parser.add_argument("--video", required=True, help="the video file to read the clip from (anything PyAV reads)")
+    parser.add_argument("--query", type=parse_query, default=None,
+                        help="query position t,y,x in the clip's input pixels (default: the strongest pairs)")
+    parser.add_argument("--block", default=None,
+                        help="non-local block: a module name (res4.nl5) or stage.index (res4.5), or 'all' for "
+                             "one picture per block (default: the last block)")
+    parser.add_argument("--out", default="attention.png", help="PNG to write (with --block all: the name's stem "
+                                                             "gets the block name appended)")
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="model option overriding the registered one, e.g. width=8 "
+                                                  "or layers=(1,1,1,1); repeatable")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: read from the checkpoint)")
+    parser.add_argument("--start", type=int, default=None, help="first video frame of the clip (default: centred)")
+    parser.add_argument("--frames", type=int, default=None, help="frames in the clip (default: the model's)")
+    parser.add_argument("--sampling-rate", type=int, default=None,
+                        help="keep one frame every this many (default: the model's clip layout)")
+    parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
+    parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
+    parser.add_argument("--top-k", type=int, default=10, help="arrows to draw")
+    parser.add_argument("--max-panels", type=int, default=8, help="at most this many frames in the row")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..viz import capture_attention, find_nonlocal_blocks, render_attention
+    from ..viz.capture import resolve_block_names
+    from ..viz.loading import load_model, read_clip
+
+    try:
+        model, info = load_model(args.checkpoint, args.model, dict(args.overrides), args.num_classes)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        print(f"nonlocalnet visualize: {err}")
+        return 2
+    if not find_nonlocal_blocks(model):
+        print(f"nonlocalnet visualize: model {info['model']} has no non-local block to visualise")
+        return 2
+    layout = getattr(model, "clip", None)
+    frames = args.frames or getattr(layout, "frames", 8)
+    rate = args.sampling_rate or getattr(layout, "sampling_rate", 1)
+    try:
+        raw, clip = read_clip(args.video, frames=frames, sampling_rate=rate, start=args.start, size=args.size,
+                              crop=args.crop)
+        names = resolve_block_names(model, args.block)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"nonlocalnet visualize: {err}")
+        return 2
+    device = torch.device(args.device)
+    model.to(device)
+    attention = capture_attention(model, clip.unsqueeze(0).to(device), blocks=names)
+    out = Path(args.out)
+    for name in names:
+        path = out if len(names) == 1 else out.with_name(f"{out.stem}_{name.replace('.', '_')}{out.suffix}")
+        try:
+            summary = render_attention(raw, attention[name], path, query=args.query, top_k=args.top_k,
+                                       max_panels=args.max_panels)
+        except ValueError as err:
+            print(f"nonlocalnet visualize: {err}")
+            return 2
+        pairs = ", ".join(f"{q}->{k} ({w:.3g})" for q, k, w in summary["pairs"][:5])
+        print(f"{name}: wrote {path}; query {summary['query']} at (t, y, x) = "
+              f"{tuple(round(c, 1) for c in summary['query_coords'])}; strongest pairs: {pairs}")
+    print(json.dumps({"model": info["model"], "checkpoint": str(args.checkpoint), "video": str(args.video),
+                      "clip": list(clip.shape), "blocks": names}))
+    return 0

@@ -1,0 +1,150 @@
+"""What the visualiser reads: a trained model from its checkpoint, and one clip from a video file (PyAV)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
+
+# the paper's pixel normalisation of RGB 0-255 frames
+PIXEL_MEAN = 114.75
+PIXEL_STD = 57.375
+_STATE_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
+
+
+def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mapping[str, Any] | None = None,
+               num_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """Builds a registered model and fills it from a checkpoint.
+
+    Args:
+        checkpoint: a safetensors state dict (its metadata may name the model: "model", and give options as
+            JSON: "model_options"), or a torch file holding a state dict or a dict with one under "model" /
+            "state_dict" (a training checkpoint; "model_name" / "model_options" entries are used if present).
+        name: registered model name; default: the one the checkpoint names.
+        overrides: model options on top of the registered ones (and of the checkpoint's).
+        num_classes: classifier outputs; default: the checkpoint's classifier size.
+
+    Returns:
+        (model in eval mode, {"model": name, "options": the options used}).
+
+    Raises:
+        FileNotFoundError: no checkpoint file.
+        ValueError: no model name anywhere, or the file holds no state dict.
+        RuntimeError: the weights do not fit the model (names or shapes).
+    """
+    from ..models import create_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            header = dict(f.metadata() or {})
+        state = load_file(str(path), device="cpu")
+        meta["model_name"] = header.get("model")
+        if "model_options" in header:
+            meta["model_options"] = json.loads(header["model_options"])
+    else:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
+        state = loaded
+        for key in _STATE_KEYS:
+            if isinstance(loaded.get(key), dict):
+                state = loaded[key]
+                break
+        for key in ("model_name", "model_options"):
+            if key in loaded:
+                meta[key] = loaded[key]
+        if isinstance(loaded.get("model"), str):
+            meta["model_name"] = loaded["model"]
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(_STATE_KEYS)} entries)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
+    name = name or meta.get("model_name")
+    if not name:
+        raise ValueError(f"{path} does not name its model: pass --model")
+    options = dict(meta.get("model_options") or {})
+    options.update(overrides or {})
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    elif "head.fc.weight" in state:
+        options["num_classes"] = int(state["head.fc.weight"].shape[0])
+    model = create_model(name, **options)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), {"model": name, "options": options}
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Every frame of a video file: (F, H, W, 3) uint8 RGB.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be decoded or has no video frames.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no video at {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.error.FFmpegError as err:
+        raise ValueError(f"cannot decode {path}: {err}") from err
+    if not frames:
+        raise ValueError(f"{path} has no decodable video frames")
+    return np.stack(frames)
+
+
+def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: int | None = None,
+              size: int | None = None, crop: int | None = None) -> tuple[np.ndarray, Tensor]:
+    """One clip of a video as the model takes it, and the same frames for drawing.
+
+    Args:
+        path: the video file.
+        frames: frames in the clip.
+        sampling_rate: keep one frame every this many.
+        start: first video frame of the clip; default: the clip is centred in the video. Frames past the end
+            repeat the last frame.
+        size: scale so that the short side has this many pixels (bilinear); None keeps the decoded size.
+        crop: centre crop of this size (square); None keeps the full frame.
+
+    Returns:
+        (frames (T, H, W, 3) uint8 after scaling and cropping, the normalised clip (3, T, H, W)).
+    """
+    if frames < 1 or sampling_rate < 1:
+        raise ValueError(f"frames and sampling_rate must be positive; got {frames}, {sampling_rate}")
+    video = read_video(path)
+    span = (frames - 1) * sampling_rate + 1
+    if start is None:
+        start = max(0, (len(video) - span) // 2)
+    if not 0 <= start < len(video):
+        raise ValueError(f"start frame {start} is outside the video's {len(video)} frames")
+    index = np.minimum(np.arange(start, start + span, sampling_rate), len(video) - 1)
+    clip = torch.from_numpy(video[index]).permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, 3, H, W)
+    if size is not None:
+        h, w = clip.shape[2:]
+        scale = size / min(h, w)
+        new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        clip = nn.functional.interpolate(clip, size=new, mode="bilinear", align_corners=False)
+    if crop is not None:
+        h, w = clip.shape[2:]
+        if crop > min(h, w):
+            raise ValueError(f"crop {crop} is larger than the frames ({h}x{w})")
+        top, left = (h - crop) // 2, (w - crop) // 2
+        clip = clip[:, :, top:top + crop, left:left + crop]
+    clip = clip.clamp(0, 255)
+    raw = clip.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (T, 3, H, W) -> (T, H, W, 3)
+    return raw, ((clip - PIXEL_MEAN) / PIXEL_STD).permute(1, 0, 2, 3)  # (T, 3, H, W) -> (3, T, H, W)

@@ -1,0 +1,383 @@
+"""Attention pictures: captured weights equal the block's own, coordinates map back to input pixels, every mode
+renders, and the visualize command runs end to end on a video file."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nonlocalnet.layers import MODES, NonLocal2d, NonLocal3d
+from nonlocalnet.viz import (capture_attention, cell_centres, find_nonlocal_blocks, render_attention,
+                             resolve_block_names)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class StemAndBlock(nn.Module):
+    """A strided stem (the network's stride) followed by a non-local block and a pooled score."""
+
+    def __init__(self, mode="embedded_gaussian", stride=(2, 4, 4), subsample=(1, 2, 2), channels=6):
+        super().__init__()
+        self.stem = nn.Conv3d(3, channels, stride, stride=stride)
+        self.block = NonLocal3d(channels, mode=mode, subsample=subsample)
+        with torch.no_grad():  # an active block: random weights, BN statistics not at their defaults
+            for p in self.block.parameters():
+                p.normal_(0.0, 0.5)
+            self.block.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, clip):
+        return self.block(self.stem(clip)).mean(dim=(2, 3, 4))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_captured_weights_equal_the_blocks_dense_attention(mode):
+    model = StemAndBlock(mode).train()
+    clip = torch.randn(2, 3, 8, 16, 16)
+    captured = capture_attention(model, clip)
+    assert list(captured) == ["block"]
+    assert model.training and model.block.training  # train/eval flags restored
+    assert not model.block._forward_hooks  # hooks removed
+    model.eval()
+    with torch.no_grad():
+        _, expected = model.block(model.stem(clip), return_attention=True)
+    got = captured["block"]
+    torch.testing.assert_close(got.weights, expected)
+    assert got.weights.shape == (2, 4 * 4 * 4, 4 * 2 * 2)
+    assert got.mode == mode
+
+
+def test_capture_leaves_the_model_output_and_statistics_unchanged():
+    model = StemAndBlock().eval()
+    clip = torch.randn(1, 3, 8, 16, 16)
+    before = model(clip)
+    stats = model.block.norm.running_var.clone()
+    capture_attention(model, clip)
+    torch.testing.assert_close(model(clip), before)
+    torch.testing.assert_close(model.block.norm.running_var, stats)
+
+
+def test_coordinates_map_subsampled_keys_back_to_input_pixels():
+    # input 8x16x16, stride (2, 4, 4): queries on a 4x4x4 grid; keys max-pooled 1x2x2: a 4x2x2 grid of cells
+    # spanning 2 frames x 8 x 8 pixels each.
+    att = capture_attention(StemAndBlock(), torch.randn(1, 3, 8, 16, 16))["block"]
+    assert att.query_grid == (4, 4, 4) and att.key_grid == (4, 2, 2)
+    assert att.query_stride == (2.0, 4.0, 4.0) and att.key_stride == (2.0, 8.0, 8.0)
+    assert att.input_size == (8, 16, 16)
+    # query 0 covers frames 0-1, rows 0-3, columns 0-3: centre (0.5, 1.5, 1.5)
+    assert att.query_coords[0].tolist() == [0.5, 1.5, 1.5]
+    # query (t=2, y=3, x=1) = index 2*16 + 3*4 + 1 = 45: frames 4-5, rows 12-15, columns 4-7
+    assert att.query_coords[45].tolist() == [4.5, 13.5, 5.5]
+    # key (t=0, y=1, x=1) = index 3: rows and columns 8-15, centre 11.5; key 4 is the next frame pair
+    assert att.key_coords[3].tolist() == [0.5, 11.5, 11.5]
+    assert att.key_coords[4].tolist() == [2.5, 3.5, 3.5]
+    assert att.query_index(5, 13, 6) == 45 and att.query_index(4, 12, 4) == 45
+    assert att.key_index(5, 13, 6) == 2 * 4 + 1 * 2 + 0
+    # every query pixel of a key cell max-pools into that key
+    assert att.key_index(*att.query_coords[45].tolist()) == 2 * 4 + 1 * 2 + 0
+
+
+def test_coordinates_with_floor_pooling_of_an_odd_grid():
+    # 10 columns at stride 2 -> 5 query cells; keys pooled by 2 (floor) -> 2 cells covering columns 0-7
+    model = StemAndBlock(stride=(1, 2, 2), subsample=(1, 1, 2))
+    att = capture_attention(model, torch.randn(1, 3, 2, 4, 10))["block"]
+    assert att.query_grid == (2, 2, 5) and att.key_grid == (2, 2, 2)
+    assert att.key_coords[:2, 2].tolist() == [1.5, 5.5]
+    assert att.weights.shape == (1, 20, 8)
+
+
+def test_cell_centres_by_hand():
+    centres = cell_centres((1, 2, 3), (1.0, 2.0, 4.0))
+    assert centres.shape == (6, 3)
+    assert centres[:, 2].tolist() == [1.5, 5.5, 9.5] * 2
+    assert centres[:, 1].tolist() == [0.5] * 3 + [2.5] * 3
+
+
+def test_capture_on_an_image_block_puts_queries_in_frame_zero():
+    class Image(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 2, stride=2)
+            self.nl = NonLocal2d(4, subsample=2)
+
+        def forward(self, x):
+            return self.nl(self.stem(x))
+
+    att = capture_attention(Image(), torch.randn(1, 3, 8, 12))["nl"]
+    assert att.query_grid == (1, 4, 6) and att.key_grid == (1, 2, 3)
+    assert att.query_coords[:, 0].abs().max() == 0
+    assert att.key_coords[0].tolist() == [0.0, 1.5, 1.5]
+
+
+def test_capture_with_a_memory_input_keeps_memory_cells():
+    class WithMemory(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.nl = NonLocal3d(4, memory_channels=5)
+
+        def forward(self, x):
+            return self.nl(x, memory=torch.ones(1, 5, 3, 2, 2))
+
+    att = capture_attention(WithMemory(), torch.randn(1, 4, 2, 2, 2))["nl"]
+    assert att.from_memory and att.key_grid == (3, 2, 2) and att.key_stride == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="memory"):
+        render_attention(torch.randn(4, 2, 2, 2), att, "unused.png")
+
+
+def test_resnet_block_strides_follow_the_network():
+    from nonlocalnet.models import ResNet3d
+
+    model = ResNet3d((1, 1, 1, 1), clip="8x8", width=4, num_classes=3,
+                     nonlocal_locations={"res3": (0,), "res4": (0,)})
+    captured = capture_attention(model, torch.randn(3, 8, 64, 64), blocks=["res3.0", "res4.nl0"])
+    assert list(captured) == ["res3.nl0", "res4.nl0"]
+    # 8x8 layout: time halves once (pool2); res3 has spatial stride 8, res4 16; keys pooled 1x2x2
+    assert captured["res3.nl0"].query_stride == (2.0, 8.0, 8.0)
+    assert captured["res4.nl0"].query_stride == (2.0, 16.0, 16.0)
+    assert captured["res4.nl0"].key_stride == (2.0, 32.0, 32.0)
+    assert resolve_block_names(model, "res4.0") == ["res4.nl0"]
+    assert resolve_block_names(model, None) == ["res4.nl0"]
+    assert resolve_block_names(model, "all") == ["res3.nl0", "res4.nl0"]
+    with pytest.raises(ValueError, match="res3.nl0, res4.nl0"):
+        capture_attention(model, torch.randn(3, 8, 64, 64), blocks="res4.3")
+
+
+def test_capture_refuses_a_model_without_blocks():
+    with pytest.raises(ValueError, match="no NonLocalBlock"):
+        capture_attention(nn.Conv3d(3, 3, 1), torch.randn(1, 3, 2, 4, 4))
+    assert find_nonlocal_blocks(nn.Conv3d(3, 3, 1)) == {}
+
+
+def test_top_pairs_are_the_largest_weights():
+    att = capture_attention(StemAndBlock(), torch.randn(1, 3, 8, 16, 16))["block"]
+    pairs = att.top_pairs(5)
+    flat = att.weights[0].flatten().sort(descending=True).values[:5]
+    assert [round(w, 6) for _, _, w in pairs] == [round(w, 6) for w in flat.tolist()]
+    for q, k, w in pairs:
+        assert att.weights[0, q, k].item() == w
+    only = att.top_pairs(3, query=7)
+    assert all(q == 7 for q, _, _ in only)
+    far = att.top_pairs(5, min_distance=6.0)
+    assert all(torch.dist(att.query_coords[q], att.key_coords[k]) >= 6.0 for q, k, _ in far)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("query", [(3, 10, 5), None])
+def test_every_mode_renders_a_png(tmp_path, mode, query):
+    clip = torch.randn(1, 3, 8, 16, 16)
+    att = capture_attention(StemAndBlock(mode), clip)["block"]
+    out = tmp_path / "pics" / f"{mode}.png"
+    summary = render_attention(clip, att, out, query=query, top_k=4)
+    assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 2000
+    assert summary["panels"] == [0, 2, 4, 6]  # one frame per temporal key cell
+    assert 1 <= len(summary["pairs"]) <= 4
+    if query is not None:
+        assert summary["query"] == att.query_index(*query)
+        assert all(q == summary["query"] for q, _, _ in summary["pairs"])
+    signed = bool((att.weights < 0).any())
+    assert signed == (mode == "dot_product")  # the softmax and ReLU modes cannot go negative
+    assert summary["cmap"] == ("RdBu_r" if mode == "dot_product" else "inferno")
+
+
+def test_render_limits_panels_and_checks_the_clip(tmp_path):
+    clip = torch.randn(1, 3, 16, 8, 8)
+    att = capture_attention(StemAndBlock(stride=(1, 2, 2)), clip)["block"]  # 16 temporal key cells
+    summary = render_attention(clip, att, tmp_path / "a.png", query=(9, 3, 3), max_panels=4)
+    assert len(summary["panels"]) == 4 and 9 in summary["panels"]
+    frames = (np.random.default_rng(0).random((16, 8, 8, 3)) * 255).astype(np.uint8)
+    render_attention(frames, att, tmp_path / "b.png")  # decoded uint8 frames work too
+    with pytest.raises(ValueError, match="captured on an input"):
+        render_attention(torch.randn(3, 8, 8, 8), att, tmp_path / "c.png")
+
+
+def _write_video(path, frames):
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
+    from nonlocalnet import cli
+    from nonlocalnet.cli import main
+    from nonlocalnet.models import create_model, save_weights
+
+    # the lead registers the command in cli.COMMANDS; the test does not depend on it being there yet
+    monkeypatch.setitem(cli.COMMANDS, "visualize", ("nonlocalnet.commands.visualize", "attention pictures"))
+    options = dict(layers=(1, 1, 1, 1), width=4, nonlocal_locations={"res3": (0,), "res4": (0,)})
+    model = create_model("nl_c2d_r50_8x8", num_classes=3, **options)
+    save_weights(model, tmp_path / "model.safetensors", metadata={"model": "nl_c2d_r50_8x8"})
+    frames = np.zeros((20, 64, 64, 3), dtype=np.uint8)
+    frames[:, 10:30, 10:30] = 220
+    _write_video(tmp_path / "clip.mp4", frames)
+    base = ["visualize", "--checkpoint", str(tmp_path / "model.safetensors"), "--video", str(tmp_path / "clip.mp4"),
+            "--set", "layers=(1,1,1,1)", "--set", "width=4", "--set", "nonlocal_locations={'res3':(0,),'res4':(0,)}",
+            "--sampling-rate", "2"]
+    assert main(base + ["--block", "res4.0", "--query", "2,20,20", "--out", str(tmp_path / "one.png")]) == 0
+    assert (tmp_path / "one.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert main(base + ["--block", "all", "--out", str(tmp_path / "all.png")]) == 0
+    assert (tmp_path / "all_res3_nl0.png").is_file() and (tmp_path / "all_res4_nl0.png").is_file()
+    assert main(base[:4] + [str(tmp_path / "missing.mp4")] + base[5:]) == 2
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
+    assert main(base[:4] + [str(tmp_path / "bad.mp4")] + base[5:]) == 2
+    assert main(base + ["--block", "res2.9"]) == 2
+    out = capsys.readouterr().out
+    assert "no video at" in out and "cannot decode" in out and "not a non-local block" in out
+
+
+# --- does the block look at the other object? ------------------------------------------------------------------
+
+class MarkerModel(nn.Module):
+    """A stem that averages 2x4x4 input cells, then one NL block whose attention is set by hand.
+
+    Channel 0 of the clip marks object A, channel 1 object B. With ``cross=True`` θ reads a position's A marker
+    and φ a key's B marker (and the other way round), so a query on A attends to B and a query on B to A;
+    with ``cross=False`` each object attends to itself.
+    """
+
+    def __init__(self, cross=True, mode="embedded_gaussian", extent="spacetime"):
+        super().__init__()
+        self.stem = nn.AvgPool3d((2, 4, 4))
+        self.block = NonLocal3d(3, mode=mode, inter_channels=2, subsample=(1, 2, 2), extent=extent)
+        with torch.no_grad():
+            for p in self.block.parameters():
+                p.zero_()
+            self.block.theta.weight[0, 0] = 20.0  # θ_0 = 20 * A marker
+            self.block.theta.weight[1, 1] = 20.0  # θ_1 = 20 * B marker
+            self.block.phi.weight[0, 1 if cross else 0] = 1.0
+            self.block.phi.weight[1, 0 if cross else 1] = 1.0
+
+    def forward(self, clip):
+        return self.block(self.stem(clip))
+
+
+def _marker_clips(boxes):
+    """Clips (B, 3, 8, 32, 32): channel 0 = 1 inside object A's box, channel 1 = 1 inside B's."""
+    clips = torch.zeros(len(boxes), 3, 8, 32, 32)
+    for b, objects in enumerate(boxes):
+        for channel, (frame, y0, x0, y1, x1) in enumerate(objects):
+            clips[b, channel, frame, y0:y1, x0:x1] = 1.0
+    return clips
+
+
+# A at frame 2 (rows 8-15, columns 0-7); B at frame 5, aligned to one key cell or straddling four
+TRUE_BOXES = [[(2, 8, 0, 16, 8), (5, 16, 16, 24, 24)],
+              [(2, 8, 0, 16, 8), (5, 18, 20, 26, 28)]] * 2
+
+
+def test_hit_rate_counts_top_keys_on_the_other_object():
+    from nonlocalnet.viz import attention_hit_rate, attention_hits
+
+    clips = _marker_clips(TRUE_BOXES)
+    declared = torch.tensor(TRUE_BOXES)
+    declared[2:, 1] = torch.tensor([7, 0, 24, 8, 32])  # clips 2, 3: B declared where nothing is
+    model = MarkerModel(cross=True)
+    result = attention_hits(model, clips, declared, "block", batch_size=3)  # two batches
+    # clips 0, 1 hit both ways; clips 2, 3: A's top key is on the real B, not the declared one, and the query at
+    # the declared B sees no marker (uniform weights, top key 0 = frames 0-1, rows and columns 0-7, not on A)
+    assert result.hits.tolist() == [[True, True]] * 2 + [[False, False]] * 2
+    assert result.rate == 0.5 and attention_hit_rate(model, clips, declared, "block") == 0.5
+    assert result.block == "block"
+    # the query at A is the cell containing its continuous centre (frame 2, y = 12, x = 4 on the pixel-edge
+    # grid): query cells are 2 frames x 4 x 4 pixels, so cell (1, 3, 1) of the 4x8x8 grid
+    assert result.queries[:, 0].tolist() == [1 * 64 + 3 * 8 + 1] * 4
+    # keys are 2 frames x 8 x 8 pixels: an aligned B overlaps 1 of the 64 key cells, a straddling B 4
+    assert result.chance[:2, 0].tolist() == [1 / 64, 4 / 64]
+    assert result.top_keys[0, 0] == 2 * 16 + 2 * 4 + 2  # key (t=2, y=2, x=2) = frames 4-5, pixels 16-23
+    assert result.top_keys[2, 1] == 0
+    # self-attention instead: every query's top key is on its own object, never on the other one
+    assert attention_hit_rate(MarkerModel(cross=False), clips, torch.tensor(TRUE_BOXES), "block") == 0.0
+
+
+def test_hit_rate_only_counts_keys_the_block_can_reach():
+    from nonlocalnet.viz import attention_hits
+
+    # dot product, attention within each frame only; A and B share frame 2. Every reachable weight is negative
+    # and B's the least negative; unreachable keys hold exact zeros that must not win.
+    boxes = [[(2, 8, 0, 16, 8), (2, 16, 16, 24, 24)]]
+    model = MarkerModel(mode="dot_product", extent="space")
+    with torch.no_grad():
+        model.block.theta.weight.zero_()
+        model.block.theta.bias[0] = 1.0  # θ = (1, 0) everywhere
+        model.block.phi.weight.zero_()
+        model.block.phi.weight[0, 1] = 1.0
+        model.block.phi.bias[0] = -1.0  # φ_0 = B marker - 1: -0.5 at B (after pooling), -1 elsewhere
+    result = attention_hits(model, _marker_clips(boxes), torch.tensor(boxes), "block")
+    assert result.hits.tolist() == [[True, False]]  # B -> A: B's top key is B itself
+    assert result.top_weights[0, 0] < 0
+    assert result.chance[0].tolist() == [1 / 16, 1 / 16]  # 16 reachable keys in the query's frame pair
+    # objects in frames the block cannot connect: never a hit, and chance 0
+    far = [[(2, 8, 0, 16, 8), (6, 16, 16, 24, 24)]]
+    result = attention_hits(model, _marker_clips(far), torch.tensor(far), "block")
+    assert result.hits.tolist() == [[False, False]] and result.chance.tolist() == [[0.0, 0.0]]
+    captured = capture_attention(model, _marker_clips(far))["block"]
+    assert captured.reach.shape == (256, 64) and captured.reach.sum(1).unique().tolist() == [16]
+
+
+def test_reach_follows_temporal_groups_of_frames():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv3d(3, 4, (1, 2, 2), stride=(1, 2, 2))
+            self.nl = NonLocal3d(4, temporal_groups=2, subsample=(1, 2, 2))  # 2 frames per group
+
+        def forward(self, x):
+            return self.nl(self.stem(x))
+
+    att = capture_attention(Grouped(), torch.randn(1, 3, 6, 8, 8))["nl"]
+    # queries 6x4x4 = 96, keys 6x2x2 = 24; query frame t sees the 2 x 4 keys of frames 2 * (t // 2) + {0, 1}
+    frame_of_query = torch.arange(96) // 16
+    frame_of_key = torch.arange(24) // 4
+    expected = (frame_of_query[:, None] // 2) == (frame_of_key[None, :] // 2)
+    assert torch.equal(att.reach, expected)
+    assert att.weights[0][~att.reach].abs().max() == 0
+    torch.testing.assert_close(att.weights[0].sum(1), torch.ones(96))
+
+
+def test_hit_rate_rejects_bad_boxes():
+    from nonlocalnet.viz import attention_hit_rate
+
+    clips = _marker_clips(TRUE_BOXES[:1])
+    with pytest.raises(ValueError, match=r"\(B=1, 2, 5\)"):
+        attention_hit_rate(MarkerModel(), clips, torch.zeros(1, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not lie in a clip of 8 frames of 32x32"):
+        attention_hit_rate(MarkerModel(), clips, torch.tensor([[(8, 0, 0, 4, 4), (0, 0, 0, 4, 4)]]))
+    with pytest.raises(ValueError, match="does not lie"):
+        attention_hit_rate(MarkerModel(), clips, torch.tensor([[(0, 4, 0, 4, 4), (0, 0, 0, 4, 4)]]))  # empty box
+    with pytest.raises(ValueError, match="not a non-local block"):
+        attention_hit_rate(MarkerModel(), clips, torch.tensor(TRUE_BOXES[:1]), "res4.2")
+
+
+def test_hit_rate_on_a_resnet_block_by_its_paper_name():
+    from nonlocalnet.models import ResNet3d
+    from nonlocalnet.viz import attention_hits
+
+    model = ResNet3d((1, 1, 1, 1), clip="8x8", width=4, num_classes=3, nonlocal_locations={"res3": (0,)})
+    boxes = torch.tensor([[(1, 0, 0, 8, 8), (6, 24, 24, 32, 32)]] * 2)
+    result = attention_hits(model, torch.randn(2, 3, 8, 32, 32), boxes, "res3.0")
+    assert result.block == "res3.nl0" and 0.0 <= result.rate <= 1.0
+    # res3 of the 8x8 layout: stride (2, 8, 8), keys pooled 1x2x2 -> 4x2x2 cells of 2 frames x 16 x 16 pixels;
+    # each 8x8 box overlaps exactly one of the 16 cells
+    assert result.chance.unique().tolist() == [1 / 16]
+
+
+def test_object_picture_outlines_both_objects(tmp_path):
+    from nonlocalnet.viz import render_object_attention
+
+    clip = _marker_clips(TRUE_BOXES[:1])[0]
+    summary = render_object_attention(MarkerModel(), clip, torch.tensor(TRUE_BOXES[0]), tmp_path / "ab.png",
+                                      block_name="block", top_k=3)
+    assert (tmp_path / "ab.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert summary["hit"] and summary["chance"] == 1 / 64 and summary["block"] == "block"
+    assert 2 in summary["panels"] and 5 in summary["panels"]  # the objects' own frames are shown
+    assert summary["boxes"] == [tuple(b) for b in TRUE_BOXES[0]]
+    assert summary["pairs"][0][1] == 2 * 16 + 2 * 4 + 2  # the strongest arrow goes from A to B
+    frames = (clip.permute(1, 2, 3, 0) * 255).to(torch.uint8).numpy()  # drawn from uint8 frames instead
+    back = render_object_attention(MarkerModel(), clip, torch.tensor(TRUE_BOXES[0]), tmp_path / "ba.png",
+                                   block_name="block", source=1, frames=frames, max_panels=2)
+    assert back["hit"] and sorted(back["panels"]) == [2, 5]
