@@ -1,0 +1,8 @@
+"""Video data: the built-in long-range dataset, Kinetics / Charades lists decoded with PyAV, the transforms."""
+from .build import build_dataset, is_multi_label
+from .sampler import ShardedSampler
+from .synthetic import LongRangeShapes
+from .video import VideoDecodeError, VideoListDataset, read_video_list
+
+__all__ = ["LongRangeShapes", "ShardedSampler", "VideoDecodeError", "VideoListDataset", "build_dataset",
+           "is_multi_label", "read_video_list"]

@@ -1,0 +1,461 @@
+"""Real videos from a list file (Kinetics / Charades style), decoded with PyAV into the paper's clips.
+
+List files (one video a line, blank lines and lines starting with ``#`` ignored):
+
+* single label (Kinetics, the mmaction2 / PySlowFast format): ``relative/path.mp4 label`` where ``label`` is an
+  integer in ``[0, num_classes)``; the path may contain spaces (the label is the last field);
+* multi-label (Charades, ``multi_label=True``): ``relative/path.mp4 3,17,42`` (comma-separated labels) or
+  ``relative/path.mp4 3 17 42`` (mmaction2's space-separated variant); the path is the first field.
+
+Paths are relative to ``root`` (an absolute path is kept as it is). A malformed line or a label out of range is
+an error naming the list file and the line number. Missing video files are all reported in one error at
+construction (the first 20 and the count), or dropped with a warning when ``skip_missing=True``.
+
+Items are dicts that ``default_collate`` stacks:
+
+* ``clip``: (3, T, H, W) float32, RGB 0-255 normalised with ``(x - 114.75) / 57.375``;
+* ``label``: int64 scalar (single label) or float32 multi-hot (num_classes,);
+* ``video``: int64, the index in the list of the video the clip was actually taken from;
+* ``skipped``: int64, how many corrupt videos were skipped while producing this item.
+
+Train split: one item per video; a clip at a random temporal position (see
+:func:`~nonlocalnet.data.transforms.train_clip_indices`), short side scaled to a random value in ``train_scale``,
+a random ``crop_size``² crop and a random horizontal flip. The random choices of item ``index`` come from
+generators seeded with ``(seed, epoch, index, attempt)`` (call :meth:`VideoListDataset.set_epoch` each epoch), so
+an item is the same in every run, in every DataLoader worker and after a resume.
+
+Test split: ``len = videos × test_clips × test_crops``; item ``i`` is view ``(video, clip k, crop j)`` with
+``video, rest = divmod(i, test_clips * test_crops)`` and ``k, j = divmod(rest, test_crops)``: clip ``k`` of
+``test_clips`` evenly spaced in time, short side ``test_scale``, crop ``j`` of ``test_crops`` along the long side
+(left / centre / right, or top / centre / bottom for portrait frames; one crop is the centre crop), or the full
+frame when ``crop_size=None`` (fully-convolutional testing; frames of different sizes then need batch size 1).
+
+Short videos: frame indices past the end repeat the last frame (PySlowFast's clamping). A video that cannot be
+opened or has no decodable frame is *corrupt*: it is logged (a warning with its path, once per process),
+counted in the item's ``skipped`` and replaced:
+
+* in training by another video drawn from the item's generator (so the replacement is reproducible too);
+* at test time by the next video in the list (``(video + 1) % len(videos)``) with the same clip and crop index.
+  The item's ``video`` then names the replacement, so scores aggregated by ``video`` stay honest: the corrupt
+  video gets no view at all (the evaluator sees fewer videos than the list has), and the replacement gets
+  some views twice, which the per-video averaging of scores absorbs.
+
+An error is raised only when ``max_retries + 1`` videos in a row fail (the item's own and ``max_retries``
+replacements), naming the last ones.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from nonlocalnet.data import transforms as T
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+MISSING_SHOWN = 20
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be opened or yields no decodable frame."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# list files
+
+
+def read_video_list(list_file: str | Path, *, num_classes: int,
+                    multi_label: bool = False) -> list[tuple[str, int | tuple[int, ...]]]:
+    """Parse a Kinetics-style (``path label``) or Charades-style (``path 3,17,42``) list file.
+
+    Args:
+        list_file: the text file.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        multi_label: Charades style, several labels per video (comma- or space-separated, at least one).
+
+    Returns:
+        ``(relative path, label)`` per video, in file order; the label is an int, or a sorted tuple of distinct
+        ints when ``multi_label``.
+
+    Raises:
+        ValueError: a malformed line or a label out of range, naming the file and the line number.
+    """
+    list_file = Path(list_file)
+    entries: list[tuple[str, int | tuple[int, ...]]] = []
+    with open(list_file, encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{list_file}, line {number}"
+            if multi_label:
+                fields = line.split()
+                if len(fields) < 2:
+                    raise ValueError(f"{where}: expected 'path label,label,...', got {line!r}")
+                path, text = fields[0], ",".join(fields[1:])
+                tokens = [t for t in text.split(",") if t != ""]
+                if not tokens:
+                    raise ValueError(f"{where}: no label in {line!r}")
+                labels = tuple(sorted({_parse_label(t, num_classes, where) for t in tokens}))
+                entries.append((path, labels))
+            else:
+                fields = line.rsplit(maxsplit=1)
+                if len(fields) != 2:
+                    raise ValueError(f"{where}: expected 'path label', got {line!r}")
+                path, text = fields
+                if "," in text:
+                    raise ValueError(f"{where}: several labels {text!r} in a single-label list "
+                                     "(pass multi_label=True for Charades-style lists)")
+                entries.append((path, _parse_label(text, num_classes, where)))
+    if not entries:
+        raise ValueError(f"{list_file} lists no video")
+    return entries
+
+
+def _parse_label(text: str, num_classes: int, where: str) -> int:
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"{where}: label {text!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
+    return label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool = True) -> tuple[np.ndarray, Tensor]:
+    """Decode only the frames of a video that a clip needs, as RGB.
+
+    The number of frames comes from the container (``stream.frames``, else duration × frame rate); ``sample``
+    maps it to frame indices, and frames are decoded in order up to the last index needed. When the first
+    index is far enough from the start (``seek``), the decoder first jumps to the key frame before it, and frame
+    indices are read from time stamps (exact for constant frame rate; any inconsistency -- no time stamps, a jump
+    past the first needed frame, a gap -- falls back to decoding from the start). When the container's count
+    is wrong (the video ends before a needed frame) or missing, the decodable frames are counted (a video that
+    is cut short, as a partly downloaded one, thus gives the frames it has), ``sample`` is called again with the
+    true count and the needed frames are decoded again from the start.
+
+    Args:
+        path: the video file.
+        sample: frame count -> (T,) int64 indices in ``[0, count - 1]``; called once or twice, it must give the
+            same indices for the same count.
+        seek: allow seeking.
+
+    Returns:
+        (frames (T, H, W, 3) uint8 RGB, the indices used).
+
+    Raises:
+        VideoDecodeError: the file cannot be opened or decoded, or it has no video frame.
+    """
+    def checked_sample(count: int) -> Tensor:
+        try:
+            return sample(count)
+        except Exception as err:  # a bug or a bad option, not a bad video: let it through as it is
+            raise _SampleError() from err
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            count = _frame_count(container, stream)
+            decoded = index = None
+            if count:
+                index = checked_sample(count)
+                wanted = sorted(set(index.tolist()))
+                if seek and wanted[0] >= _SEEK_MIN_FRAMES:
+                    decoded = _decode_after_seek(container, stream, wanted)
+                    if decoded is None:  # time stamps disagree: decode from the start of a fresh container
+                        with av.open(str(path)) as fresh:
+                            decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted)
+                else:
+                    decoded = _decode_from_start(container, stream, wanted)
+            if decoded is not None:
+                return np.stack([decoded[i] for i in index.tolist()]), index
+        # no frame count, or a wrong one (the video ended before a needed frame): count the decodable frames
+        # (without keeping them, long videos stay cheap in memory), then decode the needed ones
+        with av.open(str(path)) as container:
+            count = sum(1 for _ in container.decode(container.streams.video[0]))
+        if count == 0:
+            raise VideoDecodeError(f"{path}: no decodable video frame")
+        index = checked_sample(count)
+        with av.open(str(path)) as container:
+            decoded = _decode_from_start(container, container.streams.video[0], sorted(set(index.tolist())))
+        if decoded is None:
+            raise VideoDecodeError(f"{path}: decoded {count} frames, then fewer on a second pass")
+        return np.stack([decoded[i] for i in index.tolist()]), index
+    except VideoDecodeError:
+        raise
+    except _SampleError as err:
+        raise err.__cause__ from None
+    except (av.error.FFmpegError, OSError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise VideoDecodeError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+class _SampleError(Exception):
+    """Carries an error of the ``sample`` function through :func:`read_frames` untouched."""
+
+
+# Seek only when the clip starts at least this many frames into the video: below, decoding from the start is
+# about as cheap and is exact whatever the time stamps say.
+_SEEK_MIN_FRAMES = 16
+
+
+def _frame_count(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int | None:
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if rate and stream.duration and stream.time_base:
+        return int(round(stream.duration * stream.time_base * rate)) or None
+    if rate and container.duration:
+        return int(round(container.duration / av.time_base * rate)) or None
+    return None
+
+
+def _decode_from_start(container, stream, wanted: Sequence[int]) -> dict[int, np.ndarray] | None:
+    """Frames ``wanted`` (sorted) counted from the first decoded frame; None if the video ends before the last."""
+    keep, last, frames = set(wanted), wanted[-1], {}
+    for position, frame in enumerate(container.decode(stream)):
+        if position in keep:
+            frames[position] = frame.to_ndarray(format="rgb24")
+        if position >= last:
+            return frames
+    return None
+
+
+def _decode_after_seek(container, stream, wanted: Sequence[int]) -> dict[int, np.ndarray] | None:
+    """Frames ``wanted`` after seeking to the key frame before the first; None when time stamps disagree."""
+    rate, time_base = stream.average_rate, stream.time_base
+    if not rate or not time_base:
+        return None
+    start = stream.start_time or 0
+    target = start + int(wanted[0] / rate / time_base)
+    try:
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        return None
+    keep, last, frames, first = set(wanted), wanted[-1], {}, None
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            return None
+        position = round((frame.pts - start) * time_base * rate)
+        if first is None:
+            first = position
+            if position > wanted[0]:
+                return None  # the seek went past the first needed frame
+        if position in keep:
+            frames[position] = frame.to_ndarray(format="rgb24")
+        if position >= last:
+            break
+    if len(frames) != len(keep):
+        return None  # a gap, a duplicate time stamp, or the video ended early
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset
+
+
+class VideoListDataset(Dataset):
+    """Clips of the videos of a list file, with the paper's sampling and transforms (see the module docstring).
+
+    Args:
+        list_file: ``path label`` lines (or ``path 3,17,42`` with ``multi_label``).
+        root: folder the paths are relative to.
+        split: ``"train"`` (one random clip per video) or ``"test"`` (``test_clips × test_crops`` views per video).
+        num_classes: number of classes; labels must lie in ``[0, num_classes)``.
+        multi_label: Charades-style lists; labels become multi-hot float vectors.
+        frames: frames per clip (T).
+        sampling_rate: keep one frame every this many (32×2: frames=32, sampling_rate=2).
+        train_scale: (low, high) range of the random short side in training.
+        crop_size: side of the square crop; None (test only) keeps full frames.
+        test_scale: short side at test time.
+        test_clips: K clips evenly spaced in time per test video.
+        test_crops: crops per test clip: 1 (centre) or 3 (left / centre / right along the long side).
+        max_retries: replacements tried for a corrupt video before giving up.
+        seed: base seed of the random choices of training items.
+        skip_missing: drop missing files with a warning instead of failing.
+        seek: allow seeking in the videos (False always decodes from the first frame).
+    """
+
+    def __init__(self, list_file: str | Path, root: str | Path, *, split: str = "train", num_classes: int,
+                 multi_label: bool = False, frames: int = 8, sampling_rate: int = 8,
+                 train_scale: tuple[int, int] = (256, 320), crop_size: int | None = 224, test_scale: int = 256,
+                 test_clips: int = 10, test_crops: int = 3, max_retries: int = 10, seed: int = 0,
+                 skip_missing: bool = False, seek: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive; got {num_classes}")
+        for name, value in (("frames", frames), ("sampling_rate", sampling_rate), ("test_scale", test_scale),
+                            ("test_clips", test_clips), ("test_crops", test_crops)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value}")
+        if max_retries < 0 or seed < 0:
+            raise ValueError(f"max_retries and seed must be >= 0; got {max_retries}, {seed}")
+        low, high = train_scale
+        if not 1 <= low <= high:
+            raise ValueError(f"train_scale must be (low, high) with 1 <= low <= high; got {train_scale}")
+        if crop_size is None:
+            if split == "train":
+                raise ValueError("crop_size=None (full frames) is for the test split only")
+            if test_crops != 1:
+                raise ValueError(f"crop_size=None (full frames) takes test_crops=1; got {test_crops}")
+        elif crop_size < 1:
+            raise ValueError(f"crop_size must be positive or None; got {crop_size}")
+        elif split == "train" and crop_size > low:
+            raise ValueError(f"crop_size {crop_size} is larger than the smallest train scale {low}")
+        elif split == "test" and crop_size > test_scale:
+            raise ValueError(f"crop_size {crop_size} is larger than test_scale {test_scale}")
+
+        self.list_file, self.root = Path(list_file), Path(root)
+        self.split, self.num_classes, self.multi_label = split, num_classes, multi_label
+        self.frames, self.sampling_rate = frames, sampling_rate
+        self.train_scale, self.crop_size, self.test_scale = (low, high), crop_size, test_scale
+        self.test_clips, self.test_crops = test_clips, test_crops
+        self.max_retries, self.seed, self.seek = max_retries, seed, seek
+        self.epoch = 0
+
+        entries = read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
+        paths = [self.root / rel for rel, _ in entries]
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        if missing:
+            shown = "\n  ".join(str(paths[i]) for i in missing[:MISSING_SHOWN])
+            more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+            message = (f"{len(missing)} of {len(paths)} videos listed in {self.list_file} are missing "
+                       f"(root {self.root}):\n  {shown}{more}")
+            if not skip_missing:
+                raise FileNotFoundError(message + "\n(pass skip_missing=True to drop them)")
+            logger.warning("%s\ndropping them (skip_missing=True)", message)
+            gone = set(missing)
+            entries = [e for i, e in enumerate(entries) if i not in gone]
+            paths = [p for i, p in enumerate(paths) if i not in gone]
+            if not entries:
+                raise FileNotFoundError(f"every video listed in {self.list_file} is missing (root {self.root})")
+        self.paths: list[Path] = paths
+        self.labels: list[int | tuple[int, ...]] = [label for _, label in entries]
+
+        # per process: videos known to be corrupt, and the last decoded and scaled test clip (3 crops share it)
+        self._corrupt: dict[int, str] = {}
+        self._test_cache: tuple[int, int, Tensor] | None = None
+
+    # -- sizes and bookkeeping ------------------------------------------------------------------------------------
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.paths)
+
+    @property
+    def views_per_video(self) -> int:
+        """Items per video: 1 in training, ``test_clips * test_crops`` at test time."""
+        return 1 if self.split == "train" else self.test_clips * self.test_crops
+
+    def __len__(self) -> int:
+        return self.num_videos * self.views_per_video
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the random choices of training items those of ``epoch`` (call it before every epoch)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        self.epoch = int(epoch)
+
+    def view(self, index: int) -> tuple[int, int, int]:
+        """(video, clip, crop) of item ``index`` (clip and crop are 0 in training)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        if self.split == "train":
+            return index, 0, 0
+        video, rest = divmod(index, self.views_per_video)
+        clip, crop = divmod(rest, self.test_crops)
+        return video, clip, crop
+
+    @property
+    def targets(self) -> Tensor:
+        """Labels of every video: (N,) int64, or (N, num_classes) float32 multi-hot."""
+        return torch.stack([self._label(v) for v in range(self.num_videos)])
+
+    def _label(self, video: int) -> Tensor:
+        label = self.labels[video]
+        if self.multi_label:
+            hot = torch.zeros(self.num_classes, dtype=torch.float32)
+            hot[list(label)] = 1.0
+            return hot
+        return torch.tensor(label, dtype=torch.int64)
+
+    # -- items ------------------------------------------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        video, clip_index, crop_index = self.view(index)
+        skipped, failures = 0, []
+        for attempt in range(self.max_retries + 1):
+            time_seed, space_seed, choice_seed = (int(s) for s in np.random.SeedSequence(
+                [self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64))
+            try:
+                if self.split == "train":
+                    clip = self._train_clip(video, time_seed, space_seed)
+                else:
+                    clip = self._test_clip(video, clip_index, crop_index)
+                return {"clip": clip, "label": self._label(video),
+                        "video": torch.tensor(video, dtype=torch.int64),
+                        "skipped": torch.tensor(skipped, dtype=torch.int64)}
+            except VideoDecodeError as err:
+                skipped += 1
+                failures.append(str(err))
+                if video not in self._corrupt:
+                    self._corrupt[video] = str(err)
+                    logger.warning("skipping corrupt video %s (%s)", self.paths[video], err)
+                if self.split == "train":
+                    video = int(torch.randint(self.num_videos, (1,),
+                                              generator=torch.Generator().manual_seed(choice_seed)))
+                else:
+                    video = (video + 1) % self.num_videos
+        raise RuntimeError(f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row could not "
+                           f"be decoded (max_retries={self.max_retries}); last ones:\n  "
+                           + "\n  ".join(failures[-5:]))
+
+    def _decode(self, video: int, sample: Callable[[int], Tensor]) -> Tensor:
+        """(3, T, H, W) uint8 clip of ``video``; known corrupt videos fail at once."""
+        if video in self._corrupt:
+            raise VideoDecodeError(self._corrupt[video])
+        frames, _ = read_frames(self.paths[video], sample, seek=self.seek)
+        return T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
+
+    def _train_clip(self, video: int, time_seed: int, space_seed: int) -> Tensor:
+        def sample(count: int) -> Tensor:
+            generator = torch.Generator().manual_seed(time_seed)  # same indices if called again
+            return T.train_clip_indices(count, self.frames, self.sampling_rate, generator)
+
+        clip = self._decode(video, sample)
+        generator = torch.Generator().manual_seed(space_seed)
+        clip = T.short_side_resize(clip, T.random_short_side(self.train_scale, generator))  # uint8 throughout
+        clip = T.random_crop(clip, self.crop_size, generator)
+        clip = T.random_horizontal_flip(clip, generator)
+        return T.normalize(clip).contiguous()  # float32 (3, T, crop, crop)
+
+    def _test_clip(self, video: int, clip_index: int, crop_index: int) -> Tensor:
+        cache = self._test_cache
+        if cache is not None and cache[:2] == (video, clip_index):
+            scaled = cache[2]
+        else:
+            def sample(count: int) -> Tensor:
+                return T.uniform_clip_indices(count, self.frames, self.sampling_rate, clip_index, self.test_clips)
+
+            scaled = T.short_side_resize(self._decode(video, sample), self.test_scale)
+            self._test_cache = (video, clip_index, scaled)
+        if self.crop_size is not None:
+            scaled = T.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
+        return T.normalize(scaled).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.list_file}, split={self.split!r}, videos={self.num_videos}, "
+                f"items={len(self)}, clip={self.frames}x{self.sampling_rate})")

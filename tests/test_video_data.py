@@ -1,0 +1,359 @@
+"""Real-video data: list files, PyAV decoding, the paper's clip sampling and transforms, corrupt / missing videos.
+
+The videos are tiny real .mp4 files written with PyAV in a temporary folder. In the "time" videos frame t is a
+flat grey of value ``10 + 6 t``, so the frames a clip took can be read back from its pixels; the "ramp" video is
+a static horizontal ramp ``20 + 4 x``, so crops and flips can be read back from theirs.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nonlocalnet.data import transforms as T
+from nonlocalnet.data import video as V
+from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
+
+HEIGHT, WIDTH = 40, 56
+
+
+def _write_video(path: Path, frames: np.ndarray, gop: int = 5) -> None:
+    """(F, H, W, 3) uint8 -> a lossless H.264 .mp4 at 25 fps with a key frame every ``gop`` frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.gop_size = gop
+        stream.options = {"crf": "0"}  # lossless H.264: the pixel codes survive up to RGB <-> YUV rounding
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _time_video(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    values = 10 + 6 * np.arange(count, dtype=np.uint8)
+    return np.broadcast_to(values[:, None, None, None], (count, height, width, 3)).copy()
+
+
+def _ramp_video(count: int) -> np.ndarray:
+    ramp = (20 + 4 * np.arange(WIDTH)).astype(np.uint8)
+    return np.broadcast_to(ramp[None, None, :, None], (count, HEIGHT, WIDTH, 3)).copy()
+
+
+def _frame_ids(clip: torch.Tensor) -> list[int]:
+    """Frame indices of a normalised (3, T, H, W) clip of a time video, read from its grey values."""
+    grey = (clip * T.STD + T.MEAN).mean(dim=(0, 2, 3))  # (T,)
+    return ((grey - 10) / 6).round().long().tolist()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    (root / "k").mkdir()
+    _write_video(root / "k" / "a.mp4", _time_video(40))
+    _write_video(root / "k" / "b.mp4", _time_video(24))
+    _write_video(root / "k" / "short.mp4", _time_video(5))
+    _write_video(root / "k" / "ramp.mp4", _ramp_video(12))
+    _write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT))
+    (root / "k" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    return root
+
+
+def _list(tmp_path: Path, lines: list[str], name: str = "list.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _dataset(tmp_path: Path, root: Path, lines: list[str], **kwargs) -> VideoListDataset:
+    options = dict(split="train", num_classes=5, frames=4, sampling_rate=3, train_scale=(40, 48), crop_size=32)
+    options.update(kwargs)
+    return VideoListDataset(_list(tmp_path, lines), root, **options)
+
+
+# ------------------------------------------------------------------------------------------------ pure transforms
+
+
+def test_train_clip_indices_window_of_frames_times_rate_at_the_drawn_start():
+    # 8x8 on 100 frames: a window of 64 frames, start uniform in [0, 36]
+    index = T.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(3))
+    start = int(torch.randint(37, (1,), generator=torch.Generator().manual_seed(3)))
+    assert index.tolist() == [start + 8 * k for k in range(8)]
+    starts = {int(T.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(s))[0]) for s in range(400)}
+    assert min(starts) == 0 and max(starts) == 36
+    # 32x2: 64 consecutive frames, every other one kept; a video of exactly 64 frames has a single position
+    assert T.train_clip_indices(64, 32, 2, torch.Generator()).tolist() == list(range(0, 64, 2))
+
+
+def test_short_video_indices_repeat_the_last_frame():
+    assert T.train_clip_indices(10, 4, 4, torch.Generator()).tolist() == [0, 4, 8, 9]
+    assert T.uniform_clip_indices(3, 4, 2, 1, 10).tolist() == [0, 2, 2, 2]
+
+
+def test_uniform_clip_indices_evenly_spaced_from_start_to_end():
+    # 100 frames, 8x2 (window 16): delta 84; starts round(k * 84 / 9)
+    starts = [int(T.uniform_clip_indices(100, 8, 2, k, 10)[0]) for k in range(10)]
+    assert starts == [0, 9, 19, 28, 37, 47, 56, 65, 75, 84]
+    assert T.uniform_clip_indices(100, 8, 2, 9, 10).tolist() == list(range(84, 100, 2))
+    assert T.uniform_clip_indices(100, 8, 2, 0, 1).tolist() == list(range(42, 58, 2))  # one clip: centred
+    with pytest.raises(ValueError, match="clip must be in"):
+        T.uniform_clip_indices(100, 8, 2, 10, 10)
+
+
+def test_short_side_resize_shapes_and_bilinear_values():
+    assert T.short_side_resize(torch.zeros(3, 2, 40, 56), 256).shape == (3, 2, 256, 358)  # floor(56 * 6.4)
+    assert T.short_side_resize(torch.zeros(3, 2, 56, 40), 256).shape == (3, 2, 358, 256)
+    assert torch.equal(T.short_side_resize(torch.full((3, 1, 40, 56), 77, dtype=torch.uint8), 20),
+                       torch.full((3, 1, 20, 28), 77, dtype=torch.uint8))
+    noise = torch.randint(0, 256, (3, 2, 40, 56), dtype=torch.uint8)
+    for size in (24, 64):  # shrinking and enlarging: the uint8 path is the float one, rounded
+        fast, exact = T.short_side_resize(noise, size), T.short_side_resize(noise.float(), size)
+        assert fast.dtype == torch.uint8 and (fast.float() - exact).abs().max() <= 1.01
+    image = torch.tensor([[0.0, 10.0], [20.0, 30.0]]).expand(1, 1, 2, 2)
+    up = T.short_side_resize(image, 4)[0, 0]
+    assert torch.allclose(up[0], torch.tensor([0.0, 2.5, 7.5, 10.0]))
+    assert torch.allclose(up[:, 0], torch.tensor([0.0, 5.0, 15.0, 20.0]))
+
+
+def test_spatial_crop_offsets_three_crops_along_the_long_side():
+    assert [T.spatial_crop_offset(256, 358, 224, j, 3) for j in range(3)] == [(16, 0), (16, 67), (16, 134)]
+    assert [T.spatial_crop_offset(358, 256, 224, j, 3) for j in range(3)] == [(0, 16), (67, 16), (134, 16)]
+    assert T.spatial_crop_offset(256, 358, 224, 0, 1) == (16, 67)
+    assert T.spatial_crop_offset(5, 10, 4, 0, 1) == (1, 3)  # (5 - 4) / 2 rounds up
+    clip = torch.arange(6 * 8.0).reshape(1, 1, 6, 8)
+    assert T.spatial_crop(clip, 6, 2, 3)[0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    with pytest.raises(ValueError, match="does not fit"):
+        T.spatial_crop(clip, 7, 0, 3)
+
+
+def test_random_crop_flip_and_normalize():
+    clip = torch.arange(10 * 12.0).reshape(1, 1, 10, 12)
+    generator = torch.Generator().manual_seed(5)
+    reference = torch.Generator().manual_seed(5)
+    top, left = int(torch.randint(3, (1,), generator=reference)), int(torch.randint(5, (1,), generator=reference))
+    assert torch.equal(T.random_crop(clip, 8, generator), clip[..., top:top + 8, left:left + 8])
+    assert T.horizontal_flip(clip)[0, 0, 0, :3].tolist() == [11.0, 10.0, 9.0]
+    flips = [bool(T.random_horizontal_flip(clip, torch.Generator().manual_seed(s))[0, 0, 0, 0] == 11) for s in
+             range(200)]
+    assert 60 < sum(flips) < 140
+    assert T.normalize(torch.tensor([0, 114.75, 172.125, 255])).tolist() == pytest.approx([-2.0, 0.0, 1.0, 2.4444],
+                                                                                          abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------ list files
+
+
+def test_list_files_single_and_multi_label(tmp_path):
+    single = _list(tmp_path, ["# comment", "k/a.mp4 3", "", "dir with space/b.mp4 0"], "single.txt")
+    assert read_video_list(single, num_classes=4) == [("k/a.mp4", 3), ("dir with space/b.mp4", 0)]
+    multi = _list(tmp_path, ["k/a.mp4 3,1,3", "k/b.mp4 0 2", "k/c.mp4 4,"], "multi.txt")
+    assert read_video_list(multi, num_classes=5, multi_label=True) == [
+        ("k/a.mp4", (1, 3)), ("k/b.mp4", (0, 2)), ("k/c.mp4", (4,))]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("k/b.mp4 7", "line 2: label 7 out of range"),
+    ("k/b.mp4 x", "line 2: label 'x' is not an integer"),
+    ("k/b.mp4", "line 2: expected 'path label'"),
+    ("k/b.mp4 1,2", "line 2: several labels"),
+])
+def test_malformed_list_line_names_file_and_line(tmp_path, line, message):
+    path = _list(tmp_path, ["k/a.mp4 1", line])
+    with pytest.raises(ValueError, match=message) as info:
+        read_video_list(path, num_classes=5)
+    assert str(path) in str(info.value)
+
+
+def test_multi_label_items_are_multi_hot(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/a.mp4 3,1", "k/b.mp4 0"], multi_label=True)
+    item = data[0]
+    assert item["label"].dtype == torch.float32 and item["label"].tolist() == [0, 1, 0, 1, 0]
+    assert data.targets.tolist() == [[0, 1, 0, 1, 0], [1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="line 1: label 9 out of range"):
+        _dataset(tmp_path, videos, ["k/a.mp4 1,9"], multi_label=True)
+
+
+def test_missing_files_reported_together(tmp_path, videos, caplog):
+    lines = ["k/a.mp4 0", "k/gone1.mp4 1", "k/b.mp4 2", "k/gone2.mp4 3", "other/gone3.mp4 4"]
+    with pytest.raises(FileNotFoundError, match="3 of 5 videos") as info:
+        _dataset(tmp_path, videos, lines)
+    assert all(name in str(info.value) for name in ("gone1.mp4", "gone2.mp4", "other/gone3.mp4"))
+    with caplog.at_level(logging.WARNING, logger=V.__name__):
+        data = _dataset(tmp_path, videos, lines, skip_missing=True)
+    assert len(data) == 2 and data.labels == [0, 2] and "gone3.mp4" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------ train items
+
+
+def test_train_item_shapes_normalisation_and_stride(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/a.mp4 3", "k/b.mp4 1"])
+    assert len(data) == 2
+    starts = set()
+    for epoch in range(8):
+        data.set_epoch(epoch)
+        item = data[0]
+        assert item["clip"].shape == (3, 4, 32, 32) and item["clip"].dtype == torch.float32
+        assert item["label"].dtype == torch.int64 and item["label"].item() == 3
+        assert item["video"].item() == 0 and item["skipped"].item() == 0
+        # flat grey frames stay flat: every pixel of frame t is 10 + 6 t (colour conversion is off by at most 1)
+        ids = _frame_ids(item["clip"])
+        assert (item["clip"][:, 0] * T.STD + T.MEAN - (10 + 6 * ids[0])).abs().max() <= 1.001
+        assert ids == [ids[0] + 3 * k for k in range(4)] and 0 <= ids[0] <= 40 - 12
+        starts.add(ids[0])
+    assert len(starts) > 3
+
+
+def test_train_item_reproducible_from_seed_and_epoch(tmp_path, videos):
+    lines = ["k/a.mp4 0", "k/ramp.mp4 1"]
+    first, second = _dataset(tmp_path, videos, lines, seed=7), _dataset(tmp_path, videos, lines, seed=7)
+    first.set_epoch(2), second.set_epoch(2)
+    assert all(torch.equal(first[i]["clip"], second[i]["clip"]) for i in range(2))
+    items = []
+    for epoch in range(4):
+        first.set_epoch(epoch)
+        items.append(first[0]["clip"])
+    assert not all(torch.equal(items[0], other) for other in items[1:])
+    other_seed = _dataset(tmp_path, videos, lines, seed=8)
+    other_seed.set_epoch(0)
+    first.set_epoch(0)
+    assert not all(torch.equal(first[i]["clip"], other_seed[i]["clip"]) for i in range(2))
+
+
+def test_train_flip_and_crop_read_back_from_a_ramp(tmp_path, videos):
+    # 40x56 frames kept at short side 40, a random 40x40 crop: columns x0..x0+39 of the ramp 20 + 4x, maybe mirrored
+    data = _dataset(tmp_path, videos, ["k/ramp.mp4 0"], train_scale=(40, 40), crop_size=40)
+    flipped, lefts = 0, set()
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        row = (data[0]["clip"] * T.STD + T.MEAN)[:, 0].mean(dim=(0, 1))  # (W,) mean over channels and rows
+        columns = ((row - 20) / 4).round().long().tolist()
+        if columns[0] > columns[-1]:
+            flipped += 1
+            columns = columns[::-1]
+        assert columns == list(range(columns[0], columns[0] + 40)) and 0 <= columns[0] <= 16
+        lefts.add(columns[0])
+    assert 0 < flipped < 12 and len(lefts) > 3
+
+
+def test_short_video_repeats_its_last_frame(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/short.mp4 0"])  # 5 frames, 4x3 needs 12
+    assert _frame_ids(data[0]["clip"]) == [0, 3, 4, 4]
+    test = _dataset(tmp_path, videos, ["k/short.mp4 0"], split="test", test_clips=2, test_crops=1, test_scale=40)
+    assert [_frame_ids(test[i]["clip"]) for i in range(2)] == [[0, 3, 4, 4], [0, 3, 4, 4]]
+
+
+def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
+    data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0", "k/a.mp4 1", "k/b.mp4 2"])
+    with caplog.at_level(logging.WARNING, logger=V.__name__):
+        item = data[0]
+    assert item["skipped"].item() >= 1 and item["video"].item() in (1, 2)
+    assert item["label"].item() == item["video"].item()  # the label is the replacement's
+    assert "corrupt.mp4" in caplog.text
+    again = _dataset(tmp_path, videos, ["k/corrupt.mp4 0", "k/a.mp4 1", "k/b.mp4 2"])[0]
+    assert torch.equal(again["clip"], item["clip"]) and again["video"] == item["video"]  # replacement reproducible
+    # test split: the next video takes the view, and says so
+    test = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/corrupt.mp4 1", "k/b.mp4 2"], split="test", test_clips=2,
+                    test_crops=1, test_scale=40)
+    views = [test[i] for i in range(len(test))]
+    assert [v["video"].item() for v in views] == [0, 0, 2, 2, 2, 2]
+    assert [v["skipped"].item() for v in views] == [0, 0, 1, 1, 0, 0]
+    assert torch.equal(views[2]["clip"], views[4]["clip"])
+
+
+def test_only_corrupt_videos_raise_after_max_retries(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"], max_retries=3)
+    with pytest.raises(RuntimeError, match="4 videos in a row could not be decoded"):
+        data[0]
+
+
+# ------------------------------------------------------------------------------------------------------- test items
+
+
+def test_test_views_clips_evenly_spaced_and_three_crops(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/ramp.mp4 1"], split="test", frames=4, sampling_rate=2,
+                    test_clips=3, test_crops=3, test_scale=40, crop_size=40)
+    assert len(data) == 2 * 9 and data.view(13) == (1, 1, 1)
+    # 40 frames, window 8: starts 0, 16, 32; the three crops of one clip show the same frames
+    assert [_frame_ids(data[i]["clip"]) for i in range(0, 9, 3)] == [[0, 2, 4, 6], [16, 18, 20, 22],
+                                                                      [32, 34, 36, 38]]
+    assert all(data[i]["video"].item() == i // 9 for i in range(18))
+    # crops of the 40x56 ramp: left / centre / right columns start at 0, 8, 16
+    full = _dataset(tmp_path, videos, ["k/ramp.mp4 1"], split="test", frames=4, sampling_rate=2, test_clips=3,
+                    test_crops=1, test_scale=40, crop_size=None)
+    frame = full[0]["clip"]
+    assert frame.shape == (3, 4, 40, 56)
+    for j, left in enumerate((0, 8, 16)):
+        view = data[9 + j]["clip"]
+        assert view.shape == (3, 4, 40, 40)
+        assert torch.equal(view, frame[..., left:left + 40])
+        first = (view * T.STD + T.MEAN)[:, :, :, 0].mean()
+        assert abs(first.item() - (20 + 4 * left)) <= 1.001
+
+
+def test_test_crops_of_portrait_frames_run_top_to_bottom(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=3,
+                    test_scale=20, crop_size=20)
+    full = _dataset(tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=1,
+                    test_scale=20, crop_size=None)[0]["clip"]
+    assert full.shape == (3, 4, 28, 20)
+    assert [torch.equal(data[j]["clip"], full[..., top:top + 20, :]) for j, top in enumerate((0, 4, 8))] == [True] * 3
+
+
+def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch):
+    calls = []
+    original = V._decode_after_seek
+
+    def spy(*args):
+        result = original(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(V, "_decode_after_seek", spy)
+    sample = lambda count: torch.arange(count - 20, count, 3)  # noqa: E731  (starts past the seek threshold)
+    sought, index = read_frames(videos / "k" / "a.mp4", sample, seek=True)
+    assert calls == [True]  # the seek path was taken and agreed with the time stamps
+    plain, _ = read_frames(videos / "k" / "a.mp4", sample, seek=False)
+    assert np.array_equal(sought, plain) and index.tolist() == list(range(20, 40, 3))
+    assert ((sought.reshape(len(index), -1).mean(1) - 10) / 6).round().tolist() == index.tolist()
+
+
+@pytest.mark.parametrize("reported", [100, None])
+def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch, reported):
+    monkeypatch.setattr(V, "_frame_count", lambda container, stream: reported)
+    counts = []
+
+    def sample(count):
+        counts.append(count)
+        return T.uniform_clip_indices(count, 4, 2, 0, 1)
+
+    frames, index = read_frames(videos / "k" / "a.mp4", sample)
+    assert counts == ([100, 40] if reported else [40])  # the container said 100; the video has 40
+    assert index.tolist() == [16, 18, 20, 22]
+    assert ((frames.reshape(4, -1).mean(1) - 10) / 6).round().tolist() == [16, 18, 20, 22]
+
+
+def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/b.mp4 1", "k/short.mp4 2", "k/ramp.mp4 3"], seed=3)
+    data.set_epoch(1)
+    loader = DataLoader(data, batch_size=2, num_workers=2, shuffle=False)
+    batches = list(loader)
+    assert [b["clip"].shape for b in batches] == [(2, 3, 4, 32, 32)] * 2
+    assert torch.cat([b["label"] for b in batches]).tolist() == [0, 1, 2, 3]
+    assert torch.cat([b["skipped"] for b in batches]).tolist() == [0, 0, 0, 0]
+    assert torch.equal(batches[1]["clip"][0], data[2]["clip"])
+
+
+def test_invalid_options_are_named(tmp_path, videos):
+    with pytest.raises(ValueError, match="test_crops=1"):
+        _dataset(tmp_path, videos, ["k/a.mp4 0"], split="test", crop_size=None, test_crops=3)
+    with pytest.raises(ValueError, match="split must be one of"):
+        _dataset(tmp_path, videos, ["k/a.mp4 0"], split="val")
+    with pytest.raises(ValueError, match="larger than the smallest train scale"):
+        _dataset(tmp_path, videos, ["k/a.mp4 0"], crop_size=64)
