@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("nonlocalnet.commands.compare",
+                "the main job: train a C2D baseline and NL C2Ds of all four modes on built-in data, compare them"),
+    "train": ("nonlocalnet.commands.train", "train a video classifier from a YAML config (torchrun for many processes)"),
+    "test": ("nonlocalnet.commands.test", "multi-view test of a trained model: top-1/top-5 or mAP, table and JSON"),
     "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
     "convert-caffe2": ("nonlocalnet.commands.convert_caffe2",
                        "convert an official Caffe2 checkpoint (.pkl) into a safetensors file for a model"),
+    "visualize": ("nonlocalnet.commands.visualize",
+                  "draw what a model's non-local blocks attend to on a video clip (PNG)"),
+    "feature-bank-demo": ("nonlocalnet.commands.feature_bank_demo",
+                          "long-term feature bank on the built-in long-video task: clip-only vs bank table"),
+    "detect-train": ("nonlocalnet.commands.detect_train",
+                     "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"),
+    "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
 }
 
 
@@ -41,7 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"nonlocalnet {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad config, input or file: say what, without a traceback
+        if os.environ.get("NONLOCALNET_DEBUG"):
+            raise
+        print(f"nonlocalnet {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

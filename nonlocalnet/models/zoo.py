@@ -118,3 +118,9 @@ _register("nl_i3d_r50_128x1", "NL I3D ResNet-50, 128x1 clip, frozen BN (Table 2g
           nonlocal_locations=P.NL5_R50, **FROZEN_128)
 _register("nl_i3d_r101_128x1", "NL I3D ResNet-101, 128x1 clip, frozen BN (Table 2g)", layers=R101, arch="i3d",
           nonlocal_locations=P.NL5_R101, **FROZEN_128)
+
+# --- tiny networks for the built-in long-range data (the main job, tests) -----------------------------------
+TINY = {"layers": (1, 1, 1, 1), "width": 8, "arch": "c2d", "clip": "8x8", "num_classes": 2, "dropout": 0.0}
+_register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the main job's baseline", **TINY)
+_register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (PyTorch init: trained from scratch)",
+          **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "init": "pytorch"})

@@ -1,0 +1,52 @@
+"""``nonlocalnet test --config ... --checkpoint run/model_final.safetensors``: multi-view test, table and JSON."""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Any, Mapping
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="the run's YAML config (its config.yaml works)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights: a .safetensors file or a training checkpoint (.pt); default: "
+                             "<output_dir>/model_final.safetensors")
+    parser.add_argument("--output", default=None, help="JSON report path (default: <output_dir>/test_metrics.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.test_clips=10 data.test_crops=3 test.fully_convolutional=true")
+
+
+def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """A short table of the test metrics."""
+    rows = [("videos", report["videos"]), ("views", report["views"]),
+            ("skipped (corrupt) videos", report["skipped_videos"])]
+    if "mAP" in report:
+        rows.insert(0, ("mAP", f"{100 * report['mAP']:.2f}"))
+    else:
+        rows[:0] = [("top-1", f"{100 * report['top1']:.2f}"), ("top-5", f"{100 * report['top5']:.2f}"),
+                    ("mean class accuracy", f"{100 * report['mean_class_accuracy']:.2f}")]
+    width = max(len(name) for name, _ in rows)
+    print(f"{cfg['model']['name']} on {cfg['data']['type']} test data")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    per_class = report.get("per_class_accuracy") or report.get("per_class_ap")
+    if per_class and len(per_class) <= 20:
+        cells = ", ".join(f"{i}: {'n/a' if math.isnan(v) else f'{100 * v:.1f}'}" for i, v in enumerate(per_class))
+        print(f"  per class ({'AP' if 'mAP' in report else 'accuracy'}): {cells}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import load_config, test
+    from ..engine.distributed import cleanup
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        report = test(cfg, checkpoint=args.checkpoint, output=args.output)
+    finally:
+        cleanup()
+    print_report(report, cfg)
+    return 0

@@ -1,0 +1,37 @@
+"""``nonlocalnet train --config configs/kinetics/nl_c2d_r50_8x8.yaml [key=value ...]``.
+
+Runs single-process as it is, or data-parallel under torchrun:
+``torchrun --nproc_per_node 8 -m nonlocalnet train --config ...`` (nccl on GPUs, gloo on CPUs).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="a YAML config (see configs/); default: the built-in defaults (synthetic data)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue from the run directory's newest checkpoint, or from CHECKPOINT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.lr=0.02 output_dir=runs/x data.workers=8")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import load_config, train
+    from ..engine.distributed import cleanup
+    from .test import print_report
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        report = train(cfg, resume=args.resume)
+    finally:
+        cleanup()
+    if "stopped_at" not in report:
+        print_report(report, cfg)
+        print(f"run directory: {cfg['output_dir']}")
+    return 0

@@ -1,0 +1,403 @@
+"""Training and evaluation of video classifiers: one process or many under torchrun.
+
+    result = train(cfg)                      # cfg from load_config(...); returns the final test report
+    report = test(cfg, checkpoint="runs/x/model_final.safetensors")
+
+Everything a run writes goes to ``cfg["output_dir"]``: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/checkpoint_<iteration>.pt`` (the last ``train.keep_checkpoints``),
+``model_final.safetensors`` (weights after precise BN) and ``test_metrics.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data import ShardedSampler, build_dataset, is_multi_label
+from ..models import create_model
+from ..models.batchnorm import freeze_batchnorm
+from ..models.inflate import inflate_2d_weights
+from ..models.weights import save_weights
+from . import metrics as M
+from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
+from .config import save_config
+from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, init_distributed, resolve_device
+from .logger import MetricLogger
+from .optim import build_optimizer, set_lr, step_lr
+from .precise_bn import update_bn_stats
+
+log = logging.getLogger("nonlocalnet")
+
+
+# --- the model -------------------------------------------------------------------------------------------------
+
+def build_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """The config's model: a registered name with its options, pretrained weights loaded, BN frozen if asked."""
+    options = dict(cfg["model"]["options"])
+    options.setdefault("num_classes", cfg["data"]["num_classes"])
+    model = create_model(cfg["model"]["name"], **options)
+    if cfg["model"].get("pretrained"):
+        load_pretrained(model, cfg["model"]["pretrained"])
+    if cfg["train"]["freeze_bn"]:
+        model = freeze_batchnorm(model)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    """Loads a 3D checkpoint of this model, or inflates 2D (torchvision ResNet) weights into it.
+
+    Accepts .safetensors files, training checkpoints and bare state dicts (.pt / .pth). The classifier is
+    skipped when its shape differs (fine-tuning to another number of classes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained: no file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(os.fspath(path))
+    else:
+        state = model_state(load_checkpoint(path))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and conv1.dim() == 4:  # a 2D network: inflate
+        inflate_2d_weights(model, state)
+        return
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise RuntimeError(f"model.pretrained {path} does not fit the model: missing {missing[:10]}, "
+                           f"unexpected {unexpected[:10]}")
+    if skipped:
+        log.info("pretrained: kept the model's own %s (shapes differ)", ", ".join(skipped))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def _loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
+            seed: int) -> DataLoader:
+    # the loader's own generator keeps worker seeding from consuming the global RNG (dropout's), so a resumed
+    # run draws the same dropout masks as an uninterrupted one
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=False, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def _train_batches(dataset: Dataset, sampler: ShardedSampler, cfg: Mapping[str, Any], start: int,
+                   iterations_per_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches from ``start`` on, epoch after epoch; item choices depend only on (seed, epoch, index)."""
+    train = cfg["train"]
+    iteration = start
+    while True:
+        epoch, offset = divmod(iteration, iterations_per_epoch)
+        sampler.set_epoch(epoch, start=offset * train["batch_size"])
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = _loader(dataset, sampler, train["batch_size"], cfg["data"]["workers"], True, cfg["seed"] + epoch)
+        for batch in loader:
+            yield batch
+            iteration += 1
+            if iteration % iterations_per_epoch == 0:
+                break
+
+
+def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Trains the config's model and evaluates it; returns the test report (the main process's copy).
+
+    Args:
+        cfg: a resolved config (:func:`~nonlocalnet.engine.config.load_config`).
+        resume: True = continue from the newest checkpoint in the run's directory (a fresh start if there is
+            none); a path = continue from that checkpoint; False = start from scratch.
+        stop_after: stop (after checkpointing) at this iteration without evaluating, as if interrupted; for
+            tests of exact resumption.
+
+    Returns:
+        The test report of :func:`evaluate` plus ``train_seconds``, or ``{"stopped_at": iteration}``.
+    """
+    device = resolve_device(cfg["device"])
+    info = init_distributed(device)
+    out = Path(cfg["output_dir"])
+    train_cfg = cfg["train"]
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(cfg["seed"])
+    model = build_model(cfg).to(device)
+    if train_cfg["sync_bn"] and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, train_cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg["amp"] and device.type == "cuda")
+    dataset = build_dataset(cfg["data"], "train", cfg["seed"])
+    multi_label = is_multi_label(cfg["data"])
+    per_step = train_cfg["batch_size"] * info.world_size
+    if len(dataset) < per_step:
+        raise ValueError(f"the training set has {len(dataset)} clips, fewer than one global batch of {per_step} "
+                         f"(train.batch_size {train_cfg['batch_size']} x {info.world_size} processes)")
+    iterations_per_epoch = len(dataset) // per_step
+    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
+                             seed=cfg["seed"])
+
+    start = 0
+    checkpoint_dir = out / "checkpoints"
+    source = latest_checkpoint(checkpoint_dir) if resume is True else (Path(resume) if resume else None)
+    if source is not None:
+        state = load_checkpoint(source)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        start = state["iteration"]
+        if info.is_main:
+            log.info("resumed from %s at iteration %d", source, start)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else model
+    logger = MetricLogger(out, enabled=info.is_main)
+    total = train_cfg["iterations"]
+    end = total if stop_after is None else min(total, stop_after)
+    bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
+               disable=not (info.is_main and cfg["progress"]), leave=False)
+    window_loss, window_correct, window_seen, skipped = 0.0, 0, 0, 0
+    began = time.perf_counter()
+    ddp.train()
+    iteration = start
+    batches = _train_batches(dataset, sampler, cfg, start, iterations_per_epoch)
+    while iteration < end:
+        batch = next(batches)
+        lr = step_lr(iteration, train_cfg["lr"], train_cfg["lr_steps"], train_cfg["lr_gamma"],
+                     train_cfg["warmup_iterations"], train_cfg["warmup_factor"])
+        set_lr(optimizer, lr)
+        clip = batch["clip"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with _autocast(device, train_cfg["amp"]):
+            logits = ddp(clip)
+        loss = _loss(logits, labels, multi_label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at iteration {iteration} (lr {lr:g}); "
+                                     f"lower train.lr or enable train.clip_grad_norm")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if train_cfg["clip_grad_norm"]:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg["clip_grad_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        iteration += 1
+        window_loss += loss.item()
+        window_seen += 1
+        if not multi_label:
+            window_correct += int((logits.argmax(1) == labels).sum())
+        skipped += int(batch["skipped"].sum())
+        bar.update(1)
+        if iteration % train_cfg["log_every"] == 0 or iteration == end:
+            values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen))), "lr": lr,
+                      "skipped_videos": skipped, "seconds": time.perf_counter() - began}
+            if not multi_label:
+                values["train_accuracy"] = float(all_reduce_mean(
+                    torch.tensor(window_correct / (window_seen * clip.shape[0]))))
+            logger.log(iteration, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=skipped)
+            window_loss, window_correct, window_seen = 0.0, 0, 0
+        if iteration % train_cfg["checkpoint_every"] == 0 or iteration == end:
+            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, train_cfg, cfg, info)
+        if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
+            report = _evaluate_copy(model, dataset, cfg, device, info)
+            logger.log(iteration, _scalars(report), prefix="test")
+    bar.close()
+    train_seconds = time.perf_counter() - began
+    if iteration < total:
+        logger.close()
+        return {"stopped_at": iteration}
+
+    final = _precise(model, dataset, cfg, device)
+    if info.is_main:
+        _atomic_save_weights(final, out / "model_final.safetensors", cfg)
+    report = evaluate(final, cfg, device=device, info=info)
+    report["train_seconds"] = train_seconds
+    report["skipped_videos_train"] = skipped
+    logger.log(iteration, _scalars(report), prefix="test")
+    logger.close()
+    if info.is_main:
+        _write_json(report, out / "test_metrics.json")
+    barrier()
+    return report
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
+                device: torch.device, directory: Path, train_cfg: Mapping[str, Any], cfg: Mapping[str, Any],
+                info: DistInfo) -> None:
+    if info.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "iteration": iteration, "config": copy.deepcopy(dict(cfg)),
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        save_checkpoint(state, directory, iteration, keep=train_cfg["keep_checkpoints"])
+    barrier()
+
+
+def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device) -> nn.Module:
+    """A copy of the model with precise BN statistics from training batches (the model itself is untouched)."""
+    final = copy.deepcopy(_unwrap(model))
+    n = cfg["train"]["precise_bn_batches"]
+    if n > 0:
+        rng = torch.get_rng_state()
+        batches = (b["clip"].to(device) for b in _loader(dataset, ShardedSampler(len(dataset), shuffle=True,
+                                                                                 seed=cfg["seed"] + 7919),
+                                                         cfg["train"]["batch_size"], cfg["data"]["workers"], True,
+                                                         cfg["seed"]))
+        with _autocast(device, cfg["train"]["amp"]):
+            update_bn_stats(final, batches, n)
+        torch.set_rng_state(rng)
+    return final
+
+
+def _evaluate_copy(model, dataset, cfg, device, info) -> dict[str, Any]:
+    rng = torch.get_rng_state()
+    report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
+    torch.set_rng_state(rng)
+    return report
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device | None = None,
+             info: DistInfo | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
+    """Scores every test view, averages the views of each video and computes the metrics.
+
+    Single-label: softmax scores, top-1 / top-5, per-class accuracy, confusion matrix. Multi-label (Charades):
+    sigmoid scores and mAP. With ``test.fully_convolutional`` the network's classifier runs at every res5 position
+    and the position scores are averaged (the paper's test).
+    """
+    device = device or next(model.parameters()).device
+    info = info or DistInfo()
+    dataset = dataset or build_dataset(cfg["data"], "test", cfg["seed"])
+    multi_label = is_multi_label(cfg["data"])
+    net = _unwrap(model)
+    fully_conv = bool(cfg["test"]["fully_convolutional"])
+    previous = getattr(net, "fully_convolutional", None)
+    if fully_conv:
+        if previous is None:
+            raise ValueError(f"test.fully_convolutional: {type(net).__name__} has no fully-convolutional mode")
+        net.fully_convolutional = True
+        net.score_activation = "sigmoid" if multi_label else "softmax"
+    was_training = net.training
+    net.eval()
+    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
+    loader = _loader(dataset, sampler, cfg["test"]["batch_size"], cfg["data"]["workers"], False, cfg["seed"])
+    all_scores, all_videos, all_labels, skipped = [], [], [], 0
+    for batch in tqdm(loader, desc="test", unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not (info.is_main and cfg["progress"])):
+        with _autocast(device, cfg["train"]["amp"]):
+            out = net(batch["clip"].to(device))
+        out = out.float()
+        if not fully_conv:
+            out = out.sigmoid() if multi_label else out.softmax(dim=1)
+        all_scores.append(out.cpu())
+        all_videos.append(batch["video"])
+        all_labels.append(batch["label"])
+        skipped += int(batch["skipped"].sum())
+    net.train(was_training)
+    if fully_conv:
+        net.fully_convolutional = previous
+    scores = all_gather_cat(torch.cat(all_scores).to(device)).cpu()
+    videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
+    labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()
+    skipped = int(all_reduce_mean(torch.tensor(float(skipped), device=device)).item() * info.world_size)
+    video_scores, video_ids = M.aggregate_views(scores, videos)
+    # every view of a video carries the video's label, so any of them gives it
+    per_video = labels.new_zeros((int(videos.max()) + 1, *labels.shape[1:]))
+    per_video[videos] = labels
+    video_labels = per_video[video_ids]
+    if multi_label:
+        report = M.multilabel_report(video_scores, video_labels)
+    else:
+        report = M.classification_report(video_scores, video_labels, cfg["data"]["num_classes"])
+    report.update({"views": int(len(videos)), "skipped_videos": skipped,
+                   "views_per_video": round(len(videos) / max(len(video_ids), 1), 3)})
+    return report
+
+
+def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
+         output: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluates the config's model with weights from ``checkpoint`` (default: the run's model_final)."""
+    device = resolve_device(cfg["device"])
+    info = init_distributed(device)
+    path = Path(checkpoint or cfg["test"]["checkpoint"] or Path(cfg["output_dir"]) / "model_final.safetensors")
+    test_cfg = copy.deepcopy(dict(cfg))
+    test_cfg["model"] = {**cfg["model"], "pretrained": None}
+    model = build_model(test_cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(os.fspath(path))
+    else:
+        state = model_state(load_checkpoint(path))
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.to(device)
+    report = evaluate(model, cfg, device=device, info=info)
+    report["checkpoint"] = os.fspath(path)
+    if info.is_main:
+        _write_json(report, Path(output) if output else Path(cfg["output_dir"]) / "test_metrics.json")
+    return report
+
+
+# --- small helpers ---------------------------------------------------------------------------------------------
+
+def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not (isinstance(v, float) and math.isnan(v))}
+
+
+def _write_json(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _atomic_save_weights(model: nn.Module, path: Path, cfg: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_weights(model, tmp, metadata={"model": cfg["model"]["name"],
+                                       "config": json.dumps(cfg["model"]["options"])})
+    os.replace(tmp, path)

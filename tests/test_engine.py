@@ -1,0 +1,244 @@
+"""Training / evaluation machinery: configs, schedule, optimiser groups, checkpoints, metrics, sampler, data."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nonlocalnet.data import LongRangeShapes, ShardedSampler
+from nonlocalnet.data.synthetic import shape_mask
+from nonlocalnet.engine import ConfigError, build_model, evaluate, load_config
+from nonlocalnet.engine import metrics as M
+from nonlocalnet.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nonlocalnet.engine.optim import build_optimizer, parameter_groups, step_lr
+from nonlocalnet.engine.precise_bn import update_bn_stats
+
+TINY = "configs/synthetic/nl_c2d_tiny.yaml"
+
+
+# --- configs ---------------------------------------------------------------------------------------------------
+
+def test_config_extends_its_base_and_takes_overrides():
+    cfg = load_config(TINY, ["train.lr=0.02", "train.lr_steps=[5, 9]", "model.options.nonlocal_options.mode=gaussian"])
+    assert cfg["model"]["name"] == "nl_c2d_tiny"  # from the file
+    assert cfg["data"]["image_size"] == 32 and cfg["train"]["batch_size"] == 32  # from its base
+    assert cfg["train"]["lr"] == 0.02 and cfg["train"]["lr_steps"] == [5, 9]
+    assert cfg["model"]["options"] == {"nonlocal_options": {"mode": "gaussian"}}
+    assert cfg["train"]["momentum"] == 0.9  # from the defaults
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("bogus=1", "unknown config key 'bogus'"),
+    ("train.lr", "key=value"),
+    ("data.type=imagenet", "data.type must be"),
+    ("train.batch_size=0", "train.batch_size must be a positive integer"),
+    ("train.lr_steps=[9, 5]", "increasing"),
+    ("data.type=kinetics", "needs data.root"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+SHIPPED = sorted(str(p) for p in Path("configs").glob("*/*.yaml") if p.parent.name != "coco")
+
+
+def test_the_papers_recipes_are_shipped():
+    names = {Path(p).stem for p in SHIPPED}
+    assert {"c2d_r50_32x2", "nl_c2d_r50_8x8", "nl_i3d_r50_32x2", "nl_i3d_r50_128x1", "nl_c2d_tiny"} <= names
+    eight = load_config("configs/kinetics/nl_i3d_r50_8x8.yaml")  # its own keys on top of base.yaml's
+    assert (eight["data"]["root"], eight["data"]["frames"], eight["data"]["sampling_rate"]) == ("data/kinetics", 8, 8)
+    long = load_config("configs/kinetics/nl_i3d_r50_128x1.yaml")
+    assert long["train"]["freeze_bn"] and long["train"]["lr"] == 0.0025 and long["data"]["frames"] == 128
+    charades = load_config("configs/charades/nl_i3d_r50_32x2.yaml")
+    assert charades["data"]["type"] == "charades" and charades["train"]["lr_steps"] == [75000, 150000]
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_config_loads_and_builds_on_meta(path):
+    cfg = load_config(path, ["model.pretrained=null"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.num_classes == cfg["data"]["num_classes"]
+
+
+# --- optimiser and schedule ------------------------------------------------------------------------------------
+
+def test_step_schedule_with_warmup():
+    assert step_lr(0, 0.01, [150000, 300000]) == 0.01
+    assert step_lr(149999, 0.01, [150000, 300000]) == 0.01
+    assert step_lr(150000, 0.01, [150000, 300000]) == pytest.approx(0.001)
+    assert step_lr(300000, 0.01, [150000, 300000]) == pytest.approx(0.0001)
+    assert step_lr(0, 0.1, [], warmup_iterations=10, warmup_factor=0.1) == pytest.approx(0.01)
+    assert step_lr(5, 0.1, [], warmup_iterations=10, warmup_factor=0.1) == pytest.approx(0.055)
+    assert step_lr(10, 0.1, [], warmup_iterations=10) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norm_parameters():
+    model = build_model(load_config(TINY))
+    groups = parameter_groups(model, 1e-4, 0.0)
+    decayed = {id(p) for p in groups[0]["params"]}
+    bn = model.res3.nl0.norm
+    assert id(bn.weight) not in decayed and id(bn.bias) not in decayed
+    assert id(model.res3.nl0.theta.weight) in decayed and id(model.head.fc.weight) in decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = build_optimizer(model, load_config(TINY)["train"])
+    assert opt.defaults["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+def test_checkpoints_are_atomic_and_only_the_last_k_kept(tmp_path):
+    for it in (10, 20, 30, 40):
+        save_checkpoint({"iteration": it, "w": torch.full((2,), float(it))}, tmp_path, it, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_000000030.pt", "checkpoint_000000040.pt"]
+    (tmp_path / "checkpoint_000000050.pt.tmp").write_bytes(b"half written")  # a crash mid-write
+    assert latest_checkpoint(tmp_path).name == "checkpoint_000000040.pt"
+    assert load_checkpoint(latest_checkpoint(tmp_path))["w"].tolist() == [40.0, 40.0]
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    bad = tmp_path / "checkpoint_000000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+def test_views_are_averaged_per_video():
+    scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [0.6, 0.4]])
+    videos = torch.tensor([0, 0, 2, 2])
+    mean, ids = M.aggregate_views(scores, videos)
+    assert ids.tolist() == [0, 2]
+    torch.testing.assert_close(mean, torch.tensor([[0.5, 0.5], [0.4, 0.6]]))
+
+
+def test_topk_confusion_and_per_class_accuracy():
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3], [0.5, 0.1, 0.4]])
+    labels = torch.tensor([0, 1, 1, 1])
+    report = M.classification_report(scores, labels, 3)
+    assert report["top1"] == 0.5 and report["top5"] == 1.0  # top-5 capped at 3 classes
+    assert M.topk_accuracy(scores, labels, (2,))[2] == 0.75
+    assert report["confusion_matrix"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    assert report["per_class_accuracy"][:2] == [1.0, pytest.approx(1 / 3)]
+    assert math.isnan(report["per_class_accuracy"][2])  # no videos of class 2
+    assert report["mean_class_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_average_precision_by_hand():
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
+    targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 1]])
+    ap = M.average_precision(scores, targets)
+    # class 0: positives ranked 1st and 3rd: (1/1 + 2/3) / 2; class 1: the only positive ranked 1st
+    assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2) and ap[1].item() == pytest.approx(1.0)
+    assert math.isnan(M.average_precision(scores, torch.zeros(4, 2, dtype=torch.long))[0].item())
+    assert M.multilabel_report(scores, targets)["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+# --- sampler ---------------------------------------------------------------------------------------------------
+
+def test_sharded_sampler_splits_an_epoch_and_resumes_mid_epoch():
+    shards = [ShardedSampler(10, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in shards:
+        s.set_epoch(1)
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == 5 and sorted(a + b) == list(range(10))
+    shards[0].set_epoch(1, start=2)
+    assert list(shards[0]) == a[2:]
+    shards[0].set_epoch(2)
+    assert list(shards[0]) != a  # a new epoch, a new order
+    plain = ShardedSampler(5, rank=1, world_size=2, shuffle=False, pad=False)
+    assert list(plain) == [1, 3]
+
+
+# --- the built-in data -----------------------------------------------------------------------------------------
+
+def test_long_range_shapes_label_and_objects():
+    data = LongRangeShapes(16, num_classes=3, seed=5)
+    for i in range(16):
+        item = data[i]
+        clip, objects = item["clip"], item["objects"]
+        assert clip.shape == (3, 8, 32, 32)
+        (ta, ya, xa, _, _), (tb, yb, xb, _, _) = objects.tolist()
+        assert ta < 4 <= tb  # a in the first half of the clip, b in the second
+        assert (xa < 16) != (xb < 16)  # in different halves of the picture
+        rgb = clip * 57.375 + 114.75
+        shapes = []
+        for t, y, x in ((ta, ya, xa), (tb, yb, xb)):
+            patch = rgb[:, t, y:y + 7, x:x + 7]
+            # the shape's pixels share one colour: the first mask whose pixels are uniform (square is tried
+            # first because every other mask is uniform inside a square too)
+            inside = {k: (patch[:, shape_mask(n)].std(dim=1).max().item())
+                      for k, n in enumerate(("square", "plus", "cross"))}
+            shapes.append(min(inside, key=inside.get))
+            assert min(inside.values()) < 1e-3
+        assert int(item["label"]) == sum(shapes) % 3
+
+
+def test_long_range_shapes_are_reproducible_and_epochs_differ():
+    a, b = LongRangeShapes(4, seed=1), LongRangeShapes(4, seed=1)
+    torch.testing.assert_close(a[2]["clip"], b[2]["clip"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["clip"], b[2]["clip"])
+    test_a, test_b = LongRangeShapes(4, split="test", seed=1), LongRangeShapes(4, split="test", seed=1)
+    test_b.set_epoch(7)  # test clips never change
+    torch.testing.assert_close(test_a[3]["clip"], test_b[3]["clip"])
+    assert not torch.equal(test_a[0]["clip"], a[0]["clip"])  # splits are disjoint streams
+
+
+def test_long_range_shapes_labels_balanced_and_other_frames_empty():
+    data = LongRangeShapes(400, seed=0)
+    labels = torch.stack([data[i]["label"] for i in range(400)])
+    assert 0.4 < labels.float().mean().item() < 0.6
+    item = data[0]
+    rgb = item["clip"] * 57.375 + 114.75
+    with_objects = set(item["objects"][:, 0].tolist())
+    # frames without a shape are noise around one background colour: no pixel far from the frame's mean
+    for t in range(8):
+        spread = (rgb[:, t] - rgb[:, t].mean(dim=(1, 2), keepdim=True)).abs().amax().item()
+        assert (spread > 100) == (t in with_objects)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"frames": 7}, "even"), ({"image_size": 8}, "at least 16"),
+                                            ({"num_classes": 9}, "between 2 and"), ({"split": "dev"}, "split")])
+def test_long_range_shapes_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LongRangeShapes(4, **kwargs)
+
+
+# --- precise BN and evaluation ---------------------------------------------------------------------------------
+
+def test_precise_bn_gives_the_population_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3), nn.Dropout(0.5))
+    batches = [torch.randn(4, 2, 5) * (i + 1) for i in range(6)]
+    used = update_bn_stats(model, iter(batches), num_batches=6)
+    features = [model[0](b).transpose(0, 1).reshape(3, -1) for b in batches]
+    expected_mean = torch.stack([f.mean(1) for f in features]).mean(0)  # mean of the batch means
+    torch.testing.assert_close(model[1].running_mean, expected_mean.detach())
+    assert used == 6 and model[1].momentum == 0.1 and model.training  # modes restored
+
+
+def test_evaluate_aggregates_views_and_reports(tmp_path):
+    cfg = load_config(TINY, ["data.test_size=20", "progress=false", "test.batch_size=8"])
+    model = build_model(cfg)
+    report = evaluate(model, cfg)
+    assert report["videos"] == report["views"] == 20 and report["skipped_videos"] == 0
+    assert 0 <= report["top1"] <= 1 and report["top5"] == 1.0  # 2 classes
+    assert np.array(report["confusion_matrix"]).sum() == 20
+    json.dumps(report)  # the report is plain JSON

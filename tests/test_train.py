@@ -1,0 +1,168 @@
+"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the main job."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nonlocalnet.cli import main
+from nonlocalnet.engine import load_config, train
+
+TINY = "configs/synthetic/nl_c2d_tiny.yaml"
+QUICK = ["progress=false", "data.test_size=32", "data.train_size=256", "train.batch_size=8", "train.log_every=2",
+         "train.precise_bn_batches=2", "model.options.dropout=0.5", "train.lr_steps=[6]"]
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    overrides = QUICK + ["train.iterations=10", "train.checkpoint_every=3"]
+    straight = train(load_config(TINY, overrides + [f"output_dir={tmp_path / 'a'}"]))
+    cfg = load_config(TINY, overrides + [f"output_dir={tmp_path / 'b'}"])
+    assert train(cfg, stop_after=7) == {"stopped_at": 7}
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())[-1] == "checkpoint_000000007.pt"
+    resumed = train(cfg, resume=True)
+    a = load_file(tmp_path / "a" / "model_final.safetensors")
+    b = load_file(tmp_path / "b" / "model_final.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert straight["top1"] == resumed["top1"]
+    # and a different seed really gives different weights (the comparison above can fail)
+    other = train(load_config(TINY, overrides + [f"output_dir={tmp_path / 'c'}", "seed=1"]))
+    c = load_file(tmp_path / "c" / "model_final.safetensors")
+    assert not torch.equal(a["res3.nl0.theta.weight"], c["res3.nl0.theta.weight"])
+    assert other["videos"] == 32
+
+
+def test_run_directory_has_config_metrics_and_final_weights(tmp_path):
+    out = tmp_path / "run"
+    report = train(load_config(TINY, QUICK + ["train.iterations=4", f"output_dir={out}"]))
+    saved = load_config(out / "config.yaml")
+    assert saved["train"]["iterations"] == 4 and saved["output_dir"] == str(out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+    assert records[-1]["split"] == "test" and records[-1]["top1"] == report["top1"]
+    assert json.loads((out / "test_metrics.json").read_text())["videos"] == 32
+    assert any((out / "tensorboard").iterdir())
+
+
+# --- real videos -----------------------------------------------------------------------------------------------
+
+def _write_video(path: Path, frames: np.ndarray) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kinetics")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        _write_video(root / f"v{i}.mp4", rng.integers(0, 255, (20, 36, 44, 3), dtype=np.uint8))
+    (root / "broken.mp4").write_bytes(b"\x00" * 2048)
+    (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 2\nv2.mp4 2\n")
+    (root / "val.txt").write_text("v3.mp4 1\nv0.mp4 0\n")
+    (root / "train_ml.txt").write_text("v0.mp4 0,2\nv1.mp4 1\nv2.mp4 2\nv3.mp4 0,1\n")
+    (root / "val_ml.txt").write_text("v3.mp4 0,1\nv1.mp4 1\n")
+    return root
+
+
+def _video_overrides(root: Path, out: Path, kind: str = "kinetics") -> list[str]:
+    suffix = "_ml" if kind == "charades" else ""
+    return ["progress=false", "model.name=nl_c2d_tiny", f"data.type={kind}", "data.num_classes=3",
+            f"data.root={root}", f"data.train_list={root / f'train{suffix}.txt'}",
+            f"data.test_list={root / f'val{suffix}.txt'}", "data.frames=8", "data.sampling_rate=2",
+            "data.train_scale=[36, 44]", "data.crop_size=32", "data.test_scale=36", "data.test_clips=2",
+            "data.test_crops=3", "train.batch_size=2", "train.iterations=4", "train.precise_bn_batches=1",
+            "test.batch_size=4", f"output_dir={out}"]
+
+
+def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
+    report = train(load_config(None, _video_overrides(video_root, tmp_path / "run")))
+    assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == 6
+    assert report["skipped_videos"] == 0 and report["skipped_videos_train"] >= 1  # broken.mp4 was drawn and skipped
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-2]["skipped_videos"] == report["skipped_videos_train"]
+
+
+def test_multi_label_training_reports_map(tmp_path, video_root):
+    report = train(load_config(None, _video_overrides(video_root, tmp_path / "run", "charades")))
+    assert 0 < report["mAP"] <= 1 and len(report["per_class_ap"]) == 3 and report["videos"] == 2
+
+
+def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):
+    (tmp_path / "list.txt").write_text("v0.mp4 0\ngone1.mp4 1\ngone2.mp4 1\n")
+    overrides = _video_overrides(video_root, tmp_path / "run") + [f"data.train_list={tmp_path / 'list.txt'}"]
+    with pytest.raises(FileNotFoundError, match="gone1.mp4") as info:
+        train(load_config(None, overrides))
+    assert "gone2.mp4" in str(info.value)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=3", f"output_dir={out}"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    report_path = tmp_path / "again.json"
+    assert main(["test", "--config", str(out / "config.yaml"), "--checkpoint", str(out / "checkpoints"
+                                                                                        / "checkpoint_000000003.pt"),
+                 "--output", str(report_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert f"{100 * report['top1']:.2f}" in printed and report["videos"] == 32
+
+
+def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["test", "--config", TINY, "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# --- many processes and the main job (slow) --------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "nonlocalnet", "train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=4",
+           "train.sync_bn=true", f"output_dir={out}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "test_metrics.json").read_text())
+    assert report["videos"] == 32 and report["views"] == 32  # each process scored half, gathered once
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["split"] == "train"]) == 2  # only rank 0 logs
+    # 256 clips / (8 clips x 2 processes) = 16 iterations an epoch; the config saved says what ran
+    assert load_file(out / "model_final.safetensors")["head.fc.weight"].shape == (2, 512)
+
+
+@pytest.mark.slow
+def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["compare", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
+                 "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["baseline", "gaussian", "embedded_gaussian", "dot_product",
+                                                       "concatenation"]
+    base, *nl = result["rows"]
+    assert all(r["params"] > base["params"] and r["macs"] > base["macs"] for r in nl)
+    assert all(0 <= r["attention_hit_rate"] <= 1 and (out / r["picture"]).is_file() for r in nl)
+    assert (out / "results.md").read_text().startswith("| model | top-1")
+    assert "C2D + NL dot product" in capsys.readouterr().out
