@@ -166,3 +166,14 @@ def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
     assert all(0 <= r["attention_hit_rate"] <= 1 and (out / r["picture"]).is_file() for r in nl)
     assert (out / "results.md").read_text().startswith("| model | top-1")
     assert "C2D + NL dot product" in capsys.readouterr().out
+
+
+def test_final_weights_rebuild_the_trained_variant_for_visualize(tmp_path):
+    from nonlocalnet.viz.loading import load_model
+
+    out = tmp_path / "run"
+    train(load_config(TINY, QUICK + ["train.iterations=2", f"output_dir={out}",
+                                     "model.options.nonlocal_options.mode=concatenation"]))
+    for path in (out / "model_final.safetensors", out / "checkpoints" / "checkpoint_000000002.pt"):
+        model, info = load_model(path)
+        assert info["model"] == "nl_c2d_tiny" and model.res3.nl0.mode == "concatenation"

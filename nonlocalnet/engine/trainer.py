@@ -267,6 +267,7 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "iteration": iteration, "config": copy.deepcopy(dict(cfg)),
+                 "model_name": cfg["model"]["name"], "model_options": copy.deepcopy(cfg["model"]["options"]),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         save_checkpoint(state, directory, iteration, keep=train_cfg["keep_checkpoints"])
@@ -398,6 +399,7 @@ def _write_json(data: Any, path: Path) -> None:
 
 def _atomic_save_weights(model: nn.Module, path: Path, cfg: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    # the metadata `nonlocalnet visualize` (nonlocalnet.viz.load_model) reads to rebuild the model
     save_weights(model, tmp, metadata={"model": cfg["model"]["name"],
-                                       "config": json.dumps(cfg["model"]["options"])})
+                                       "model_options": json.dumps(cfg["model"]["options"])})
     os.replace(tmp, path)
