@@ -177,3 +177,23 @@ def test_final_weights_rebuild_the_trained_variant_for_visualize(tmp_path):
     for path in (out / "model_final.safetensors", out / "checkpoints" / "checkpoint_000000002.pt"):
         model, info = load_model(path)
         assert info["model"] == "nl_c2d_tiny" and model.res3.nl0.mode == "concatenation"
+
+
+def test_amp_frozen_bn_and_clipping_options_train(tmp_path):
+    from nonlocalnet.engine import build_model
+    from nonlocalnet.engine.trainer import seed_everything
+    from nonlocalnet.models.batchnorm import FrozenBatchNorm
+
+    overrides = QUICK + ["train.iterations=3", "train.amp=true", "train.freeze_bn=true", "train.clip_grad_norm=1.0",
+                         "train.precise_bn_batches=0", f"output_dir={tmp_path / 'run'}"]
+    cfg = load_config(TINY, overrides)
+    seed_everything(cfg["seed"])
+    model = build_model(cfg)  # the same initial weights train() starts from
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, FrozenBatchNorm) for m in model.modules())
+    report = train(cfg)
+    final = load_file(tmp_path / "run" / "model_final.safetensors")
+    # frozen statistics stay at their initial values (mean 0, var 1) through training
+    assert torch.equal(final["bn1.running_mean"], torch.zeros(8)) and torch.equal(final["bn1.running_var"], torch.ones(8))
+    assert not torch.equal(final["conv1.weight"], model.conv1.weight.detach())  # but the weights trained
+    assert report["videos"] == 32
