@@ -211,7 +211,7 @@ def test_long_range_shapes_labels_balanced_and_other_frames_empty():
     # frames without a shape are noise around one background colour: no pixel far from the frame's mean
     for t in range(8):
         spread = (rgb[:, t] - rgb[:, t].mean(dim=(1, 2), keepdim=True)).abs().amax().item()
-        assert (spread > 100) == (t in with_objects)
+        assert (spread > 60) == (t in with_objects)  # noise stays within ~4 sigma = 48 of the grey
 
 
 @pytest.mark.parametrize("kwargs,message", [({"frames": 7}, "even"), ({"image_size": 8}, "at least 16"),

@@ -122,5 +122,6 @@ _register("nl_i3d_r101_128x1", "NL I3D ResNet-101, 128x1 clip, frozen BN (Table 
 # --- tiny networks for the built-in long-range data (the main job, tests) -----------------------------------
 TINY = {"layers": (1, 1, 1, 1), "width": 8, "arch": "c2d", "clip": "8x8", "num_classes": 2, "dropout": 0.0}
 _register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the main job's baseline", **TINY)
-_register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (PyTorch init: trained from scratch)",
-          **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "init": "pytorch"})
+# the paper's block (no scaling of f) with PyTorch's init of θ/φ/g, as the network trains from scratch
+_register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (trained from scratch)",
+          **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "scale": None, "init": "pytorch"})
