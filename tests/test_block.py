@@ -400,3 +400,16 @@ def test_output_is_contiguous_like_the_input(mode):
     # a strided output changes the kernels later convs pick and breaks .view() in heads that follow
     z = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2)))(torch.randn(2, 8, 3, 4, 4))
     assert z.is_contiguous()
+
+
+def test_auto_path_choice():
+    from nonlocalnet.layers.pairwise import resolve_impl
+    from nonlocalnet.layers.pairwise_softmax import CHUNK_ELEMENTS
+
+    assert resolve_impl("embedded_gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
+    # gaussian: raw C-channel queries vs C/2 values; one dense chunk on CPU while it fits, SDPA beyond
+    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cpu", 2) == "chunked"
+    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256, "cpu", 1) == "sdpa"
+    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cuda", 2) == "sdpa"
+    assert resolve_impl("concatenation", "auto", 10, 10, 4, 4) == "sorted"
+    assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"

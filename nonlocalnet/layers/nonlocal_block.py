@@ -204,7 +204,8 @@ class NonLocalBlock(nn.Module):
             if return_attention:
                 y, weights = dense_pairwise(q, k, v, self.mode, self.scale, self._concat_project())
             else:
-                impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+                impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2],
+                                    q.device.type, q.shape[0])
                 y = pairwise(q, k, v, self.mode, self.scale, impl, self._concat_project())
         # unfold's transposed view would make z channels-last-strided; keep the input's layout for the convs after
         y = unfold(y.to(value.dtype), folding, x.shape[0], query_spatial).contiguous()  # (B, C', *S)
