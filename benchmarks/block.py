@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-from nonlocalnet import NonLocalBlock
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import MALLOC_ENV, fmt, peak_rss_rise_mb, time_round_robin, write_atomic  # noqa: E402
+
+from nonlocalnet import NonLocalBlock  # noqa: E402
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
 # name -> (input shape (B, C, *spatial), subsample, what it is)
@@ -70,7 +71,7 @@ def peak_memory_child(shape_name: str, mode: str, impl: str) -> float:
             f"import block as b; print(b._measure_rss({shape_name!r}, {mode!r}, {impl!r}))")
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
     # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, **MALLOC_ENV)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -79,19 +80,7 @@ def _measure_rss(shape_name: str, mode: str, impl: str) -> float:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     block, x = build(shape_name, mode, impl, "cpu")
     step(block, x)  # warm-up: allocator caches and kernels in place
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak (VmHWM) to the current resident set
-    step(block, x)
-    return max(0.0, (_status_kb("VmHWM") - before) / 1024)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return peak_rss_rise_mb(lambda: step(block, x))
 
 
 def cuda_peak(block: NonLocalBlock, x: torch.Tensor) -> float:
@@ -105,19 +94,7 @@ def cuda_peak(block: NonLocalBlock, x: torch.Tensor) -> float:
 
 def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int) -> dict[str, float]:
     runs = {impl: build(shape_name, mode, impl, device) for impl in impls}
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for impl in impls:
-        step(*runs[impl])  # warm-up
-    for _ in range(repeats):
-        for impl in impls:  # round-robin
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(*runs[impl])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[impl].append(time.perf_counter() - start)
-    return {impl: statistics.median(t) for impl, t in times.items()}
+    return time_round_robin({impl: (lambda run=run: step(*run)) for impl, run in runs.items()}, repeats, device)
 
 
 def main() -> None:
@@ -162,22 +139,13 @@ def main() -> None:
                 r["speedup"] = dense["ms"] / r["ms"] if dense else None
                 r["mem"] = (r["mb"] / dense["mb"]) if dense and r["mb"] and dense["mb"] else None
                 print(f"| {shape_name} | {mode} | {r['impl']} | {r['ms']:.1f} | "
-                      f"{_fmt(r['speedup'], 'x')} | {_fmt(r['mb'], '')} | {_fmt(r['mem'], '')} |", flush=True)
+                      f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |", flush=True)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n")
-            for r in rows:
-                f.write(f"| {r['shape']} | {r['mode']} | {r['impl']} | {_fmt(r['ms'], '')} | "
-                        f"{_fmt(r['speedup'], 'x')} | {_fmt(r['mb'], '')} | {_fmt(r['mem'], '')} |\n")
+        lines = [header] + [f"| {r['shape']} | {r['mode']} | {r['impl']} | {fmt(r['ms'], '')} | "
+                            f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |" for r in rows]
+        write_atomic(args.markdown, "\n".join(lines) + "\n")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-def _fmt(value: float | None, suffix: str) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.2f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+        write_atomic(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
