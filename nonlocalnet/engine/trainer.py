@@ -160,6 +160,9 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg["seed"])
     model = build_model(cfg).to(device)
+    if train_cfg["sync_bn"] and device.type != "cuda":
+        raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
+                         "processes (gloo) leave it false and each process keeps its own BN statistics")
     if train_cfg["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, train_cfg)
