@@ -56,6 +56,19 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file, a training checkpoint or a bare state dict (DDP prefix removed)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        from safetensors.torch import load_file
+        state = load_file(os.fspath(path))
+    else:
+        state = model_state(load_checkpoint(path))  # names a missing or unreadable file itself
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     """Loads a 3D checkpoint of this model, or inflates 2D (torchvision ResNet) weights into it.
 
@@ -65,12 +78,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: no file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(os.fspath(path))
-    else:
-        state = model_state(load_checkpoint(path))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_weights(path)
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.dim() == 4:  # a 2D network: inflate
         inflate_2d_weights(model, state)
@@ -369,14 +377,7 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     test_cfg = copy.deepcopy(dict(cfg))
     test_cfg["model"] = {**cfg["model"], "pretrained": None}
     model = build_model(test_cfg)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(os.fspath(path))
-    else:
-        state = model_state(load_checkpoint(path))
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.load_state_dict(read_weights(path))
     model.to(device)
     report = evaluate(model, cfg, device=device, info=info)
     report["checkpoint"] = os.fspath(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .nonlocal_block import INIT_STD, ChannelLayerNorm
+from .nonlocal_block import INIT_STD, ChannelLayerNorm, _parse_scale
 from .pairwise import dense_pairwise, pairwise, resolve_impl
 
 __all__ = ["FeatureBankLayer", "FeatureBankOperator", "FeatureBankClassifier"]
@@ -193,13 +193,3 @@ class FeatureBankClassifier(nn.Module):
             raise ValueError(f"FeatureBankClassifier takes pooled clip features (B, C); got {tuple(clip.shape)}")
         context = self.operator(clip, bank)  # (B, C)
         return self.fc(self.dropout(torch.cat([clip, context], dim=1)))  # (B, 2C) -> (B, classes)
-
-
-def _parse_scale(scale: float | str | None, inter_channels: int) -> float:
-    if scale is None:
-        return 1.0
-    if scale == "auto":
-        return inter_channels ** -0.5
-    if isinstance(scale, str) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be None, 'auto' or a positive number; got {scale!r}")
-    return float(scale)
