@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.transforms import MEAN, STD
 from ..layers.feature_bank import FeatureBankClassifier
 from .build import build_feature_bank
 from .heads import ClipOnlyHead, PooledBankHead
@@ -32,9 +33,6 @@ from .train import BankSamples, evaluate_head, train_head
 __all__ = ["DemoConfig", "QUICK", "run_feature_bank_demo", "format_table", "frames_to_input", "make_backbone",
            "train_backbone"]
 
-# the paper's pixel normalisation, RGB 0-255: (x - 114.75) / 57.375
-PIXEL_MEAN = 114.75
-PIXEL_STD = 57.375
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ QUICK = DemoConfig(backbone_videos=128, train_videos=256, test_videos=64, backbo
 def frames_to_input(frames: np.ndarray) -> torch.Tensor:
     """uint8 frames (T, H, W, 3) -> a normalised network input (3, T, H, W)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()  # (T, H, W, 3) -> (3, T, H, W)
-    return (x - PIXEL_MEAN) / PIXEL_STD
+    return (x - MEAN) / STD
 
 
 def make_backbone(task: LongVideoTask, width: int = 8) -> nn.Module:

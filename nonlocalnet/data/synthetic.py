@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms_common import MEAN, STD
+from .transforms import MEAN, STD
 
 # 7x7 binary masks of the shapes; their class is their index
 _SHAPES = {

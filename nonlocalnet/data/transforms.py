@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nonlocalnet.data.transforms_common import MEAN, STD
 
 __all__ = [
     "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "random_short_side", "short_side_resize", "crop",
     "random_crop", "spatial_crop_offset", "spatial_crop", "horizontal_flip", "random_horizontal_flip", "normalize",
     "to_channels_first",
 ]
+
+# the official code feeds RGB in 0-255 as (x - 114.75) / 57.375
+MEAN = 114.75
+STD = 57.375
 
 
 def _check_positive(**values: int) -> None:

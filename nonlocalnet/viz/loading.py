@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.transforms import MEAN as PIXEL_MEAN, STD as PIXEL_STD  # the paper's pixel normalisation
+
 __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
 
-# the paper's pixel normalisation of RGB 0-255 frames
-PIXEL_MEAN = 114.75
-PIXEL_STD = 57.375
 _STATE_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
 
 
