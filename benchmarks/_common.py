@@ -9,13 +9,13 @@ the resident set follows the live tensors.
 from __future__ import annotations
 
 import ctypes
-import os
 import statistics
-import tempfile
 import time
 from typing import Callable
 
 import torch
+
+from nonlocalnet.io import write_text_atomic as write_atomic  # noqa: F401  (the scripts' writer)
 
 # for a child process that measures memory: every allocation above 16 KiB is its own mapping, freed on free
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -111,21 +111,3 @@ def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:
     if value is None:
         return "—"
     return f"{value:.{digits}f}{suffix}" if abs(value) < 100 else f"{value:.0f}{suffix}"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

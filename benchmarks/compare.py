@@ -55,6 +55,7 @@ from _common import (fmt, matmul_gflops, peak_memory_mb, synchronize, time_round
 from block import DENSE_CONCAT_LIMIT, SHAPES  # noqa: E402
 
 from nonlocalnet import NonLocalBlock  # noqa: E402
+from nonlocalnet.io import atomic_path  # noqa: E402
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES  # noqa: E402
 from nonlocalnet.layers.pairwise import resolve_impl  # noqa: E402
 
@@ -550,9 +551,8 @@ def plot_scale(rows: list[dict[str, Any]], path: str, budget_gb: float, channels
     ax_m.legend(fontsize=7)
     fig.suptitle(f"non-local blocks on a 2D map: time and memory against positions ({machine})", fontsize=9)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -109,6 +109,19 @@ def test_checkpoints_are_atomic_and_only_the_last_k_kept(tmp_path):
     assert not list(tmp_path.glob("*.tmp.*"))
 
 
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    from nonlocalnet.io import atomic_path, write_text_atomic
+
+    target = tmp_path / "sub" / "report.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
+    assert target.stat().st_mode & 0o044  # readable by others as a normal file, not mkstemp's private 0600
+
+
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     bad = tmp_path / "checkpoint_000000001.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -8,12 +8,12 @@ Layout of the file:
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor
+
+from ..io import atomic_path
 
 __all__ = ["FeatureBank", "FORMAT"]
 
@@ -78,9 +78,8 @@ class FeatureBank:
         metadata = dict(self.metadata, format=FORMAT)
         if self.features:
             metadata["channels"] = str(self.channels)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         return path
 
     @classmethod

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from ..io import atomic_path
 from .builders import build_detector
 from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
 from .evaluate import coco_evaluate, format_summary, gather_results, to_coco_results
@@ -66,16 +67,8 @@ def is_main_process() -> bool:
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

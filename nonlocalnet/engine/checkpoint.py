@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_path
+
 _NAME = re.compile(r"^checkpoint_(\d{9})\.pt$")
 
 
@@ -32,17 +34,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, iteration: int, keep: int = 3) -> Path:
     """Writes ``state`` as ``checkpoint_<iteration>.pt`` atomically and deletes all but the newest ``keep``.
 
-    A crash while writing leaves at most a ``.tmp`` file behind; the previous checkpoints stay intact.
+    A crash while writing leaves at most a hidden ``.tmp`` file behind; the previous checkpoints stay intact.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, iteration)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

@@ -6,7 +6,6 @@ time, plus how often each block's strongest attention from one shape lands on th
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..io import write_text_atomic
 from ..layers import MODES
 from .config import load_config
 
@@ -94,8 +94,8 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
     result = {"rows": rows, "markdown": markdown, "seconds": seconds, "seed": cfg["seed"],
               "iterations": cfg["train"]["iterations"], "threads": torch.get_num_threads(),
               "config": os.fspath(config or DEFAULT_CONFIG), "overrides": list(overrides)}
-    _atomic_write(out / "results.md", markdown + "\n")
-    _atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown + "\n")
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -119,8 +119,3 @@ def results_markdown(rows: Sequence[dict[str, Any]], cfg: dict[str, Any]) -> str
                  f"{100 / data['num_classes']:.0f}%.")
     return "\n".join(lines)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from ..io import write_text_atomic
+
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output_dir": "runs/default",
@@ -175,12 +177,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(_plain(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(_plain(cfg), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:

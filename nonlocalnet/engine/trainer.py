@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data import ShardedSampler, build_dataset, is_multi_label
+from ..io import atomic_path, write_text_atomic
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.inflate import inflate_2d_weights
@@ -394,16 +395,11 @@ def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _write_json(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _atomic_save_weights(model: nn.Module, path: Path, cfg: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     # the metadata `nonlocalnet visualize` (nonlocalnet.viz.load_model) reads to rebuild the model
-    save_weights(model, tmp, metadata={"model": cfg["model"]["name"],
-                                       "model_options": json.dumps(cfg["model"]["options"])})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_weights(model, tmp, metadata={"model": cfg["model"]["name"],
+                                           "model_options": json.dumps(cfg["model"]["options"])})
