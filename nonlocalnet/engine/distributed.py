@@ -60,13 +60,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over all processes (the tensor itself in a single process)."""
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all processes (the tensor itself in a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     tensor = tensor.clone()
     dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over all processes (the tensor itself in a single process)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return all_reduce_sum(tensor) / world if world > 1 else tensor
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

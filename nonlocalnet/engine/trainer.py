@@ -35,7 +35,8 @@ from ..models.weights import save_weights
 from . import metrics as M
 from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
 from .config import save_config
-from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, init_distributed, resolve_device
+from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, all_reduce_sum, barrier, init_distributed,
+                          resolve_device)
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
 from .precise_bn import update_bn_stats
@@ -249,9 +250,9 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=skipped)
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if iteration % train_cfg["checkpoint_every"] == 0 or iteration == end:
-            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, train_cfg, cfg, info)
+            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
-            report = _evaluate_copy(model, dataset, cfg, device, info)
+            report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
     bar.close()
     train_seconds = time.perf_counter() - began
@@ -274,15 +275,14 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
 
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
-                device: torch.device, directory: Path, train_cfg: Mapping[str, Any], cfg: Mapping[str, Any],
-                info: DistInfo) -> None:
+                device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo) -> None:
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "iteration": iteration, "config": copy.deepcopy(dict(cfg)),
                  "model_name": cfg["model"]["name"], "model_options": copy.deepcopy(cfg["model"]["options"]),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        save_checkpoint(state, directory, iteration, keep=train_cfg["keep_checkpoints"])
+        save_checkpoint(state, directory, iteration, keep=cfg["train"]["keep_checkpoints"])
     barrier()
 
 
@@ -291,22 +291,13 @@ def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device:
     final = copy.deepcopy(_unwrap(model))
     n = cfg["train"]["precise_bn_batches"]
     if n > 0:
-        rng = torch.get_rng_state()
-        batches = (b["clip"].to(device) for b in _loader(dataset, ShardedSampler(len(dataset), shuffle=True,
-                                                                                 seed=cfg["seed"] + 7919),
-                                                         cfg["train"]["batch_size"], cfg["data"]["workers"], True,
-                                                         cfg["seed"]))
+        rng = torch.get_rng_state()  # the training run's dropout stream must not depend on evaluations
+        sampler = ShardedSampler(len(dataset), shuffle=True, seed=cfg["seed"] + 7919)
+        loader = _loader(dataset, sampler, cfg["train"]["batch_size"], cfg["data"]["workers"], True, cfg["seed"])
         with _autocast(device, cfg["train"]["amp"]):
-            update_bn_stats(final, batches, n)
+            update_bn_stats(final, (batch["clip"].to(device) for batch in loader), n)
         torch.set_rng_state(rng)
     return final
-
-
-def _evaluate_copy(model, dataset, cfg, device, info) -> dict[str, Any]:
-    rng = torch.get_rng_state()
-    report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
-    torch.set_rng_state(rng)
-    return report
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
@@ -354,7 +345,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     scores = all_gather_cat(torch.cat(all_scores).to(device)).cpu()
     videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
     labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()
-    skipped = int(all_reduce_mean(torch.tensor(float(skipped), device=device)).item() * info.world_size)
+    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)).item())
     video_scores, video_ids = M.aggregate_views(scores, videos)
     # every view of a video carries the video's label, so any of them gives it
     per_video = labels.new_zeros((int(videos.max()) + 1, *labels.shape[1:]))
