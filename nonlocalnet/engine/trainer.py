@@ -241,13 +241,15 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         skipped += int(batch["skipped"].sum())
         bar.update(1)
         if iteration % train_cfg["log_every"] == 0 or iteration == end:
-            values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen))), "lr": lr,
-                      "skipped_videos": skipped, "seconds": time.perf_counter() - began}
+            # reduced over processes on the training device (nccl cannot reduce CPU tensors)
+            values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen, device=device))),
+                      "lr": lr, "skipped_videos": _total(skipped, device),
+                      "seconds": time.perf_counter() - began}
             if not multi_label:
                 values["train_accuracy"] = float(all_reduce_mean(
-                    torch.tensor(window_correct / (window_seen * clip.shape[0]))))
+                    torch.tensor(window_correct / (window_seen * clip.shape[0]), device=device)))
             logger.log(iteration, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=skipped)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=values["skipped_videos"])
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if iteration % train_cfg["checkpoint_every"] == 0 or iteration == end:
             _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info)
@@ -265,7 +267,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
     report["train_seconds"] = train_seconds
-    report["skipped_videos_train"] = skipped
+    report["skipped_videos_train"] = _total(skipped, device)
     logger.log(iteration, _scalars(report), prefix="test")
     logger.close()
     if info.is_main:
@@ -345,7 +347,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     scores = all_gather_cat(torch.cat(all_scores).to(device)).cpu()
     videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
     labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()
-    skipped = int(all_reduce_sum(torch.tensor(skipped, device=device)).item())
+    skipped = _total(skipped, device)
     video_scores, video_ids = M.aggregate_views(scores, videos)
     # every view of a video carries the video's label, so any of them gives it
     per_video = labels.new_zeros((int(videos.max()) + 1, *labels.shape[1:]))
@@ -379,6 +381,11 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
 
 
 # --- small helpers ---------------------------------------------------------------------------------------------
+
+def _total(count: int, device: torch.device) -> int:
+    """A per-process count summed over all processes."""
+    return int(all_reduce_sum(torch.tensor(count, device=device)).item())
+
 
 def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
