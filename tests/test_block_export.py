@@ -30,9 +30,9 @@ def test_onnx_export_matches_eager(mode, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_block_equals_eager_forward_and_backward(mode):
-    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2))).train()
+@pytest.mark.parametrize("mode,low_memory", [(m, False) for m in MODES] + [("embedded_gaussian", True)])
+def test_compiled_block_equals_eager_forward_and_backward(mode, low_memory):
+    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2), low_memory=low_memory)).train()
     compiled = torch.compile(block)
     x = torch.randn(2, 8, 2, 4, 4, requires_grad=True)
     z = compiled(x)

@@ -29,55 +29,45 @@ class Folding(NamedTuple):
     groups: int = 1
 
 
-def fold(t: Tensor, folding: Folding) -> Tensor:
-    """Turns a feature map into independent sequences of positions.
+def fold_positions(p: Tensor, folding: Folding, spatial: tuple[int, ...]) -> Tensor:
+    """Turns a sequence of positions into independent sequences, one per attention problem.
 
     Args:
-        t: feature map (B, C, *spatial); for "space"/"time" or groups > 1 it must be a video (B, C, T, H, W).
+        p: (B, N, C) positions of a map of spatial size ``spatial``, flattened in (t, h, w) order; for
+            "space"/"time" or groups > 1 the map must be a video (T, H, W).
         folding: the extent and temporal groups.
+        spatial: the map's spatial size (N = its product).
 
     Returns:
         (B * F, L, C) where F is the number of independent problems per batch element and L their length.
+        Spacetime groups and "space" keep consecutive positions together: a view of a contiguous ``p``.
     """
-    b, c = t.shape[:2]
+    b, n, c = p.shape
     if folding.extent == "time":
-        # (B, C, T, H, W) -> (B, H, W, T, C) -> (B*H*W, T, C): one sequence per spatial position
-        return t.permute(0, 3, 4, 2, 1).reshape(b * t.shape[3] * t.shape[4], t.shape[2], c)
-    groups = _temporal_groups(t, folding)
+        tt = spatial[0]
+        # (B, T, H*W, C) -> (B, H*W, T, C) -> (B*H*W, T, C): one sequence per spatial position
+        return p.reshape(b, tt, n // tt, c).transpose(1, 2).reshape(b * (n // tt), tt, c)
+    groups = _temporal_groups(spatial, folding)
     if groups == 1:
-        # (B, C, *S) -> (B, C, N) -> (B, N, C)
-        return t.flatten(2).transpose(1, 2)
-    tt, h, w = t.shape[2:]
-    # (B, C, T, H, W) -> (B, C, G, T/G, H, W) -> (B, G, T/G, H, W, C) -> (B*G, T/G*H*W, C)
-    t = t.reshape(b, c, groups, tt // groups, h, w).permute(0, 2, 3, 4, 5, 1)
-    return t.reshape(b * groups, (tt // groups) * h * w, c)
+        return p
+    # (B, G * T/G*H*W, C) -> (B*G, T/G*H*W, C): frames are the slowest axis, so each group is consecutive
+    return p.reshape(b * groups, n // groups, c)
 
 
-def unfold(y: Tensor, folding: Folding, batch: int, spatial: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`fold` for the query side.
-
-    Args:
-        y: (B * F, L, C) per-query outputs.
-        folding: the folding that produced the queries.
-        batch: B.
-        spatial: the query map's spatial size.
-
-    Returns:
-        (B, C, *spatial).
-    """
+def unfold_positions(y: Tensor, folding: Folding, batch: int, spatial: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`fold_positions` for the query side: (B * F, L, C) -> (B, N, C)."""
     c = y.shape[-1]
+    n = _numel(spatial)
     if folding.extent == "time":
-        tt, h, w = spatial
-        # (B*H*W, T, C) -> (B, H, W, T, C) -> (B, C, T, H, W)
-        return y.reshape(batch, h, w, tt, c).permute(0, 4, 3, 1, 2)
-    groups = folding.groups if folding.extent == "spacetime" else spatial[0]
-    if groups == 1:
-        # (B, N, C) -> (B, C, N) -> (B, C, *S)
-        return y.transpose(1, 2).reshape(batch, c, *spatial)
-    tt, h, w = spatial
-    # (B*G, T/G*H*W, C) -> (B, G, T/G, H, W, C) -> (B, C, G, T/G, H, W) -> (B, C, T, H, W)
-    y = y.reshape(batch, groups, tt // groups, h, w, c).permute(0, 5, 1, 2, 3, 4)
-    return y.reshape(batch, c, tt, h, w)
+        tt = spatial[0]
+        # (B*H*W, T, C) -> (B, H*W, T, C) -> (B, T, H*W, C) -> (B, N, C)
+        return y.reshape(batch, n // tt, tt, c).transpose(1, 2).reshape(batch, n, c)
+    return y.reshape(batch, n, c)
+
+
+def fold(t: Tensor, folding: Folding) -> Tensor:
+    """:func:`fold_positions` of a (B, C, *spatial) feature map: (B * F, L, C)."""
+    return fold_positions(t.flatten(2).transpose(1, 2), folding, tuple(t.shape[2:]))
 
 
 def scatter_attention(attn: Tensor, folding: Folding, batch: int, query_spatial: tuple[int, ...],
@@ -134,9 +124,9 @@ def check_folding(folding: Folding, query_spatial: tuple[int, ...], key_spatial:
                          f"{tk} frames cannot be split into {g} equal groups")
 
 
-def _temporal_groups(t: Tensor, folding: Folding) -> int:
+def _temporal_groups(spatial: tuple[int, ...], folding: Folding) -> int:
     if folding.extent == "space":
-        return t.shape[2]
+        return spatial[0]
     return folding.groups
 
 

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .folding import EXTENTS, Folding, check_folding, fold, scatter_attention, unfold
+from .folding import EXTENTS, Folding, check_folding, fold_positions, scatter_attention, unfold_positions
 from .pairwise import MODES, check_mode_impl, compute_dtype, dense_pairwise, pairwise, resolve_impl
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -69,13 +70,19 @@ class NonLocalBlock(nn.Module):
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
         init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
             conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
+        low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
+            in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
+            backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
+            gradient's size). Same results. At res3 of a 128-frame clip the block's peak training memory drops
+            from 0.29x to 0.17x that of the dense path, for 5-35% more time in the block's projections
+            (README, benchmarks/block.py); off by default.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
                  inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
                  subsample_position: str = "input", scale: None | float | str = None, norm: str | None = "batch",
                  extent: str = "spacetime", temporal_groups: int = 1, memory_channels: int | None = None,
-                 impl: str = "auto", init: str = "official") -> None:
+                 impl: str = "auto", init: str = "official", low_memory: bool = False) -> None:
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim must be 1, 2 or 3 (sequences, images, videos); got {dim!r}")
@@ -117,6 +124,7 @@ class NonLocalBlock(nn.Module):
         self.extent = extent
         self.temporal_groups = temporal_groups
         self.init = init
+        self.low_memory = bool(low_memory)
 
         conv = _CONV[dim]
         if mode != "gaussian":
@@ -179,25 +187,29 @@ class NonLocalBlock(nn.Module):
             z with the shape of x, or (z, weights).
         """
         self._check_inputs(x, memory)
+        spatial = tuple(x.shape[2:])
+        folding = self._folding(spatial)
         source = x if memory is None else memory  # x̂ before any pooling
-        query = x if self.mode == "gaussian" else self.theta(x)  # (B, Cq, *S)
-        if self.pool is not None and self.subsample_position == "input":
-            source = self.pool(source)  # (B, C, *S')
-        key = source if self.mode == "gaussian" else self.phi(source)  # (B, Cq, *S')
-        value = self.g(source)  # (B, C', *S')
-        if self.pool is not None and self.subsample_position == "projection":
-            key = self.pool(key) if self.mode != "gaussian" else key
-            value = self.pool(value)
-            if self.mode == "gaussian":
-                key = self.pool(source)
-        query_spatial = tuple(query.shape[2:])
-        key_spatial = tuple(key.shape[2:])
-        folding = self._folding(query_spatial)
-        check_folding(folding, query_spatial, key_spatial)
+        key_spatial = tuple(source.shape[2:])
+        if self.pool is not None:
+            key_spatial = tuple(s // k for s, k in zip(key_spatial, self.subsample))
+        check_folding(folding, spatial, key_spatial)
+        if self.mode == "gaussian":
+            query = _positions(x)  # (B, N, C): raw features
+        else:
+            query = _project(self.theta, x, self.low_memory)  # (B, N, C')
+        if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            # the pooled x̂ and the pool's int64 argmax would be kept for the backward pass (with C = 2C', three
+            # times the size of the keys and values together): recompute them there instead
+            key, value = checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
+        else:
+            key, value = self._keys_values(source)
 
-        q = fold(query, folding)  # (B', N, Cq)
-        k = fold(key, folding)  # (B', M, Cq)
-        v = fold(value, folding)  # (B', M, C')
+        q = fold_positions(query, folding, spatial)  # (B', N', Cq)
+        k = fold_positions(key, folding, key_spatial)  # (B', M', Cq)
+        v = fold_positions(value, folding, key_spatial)  # (B', M', C')
+        out_dtype = value.dtype
+        del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
         dtype = compute_dtype(q, k, v)
         with _no_autocast(x.device.type):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -207,12 +219,51 @@ class NonLocalBlock(nn.Module):
                 impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2],
                                     q.device.type, q.shape[0])
                 y = pairwise(q, k, v, self.mode, self.scale, impl, self._concat_project())
-        # unfold's transposed view would make z channels-last-strided; keep the input's layout for the convs after
-        y = unfold(y.to(value.dtype), folding, x.shape[0], query_spatial).contiguous()  # (B, C', *S)
-        z = self.norm(self.out(y)) + x
+        del q, k, v
+        y = unfold_positions(y.to(out_dtype), folding, x.shape[0], spatial)  # (B, N, C')
+        z = self.norm(self._project_out(y, spatial, _memory_format(x)))  # (B, C, *S), x's memory layout
+        if self.norm._forward_hooks or z.stride() != x.stride() or z.dtype != torch.result_type(z, x):
+            z = x + z  # x first: z takes the input's memory layout (convs may return another)
+        else:  # in place: no norm saves its output for the backward pass, and no hook holds it
+            z = z.add_(x)
         if return_attention:
-            return z, scatter_attention(weights, folding, x.shape[0], query_spatial, key_spatial)
+            return z, scatter_attention(weights, folding, x.shape[0], spatial, key_spatial)
         return z
+
+    def _project_out(self, y: Tensor, spatial: tuple[int, ...], memory_format: torch.memory_format) -> Tensor:
+        """W_z y: the (B, N, C') positions y as a (B, C, *S) map in ``memory_format``.
+
+        The conv module runs on a copy of y in that layout, which it keeps for its backward pass. With
+        ``low_memory`` a plain 1x1 conv is one matmul that reads y where the pairwise step left it (and kept
+        it): no copy, and none of the hidden reorder buffers conv kernels allocate.
+        """
+        conv = self.out
+        if not self.low_memory or not _plain_pointwise(conv):
+            return conv(_to_map(y, spatial).contiguous(memory_format=memory_format))
+        weight = conv.weight.flatten(1)  # (C, C')
+        if memory_format != torch.contiguous_format:  # (B, N, C') @ (C', C) -> (B, N, C): position-major
+            w = weight.t().expand(y.shape[0], -1, -1)
+            out = torch.bmm(y, w) if conv.bias is None else torch.baddbmm(conv.bias, y, w)
+            return _to_map(out, spatial)
+        w = weight.expand(y.shape[0], -1, -1)  # (C, C') @ (B, C', N) -> (B, C, N): channel-major
+        yt = y.transpose(1, 2)
+        out = torch.bmm(w, yt) if conv.bias is None else torch.baddbmm(conv.bias[:, None], w, yt)
+        return out.unflatten(2, spatial)
+
+    def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """x̂ (B, C, *S) -> keys (B, M, Cq) and values (B, M, C'): φ(x̂) (x̂ itself for the gaussian) and g(x̂),
+        max-pooled before or after the projections where the block subsamples."""
+        if self.pool is None or self.subsample_position == "input":
+            if self.pool is not None:
+                source = self.pool(source)  # (B, C, *S')
+            key = _positions(source) if self.mode == "gaussian" else _project(self.phi, source, self.low_memory)
+            return key, _project(self.g, source, self.low_memory)
+        spatial = tuple(source.shape[2:])
+        if self.mode == "gaussian":
+            key = _positions(self.pool(source))
+        else:
+            key = _positions(self.pool(_to_map(_project(self.phi, source, self.low_memory), spatial)))
+        return key, _positions(self.pool(_to_map(_project(self.g, source, self.low_memory), spatial)))
 
     def _folding(self, query_spatial: tuple[int, ...]) -> Folding:
         """The folding for this input: temporal groups of k frames become T/k independent problems."""
@@ -264,7 +315,76 @@ class NonLocalBlock(nn.Module):
         return (f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
                 f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
                 f"norm={self.norm_type!r}, extent={self.extent!r}, "
-                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}")
+                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}"
+                + (", low_memory=True" if self.low_memory else ""))
+
+
+def _positions(t: Tensor) -> Tensor:
+    """(B, C, *S) map -> (B, N, C) sequence of positions, a view."""
+    return t.flatten(2).transpose(1, 2)
+
+
+def _to_map(p: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """(B, N, C) sequence -> (B, C, *S) map, a (channels-last strided) view."""
+    return p.transpose(1, 2).unflatten(2, spatial)
+
+
+def _plain_pointwise(conv: nn.Module) -> bool:
+    """A 1x1 convolution of the block's own kind without hooks: its weight can be applied as a matmul."""
+    return (type(conv) in _CONV.values() and all(k == 1 for k in conv.kernel_size)
+            and all(st == 1 for st in conv.stride) and all(p == 0 for p in conv.padding) and conv.groups == 1
+            and not conv._forward_hooks and not conv._forward_pre_hooks)
+
+
+def _project(conv: nn.Module, t: Tensor, low_memory: bool = False) -> Tensor:
+    """A 1x1 conv of a (B, Cin, *S) map, as the (B, N, Cout) sequence of positions (a strided view).
+
+    With ``low_memory``, while training, a plain conv runs its backward pass as matmuls (:class:`_PointwiseConv`):
+    conv backward kernels allocate hidden reorder buffers of about twice the input gradient's size, which would
+    set the block's peak memory.
+    """
+    if (low_memory and torch.is_grad_enabled() and t.device.type in ("cpu", "cuda") and _plain_pointwise(conv)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+        return _positions(_PointwiseConv.apply(t, conv.weight, conv.bias))
+    return _positions(conv(t))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout of a (B, C, *S) map: channels-last (position-major) or the default channel-major."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+_CONV_FUNCTIONS = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """A 1x1 conv (B, Cin, *S) -> (B, Cout, *S): the conv kernel forward, matmuls over channels backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(t, weight)
+        ctx.has_bias = bias is not None
+        return _CONV_FUNCTIONS[t.dim() - 2](t, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, weight = ctx.saved_tensors
+        # under autocast the forward ran in lower precision; the gradients are computed in the inputs' dtype
+        grad = grad.flatten(2).to(torch.result_type(t, weight))  # (B, Cout, N)
+        matrix = weight.flatten(1).to(grad.dtype)  # (Cout, Cin)
+        grad_t = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # (Cin, Cout) @ (B, Cout, N) -> (B, Cin, N)
+            grad_t = torch.bmm(matrix.t().expand(grad.shape[0], -1, -1), grad).view(t.shape).to(t.dtype)
+        if ctx.needs_input_grad[1]:  # Σ_b (Cout, N) @ (N, Cin)
+            grad_weight = torch.bmm(grad, t.flatten(2).transpose(1, 2).to(grad.dtype)).sum(0)
+            grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2)).to(weight.dtype)
+        return grad_t, grad_weight, grad_bias
 
 
 def _no_autocast(device_type: str):
