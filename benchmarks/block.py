@@ -4,6 +4,9 @@
     python benchmarks/block.py --shapes res4   # one shape
     python benchmarks/block.py --device cuda   # on a GPU (peak memory from torch.cuda)
 
+Each fast path is measured twice: as built by default and with ``low_memory=True`` (rows "<path> low_memory"),
+which recomputes the pooled keys/values in the backward pass and runs the 1x1 projections' backward as matmuls.
+
 Times are measured side by side in this process, the paths of one (shape, mode) interleaved round-robin so
 that machine drift hits them alike; the ratio column is dense time / path time. Peak memory on CPU is the
 rise of the resident set size over a forward+backward, measured in a fresh child process per configuration
@@ -36,10 +39,17 @@ SHAPES = {
 DENSE_CONCAT_LIMIT = 1.5e9
 
 
+LOW_MEMORY = " low_memory"  # suffix of a path measured with NonLocalBlock(low_memory=True)
+
+
 def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalBlock, torch.Tensor]:
+    """A live block and its input; ``impl`` is a path, optionally suffixed with :data:`LOW_MEMORY`."""
     shape, subsample, _ = SHAPES[shape_name]
     dim = len(shape) - 2
-    block = NonLocalBlock(shape[1], dim=dim, mode=mode, subsample=subsample, impl=impl).to(device)
+    low_memory = impl.endswith(LOW_MEMORY)
+    impl = impl.removesuffix(LOW_MEMORY)
+    block = NonLocalBlock(shape[1], dim=dim, mode=mode, subsample=subsample, impl=impl,
+                          low_memory=low_memory).to(device)
     with torch.no_grad():
         block.norm.weight.fill_(1.0)  # a live block: gradients reach every path
     x = torch.randn(*shape, device=device, requires_grad=True)
@@ -50,6 +60,12 @@ def step(block: NonLocalBlock, x: torch.Tensor) -> None:
     block(x).sum().backward()
     x.grad = None
     block.zero_grad(set_to_none=True)
+
+
+def paths(mode: str) -> list[str]:
+    """The rows of one mode: every path, and every fast path again with low_memory."""
+    impls = list(IMPLS_BY_MODE[mode])
+    return impls + [i + LOW_MEMORY for i in impls if i != "dense"]
 
 
 def too_big(shape_name: str, mode: str, impl: str) -> bool:
@@ -115,9 +131,9 @@ def main() -> None:
     print(header)
     for shape_name in args.shapes:
         for mode in args.modes:
-            impls = [i for i in IMPLS_BY_MODE[mode] if not too_big(shape_name, mode, i)]
+            impls = [i for i in paths(mode) if not too_big(shape_name, mode, i)]
             times = time_paths(shape_name, mode, impls, args.device, args.repeats)
-            for impl in IMPLS_BY_MODE[mode]:
+            for impl in paths(mode):
                 if impl not in times:
                     row = dict(shape=shape_name, mode=mode, impl=impl, ms=None, speedup=None, mb=None, mem=None)
                     rows.append(row)
