@@ -393,6 +393,35 @@ def test_save_and_load_weights_round_trip(tmp_path):
         load_weights(b, tmp_path / "missing.safetensors")
 
 
+def test_read_state_dict_reads_every_layout_and_names_bad_files(tmp_path):
+    import json
+
+    from nonlocalnet.models.weights import read_state_dict
+
+    state = {"a.weight": torch.arange(6.0).view(2, 3), "b.bias": torch.ones(2)}
+    save_weights(state, tmp_path / "w.safetensors",
+                 metadata={"model": "nl_c2d_tiny", "model_options": json.dumps({"num_classes": 3})})
+    got, meta = read_state_dict(tmp_path / "w.safetensors")
+    assert meta == {"model_name": "nl_c2d_tiny", "model_options": {"num_classes": 3}}
+    torch.testing.assert_close(got["a.weight"], state["a.weight"])
+    # a training checkpoint (weights under "model", DDP prefix) and a bare state dict
+    torch.save({"model": {"module." + k: v for k, v in state.items()}, "iteration": 7, "model_name": "x",
+                "model_options": {"depth": 2}, "rng": {"torch": torch.get_rng_state()}}, tmp_path / "c.pt")
+    got, meta = read_state_dict(tmp_path / "c.pt")
+    assert set(got) == set(state) and meta == {"model_name": "x", "model_options": {"depth": 2}}
+    torch.save(state, tmp_path / "bare.pth")
+    got, meta = read_state_dict(tmp_path / "bare.pth")
+    assert set(got) == set(state) and meta == {}
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        read_state_dict(tmp_path / "missing.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="cannot read weights from .*cut.pt"):
+        read_state_dict(tmp_path / "cut.pt")
+    torch.save({"iteration": 3}, tmp_path / "nothing.pt")
+    with pytest.raises(ValueError, match="holds no state dict"):
+        read_state_dict(tmp_path / "nothing.pt")
+
+
 def test_torch_hub_lists_and_builds_the_registered_models(tmp_path):
     # torch.hub.list reads GitHub only; list the local hubconf the way it does: its public callables
     spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")

@@ -59,8 +59,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise RuntimeError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
-
-
-def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights in a training checkpoint, or the checkpoint itself if it is a bare state dict."""
-    return checkpoint["model"] if "model" in checkpoint and isinstance(checkpoint["model"], dict) else checkpoint

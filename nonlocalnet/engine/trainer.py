@@ -31,9 +31,9 @@ from ..io import atomic_path, write_text_atomic
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.inflate import inflate_2d_weights
-from ..models.weights import save_weights
+from ..models.weights import read_state_dict, save_weights
 from . import metrics as M
-from .checkpoint import latest_checkpoint, load_checkpoint, model_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import save_config
 from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, all_reduce_sum, barrier, init_distributed,
                           resolve_device)
@@ -58,19 +58,6 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file, a training checkpoint or a bare state dict (DDP prefix removed)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        from safetensors.torch import load_file
-        state = load_file(os.fspath(path))
-    else:
-        state = model_state(load_checkpoint(path))  # names a missing or unreadable file itself
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     """Loads a 3D checkpoint of this model, or inflates 2D (torchvision ResNet) weights into it.
 
@@ -80,7 +67,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: no file at {path}")
-    state = read_weights(path)
+    state = read_state_dict(path)[0]
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.dim() == 4:  # a 2D network: inflate
         inflate_2d_weights(model, state)
@@ -371,7 +358,7 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     test_cfg = copy.deepcopy(dict(cfg))
     test_cfg["model"] = {**cfg["model"], "pretrained": None}
     model = build_model(test_cfg)
-    model.load_state_dict(read_weights(path))
+    model.load_state_dict(read_state_dict(path)[0])
     model.to(device)
     report = evaluate(model, cfg, device=device, info=info)
     report["checkpoint"] = os.fspath(path)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .folding import EXTENTS, Folding, check_folding, fold_positions, scatter_attention, unfold_positions
-from .pairwise import MODES, check_mode_impl, compute_dtype, dense_pairwise, pairwise, resolve_impl
+from .pairwise import check_mode_impl, compute_dtype, dense_pairwise, pairwise, resolve_impl
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

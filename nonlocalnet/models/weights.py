@@ -1,8 +1,10 @@
 """Model weights in safetensors files: a flat state dict plus string metadata (e.g. the model name)."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -54,3 +56,52 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     state = load_file(os.fspath(path), device="cpu")
     with torch.no_grad():
         return model.load_state_dict(state, strict=strict)
+
+
+# where a torch file may hold its state dict: training checkpoints ("model"), and other tools' layouts
+STATE_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The weights in a file, and what the file says about the model they belong to.
+
+    Reads a safetensors file (its metadata may name the model, "model", and give its options as JSON,
+    "model_options"), or a torch file holding a state dict or a dict with one under one of :data:`STATE_KEYS`
+    (a training checkpoint, whose "model_name" / "model_options" entries are read too). Torch files are
+    read with ``weights_only=True``: tensors and plain containers, no code. DistributedDataParallel's
+    "module." prefix is removed.
+
+    Returns:
+        (state dict on the CPU, {"model_name": str, "model_options": dict} with the entries the file has).
+
+    Raises:
+        FileNotFoundError: no such file.
+        RuntimeError: the file cannot be read.
+        ValueError: it holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    meta: dict[str, Any] = {}
+    try:
+        if path.suffix == ".safetensors":
+            header = read_metadata(path)
+            state = load_file(os.fspath(path), device="cpu")
+            if header.get("model"):
+                meta["model_name"] = header["model"]
+            if "model_options" in header:
+                meta["model_options"] = json.loads(header["model_options"])
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            state = loaded
+            if isinstance(loaded, dict):
+                state = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
+                meta.update({k: loaded[k] for k in ("model_name", "model_options") if k in loaded})
+                if isinstance(loaded.get("model"), str):
+                    meta["model_name"] = loaded["model"]
+    except (OSError, RuntimeError, ValueError) as err:  # truncated, foreign or unsafe files
+        raise RuntimeError(f"cannot read weights from {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} "
+                         f"entries)")
+    return {k.removeprefix("module."): v for k, v in state.items()}, meta

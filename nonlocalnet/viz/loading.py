@@ -1,7 +1,6 @@
 """What the visualiser reads: a trained model from its checkpoint, and one clip from a video file (PyAV)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,8 +11,6 @@ from torch import Tensor, nn
 from ..data.transforms import MEAN as PIXEL_MEAN, STD as PIXEL_STD  # the paper's pixel normalisation
 
 __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
-
-_STATE_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
 
 
 def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mapping[str, Any] | None = None,
@@ -37,38 +34,10 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
         RuntimeError: the weights do not fit the model (names or shapes).
     """
     from ..models import create_model
+    from ..models.weights import read_state_dict
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    meta: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-        state = load_file(str(path), device="cpu")
-        meta["model_name"] = header.get("model")
-        if "model_options" in header:
-            meta["model_options"] = json.loads(header["model_options"])
-    else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
-        state = loaded
-        for key in _STATE_KEYS:
-            if isinstance(loaded.get(key), dict):
-                state = loaded[key]
-                break
-        for key in ("model_name", "model_options"):
-            if key in loaded:
-                meta[key] = loaded[key]
-        if isinstance(loaded.get("model"), str):
-            meta["model_name"] = loaded["model"]
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(_STATE_KEYS)} entries)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
+    state, meta = read_state_dict(path)
     name = name or meta.get("model_name")
     if not name:
         raise ValueError(f"{path} does not name its model: pass --model")
