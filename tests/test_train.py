@@ -90,6 +90,17 @@ def _video_overrides(root: Path, out: Path, kind: str = "kinetics") -> list[str]
             "test.batch_size=4", f"output_dir={out}"]
 
 
+def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
+    overrides = ["train.checkpoint_every=2", "data.train_list=" + str(video_root / "train.txt")]
+    straight = train(load_config(None, _video_overrides(video_root, tmp_path / "a") + overrides))
+    cfg = load_config(None, _video_overrides(video_root, tmp_path / "b") + overrides)
+    assert train(cfg, stop_after=2) == {"stopped_at": 2}
+    before = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint_000000002.pt", weights_only=True)
+    resumed = train(cfg, resume=True)
+    assert before["skipped_videos"] >= 1  # skips happened before the stop: a count from zero would lose them
+    assert resumed["skipped_videos_train"] == straight["skipped_videos_train"] >= before["skipped_videos"]
+
+
 def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
     report = train(load_config(None, _video_overrides(video_root, tmp_path / "run")))
     assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == 6

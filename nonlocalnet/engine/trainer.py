@@ -174,7 +174,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg["seed"])
 
-    start = 0
+    start, skipped_before = 0, 0  # skipped_before: corrupt videos skipped before a resumed checkpoint, all ranks
     checkpoint_dir = out / "checkpoints"
     source = latest_checkpoint(checkpoint_dir) if resume is True else (Path(resume) if resume else None)
     if source is not None:
@@ -186,6 +186,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start = state["iteration"]
+        skipped_before = int(state.get("skipped_videos", 0))
         if info.is_main:
             log.info("resumed from %s at iteration %d", source, start)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -230,7 +231,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         if iteration % train_cfg["log_every"] == 0 or iteration == end:
             # reduced over processes on the training device (nccl cannot reduce CPU tensors)
             values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen, device=device))),
-                      "lr": lr, "skipped_videos": _total(skipped, device),
+                      "lr": lr, "skipped_videos": skipped_before + _total(skipped, device),
                       "seconds": time.perf_counter() - began}
             if not multi_label:
                 values["train_accuracy"] = float(all_reduce_mean(
@@ -239,7 +240,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=values["skipped_videos"])
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if iteration % train_cfg["checkpoint_every"] == 0 or iteration == end:
-            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info)
+            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
+                        skipped_videos=skipped_before + _total(skipped, device))
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
             report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
@@ -254,7 +256,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
     report["train_seconds"] = train_seconds
-    report["skipped_videos_train"] = _total(skipped, device)
+    report["skipped_videos_train"] = skipped_before + _total(skipped, device)
     logger.log(iteration, _scalars(report), prefix="test")
     logger.close()
     if info.is_main:
@@ -264,10 +266,11 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
 
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
-                device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo) -> None:
+                device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo,
+                skipped_videos: int = 0) -> None:
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "iteration": iteration, "config": copy.deepcopy(dict(cfg)),
+                 "iteration": iteration, "skipped_videos": skipped_videos, "config": copy.deepcopy(dict(cfg)),
                  "model_name": cfg["model"]["name"], "model_options": copy.deepcopy(cfg["model"]["options"]),
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
