@@ -73,9 +73,9 @@ class NonLocalBlock(nn.Module):
         low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
             in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
             backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
-            gradient's size). Same results. At res3 of a 128-frame clip the block's peak training memory drops
-            from 0.29x to 0.17x that of the dense path, for 5-35% more time in the block's projections
-            (README, benchmarks/block.py); off by default.
+            gradient's size). Same results. With the embedded gaussian at res3 of a 128-frame clip the block's
+            peak training memory drops from 0.28x to 0.16x that of the dense path, for 5% more time (50% at
+            res4, where the pairwise step is cheap; measured on CPU by benchmarks/block.py); off by default.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
