@@ -65,9 +65,19 @@ def unfold_positions(y: Tensor, folding: Folding, batch: int, spatial: tuple[int
     return y.reshape(batch, n, c)
 
 
+def to_positions(t: Tensor) -> Tensor:
+    """(B, C, *spatial) map -> (B, N, C) sequence of positions in (t, h, w) order, a view."""
+    return t.flatten(2).transpose(1, 2)
+
+
+def to_map(p: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`to_positions`: (B, N, C) -> (B, C, *spatial), a (channels-last strided) view."""
+    return p.transpose(1, 2).unflatten(2, spatial)
+
+
 def fold(t: Tensor, folding: Folding) -> Tensor:
     """:func:`fold_positions` of a (B, C, *spatial) feature map: (B * F, L, C)."""
-    return fold_positions(t.flatten(2).transpose(1, 2), folding, tuple(t.shape[2:]))
+    return fold_positions(to_positions(t), folding, tuple(t.shape[2:]))
 
 
 def scatter_attention(attn: Tensor, folding: Folding, batch: int, query_spatial: tuple[int, ...],

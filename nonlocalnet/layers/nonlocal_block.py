@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .folding import EXTENTS, Folding, check_folding, fold_positions, scatter_attention, unfold_positions
+from .folding import (EXTENTS, Folding, check_folding, fold_positions, scatter_attention, to_map, to_positions,
+                      unfold_positions)
 from .pairwise import check_mode_impl, compute_dtype, dense_pairwise, pairwise, resolve_impl
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -195,7 +196,7 @@ class NonLocalBlock(nn.Module):
             key_spatial = tuple(s // k for s, k in zip(key_spatial, self.subsample))
         check_folding(folding, spatial, key_spatial)
         if self.mode == "gaussian":
-            query = _positions(x)  # (B, N, C): raw features
+            query = to_positions(x)  # (B, N, C): raw features
         else:
             query = _project(self.theta, x, self.low_memory)  # (B, N, C')
         if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
@@ -239,12 +240,12 @@ class NonLocalBlock(nn.Module):
         """
         conv = self.out
         if not self.low_memory or not _plain_pointwise(conv):
-            return conv(_to_map(y, spatial).contiguous(memory_format=memory_format))
+            return conv(to_map(y, spatial).contiguous(memory_format=memory_format))
         weight = conv.weight.flatten(1)  # (C, C')
         if memory_format != torch.contiguous_format:  # (B, N, C') @ (C', C) -> (B, N, C): position-major
             w = weight.t().expand(y.shape[0], -1, -1)
             out = torch.bmm(y, w) if conv.bias is None else torch.baddbmm(conv.bias, y, w)
-            return _to_map(out, spatial)
+            return to_map(out, spatial)
         w = weight.expand(y.shape[0], -1, -1)  # (C, C') @ (B, C', N) -> (B, C, N): channel-major
         yt = y.transpose(1, 2)
         out = torch.bmm(w, yt) if conv.bias is None else torch.baddbmm(conv.bias[:, None], w, yt)
@@ -256,14 +257,14 @@ class NonLocalBlock(nn.Module):
         if self.pool is None or self.subsample_position == "input":
             if self.pool is not None:
                 source = self.pool(source)  # (B, C, *S')
-            key = _positions(source) if self.mode == "gaussian" else _project(self.phi, source, self.low_memory)
+            key = to_positions(source) if self.mode == "gaussian" else _project(self.phi, source, self.low_memory)
             return key, _project(self.g, source, self.low_memory)
         spatial = tuple(source.shape[2:])
         if self.mode == "gaussian":
-            key = _positions(self.pool(source))
+            key = to_positions(self.pool(source))
         else:
-            key = _positions(self.pool(_to_map(_project(self.phi, source, self.low_memory), spatial)))
-        return key, _positions(self.pool(_to_map(_project(self.g, source, self.low_memory), spatial)))
+            key = to_positions(self.pool(to_map(_project(self.phi, source, self.low_memory), spatial)))
+        return key, to_positions(self.pool(to_map(_project(self.g, source, self.low_memory), spatial)))
 
     def _folding(self, query_spatial: tuple[int, ...]) -> Folding:
         """The folding for this input: temporal groups of k frames become T/k independent problems."""
@@ -319,16 +320,6 @@ class NonLocalBlock(nn.Module):
                 + (", low_memory=True" if self.low_memory else ""))
 
 
-def _positions(t: Tensor) -> Tensor:
-    """(B, C, *S) map -> (B, N, C) sequence of positions, a view."""
-    return t.flatten(2).transpose(1, 2)
-
-
-def _to_map(p: Tensor, spatial: tuple[int, ...]) -> Tensor:
-    """(B, N, C) sequence -> (B, C, *S) map, a (channels-last strided) view."""
-    return p.transpose(1, 2).unflatten(2, spatial)
-
-
 def _plain_pointwise(conv: nn.Module) -> bool:
     """A 1x1 convolution of the block's own kind without hooks: its weight can be applied as a matmul."""
     return (type(conv) in _CONV.values() and all(k == 1 for k in conv.kernel_size)
@@ -345,8 +336,8 @@ def _project(conv: nn.Module, t: Tensor, low_memory: bool = False) -> Tensor:
     """
     if (low_memory and torch.is_grad_enabled() and t.device.type in ("cpu", "cuda") and _plain_pointwise(conv)
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
-        return _positions(_PointwiseConv.apply(t, conv.weight, conv.bias))
-    return _positions(conv(t))
+        return to_positions(_PointwiseConv.apply(t, conv.weight, conv.bias))
+    return to_positions(conv(t))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -380,7 +371,7 @@ class _PointwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # (Cin, Cout) @ (B, Cout, N) -> (B, Cin, N)
             grad_t = torch.bmm(matrix.t().expand(grad.shape[0], -1, -1), grad).view(t.shape).to(t.dtype)
         if ctx.needs_input_grad[1]:  # Σ_b (Cout, N) @ (N, Cin)
-            grad_weight = torch.bmm(grad, t.flatten(2).transpose(1, 2).to(grad.dtype)).sum(0)
+            grad_weight = torch.bmm(grad, to_positions(t).to(grad.dtype)).sum(0)
             grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2)).to(weight.dtype)
