@@ -197,6 +197,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
                disable=not (info.is_main and cfg["progress"]), leave=False)
     window_loss, window_correct, window_seen, skipped = 0.0, 0, 0, 0
+    skipped_total = skipped_before  # over all processes and the whole run, as of the last log or checkpoint
     began = time.perf_counter()
     ddp.train()
     iteration = start
@@ -228,10 +229,14 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             window_correct += int((logits.argmax(1) == labels).sum())
         skipped += int(batch["skipped"].sum())
         bar.update(1)
-        if iteration % train_cfg["log_every"] == 0 or iteration == end:
+        log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
+        checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end
+        if log_now or checkpoint_now:  # every process takes part in the sum
+            skipped_total = skipped_before + _total(skipped, device)
+        if log_now:
             # reduced over processes on the training device (nccl cannot reduce CPU tensors)
             values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen, device=device))),
-                      "lr": lr, "skipped_videos": skipped_before + _total(skipped, device),
+                      "lr": lr, "skipped_videos": skipped_total,
                       "seconds": time.perf_counter() - began}
             if not multi_label:
                 values["train_accuracy"] = float(all_reduce_mean(
@@ -239,9 +244,9 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             logger.log(iteration, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=values["skipped_videos"])
             window_loss, window_correct, window_seen = 0.0, 0, 0
-        if iteration % train_cfg["checkpoint_every"] == 0 or iteration == end:
+        if checkpoint_now:
             _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
-                        skipped_videos=skipped_before + _total(skipped, device))
+                        skipped_videos=skipped_total)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
             report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
@@ -256,7 +261,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
     report["train_seconds"] = train_seconds
-    report["skipped_videos_train"] = skipped_before + _total(skipped, device)
+    report["skipped_videos_train"] = skipped_total  # the loop summed it at its last iteration
     logger.log(iteration, _scalars(report), prefix="test")
     logger.close()
     if info.is_main:
