@@ -1,5 +1,7 @@
 """The non-local block: fast paths against the dense reference, the reference against the paper's formula,
 identity at init, gradients, errors, and precision."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -489,6 +491,13 @@ def test_hooks_on_submodules_run_and_see_their_own_outputs(low_memory):
     torch.testing.assert_close(block.norm(seen["out"]), seen["norm"])
 
 
+def low_memory_twin(block: NonLocalBlock) -> NonLocalBlock:
+    """The same block (weights, buffers, mode) with low_memory on."""
+    twin = copy.deepcopy(block)
+    twin.low_memory = True
+    return twin
+
+
 LOW_MEMORY_CASES = [
     dict(dim=1, subsample=2), dict(dim=2, subsample=None), dict(dim=2, subsample=2, subsample_position="projection"),
     dict(dim=3, subsample=(1, 2, 2)), dict(dim=3, subsample=(1, 2, 2), extent="space"),
@@ -500,11 +509,9 @@ LOW_MEMORY_CASES = [
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", LOW_MEMORY_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_low_memory_gives_the_same_results_as_the_default(mode, case):
-    import copy
     shape = {1: (2, 8, 12), 2: (2, 8, 6, 4), 3: (2, 8, 4, 4, 6)}[case["dim"]]
     default = make_active(NonLocalBlock(8, mode=mode, **case)).train()
-    lean = copy.deepcopy(default)
-    lean.low_memory = True
+    lean = low_memory_twin(default)
     x = torch.randn(shape)
     z_ref, (grad_ref,), p_ref = grads(default, x)
     z, (grad,), p = grads(lean, x)
@@ -518,10 +525,8 @@ def test_low_memory_gives_the_same_results_as_the_default(mode, case):
 
 
 def test_low_memory_with_a_feature_bank_memory():
-    import copy
     default = make_active(NonLocal3d(8, memory_channels=6, subsample=(1, 2, 2))).train()
-    lean = copy.deepcopy(default)
-    lean.low_memory = True
+    lean = low_memory_twin(default)
     x, memory = torch.randn(2, 8, 3, 5, 5), torch.randn(2, 6, 7, 4, 4)
     z_ref, inputs_ref, p_ref = grads(default, x, memory)
     z, inputs, p = grads(lean, x, memory)
@@ -532,10 +537,8 @@ def test_low_memory_with_a_feature_bank_memory():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_low_memory_trains_under_bfloat16_autocast(mode):
-    import copy
     default = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2)), std=0.1).train()
-    lean = copy.deepcopy(default)
-    lean.low_memory = True
+    lean = low_memory_twin(default)
     x = torch.randn(2, 16, 2, 4, 4)
     results = []
     for block in (default, lean):
