@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nonlocalnet.cli import main as cli_main
-from nonlocalnet.layers import NonLocalBlock
+from nonlocalnet.layers import IMPLS_BY_MODE, NonLocalBlock
 from nonlocalnet.models import create_model
 from nonlocalnet.models.flops import count_cost, model_cost
 
@@ -25,10 +25,11 @@ def independent_macs(model: nn.Module, x: torch.Tensor) -> int:
 
     def nonlocal_hook(m, inputs, out):
         nonlocal total
-        t, h, w = inputs[0].shape[2:]
+        b, c, t, h, w = inputs[0].shape
         st, sh, sw = m.subsample or (1, 1, 1)
         n, k = t * h * w, (t // st) * (h // sh) * (w // sw)
-        total += inputs[0].shape[0] * 2 * n * k * m.inter_channels  # θᵀφ (N x M x C') and weights @ g
+        f = {"gaussian": c, "concatenation": 2 * m.inter_channels}.get(m.mode, m.inter_channels)
+        total += b * n * k * (f + m.inter_channels)  # f(x_i, x_j) for every pair, then Σ_j f g_j
 
     hooks = []
     for m in model.modules():
@@ -55,6 +56,28 @@ def test_counted_macs_equal_an_independent_count(name, fake):
     assert report.macs == independent_macs(model, x) > 0
     assert report.flops == 2 * report.macs
     assert report.params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
+def test_every_mode_and_path_is_counted_by_the_papers_definition(mode):
+    # the same count whichever exact path runs: dense (plain matmuls, counted by every torch), SDPA (counted by
+    # some torch versions' FLOP counters, not by others), the linear and sorted paths (fewer operations)
+    x = torch.randn(2, 3, 32, 64, 64)
+    counts = set()
+    for impl in ("auto",) + IMPLS_BY_MODE[mode]:
+        torch.manual_seed(0)
+        model = create_model("nl_i3d_r50", layers=(2, 4, 6, 2), width=4, num_classes=5,
+                             nonlocal_options={"mode": mode, "impl": impl})
+        counts.add(count_cost(model, tuple(x.shape)).macs)
+    assert counts == {independent_macs(model, x)}
+
+
+def test_pairwise_macs_reported_per_block_row():
+    report = model_cost("nl1_c2d_r50", depth=2)
+    nl = next(r for r in report.rows if r.name == "res4.nl4")
+    n, m = 4 * 14 * 14, 4 * 7 * 7  # queries, max-pooled keys
+    projections = n * 1024 * 512 + 2 * m * 1024 * 512 + n * 512 * 1024  # θ(x), φ(x̂), g(x̂), W_z
+    assert nl.macs == projections + n * m * (512 + 512)
 
 
 @pytest.mark.parametrize("name,frames,gmacs", [

@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -69,6 +72,42 @@ def dense_pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float,
     return softmax_attention_dense(q, k, v, scale)
 
 
+def pairwise_macs(mode: str, batch: int, n: int, m: int, cq: int, cv: int) -> int:
+    """Multiply-adds of the pairwise step by the paper's definition, whichever exact path computes it.
+
+    Every pair (i, j) costs f(q_i, k_j) (a Cq-channel dot product; w_fᵀ[q_i, k_j] over 2Cq channels for the
+    concatenation) plus its share of Σ_j f v_j (Cv): B·N·M·(Cq + Cv), or B·N·M·(2Cq + Cv). This is what the
+    dense reference computes and what the paper's FLOP figures count; the fast paths compute the same function.
+    """
+    return batch * n * m * ((2 * cq if mode == "concatenation" else cq) + cv)
+
+
+class PairwiseCount:
+    """Multiply-adds reported by the pairwise steps run inside :func:`counting_pairwise`."""
+
+    def __init__(self) -> None:
+        self.macs = 0
+
+
+_counting: PairwiseCount | None = None
+
+
+@contextlib.contextmanager
+def counting_pairwise(count: PairwiseCount | None = None) -> Iterator[PairwiseCount]:
+    """Within this context :func:`pairwise` adds :func:`pairwise_macs` to ``count`` instead of computing (y is
+    zeros).
+
+    The cost counter uses it so that a network's multiply-adds do not depend on which attention kernels a torch
+    version's FLOP counter happens to know (SDPA's variants are counted by some versions and not by others).
+    """
+    global _counting
+    previous, _counting = _counting, count or PairwiseCount()
+    try:
+        yield _counting
+    finally:
+        _counting = previous
+
+
 def pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str,
              concat_project: nn.Sequential | None = None) -> Tensor:
     """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j over folded sequences, by the path ``impl`` (already resolved).
@@ -83,6 +122,9 @@ def pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str
     Returns:
         (B, N, Cv).
     """
+    if _counting is not None:
+        _counting.macs += pairwise_macs(mode, q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+        return v.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     if impl == "dense":
         return dense_pairwise(q, k, v, mode, scale, concat_project)[0]
     if impl == "sdpa":

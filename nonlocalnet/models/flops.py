@@ -1,9 +1,12 @@
 """Cost of a model: parameters and multiply-adds per layer and in total, counted by torch itself.
 
-Multiply-adds come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts convolutions and matrix
-products (the fc, the non-local block's attention products) and reports flops = 2 x multiply-adds; norms,
-pooling, activations and softmax are not counted. This is the convention of fvcore and of the paper's tables
-(C2D R50 on an 8x224x224 clip: about 19.5 G multiply-adds).
+Multiply-adds of the convolutions and matrix products (the fc, the non-local block's 1x1 projections) come from
+:class:`torch.utils.flop_counter.FlopCounterMode`, which reports flops = 2 x multiply-adds; norms, pooling,
+activations and softmax are not counted. This is the convention of fvcore and of the paper's tables (C2D R50 on
+an 8x224x224 clip: about 19.5 G multiply-adds). The non-local pairwise step is not left to torch's counter, which
+knows some attention kernels in one version and not in another: each block reports its own multiply-adds by the
+paper's definition (:func:`nonlocalnet.layers.pairwise.pairwise_macs`, N·M·(Cq + Cv) per clip), whichever exact
+path would run, so the figures are the same on every torch.
 
 By default the model runs on fake tensors (shapes only, no memory, no arithmetic), so the cost of NL I3D R101
 on a 128-frame clip takes a second to count.
@@ -17,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from ..layers.pairwise import PairwiseCount, counting_pairwise
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
         input_shape: the full input shape, e.g. (1, 3, 8, 224, 224).
         depth: the table's rows are the modules ``depth`` levels down ("res4.3" is depth 2), and shallower
             modules without children ("conv1").
-        fake: run on fake tensors (shapes only); False runs the real arithmetic on the model's device.
+        fake: run on fake tensors (shapes only); False runs the real arithmetic on the model's device (except the
+            non-local pairwise steps, which report their cost and return zeros).
 
     Returns:
         A :class:`CostReport`.
@@ -101,20 +107,30 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
             if name and (name.count(".") + 1 == depth or (name.count(".") + 1 < depth
                                                           and not any(True for _ in module.children())))]
     shapes: dict[str, tuple[int, ...] | None] = {}
+    pairwise_macs = {name: 0 for name, _ in rows}  # each row's non-local pairwise multiply-adds
+    started: dict[str, int] = {}
+    count = PairwiseCount()
 
-    def remember(name: str):
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+    def enter(name: str):
+        def hook(_module: nn.Module, _inputs: Any) -> None:
+            started[name] = count.macs
         return hook
 
-    handles = [module.register_forward_hook(remember(name)) for name, module in rows]
+    def leave(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+            pairwise_macs[name] += count.macs - started.pop(name)
+        return hook
+
+    handles = [h for name, module in rows for h in (module.register_forward_pre_hook(enter(name)),
+                                                    module.register_forward_hook(leave(name)))]
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
     try:
         mode = _fake_mode(model) if fake else contextlib.nullcontext()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with mode, counter, torch.no_grad():
+        with mode, counter, torch.no_grad(), counting_pairwise(count):
             model(torch.zeros(tuple(input_shape), device=device))
     finally:
         for handle in handles:
@@ -124,11 +140,11 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
     counts = counter.get_flop_counts()
     root = type(model).__name__
     report = CostReport(tuple(input_shape), params=sum(p.numel() for p in model.parameters()),
-                        macs=counter.get_total_flops() // 2)
+                        macs=counter.get_total_flops() // 2 + count.macs)
     for name, module in rows:
         flops = sum(counts.get(f"{root}.{name}", {}).values())
         report.rows.append(LayerCost(name, type(module).__name__, sum(p.numel() for p in module.parameters()),
-                                     flops // 2, shapes.get(name)))
+                                     flops // 2 + pairwise_macs[name], shapes.get(name)))
     return report
 
 
