@@ -3,7 +3,8 @@
 # each of the paper's four instantiations, and prints / saves the comparison (a miniature of Table 2(a)).
 # Extra arguments go to `nonlocalnet compare` (see `nonlocalnet compare --help`).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup.sh"
-cd "$root"
-exec .venv/bin/nonlocalnet compare --out outputs/compare "$@"
+NONLOCALNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$NONLOCALNET_ROOT/scripts/_env.sh"
+nonlocalnet_env "${NONLOCALNET_TORCH:-default}"
+cd "$NONLOCALNET_ROOT"
+exec "$VENV/bin/nonlocalnet" compare --out outputs/compare "$@"
