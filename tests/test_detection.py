@@ -18,7 +18,8 @@ from torchvision.models import get_model, resnet18, resnet34, resnet50, resnet10
 from nonlocalnet.detection import builders
 from nonlocalnet.detection.builders import NonLocalOptions, build_detector, keypointrcnn, maskrcnn, \
     resnet_fpn_backbone
-from nonlocalnet.detection.config import CONFIG_DIR, apply_overrides, complete_config, load_config
+from nonlocalnet.detection.config import apply_overrides, complete_config, load_config
+from nonlocalnet.io import packaged_configs
 from nonlocalnet.detection.data import COCO_KEYPOINT_NAMES, CocoDetection, RandomHorizontalFlip, collate, \
     make_builtin_coco
 from nonlocalnet.detection.evaluate import coco_evaluate, gather_results, to_coco_results
@@ -451,7 +452,7 @@ def test_gather_results_without_processes_is_the_identity():
 # ----------------------------------------------------------------------------------------------------------
 
 def test_configs_in_the_repo_are_complete_and_build():
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    names = sorted(p.stem for p in (packaged_configs() / "coco").glob("*.yaml"))
     assert {"maskrcnn_r50_fpn_nl_1x", "keypointrcnn_r101_fpn_nl_1x", "tiny_shapes", "tiny_figures"} <= set(names)
     recipe = load_config("maskrcnn_r50_fpn_nl_1x")
     assert recipe["train"]["lr"] == 0.02 and recipe["train"]["lr_reference_batch"] == 16

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "coco"
+from ..io import find_config
+
 SECTIONS = ("model", "data", "train")
 
 DATA_DEFAULTS: dict[str, Any] = {
@@ -54,15 +55,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """A config file by path, or by stem in :data:`CONFIG_DIR`."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    candidate = CONFIG_DIR / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise FileNotFoundError(f"no config file {str(name)!r}; give a path or one of: {', '.join(known) or '(none)'}")
+    """A config file by path, or a shipped detection config by stem ("tiny_shapes")."""
+    return find_config(name, folder="coco")
 
 
 def load_config(name: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:

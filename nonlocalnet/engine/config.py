@@ -1,4 +1,5 @@
-"""Run configurations: YAML files under ``configs/`` on top of the defaults, overridable with ``key=value``.
+"""Run configurations: YAML files (a path, or a config shipped in the package, :func:`~nonlocalnet.io.find_config`)
+on top of the defaults, overridable with ``key=value``.
 
 A config is a nested dict with the sections ``model``, ``data``, ``train``, ``test`` and the top-level
 ``output_dir`` and ``seed``. A YAML file may name a ``base`` file (relative to itself) that it extends. Command-line
@@ -13,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ..io import write_text_atomic
+from ..io import find_config, write_text_atomic
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -83,7 +84,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """The defaults, updated by a YAML file (and the files it extends), then by ``key=value`` overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        merge(cfg, _read_yaml_chain(Path(path)))
+        try:
+            path = find_config(path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        merge(cfg, _read_yaml_chain(path))
     for item in overrides:
         apply_override(cfg, item)
     check_config(cfg)
