@@ -181,7 +181,31 @@ def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
     assert all(r["params"] > base["params"] and r["macs"] > base["macs"] for r in nl)
     assert all(0 <= r["attention_hit_rate"] <= 1 and (out / r["picture"]).is_file() for r in nl)
     assert (out / "results.md").read_text().startswith("| model | top-1")
-    assert "C2D + NL dot product" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "C2D + NL dot product" in printed
+    # the total and each network's training time, as measured
+    assert f"5 networks trained and tested in {result['seconds']:.0f} s in all" in printed
+    assert all(f"{r['variant']} {r['train_seconds']:.0f} s" in printed for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
+    tiny = ["--iterations", "5", "--no-progress", "--variants", "baseline", "concatenation", "embedded_gaussian",
+            "data.test_size=16", "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]
+    assert main(["compare", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
+    assert main(["compare", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
+    parallel, serial = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("parallel", "serial"))
+    assert (parallel["jobs"], serial["jobs"]) == (2, 1)
+    for a, b in zip(parallel["rows"], serial["rows"]):
+        assert {k: v for k, v in a.items() if k != "train_seconds"} == \
+            {k: v for k, v in b.items() if k != "train_seconds"}
+        weights = [load_file(tmp_path / d / a["variant"] / "model_final.safetensors") for d in ("parallel", "serial")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), a["variant"]
+    # and the seed matters, so the equality above could fail
+    assert main(["compare", "--out", str(tmp_path / "seed1"), "--jobs", "2", "--seed", "1", *tiny]) == 0
+    other = load_file(tmp_path / "seed1" / "concatenation" / "model_final.safetensors")
+    first = load_file(tmp_path / "serial" / "concatenation" / "model_final.safetensors")
+    assert not torch.equal(other["res3.nl0.theta.weight"], first["res3.nl0.theta.weight"])
 
 
 def test_final_weights_rebuild_the_trained_variant_for_visualize(tmp_path):

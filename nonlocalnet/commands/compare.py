@@ -15,18 +15,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which networks to train (default: all five)")
     parser.add_argument("--seed", type=int, default=None, help="the seed of data, init and order (default: config's)")
     parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: config's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="networks trained at once, each in its own process (default: one per core)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each network (default 1; the table depends on it, not on --jobs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..engine.compare import run_comparison
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -34,9 +33,12 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.iterations={args.iterations}")
     if args.no_progress:
         overrides.append("progress=false")
-    result = run_comparison(args.out, config=args.config, variants=args.variants, overrides=overrides)
+    result = run_comparison(args.out, config=args.config, variants=args.variants, overrides=overrides,
+                            jobs=args.jobs, threads=args.threads)
     print()
     print(result["markdown"])
-    print(f"\n{len(result['rows'])} networks trained and tested in {result['seconds']:.0f} s on "
-          f"{result['threads']} threads; table in {args.out}/results.md, details in {args.out}/results.json")
+    each = ", ".join(f"{r['variant']} {r['train_seconds']:.0f} s" for r in result["rows"])
+    print(f"\n{len(result['rows'])} networks trained and tested in {result['seconds']:.0f} s in all "
+          f"({result['jobs']} at a time, {result['threads']} thread(s) each, torch {result['torch']}); training: "
+          f"{each}. Table in {args.out}/results.md, details in {args.out}/results.json")
     return 0

@@ -20,7 +20,7 @@ from ..layers import MODES
 from .config import load_config
 
 VARIANTS = ("baseline",) + tuple(MODES)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "nl_c2d_tiny.yaml"
+DEFAULT_CONFIG = "synthetic/nl_c2d_tiny.yaml"  # shipped in the package (nonlocalnet.io.find_config)
 
 
 def variant_config(config: str | os.PathLike | None, variant: str, out: Path, overrides: Sequence[str] = ()):
@@ -43,60 +43,160 @@ def variant_config(config: str | os.PathLike | None, variant: str, out: Path, ov
     return cfg
 
 
+def default_jobs(variants: int) -> int:
+    """One process per core this process may run on, at most one per network."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(variants, cores))
+
+
 def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
                    variants: Sequence[str] = VARIANTS, overrides: Sequence[str] = (), attention_clips: int = 256,
-                   pictures: bool = True, echo=print) -> dict[str, Any]:
+                   pictures: bool = True, jobs: int | None = None, threads: int = 1, echo=print) -> dict[str, Any]:
     """Trains and tests every variant; writes ``results.md``, ``results.json`` and attention pictures to ``out``.
+
+    The networks train as ``jobs`` parallel processes of ``threads`` torch threads each (default: one
+    single-thread process per core). A network's results depend on the seed, its thread count and the torch
+    build, not on ``jobs``: one process per core is faster than one network at a time on every core (the tiny
+    networks' operations are too small to split across threads) and does not stall when another program holds
+    a core, as threads waiting on each other at every operation do.
 
     Returns:
         {"rows": [...], "markdown": str, "seconds": float, ...}.
     """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = list(variants)
+    jobs = default_jobs(len(variants)) if jobs is None else jobs
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be positive; got jobs={jobs}, threads={threads}")
+    jobs = min(jobs, len(variants))
+    cfg = variant_config(config, variants[-1], out, overrides)
+    echo(f"[compare] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
+         f"(seed {cfg['seed']}), {jobs} at a time, {threads} thread(s) each")
+    began = time.perf_counter()
+    task = dict(config=config, out=out, overrides=list(overrides), attention_clips=attention_clips,
+                pictures=pictures)
+    if jobs == 1:
+        rows = []
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for variant in variants:
+                rows.append(run_variant(variant, **task))
+                _report_row(rows[-1], echo)
+        finally:
+            torch.set_num_threads(previous)
+    else:
+        rows = _run_in_processes(variants, task, jobs, threads, cfg, echo)
+    seconds = time.perf_counter() - began
+    markdown = results_markdown(rows, cfg)
+    result = {"rows": rows, "markdown": markdown, "seconds": seconds, "seed": cfg["seed"],
+              "iterations": cfg["train"]["iterations"], "threads": threads, "jobs": jobs,
+              "torch": torch.__version__, "config": os.fspath(config or DEFAULT_CONFIG),
+              "overrides": list(overrides)}
+    write_text_atomic(out / "results.md", markdown + "\n")
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, overrides: Sequence[str],
+                attention_clips: int, pictures: bool, on_iteration=None) -> dict[str, Any]:
+    """Trains and tests one network of the comparison; its row of the table."""
+    from safetensors.torch import load_file
+
     from ..data import build_dataset
     from ..models.flops import count_cost
     from ..viz import attention_hits, render_object_attention
     from .trainer import build_model, train
-    from safetensors.torch import load_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    rows = []
-    for variant in variants:
-        cfg = variant_config(config, variant, out, overrides)
-        echo(f"[compare] {variant}: training {cfg['model']['name']} for {cfg['train']['iterations']} iterations "
-             f"(seed {cfg['seed']})")
-        report = train(cfg)
-        model = build_model(cfg)
-        model.load_state_dict(load_file(os.fspath(Path(cfg["output_dir"]) / "model_final.safetensors")))
-        model.eval()
-        data = cfg["data"]
-        cost = count_cost(model, (1, 3, data["frames"], data["image_size"], data["image_size"]))
-        row = {"variant": variant, "mode": None if variant == "baseline" else variant,
-               "top1": report["top1"], "videos": report["videos"], "params": cost.params, "macs": cost.macs,
-               "train_seconds": report["train_seconds"], "mean_class_accuracy": report["mean_class_accuracy"]}
-        if variant != "baseline" and data["type"] == "synthetic":
-            test_set = build_dataset(data, "test", cfg["seed"])
-            items = [test_set[i] for i in range(min(attention_clips, len(test_set)))]
-            clips = torch.stack([it["clip"] for it in items])
-            objects = torch.stack([it["objects"] for it in items])
-            hits = attention_hits(model, clips, objects)
-            row.update(attention_hit_rate=hits.rate, attention_chance_rate=hits.chance_rate,
-                       attention_block=hits.block)
-            if pictures:
-                picture = out / f"attention_{variant}.png"
-                render_object_attention(model, items[0]["clip"], items[0]["objects"], picture,
-                                        title=f"{variant}: label {int(items[0]['label'])}")
-                row["picture"] = picture.name
-        rows.append(row)
-        echo(f"[compare] {variant}: top-1 {100 * row['top1']:.1f}% in {row['train_seconds']:.0f} s")
-    seconds = time.perf_counter() - began
-    markdown = results_markdown(rows, cfg)
-    result = {"rows": rows, "markdown": markdown, "seconds": seconds, "seed": cfg["seed"],
-              "iterations": cfg["train"]["iterations"], "threads": torch.get_num_threads(),
-              "config": os.fspath(config or DEFAULT_CONFIG), "overrides": list(overrides)}
-    write_text_atomic(out / "results.md", markdown + "\n")
-    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
-    return result
+    cfg = variant_config(config, variant, out, overrides)
+    report = train(cfg, on_iteration=on_iteration)
+    model = build_model(cfg)
+    model.load_state_dict(load_file(os.fspath(Path(cfg["output_dir"]) / "model_final.safetensors")))
+    model.eval()
+    data = cfg["data"]
+    cost = count_cost(model, (1, 3, data["frames"], data["image_size"], data["image_size"]))
+    row = {"variant": variant, "mode": None if variant == "baseline" else variant, "model": cfg["model"]["name"],
+           "top1": report["top1"], "videos": report["videos"], "params": cost.params, "macs": cost.macs,
+           "train_seconds": report["train_seconds"], "mean_class_accuracy": report["mean_class_accuracy"]}
+    if variant != "baseline" and data["type"] == "synthetic":
+        test_set = build_dataset(data, "test", cfg["seed"])
+        items = [test_set[i] for i in range(min(attention_clips, len(test_set)))]
+        clips = torch.stack([it["clip"] for it in items])
+        objects = torch.stack([it["objects"] for it in items])
+        hits = attention_hits(model, clips, objects)
+        row.update(attention_hit_rate=hits.rate, attention_chance_rate=hits.chance_rate,
+                   attention_block=hits.block)
+        if pictures:
+            picture = out / f"attention_{variant}.png"
+            render_object_attention(model, items[0]["clip"], items[0]["objects"], picture,
+                                    title=f"{variant}: label {int(items[0]['label'])}")
+            row["picture"] = picture.name
+    return row
+
+
+def _report_row(row: dict[str, Any], echo) -> None:
+    echo(f"[compare] {row['variant']}: top-1 {100 * row['top1']:.1f}% in {row['train_seconds']:.0f} s of training")
+
+
+# --- one process per network ----------------------------------------------------------------------------------
+
+_progress = None  # in a worker process: the queue its training progress goes to
+
+
+def _start_worker(threads: int, progress) -> None:
+    global _progress
+    torch.set_num_threads(threads)
+    _progress = progress
+
+
+def _worker(variant: str, task: dict[str, Any]) -> dict[str, Any]:
+    def on_iteration(iteration: int) -> None:
+        if iteration % 10 == 0:
+            _progress.put((variant, iteration))
+
+    return run_variant(variant, **task, on_iteration=on_iteration)
+
+
+def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, threads: int, cfg: dict[str, Any],
+                      echo) -> list[dict[str, Any]]:
+    """Runs :func:`run_variant` for each variant in ``jobs`` fresh processes; the rows in ``variants`` order."""
+    import multiprocessing
+    import queue as queues
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
+    progress = context.Queue()
+    iterations = cfg["train"]["iterations"]
+    bars = {v: tqdm(total=iterations, desc=f"{v:<17}", unit="it", position=i, leave=False, dynamic_ncols=True,
+                    disable=not cfg["progress"]) for i, v in enumerate(variants)}
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
+                                 initargs=(threads, progress)) as pool:
+            quiet = {**task, "overrides": [*task["overrides"], "progress=false"]}  # the bars are drawn here
+            pending = {pool.submit(_worker, v, quiet): v for v in variants}
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        variant, iteration = progress.get_nowait()
+                    except queues.Empty:
+                        break
+                    bars[variant].update(iteration - bars[variant].n)
+                for future in done:
+                    variant = pending.pop(future)
+                    rows[variant] = future.result()  # a failed network stops the comparison with its error
+                    bars[variant].update(iterations - bars[variant].n)
+                    bars[variant].close()
+                    _report_row(rows[variant], tqdm.write if cfg["progress"] else echo)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        progress.close()
+    return [rows[v] for v in variants]
 
 
 def results_markdown(rows: Sequence[dict[str, Any]], cfg: dict[str, Any]) -> str:

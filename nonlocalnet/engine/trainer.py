@@ -17,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ def _train_batches(dataset: Dataset, sampler: ShardedSampler, cfg: Mapping[str, 
 
 
 def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Trains the config's model and evaluates it; returns the test report (the main process's copy).
 
     Args:
@@ -144,6 +144,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             none); a path = continue from that checkpoint; False = start from scratch.
         stop_after: stop (after checkpointing) at this iteration without evaluating, as if interrupted; for
             tests of exact resumption.
+        on_iteration: called with the iteration count after every training step (progress for a caller that
+            shows it elsewhere, such as the comparison's parent process).
 
     Returns:
         The test report of :func:`evaluate` plus ``train_seconds``, or ``{"stopped_at": iteration}``.
@@ -229,6 +231,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             window_correct += int((logits.argmax(1) == labels).sum())
         skipped += int(batch["skipped"].sum())
         bar.update(1)
+        if on_iteration is not None:
+            on_iteration(iteration)
         log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
         checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end
         if log_now or checkpoint_now:  # every process takes part in the sum
