@@ -190,8 +190,8 @@ def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
-    tiny = ["--iterations", "5", "--no-progress", "--variants", "baseline", "concatenation", "embedded_gaussian",
-            "data.test_size=16", "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]
+    tiny = ["--iterations", "5", "--no-progress", "data.test_size=16", "data.train_size=64", "train.batch_size=8",
+            "train.precise_bn_batches=1", "--variants", "baseline", "concatenation", "embedded_gaussian"]
     assert main(["compare", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
     assert main(["compare", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
     parallel, serial = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("parallel", "serial"))
