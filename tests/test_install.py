@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import site
@@ -84,3 +85,11 @@ def test_shipped_configs_are_found_by_checkout_path_relative_path_or_stem(tmp_pa
     with pytest.raises(FileNotFoundError, match=r"not found: 'tiny_shape' is no file, nor a shipped config "
                                                 r"\(keypointrcnn_r101_fpn_nl_1x, maskrcnn_r50_fpn_nl_1x, tiny_figures, tiny_shapes\)$"):
         find_config("tiny_shape", folder="coco")
+
+
+def test_the_lowest_environment_pins_the_declared_lower_bounds():
+    # CI tests requirements/torch-lowest.txt as the bottom of the range: it must be what pyproject.toml declares
+    declared = dict(re.findall(r'"(torch|torchvision)>=([\d.]+)"', (REPO / "pyproject.toml").read_text()))
+    pins = dict(re.findall(r"^(torch|torchvision)==([\d.]+)$", (REPO / "requirements" / "torch-lowest.txt").read_text(),
+                           flags=re.M))
+    assert declared == pins and set(pins) == {"torch", "torchvision"}
