@@ -229,11 +229,25 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path):
     cfg = load_config(TINY, overrides)
     seed_everything(cfg["seed"])
     model = build_model(cfg)  # the same initial weights train() starts from
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert any(isinstance(m, FrozenBatchNorm) for m in model.modules())
+    # every BN of the backbone frozen; the non-local block's own BN (γ = 0 at init) stays trainable
+    trainable_bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert trainable_bn == ["res3.nl0.norm"]
+    frozen = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
+    assert len(frozen) == 17 and "bn1" in frozen
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     report = train(cfg)
     final = load_file(tmp_path / "run" / "model_final.safetensors")
-    # frozen statistics stay at their initial values (mean 0, var 1) through training
-    assert torch.equal(final["bn1.running_mean"], torch.zeros(8)) and torch.equal(final["bn1.running_var"], torch.ones(8))
+    # frozen statistics and affine parameters stay as they were through training
+    for name in frozen:
+        for part in ("running_mean", "running_var", "weight", "bias"):
+            assert torch.equal(final[f"{name}.{part}"], initial[f"{name}.{part}"]), (name, part)
     assert not torch.equal(final["conv1.weight"], model.conv1.weight.detach())  # but the weights trained
+    # and so did the block: γ left 0, θ / φ / g / W_z got gradients, and the block no longer returns its input
+    assert final["res3.nl0.norm.weight"].abs().min() > 0
+    for part in ("theta", "phi", "g", "out"):
+        assert not torch.equal(final[f"res3.nl0.{part}.weight"], initial[f"res3.nl0.{part}.weight"]), part
+    model.load_state_dict(final)
+    x = torch.randn(2, model.res3.nl0.in_channels, 4, 8, 8)
+    with torch.no_grad():
+        assert (model.res3.nl0.eval()(x) - x).abs().max() > 1e-5  # exactly 0 while the block is the identity
     assert report["videos"] == 32

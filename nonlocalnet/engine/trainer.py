@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from ..data import ShardedSampler, build_dataset, is_multi_label
 from ..io import atomic_path, write_text_atomic
+from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
-from ..models.inflate import inflate_2d_weights
-from ..models.weights import read_state_dict, save_weights
+from ..models.pretrained import load_pretrained
+from ..models.weights import save_weights
 from . import metrics as M
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import save_config
@@ -54,34 +55,10 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     if cfg["model"].get("pretrained"):
         load_pretrained(model, cfg["model"]["pretrained"])
     if cfg["train"]["freeze_bn"]:
-        model = freeze_batchnorm(model)
+        # the backbone's BN is frozen; a non-local block's own BN (γ = 0 at init) stays trainable, or the block
+        # would stay the identity forever
+        model = freeze_batchnorm(model, exclude=(NonLocalBlock,))
     return model
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
-    """Loads a 3D checkpoint of this model, or inflates 2D (torchvision ResNet) weights into it.
-
-    Accepts .safetensors files, training checkpoints and bare state dicts (.pt / .pth). The classifier is
-    skipped when its shape differs (fine-tuning to another number of classes).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: no file at {path}")
-    state = read_state_dict(path)[0]
-    conv1 = state.get("conv1.weight")
-    if conv1 is not None and conv1.dim() == 4:  # a 2D network: inflate
-        inflate_2d_weights(model, state)
-        return
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in skipped]
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise RuntimeError(f"model.pretrained {path} does not fit the model: missing {missing[:10]}, "
-                           f"unexpected {unexpected[:10]}")
-    if skipped:
-        log.info("pretrained: kept the model's own %s (shapes differ)", ", ".join(skipped))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

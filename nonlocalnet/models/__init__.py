@@ -11,6 +11,7 @@ from .caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pic
 from .flops import CostReport, count_cost, model_cost
 from .inflate import inflate_2d_weights
 from .placements import check_locations
+from .pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_defaults, register_model
 from .resnet3d import (ARCHS, CLIP_LAYOUTS, PAPER_32X2, Bottleneck3d, ClipLayout, ResNet3d, ResStage,
                        VideoClassifierHead, i3d_inflated_blocks)
@@ -21,5 +22,5 @@ __all__ = [
     "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "ModelEntry", "ResNet3d",
     "ResStage", "VideoClassifierHead", "check_locations", "convert_caffe2_blobs", "count_cost", "create_model",
     "freeze_batchnorm", "get_model_entry", "i3d_inflated_blocks", "inflate_2d_weights", "list_models",
-    "load_caffe2_pickle", "load_weights", "model_cost", "model_defaults", "register_model", "save_weights",
+    "load_caffe2_pickle", "load_pretrained", "load_weights", "PretrainedMismatch", "PretrainedReport", "model_cost", "model_defaults", "register_model", "save_weights",
 ]

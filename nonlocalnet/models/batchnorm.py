@@ -106,7 +106,7 @@ _FROZEN_BY_BN = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchN
                  nn.BatchNorm3d: FrozenBatchNorm3d}
 
 
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
+def freeze_batchnorm(module: nn.Module, exclude: tuple[type, ...] = ()) -> nn.Module:
     """Replaces every BatchNorm1d/2d/3d and SyncBatchNorm in ``module`` by a frozen copy.
 
     The statistics and affine parameters are kept as they are; the replaced layers no longer have parameters,
@@ -114,6 +114,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
     Args:
         module: a model, changed in place; if it is itself a BN layer, its frozen copy is returned instead.
+        exclude: module types whose BN layers stay as they are (the trainer passes the non-local block, whose
+            BN starts at γ = 0: frozen there, the block would stay the identity).
 
     Returns:
         ``module`` (or the frozen copy of a BN ``module``).
@@ -121,8 +123,10 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         frozen_cls = _FROZEN_BY_BN.get(type(module), FrozenBatchNorm)
         return frozen_cls.from_batchnorm(module)
+    if exclude and isinstance(module, exclude):
+        return module
     for name, child in module.named_children():
-        frozen = freeze_batchnorm(child)
+        frozen = freeze_batchnorm(child, exclude)
         if frozen is not child:
             setattr(module, name, frozen)
     return module
