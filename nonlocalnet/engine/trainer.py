@@ -32,7 +32,7 @@ from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
-from ..models.weights import save_weights
+from ..models.weights import read_state_dict, save_weights
 from . import metrics as M
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import save_config

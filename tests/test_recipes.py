@@ -1,0 +1,89 @@
+"""Every shipped video config walked through its real chain on tiny sizes, with the configs' own paths.
+
+ImageNet (a torchvision-layout ResNet-50 state dict) -> inflated 32x2 / 8x8 baselines and NL models -> the
+128-frame frozen-BN NL I3D from the 32x2 I3D (as the official run script) or from the 32x2 NL I3D -> Charades
+from the Kinetics models. Only sizes, iterations and worker counts are overridden; every ``model.pretrained`` is
+the config's own, so a recipe that names a file its predecessor does not write fails here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from nonlocalnet.cli import main
+from nonlocalnet.io import packaged_configs
+
+KINETICS = ["i3d_r50_32x2", "i3d_r50_8x8", "c2d_r50_32x2", "c2d_r50_8x8", "nl_c2d_r50_32x2", "nl_c2d_r50_8x8",
+            "nl_i3d_r50_32x2", "nl_i3d_r50_8x8"]  # the ones that start from ImageNet
+TINY = ["--no-progress", "train.iterations=2", "train.batch_size=2", "train.precise_bn_batches=1",
+        "train.log_every=1", "data.workers=0", "data.crop_size=32", "data.train_scale=[32,40]", "data.test_scale=32",
+        "data.test_clips=2", "data.test_crops=1", "test.batch_size=2"]
+
+
+def _write_video(path: Path, frames: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _frames(cfg: str) -> list[str]:
+    if cfg.endswith("128x1"):
+        return ["data.frames=32", "data.sampling_rate=1"]  # res3 sees 4 frames: one temporal group
+    return ["data.frames=8", "data.sampling_rate=2" if cfg.endswith("32x2") else "data.sampling_rate=1"]
+
+
+def _walk(name: str) -> dict:
+    """Trains the shipped config ``name`` ("kinetics/i3d_r50_32x2") on tiny sizes, then tests it by the CLI."""
+    assert main(["train", "--config", f"configs/{name}.yaml", *TINY, *_frames(name)]) == 0
+    run = Path("runs") / name
+    assert main(["test", "--config", str(run / "config.yaml"), "--checkpoint", str(run / "model_final.safetensors"),
+                 "--output", str(run / "cli_test.json"), "--no-progress"]) == 0
+    return json.loads((run / "cli_test.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_shipped_video_recipe_walks_its_chain(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative paths (data/, runs/, pretrained/) land here
+    rng = np.random.default_rng(0)
+    lines = {"kinetics": [], "charades": []}
+    for i in range(4):
+        for kind in lines:
+            _write_video(tmp_path / "data" / kind / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
+            lines[kind].append(f"v{i}.mp4 {i % 2}" if kind == "kinetics" else f"v{i}.mp4 {i},{i + 100}")
+    for kind, rows in lines.items():
+        for split in ("train_list", "val_list"):
+            (tmp_path / "data" / kind / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "pretrained").mkdir()
+    imagenet = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(imagenet, tmp_path / "pretrained" / "resnet50_imagenet.pth")
+
+    # (each walk also trains and tests in train(); the CLI test re-scores the saved weights)
+    reports = {name: _walk(f"kinetics/{name}") for name in KINETICS}
+    assert all(r["videos"] == 4 and r["views"] == 8 for r in reports.values())
+    i3d = load_file(tmp_path / "runs" / "kinetics" / "i3d_r50_32x2" / "model_final.safetensors")
+    assert i3d["res2.0.conv_a.weight"].shape[2] == 3  # inflated over time, from the 2D file
+    # the 128-frame model from the I3D baseline (the config's own pretrained), then from the NL I3D (BN folded)
+    reports["nl_i3d_r50_128x1"] = _walk("kinetics/nl_i3d_r50_128x1")
+    nl32 = "runs/kinetics/nl_i3d_r50_32x2/model_final.safetensors"
+    assert main(["train", "--config", "configs/kinetics/nl_i3d_r50_128x1.yaml", *TINY, *_frames("128x1"),
+                 f"model.pretrained={nl32}", "output_dir=runs/kinetics/nl_i3d_r50_128x1_from_nl"]) == 0
+    # Charades from the Kinetics models (157 sigmoid classes; the Kinetics classifier is left out)
+    for name in ("i3d_r50_32x2", "nl_i3d_r50_32x2"):
+        reports[f"charades/{name}"] = _walk(f"charades/{name}")
+        assert "mAP" in reports[f"charades/{name}"]
+    walked = set(KINETICS) | {"nl_i3d_r50_128x1"}
+    shipped = {p.stem for p in (packaged_configs() / "kinetics").glob("*.yaml")} - {"base"}
+    assert shipped == walked, "a shipped Kinetics config is not walked here"
