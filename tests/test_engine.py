@@ -255,3 +255,26 @@ def test_evaluate_aggregates_views_and_reports(tmp_path):
     assert 0 <= report["top1"] <= 1 and report["top5"] == 1.0  # 2 classes
     assert np.array(report["confusion_matrix"]).sum() == 20
     json.dumps(report)  # the report is plain JSON
+
+
+def test_views_report_gives_video_and_clip_level_accuracy():
+    from nonlocalnet.engine.metrics import views_report
+
+    # video 0 (label 0): one right view of three, right once averaged; video 1 (label 1): two of three, right;
+    # video 2 (label 2) has only two views, both wrong
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.4, 0.6, 0.0],
+                           [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0],
+                           [0.5, 0.3, 0.2], [0.3, 0.5, 0.2]])
+    videos = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    report = views_report(scores, videos, labels, num_classes=3)
+    assert report["top1"] == pytest.approx(2 / 3) and report["clip_top1"] == pytest.approx(3 / 8)
+    assert report["videos"] == 3 and report["views"] == 8
+    assert report["views_per_video"] == {"mean": pytest.approx(8 / 3, abs=1e-3), "min": 2, "max": 3}
+    assert report["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]  # video 2 averaged: [0.4, 0.4, 0.2]
+    # multi-label: a clip-level mAP beside the video-level one
+    targets = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
+    ml = views_report(torch.tensor([[0.9, 0.2], [0.1, 0.3], [0.2, 0.8], [0.3, 0.6]]), torch.tensor([0, 0, 1, 1]),
+                      targets, num_classes=2, multi_label=True)
+    # clip level, class 0: ranked 0.9(+), 0.3(-), 0.2(-), 0.1(+) -> AP (1 + 2/4) / 2; class 1: 0.8(+), 0.6(+) first
+    assert ml["clip_mAP"] == pytest.approx(((1 + 0.5) / 2 + 1.0) / 2) and ml["mAP"] == pytest.approx(1.0)

@@ -103,7 +103,7 @@ def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
 
 def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
     report = train(load_config(None, _video_overrides(video_root, tmp_path / "run")))
-    assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == 6
+    assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == {"mean": 6, "min": 6, "max": 6}
     assert report["skipped_videos"] == 0 and report["skipped_videos_train"] >= 1  # broken.mp4 was drawn and skipped
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-2]["skipped_videos"] == report["skipped_videos_train"]
@@ -135,6 +135,10 @@ def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert f"{100 * report['top1']:.2f}" in printed and report["videos"] == 32
+    # both accuracies, named, and the views each video had (the synthetic test set: one view a video)
+    assert f"top-1 (video: views averaged)  {100 * report['top1']:.2f}" in printed
+    assert f"top-1 (clip: each view alone)  {100 * report['clip_top1']:.2f}" in printed
+    assert "views                          32 (1 per video)" in printed
 
 
 def test_sync_bn_on_cpu_is_refused_before_training(tmp_path):

@@ -20,13 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """A short table of the test metrics."""
-    rows = [("videos", report["videos"]), ("views", report["views"]),
+    views = report["views_per_video"]
+    per_video = f"{views['min']}" if views["min"] == views["max"] else f"{views['min']}-{views['max']}"
+    rows = [("videos", report["videos"]), ("views", f"{report['views']} ({per_video} per video)"),
             ("skipped (corrupt) videos", report["skipped_videos"])]
     if "mAP" in report:
-        rows.insert(0, ("mAP", f"{100 * report['mAP']:.2f}"))
+        rows[:0] = [("mAP (video: views averaged)", f"{100 * report['mAP']:.2f}"),
+                    ("mAP (clip: each view alone)", f"{100 * report['clip_mAP']:.2f}")]
     else:
-        rows[:0] = [("top-1", f"{100 * report['top1']:.2f}"), ("top-5", f"{100 * report['top5']:.2f}"),
-                    ("mean class accuracy", f"{100 * report['mean_class_accuracy']:.2f}")]
+        rows[:0] = [("top-1 (video: views averaged)", f"{100 * report['top1']:.2f}"),
+                    ("top-5 (video: views averaged)", f"{100 * report['top5']:.2f}"),
+                    ("top-1 (clip: each view alone)", f"{100 * report['clip_top1']:.2f}"),
+                    ("top-5 (clip: each view alone)", f"{100 * report['clip_top5']:.2f}"),
+                    ("mean class accuracy (video)", f"{100 * report['mean_class_accuracy']:.2f}")]
     width = max(len(name) for name, _ in rows)
     print(f"{cfg['model']['name']} on {cfg['data']['type']} test data")
     for name, value in rows:

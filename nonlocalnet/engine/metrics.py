@@ -79,3 +79,37 @@ def multilabel_report(scores: Tensor, targets: Tensor) -> dict[str, Any]:
     """mAP over classes with positives, and per-class AP (multi-label)."""
     ap = average_precision(scores, targets)
     return {"videos": int(len(targets)), "mAP": float(ap.nanmean()), "per_class_ap": ap.tolist()}
+
+
+def views_report(scores: Tensor, videos: Tensor, labels: Tensor, num_classes: int,
+                 multi_label: bool = False) -> dict[str, Any]:
+    """The test report: video-level metrics (each video's views averaged) and clip-level ones (every view alone).
+
+    The paper's and the other codebases' Kinetics numbers are video-level; clip-level top-1 is what a single
+    view scores, lower, and what a training log's accuracy compares with.
+
+    Args:
+        scores: (V, K) per-view scores; videos: (V,) each view's video index; labels: (V,) or (V, K) each view's
+            label (its video's).
+        num_classes: K.
+        multi_label: mAP instead of top-k.
+
+    Returns:
+        The video-level report (``top1``, ``top5``, ... or ``mAP``, ...), plus ``clip_top1`` / ``clip_top5`` (or
+        ``clip_mAP``), ``views``, and ``views_per_video`` as {"mean", "min", "max"}.
+    """
+    video_scores, video_ids = aggregate_views(scores, videos)
+    per_video = labels.new_zeros((int(videos.max()) + 1, *labels.shape[1:]))
+    per_video[videos] = labels  # every view of a video carries the video's label
+    video_labels = per_video[video_ids]
+    if multi_label:
+        report = multilabel_report(video_scores, video_labels)
+        report["clip_mAP"] = float(average_precision(scores, labels).nanmean())
+    else:
+        report = classification_report(video_scores, video_labels, num_classes)
+        clip = topk_accuracy(scores, labels)
+        report.update(clip_top1=clip[1], clip_top5=clip[5])
+    counts = torch.bincount(videos)[video_ids]
+    report.update(views=int(len(videos)), views_per_video={
+        "mean": round(len(videos) / max(len(video_ids), 1), 3), "min": int(counts.min()), "max": int(counts.max())})
+    return report

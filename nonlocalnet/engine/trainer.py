@@ -324,17 +324,8 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
     labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()
     skipped = _total(skipped, device)
-    video_scores, video_ids = M.aggregate_views(scores, videos)
-    # every view of a video carries the video's label, so any of them gives it
-    per_video = labels.new_zeros((int(videos.max()) + 1, *labels.shape[1:]))
-    per_video[videos] = labels
-    video_labels = per_video[video_ids]
-    if multi_label:
-        report = M.multilabel_report(video_scores, video_labels)
-    else:
-        report = M.classification_report(video_scores, video_labels, cfg["data"]["num_classes"])
-    report.update({"views": int(len(videos)), "skipped_videos": skipped,
-                   "views_per_video": round(len(videos) / max(len(video_ids), 1), 3)})
+    report = M.views_report(scores, videos, labels, cfg["data"]["num_classes"], multi_label)
+    report["skipped_videos"] = skipped
     return report
 
 
