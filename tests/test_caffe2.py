@@ -1,4 +1,5 @@
 """The Caffe2 converter on pickles written here in the official layout (facebookresearch/video-nonlocal-net)."""
+import json
 import pickle
 
 import numpy as np
@@ -232,3 +233,23 @@ def test_unreadable_files_are_clear_errors(tmp_path, capsys):
     bad.write_bytes(b"not a pickle")
     with pytest.raises(Caffe2ConversionError, match="not a readable pickle"):
         load_caffe2_pickle(bad)
+
+
+def test_converted_checkpoints_run_in_the_official_network(tmp_path):
+    # the official builders pad pool1 by 0 (55x55 after pool1 at 224²); Table 1 and our default pad 1 (56x56)
+    from nonlocalnet.viz.loading import load_model
+
+    blobs = official_blobs(I3D_TEMP, NL5)
+    code, out = convert(tmp_path, blobs, "nl_i3d_r50", "--num-classes", "7")
+    assert code == 0 and json.loads(read_metadata(out)["model_options"])["clip"] == "32x2_official"
+    model, _ = load_model(out)  # rebuilt from the file's own record
+    assert model.clip_name == "32x2_official" and model.pool1.padding == (0, 0, 0)
+    check_placed(model, blobs)
+    pooled = model.pool1(model.relu(model.bn1(model.conv1(torch.zeros(1, 3, 8, 224, 224)))))
+    assert pooled.shape[-2:] == (55, 55)
+    # --paper-layout keeps the paper's network (same weights)
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    code, out = convert(paper, blobs, "nl_i3d_r50", "--num-classes", "7", "--paper-layout")
+    model, _ = load_model(out)
+    assert code == 0 and model.clip_name == "32x2" and model.pool1.padding == (0, 1, 1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 from typing import Any
 
@@ -28,12 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-classifier", action="store_true",
                         help="leave the classifier out (for checkpoints without pred_w/pred_b, e.g. the official "
                              "fine-tuning inits); load the file with strict=False")
+    parser.add_argument("--paper-layout", action="store_true",
+                        help="build the paper's layout (pool1 padded by 1, 56x56 at 224²) instead of the official "
+                             "network the checkpoint was trained in (pool1 unpadded, 55x55)")
     parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
                         metavar="KEY=VALUE", help="a model option, e.g. --set layers=(3,4,6,3); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import create_model, list_models, save_weights
+    from ..models import CLIP_LAYOUTS, create_model, list_models, save_weights
     from ..models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
 
     if args.model not in list_models():
@@ -52,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         overrides["num_classes"] = num_classes
     try:
         model = create_model(args.model, **overrides)
+        if "clip" not in overrides and not args.paper_layout and model.clip_name in CLIP_LAYOUTS \
+                and f"{model.clip_name}_official" in CLIP_LAYOUTS:
+            # the network the official code ran: same weights, pool1 unpadded
+            overrides["clip"] = f"{model.clip_name}_official"
+            model = create_model(args.model, **overrides)
     except (TypeError, ValueError) as exc:
         print(f"nonlocalnet convert-caffe2: {exc}")
         return 2
@@ -63,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
     # the file must load back into the model it was made for
     model.load_state_dict(result.state_dict, strict=not args.skip_classifier)
     metadata = {"model": args.model, "num_classes": str(model.num_classes), "source": os.path.basename(args.input),
-                "converted_from": "caffe2", "affine": "yes" if result.affine else "no"}
+                "converted_from": "caffe2", "affine": "yes" if result.affine else "no",
+                "model_options": json.dumps({k: v for k, v in overrides.items() if k != "num_classes"})}
     save_weights(result.state_dict, args.output, metadata=metadata)
-    print(f"wrote {args.output}: {len(result.state_dict)} tensors for {args.model} ({model.num_classes} classes)"
+    print(f"wrote {args.output}: {len(result.state_dict)} tensors for {args.model} ({model.num_classes} classes, "
+          f"clip layout {model.clip_name})"
           + (f"; {len(result.affine)} norm layers from affine (frozen-BN) blobs" if result.affine else "")
           + (f"; skipped {len(result.skipped)} training-state blobs" if result.skipped else "")
           + ("; classifier left out" if args.skip_classifier else ""))

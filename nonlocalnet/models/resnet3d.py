@@ -17,7 +17,9 @@ Choices where the paper and the official code differ (none changes a parameter c
 - Temporal pool kernels follow the official code (pool1 2x3x3, pool2 2x1x1, both temporal stride 2); Table 1
   writes 3x3x3 and 3x1x1. Pass ``clip=PAPER_32X2`` for the paper's kernels. Both give Table 1's sizes.
 - Spatial padding of pool1 is 1, as in Table 1 (56x56 after pool1) and torchvision, so ImageNet ResNets inflate
-  exactly; the official code pads 0 and gets 55x55 (res3..res5 sizes are the same either way).
+  exactly; the official code pads 0 and gets 55x55 (res3..res5 sizes are the same either way). The layouts
+  "32x2_official", "8x8_official" and "128x1_official" (``clip=``) are the official networks; ``convert-caffe2``
+  builds them.
 - "i3d_3x3x3" (Table 2e) inflates branch2b to 3x3x3 on the same blocks that "i3d" inflates branch2a to 3x1x1,
   with the same 5x7x7 conv1.
 
@@ -26,6 +28,7 @@ Module names follow the official blobs: ``res4.2.conv_a`` is ``res4_2_branch2a``
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -56,10 +59,13 @@ class ClipLayout:
         frames: T, the number of frames of the clip the layout is meant for.
         sampling_rate: one frame kept every this many frames of the video (informational: the data pipeline's).
         conv1_stride: temporal stride of conv1.
-        pool1_kernel: temporal kernel of pool1 (spatially 3x3, stride 2, padding 1).
+        pool1_kernel: temporal kernel of pool1 (spatially 3x3, stride 2).
         pool1_stride: temporal stride of pool1.
         pool2_kernel: temporal kernel of pool2 (after res2; spatially 1x1).
         pool2_stride: temporal stride of pool2.
+        pool1_padding: spatial padding of pool1: 1 as Table 1, torchvision, PySlowFast and PyTorchVideo (56x56
+            after pool1 at 224²; the default), 0 as the official Caffe2 builders (55x55; the "*_official"
+            layouts, which converted official checkpoints use).
 
     A temporal kernel k is padded by (k - 1) // 2 frames on each side.
     """
@@ -71,6 +77,7 @@ class ClipLayout:
     pool1_stride: int
     pool2_kernel: int
     pool2_stride: int
+    pool1_padding: int = 1
 
 
 # 32 frames with every other one dropped; conv1, pool1 and pool2 each halve time: 32 -> 16 -> 8 -> (res2) -> 4
@@ -87,6 +94,9 @@ PAPER_32X2 = ClipLayout(frames=32, sampling_rate=2, conv1_stride=2, pool1_kernel
                         pool2_kernel=3, pool2_stride=2)
 
 CLIP_LAYOUTS: dict[str, ClipLayout] = {"32x2": CLIP_32X2, "8x8": CLIP_8X8, "128x1": CLIP_128X1}
+# the official Caffe2 networks: the same, with pool1 unpadded (what a converted official checkpoint was trained in)
+CLIP_LAYOUTS.update({f"{name}_official": dataclasses.replace(layout, pool1_padding=0)
+                     for name, layout in list(CLIP_LAYOUTS.items())})
 
 
 def i3d_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
@@ -363,7 +373,7 @@ class ResNet3d(nn.Module):
         self.bn1 = _norm3d(norm, width)
         self.relu = nn.ReLU(inplace=True)
         self.pool1 = nn.MaxPool3d((clip.pool1_kernel, 3, 3), stride=(clip.pool1_stride, 2, 2),
-                                  padding=((clip.pool1_kernel - 1) // 2, 1, 1))
+                                  padding=((clip.pool1_kernel - 1) // 2, clip.pool1_padding, clip.pool1_padding))
         channels = width
         for i, stage in enumerate(STAGES):
             inner = width * 2 ** i
