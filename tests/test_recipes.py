@@ -84,6 +84,42 @@ def test_every_shipped_video_recipe_walks_its_chain(tmp_path, monkeypatch):
     for name in ("i3d_r50_32x2", "nl_i3d_r50_32x2"):
         reports[f"charades/{name}"] = _walk(f"charades/{name}")
         assert "mAP" in reports[f"charades/{name}"]
-    walked = set(KINETICS) | {"nl_i3d_r50_128x1"}
-    shipped = {p.stem for p in (packaged_configs() / "kinetics").glob("*.yaml")} - {"base"}
-    assert shipped == walked, "a shipped Kinetics config is not walked here"
+    walked = {f"kinetics/{n}" for n in KINETICS} | {"kinetics/nl_i3d_r50_128x1"} | \
+        {f"charades/{n}" for n in ("i3d_r50_32x2", "nl_i3d_r50_32x2")}
+    shipped = {p.relative_to(packaged_configs()).with_suffix("").as_posix()
+               for folder in ("kinetics", "charades") for p in (packaged_configs() / folder).glob("*.yaml")}
+    assert shipped - {"kinetics/base"} == walked, "a shipped video config is not walked here"
+
+
+@pytest.mark.parametrize("name", ["c2d_tiny", "nl_c2d_tiny"])
+def test_the_builtin_data_configs_train_and_test(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", f"configs/synthetic/{name}.yaml", "--no-progress", "train.iterations=2",
+                 "train.batch_size=4", "data.train_size=8", "data.test_size=4", "train.precise_bn_batches=1"]) == 0
+    run = tmp_path / "runs" / "synthetic" / name  # the config's own output_dir
+    assert main(["test", "--config", str(run / "config.yaml"), "--no-progress"]) == 0
+    assert json.loads((run / "test_metrics.json").read_text())["videos"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kind,annotations", [
+    ("maskrcnn_r50_fpn_nl_1x", "shapes", "instances"),
+    ("keypointrcnn_r101_fpn_nl_1x", "figures", "person_keypoints"),
+])
+def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(tmp_path, monkeypatch, capsys,
+                                                                              name, kind, annotations):
+    from nonlocalnet.detection.data import make_builtin_coco
+
+    monkeypatch.chdir(tmp_path)  # the config's datasets/coco/... paths land here
+    coco = tmp_path / "datasets" / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split, count in (("train2017", 4), ("val2017", 2)):
+        _, ann = make_builtin_coco(kind, coco, num_images=count, image_size=64, split=split)
+        ann.rename(coco / "annotations" / f"{annotations}_{split}.json")
+    sizes = ["--set", "train.epochs=1", "--set", "train.batch_size=1", "--set", "train.workers=0",
+             "--set", "train.warmup_iters=1", "--set", "model.min_size=64", "--set", "model.max_size=64"]
+    assert main(["detect-train", "--config", name, "--output-dir", "run", "--device", "cpu",
+                 "--max-iters-per-epoch", "1", *sizes]) == 0
+    assert main(["detect-test", "run/checkpoint.pth", "--device", "cpu", "--results", "results.json"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == ({"bbox", "segm"} if kind == "shapes" else {"bbox", "keypoints"})
