@@ -3,7 +3,9 @@
 #   default  .venv beside the checkout, with whatever torch this machine's pip installs for pyproject.toml
 #            (the README's commands use it)
 #   lowest   the lowest torch / torchvision pair declared (requirements/torch-lowest.txt)
-#   newest   the newest torch / torchvision the registry serves, past any cap in the machine's pip config
+#   newest   the newest torch / torchvision the registry serves, past any cap in the machine's pip config, with
+#            the peers the comparison tests run against (the "bench" extra: mmcv-lite, mmengine, timm,
+#            pytorchvideo), so that CI runs those tests too
 # lowest and newest live in a cache (NONLOCALNET_ENVS, default ~/.cache/nonlocalnet/envs) keyed by the
 # requirements, so that fresh clones reuse them: a new one is built only when pyproject.toml's dependencies,
 # the pins or (for newest) the newest release change. The checkout itself is installed into it (editable, no
@@ -13,7 +15,7 @@ nonlocalnet_log() { echo "[setup] $*" >&2; }
 
 # the lines of pyproject.toml that decide what gets installed
 nonlocalnet_requirements() {
-  sed -n '/^requires-python/p;/^dependencies = \[/,/^\]/p;/^test = /p' "$NONLOCALNET_ROOT/pyproject.toml"
+  sed -n '/^requires-python/p;/^dependencies = \[/,/^\]/p;/^test = /p;/^bench = /p' "$NONLOCALNET_ROOT/pyproject.toml"
 }
 
 # newest release of a package on the registry, past the machine's cap ("" if the registry cannot be asked)
@@ -29,12 +31,13 @@ nonlocalnet_pip() {  # quiet pip, minus the notes about file:// index locations 
 }
 
 nonlocalnet_env() {
-  local kind="$1" pins="" key dir stamp
+  local kind="$1" pins="" key dir stamp extras="test"
   NONLOCALNET_PYTHON="${PYTHON:-python3}"
   case "$kind" in
     default) ;;
     lowest) pins="$(grep -v '^#' "$NONLOCALNET_ROOT/requirements/torch-lowest.txt")" ;;
     newest)
+      extras="test,bench"
       local torch vision
       torch="$(nonlocalnet_newest torch)"; vision="$(nonlocalnet_newest torchvision)"
       if [ -n "$torch" ] && [ -n "$vision" ]; then
@@ -53,7 +56,8 @@ nonlocalnet_env() {
     key="$({ "$NONLOCALNET_PYTHON" --version; cat "$NONLOCALNET_ROOT/pyproject.toml"; } | sha256sum | cut -c1-16)"
     VENV="$NONLOCALNET_ROOT/.venv"
   else
-    key="$({ "$NONLOCALNET_PYTHON" --version; nonlocalnet_requirements; echo "$pins"; } | sha256sum | cut -c1-16)"
+    key="$({ "$NONLOCALNET_PYTHON" --version; nonlocalnet_requirements; echo "$pins $extras"; } | sha256sum \
+           | cut -c1-16)"
     local envs="${NONLOCALNET_ENVS:-$HOME/.cache/nonlocalnet/envs}"
     VENV="$envs/$kind-$key"
   fi
@@ -72,9 +76,9 @@ nonlocalnet_env() {
     if [ -n "$pins" ]; then
       echo "$pins" > "$VENV/pins.txt"
       # the pins are the point of this environment: a cap in the machine's pip config does not apply to it
-      PIP_CONSTRAINT="$VENV/pins.txt" nonlocalnet_pip install -e "$NONLOCALNET_ROOT[test]"
+      PIP_CONSTRAINT="$VENV/pins.txt" nonlocalnet_pip install -e "$NONLOCALNET_ROOT[$extras]"
     else
-      nonlocalnet_pip install -e "$NONLOCALNET_ROOT[test]"
+      nonlocalnet_pip install -e "$NONLOCALNET_ROOT[$extras]"
     fi
     "$VENV/bin/python" -c "import nonlocalnet, torch, torchvision.ops" || return 1  # loudly, if it did not work
     echo "$key" > "$stamp"
