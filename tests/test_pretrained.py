@@ -93,9 +93,12 @@ def test_nl_bn_is_folded_into_wz_of_blocks_without_norm(tmp_path, clip):
 def test_the_128_frame_model_starts_from_either_32_frame_model(tmp_path):
     save_weights(trained_like(create_model("nl_i3d_r50", **SMALL)), tmp_path / "nl.safetensors")
     save_weights(trained_like(create_model("i3d_r50", **SMALL)), tmp_path / "i3d.safetensors")
-    assert load_pretrained(create_model("nl_i3d_r50_128x1", **SMALL), tmp_path / "nl.safetensors").folded
-    assert load_pretrained(create_model("nl_i3d_r50_128x1", **SMALL), tmp_path / "i3d.safetensors").kind == \
-        "without non-local blocks"
+    folded = load_pretrained(create_model("nl_i3d_r50_128x1", **SMALL), tmp_path / "nl.safetensors")
+    assert folded.kind == "non-local BN folded" and folded.fresh == []
+    assert folded.folded == ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5"]
+    fresh = load_pretrained(create_model("nl_i3d_r50_128x1", **SMALL), tmp_path / "i3d.safetensors")
+    assert fresh.kind == "without non-local blocks" and fresh.folded == []
+    assert sorted({k.split(".")[0] + "." + k.split(".")[1] for k in fresh.fresh}) == folded.folded
 
 
 def test_files_that_do_not_fit_are_refused_with_the_mismatch_named(tmp_path):
@@ -117,3 +120,21 @@ def test_files_that_do_not_fit_are_refused_with_the_mismatch_named(tmp_path):
             load_pretrained(model, tmp_path / f"{name}.pt")
     with pytest.raises(FileNotFoundError, match="no file at"):
         load_pretrained(model, tmp_path / "missing.pt")
+
+
+def test_a_file_without_classifier_and_a_frozen_bn_file_start_a_model(tmp_path):
+    from nonlocalnet.models import freeze_batchnorm
+
+    source = trained_like(create_model("i3d_r50", **SMALL))
+    backbone = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    torch.save(backbone, tmp_path / "backbone.pt")  # as convert-caffe2 --skip-classifier writes
+    model = create_model("i3d_r50", **SMALL)
+    head = model.head.fc.weight.clone()
+    report = load_pretrained(model, tmp_path / "backbone.pt")
+    assert report.fresh == ["head.fc.weight", "head.fc.bias"] and torch.equal(model.head.fc.weight, head)
+    assert torch.equal(model.res4[2].conv_b.weight, source.res4[2].conv_b.weight)
+    # a run trained with train.freeze_bn saves no BN step counters; its weights start a plain-BN model
+    save_weights(freeze_batchnorm(trained_like(create_model("i3d_r50", **SMALL))), tmp_path / "frozen.safetensors")
+    model = create_model("i3d_r50", **SMALL)
+    assert load_pretrained(model, tmp_path / "frozen.safetensors").kind == "same model"
+    assert torch.equal(model.bn1.running_var, source.bn1.running_var)  # the same trained_like values

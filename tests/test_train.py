@@ -255,3 +255,17 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path):
     with torch.no_grad():
         assert (model.res3.nl0.eval()(x) - x).abs().max() > 1e-5  # exactly 0 while the block is the identity
     assert report["videos"] == 32
+
+
+@pytest.mark.slow
+def test_a_failing_network_stops_the_main_job_at_once_with_one_error_line(tmp_path, capsys):
+    # the sorted path computes only the concatenation: the gaussian network fails as it is built, while the
+    # baseline (no block) would train for minutes and concatenation waits for a free process
+    out = tmp_path / "compare"
+    code = main(["compare", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
+                 "data.test_size=16", "data.train_size=64", "train.batch_size=8",
+                 "model.options.nonlocal_options.impl=sorted", "--variants", "baseline", "gaussian", "concatenation"])
+    assert code == 2
+    assert "error: impl 'sorted' does not compute mode 'gaussian'" in capsys.readouterr().err
+    assert not (out / "baseline" / "model_final.safetensors").exists()  # stopped, not trained to the end
+    assert not (out / "concatenation").exists()  # never started

@@ -43,10 +43,10 @@ def variant_config(config: str | os.PathLike | None, variant: str, out: Path, ov
     return cfg
 
 
-def default_jobs(variants: int) -> int:
-    """One process per core this process may run on, at most one per network."""
+def default_jobs(variants: int, threads: int = 1) -> int:
+    """As many processes of ``threads`` threads as the cores this process may run on hold, at most one per network."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(variants, cores))
+    return max(1, min(variants, cores // threads))
 
 
 def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
@@ -66,7 +66,7 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = list(variants)
-    jobs = default_jobs(len(variants)) if jobs is None else jobs
+    jobs = default_jobs(len(variants), max(1, threads)) if jobs is None else jobs
     if jobs < 1 or threads < 1:
         raise ValueError(f"jobs and threads must be positive; got jobs={jobs}, threads={threads}")
     jobs = min(jobs, len(variants))
@@ -178,20 +178,28 @@ def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, thre
                                  initargs=(threads, progress)) as pool:
             quiet = {**task, "overrides": [*task["overrides"], "progress=false"]}  # the bars are drawn here
             pending = {pool.submit(_worker, v, quiet): v for v in variants}
-            while pending:
-                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                while True:
-                    try:
-                        variant, iteration = progress.get_nowait()
-                    except queues.Empty:
-                        break
-                    bars[variant].update(iteration - bars[variant].n)
-                for future in done:
-                    variant = pending.pop(future)
-                    rows[variant] = future.result()  # a failed network stops the comparison with its error
-                    bars[variant].update(iterations - bars[variant].n)
-                    bars[variant].close()
-                    _report_row(rows[variant], tqdm.write if cfg["progress"] else echo)
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    while True:
+                        try:
+                            variant, iteration = progress.get_nowait()
+                        except queues.Empty:
+                            break
+                        bars[variant].update(iteration - bars[variant].n)
+                    for future in done:
+                        variant = pending.pop(future)
+                        rows[variant] = future.result()  # a failed network stops the comparison with its error
+                        bars[variant].update(iterations - bars[variant].n)
+                        bars[variant].close()
+                        _report_row(rows[variant], tqdm.write if cfg["progress"] else echo)
+            except BaseException:
+                # stop the other networks now rather than after they finish training
+                for future in pending:
+                    future.cancel()
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()
+                raise
     finally:
         for bar in bars.values():
             bar.close()

@@ -64,6 +64,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: no file at {path}")
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = dict(read_state_dict(path)[0])
     if not any(k.startswith(("conv1.", "res2.", "layer1.")) for k in state):
         raise PretrainedMismatch(f"{path} is not a ResNet state dict (no conv1 / res2 / layer1 tensors; its first "
@@ -102,7 +103,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     head = [k for k in state if state[k].shape != own[k].shape]  # another number of classes
     for key in head:
         del state[key]
-    missing = [k for k in own if k not in state]
+    # a file without classifier (convert-caffe2 --skip-classifier, a backbone) leaves the model's own
+    head += [k for k in own if k.startswith("head.") and k not in state and k not in head]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # (a frozen-BN file)
     block_keys = {k for k in missing if any(k.startswith(name + ".") for name in blocks)}
     fresh_blocks = sorted({name for name in blocks if any(k.startswith(name + ".") for k in block_keys)})
     partial = [name for name in fresh_blocks if any(k.startswith(name + ".") for k in state)]
@@ -123,7 +126,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
 
 def _fold_batchnorm(state: dict[str, Tensor], block: str, eps: float = 1e-5) -> None:
     """Replaces ``block``'s W_z and BN in ``state`` by one W_z computing BN(W_z y) as BN computes it in eval."""
-    bn = {k: state.pop(f"{block}.norm.{k}") for k in ("weight", "bias", "running_mean", "running_var")}
+    parts = ("weight", "bias", "running_mean", "running_var")
+    lacking = [f"{block}.{k}" for k in ("out.weight", *(f"norm.{p}" for p in parts)) if f"{block}.{k}" not in state]
+    if lacking:
+        raise PretrainedMismatch(f"cannot fold the BN of non-local block {block}: the file lacks {', '.join(lacking)}")
+    bn = {k: state.pop(f"{block}.norm.{k}") for k in parts}
     state.pop(f"{block}.norm.num_batches_tracked", None)
     weight, bias = state[f"{block}.out.weight"], state.get(f"{block}.out.bias")
     scale = bn["weight"].double() * (bn["running_var"].double() + eps).rsqrt()  # (C,)
