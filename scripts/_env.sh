@@ -8,8 +8,9 @@
 #            pytorchvideo), so that CI runs those tests too
 # lowest and newest live in a cache (NONLOCALNET_ENVS, default ~/.cache/nonlocalnet/envs) keyed by the
 # requirements, so that fresh clones reuse them: a new one is built only when pyproject.toml's dependencies,
-# the pins or (for newest) the newest release change. The checkout itself is installed into it (editable, no
-# dependencies) on every use, a few seconds.
+# the pins or (for newest) the newest release change, and the old one is removed once the new one works. Each
+# use points it at the calling checkout (an editable install without dependencies, when it points elsewhere).
+# Builds and re-points take a lock (flock) on the cache folder.
 
 nonlocalnet_log() { echo "[setup] $*" >&2; }
 
@@ -31,22 +32,35 @@ nonlocalnet_pip() {  # quiet pip, minus the notes about file:// index locations 
 }
 
 nonlocalnet_env() {
-  local kind="$1" pins="" key dir stamp extras="test"
+  local kind="$1" pins="" key stamp extras="test" envs="${NONLOCALNET_ENVS:-$HOME/.cache/nonlocalnet/envs}"
   NONLOCALNET_PYTHON="${PYTHON:-python3}"
   case "$kind" in
     default) ;;
-    lowest) pins="$(grep -v '^#' "$NONLOCALNET_ROOT/requirements/torch-lowest.txt")" ;;
+    lowest)
+      pins="$(grep -v '^#' "$NONLOCALNET_ROOT/requirements/torch-lowest.txt")"
+      if ! "$NONLOCALNET_PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
+        echo "error: the lowest torch ($(echo $pins)) has no wheels for $("$NONLOCALNET_PYTHON" --version);" \
+             "run it with PYTHON=python3.12 (or older)" >&2
+        return 2
+      fi ;;
     newest)
       extras="test,bench"
       local torch vision
-      torch="$(nonlocalnet_newest torch)"; vision="$(nonlocalnet_newest torchvision)"
+      torch="$(nonlocalnet_newest torch || true)"; vision="$(nonlocalnet_newest torchvision || true)"
       if [ -n "$torch" ] && [ -n "$vision" ]; then
-        pins="torch==$torch"$'\n'"torchvision==$vision"
+        # torchvision pinned, torch the newest that it accepts (a torch released before its torchvision would
+        # make both pins impossible); the key below still changes with either release
+        pins="torchvision==$vision"
+        key="torch $torch"
       else
-        nonlocalnet_log "the registry did not answer; reusing the newest environment there is"
-        pins="$(cat "$(ls -td "${NONLOCALNET_ENVS:-$HOME/.cache/nonlocalnet/envs}"/newest-*/ 2>/dev/null \
-                       | head -1)pins.txt" 2>/dev/null || true)"
-        [ -n "$pins" ] || { echo "error: no newest environment yet and the registry did not answer" >&2; return 2; }
+        local previous
+        previous="$(ls -td "$envs"/newest-*/ 2>/dev/null | head -1 || true)"
+        [ -n "$previous" ] && [ -f "${previous}.nonlocalnet-requirements" ] || {
+          echo "error: the registry did not answer and there is no newest environment yet in $envs" >&2; return 2; }
+        nonlocalnet_log "the registry did not answer; reusing ${previous%/}"
+        VENV="${previous%/}"
+        nonlocalnet_point_at_checkout "$envs"
+        return
       fi ;;
     *) echo "error: unknown environment '$kind' (NONLOCALNET_TORCH): expected default, lowest or newest" >&2
        return 2 ;;
@@ -56,19 +70,18 @@ nonlocalnet_env() {
     key="$({ "$NONLOCALNET_PYTHON" --version; cat "$NONLOCALNET_ROOT/pyproject.toml"; } | sha256sum | cut -c1-16)"
     VENV="$NONLOCALNET_ROOT/.venv"
   else
-    key="$({ "$NONLOCALNET_PYTHON" --version; nonlocalnet_requirements; echo "$pins $extras"; } | sha256sum \
-           | cut -c1-16)"
-    local envs="${NONLOCALNET_ENVS:-$HOME/.cache/nonlocalnet/envs}"
+    key="$({ "$NONLOCALNET_PYTHON" --version; nonlocalnet_requirements; echo "$pins $extras ${key:-}"; } \
+           | sha256sum | cut -c1-16)"
     VENV="$envs/$kind-$key"
+    mkdir -p "$envs"
+    exec {NONLOCALNET_LOCK}>"$envs/.lock"
+    flock "$NONLOCALNET_LOCK"  # one build or re-point of the shared environments at a time
   fi
   stamp="$VENV/.nonlocalnet-requirements"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ]; then
-    if [ "$kind" != default ]; then
-      rm -rf "$VENV" "$(dirname "$VENV")/$kind-"*  # a half-built one, or one for older requirements
-    fi
+    [ "$kind" = default ] || rm -rf "$VENV"  # a half-built one
     if [ ! -x "$VENV/bin/python" ]; then
       nonlocalnet_log "creating $VENV with $("$NONLOCALNET_PYTHON" --version)"
-      mkdir -p "$(dirname "$VENV")"
       "$NONLOCALNET_PYTHON" -m venv "$VENV"
     fi
     nonlocalnet_log "installing nonlocalnet's dependencies (torch, torchvision, ...) into $VENV${pins:+ with }$(echo $pins)"
@@ -82,9 +95,22 @@ nonlocalnet_env() {
     fi
     "$VENV/bin/python" -c "import nonlocalnet, torch, torchvision.ops" || return 1  # loudly, if it did not work
     echo "$key" > "$stamp"
+    if [ "$kind" != default ]; then  # the new one works: the ones for older requirements can go
+      local old
+      for old in "$envs/$kind-"*; do [ "$old" = "$VENV" ] || rm -rf "$old"; done
+    fi
   elif [ "$kind" != default ]; then
-    # a cached environment serves many checkouts: point it at this one
-    nonlocalnet_pip install --no-deps -e "$NONLOCALNET_ROOT"
+    nonlocalnet_point_at_checkout "$envs"
   fi
   nonlocalnet_log "$kind environment: $("$VENV/bin/python" -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")')"
+}
+
+# a cached environment serves many checkouts: its editable nonlocalnet must be this one (re-installed if not)
+nonlocalnet_point_at_checkout() {
+  local here
+  here="$(cd / && "$VENV/bin/python" -c 'import nonlocalnet, os; print(os.path.dirname(os.path.dirname(nonlocalnet.__file__)))' 2>/dev/null || true)"
+  if [ "$here" != "$NONLOCALNET_ROOT" ]; then
+    if [ -z "${NONLOCALNET_LOCK:-}" ]; then mkdir -p "$1"; exec {NONLOCALNET_LOCK}>"$1/.lock"; flock "$NONLOCALNET_LOCK"; fi
+    nonlocalnet_pip install --no-deps -e "$NONLOCALNET_ROOT"
+  fi
 }

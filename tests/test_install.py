@@ -93,3 +93,21 @@ def test_the_lowest_environment_pins_the_declared_lower_bounds():
     pins = dict(re.findall(r"^(torch|torchvision)==([\d.]+)$", (REPO / "requirements" / "torch-lowest.txt").read_text(),
                            flags=re.M))
     assert declared == pins and set(pins) == {"torch", "torchvision"}
+
+
+def test_setup_says_what_is_wrong_when_the_registry_does_not_answer(tmp_path):
+    # a Python whose pip cannot reach the registry: no newest environment can be resolved, and none is cached
+    fake = tmp_path / "python3"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'if [ "$1 $2 $3" = "-m pip index" ]; then echo "ERROR: network unreachable" >&2; exit 1; fi\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "NONLOCALNET_ENVS": str(tmp_path / "envs")}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "newest"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: the registry did not answer and there is no newest environment yet in {tmp_path / 'envs'}")
+    done = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "oldest"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "unknown environment 'oldest'" in done.stderr
