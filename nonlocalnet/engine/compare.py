@@ -173,6 +173,7 @@ def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, thre
     bars = {v: tqdm(total=iterations, desc=f"{v:<17}", unit="it", position=i, leave=False, dynamic_ncols=True,
                     disable=not cfg["progress"]) for i, v in enumerate(variants)}
     rows: dict[str, dict[str, Any]] = {}
+    started: set[str] = set()
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
                                  initargs=(threads, progress)) as pool:
@@ -186,6 +187,9 @@ def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, thre
                             variant, iteration = progress.get_nowait()
                         except queues.Empty:
                             break
+                        if variant not in started:  # the bar's clock starts with the network, not the job
+                            started.add(variant)
+                            bars[variant].reset(total=iterations)
                         bars[variant].update(iteration - bars[variant].n)
                     for future in done:
                         variant = pending.pop(future)
