@@ -559,3 +559,40 @@ def test_low_memory_is_in_the_repr_and_passes_through_models():
     model = create_model("nl_c2d_tiny", nonlocal_options={"low_memory": True})
     blocks = [m for m in model.modules() if isinstance(m, NonLocalBlock)]
     assert blocks and all(b.low_memory for b in blocks)
+
+
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_hooks_see_wz_y_not_the_residual_sum(norm):
+    # the residual is added in place only into a tensor no hook has seen: with norm=None, W_z's own output is
+    # what a hook on `out` (or a global module hook) receives, and it must stay W_z·y
+    block = NonLocalBlock(8, dim=3, mode="embedded_gaussian", inter_channels=4, norm=norm).eval()
+    with torch.no_grad():
+        if norm is None:
+            block.out.weight.normal_()  # W_z starts at 0 without a norm: make its output visible
+        else:
+            block.norm.weight.fill_(1.0)
+    x = torch.randn(2, 8, 2, 4, 4)
+    seen = {}
+
+    def remember(name):
+        def hook(module, inputs, output):
+            seen[name] = (output, output.clone())  # the tensor itself, and its value when the hook ran
+        return hook
+
+    handle = block.out.register_forward_hook(remember("out"))
+    z = block(x)
+    handle.remove()
+    tensor, value = seen["out"]
+    assert torch.equal(tensor, value)  # not mutated afterwards by the residual add
+    glob = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.__setitem__(type(m).__name__, (o, o.clone())) if m is block.norm or m is block.out
+        else None)
+    try:
+        z2 = block(x)
+    finally:
+        glob.remove()
+    for name in ("Conv3d", type(block.norm).__name__):
+        tensor, value = seen[name]
+        assert torch.equal(tensor, value), name
+    torch.testing.assert_close(z2, z)
+    assert not torch.equal(z, x)  # the block is not the identity here, so the checks above can fail

@@ -278,3 +278,16 @@ def test_views_report_gives_video_and_clip_level_accuracy():
                       targets, num_classes=2, multi_label=True)
     # clip level, class 0: ranked 0.9(+), 0.3(-), 0.2(-), 0.1(+) -> AP (1 + 2/4) / 2; class 1: 0.8(+), 0.6(+) first
     assert ml["clip_mAP"] == pytest.approx(((1 + 0.5) / 2 + 1.0) / 2) and ml["mAP"] == pytest.approx(1.0)
+
+
+def test_fully_convolutional_evaluation_leaves_the_model_as_it_was():
+    from nonlocalnet.engine import build_model, load_config
+    from nonlocalnet.engine.trainer import evaluate
+
+    cfg = load_config("configs/synthetic/nl_c2d_tiny.yaml", ["progress=false", "data.test_size=4",
+                                                             "test.fully_convolutional=true"])
+    model = build_model(cfg)
+    model.score_activation = None  # raw logits, as a caller may have set; evaluation scores with softmax
+    report = evaluate(model, cfg)
+    assert report["videos"] == 4
+    assert (model.fully_convolutional, model.score_activation) == (False, None)  # both restored

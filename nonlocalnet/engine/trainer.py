@@ -296,6 +296,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     net = _unwrap(model)
     fully_conv = bool(cfg["test"]["fully_convolutional"])
     previous = getattr(net, "fully_convolutional", None)
+    previous_activation = getattr(net, "score_activation", None)
     if fully_conv:
         if previous is None:
             raise ValueError(f"test.fully_convolutional: {type(net).__name__} has no fully-convolutional mode")
@@ -320,6 +321,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     net.train(was_training)
     if fully_conv:
         net.fully_convolutional = previous
+        net.score_activation = previous_activation
     scores = all_gather_cat(torch.cat(all_scores).to(device)).cpu()
     videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
     labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()

@@ -223,13 +223,21 @@ class NonLocalBlock(nn.Module):
         del q, k, v
         y = unfold_positions(y.to(out_dtype), folding, x.shape[0], spatial)  # (B, N, C')
         z = self.norm(self._project_out(y, spatial, _memory_format(x)))  # (B, C, *S), x's memory layout
-        if self.norm._forward_hooks or z.stride() != x.stride() or z.dtype != torch.result_type(z, x):
+        if not self._may_add_in_place(z, x):
             z = x + z  # x first: z takes the input's memory layout (convs may return another)
         else:  # in place: no norm saves its output for the backward pass, and no hook holds it
             z = z.add_(x)
         if return_attention:
             return z, scatter_attention(weights, folding, x.shape[0], spatial, key_spatial)
         return z
+
+    def _may_add_in_place(self, z: Tensor, x: Tensor) -> bool:
+        """Whether the residual may be added into ``z`` = Norm(W_z y): only where z is the norm's own new tensor
+        (not W_z's output itself, with ``norm=None``) that no forward hook (the norm's or a global one) has seen,
+        in x's layout and dtype."""
+        hooked = bool(self.norm._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
+        return (not isinstance(self.norm, nn.Identity) and not hooked and z.stride() == x.stride()
+                and z.dtype == torch.result_type(z, x))
 
     def _project_out(self, y: Tensor, spatial: tuple[int, ...], memory_format: torch.memory_format) -> Tensor:
         """W_z y: the (B, N, C') positions y as a (B, C, *S) map in ``memory_format``.
