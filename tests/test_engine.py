@@ -291,3 +291,22 @@ def test_fully_convolutional_evaluation_leaves_the_model_as_it_was():
     report = evaluate(model, cfg)
     assert report["videos"] == 4
     assert (model.fully_convolutional, model.score_activation) == (False, None)  # both restored
+
+
+def test_precise_bn_reads_each_processes_own_shard():
+    # under two processes each rank must measure other batches (and the ranks' statistics are then averaged);
+    # before, every rank recomputed the same ones
+    from nonlocalnet.data import build_dataset
+    from nonlocalnet.engine import build_model, load_config
+    from nonlocalnet.engine.distributed import DistInfo
+    from nonlocalnet.engine.trainer import _precise
+
+    cfg = load_config("configs/synthetic/c2d_tiny.yaml", ["progress=false", "data.train_size=64",
+                                                          "train.batch_size=8", "train.precise_bn_batches=2"])
+    model = build_model(cfg)
+    dataset = build_dataset(cfg["data"], "train", cfg["seed"])
+    stats = [_precise(model, dataset, cfg, torch.device("cpu"), DistInfo(rank=r, world_size=2)).bn1.running_mean
+             for r in (0, 1)]
+    alone = _precise(model, dataset, cfg, torch.device("cpu")).bn1.running_mean
+    assert not torch.equal(stats[0], stats[1])
+    assert not torch.equal(stats[1], alone)  # rank 1 does not measure the single process's batches either

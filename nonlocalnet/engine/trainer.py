@@ -229,7 +229,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
                         skipped_videos=skipped_total)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
-            report = evaluate(_precise(model, dataset, cfg, device), cfg, device=device, info=info)
+            report = evaluate(_precise(model, dataset, cfg, device, info), cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
     bar.close()
     train_seconds = time.perf_counter() - began
@@ -237,7 +237,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         logger.close()
         return {"stopped_at": iteration}
 
-    final = _precise(model, dataset, cfg, device)
+    final = _precise(model, dataset, cfg, device, info)
     if info.is_main:
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
@@ -264,13 +264,19 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     barrier()
 
 
-def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device) -> nn.Module:
-    """A copy of the model with precise BN statistics from training batches (the model itself is untouched)."""
+def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device,
+             info: DistInfo | None = None) -> nn.Module:
+    """A copy of the model with precise BN statistics from training batches (the model itself is untouched).
+
+    Each process reads its own shard of the batches; the statistics are then averaged over the processes.
+    """
+    info = info or DistInfo()
     final = copy.deepcopy(_unwrap(model))
     n = cfg["train"]["precise_bn_batches"]
     if n > 0:
         rng = torch.get_rng_state()  # the training run's dropout stream must not depend on evaluations
-        sampler = ShardedSampler(len(dataset), shuffle=True, seed=cfg["seed"] + 7919)
+        sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
+                                 seed=cfg["seed"] + 7919)
         loader = _loader(dataset, sampler, cfg["train"]["batch_size"], cfg["data"]["workers"], True, cfg["seed"])
         with _autocast(device, cfg["train"]["amp"]):
             update_bn_stats(final, (batch["clip"].to(device) for batch in loader), n)
