@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -20,23 +19,13 @@ from safetensors.torch import load_file
 from nonlocalnet.cli import main
 from nonlocalnet.io import packaged_configs
 
+from .test_train import _write_video
+
 KINETICS = ["i3d_r50_32x2", "i3d_r50_8x8", "c2d_r50_32x2", "c2d_r50_8x8", "nl_c2d_r50_32x2", "nl_c2d_r50_8x8",
             "nl_i3d_r50_32x2", "nl_i3d_r50_8x8"]  # the ones that start from ImageNet
 TINY = ["--no-progress", "train.iterations=2", "train.batch_size=2", "train.precise_bn_batches=1",
         "train.log_every=1", "data.workers=0", "data.crop_size=32", "data.train_scale=[32,40]", "data.test_scale=32",
         "data.test_clips=2", "data.test_crops=1", "test.batch_size=2"]
-
-
-def _write_video(path: Path, frames: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _frames(cfg: str) -> list[str]:
@@ -61,6 +50,7 @@ def test_every_shipped_video_recipe_walks_its_chain(tmp_path, monkeypatch):
     lines = {"kinetics": [], "charades": []}
     for i in range(4):
         for kind in lines:
+            (tmp_path / "data" / kind).mkdir(parents=True, exist_ok=True)
             _write_video(tmp_path / "data" / kind / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
             lines[kind].append(f"v{i}.mp4 {i % 2}" if kind == "kinetics" else f"v{i}.mp4 {i},{i + 100}")
     for kind, rows in lines.items():
