@@ -18,9 +18,10 @@ from .resnet3d import (ARCHS, CLIP_LAYOUTS, PAPER_32X2, Bottleneck3d, ClipLayout
 from .weights import load_weights, save_weights
 
 __all__ = [
-    "ARCHS", "CLIP_LAYOUTS", "PAPER_32X2", "Bottleneck3d", "Caffe2ConversionError", "ClipLayout", "CostReport",
-    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "ModelEntry", "ResNet3d",
-    "ResStage", "VideoClassifierHead", "check_locations", "convert_caffe2_blobs", "count_cost", "create_model",
-    "freeze_batchnorm", "get_model_entry", "i3d_inflated_blocks", "inflate_2d_weights", "list_models",
-    "load_caffe2_pickle", "load_pretrained", "load_weights", "PretrainedMismatch", "PretrainedReport", "model_cost", "model_defaults", "register_model", "save_weights",
+    "ARCHS", "Bottleneck3d", "CLIP_LAYOUTS", "Caffe2ConversionError", "ClipLayout", "CostReport", "FrozenBatchNorm",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "ModelEntry", "PAPER_32X2", "PretrainedMismatch",
+    "PretrainedReport", "ResNet3d", "ResStage", "VideoClassifierHead", "check_locations", "convert_caffe2_blobs",
+    "count_cost", "create_model", "freeze_batchnorm", "get_model_entry", "i3d_inflated_blocks", "inflate_2d_weights",
+    "list_models", "load_caffe2_pickle", "load_pretrained", "load_weights", "model_cost", "model_defaults",
+    "register_model", "save_weights",
 ]
