@@ -55,11 +55,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad config, input or file: say what, without a traceback
-        if os.environ.get("NONLOCALNET_DEBUG"):
+    except KeyboardInterrupt:
+        print(f"nonlocalnet {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised
+        message = user_error(e)
+        if message is None or os.environ.get("NONLOCALNET_DEBUG"):
             raise
-        print(f"nonlocalnet {name}: error: {e}", file=sys.stderr)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if rank == 0 or not getattr(e, "all_processes", False):  # an error every process raises is said once
+            where = f"[rank {rank}] " if world > 1 and rank else ""
+            print(f"nonlocalnet {name}: {where}error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error in what the user gave (a config, a file, data, a model name), or None
+    for an error of the program itself, which keeps its traceback.
+
+    User errors are ValueErrors (ConfigError, CheckpointError, UnknownModel, ... all are) and OS errors about a
+    named file (missing, a directory, no permission).
+    """
+    if isinstance(e, OSError) and (e.filename is not None or isinstance(e, FileNotFoundError)):
+        if e.filename is None:
+            return str(e)
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    if isinstance(e, ValueError):
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Files: atomic writes (an error or a crash never leaves a half-written file where a complete one is expected)
-and the configs shipped inside the package."""
+"""Files: atomic writes (an error or a crash never leaves a half-written file where a complete one is expected),
+torch files loaded without running code, and the configs shipped inside the package."""
 from __future__ import annotations
 
 import contextlib
 import importlib.resources
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -36,6 +37,46 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+class UnreadableFile(ValueError):
+    """A file that cannot be loaded: truncated, foreign, or a pickle that would run code."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot read {os.fspath(path)}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a file onto the CPU that never runs code from it (``weights_only=True``: tensors, numbers,
+    strings and containers only).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnreadableFile: truncated, not a torch file, or a pickle naming other objects (the message says which).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler or the zip reader raises, the file is unusable
+        raise UnreadableFile(path, _unpickling_failure(e)) from None
+
+
+def _unpickling_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (torch's wording varies by version)."""
+    text = str(error)
+    found = re.search(r"unsupported (?:global|class)[: ]+(?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return (f"it holds {found.group(1)}, not only tensors and plain containers; loading it could run code, "
+                f"so it is refused")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in text.replace("WeightsUnpickler error:", "\n").splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    return f"truncated, or not a file torch.save wrote ({(lines[0] if lines else type(error).__name__)[:160]})"
 
 
 def packaged_configs() -> Path:

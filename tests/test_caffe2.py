@@ -184,8 +184,8 @@ def test_an_unplaced_blob_is_refused_by_name(tmp_path, capsys):
     blobs = official_blobs(C2D_TEMP, {})
     blobs["res6_0_branch2a_w"] = np.zeros((1, 1, 1, 1, 1), np.float32)
     code, out = convert(tmp_path, blobs, "c2d_r50")
-    assert code == 1 and not out.exists()
-    assert "no place for: res6_0_branch2a_w" in capsys.readouterr().out
+    assert code == 2 and not out.exists()
+    assert "error: " in (err := capsys.readouterr().err) and "no place for: res6_0_branch2a_w" in err
 
 
 def test_an_unfilled_model_entry_is_refused_by_name():
@@ -216,7 +216,7 @@ def test_a_checkpoint_without_classifier_needs_skip_classifier(tmp_path, capsys)
     blobs = official_blobs(I3D_TEMP, {})
     del blobs["pred_w"], blobs["pred_b"]
     code, out = convert(tmp_path, blobs, "i3d_r50")
-    assert code == 1 and "head.fc.weight (blob pred_w)" in capsys.readouterr().out
+    assert code == 2 and "head.fc.weight (blob pred_w)" in capsys.readouterr().err
     code, out = convert(tmp_path, blobs, "i3d_r50", "--skip-classifier")
     assert code == 0
     assert not any(k.startswith("head.") for k in load_file(out))
@@ -227,8 +227,8 @@ def test_a_checkpoint_without_classifier_needs_skip_classifier(tmp_path, capsys)
 
 def test_unreadable_files_are_clear_errors(tmp_path, capsys):
     assert cli_main(["convert-caffe2", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors"),
-                     "--model", "c2d_r50"]) == 1
-    assert "no Caffe2 checkpoint at" in capsys.readouterr().out
+                     "--model", "c2d_r50"]) == 2
+    assert "error: no Caffe2 checkpoint at" in capsys.readouterr().err
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(Caffe2ConversionError, match="not a readable pickle"):

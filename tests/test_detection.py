@@ -489,7 +489,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     save_checkpoint({"epoch": 1}, path)
 
     def broken_save(obj, f):
-        Path(f).write_bytes(b"half")
+        f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -14,7 +14,8 @@ from nonlocalnet.data import LongRangeShapes, ShardedSampler
 from nonlocalnet.data.synthetic import shape_mask
 from nonlocalnet.engine import ConfigError, build_model, evaluate, load_config
 from nonlocalnet.engine import metrics as M
-from nonlocalnet.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nonlocalnet.engine.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                          save_checkpoint)
 from nonlocalnet.engine.optim import build_optimizer, parameter_groups, step_lr
 from nonlocalnet.engine.precise_bn import update_bn_stats
 
@@ -125,7 +126,7 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     bad = tmp_path / "checkpoint_000000001.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*: truncated, or not a file torch.save"):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -141,9 +141,9 @@ def test_cli_keeps_the_named_layout_when_asked(capsys):
 
 def test_cli_errors(capsys):
     assert cli_main(["flops", "c2d_r52"]) == 2
-    assert "unknown model 'c2d_r52'" in capsys.readouterr().out
+    assert "unknown model 'c2d_r52'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["flops", "c2d_r50", "--clip", "8x224"])
     assert "--clip must be TxHxW" in capsys.readouterr().err
     assert cli_main(["flops", "c2d_r50", "--set", "depth=50"]) == 2
-    assert "unknown option(s) 'depth'" in capsys.readouterr().out
+    assert "unknown option(s) 'depth'" in capsys.readouterr().err

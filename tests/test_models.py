@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from nonlocalnet.io import UnreadableFile
 from nonlocalnet.layers import NonLocalBlock
 from nonlocalnet.models import (
     PAPER_32X2, FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, ResNet3d, create_model,
@@ -415,8 +416,11 @@ def test_read_state_dict_reads_every_layout_and_names_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         read_state_dict(tmp_path / "missing.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:100])
-    with pytest.raises(RuntimeError, match="cannot read weights from .*cut.pt"):
+    with pytest.raises(UnreadableFile, match="cannot read .*cut.pt: no weights: truncated"):
         read_state_dict(tmp_path / "cut.pt")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:60])
+    with pytest.raises(UnreadableFile, match="cut.safetensors: not a readable safetensors file"):
+        read_state_dict(tmp_path / "cut.safetensors")
     torch.save({"iteration": 3}, tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="holds no state dict"):
         read_state_dict(tmp_path / "nothing.pt")

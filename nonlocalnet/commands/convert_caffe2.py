@@ -37,17 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import CLIP_LAYOUTS, create_model, list_models, save_weights
+    from ..io import atomic_path
+    from ..models import CLIP_LAYOUTS, create_model, save_weights
     from ..models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
 
-    if args.model not in list_models():
-        print(f"nonlocalnet convert-caffe2: unknown model {args.model!r}; see nonlocalnet.models.list_models()")
-        return 2
-    try:
-        blobs = load_caffe2_pickle(args.input)
-    except (FileNotFoundError, Caffe2ConversionError) as exc:
-        print(f"nonlocalnet convert-caffe2: {exc}")
-        return 1
+    create_model(args.model)  # an unknown name fails here, with the closest names, before the file is read
+    blobs = load_caffe2_pickle(args.input)
     num_classes = args.num_classes
     if num_classes is None and "pred_w" in blobs and not args.skip_classifier:
         num_classes = int(blobs["pred_w"].shape[0])
@@ -61,20 +56,19 @@ def run(args: argparse.Namespace) -> int:
             # the network the official code ran: same weights, pool1 unpadded
             overrides["clip"] = f"{model.clip_name}_official"
             model = create_model(args.model, **overrides)
-    except (TypeError, ValueError) as exc:
-        print(f"nonlocalnet convert-caffe2: {exc}")
-        return 2
+    except TypeError as exc:  # an option the model does not take
+        raise ValueError(f"--set: {exc}") from None
     try:
         result = convert_caffe2_blobs(blobs, model, skip=("head.",) if args.skip_classifier else ())
     except Caffe2ConversionError as exc:
-        print(f"nonlocalnet convert-caffe2: {args.input} as {args.model}: {exc}")
-        return 1
+        raise Caffe2ConversionError(f"{args.input} as {args.model}: {exc}") from None
     # the file must load back into the model it was made for
     model.load_state_dict(result.state_dict, strict=not args.skip_classifier)
     metadata = {"model": args.model, "num_classes": str(model.num_classes), "source": os.path.basename(args.input),
                 "converted_from": "caffe2", "affine": "yes" if result.affine else "no",
                 "model_options": json.dumps({k: v for k, v in overrides.items() if k != "num_classes"})}
-    save_weights(result.state_dict, args.output, metadata=metadata)
+    with atomic_path(args.output) as tmp:  # the output folder is created; a failed write leaves no half file
+        save_weights(result.state_dict, tmp, metadata=metadata)
     print(f"wrote {args.output}: {len(result.state_dict)} tensors for {args.model} ({model.num_classes} classes, "
           f"clip layout {model.clip_name})"
           + (f"; {len(result.affine)} norm layers from affine (frozen-BN) blobs" if result.affine else "")

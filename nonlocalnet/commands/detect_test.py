@@ -22,11 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
+    from nonlocalnet.io import load_torch_file
 
     if not Path(args.checkpoint).is_file():
-        print(f"nonlocalnet detect-test: checkpoint not found: {args.checkpoint}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     from nonlocalnet.detection.config import apply_overrides, complete_config, load_config
     from nonlocalnet.detection.train import test
 
@@ -36,19 +35,21 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         config = load_config(args.config, overrides)
     else:
-        stored = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("config")
+        state = load_torch_file(args.checkpoint)
+        stored = state.get("config") if isinstance(state, dict) else None
         if stored is None:
-            raise SystemExit(f"{args.checkpoint} holds no config; pass --config")
+            raise ValueError(f"{args.checkpoint} holds no config (not a detect-train checkpoint?); pass --config")
         config = complete_config(apply_overrides(stored, overrides), source=args.checkpoint)
     test(args.checkpoint, config=config, device=args.device, results_file=args.results)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_test``: the same command without the ``nonlocalnet`` front."""
-    parser = argparse.ArgumentParser(prog="nonlocalnet detect-test", description=HELP)
-    add_arguments(parser)
-    return int(run(parser.parse_args(argv)) or 0)
+    """``python -m nonlocalnet.commands.detect_test``: the same command (and error handling) without the ``nonlocalnet``
+    front."""
+    from nonlocalnet.cli import main as cli_main
+
+    return cli_main(["detect-test", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set model.backbone_nonlocal=null; repeatable")
     parser.add_argument("--data-root", default=None, help="folder the config's relative data paths are under")
     parser.add_argument("--output-dir", default=None, help="where checkpoint.pth and log.jsonl are written")
-    parser.add_argument("--resume", default=None, help="continue from this checkpoint")
+    parser.add_argument("--resume", default=None,
+                        help="continue from this checkpoint (without it, --output-dir must not hold another run)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even when the config differs from the checkpoint's (the changes are listed)")
     parser.add_argument("--backbone-weights", default=None,
                         help="a local torchvision ResNet state dict (.pth or .safetensors) to start the backbone from")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -39,15 +42,17 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data_root}")
     config = load_config(args.config, overrides)
     main(config, output_dir=args.output_dir, resume=args.resume, backbone_weights=args.backbone_weights,
-         device=args.device, max_iters_per_epoch=args.max_iters_per_epoch, evaluate_every=args.evaluate_every)
+         device=args.device, max_iters_per_epoch=args.max_iters_per_epoch, evaluate_every=args.evaluate_every,
+         allow_config_change=args.allow_config_change)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_train``: the same command without the ``nonlocalnet`` front."""
-    parser = argparse.ArgumentParser(prog="nonlocalnet detect-train", description=HELP)
-    add_arguments(parser)
-    return int(run(parser.parse_args(argv)) or 0)
+    """``python -m nonlocalnet.commands.detect_train``: the same command (and error handling) without the ``nonlocalnet``
+    front."""
+    from nonlocalnet.cli import main as cli_main
+
+    return cli_main(["detect-train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

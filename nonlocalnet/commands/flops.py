@@ -36,13 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import CLIP_LAYOUTS, list_models, model_defaults
+    from ..models import CLIP_LAYOUTS, model_defaults
     from ..models.flops import model_cost
 
-    if args.model not in list_models():
-        close = list_models(f"*{args.model.split('_')[0]}*")[:10]
-        print(f"nonlocalnet flops: unknown model {args.model!r}" + (f"; close: {', '.join(close)}" if close else ""))
-        return 2
     overrides = dict(args.overrides)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
@@ -56,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = model_cost(args.model, args.clip, batch=args.batch, depth=args.depth, fake=not args.real,
                             overrides=overrides)
-    except (TypeError, ValueError) as exc:
-        print(f"nonlocalnet flops: {exc}")
-        return 2
+    except TypeError as exc:  # an option the model does not take
+        raise ValueError(f"--set: {exc}") from None
     note = f" (the name's own layout is {own})" if layout != own else ""
     print(f"{args.model}: clip layout {layout}{note}")
     print(report.table())

@@ -13,7 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="a YAML config (see configs/); default: the built-in defaults (synthetic data)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from the run directory's newest checkpoint, or from CHECKPOINT")
+                        help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
+                             "(without --resume, output_dir must not hold another run)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even when the config differs from the checkpoint's (the changed keys are "
+                             "listed; the result is then no longer the uninterrupted run's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.lr=0.02 output_dir=runs/x data.workers=8")
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
-        report = train(cfg, resume=args.resume)
+        report = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     finally:
         cleanup()
     if "stopped_at" not in report:

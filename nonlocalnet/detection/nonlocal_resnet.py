@@ -153,21 +153,11 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file or a ``torch.save``-d file (a bare state dict, or a
-    checkpoint holding one under "model" / "state_dict")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
-    return obj
+    """The state dict in a ``.safetensors`` file or a ``torch.save``-d one (bare, or a checkpoint holding it under
+    "model" / "state_dict" / ...): :func:`nonlocalnet.models.weights.read_state_dict`, never running code."""
+    from ..models.weights import read_state_dict as read
+
+    return read(path)[0]
 
 
 def _stage(model: nn.Module, name: str) -> nn.Module:

@@ -21,15 +21,21 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from tqdm import tqdm
 
-from ..io import atomic_path
+from ..engine.distributed import gather_rng_states, set_rng_state
+from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
+from ..io import atomic_path, load_torch_file
+from ..engine.config import to_plain
 from .builders import build_detector
 from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
 from .evaluate import coco_evaluate, format_summary, gather_results, to_coco_results
 
 CHECKPOINT_NAME = "checkpoint.pth"
+LOG_NAME = "log.jsonl"
+# config keys a resumed run may change: where data and output are, how many loader processes, how much is printed
+RESUMABLE_DETECTION_KEYS = ("data.root", "train.workers", "train.print_freq", "output_dir")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,8 +73,10 @@ def is_main_process() -> bool:
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -112,10 +120,11 @@ def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
 
 def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0
                 ) -> DataLoader:
-    if dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
-    elif train:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    """Training order from (seed, epoch) alone, in one process as in many (``set_epoch``), so a resumed run
+    continues with the interrupted epoch's order instead of replaying epoch 0's."""
+    if train or dist.is_initialized():
+        replicas, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=train, seed=seed)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -239,13 +248,15 @@ def iou_types_for(task: str) -> tuple[str, ...]:
 
 def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, resume: str | Path | None = None,
          backbone_weights: str | Path | None = None, device: str | None = None,
-         max_iters_per_epoch: int | None = None, evaluate_every: int = 1) -> dict[str, dict[str, float]]:
+         max_iters_per_epoch: int | None = None, evaluate_every: int = 1, allow_config_change: bool = False
+         ) -> dict[str, dict[str, float]]:
     """Train a detector as the config says, evaluating on the val set; returns the last evaluation.
 
     Args:
         config: a complete config (:func:`~nonlocalnet.detection.config.load_config`).
         output_dir: where ``checkpoint.pth`` and ``log.jsonl`` go (None: nowhere).
-        resume: a checkpoint to continue from (model, optimizer, lr schedule, epoch).
+        resume: a checkpoint to continue from (model, optimizer, lr schedule, epoch, random state); its config
+            must be this one (unless ``allow_config_change``). Without it, ``output_dir`` must not hold a run.
         backbone_weights: a local torchvision ResNet state dict to start the backbone from.
         device: "cpu", "cuda" or None (CUDA when available).
         max_iters_per_epoch: cut epochs short (smoke tests).
@@ -288,16 +299,32 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
             "keypoint_names": list(train_set.keypoint_names)}
 
     start_epoch = 0
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and resume is None:
+        check_unused(out, (CHECKPOINT_NAME, LOG_NAME))
     if resume is not None:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
-        unwrap(model).load_state_dict(checkpoint["model"])
+        checkpoint = load_torch_file(resume)
+        if not isinstance(checkpoint, dict) or not {"model", "optimizer", "lr_scheduler", "epoch"} <= set(checkpoint):
+            raise ValueError(f"{resume} is not a detect-train checkpoint (needs model, optimizer, lr_scheduler, "
+                             f"epoch)")
+        check_resume_config(checkpoint.get("config"), config, resume, allow_change=allow_config_change,
+                            warn=lambda message: print(f"warning: {message}", flush=True),
+                            allowed=RESUMABLE_DETECTION_KEYS)
+        try:
+            unwrap(model).load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{resume} holds weights of another detector: {str(e).splitlines()[0]}") from None
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         if scaler is not None and checkpoint.get("scaler") is not None:
             scaler.load_state_dict(checkpoint["scaler"])
+        per_rank = checkpoint.get("rng_per_rank")
+        if per_rank and len(per_rank) == world_size:
+            set_rng_state(per_rank[rank], device_)
         start_epoch = checkpoint["epoch"] + 1
+        if out is not None and is_main_process():
+            truncate_jsonl(out / LOG_NAME, lambda row: row.get("epoch", -1) < start_epoch)
 
-    out = Path(output_dir) if output_dir is not None else None
     if is_main_process():
         print(f"detector: {task} {model_cfg.get('arch')} on {len(train_set)} train / {len(val_set)} val images, "
               f"{world_size} process(es) x {batch} images, lr {lr:g}, {train_cfg['epochs']} epochs of {iters} "
@@ -313,12 +340,14 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
                                kpt_oks_sigmas=data_cfg["kpt_oks_sigmas"])
             if is_main_process():
                 print(f"epoch {epoch}\n{format_summary(summary)}")
+        rng = gather_rng_states(device_) if out is not None else None  # a collective: every process takes part
         if out is not None and is_main_process():
             save_checkpoint({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                              "lr_scheduler": lr_scheduler.state_dict(),
                              "scaler": scaler.state_dict() if scaler is not None else None,
-                             "epoch": epoch, "config": dict(config), "meta": meta}, out / CHECKPOINT_NAME)
-            with open(out / "log.jsonl", "a") as f:
+                             "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng},
+                            out / CHECKPOINT_NAME)
+            with open(out / LOG_NAME, "a") as f:
                 f.write(json.dumps({"epoch": epoch, "losses": losses, "eval": summary if summary else None}) + "\n")
     if dist.is_initialized():
         dist.barrier()
@@ -329,8 +358,8 @@ def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, dev
          results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Evaluate a checkpoint written by :func:`main` on the val set of its config (or of ``config``)."""
     device_, _, _ = init_distributed(device)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if "model" not in state or "config" not in state:
+    state = load_torch_file(checkpoint)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{checkpoint} is not a detection checkpoint written by detect-train "
                          "(needs 'model' and 'config')")
     config = config if config is not None else state["config"]

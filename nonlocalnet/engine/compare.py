@@ -71,6 +71,7 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
         raise ValueError(f"jobs and threads must be positive; got jobs={jobs}, threads={threads}")
     jobs = min(jobs, len(variants))
     cfg = variant_config(config, variants[-1], out, overrides)
+    _clear_previous_runs(out, variants, echo)
     echo(f"[compare] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
          f"(seed {cfg['seed']}), {jobs} at a time, {threads} thread(s) each")
     began = time.perf_counter()
@@ -97,6 +98,22 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
     write_text_atomic(out / "results.md", markdown + "\n")
     write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _clear_previous_runs(out: Path, variants: Sequence[str], echo) -> None:
+    """A comparison owns its networks' run directories: a rerun replaces them (saying so), the table with them.
+
+    (``nonlocalnet train`` itself never reuses a directory; the comparison's runs are reproducible from the seed.)
+    """
+    import shutil
+
+    from .rundir import RUN_FILES
+
+    for variant in variants:
+        run = out / variant
+        if run.is_dir() and any((run / name).exists() for name in (*RUN_FILES, "config.yaml")):
+            echo(f"[compare] replacing the previous comparison's run in {run}")
+            shutil.rmtree(run)
 
 
 def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, overrides: Sequence[str],

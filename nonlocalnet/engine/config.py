@@ -79,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
 class ConfigError(ValueError):
     """A config file or override that cannot be used."""
 
+    all_processes = True  # raised alike by every process of a torchrun job: the CLI says it once
+
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The defaults, updated by a YAML file (and the files it extends), then by ``key=value`` overrides."""
@@ -182,12 +184,12 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes the resolved config as YAML (atomically)."""
-    write_text_atomic(path, yaml.safe_dump(_plain(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_plain(cfg), sort_keys=False))
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value

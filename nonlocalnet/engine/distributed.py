@@ -91,6 +91,22 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(n.item())] for g, n in zip(gathered, lengths)])
 
 
+def gather_rng_states(device: torch.device) -> list[dict[str, torch.Tensor | None]]:
+    """Every process's random-generator states (``{"torch": ..., "cuda": ...}``) in rank order, on every process."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    cpus = all_gather_cat(cpu.to(device).unsqueeze(0)).cpu()
+    cudas = all_gather_cat(cuda.to(device).unsqueeze(0)).cpu() if cuda is not None else [None] * len(cpus)
+    return [{"torch": c.clone(), "cuda": g.clone() if g is not None else None} for c, g in zip(cpus, cudas)]
+
+
+def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+    """Restores one process's states as :func:`gather_rng_states` gave them."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -14,9 +14,12 @@ class MetricLogger:
         directory: the run directory.
         enabled: False in non-main processes (then every call is a no-op).
         tensorboard: also write TensorBoard event files under ``directory/tensorboard``.
+        purge_step: a resumed run's first step: TensorBoard hides the events an interrupted attempt logged from
+            this step on (``metrics.jsonl`` is cut by the trainer itself).
     """
 
-    def __init__(self, directory: str | os.PathLike, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.path = Path(directory) / "metrics.jsonl"
         self.writer = None
@@ -29,7 +32,7 @@ class MetricLogger:
             except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(os.fspath(Path(directory) / "tensorboard"))
+                self.writer = SummaryWriter(os.fspath(Path(directory) / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, values: Mapping[str, Any], prefix: str = "train") -> None:
         if not self.enabled:

@@ -34,13 +34,15 @@ from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
 from ..models.weights import read_state_dict, save_weights
 from . import metrics as M
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import save_config
-from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, all_reduce_sum, barrier, init_distributed,
-                          resolve_device)
+from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
+                         newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
+from .config import save_config, to_plain
+from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, all_reduce_sum, barrier, gather_rng_states,
+                          init_distributed, resolve_device, set_rng_state)
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
 from .precise_bn import update_bn_stats
+from .rundir import RunDirectoryError, check_resume_config, check_unused, truncate_jsonl
 
 log = logging.getLogger("nonlocalnet")
 
@@ -112,17 +114,24 @@ def _train_batches(dataset: Dataset, sampler: ShardedSampler, cfg: Mapping[str, 
 
 
 def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
-          stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Trains the config's model and evaluates it; returns the test report (the main process's copy).
+
+    A run directory belongs to one run: a fresh start into a directory that holds a run's files refuses, and a
+    resume refuses a config other than the checkpoint's (see :mod:`~nonlocalnet.engine.rundir`). The config is
+    written only once everything has been checked.
 
     Args:
         cfg: a resolved config (:func:`~nonlocalnet.engine.config.load_config`).
-        resume: True = continue from the newest checkpoint in the run's directory (a fresh start if there is
-            none); a path = continue from that checkpoint; False = start from scratch.
+        resume: True = continue from the newest readable checkpoint in the run's directory (a fresh start if
+            there is none; unreadable newer ones are set aside with a warning); a path = continue from that
+            checkpoint; False = start from scratch in an unused directory.
         stop_after: stop (after checkpointing) at this iteration without evaluating, as if interrupted; for
             tests of exact resumption.
         on_iteration: called with the iteration count after every training step (progress for a caller that
             shows it elsewhere, such as the comparison's parent process).
+        allow_config_change: resume even when the config differs from the checkpoint's (the changes are logged).
 
     Returns:
         The test report of :func:`evaluate` plus ``train_seconds``, or ``{"stopped_at": iteration}``.
@@ -131,10 +140,18 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     info = init_distributed(device)
     out = Path(cfg["output_dir"])
     train_cfg = cfg["train"]
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    seed_everything(cfg["seed"])
+    checkpoint_dir = out / "checkpoints"
+    if not resume:
+        check_unused(out)
+    source, state, unreadable = _resume_source(resume, checkpoint_dir)
+    if state is not None:
+        check_resume_config(state.get("config"), cfg, source, allow_change=allow_config_change, warn=log.warning)
+        if state.get("world_size", info.world_size) != info.world_size and not allow_config_change:
+            raise RunDirectoryError(
+                f"--resume {source}: the checkpoint was trained by {state['world_size']} processes, this run has "
+                f"{info.world_size}; the global batch and the data order would change. Pass --allow-config-change "
+                f"to resume anyway")
+    seed_everything(cfg["seed"])  # the same initial weights in every process
     model = build_model(cfg).to(device)
     if train_cfg["sync_bn"] and device.type != "cuda":
         raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
@@ -152,25 +169,22 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     iterations_per_epoch = len(dataset) // per_step
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg["seed"])
+    # each process its own dropout stream (the data order is per rank already, through the sampler)
+    torch.manual_seed(process_seed(cfg["seed"], info.rank))
 
     start, skipped_before = 0, 0  # skipped_before: corrupt videos skipped before a resumed checkpoint, all ranks
-    checkpoint_dir = out / "checkpoints"
-    source = latest_checkpoint(checkpoint_dir) if resume is True else (Path(resume) if resume else None)
-    if source is not None:
-        state = load_checkpoint(source)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    if state is not None:
+        _load_training_state(state, source, model, optimizer, scaler, device, info)
         start = state["iteration"]
         skipped_before = int(state.get("skipped_videos", 0))
-        if info.is_main:
+    barrier()  # every process has read what it needs before the main process changes the directory
+    if info.is_main:
+        _prepare_directory(out, cfg, start, unreadable, resumed=state is not None)
+        if state is not None:
             log.info("resumed from %s at iteration %d", source, start)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
-    logger = MetricLogger(out, enabled=info.is_main)
+    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None)
     total = train_cfg["iterations"]
     end = total if stop_after is None else min(total, stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
@@ -191,9 +205,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         with _autocast(device, train_cfg["amp"]):
             logits = ddp(clip)
         loss = _loss(logits, labels, multi_label)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at iteration {iteration} (lr {lr:g}); "
-                                     f"lower train.lr or enable train.clip_grad_norm")
+        _check_finite(loss, iteration, lr, device, info)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if train_cfg["clip_grad_norm"]:
@@ -254,14 +266,116 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
                 device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo,
                 skipped_videos: int = 0) -> None:
+    rng = gather_rng_states(device)  # a collective: every process takes part
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "iteration": iteration, "skipped_videos": skipped_videos, "config": copy.deepcopy(dict(cfg)),
-                 "model_name": cfg["model"]["name"], "model_options": copy.deepcopy(cfg["model"]["options"]),
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                 "iteration": iteration, "skipped_videos": skipped_videos, "config": to_plain(cfg),
+                 "world_size": info.world_size,
+                 "model_name": cfg["model"]["name"], "model_options": to_plain(cfg["model"]["options"]),
+                 "rng": rng[0], "rng_per_rank": rng}
         save_checkpoint(state, directory, iteration, keep=cfg["train"]["keep_checkpoints"])
     barrier()
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of one process's random stream (dropout): the run's seed in process 0, as in a single-process
+    run, and distinct streams in the others."""
+    return seed if rank == 0 else (seed + 1_000_003 * rank) % 2 ** 63
+
+
+def _check_finite(loss: torch.Tensor, iteration: int, lr: float, device: torch.device, info: DistInfo) -> None:
+    """Raises :class:`TrainingDiverged` in every process when the loss is not finite in any of them (a check
+    in one process alone would leave the others waiting forever in the next all-reduce)."""
+    finite = bool(torch.isfinite(loss))
+    if info.enabled:
+        flags = all_gather_cat(torch.tensor([0 if finite else 1], device=device)).cpu().tolist()
+        bad = [rank for rank, flag in enumerate(flags) if flag]
+    else:
+        bad = [] if finite else [0]
+    if bad:
+        where = f" in process(es) {', '.join(map(str, bad))} of {info.world_size}" if info.enabled else ""
+        raise TrainingDiverged(f"training loss is not finite at iteration {iteration}{where} (lr {lr:g}); lower "
+                               f"train.lr or enable train.clip_grad_norm")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite (raised in every process of the run)."""
+
+    all_processes = True  # raised alike by every process of a torchrun job: the CLI says it once
+
+
+def _resume_source(resume: bool | str | os.PathLike, checkpoint_dir: Path
+                   ) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """(checkpoint path, its state, unreadable newer checkpoints passed over) for a ``resume`` argument."""
+    if not resume:
+        return None, None, []
+    if resume is True:
+        source, state, unreadable = newest_readable_checkpoint(checkpoint_dir)
+        for path, reason in unreadable:
+            log.warning("%s; %s", reason, f"falling back to {source}" if source else "no older checkpoint reads")
+        if source is None and unreadable:
+            raise RunDirectoryError(f"--resume: no checkpoint in {checkpoint_dir} can be read "
+                                    f"({len(unreadable)} tried); resume from a copy with --resume FILE or start "
+                                    f"anew in another output_dir")
+        return source, state, unreadable
+    source = Path(resume)
+    state = load_checkpoint(source)
+    newest = latest_checkpoint(checkpoint_dir)
+    if newest is not None and checkpoint_iteration(newest) > int(state.get("iteration", 0)) \
+            and newest.resolve() != source.resolve():
+        raise RunDirectoryError(
+            f"--resume {source}: {checkpoint_dir} already holds a later checkpoint ({newest.name}) of a run that "
+            f"went further; continuing from an earlier point there would mix two runs. Resume into another "
+            f"output_dir")
+    return source, state, []
+
+
+def _load_training_state(state: Mapping[str, Any], source: Path, model: nn.Module,
+                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                         info: DistInfo) -> None:
+    for key in ("model", "optimizer", "scaler", "iteration", "rng"):
+        if key not in state:
+            raise CheckpointError(f"{source} is not a training checkpoint of `nonlocalnet train` (no {key!r}); a "
+                                  f"weights file goes to model.pretrained, not --resume")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} holds weights of another model: {_first_lines(e)}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    per_rank = state.get("rng_per_rank")
+    rng = per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else None
+    if rng is None and info.rank == 0:
+        rng = state["rng"]
+    if rng is not None:
+        set_rng_state(rng, device)
+    else:  # resumed by more processes than wrote the checkpoint (allowed by --allow-config-change)
+        torch.manual_seed(process_seed(int(state["iteration"]) + 1, info.rank))
+
+
+def _prepare_directory(out: Path, cfg: Mapping[str, Any], start: int, unreadable: list[tuple[Path, str]],
+                       resumed: bool) -> None:
+    """Main process, after every check passed: clear debris, set unreadable checkpoints aside, cut the replayed
+    steps from the metrics, write the config."""
+    for directory in (out, out / "checkpoints"):
+        for path in remove_debris(directory):
+            log.info("removed %s (left by an interrupted write)", path)
+    for path, _ in unreadable:
+        log.warning("kept the unreadable checkpoint as %s", set_aside(path))
+    total = cfg["train"]["iterations"]
+    # rows up to the checkpoint stay; the final evaluation is redone when resuming a finished run
+    dropped = truncate_jsonl(out / "metrics.jsonl",
+                             lambda row: row.get("step", 0) < start or (row.get("step") == start and not (
+                                 start >= total and row.get("split") == "test")))
+    if dropped and resumed:
+        log.info("metrics.jsonl: dropped %d row(s) logged after iteration %d (replayed now)", dropped, start)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+
+def _first_lines(error: Exception, lines: int = 3) -> str:
+    text = str(error).strip().splitlines()
+    return " ".join(line.strip() for line in text[:lines]) + (" ..." if len(text) > lines else "")
 
 
 def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device,

@@ -24,6 +24,7 @@ place for, and any model entry no blob fills, is an error naming it.
 from __future__ import annotations
 
 import os
+import importlib
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -46,25 +47,65 @@ class Caffe2ConversionError(ValueError):
     """A checkpoint that does not fit the model: unplaced blobs, unfilled entries or wrong shapes."""
 
 
+# What a pickle of NumPy arrays (from Python 2's cPickle or Python 3, NumPy 1 or 2) needs to name: the array
+# and dtype constructors, and the latin-1 codec Python 3 writes bytes through in protocol 2. Nothing else.
+_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays, and refuses every other global, so a pickle
+    built to run code on loading (``__reduce__`` returning ``os.system``) fails instead."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused: the pickle names {module}.{name}; an official checkpoint holds only NumPy arrays, "
+                f"and loading other objects could run code")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):  # NumPy 2 renamed numpy.core
+            module = "numpy._core" + module[len("numpy.core"):]
+        return getattr(importlib.import_module(module), name)
+
+
 def load_caffe2_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The blobs of an official checkpoint, ``{'blobs': {...}}`` or flat, as name -> ndarray.
 
+    Only NumPy arrays, numbers, strings and containers are unpickled: no file can run code here.
+
     Raises:
         FileNotFoundError: no such file.
-        Caffe2ConversionError: not a pickled dict of arrays.
+        Caffe2ConversionError: not a pickled dict of arrays, or a pickle that names anything else.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no Caffe2 checkpoint at {os.fspath(path)!r}")
     with open(path, "rb") as f:
         try:
-            data = pickle.load(f, encoding="latin1")
+            data = _ArrayUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as exc:
+            if "refused" in str(exc):
+                raise Caffe2ConversionError(f"{os.fspath(path)!r}: {exc}") from None
+            raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: {exc}") from None
         except Exception as exc:  # a truncated or non-pickle file
-            raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: {exc}") from exc
+            raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: "
+                                        f"{type(exc).__name__}: {exc}") from None
     if isinstance(data, Mapping) and "blobs" in data and isinstance(data["blobs"], Mapping):
         data = data["blobs"]
     if not isinstance(data, Mapping):
         raise Caffe2ConversionError(f"{os.fspath(path)!r} holds a {type(data).__name__}, not a dict of blobs")
-    return {_as_str(name): value for name, value in data.items()}
+    blobs = {}
+    for name, value in data.items():
+        name = _as_str(name)
+        if isinstance(value, (int, float, np.number)):
+            value = np.asarray(value)
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            kind = type(value).__name__ if not isinstance(value, np.ndarray) else f"array of {value.dtype}"
+            raise Caffe2ConversionError(f"{os.fspath(path)!r}: blob {name!r} is a {kind}, not a numeric array")
+        blobs[name] = value
+    return blobs
 
 
 def caffe2_name(name: str) -> str | None:

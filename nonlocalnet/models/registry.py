@@ -7,6 +7,7 @@ the paper's networks in :mod:`nonlocalnet.models.zoo` are) also record those def
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -77,14 +78,22 @@ def get_model_entry(name: str) -> ModelEntry:
     """The :class:`ModelEntry` of a registered name.
 
     Raises:
-        KeyError: unknown name (the message lists close matches).
+        UnknownModel: unknown name (a KeyError and a ValueError; the message lists the closest names).
     """
     _load_zoo()
     if name not in _REGISTRY:
-        close = [n for n in sorted(_REGISTRY) if name.split("_")[0] in n][:8]
-        hint = f"; close names: {', '.join(close)}" if close else ""
-        raise KeyError(f"unknown model {name!r} ({len(_REGISTRY)} registered, see list_models()){hint}")
+        close = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModel(f"unknown model {name!r} ({len(_REGISTRY)} registered, see "
+                           f"nonlocalnet.models.list_models()){hint}")
     return _REGISTRY[name]
+
+
+class UnknownModel(KeyError, ValueError):
+    """A model name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def model_defaults(name: str) -> dict[str, Any]:

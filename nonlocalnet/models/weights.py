@@ -11,6 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..io import UnreadableFile, load_torch_file
+
 
 def save_weights(weights: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -76,7 +78,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the file cannot be read.
+        UnreadableFile: the file cannot be read, or reading it would run code (a ValueError).
         ValueError: it holds no state dict.
     """
     path = Path(path)
@@ -92,15 +94,17 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             if "model_options" in header:
                 meta["model_options"] = json.loads(header["model_options"])
         else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_torch_file(path)
             state = loaded
             if isinstance(loaded, dict):
                 state = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
                 meta.update({k: loaded[k] for k in ("model_name", "model_options") if k in loaded})
                 if isinstance(loaded.get("model"), str):
                     meta["model_name"] = loaded["model"]
-    except (OSError, RuntimeError, ValueError) as err:  # truncated, foreign or unsafe files
-        raise RuntimeError(f"cannot read weights from {path}: {type(err).__name__}: {err}") from None
+    except UnreadableFile as err:
+        raise UnreadableFile(path, f"no weights: {err.reason}") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign safetensors file (SafetensorError, ...)
+        raise UnreadableFile(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} "
                          f"entries)")

@@ -1,0 +1,194 @@
+"""Runs that never lose or mix data, and files that never run code (single process; the multi-process and
+fault-injection walks are in test_faults.py)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nonlocalnet.cli import main
+from nonlocalnet.engine import load_config, train
+from nonlocalnet.engine.checkpoint import list_checkpoints, save_checkpoint
+from nonlocalnet.engine.rundir import RunDirectoryError, config_changes
+
+TINY = "configs/synthetic/nl_c2d_tiny.yaml"
+QUICK = ["progress=false", "data.test_size=16", "data.train_size=128", "train.batch_size=8", "train.log_every=2",
+         "train.precise_bn_batches=2", "model.options.dropout=0.5", "train.lr_steps=[6]", "train.iterations=8",
+         "train.checkpoint_every=3"]
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(TINY, QUICK + [f"output_dir={out}", *extra])
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model_final.safetensors")
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """One uninterrupted run, the reference of every resumption below."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(_cfg(out))
+    return out
+
+
+# --- one run per directory -------------------------------------------------------------------------------------
+
+def test_a_fresh_run_into_a_used_directory_refuses_and_touches_nothing(tmp_path, straight):
+    out = tmp_path / "run"
+    train(_cfg(out))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl.*--resume.*"
+                                                r"another directory \(output_dir=\.\.\.\)"):
+        train(_cfg(out, "train.lr=0.02"))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_rotation_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
+    save_checkpoint({"iteration": 100}, tmp_path, 100, keep=1)
+    save_checkpoint({"iteration": 10}, tmp_path, 10, keep=1)  # before the fix: 10 was deleted at once
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_000000010.pt", "checkpoint_000000100.pt"]
+
+
+def test_a_start_that_fails_leaves_the_config_of_the_run_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=3)
+    config = (out / "config.yaml").read_bytes()
+    with pytest.raises(RunDirectoryError, match="model.name"):
+        train(_cfg(out, "model.name=c2d_tiny"), resume=True)
+    assert (out / "config.yaml").read_bytes() == config
+    # told to go ahead, the weights still do not fit: a clear error, and the config is still the run's
+    with pytest.raises(ValueError, match="checkpoint_000000003.pt holds weights of another model"):
+        train(_cfg(out, "model.name=c2d_tiny"), resume=True, allow_config_change=True)
+    assert (out / "config.yaml").read_bytes() == config
+
+
+def test_resume_refuses_a_changed_config_unless_allowed_and_names_the_keys(tmp_path, straight, caplog):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=4)
+    with pytest.raises(RunDirectoryError, match=r"train.batch_size: 8 -> 4; train.lr: 0.1 -> 0.02.*"
+                                                r"--allow-config-change"):
+        train(_cfg(out, "train.lr=0.02", "train.batch_size=4"), resume=True)
+    # what does not change the computation is not a change: loader processes, progress, evaluation
+    assert config_changes(_cfg(out), _cfg(tmp_path / "elsewhere", "data.workers=2", "progress=true",
+                                          "test.batch_size=3", "train.log_every=5")) == []
+    with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
+        report = train(_cfg(out, "train.lr=0.02"), resume=True, allow_config_change=True)
+    assert "resuming" in caplog.text and "train.lr: 0.1 -> 0.02" in caplog.text
+    assert report["videos"] == 16
+    assert not torch.equal(_weights(out)["head.fc.weight"], _weights(straight)["head.fc.weight"])  # it did train differently
+
+
+def test_resume_falls_back_over_an_unreadable_newest_checkpoint(tmp_path, straight, caplog):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=7)  # checkpoints 3, 6, 7
+    newest = out / "checkpoints" / "checkpoint_000000007.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short, a disk that filled up
+    with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
+        train(_cfg(out), resume=True)
+    assert "checkpoint_000000007.pt" in caplog.text and "falling back to" in caplog.text
+    assert "checkpoint_000000006.pt" in caplog.text
+    _assert_same_weights(out, straight)
+    assert (out / "checkpoints" / "checkpoint_000000007.pt.unreadable").is_file()  # kept aside, out of rotation
+
+
+def test_resume_with_no_readable_checkpoint_is_one_error(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=3)
+    (out / "checkpoints" / "checkpoint_000000003.pt").write_bytes(b"\0" * 64)
+    with pytest.raises(RunDirectoryError, match="no checkpoint in .* can be read"):
+        train(_cfg(out), resume=True)
+
+
+def test_a_resumed_run_clears_debris_and_its_metrics_read_as_one_run(tmp_path, straight):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=7)  # logged 2, 4, 6, 7; checkpoints 3, 6, 7
+    (out / "checkpoints" / "checkpoint_000000007.pt").unlink()  # killed before the step-7 checkpoint landed
+    debris = out / "checkpoints" / ".checkpoint_000000007.pt.x1y2.tmp"
+    debris.write_bytes(b"half a checkpoint")
+    (out / ".model_final.safetensors.abcd.tmp").write_bytes(b"half")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "split": "tr')  # a row torn by the kill
+    train(_cfg(out), resume=True)  # from 6: steps 7 and 8 are replayed
+    assert not debris.exists() and not list(out.glob(".*.tmp"))
+    assert _rows(out) == _rows(straight)
+    _assert_same_weights(out, straight)
+
+
+def test_resume_from_an_earlier_checkpoint_into_a_run_that_went_further_refuses(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out))
+    with pytest.raises(RunDirectoryError, match="already holds a later checkpoint"):
+        train(_cfg(out), resume=out / "checkpoints" / "checkpoint_000000006.pt")
+
+
+def test_the_comparison_replaces_its_own_runs_when_rerun(tmp_path):
+    from nonlocalnet.engine.compare import run_comparison
+
+    args = dict(variants=["baseline"], overrides=QUICK[:-2] + ["train.iterations=2", "data.test_size=8"],
+                jobs=1, pictures=False, echo=lambda *a: None)
+    first = run_comparison(tmp_path, **args)
+    messages = []
+    second = run_comparison(tmp_path, **{**args, "echo": messages.append})
+    assert any("replacing the previous comparison's run" in m for m in messages)
+    assert first["rows"][0]["top1"] == second["rows"][0]["top1"]
+
+
+# --- files never run code --------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this creates the marker file: what a hostile checkpoint would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _hostile(path: Path, marker: Path, layout: dict) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump({**layout, "payload": _Payload(marker)}, f, protocol=2)
+    return path
+
+
+@pytest.mark.parametrize("command", ["train-resume", "test-checkpoint", "pretrained", "convert-caffe2",
+                                     "detect-train-resume", "detect-test"])
+def test_no_file_we_load_runs_code(tmp_path, capsys, command):
+    marker = tmp_path / "PWNED"
+    evil = _hostile(tmp_path / "evil.pt", marker, {"model": {}, "blobs": {}, "config": {}, "epoch": 0})
+    out = tmp_path / "run"
+    argv = {
+        "train-resume": ["train", "--config", TINY, *QUICK, f"output_dir={out}", "--resume", str(evil)],
+        "test-checkpoint": ["test", "--config", TINY, *QUICK, f"output_dir={out}", "--checkpoint", str(evil)],
+        "pretrained": ["train", "--config", TINY, *QUICK, f"output_dir={out}", f"model.pretrained={evil}"],
+        "convert-caffe2": ["convert-caffe2", str(evil), str(tmp_path / "out.safetensors"), "--model", "nl_c2d_tiny"],
+        "detect-train-resume": ["detect-train", "--output-dir", str(out), "--resume", str(evil),
+                                "--set", "data.num_train=2", "--set", "data.num_val=2", "--device", "cpu"],
+        "detect-test": ["detect-test", str(evil), "--device", "cpu"],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "Traceback" not in err
+    assert "could run code" in err and "posix.system" in err, err
