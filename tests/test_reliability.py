@@ -192,3 +192,60 @@ def test_no_file_we_load_runs_code(tmp_path, capsys, command):
     assert not marker.exists()
     assert "Traceback" not in err
     assert "could run code" in err and "posix.system" in err, err
+
+
+# --- detection: the same guarantees ----------------------------------------------------------------------------
+
+def _detection_config():
+    from tests.test_detection import _tiny_config
+
+    config = _tiny_config("shapes", "mask", mask_head_channels=16)
+    config["train"]["epochs"] = 2
+    config["train"]["hflip"] = 0.5  # a random transform: the resumed run must draw the same flips
+    return config
+
+
+def test_detection_resume_continues_the_epoch_order_and_ends_where_an_uninterrupted_run_does(tmp_path,
+                                                                                             monkeypatch):
+    import nonlocalnet.detection.train as detection
+
+    kwargs = dict(max_iters_per_epoch=3, device="cpu", evaluate_every=2)
+    detection.main(_detection_config(), output_dir=tmp_path / "a", **kwargs)
+    with pytest.raises(RunDirectoryError, match="already holds a run"):  # one run per directory here too
+        detection.main(_detection_config(), output_dir=tmp_path / "a", **kwargs)
+
+    real = detection.train_one_epoch
+
+    def crash_in_epoch_1(*args, **kw):
+        if args[4] == 1:
+            raise KeyboardInterrupt  # killed while training the second epoch
+        return real(*args, **kw)
+
+    monkeypatch.setattr(detection, "train_one_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        detection.main(_detection_config(), output_dir=tmp_path / "b", **kwargs)
+    monkeypatch.setattr(detection, "train_one_epoch", real)
+    changed = _detection_config()
+    changed["train"]["lr"] = 0.05
+    with pytest.raises(RunDirectoryError, match=r"train.lr: 0.02 -> 0.05"):
+        detection.main(changed, output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
+    detection.main(_detection_config(), output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
+    a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # epoch 1 saw epoch 1's images and flips, not epoch 0's again
+    rows = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert rows == [0, 1]
+
+
+def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch():
+    from nonlocalnet.detection.train import make_loader
+
+    sampler = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    again = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
+    again.set_epoch(1)
+    assert first != second and list(again) == second and sorted(second) == list(range(20))
