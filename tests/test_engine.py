@@ -38,11 +38,22 @@ def test_config_extends_its_base_and_takes_overrides():
     ("bogus=1", "unknown config key 'bogus'"),
     ("train.lr", "key=value"),
     ("data.type=imagenet", "data.type must be"),
-    ("train.batch_size=0", "train.batch_size must be a positive integer"),
+    ("train.batch_size=0", "train.batch_size must be at least 1; got 0"),
+    ("train.lr=abc", "train.lr must be a finite number; got 'abc'"),
+    ("train.lr=.inf", "train.lr must be a finite number; got inf"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1; got 0"),
+    ("train.iterations=2.5", "train.iterations must be an integer; got 2.5"),
+    ("train.amp=yes please", "train.amp must be true or false"),
+    ("train.clip_grad_norm=-1", "train.clip_grad_norm must be a positive number or null; got -1"),
+    ("data.workers=-1", "data.workers must not be negative"),
+    ("data.train_scale=256", "data.train_scale must be a list; got 256"),
+    ("train.lr_steps=[a]", "train.lr_steps must be a list of iterations"),
+    ("train=5", "config section 'train' must be a mapping of keys"),
     ("train.lr_steps=[9, 5]", "increasing"),
     ("data.type=kinetics", "needs data.root"),
 ])
 def test_bad_config_names_the_key(override, message):
+    """Each of these started training before (a traceback mid-run) or trained with a nonsense value."""
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, [override])
 

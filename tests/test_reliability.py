@@ -249,3 +249,32 @@ def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch(
     again = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
     again.set_epoch(1)
     assert first != second and list(again) == second and sorted(second) == list(range(20))
+
+
+# --- corrupt data: counted once per video, never fatal while one video decodes ---------------------------------
+
+def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
+    import shutil
+
+    from tests.test_train import _video_overrides, _write_video
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    _write_video(root / "good.mp4", torch.randint(0, 255, (20, 36, 44, 3), generator=rng, dtype=torch.uint8).numpy())
+    for i in range(8):
+        shutil.copy(root / "good.mp4", root / f"g{i}.mp4")
+    for i in range(4):
+        (root / f"bad{i}.mp4").write_bytes(bytes([i]) * 2048)
+    # 12 videos, 4 corrupt (three of them in a row), each with 2 x 3 test views and drawn often in training
+    names = ["g0", "bad0", "g1", "g2", "bad1", "bad2", "bad3", "g3", "g4", "g5", "g6", "g7"]
+    listing = "".join(f"{n}.mp4 {i % 3}\n" for i, n in enumerate(names))
+    (root / "list.txt").write_text("\ufeff" + listing)  # and a byte-order mark, as Windows editors write
+    overrides = _video_overrides(root, tmp_path / "run") + [f"data.train_list={root / 'list.txt'}",
+                                                             f"data.test_list={root / 'list.txt'}",
+                                                             "train.iterations=12", "train.batch_size=4"]
+    report = train(load_config(None, overrides))
+    assert report["skipped_videos"] == 4  # not one per view and per replacement walked past (42 here)
+    assert report["videos"] == 8 and report["views"] == 12 * 6
+    assert report["skipped_videos_train"] == 4  # 48 draws of 12 videos: every corrupt one was drawn
+

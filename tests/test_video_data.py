@@ -264,13 +264,33 @@ def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
     views = [test[i] for i in range(len(test))]
     assert [v["video"].item() for v in views] == [0, 0, 2, 2, 2, 2]
     assert [v["skipped"].item() for v in views] == [0, 0, 1, 1, 0, 0]
+    assert [v["skipped_ids"][0].item() for v in views] == [-1, -1, 1, 1, -1, -1]
     assert torch.equal(views[2]["clip"], views[4]["clip"])
 
 
 def test_only_corrupt_videos_raise_after_max_retries(tmp_path, videos):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"], max_retries=3)
-    with pytest.raises(RuntimeError, match="4 videos in a row could not be decoded"):
+    with pytest.raises(V.CorruptData, match=r"every video listed in .*list.txt failed to decode \(1 videos\)"):
         data[0]
+    data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 30 + ["k/a.mp4 1"], max_retries=3)
+    with pytest.raises(V.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
+        data[0]  # 30 of 31 corrupt: four draws in a row fail (seed 0)
+    test = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 3, split="test", test_clips=1, test_crops=1,
+                    test_scale=40)
+    with pytest.raises(V.CorruptData, match=r"every video listed .* \(3 videos\)"):
+        test[0]
+
+
+def test_a_long_run_of_corrupt_videos_costs_their_views_not_the_test(tmp_path, videos):
+    # 11 corrupt entries in a row, more than max_retries + 1: the walk to the next good video goes on
+    lines = ["k/a.mp4 0"] + ["k/corrupt.mp4 1"] * 11 + ["k/b.mp4 2"]
+    test = _dataset(tmp_path, videos, lines, split="test", test_clips=1, test_crops=1, test_scale=40, max_retries=3)
+    views = [test[i] for i in range(len(test))]
+    assert [v["video"].item() for v in views] == [0] + [12] * 12
+    assert [v["skipped"].item() for v in views] == [0] + list(range(11, 0, -1)) + [0]
+    # every corrupt video is named by its own views, whatever the width of skipped_ids (here 4)
+    named = {int(i) for v in views for i in v["skipped_ids"] if i >= 0}
+    assert named == set(range(1, 12)) and views[1]["skipped_ids"].tolist() == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------------------- test items

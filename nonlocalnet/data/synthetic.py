@@ -49,7 +49,8 @@ class LongRangeShapes(Dataset):
         noise: standard deviation of the background noise, in 0-255 pixel units.
 
     Items are dicts with "clip" (3, T, H, W) float normalised like the video datasets ((x - 114.75) / 57.375),
-    "label" (int64), "video" (the index), "skipped" (always 0: nothing here can be corrupt) and "objects"
+    "label" (int64), "video" (the index), "skipped" (always 0: nothing here can be corrupt), "skipped_ids"
+    ([-1]) and "objects"
     (2, 5) int64 rows (frame, y0, x0, y1, x1) of shape a and shape b in clip pixels, end-exclusive.
 
     Training clips change with :meth:`set_epoch` (an endless stream of fresh clips); val/test clips do not.
@@ -92,7 +93,7 @@ class LongRangeShapes(Dataset):
         clip, objects, label = self.render(rng)
         clip = (torch.from_numpy(clip).permute(3, 0, 1, 2).float() - MEAN) / STD  # (T,H,W,3) -> (3,T,H,W)
         return {"clip": clip, "label": torch.tensor(label), "video": torch.tensor(index),
-                "skipped": torch.tensor(0), "objects": torch.from_numpy(objects)}
+                "skipped": torch.tensor(0), "skipped_ids": torch.tensor([-1]), "objects": torch.from_numpy(objects)}
 
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """One clip from a random generator: uint8 frames (T, H, W, 3), objects (2, 5) and the label."""

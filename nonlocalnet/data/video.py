@@ -17,6 +17,7 @@ Items are dicts that ``default_collate`` stacks:
 * ``label``: int64 scalar (single label) or float32 multi-hot (num_classes,);
 * ``video``: int64, the index in the list of the video the clip was actually taken from;
 * ``skipped``: int64, how many corrupt videos were skipped while producing this item.
+* ``skipped_ids``: int64 ``(max_retries + 1,)``, their indices (padded with -1).
 
 Train split: one item per video; a clip at a random temporal position (see
 :func:`~nonlocalnet.data.transforms.train_clip_indices`), short side scaled to a random value in ``train_scale``,
@@ -40,8 +41,9 @@ counted in the item's ``skipped`` and replaced:
   video gets no view at all (the evaluator sees fewer videos than the list has), and the replacement gets
   some views twice, which the per-video averaging of scores absorbs.
 
-An error is raised only when ``max_retries + 1`` videos in a row fail (the item's own and ``max_retries``
-replacements), naming the last ones.
+Each item says which corrupt videos it passed over (``skipped_ids``), so a run counts distinct corrupt videos,
+not attempts. An error is raised only when every video of the list is corrupt, or in training when
+``max_retries + 1`` draws in a row fail (the item's own and ``max_retries`` replacements), naming the last ones.
 """
 from __future__ import annotations
 
@@ -67,6 +69,11 @@ class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or yields no decodable frame."""
 
 
+class CorruptData(ValueError):
+    """So many corrupt videos that an item cannot be made: every video of the list, or ``max_retries + 1``
+    training draws in a row."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # list files
 
@@ -89,7 +96,9 @@ def read_video_list(list_file: str | Path, *, num_classes: int,
     """
     list_file = Path(list_file)
     entries: list[tuple[str, int | tuple[int, ...]]] = []
-    with open(list_file, encoding="utf-8") as f:
+    if list_file.is_dir():
+        raise ValueError(f"video list {list_file} is a directory, not a list file of 'path label' lines")
+    with open(list_file, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of a path
         for number, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -396,8 +405,9 @@ class VideoListDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         video, clip_index, crop_index = self.view(index)
-        skipped, failures = 0, []
-        for attempt in range(self.max_retries + 1):
+        skipped: list[int] = []
+        attempts = self.max_retries + 1 if self.split == "train" else self.num_videos
+        for attempt in range(attempts):
             time_seed, space_seed, choice_seed = (int(s) for s in np.random.SeedSequence(
                 [self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64))
             try:
@@ -405,12 +415,13 @@ class VideoListDataset(Dataset):
                     clip = self._train_clip(video, time_seed, space_seed)
                 else:
                     clip = self._test_clip(video, clip_index, crop_index)
+                ids = (skipped + [-1] * self.skip_width)[:self.skip_width]
                 return {"clip": clip, "label": self._label(video),
                         "video": torch.tensor(video, dtype=torch.int64),
-                        "skipped": torch.tensor(skipped, dtype=torch.int64)}
+                        "skipped": torch.tensor(len(set(skipped)), dtype=torch.int64),
+                        "skipped_ids": torch.tensor(ids, dtype=torch.int64)}
             except VideoDecodeError as err:
-                skipped += 1
-                failures.append(str(err))
+                skipped.append(video)
                 if video not in self._corrupt:
                     self._corrupt[video] = str(err)
                     logger.warning("skipping corrupt video %s (%s)", self.paths[video], err)
@@ -418,10 +429,24 @@ class VideoListDataset(Dataset):
                     video = int(torch.randint(self.num_videos, (1,),
                                               generator=torch.Generator().manual_seed(choice_seed)))
                 else:
+                    # at test time the next video in the list, as far as it takes: a run of corrupt files
+                    # costs their views, not the test
                     video = (video + 1) % self.num_videos
-        raise RuntimeError(f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row could not "
-                           f"be decoded (max_retries={self.max_retries}); last ones:\n  "
-                           + "\n  ".join(failures[-5:]))
+        last = [self._corrupt[v] for v in skipped[-3:]]
+        if self.split != "train" or len(self._corrupt) == self.num_videos:
+            raise CorruptData(f"every video listed in {self.list_file} failed to decode ({self.num_videos} "
+                              f"videos); the last ones: " + "; ".join(last))
+        raise CorruptData(f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row failed to "
+                          f"decode (max_retries={self.max_retries}); the last ones: " + "; ".join(last))
+
+    @property
+    def skip_width(self) -> int:
+        """The length of an item's ``skipped_ids`` (the ids of the corrupt videos it passed over, -1 padded).
+
+        A test item lists its own video first, so every corrupt video is named by its own views, however long a
+        run of corrupt files the replacement walked past.
+        """
+        return self.max_retries + 1
 
     def _decode(self, video: int, sample: Callable[[int], Tensor]) -> Tensor:
         """(3, T, H, W) uint8 clip of ``video``; known corrupt videos fail at once."""

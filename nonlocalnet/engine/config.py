@@ -8,6 +8,7 @@ overrides use dotted keys and YAML values: ``train.lr=0.02 train.lr_steps=[100,2
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -130,6 +131,10 @@ def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", stri
             known = ", ".join(sorted(into))
             raise ConfigError(f"unknown config key {name!r}; known keys{f' of {where[:-1]!r}' if where else ''}: "
                               f"{known}")
+        if isinstance(into.get(key), dict) and not free and not isinstance(value, Mapping) \
+                and (key in DEFAULTS or where):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys ({', '.join(sorted(into[key]))}); "
+                              f"got {value!r}")
         if isinstance(into.get(key), dict) and isinstance(value, Mapping) and not free:
             merge(into[key], value, name + ".", strict)
         else:
@@ -163,8 +168,61 @@ def apply_override(cfg: dict[str, Any], item: str) -> None:
     merge(node, {parts[-1]: value}, where)
 
 
+# keys that must be at least 1, and at least 0
+_POSITIVE = ("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every", "test.batch_size",
+             "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips", "data.test_crops",
+             "data.num_classes", "data.image_size", "data.train_size", "data.test_size")
+_NON_NEGATIVE = ("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every", "train.warmup_iterations",
+                 "data.workers", "train.lr", "train.weight_decay", "train.momentum")
+
+
+def _check_types(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
+    """Every key whose default has a type takes a value of that type (a number for a float, a list for a list)."""
+    for key, default in defaults.items():
+        name, value = f"{where}{key}", cfg.get(key)
+        if default is None or _is_free(name + "."):
+            continue
+        if isinstance(default, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config section {name!r} must be a mapping; got {value!r}")
+            if name != "model.options":
+                _check_types(value, default, name + ".")
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            kind = "a finite number"
+        elif isinstance(default, list):
+            ok, kind = isinstance(value, list), "a list"
+        else:
+            ok, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
+        if not ok:
+            raise ConfigError(f"{name} must be {kind}; got {value!r}")
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Raises ConfigError for values that cannot work, naming the key."""
+    _check_types(cfg, DEFAULTS)
+    for key in _POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1; got {_get(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key} must not be negative; got {_get(cfg, key)!r}")
+    clip = cfg["train"]["clip_grad_norm"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+                             or not math.isfinite(clip)):
+        raise ConfigError(f"train.clip_grad_norm must be a positive number or null; got {clip!r}")
     data, train = cfg["data"], cfg["train"]
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
@@ -172,14 +230,11 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         for key in ("root", "train_list", "test_list"):
             if not data[key]:
                 raise ConfigError(f"data.type={data['type']!r} needs data.{key}")
-    for key in ("batch_size", "iterations"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer; got {train[key]!r}")
     steps = list(train["lr_steps"])
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise ConfigError(f"train.lr_steps must be a list of iterations (integers); got {steps}")
     if steps != sorted(steps):
         raise ConfigError(f"train.lr_steps must be increasing; got {steps}")
-    if not isinstance(cfg["test"]["batch_size"], int) or cfg["test"]["batch_size"] < 1:
-        raise ConfigError(f"test.batch_size must be a positive integer; got {cfg['test']['batch_size']!r}")
 
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -37,7 +37,7 @@ from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
                          newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
 from .config import save_config, to_plain
-from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, all_reduce_sum, barrier, gather_rng_states,
+from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, barrier, gather_rng_states,
                           init_distributed, resolve_device, set_rng_state)
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
@@ -172,11 +172,12 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     # each process its own dropout stream (the data order is per rank already, through the sampler)
     torch.manual_seed(process_seed(cfg["seed"], info.rank))
 
-    start, skipped_before = 0, 0  # skipped_before: corrupt videos skipped before a resumed checkpoint, all ranks
+    start = 0
+    skipped: set[int] = set()  # the corrupt videos passed over so far (this process's; united when reported)
     if state is not None:
         _load_training_state(state, source, model, optimizer, scaler, device, info)
         start = state["iteration"]
-        skipped_before = int(state.get("skipped_videos", 0))
+        skipped = set(int(v) for v in state.get("skipped_video_ids", []))
     barrier()  # every process has read what it needs before the main process changes the directory
     if info.is_main:
         _prepare_directory(out, cfg, start, unreadable, resumed=state is not None)
@@ -189,8 +190,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     end = total if stop_after is None else min(total, stop_after)
     bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
                disable=not (info.is_main and cfg["progress"]), leave=False)
-    window_loss, window_correct, window_seen, skipped = 0.0, 0, 0, 0
-    skipped_total = skipped_before  # over all processes and the whole run, as of the last log or checkpoint
+    window_loss, window_correct, window_seen = 0.0, 0, 0
+    skipped_all = sorted(skipped)  # over all processes and the whole run, as of the last log or checkpoint
     began = time.perf_counter()
     ddp.train()
     iteration = start
@@ -218,18 +219,18 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         window_seen += 1
         if not multi_label:
             window_correct += int((logits.argmax(1) == labels).sum())
-        skipped += int(batch["skipped"].sum())
+        skipped.update(_skipped_ids(batch))
         bar.update(1)
         if on_iteration is not None:
             on_iteration(iteration)
         log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
         checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end
-        if log_now or checkpoint_now:  # every process takes part in the sum
-            skipped_total = skipped_before + _total(skipped, device)
+        if log_now or checkpoint_now:  # every process takes part in the union
+            skipped_all = _union(skipped, device)
         if log_now:
             # reduced over processes on the training device (nccl cannot reduce CPU tensors)
             values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen, device=device))),
-                      "lr": lr, "skipped_videos": skipped_total,
+                      "lr": lr, "skipped_videos": len(skipped_all),
                       "seconds": time.perf_counter() - began}
             if not multi_label:
                 values["train_accuracy"] = float(all_reduce_mean(
@@ -239,7 +240,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if checkpoint_now:
             _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
-                        skipped_videos=skipped_total)
+                        skipped_videos=skipped_all)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
             report = evaluate(_precise(model, dataset, cfg, device, info), cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
@@ -254,7 +255,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
     report["train_seconds"] = train_seconds
-    report["skipped_videos_train"] = skipped_total  # the loop summed it at its last iteration
+    report["skipped_videos_train"] = len(skipped_all)  # the loop united them at its last iteration
     logger.log(iteration, _scalars(report), prefix="test")
     logger.close()
     if info.is_main:
@@ -265,11 +266,12 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
 
 def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
                 device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo,
-                skipped_videos: int = 0) -> None:
+                skipped_videos: list[int] = ()) -> None:
     rng = gather_rng_states(device)  # a collective: every process takes part
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "iteration": iteration, "skipped_videos": skipped_videos, "config": to_plain(cfg),
+                 "iteration": iteration, "skipped_videos": len(skipped_videos),
+                 "skipped_video_ids": list(skipped_videos), "config": to_plain(cfg),
                  "world_size": info.world_size,
                  "model_name": cfg["model"]["name"], "model_options": to_plain(cfg["model"]["options"]),
                  "rng": rng[0], "rng_per_rank": rng}
@@ -426,7 +428,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     net.eval()
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
     loader = _loader(dataset, sampler, cfg["test"]["batch_size"], cfg["data"]["workers"], False, cfg["seed"])
-    all_scores, all_videos, all_labels, skipped = [], [], [], 0
+    all_scores, all_videos, all_labels, skipped = [], [], [], set()
     for batch in tqdm(loader, desc="test", unit="batch", leave=False, dynamic_ncols=True,
                       disable=not (info.is_main and cfg["progress"])):
         with _autocast(device, cfg["train"]["amp"]):
@@ -437,7 +439,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
         all_scores.append(out.cpu())
         all_videos.append(batch["video"])
         all_labels.append(batch["label"])
-        skipped += int(batch["skipped"].sum())
+        skipped.update(_skipped_ids(batch))
     net.train(was_training)
     if fully_conv:
         net.fully_convolutional = previous
@@ -445,7 +447,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     scores = all_gather_cat(torch.cat(all_scores).to(device)).cpu()
     videos = all_gather_cat(torch.cat(all_videos).to(device)).cpu()
     labels = all_gather_cat(torch.cat(all_labels).to(device)).cpu()
-    skipped = _total(skipped, device)
+    skipped = len(_union(skipped, device))
     report = M.views_report(scores, videos, labels, cfg["data"]["num_classes"], multi_label)
     report["skipped_videos"] = skipped
     return report
@@ -471,9 +473,16 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
 
 # --- small helpers ---------------------------------------------------------------------------------------------
 
-def _total(count: int, device: torch.device) -> int:
-    """A per-process count summed over all processes."""
-    return int(all_reduce_sum(torch.tensor(count, device=device)).item())
+def _skipped_ids(batch: Mapping[str, torch.Tensor]) -> list[int]:
+    """The corrupt videos a batch's items passed over (datasets without ``skipped_ids`` have none)."""
+    ids = batch.get("skipped_ids")
+    return [] if ids is None else ids[ids >= 0].tolist()
+
+
+def _union(ids: set[int], device: torch.device) -> list[int]:
+    """The union of every process's set of video ids, sorted."""
+    mine = torch.tensor(sorted(ids), dtype=torch.int64, device=device)
+    return sorted(set(all_gather_cat(mine).cpu().tolist()))
 
 
 def _scalars(report: Mapping[str, Any]) -> dict[str, float]:
