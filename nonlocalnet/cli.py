@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"nonlocalnet {name}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])  # overrides may come before, between or after options
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
@@ -81,7 +81,10 @@ def user_error(e: BaseException) -> str | None:
             return str(e)
         return f"{e.strerror or type(e).__name__}: {e.filename}"
     if isinstance(e, ValueError):
-        return " ".join(str(e).split()) or type(e).__name__
+        text = str(e)
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: the original message is last
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        return " ".join(text.split()) or type(e).__name__
     return None
 
 

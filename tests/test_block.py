@@ -323,6 +323,7 @@ def test_norm_options(norm):
     (lambda: NonLocal3d(8, extent="time", subsample=(1, 2, 2)), torch.randn(1, 8, 2, 4, 4), "extent='time'"),
     (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3 frames"),
     (lambda: NonLocal3d(8, memory_channels=4), torch.randn(1, 8, 4, 2, 2), "pass memory="),
+    (lambda: NonLocal3d(8), torch.randn(1, 8, 0, 2, 2), r"no positions to attend over \(shape \(1, 8, 0, 2, 2\)\)"),
 ])
 def test_bad_input_is_named(build, x, match):
     with pytest.raises(ValueError, match=match):
@@ -335,6 +336,22 @@ def test_bad_memory_is_named():
         block(torch.randn(1, 8, 5), memory=torch.randn(1, 3, 5))
     with pytest.raises(ValueError, match="batch size"):
         block(torch.randn(2, 8, 5), memory=torch.randn(1, 4, 5))
+    with pytest.raises(ValueError, match=r"memory has no positions to attend to \(shape \(1, 4, 0\)\)"):
+        block(torch.randn(1, 8, 5), memory=torch.randn(1, 4, 0))  # M = 0: a raw torch error before
+
+
+def test_return_attention_refuses_a_matrix_above_its_budget_naming_the_size():
+    block = NonLocal2d(4)
+    x = torch.randn(1, 4, 256, 256)  # N = M = 65,536: a 17.2 GB weight matrix
+    with pytest.raises(ValueError, match=r"\(1, 65536, 65536\) float32 weight matrix of 17.2 GB, above this "
+                                         r"block's attention_budget_bytes \(2.1 GB\)"):
+        block(x, return_attention=True)
+    small = torch.randn(2, 4, 6, 6)
+    block.attention_budget_bytes = 2 * 36 * 36 * 4  # exactly the (2, 36, 36) matrix: allowed
+    assert block(small, return_attention=True)[1].shape == (2, 36, 36)
+    block.attention_budget_bytes -= 1
+    with pytest.raises(ValueError, match="attention_budget_bytes"):
+        block(small, return_attention=True)
 
 
 @pytest.mark.parametrize("options,match", [
@@ -347,6 +364,8 @@ def test_bad_memory_is_named():
     (dict(extent="frame"), "unknown extent 'frame'"),
     (dict(scale=-1.0), "scale must be"),
     (dict(scale="sqrt"), "scale must be"),
+    (dict(scale=float("inf")), "positive finite number; got inf"),  # accepted before, gave NaN
+    (dict(subsample=2.0), "subsample must be a positive int"),  # a raw TypeError before
     (dict(subsample=(1, 2)), "subsample must be"),
     (dict(dim=4), "dim must be 1, 2 or 3"),
     (dict(dim=2, extent="time"), "needs video input"),

@@ -278,3 +278,142 @@ def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
     assert report["videos"] == 8 and report["views"] == 12 * 6
     assert report["skipped_videos_train"] == 4  # 48 draws of 12 videos: every corrupt one was drawn
 
+
+
+# --- COCO files: checked up front, named ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coco_files(tmp_path_factory) -> tuple[Path, dict]:
+    from nonlocalnet.detection.data import make_builtin_coco
+
+    root = tmp_path_factory.mktemp("coco")
+    images, annotations = make_builtin_coco("shapes", root, num_images=3, image_size=64, split="val")
+    return Path(images), json.loads(Path(annotations).read_text())
+
+
+def _break(data: dict, how: str) -> dict:
+    data = json.loads(json.dumps(data))
+    first = data["annotations"][0]
+    if how == "no bbox":
+        del first["bbox"]
+    elif how == "no categories":
+        del data["categories"]
+    elif how == "no category_id":
+        del first["category_id"]
+    elif how == "unknown category_id":
+        first["category_id"] = 99
+    elif how == "empty segmentation":
+        first["segmentation"] = []
+    elif how == "unknown image_id":
+        first["image_id"] = 12345
+    return data
+
+
+@pytest.mark.parametrize("how,message", [
+    ("no bbox", r"annotations without 'bbox' \(ids\): 1"),
+    ("no categories", "no 'categories' list"),
+    ("no category_id", r"annotations without 'category_id' \(ids\): 1"),
+    ("unknown category_id", r"annotations of categories the file does not list \(\[1, 2, 3\]\): 1 \(category_id 99\)"),
+    ("empty segmentation", r"annotations without a mask .*\(ids\): 1"),
+    ("unknown image_id", r"annotations of images the file does not list: 1 \(image_id 12345\)"),
+])
+def test_a_broken_coco_file_is_refused_up_front_naming_the_entry(tmp_path, coco_files, how, message):
+    from nonlocalnet.detection.data import CocoDetection, CocoFormatError
+
+    images, data = coco_files
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(_break(data, how)))
+    with pytest.raises(CocoFormatError, match=f"{path}: {message}"):
+        CocoDetection(images, path, masks=True, train=True)
+
+
+def test_detect_commands_turn_broken_inputs_into_one_error_line(tmp_path, coco_files, capsys):
+    images, data = coco_files
+    (tmp_path / "bad.json").write_text(json.dumps(_break(data, "unknown category_id")))
+    (tmp_path / "empty.json").write_text(json.dumps({**data, "annotations": []}))
+    common = ["--set", f"data.train_images={images}", "--set", f"data.val_images={images}", "--set", "data.builtin=null",
+              "--device", "cpu", "--max-iters-per-epoch", "1"]
+    assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
+                 "--set", f"data.val_annotations={tmp_path / 'bad.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "category_id 99" in err and "Traceback" not in err
+    assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
+                 "--set", f"data.val_annotations={tmp_path / 'empty.json'}"]) == 2
+    assert "has no annotations: there is nothing to score AP against" in capsys.readouterr().err
+
+
+# --- one error path: a user error is one `error:` line and exit status 2 --------------------------------------
+
+def _error_line(capsys, argv: list[str], name: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if f"nonlocalnet {name}: error: " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("weights") / "run"
+    train(_cfg(out, "train.iterations=2"))
+    return out / "model_final.safetensors"
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
+    from tests.test_train import _video_overrides
+
+    run = ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'run'}"]
+    assert "train.lr must be a finite number; got 'abc'" in _error_line(capsys, run + ["train.lr=abc"], "train")
+    assert "train.checkpoint_every must be at least 1" in _error_line(capsys, run + ["train.checkpoint_every=0"],
+                                                                      "train")
+    line = _error_line(capsys, run + ["model.name=nl_i3d_r50_8x16"], "train")
+    assert "unknown model 'nl_i3d_r50_8x16'" in line and "did you mean nl_i3d_r50_8x8," in line
+    (tmp_path / "five.yaml").write_text("train: 5\n")
+    assert "config section 'train' must be a mapping" in _error_line(
+        capsys, ["train", "--config", str(tmp_path / "five.yaml")], "train")
+    # data: a directory as the list, and a list of corrupt videos read by two loader processes
+    (tmp_path / "videos").mkdir()
+    for i in range(3):
+        (tmp_path / "videos" / f"bad{i}.mp4").write_bytes(b"\1" * 1024)
+    (tmp_path / "videos" / "list.txt").write_text("bad0.mp4 0\nbad1.mp4 1\nbad2.mp4 2\n")
+    videos = _video_overrides(tmp_path / "videos", tmp_path / "vrun")
+    line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos'}"], "train")
+    assert f"video list {tmp_path / 'videos'} is a directory" in line
+    line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos' / 'list.txt'}",
+                                "data.workers=2"], "train")
+    assert "every video listed in" in line and "failed to decode (3 videos)" in line
+    # weights: cut short, and of another class count
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny_weights.read_bytes()[:200])
+    test = ["test", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'trun'}", "--no-progress"]
+    assert f"cannot read {cut}" in _error_line(capsys, test + ["--checkpoint", str(cut)], "test")
+    line = _error_line(capsys, test + ["data.num_classes=5", "--checkpoint", str(tiny_weights)], "test")
+    assert "does not fit nl_c2d_tiny with data.num_classes=5" in line and "size mismatch" in line
+
+
+def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_folder(tmp_path, capsys):
+    from tests.test_caffe2 import C2D_TEMP, official_blobs, write_pickle
+
+    blobs = official_blobs(C2D_TEMP, {})
+    good = write_pickle(tmp_path / "good.pkl", blobs)
+    out = tmp_path / "new" / "folder" / "c2d.safetensors"
+    assert main(["convert-caffe2", str(good), str(out), "--model", "c2d_r50", "--set", "layers=(2,4,6,2)",
+                 "--set", "width=4"]) == 0
+    assert out.is_file()
+    blobs["res2_0_branch2a_w"] = "not an array"
+    bad = write_pickle(tmp_path / "bad.pkl", blobs)
+    line = _error_line(capsys, ["convert-caffe2", str(bad), str(tmp_path / "o.safetensors"), "--model", "c2d_r50"],
+                       "convert-caffe2")
+    assert "blob 'res2_0_branch2a_w' is a str, not a numeric array" in line
+
+
+def test_a_program_error_keeps_its_traceback(monkeypatch):
+    import nonlocalnet.commands.flops as flops
+
+    def broken(args):
+        raise AttributeError("a bug, not a user error")
+
+    monkeypatch.setattr(flops, "run", broken)
+    with pytest.raises(AttributeError, match="a bug"):
+        main(["flops", "c2d_r50"])

@@ -226,8 +226,10 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
     assert main(base[:4] + [str(tmp_path / "bad.mp4")] + base[5:]) == 2
     assert main(base + ["--block", "res2.9"]) == 2
-    out = capsys.readouterr().out
-    assert "no video at" in out and "cannot decode" in out and "not a non-local block" in out
+    assert main(base + ["--query", "99,10,10"]) == 2  # an 8-frame clip: clamped to the last frame before
+    err = capsys.readouterr().err
+    assert "no video at" in err and "cannot decode" in err and "not a non-local block" in err
+    assert "error: position (t, y, x) = (99, 10, 10) lies outside the clip (8 frames of 64 x 64 pixels)" in err
 
 
 # --- does the block look at the other object? ------------------------------------------------------------------

@@ -72,36 +72,23 @@ def run(args: argparse.Namespace) -> int:
     from ..viz.capture import resolve_block_names
     from ..viz.loading import load_model, read_clip
 
-    try:
-        model, info = load_model(args.checkpoint, args.model, dict(args.overrides), args.num_classes)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        print(f"nonlocalnet visualize: {err}")
-        return 2
+    model, info = load_model(args.checkpoint, args.model, dict(args.overrides), args.num_classes)
     if not find_nonlocal_blocks(model):
-        print(f"nonlocalnet visualize: model {info['model']} has no non-local block to visualise")
-        return 2
+        raise ValueError(f"model {info['model']} has no non-local block to visualise")
     layout = getattr(model, "clip", None)
     frames = args.frames or getattr(layout, "frames", 8)
     rate = args.sampling_rate or getattr(layout, "sampling_rate", 1)
-    try:
-        raw, clip = read_clip(args.video, frames=frames, sampling_rate=rate, start=args.start, size=args.size,
-                              crop=args.crop)
-        names = resolve_block_names(model, args.block)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"nonlocalnet visualize: {err}")
-        return 2
+    raw, clip = read_clip(args.video, frames=frames, sampling_rate=rate, start=args.start, size=args.size,
+                          crop=args.crop)
+    names = resolve_block_names(model, args.block)
     device = torch.device(args.device)
     model.to(device)
     attention = capture_attention(model, clip.unsqueeze(0).to(device), blocks=names)
     out = Path(args.out)
     for name in names:
         path = out if len(names) == 1 else out.with_name(f"{out.stem}_{name.replace('.', '_')}{out.suffix}")
-        try:
-            summary = render_attention(raw, attention[name], path, query=args.query, top_k=args.top_k,
-                                       max_panels=args.max_panels)
-        except ValueError as err:
-            print(f"nonlocalnet visualize: {err}")
-            return 2
+        summary = render_attention(raw, attention[name], path, query=args.query, top_k=args.top_k,
+                                   max_panels=args.max_panels)
         pairs = ", ".join(f"{q}->{k} ({w:.3g})" for q, k, w in summary["pairs"][:5])
         print(f"{name}: wrote {path}; query {summary['query']} at (t, y, x) = "
               f"{tuple(round(c, 1) for c in summary['query_coords'])}; strongest pairs: {pairs}")

@@ -14,6 +14,8 @@ real COCO json + PNG files, so that training and evaluation on it go through exa
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -72,7 +74,7 @@ class CocoDetection(Dataset):
             raise FileNotFoundError(f"COCO annotation file not found: {self.annotations}")
         if not self.images.is_dir():
             raise FileNotFoundError(f"COCO image folder not found: {self.images}")
-        self.coco = COCO(str(self.annotations))
+        self.coco = read_coco(self.annotations, masks=masks)
         self.masks = masks
         self.keypoints = keypoints
         self.transform = transform
@@ -155,6 +157,83 @@ class CocoDetection(Dataset):
         if self.keypoints:
             return any(a.get("num_keypoints", 0) > 0 for a in anns)
         return bool(anns)
+
+
+class CocoFormatError(ValueError):
+    """An annotation file that does not follow the COCO format where this code relies on it."""
+
+
+def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
+    """A COCO annotation file, checked up front: every field training and COCOeval read is present and
+    consistent, so a bad file fails here with its name and the offending entries instead of mid-epoch.
+
+    Raises:
+        CocoFormatError: naming the file, the field and (up to three of) the entries.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CocoFormatError(f"{path} is not valid JSON: {e}") from None
+
+    def fail(message: str, bad: list[Any] | None = None) -> None:
+        if bad:
+            shown = ", ".join(map(str, bad[:3])) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            message = f"{message}: {shown}"
+        raise CocoFormatError(f"{path}: {message}")
+
+    if not isinstance(data, dict):
+        fail(f"holds a {type(data).__name__}, not a COCO dict with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            fail(f"no {key!r} list" + (" (every annotation file lists its categories, an evaluation file its "
+                                       "annotations too)" if key != "images" else ""))
+    if not data["categories"]:
+        fail("the 'categories' list is empty")
+    bad = [c for c in data["categories"] if not isinstance(c, dict) or "id" not in c]
+    if bad:
+        fail("categories without an 'id'", bad)
+    bad = [i.get("id", i) if isinstance(i, dict) else i for i in data["images"]
+           if not isinstance(i, dict) or "id" not in i or "file_name" not in i]
+    if bad:
+        fail("images without 'id' or 'file_name'", bad)
+    categories = {c["id"] for c in data["categories"]}
+    images = {i["id"] for i in data["images"]}
+    anns = data["annotations"]
+    bad = [a.get("id", a) if isinstance(a, dict) else a for a in anns
+           if not isinstance(a, dict) or "id" not in a or "image_id" not in a]
+    if bad:
+        fail("annotations without 'id' or 'image_id'", bad)
+    for field in ("bbox", "category_id"):
+        bad = [a["id"] for a in anns if field not in a]
+        if bad:
+            fail(f"annotations without {field!r} (ids)", bad)
+    bad = [a["id"] for a in anns if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4
+                                         and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+    if bad:
+        fail("annotations whose 'bbox' is not [x, y, width, height] (ids)", bad)
+    bad = [f"{a['id']} (category_id {a['category_id']})" for a in anns if a["category_id"] not in categories]
+    if bad:
+        fail(f"annotations of categories the file does not list ({sorted(categories)})", bad)
+    bad = [f"{a['id']} (image_id {a['image_id']})" for a in anns if a["image_id"] not in images]
+    if bad:
+        fail("annotations of images the file does not list", bad)
+    if masks:
+        bad = [a["id"] for a in anns if not a.get("iscrowd", 0) and not _has_mask(a.get("segmentation"))]
+        if bad:
+            fail("annotations without a mask ('segmentation' missing or empty; Mask R-CNN needs a polygon or RLE "
+                 "per object; drop them or train a box-only model) (ids)", bad)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def _has_mask(segmentation: Any) -> bool:
+    if isinstance(segmentation, dict):
+        return "counts" in segmentation and "size" in segmentation
+    return isinstance(segmentation, list) and any(isinstance(p, list) and len(p) >= 6 for p in segmentation)
 
 
 class RandomHorizontalFlip:

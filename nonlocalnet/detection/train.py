@@ -108,10 +108,14 @@ def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
             if not (data["train_images"] and data["train_annotations"]):
                 raise ValueError("training needs data.train_images and data.train_annotations")
             train_files = (base / data["train_images"], base / data["train_annotations"])
-    val = CocoDetection(*val_files, masks=True, keypoints=keypoints)
+    masks = task == "mask"
+    val = CocoDetection(*val_files, masks=masks, keypoints=keypoints)
+    if not val.coco.dataset["annotations"]:
+        raise ValueError(f"{val.annotations} has no annotations: there is nothing to score AP against (COCOeval "
+                         f"would report -1)")
     train_set = None
     if train_files is not None:
-        train_set = CocoDetection(*train_files, masks=True, keypoints=keypoints, train=True)
+        train_set = CocoDetection(*train_files, masks=masks, keypoints=keypoints, train=True)
         if train_set.category_ids != val.category_ids:
             raise ValueError(f"train and val list different categories: {train_set.category_ids} vs "
                              f"{val.category_ids}")

@@ -462,7 +462,11 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     test_cfg = copy.deepcopy(dict(cfg))
     test_cfg["model"] = {**cfg["model"], "pretrained": None}
     model = build_model(test_cfg)
-    model.load_state_dict(read_state_dict(path)[0])
+    try:
+        model.load_state_dict(read_state_dict(path)[0])
+    except RuntimeError as e:  # another model, or another number of classes
+        raise CheckpointError(f"{path} does not fit {cfg['model']['name']} with data.num_classes="
+                              f"{cfg['data']['num_classes']}: {_first_lines(e)}") from None
     model.to(device)
     report = evaluate(model, cfg, device=device, info=info)
     report["checkpoint"] = os.fspath(path)

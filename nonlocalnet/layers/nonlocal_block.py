@@ -9,6 +9,7 @@ folding that restricts which keys each query sees.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -195,6 +196,8 @@ class NonLocalBlock(nn.Module):
         if self.pool is not None:
             key_spatial = tuple(s // k for s, k in zip(key_spatial, self.subsample))
         check_folding(folding, spatial, key_spatial)
+        if return_attention:
+            self._check_attention_size(x.shape[0], spatial, key_spatial)
         if self.mode == "gaussian":
             query = to_positions(x)  # (B, N, C): raw features
         else:
@@ -288,6 +291,18 @@ class NonLocalBlock(nn.Module):
     def _concat_project(self) -> nn.Sequential | None:
         return self.concat_project if self.mode == "concatenation" else None
 
+    # the largest (B, N, M) float32 weight matrix ``return_attention=True`` builds; set per block to allow more
+    attention_budget_bytes: int = 2 ** 31
+
+    def _check_attention_size(self, batch: int, spatial: tuple[int, ...], key_spatial: tuple[int, ...]) -> None:
+        n, m = math.prod(spatial), math.prod(key_spatial)
+        size = batch * n * m * 4
+        if size > self.attention_budget_bytes:
+            raise ValueError(
+                f"return_attention=True would build a ({batch}, {n}, {m}) float32 weight matrix of "
+                f"{size / 1e9:.1f} GB, above this block's attention_budget_bytes ({self.attention_budget_bytes / 1e9:.1f}"
+                f" GB); use a smaller input or batch, subsample the keys, or raise block.attention_budget_bytes")
+
     def _check_inputs(self, x: Tensor, memory: Tensor | None) -> None:
         expected = self.dim + 2
         names = {1: "(B, C, L)", 2: "(B, C, H, W)", 3: "(B, C, T, H, W)"}[self.dim]
@@ -296,6 +311,10 @@ class NonLocalBlock(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"NonLocalBlock was built for {self.in_channels} input channels; "
                              f"x has {x.shape[1]} (shape {tuple(x.shape)})")
+        if 0 in x.shape[2:]:
+            raise ValueError(f"x has no positions to attend over (shape {tuple(x.shape)})")
+        if memory is not None and memory.dim() == expected and 0 in memory.shape[2:]:
+            raise ValueError(f"memory has no positions to attend to (shape {tuple(memory.shape)})")
         if memory is None:
             if self.memory_channels != self.in_channels:
                 raise ValueError(f"this block takes keys/values from a memory of {self.memory_channels} channels; "
@@ -417,8 +436,13 @@ class NonLocal3d(NonLocalBlock):
 def _parse_subsample(subsample: int | Sequence[int] | None, dim: int) -> tuple[int, ...] | None:
     if subsample is None:
         return None
-    kernel = (subsample,) * dim if isinstance(subsample, int) else tuple(subsample)
-    if len(kernel) != dim or not all(isinstance(k, int) and k >= 1 for k in kernel):
+    if isinstance(subsample, int):
+        kernel = (subsample,) * dim
+    elif isinstance(subsample, (tuple, list)):
+        kernel = tuple(subsample)
+    else:
+        kernel = ()
+    if len(kernel) != dim or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel):
         raise ValueError(f"subsample must be a positive int or {dim} positive ints (one per spatial axis); "
                          f"got {subsample!r}")
     return None if all(k == 1 for k in kernel) else kernel
@@ -429,6 +453,6 @@ def _parse_scale(scale: None | float | str, inter_channels: int) -> float:
         return 1.0
     if scale == "auto":
         return inter_channels ** -0.5
-    if isinstance(scale, str) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be None, 'auto' or a positive number; got {scale!r}")
+    if isinstance(scale, (str, bool)) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be None, 'auto' or a positive finite number; got {scale!r}")
     return float(scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, TypeVar
@@ -82,11 +83,23 @@ def get_model_entry(name: str) -> ModelEntry:
     """
     _load_zoo()
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=5, cutoff=0.6)
+        close = closest_names(str(name), sorted(_REGISTRY))
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownModel(f"unknown model {name!r} ({len(_REGISTRY)} registered, see "
                            f"nonlocalnet.models.list_models()){hint}")
     return _REGISTRY[name]
+
+
+def closest_names(name: str, names: list[str], n: int = 5) -> list[str]:
+    """The registered names most like ``name``: similar ones (difflib), those sharing the longest start first
+    (``nl_i3d_r50_8x16`` -> ``nl_i3d_r50_8x8`` before ``nl_i3d_r50_128x1``)."""
+    similar = difflib.get_close_matches(name, names, n=3 * n, cutoff=0.6)
+
+    def shared_start(other: str) -> int:
+        return len(os.path.commonprefix([name, other]))
+
+    ratio = {o: difflib.SequenceMatcher(None, name, o).ratio() for o in similar}
+    return sorted(similar, key=lambda o: (-shared_start(o), -ratio[o]))[:n]
 
 
 class UnknownModel(KeyError, ValueError):

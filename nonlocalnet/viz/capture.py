@@ -287,6 +287,12 @@ def _to_thw(dim: int):
 
 
 def _cell_index(point: Sequence[float], grid: Sequence[int], stride: Sequence[float]) -> int:
+    """The cell holding an input pixel; a pixel outside the clip is an error, not the nearest edge cell."""
+    extent = [n * s for n, s in zip(grid, stride)]
+    if not all(0 <= p < e for p, e in zip(point, extent)):
+        shown = ", ".join(f"{p:g}" for p in point)
+        raise ValueError(f"position (t, y, x) = ({shown}) lies outside the clip ({extent[0]:g} frames of "
+                         f"{extent[1]:g} x {extent[2]:g} pixels)")
     index = 0
     for p, n, s in zip(point, grid, stride):
         i = min(max(int((p + 0.5) // s), 0), n - 1)  # pixel p spans [p, p + 1): its centre p + 0.5 / s

@@ -31,7 +31,7 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
     Raises:
         FileNotFoundError: no checkpoint file.
         ValueError: no model name anywhere, or the file holds no state dict.
-        RuntimeError: the weights do not fit the model (names or shapes).
+        ValueError: the weights do not fit the model (names or shapes).
     """
     from ..models import create_model
     from ..models.weights import read_state_dict
@@ -47,8 +47,15 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
         options["num_classes"] = num_classes
     elif "head.fc.weight" in state:
         options["num_classes"] = int(state["head.fc.weight"].shape[0])
-    model = create_model(name, **options)
-    model.load_state_dict(state, strict=True)
+    try:
+        model = create_model(name, **options)
+    except TypeError as e:  # an option the model does not take
+        raise ValueError(f"{path}: model {name}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"{path} does not fit {name}: {' '.join(line.strip() for line in lines[:3])}") from None
     return model.eval(), {"model": name, "options": options}
 
 
