@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests._fault_runner import kill_job
 
@@ -44,7 +45,11 @@ def _finished(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((out / "test_metrics.json").read_text())
     drop = ("seconds", "train_seconds")
-    return {"weights": (out / "model_final.safetensors").read_bytes(),
+    # tensors and metadata, not the file's bytes: safetensors writes its metadata map in no fixed order
+    with safe_open(out / "model_final.safetensors", "pt") as f:
+        weights = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+        weights["__metadata__"] = f.metadata()
+    return {"weights": weights,
             "rows": [{k: v for k, v in r.items() if k not in drop} for r in rows],
             "report": {k: v for k, v in report.items() if k not in drop}}
 

@@ -169,8 +169,10 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     iterations_per_epoch = len(dataset) // per_step
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
                              seed=cfg["seed"])
-    # each process its own dropout stream (the data order is per rank already, through the sampler)
-    torch.manual_seed(process_seed(cfg["seed"], info.rank))
+    # each process its own dropout stream (the data order is per rank already, through the sampler); process 0
+    # goes on with the stream the initialisation left, as a single-process run does
+    if info.rank:
+        torch.manual_seed(process_seed(cfg["seed"], info.rank))
 
     start = 0
     skipped: set[int] = set()  # the corrupt videos passed over so far (this process's; united when reported)
@@ -280,9 +282,9 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
 
 
 def process_seed(seed: int, rank: int) -> int:
-    """The seed of one process's random stream (dropout): the run's seed in process 0, as in a single-process
-    run, and distinct streams in the others."""
-    return seed if rank == 0 else (seed + 1_000_003 * rank) % 2 ** 63
+    """The seed of the random stream (dropout) of process ``rank`` > 0: distinct for every process and seed.
+    (Process 0 keeps the stream the model's initialisation left, as a single-process run does.)"""
+    return (seed + 1_000_003 * rank) % 2 ** 63
 
 
 def _check_finite(loss: torch.Tensor, iteration: int, lr: float, device: torch.device, info: DistInfo) -> None:
