@@ -165,6 +165,32 @@ def test_topk_confusion_and_per_class_accuracy():
     assert report["mean_class_accuracy"] == pytest.approx(2 / 3)
 
 
+def test_views_report_on_known_scores_with_more_classes_than_top5():
+    from nonlocalnet.engine.metrics import views_report
+
+    # 7 classes, 4 videos of 2 views each; per video, the averaged scores rank the label 1st, 2nd, 6th, 1st
+    ranks = {0: [0, 1, 2, 3, 4, 5, 6], 1: [2, 1, 0, 3, 4, 5, 6], 2: [0, 1, 3, 4, 5, 6, 2], 3: [3, 0, 1, 2, 4, 5, 6]}
+    labels_of = {0: 0, 1: 1, 2: 2, 3: 3}
+    scores, videos, labels = [], [], []
+    for video, order in ranks.items():
+        averaged = torch.zeros(7)
+        averaged[torch.tensor(order)] = torch.linspace(0.3, 0.01, 7)
+        for sign in (1, -1):  # two views whose mean is `averaged`; the first view alone ranks like it
+            noise = torch.linspace(-0.005, 0.005, 7).flip(0) * sign
+            scores.append(averaged + noise)
+            videos.append(video)
+            labels.append(labels_of[video])
+    report = views_report(torch.stack(scores), torch.tensor(videos), torch.tensor(labels), num_classes=7)
+    assert report["videos"] == 4 and report["views"] == 8
+    assert report["top1"] == pytest.approx(2 / 4) and report["top5"] == pytest.approx(3 / 4)
+    assert report["per_class_accuracy"][:4] == [1.0, 0.0, 0.0, 1.0]
+    assert report["mean_class_accuracy"] == pytest.approx(2 / 4)  # classes 4-6 have no video: left out
+    confusion = [[0] * 7 for _ in range(7)]
+    for video, order in ranks.items():
+        confusion[labels_of[video]][order[0]] += 1
+    assert report["confusion_matrix"] == confusion
+
+
 def test_average_precision_by_hand():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
     targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 1]])
@@ -255,8 +281,45 @@ def test_precise_bn_gives_the_population_statistics():
     used = update_bn_stats(model, iter(batches), num_batches=6)
     features = [model[0](b).transpose(0, 1).reshape(3, -1) for b in batches]
     expected_mean = torch.stack([f.mean(1) for f in features]).mean(0)  # mean of the batch means
+    expected_var = torch.stack([f.var(1, unbiased=True) for f in features]).mean(0)  # of the batch variances
     torch.testing.assert_close(model[1].running_mean, expected_mean.detach())
+    torch.testing.assert_close(model[1].running_var, expected_var.detach())
     assert used == 6 and model[1].momentum == 0.1 and model.training  # modes restored
+
+
+def _precise_bn_rank(rank: int, init: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3))
+    batches = [torch.randn(4, 2, 5) * (2 * i + rank + 1) + rank for i in range(3)]  # each rank its own batches
+    update_bn_stats(model, iter(batches), num_batches=3)
+    results[rank] = (model[1].running_mean.clone(), model[1].running_var.clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_precise_bn_under_two_processes_averages_both_ranks_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.spawn(_precise_bn_rank, args=(f"file://{tmp_path / 'init'}", results), nprocs=2)
+    stats = []
+    for rank in (0, 1):  # the same weights and batches as each rank, the statistics by hand
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3))
+        batches = [torch.randn(4, 2, 5) * (2 * i + rank + 1) + rank for i in range(3)]
+        with torch.no_grad():
+            features = [model[0](b).transpose(0, 1).reshape(3, -1) for b in batches]
+        stats.append((torch.stack([f.mean(1) for f in features]).mean(0),
+                      torch.stack([f.var(1, unbiased=True) for f in features]).mean(0)))
+    for rank in (0, 1):  # every rank ends with the average over both ranks' batches
+        torch.testing.assert_close(results[rank][0], (stats[0][0] + stats[1][0]) / 2)
+        torch.testing.assert_close(results[rank][1], (stats[0][1] + stats[1][1]) / 2)
+    assert not torch.allclose(stats[0][0], stats[1][0])  # the ranks did see different batches
 
 
 def test_evaluate_aggregates_views_and_reports(tmp_path):

@@ -256,21 +256,17 @@ def test_quick_demo_bank_beats_clip_only(tmp_path):
 
 
 def test_demo_command_runs_and_reports_bad_sizes(tmp_path, capsys):
-    import argparse
+    from nonlocalnet.cli import main
 
-    from nonlocalnet.commands import feature_bank_demo
-
-    parser = argparse.ArgumentParser()
-    feature_bank_demo.add_arguments(parser)
-    tiny = ["--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", "--backbone-videos", "6",
+    tiny = ["feature-bank-demo", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", "--backbone-videos", "6",
             "--train-videos", "8", "--test-videos", "4", "--num-clips", "4", "--backbone-epochs", "1",
             "--head-epochs", "1", "--inter-channels", "8", "--width", "4"]
-    assert feature_bank_demo.run(parser.parse_args(tiny)) == 0
+    assert main(tiny) == 0
     out = capsys.readouterr().out
     assert "| clip only (linear) |" in out and "feature bank operator" in out
     result = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
     assert result["config"]["test_videos"] == 4 and [r["key"] for r in result["rows"]] == [
         "clip_only", "bank_avg", "bank_fbo"]
     assert len(FeatureBank.load(tmp_path / "run" / "bank_train.safetensors")) == 8
-    assert feature_bank_demo.run(parser.parse_args(tiny + ["--backbone-videos", "9"])) == 2
-    assert "backbone_videos must be in 1..train_videos (8)" in capsys.readouterr().out
+    assert main(tiny + ["--backbone-videos", "9"]) == 2
+    assert "error: backbone_videos must be in 1..train_videos (8)" in capsys.readouterr().err

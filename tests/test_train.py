@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,7 +112,12 @@ def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root)
 
 def test_multi_label_training_reports_map(tmp_path, video_root):
     report = train(load_config(None, _video_overrides(video_root, tmp_path / "run", "charades")))
-    assert 0 < report["mAP"] <= 1 and len(report["per_class_ap"]) == 3 and report["videos"] == 2
+    # val: v3 has classes {0, 1}, v1 {1}. Class 1: every video positive, AP 1 whatever the scores; class 0: one
+    # positive of two, AP 1 or 1/2 by its rank; class 2: no positive, no AP, left out of the mean
+    ap = report["per_class_ap"]
+    assert len(ap) == 3 and report["videos"] == 2
+    assert ap[1] == 1.0 and ap[0] in (1.0, 0.5) and math.isnan(ap[2])
+    assert report["mAP"] == pytest.approx((ap[0] + ap[1]) / 2)
 
 
 def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):
@@ -223,7 +229,7 @@ def test_final_weights_rebuild_the_trained_variant_for_visualize(tmp_path):
         assert info["model"] == "nl_c2d_tiny" and model.res3.nl0.mode == "concatenation"
 
 
-def test_amp_frozen_bn_and_clipping_options_train(tmp_path):
+def test_amp_frozen_bn_and_clipping_options_train(tmp_path, monkeypatch):
     from nonlocalnet.engine import build_model
     from nonlocalnet.engine.trainer import seed_everything
     from nonlocalnet.models.batchnorm import FrozenBatchNorm
@@ -239,7 +245,20 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path):
     frozen = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
     assert len(frozen) == 17 and "bn1" in frozen
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = []  # (before, after) clipping, every step
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        before = clip(parameters, max_norm, *args, **kwargs)
+        norms.append((float(before), float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     report = train(cfg)
+    assert len(norms) == 3 and max(before for before, _ in norms) > 1.0  # clipping had work to do
+    assert all(after <= 1.0 + 1e-5 for _, after in norms)  # and the step used gradients of norm <= the bound
     final = load_file(tmp_path / "run" / "model_final.safetensors")
     # frozen statistics and affine parameters stay as they were through training
     for name in frozen:

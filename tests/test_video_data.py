@@ -370,6 +370,22 @@ def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, videos):
     assert torch.equal(batches[1]["clip"][0], data[2]["clip"])
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_item_of_an_epoch_is_the_same_with_0_and_2_workers(tmp_path, videos, split):
+    lines = ["k/a.mp4 0", "k/corrupt.mp4 1", "k/b.mp4 2", "k/short.mp4 3", "k/ramp.mp4 4"]
+    options = dict(seed=5) if split == "train" else dict(split="test", test_clips=2, test_crops=3, test_scale=40)
+    epochs = {}
+    for workers in (0, 2):
+        data = _dataset(tmp_path, videos, lines, **options)
+        data.set_epoch(2)
+        epochs[workers] = list(DataLoader(data, batch_size=3, num_workers=workers, shuffle=False))
+    assert len(epochs[0]) == len(epochs[2]) == -(-len(data) // 3)
+    for a, b in zip(epochs[0], epochs[2]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
 def test_invalid_options_are_named(tmp_path, videos):
     with pytest.raises(ValueError, match="test_crops=1"):
         _dataset(tmp_path, videos, ["k/a.mp4 0"], split="test", crop_size=None, test_crops=3)

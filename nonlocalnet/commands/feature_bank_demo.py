@@ -33,12 +33,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = QUICK if args.quick else DemoConfig()
     chosen = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
-    try:
-        config = replace(config, **chosen)
-        result = run_feature_bank_demo(config, out_dir=args.out, progress=not args.no_progress)
-    except ValueError as err:
-        print(f"nonlocalnet feature-bank-demo: {err}")
-        return 2
+    config = replace(config, **chosen)
+    result = run_feature_bank_demo(config, out_dir=args.out, progress=not args.no_progress)
     print()
     print(format_table(result))
     print(f"\nwrote {args.out}/results.md, results.json, bank_train.safetensors, bank_test.safetensors, "
