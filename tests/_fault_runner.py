@@ -4,6 +4,8 @@ train ...``).
 NONLOCALNET_FAULT_KILL_WRITE=N   rank 0 writes half of checkpoint N, then SIGKILLs the whole job (torchrun,
                                  every rank, every DataLoader worker): a power cut mid-write.
 NONLOCALNET_FAULT_NAN=R:N        process R's training loss is NaN at its N-th step (1-based).
+NONLOCALNET_DUMP_FINAL=DIR       every process saves the weights it evaluates as DIR/rank<R>.pt (the last
+                                 ones written are the final weights), to compare the processes' copies.
 """
 from __future__ import annotations
 
@@ -77,7 +79,20 @@ def _nan_at(rank: int, step: int) -> None:
     trainer._loss = loss
 
 
+def _dump_final(directory: str) -> None:
+    real_precise = trainer._precise
+
+    def precise(*args, **kwargs):
+        model = real_precise(*args, **kwargs)
+        torch.save(model.state_dict(), os.path.join(directory, f"rank{os.environ.get('RANK', 0)}.pt"))
+        return model
+
+    trainer._precise = precise
+
+
 if __name__ == "__main__":
+    if os.environ.get("NONLOCALNET_DUMP_FINAL"):
+        _dump_final(os.environ["NONLOCALNET_DUMP_FINAL"])
     if os.environ.get("NONLOCALNET_FAULT_KILL_WRITE"):
         _kill_during_write(int(os.environ["NONLOCALNET_FAULT_KILL_WRITE"]))
     if os.environ.get("NONLOCALNET_FAULT_NAN"):

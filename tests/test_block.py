@@ -385,7 +385,13 @@ def test_keyword_only_constructor():
 @pytest.mark.parametrize("mode,impl", [(m, i) for m in MODES for i in IMPLS_BY_MODE[m]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_has_no_overflow(mode, impl, dtype):
-    """Raw-feature gaussian with C=1024 is exp(xᵀx) with xᵀx in the thousands: finite fp32 result, no NaN."""
+    """Raw-feature gaussian with C=1024 is exp(xᵀx) with xᵀx in the thousands: finite, and close to float32.
+
+    The error is measured on the non-local term z - x = W_z·y (z itself is mostly the float32 residual x, which
+    hides any error in y), as max |Δ| over max |W_z·y|. Bounds: bfloat16 keeps 8 significant bits (a rounding
+    is 2^-9 = 0.2% relative), float16 11 (0.02%); the projections, the pairwise step and W_z round several
+    times, measured at most 1.2% (bfloat16) and 0.11% (float16) on these inputs; the bounds are 3% and 0.4%.
+    """
     channels = 1024 if mode == "gaussian" else 64
     block = make_active(NonLocal3d(channels, mode=mode, subsample=(1, 2, 2), impl=impl), std=0.05)
     x = 3.0 * torch.randn(1, channels, 2, 4, 4)
@@ -395,8 +401,9 @@ def test_autocast_has_no_overflow(mode, impl, dtype):
             z = block(x)
     assert torch.isfinite(reference).all()
     assert torch.isfinite(z).all(), f"{mode}/{impl} under {dtype} autocast produced inf/NaN"
-    error = (z.float() - reference).abs().max() / reference.abs().max()
-    assert error < 0.1
+    term, reference_term = z.float() - x, reference - x
+    error = (term - reference_term).abs().max() / reference_term.abs().max()
+    assert error < {torch.bfloat16: 0.03, torch.float16: 0.004}[dtype], f"{mode}/{impl}/{dtype}: {error:.4f}"
 
 
 @pytest.mark.parametrize("mode", MODES)
