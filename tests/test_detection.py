@@ -427,6 +427,18 @@ def test_cocoeval_with_a_false_positive_ranked_first(hand_gt):
         assert summary[iou_type]["AP"] == pytest.approx(2 / 3)
 
 
+def test_cocoeval_with_shifted_boxes_scores_the_iou_thresholds_they_pass(hand_gt):
+    # Each box moved: 20x20 right by 4 px (IoU 16/24 = 0.667), 26x30 left by 5 px (IoU 21/31 = 0.677). Both pass the
+    # IoU thresholds 0.50, 0.55, 0.60, 0.65 and fail 0.70 ... 0.95: AP 1 at 4 of the 10 thresholds, 0 at the rest
+    coco, boxes, keypoints = hand_gt
+    shifted = [(x0 + d, y0, x1 + d, y1) for (x0, y0, x1, y1), d in zip(boxes, (4, -5))]
+    results = to_coco_results([_outputs(shifted, [0.9, 0.8])], [1], [3], ("bbox", "segm"))
+    summary = coco_evaluate(coco, results)
+    for iou_type in ("bbox", "segm"):  # the masks are the boxes' squares: the same overlaps
+        assert summary[iou_type]["AP"] == pytest.approx(0.4)
+        assert summary[iou_type]["AP50"] == pytest.approx(1.0) and summary[iou_type]["AP75"] == 0.0
+
+
 def test_cocoeval_with_no_detections_scores_zero(hand_gt):
     coco, _, _ = hand_gt
     summary = coco_evaluate(coco, {"bbox": []})

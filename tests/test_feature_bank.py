@@ -258,7 +258,8 @@ def test_quick_demo_bank_beats_clip_only(tmp_path):
 def test_demo_command_runs_and_reports_bad_sizes(tmp_path, capsys):
     from nonlocalnet.cli import main
 
-    tiny = ["feature-bank-demo", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1", "--backbone-videos", "6",
+    tiny = ["feature-bank-demo", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1",
+            "--backbone-videos", "6",
             "--train-videos", "8", "--test-videos", "4", "--num-clips", "4", "--backbone-epochs", "1",
             "--head-epochs", "1", "--inter-channels", "8", "--width", "4"]
     assert main(tiny) == 0

@@ -96,7 +96,8 @@ def test_resume_refuses_a_changed_config_unless_allowed_and_names_the_keys(tmp_p
         report = train(_cfg(out, "train.lr=0.02"), resume=True, allow_config_change=True)
     assert "resuming" in caplog.text and "train.lr: 0.1 -> 0.02" in caplog.text
     assert report["videos"] == 16
-    assert not torch.equal(_weights(out)["head.fc.weight"], _weights(straight)["head.fc.weight"])  # it did train differently
+    # and it did train differently
+    assert not torch.equal(_weights(out)["head.fc.weight"], _weights(straight)["head.fc.weight"])
 
 
 def test_resume_falls_back_over_an_unreadable_newest_checkpoint(tmp_path, straight, caplog):
@@ -331,7 +332,8 @@ def test_detect_commands_turn_broken_inputs_into_one_error_line(tmp_path, coco_f
     images, data = coco_files
     (tmp_path / "bad.json").write_text(json.dumps(_break(data, "unknown category_id")))
     (tmp_path / "empty.json").write_text(json.dumps({**data, "annotations": []}))
-    common = ["--set", f"data.train_images={images}", "--set", f"data.val_images={images}", "--set", "data.builtin=null",
+    common = ["--set", f"data.train_images={images}", "--set", f"data.val_images={images}",
+              "--set", "data.builtin=null",
               "--device", "cpu", "--max-iters-per-epoch", "1"]
     assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
                  "--set", f"data.val_annotations={tmp_path / 'bad.json'}"]) == 2

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_test``: the same command (and error handling) without the ``nonlocalnet``
-    front."""
+    """``python -m nonlocalnet.commands.detect_test``: the same command and error handling
+    without the ``nonlocalnet`` front."""
     from nonlocalnet.cli import main as cli_main
 
     return cli_main(["detect-test", *(sys.argv[1:] if argv is None else argv)])

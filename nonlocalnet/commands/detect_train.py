@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_train``: the same command (and error handling) without the ``nonlocalnet``
-    front."""
+    """``python -m nonlocalnet.commands.detect_train``: the same command and error handling
+    without the ``nonlocalnet`` front."""
     from nonlocalnet.cli import main as cli_main
 
     return cli_main(["detect-train", *(sys.argv[1:] if argv is None else argv)])

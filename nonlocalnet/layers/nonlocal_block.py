@@ -300,8 +300,9 @@ class NonLocalBlock(nn.Module):
         if size > self.attention_budget_bytes:
             raise ValueError(
                 f"return_attention=True would build a ({batch}, {n}, {m}) float32 weight matrix of "
-                f"{size / 1e9:.1f} GB, above this block's attention_budget_bytes ({self.attention_budget_bytes / 1e9:.1f}"
-                f" GB); use a smaller input or batch, subsample the keys, or raise block.attention_budget_bytes")
+                f"{size / 1e9:.1f} GB, above this block's attention_budget_bytes "
+                f"({self.attention_budget_bytes / 1e9:.1f} GB); use a smaller input or batch, subsample the keys, "
+                f"or raise block.attention_budget_bytes")
 
     def _check_inputs(self, x: Tensor, memory: Tensor | None) -> None:
         expected = self.dim + 2
