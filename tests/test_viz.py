@@ -1,5 +1,7 @@
 """Attention pictures: captured weights equal the block's own, coordinates map back to input pixels, every mode
 renders, and the visualize command runs end to end on a video file."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,44 @@ def test_top_pairs_are_the_largest_weights():
     assert all(q == 7 for q, _, _ in only)
     far = att.top_pairs(5, min_distance=6.0)
     assert all(torch.dist(att.query_coords[q], att.key_coords[k]) >= 6.0 for q, k, _ in far)
+
+
+def _hot_centre(path: Path, other: Path) -> tuple[float, float]:
+    """Centre (row, column) of the pixels where the heat map is hot in ``path`` and the picture differs from
+    ``other`` (the same picture with the hot key cell elsewhere, so the colour bar and the frames cancel)."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    b = np.asarray(Image.open(other).convert("RGB")).astype(int)
+    # inferno's hot end (pale yellow) at alpha 0.55 over the (black) frame: red and green high, blue lower
+    hot = (a[..., 0] > 100) & (a[..., 1] > 100) & (a[..., 2] < a[..., 0] - 30) & (np.abs(a - b).sum(-1) > 60)
+    rows, cols = np.nonzero(hot)
+    assert len(rows) > 20, f"no hot cell found in {path.name}"
+    return float(rows.mean()), float(cols.mean())
+
+
+def test_the_rendered_heat_map_is_hottest_where_the_weights_are_largest(tmp_path):
+    import dataclasses
+
+    clip = torch.zeros(1, 3, 8, 16, 16)  # a uniform (black) clip: only the heat map colours the panels
+    att = capture_attention(StemAndBlock(), clip)["block"]
+    tk, hk, wk = att.key_grid  # (4, 2, 2): four panels of 2x2 key cells
+
+    def render(t: int, y: int, x: int, name: str) -> Path:
+        weights = torch.zeros_like(att.weights)
+        weights[..., (t * hk + y) * wk + x] = 1.0  # every query puts all its weight on key cell (t, y, x)
+        path = tmp_path / f"{name}.png"
+        render_attention(clip, dataclasses.replace(att, weights=weights), path, query=(3, 10, 5), top_k=1,
+                         max_panels=tk, title="")
+        return path
+
+    bottom_left, top_right, next_panel = render(1, 1, 0, "bl"), render(1, 0, 1, "tr"), render(2, 1, 0, "np")
+    (y_bl, x_bl), (y_tr, x_tr) = _hot_centre(bottom_left, top_right), _hot_centre(top_right, bottom_left)
+    y_np, x_np = _hot_centre(next_panel, bottom_left)
+    panel = x_np - x_bl  # the next frame's panel: the same cell one panel width to the right
+    assert panel > 0 and abs(y_np - y_bl) < 2
+    # within a panel, the hot cell is a half panel away: below / left of the other corner
+    assert y_bl - y_tr == pytest.approx(panel / 2, rel=0.25) and x_tr - x_bl == pytest.approx(panel / 2, rel=0.25)
 
 
 @pytest.mark.parametrize("mode", MODES)
