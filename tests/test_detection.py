@@ -439,6 +439,46 @@ def test_cocoeval_with_shifted_boxes_scores_the_iou_thresholds_they_pass(hand_gt
         assert summary[iou_type]["AP50"] == pytest.approx(1.0) and summary[iou_type]["AP75"] == 0.0
 
 
+class _GroundTruthDetector(nn.Module):
+    """Returns each validation image's own ground truth as detections (score 1), in the loader's order: what a
+    perfect detector would, so the whole path from outputs to COCOeval (image ids, label -> category, box
+    format, masks, keypoints) must give AP 1; ``shift`` moves every box (and mask) right by that many pixels."""
+
+    def __init__(self, dataset, shift: int = 0):
+        super().__init__()
+        self.dataset, self.seen, self.shift = dataset, 0, shift
+
+    def forward(self, images):
+        outputs = []
+        for _ in images:
+            _, target = self.dataset[self.seen]
+            self.seen += 1
+            boxes = target["boxes"].clone()
+            boxes[:, 0::2] += self.shift
+            out = {"boxes": boxes, "labels": target["labels"], "scores": torch.ones(len(boxes))}
+            if "masks" in target:
+                out["masks"] = torch.roll(target["masks"], self.shift, dims=2)[:, None].float()
+            if "keypoints" in target:
+                out["keypoints"] = target["keypoints"]
+            outputs.append(out)
+        return outputs
+
+
+@pytest.mark.parametrize("kind,iou_types", [("shapes", ("bbox", "segm")), ("figures", ("bbox", "keypoints"))])
+def test_the_evaluation_path_scores_ground_truth_detections_as_ap_one(tmp_path, kind, iou_types):
+    from nonlocalnet.detection.train import evaluate, make_loader
+
+    images, annotations = make_builtin_coco(kind, tmp_path, num_images=4, image_size=96, split="val")
+    dataset = CocoDetection(images, annotations, masks=kind == "shapes", keypoints=kind == "figures")
+    loader = make_loader(dataset, 2, 0, train=False)
+    summary = evaluate(_GroundTruthDetector(dataset), loader, torch.device("cpu"), iou_types)
+    for iou_type in iou_types:
+        assert summary[iou_type]["AP"] == pytest.approx(1.0), iou_type
+    if kind == "shapes":  # shifted far enough to fail every IoU threshold: AP 0, not 1
+        shifted = evaluate(_GroundTruthDetector(dataset, shift=48), loader, torch.device("cpu"), ("bbox",))
+        assert shifted["bbox"]["AP"] == 0.0
+
+
 def test_cocoeval_with_no_detections_scores_zero(hand_gt):
     coco, _, _ = hand_gt
     summary = coco_evaluate(coco, {"bbox": []})
@@ -470,10 +510,12 @@ def test_configs_in_the_repo_are_complete_and_build():
     assert recipe["train"]["lr"] == 0.02 and recipe["train"]["lr_reference_batch"] == 16
     assert recipe["train"]["lr_steps"] == [8, 11] and recipe["train"]["epochs"] == 12
     assert recipe["model"]["arch"] == "resnet50" and recipe["model"]["backbone_nonlocal"] == "paper"
-    for name in ("tiny_shapes", "tiny_figures"):
+    expected = {"tiny_shapes": {"backbone.body.layer3.nl0"},  # the paper's res4 placement, on resnet_tiny
+                "tiny_figures": {"backbone.body.layer3.nl0"} | {f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)}}
+    for name, blocks in expected.items():
         cfg = load_config(name)
         model = build_detector(cfg["model"], num_classes=4, num_keypoints=17)
-        assert nonlocal_blocks(model)
+        assert set(nonlocal_blocks(model)) == blocks, name
 
 
 def test_config_overrides_and_unknown_keys():

@@ -331,7 +331,11 @@ def test_reset_parameters_reinitialises_every_module():
     model.reset_parameters()
     assert model.res4.nl1.norm.weight.abs().sum() == 0  # γ = 0 again
     assert torch.count_nonzero(model.head.fc.bias) == 0
-    assert model.res3[0].bn_a.weight.eq(1).all() and model.conv1.weight.std() < 1.0
+    assert model.res3[0].bn_a.weight.eq(1).all()
+    for name, p in model.named_parameters():  # nothing keeps the filled value
+        assert not (p == 3.0).all(), name
+    w = model.conv1.weight  # He (fan-out) normal: std sqrt(2 / (out channels x kernel volume))
+    assert w.std().item() == pytest.approx((2 / (w.shape[0] * w[0, 0].numel())) ** 0.5, rel=0.1)
 
 
 # --- frozen batch norm ------------------------------------------------------------------------------------------
@@ -347,9 +351,10 @@ def test_freeze_batchnorm_keeps_the_eval_function_and_drops_parameters():
     with torch.no_grad():
         expected = model.eval()(x)
     before = n_params(model)
+    bn_parameters = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm3d))
     freeze_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
-    assert n_params(model) < before
+    assert before - n_params(model) == bn_parameters  # γ and β of every BN become buffers, nothing else changes
     with torch.no_grad():
         torch.testing.assert_close(model.train()(x), expected)  # statistics stay frozen in train mode too
 

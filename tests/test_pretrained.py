@@ -53,13 +53,23 @@ def test_another_class_count_keeps_the_models_classifier(tmp_path):
 
 def test_a_torchvision_resnet_is_inflated(tmp_path):
     resnet = torchvision.models.resnet50(weights=None)
+    with torch.no_grad():  # statistics and affine parameters unlike the defaults both networks start with
+        for m in resnet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_()
     torch.save(resnet.state_dict(), tmp_path / "r50.pth")
     model = create_model("i3d_r50", num_classes=400)
     report = load_pretrained(model, tmp_path / "r50.pth")
     assert report.kind == "2D inflated"
     kt = model.conv1.weight.shape[2]
     torch.testing.assert_close(model.conv1.weight, resnet.conv1.weight.unsqueeze(2).repeat(1, 1, kt, 1, 1) / kt)
-    assert torch.equal(model.res4[5].bn_c.running_var, resnet.layer3[5].bn3.running_var)
+    for part in ("running_mean", "running_var", "weight", "bias"):
+        assert torch.equal(getattr(model.res4[5].bn_c, part), getattr(resnet.layer3[5].bn3, part)), part
+    conv_b = model.res4[5].conv_b.weight  # a 1x3x3 conv: the 2D kernel itself, nothing to spread over time
+    torch.testing.assert_close(conv_b[:, :, 0], resnet.layer3[5].conv2.weight)
 
 
 def test_the_baseline_starts_its_nl_model_whose_blocks_stay_the_identity(tmp_path, clip):

@@ -98,14 +98,15 @@ def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
     assert train(cfg, stop_after=2) == {"stopped_at": 2}
     before = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint_000000002.pt", weights_only=True)
     resumed = train(cfg, resume=True)
-    assert before["skipped_videos"] >= 1  # skips happened before the stop: a count from zero would lose them
+    # skips happened before the stop (a count from zero would lose them): broken.mp4, line 3 of train.txt
+    assert before["skipped_videos"] == 1 and before["skipped_video_ids"] == [2]
     assert resumed["skipped_videos_train"] == straight["skipped_videos_train"] >= before["skipped_videos"]
 
 
 def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
     report = train(load_config(None, _video_overrides(video_root, tmp_path / "run")))
     assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == {"mean": 6, "min": 6, "max": 6}
-    assert report["skipped_videos"] == 0 and report["skipped_videos_train"] >= 1  # broken.mp4 was drawn and skipped
+    assert report["skipped_videos"] == 0 and report["skipped_videos_train"] == 1  # broken.mp4, drawn and skipped
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-2]["skipped_videos"] == report["skipped_videos_train"]
 

@@ -223,7 +223,9 @@ def test_render_limits_panels_and_checks_the_clip(tmp_path):
     summary = render_attention(clip, att, tmp_path / "a.png", query=(9, 3, 3), max_panels=4)
     assert len(summary["panels"]) == 4 and 9 in summary["panels"]
     frames = (np.random.default_rng(0).random((16, 8, 8, 3)) * 255).astype(np.uint8)
-    render_attention(frames, att, tmp_path / "b.png")  # decoded uint8 frames work too
+    decoded = render_attention(frames, att, tmp_path / "b.png", query=(9, 3, 3), max_panels=4)  # uint8 frames too
+    same = ("query", "pairs", "panels")
+    assert {k: decoded[k] for k in same} == {k: summary[k] for k in same}
     with pytest.raises(ValueError, match="captured on an input"):
         render_attention(torch.randn(3, 8, 8, 8), att, tmp_path / "c.png")
 
