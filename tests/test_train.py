@@ -51,7 +51,13 @@ def test_run_directory_has_config_metrics_and_final_weights(tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
     assert records[-1]["split"] == "test" and records[-1]["top1"] == report["top1"]
     assert json.loads((out / "test_metrics.json").read_text())["videos"] == 32
-    assert any((out / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    assert [s for s, _ in losses] == [2, 4] and [v for _, v in losses] == pytest.approx([v for _, v in expected])
 
 
 # --- real videos -----------------------------------------------------------------------------------------------

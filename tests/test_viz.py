@@ -208,10 +208,13 @@ def test_every_mode_renders_a_png(tmp_path, mode, query):
     summary = render_attention(clip, att, out, query=query, top_k=4)
     assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 2000
     assert summary["panels"] == [0, 2, 4, 6]  # one frame per temporal key cell
-    assert 1 <= len(summary["pairs"]) <= 4
-    if query is not None:
+    if query is not None:  # the query's four strongest keys, strongest first
         assert summary["query"] == att.query_index(*query)
-        assert all(q == summary["query"] for q, _, _ in summary["pairs"])
+        assert summary["pairs"] == att.top_pairs(4, query=summary["query"])
+    else:  # the strongest pairs over all queries, keys within one key cell of their query left out
+        key_cell = max(att.key_stride[1:])  # 8 input pixels: stem stride 4, subsampled by 2
+        assert summary["pairs"] == att.top_pairs(4, min_distance=key_cell)
+        assert summary["query"] == summary["pairs"][0][0]
     signed = bool((att.weights < 0).any())
     assert signed == (mode == "dot_product")  # the softmax and ReLU modes cannot go negative
     assert summary["cmap"] == ("RdBu_r" if mode == "dot_product" else "inferno")
