@@ -1,5 +1,6 @@
 """Attention pictures: captured weights equal the block's own, coordinates map back to input pixels, every mode
 renders, and the visualize command runs end to end on a video file."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +266,14 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
             "--sampling-rate", "2"]
     assert main(base + ["--block", "res4.0", "--query", "2,20,20", "--out", str(tmp_path / "one.png")]) == 0
     assert (tmp_path / "one.png").read_bytes()[:8] == PNG_SIGNATURE
+    printed = capsys.readouterr().out.splitlines()
+    # res4 of 8 frames of 64x64: a 4x4x4 grid of cells of 2 frames x 16 x 16 pixels; pixel (2, 20, 20) is in cell
+    # (1, 1, 1), query 1*16 + 1*4 + 1 = 21
+    assert printed[0].startswith(f"res4.nl0: wrote {tmp_path / 'one.png'}; query 21 at (t, y, x) = (2.5, 23.5, 23.5)")
+    assert json.loads(printed[-1])["blocks"] == ["res4.nl0"] and json.loads(printed[-1])["clip"] == [3, 8, 64, 64]
     assert main(base + ["--block", "all", "--out", str(tmp_path / "all.png")]) == 0
     assert (tmp_path / "all_res3_nl0.png").is_file() and (tmp_path / "all_res4_nl0.png").is_file()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["blocks"] == ["res3.nl0", "res4.nl0"]
     assert main(base[:4] + [str(tmp_path / "missing.mp4")] + base[5:]) == 2
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
     assert main(base[:4] + [str(tmp_path / "bad.mp4")] + base[5:]) == 2
