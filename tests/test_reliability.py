@@ -419,3 +419,28 @@ def test_a_program_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(flops, "run", broken)
     with pytest.raises(AttributeError, match="a bug"):
         main(["flops", "c2d_r50"])
+
+
+def test_resuming_a_run_killed_after_its_last_checkpoint_measures_the_same_precise_bn(tmp_path, monkeypatch):
+    # killed between the final checkpoint and model_final: the resumed process never enters the training loop,
+    # so nothing had set the data's epoch; precise BN must still read the last epoch's clips (found by
+    # test_faults.py: every BN statistic differed, every weight was equal)
+    import nonlocalnet.engine.trainer as trainer
+
+    longer = ("train.iterations=20", "train.checkpoint_every=10")  # 16 steps an epoch: the last one is in epoch 1
+    train(_cfg(tmp_path / "straight", *longer))
+    out = tmp_path / "run"
+    real = trainer._precise
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill right after the step-20 checkpoint
+
+    monkeypatch.setattr(trainer, "_precise", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(out, *longer))
+    monkeypatch.setattr(trainer, "_precise", real)
+    assert (out / "checkpoints" / "checkpoint_000000020.pt").is_file()
+    assert not (out / "model_final.safetensors").exists()
+    train(_cfg(out, *longer), resume=True)
+    _assert_same_weights(out, tmp_path / "straight")
+    assert _rows(out) == _rows(tmp_path / "straight")

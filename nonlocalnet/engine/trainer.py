@@ -244,7 +244,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
             _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
                         skipped_videos=skipped_all)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
-            report = evaluate(_precise(model, dataset, cfg, device, info), cfg, device=device, info=info)
+            report = evaluate(_precise(model, dataset, cfg, device, info, (iteration - 1) // iterations_per_epoch),
+                              cfg, device=device, info=info)
             logger.log(iteration, _scalars(report), prefix="test")
     bar.close()
     train_seconds = time.perf_counter() - began
@@ -252,7 +253,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         logger.close()
         return {"stopped_at": iteration}
 
-    final = _precise(model, dataset, cfg, device, info)
+    final = _precise(model, dataset, cfg, device, info, (iteration - 1) // iterations_per_epoch)
     if info.is_main:
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
@@ -383,15 +384,20 @@ def _first_lines(error: Exception, lines: int = 3) -> str:
 
 
 def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device,
-             info: DistInfo | None = None) -> nn.Module:
+             info: DistInfo | None = None, epoch: int | None = None) -> nn.Module:
     """A copy of the model with precise BN statistics from training batches (the model itself is untouched).
 
     Each process reads its own shard of the batches; the statistics are then averaged over the processes.
+    ``epoch`` fixes which epoch's items are read (datasets that draw new items per epoch): the epoch of the last
+    training step, so that a run resumed from its final checkpoint, whose loop never set the dataset's epoch,
+    measures what the uninterrupted run measured. None keeps the dataset's current epoch.
     """
     info = info or DistInfo()
     final = copy.deepcopy(_unwrap(model))
     n = cfg["train"]["precise_bn_batches"]
     if n > 0:
+        if epoch is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         rng = torch.get_rng_state()  # the training run's dropout stream must not depend on evaluations
         sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
                                  seed=cfg["seed"] + 7919)
