@@ -77,12 +77,26 @@ def test_layer_attention_equals_the_nonlocal_block_over_a_memory():
 
 
 def test_operator_attention_is_a_softmax_over_the_bank_per_layer():
-    op = FeatureBankOperator(8, 8, inter_channels=8, num_layers=3)
-    _, weights = op(torch.randn(2, 8), torch.randn(2, 8, 5), return_attention=True)
+    op = FeatureBankOperator(8, 8, inter_channels=8, num_layers=3).eval()  # eval: no dropout
+    with torch.no_grad():  # W_out = 0 at init would make every layer's input the clip: make them all active
+        for p in op.parameters():
+            p.normal_(0.0, 0.5)
+    clip, bank = torch.randn(2, 8), torch.randn(2, 8, 5)
+    out, weights = op(clip, bank, return_attention=True)
     assert len(weights) == 3
     for w in weights:
         assert w.shape == (2, 1, 5)
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 1))
+    # the layers are chained: each attends with the previous one's output, as written out here
+    x, by_hand = clip.unsqueeze(-1), []
+    for layer in op.layers:
+        x, w = layer(x, bank, return_attention=True)
+        by_hand.append(w)
+    torch.testing.assert_close(out, x.squeeze(-1))
+    for w, expected in zip(weights, by_hand):
+        torch.testing.assert_close(w, expected)
+    _, from_clip = op.layers[2](clip.unsqueeze(-1), bank, return_attention=True)
+    assert not torch.allclose(weights[2], from_clip)  # (so feeding the clip to every layer would be caught)
 
 
 def test_operator_rejects_wrong_shapes_and_options():

@@ -83,7 +83,7 @@ def video_root(tmp_path_factory) -> Path:
     (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 2\nv2.mp4 2\n")
     (root / "val.txt").write_text("v3.mp4 1\nv0.mp4 0\n")
     (root / "train_ml.txt").write_text("v0.mp4 0,2\nv1.mp4 1\nv2.mp4 2\nv3.mp4 0,1\n")
-    (root / "val_ml.txt").write_text("v3.mp4 0,1\nv1.mp4 1\n")
+    (root / "val_ml.txt").write_text("v3.mp4 0,1\nv1.mp4 1\nv2.mp4 2\n")  # every class: positives and negatives
     return root
 
 
@@ -118,13 +118,36 @@ def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root)
 
 
 def test_multi_label_training_reports_map(tmp_path, video_root):
-    report = train(load_config(None, _video_overrides(video_root, tmp_path / "run", "charades")))
-    # val: v3 has classes {0, 1}, v1 {1}. Class 1: every video positive, AP 1 whatever the scores; class 0: one
-    # positive of two, AP 1 or 1/2 by its rank; class 2: no positive, no AP, left out of the mean
-    ap = report["per_class_ap"]
-    assert len(ap) == 3 and report["videos"] == 2
-    assert ap[1] == 1.0 and ap[0] in (1.0, 0.5) and math.isnan(ap[2])
-    assert report["mAP"] == pytest.approx((ap[0] + ap[1]) / 2)
+    cfg = load_config(None, _video_overrides(video_root, tmp_path / "run", "charades"))
+    report = train(cfg)
+    assert report["videos"] == 3 and len(report["per_class_ap"]) == 3
+    # by hand: every view scored alone, sigmoid scores averaged per video, AP = mean precision at each positive
+    from nonlocalnet.data import build_dataset
+    from nonlocalnet.engine import build_model
+
+    model = build_model({**cfg, "model": {**cfg["model"], "pretrained": None}})
+    model.load_state_dict(load_file(tmp_path / "run" / "model_final.safetensors"))
+    model.eval()
+    test_set = build_dataset(cfg["data"], "test", cfg["seed"])
+    scores, labels = {}, {}
+    with torch.no_grad():
+        for i in range(len(test_set)):
+            item = test_set[i]
+            video = int(item["video"])
+            scores.setdefault(video, []).append(model(item["clip"][None]).sigmoid()[0])
+            labels[video] = item["label"]
+    videos = sorted(scores)
+    mean = torch.stack([torch.stack(scores[v]).mean(0) for v in videos])
+    targets = torch.stack([labels[v] for v in videos])
+    expected = []
+    for c in range(3):
+        order = mean[:, c].argsort(descending=True)
+        hits = targets[order, c].bool().tolist()
+        precisions = [sum(hits[:k + 1]) / (k + 1) for k, hit in enumerate(hits) if hit]
+        expected.append(sum(precisions) / len(precisions))
+    assert report["per_class_ap"] == pytest.approx(expected, abs=1e-6)
+    assert report["mAP"] == pytest.approx(sum(expected) / 3)
+    assert min(expected) < 1  # the ranking matters here: a wrong score order would change an AP
 
 
 def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):
