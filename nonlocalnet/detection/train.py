@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..engine.distributed import gather_rng_states, set_rng_state
 from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
 from ..io import atomic_path, load_torch_file
+from ..models.weights import load_state_dict_or_raise
 from ..engine.config import to_plain
 from .builders import build_detector
 from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
@@ -314,10 +315,7 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
         check_resume_config(checkpoint.get("config"), config, resume, allow_change=allow_config_change,
                             warn=lambda message: print(f"warning: {message}", flush=True),
                             allowed=RESUMABLE_DETECTION_KEYS)
-        try:
-            unwrap(model).load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise ValueError(f"{resume} holds weights of another detector: {str(e).splitlines()[0]}") from None
+        load_state_dict_or_raise(unwrap(model), checkpoint["model"], f"{resume} holds weights of another detector")
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         if scaler is not None and checkpoint.get("scaler") is not None:

@@ -32,7 +32,7 @@ from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
-from ..models.weights import read_state_dict, save_weights
+from ..models.weights import load_state_dict_or_raise, read_state_dict, save_weights
 from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
                          newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
@@ -342,10 +342,7 @@ def _load_training_state(state: Mapping[str, Any], source: Path, model: nn.Modul
         if key not in state:
             raise CheckpointError(f"{source} is not a training checkpoint of `nonlocalnet train` (no {key!r}); a "
                                   f"weights file goes to model.pretrained, not --resume")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{source} holds weights of another model: {_first_lines(e)}") from None
+    load_state_dict_or_raise(model, state["model"], f"{source} holds weights of another model", CheckpointError)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     per_rank = state.get("rng_per_rank")
@@ -376,11 +373,6 @@ def _prepare_directory(out: Path, cfg: Mapping[str, Any], start: int, unreadable
         log.info("metrics.jsonl: dropped %d row(s) logged after iteration %d (replayed now)", dropped, start)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-
-
-def _first_lines(error: Exception, lines: int = 3) -> str:
-    text = str(error).strip().splitlines()
-    return " ".join(line.strip() for line in text[:lines]) + (" ..." if len(text) > lines else "")
 
 
 def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device,
@@ -470,11 +462,8 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     test_cfg = copy.deepcopy(dict(cfg))
     test_cfg["model"] = {**cfg["model"], "pretrained": None}
     model = build_model(test_cfg)
-    try:
-        model.load_state_dict(read_state_dict(path)[0])
-    except RuntimeError as e:  # another model, or another number of classes
-        raise CheckpointError(f"{path} does not fit {cfg['model']['name']} with data.num_classes="
-                              f"{cfg['data']['num_classes']}: {_first_lines(e)}") from None
+    load_state_dict_or_raise(model, read_state_dict(path)[0], f"{path} does not fit {cfg['model']['name']} with "
+                             f"data.num_classes={cfg['data']['num_classes']}", CheckpointError)
     model.to(device)
     report = evaluate(model, cfg, device=device, info=info)
     report["checkpoint"] = os.fspath(path)

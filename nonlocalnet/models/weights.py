@@ -60,6 +60,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         return model.load_state_dict(state, strict=strict)
 
 
+def load_state_dict_or_raise(model: nn.Module, state: Mapping[str, Tensor], what: str,
+                             error: type[Exception] = ValueError, strict: bool = True):
+    """``model.load_state_dict(state)``, a mismatch (other names or shapes) raised as one line: ``error`` with
+    ``what``, a colon and the first lines of torch's message. Returns torch's ``(missing, unexpected)``."""
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        raise error(f"{what}: {' '.join(lines[:3])}{' ...' if len(lines) > 3 else ''}") from None
+
+
 # where a torch file may hold its state dict: training checkpoints ("model"), and other tools' layouts
 STATE_KEYS = ("model", "state_dict", "model_state", "model_state_dict")
 

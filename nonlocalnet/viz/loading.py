@@ -34,7 +34,7 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
         ValueError: the weights do not fit the model (names or shapes).
     """
     from ..models import create_model
-    from ..models.weights import read_state_dict
+    from ..models.weights import load_state_dict_or_raise, read_state_dict
 
     path = Path(checkpoint)
     state, meta = read_state_dict(path)
@@ -51,11 +51,7 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
         model = create_model(name, **options)
     except TypeError as e:  # an option the model does not take
         raise ValueError(f"{path}: model {name}: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise ValueError(f"{path} does not fit {name}: {' '.join(line.strip() for line in lines[:3])}") from None
+    load_state_dict_or_raise(model, state, f"{path} does not fit {name}")
     return model.eval(), {"model": name, "options": options}
 
 
