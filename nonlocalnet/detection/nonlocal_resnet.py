@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nonlocalnet.layers import NonLocalBlock
+from nonlocalnet.models.weights import read_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.
@@ -138,7 +139,7 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         state_dict: the weights, or a path to a ``torch.save``-d state dict (``.pth``) or a safetensors file.
     """
     if isinstance(state_dict, (str, Path)):
-        state_dict = read_state_dict(state_dict)
+        state_dict = read_state_dict(state_dict)[0]  # never runs code from the file
     own = model.state_dict()
     state = dict(state_dict)
     if not any(k.startswith("fc.") for k in own):
@@ -150,14 +151,6 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         raise ValueError(f"the state dict does not fit this ResNet: missing {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
                          f"{' ...' if len(result.unexpected_keys) > 8 else ''}")
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in a ``.safetensors`` file or a ``torch.save``-d one (bare, or a checkpoint holding it under
-    "model" / "state_dict" / ...): :func:`nonlocalnet.models.weights.read_state_dict`, never running code."""
-    from ..models.weights import read_state_dict as read
-
-    return read(path)[0]
 
 
 def _stage(model: nn.Module, name: str) -> nn.Module:
