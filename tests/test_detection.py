@@ -618,6 +618,17 @@ def test_cli_detect_train_and_detect_test_run_end_to_end(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     trained_ap = log[-1]["eval"]["keypoints"]["AP"]
     assert f"keypoint AP {100 * trained_ap:5.1f}" in done.stdout
+    # the run directory belongs to this run: a fresh start there refuses; a resume with another config refuses
+    # unless told, then continues from epoch 1
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a run (checkpoint.pth, log.jsonl)" in again.stderr
+    longer = cmd + ["--set", "train.epochs=2", "--resume", str(out / "checkpoint.pth")]
+    refused = subprocess.run(longer, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True)
+    assert refused.returncode == 2 and "train.epochs: 1 -> 2" in refused.stderr, refused.stderr[-2000:]
+    resumed = subprocess.run(longer + ["--allow-config-change"], env=env, cwd=tmp_path, timeout=600,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.slow

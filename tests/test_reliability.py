@@ -410,6 +410,24 @@ def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_fol
     assert "blob 'res2_0_branch2a_w' is a str, not a numeric array" in line
 
 
+def test_cli_resume_refuses_a_changed_config_unless_allowed(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_cfg(out), stop_after=4)
+    argv = ["train", "--config", TINY, *QUICK, f"output_dir={out}", "train.lr=0.02", "--resume"]
+    assert "train.lr: 0.1 -> 0.02" in _error_line(capsys, argv, "train")
+    assert main(argv + ["--allow-config-change", "--no-progress"]) == 0
+    assert json.loads((out / "test_metrics.json").read_text())["videos"] == 16
+    assert load_config(out / "config.yaml")["train"]["lr"] == 0.02  # the run's config is the one it went on with
+
+
+def test_debug_shows_the_traceback_of_a_user_error(monkeypatch):
+    from nonlocalnet.engine.config import ConfigError
+
+    monkeypatch.setenv("NONLOCALNET_DEBUG", "1")
+    with pytest.raises(ConfigError, match="train.lr must be a finite number"):
+        main(["train", "--config", TINY, "train.lr=abc"])
+
+
 def test_a_program_error_keeps_its_traceback(monkeypatch):
     import nonlocalnet.commands.flops as flops
 
