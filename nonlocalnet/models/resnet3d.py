@@ -41,7 +41,7 @@ from ..layers import NonLocalBlock
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
 
-ARCHS = ("c2d", "i3d", "i3d_3x3x3")
+ARCHS = ("c2d", "i3d", "i3d_3x3x3", "slow")
 NORMS = ("batch", "frozen")
 SCORE_ACTIVATIONS = ("softmax", "sigmoid", None)
 
@@ -97,6 +97,11 @@ CLIP_LAYOUTS: dict[str, ClipLayout] = {"32x2": CLIP_32X2, "8x8": CLIP_8X8, "128x
 # the official Caffe2 networks: the same, with pool1 unpadded (what a converted official checkpoint was trained in)
 CLIP_LAYOUTS.update({f"{name}_official": dataclasses.replace(layout, pool1_padding=0)
                      for name, layout in list(CLIP_LAYOUTS.items())})
+# mmaction2's I3D R50 32x2 (configs/_base_/models/i3d_r50.py): pool1 is 1x3x3 with temporal stride 2 (kernel 1,
+# where the official code has 2); the same sizes as 32x2
+CLIP_LAYOUTS["32x2_mmaction2"] = dataclasses.replace(CLIP_32X2, pool1_kernel=1)
+# PyTorchVideo's Slow R50 8x8 (SlowFast's slow pathway): no temporal pooling anywhere, 8 frames down to res5
+CLIP_LAYOUTS["8x8_slow"] = dataclasses.replace(CLIP_8X8, pool2_kernel=1, pool2_stride=1)
 
 
 def i3d_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
@@ -114,6 +119,12 @@ def i3d_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
     n2, n3, n4, n5 = layers
     return {"res2": tuple(range(n2)), "res3": tuple(range(0, n3, 2)), "res4": tuple(range(0, n4, 2)),
             "res5": tuple(range(1, n5, 2))}
+
+
+def slow_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The Slow pathway's pattern (SlowFast; PyTorchVideo's slow_r50): every block of res4 and res5 gets a 3x1x1
+    branch2a, res2 and res3 none."""
+    return {"res2": (), "res3": (), "res4": tuple(range(layers[2])), "res5": tuple(range(layers[3]))}
 
 
 def _norm3d(norm: str, channels: int) -> nn.Module:
@@ -244,16 +255,25 @@ class VideoClassifierHead(nn.Module):
         in_features: channels of the res5 map.
         num_classes: outputs of the fc; 0 for no classifier (the pooled features are returned).
         dropout: dropout probability before the fc.
+        pool_kernel: None (global average pool, the paper), or (t, h, w): average windows of this size (stride
+            1) first, then the windows' results, as PyTorchVideo's ResNet head does (``AvgPool3d`` then the
+            output pool). At a map of exactly that size both are the global average; on a larger map the border
+            positions weigh less. A map smaller than the kernel is averaged whole.
     """
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.5) -> None:
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.5,
+                 pool_kernel: Sequence[int] | None = None) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative int (0 = no classifier); got {num_classes!r}")
+        if pool_kernel is not None and (len(pool_kernel) != 3 or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool_kernel)):
+            raise ValueError(f"head_pool_kernel must be None or 3 positive ints (t, h, w); got {pool_kernel!r}")
         self.in_features = in_features
         self.num_classes = num_classes
+        self.pool_kernel = None if pool_kernel is None else tuple(pool_kernel)
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc: nn.Module = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -267,6 +287,9 @@ class VideoClassifierHead(nn.Module):
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Class logits (B, num_classes) from a (B, C, T, H, W) map; (B, C) features if ``pre_logits``."""
+        if self.pool_kernel is not None:  # windowed average first (PyTorchVideo's head)
+            kernel = tuple(min(k, n) for k, n in zip(self.pool_kernel, x.shape[2:]))
+            x = nn.functional.avg_pool3d(x, kernel, stride=1)
         x = self.dropout(self.pool(x).flatten(1))  # (B, C, T, H, W) -> (B, C, 1, 1, 1) -> (B, C)
         return x if pre_logits else self.fc(x)
 
@@ -302,8 +325,10 @@ class ResNet3d(nn.Module):
     Args:
         layers: residual blocks in res2..res5: (3, 4, 6, 3) for R50, (3, 4, 23, 3) for R101; any positive ints.
         arch: "c2d" (no temporal kernels but conv1's 1), "i3d" (conv1 5x7x7 and 3x1x1 branch2a in the blocks of
-            :func:`i3d_inflated_blocks`) or "i3d_3x3x3" (the same blocks inflate branch2b to 3x3x3; Table 2e).
-        clip: the temporal layout of stem and pools: "32x2", "8x8", "128x1" or a :class:`ClipLayout`.
+            :func:`i3d_inflated_blocks`), "i3d_3x3x3" (the same blocks inflate branch2b to 3x3x3; Table 2e) or
+            "slow" (SlowFast's slow pathway: conv1 1x7x7, 3x1x1 branch2a in :func:`slow_inflated_blocks`).
+        clip: the temporal layout of stem and pools: a name of :data:`CLIP_LAYOUTS` ("32x2", "8x8", "128x1",
+            their "_official" variants, "32x2_mmaction2", "8x8_slow") or a :class:`ClipLayout`.
         width: bottleneck width of res2 (64 in the paper); stage i has width * 2**i, its output 4x that, and conv1
             has ``width`` channels.
         in_channels: channels of the input clip (3 for RGB).
@@ -324,6 +349,9 @@ class ResNet3d(nn.Module):
             logits. Also settable later as ``model.fully_convolutional = True``.
         score_activation: "softmax", "sigmoid" or None: what each position's logits go through in the
             fully-convolutional mode.
+        conv1_temporal_kernel: temporal kernel of conv1; default 1 for c2d and slow, 5 for the i3d archs.
+        head_pool_kernel: the head's windowed average before the global one (PyTorchVideo's head layout, see
+            :class:`VideoClassifierHead`); None for the global average alone.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), *, arch: str = "c2d", clip: str | ClipLayout = "32x2",
@@ -332,7 +360,8 @@ class ResNet3d(nn.Module):
                  nonlocal_options: Mapping[str, Any] | None = None,
                  nonlocal_stage_options: Mapping[str, Mapping[str, Any]] | None = None,
                  inflated_blocks: Mapping[str, Sequence[int]] | None = None, fully_convolutional: bool = False,
-                 score_activation: str | None = "softmax") -> None:
+                 score_activation: str | None = "softmax", conv1_temporal_kernel: int | None = None,
+                 head_pool_kernel: Sequence[int] | None = None) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -360,14 +389,17 @@ class ResNet3d(nn.Module):
                                  "'i3d_3x3x3'")
             self.inflated_blocks: dict[str, tuple[int, ...]] = {}
         else:
-            pattern = i3d_inflated_blocks(self.layers) if inflated_blocks is None else inflated_blocks
+            default = slow_inflated_blocks if arch == "slow" else i3d_inflated_blocks
+            pattern = default(self.layers) if inflated_blocks is None else inflated_blocks
             self.inflated_blocks = check_locations(pattern, self.layers, what="inflated_blocks")
         self.arch = arch
         self.width = width
         self.norm = norm
         stage_options = _nonlocal_stage_options(nonlocal_options, nonlocal_stage_options)
 
-        conv1_kt = 1 if arch == "c2d" else 5
+        conv1_kt = (1 if arch in ("c2d", "slow") else 5) if conv1_temporal_kernel is None else conv1_temporal_kernel
+        if not isinstance(conv1_kt, int) or conv1_kt < 1 or conv1_kt % 2 == 0:
+            raise ValueError(f"conv1_temporal_kernel must be a positive odd int; got {conv1_temporal_kernel!r}")
         self.conv1 = nn.Conv3d(in_channels, width, (conv1_kt, 7, 7), stride=(clip.conv1_stride, 2, 2),
                                padding=(conv1_kt // 2, 3, 3), bias=False)
         self.bn1 = _norm3d(norm, width)
@@ -388,7 +420,7 @@ class ResNet3d(nn.Module):
                 self.pool2 = nn.MaxPool3d((clip.pool2_kernel, 1, 1), stride=(clip.pool2_stride, 1, 1),
                                           padding=((clip.pool2_kernel - 1) // 2, 0, 0))
         self.num_features = channels
-        self.head = VideoClassifierHead(channels, num_classes, dropout)
+        self.head = VideoClassifierHead(channels, num_classes, dropout, head_pool_kernel)
         self.fully_convolutional = fully_convolutional
         self.score_activation = score_activation
         _init_conv(self.conv1)
@@ -405,7 +437,8 @@ class ResNet3d(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the classifier by a freshly initialised one with ``num_classes`` outputs (0 removes it)."""
-        self.head = VideoClassifierHead(self.num_features, num_classes, self.head.dropout.p).to(self.conv1.weight)
+        self.head = VideoClassifierHead(self.num_features, num_classes, self.head.dropout.p,
+                                        self.head.pool_kernel).to(self.conv1.weight)
 
     def reset_parameters(self) -> None:
         """Re-initialises the whole network; every module initialises the weights it owns."""

@@ -119,6 +119,22 @@ _register("nl_i3d_r50_128x1", "NL I3D ResNet-50, 128x1 clip, frozen BN (Table 2g
 _register("nl_i3d_r101_128x1", "NL I3D ResNet-101, 128x1 clip, frozen BN (Table 2g)", layers=R101, arch="i3d",
           nonlocal_locations=P.NL5_R101, **FROZEN_128)
 
+# --- the other zoos' networks, exactly as they compute (what `nonlocalnet convert` builds for their files) -------
+# PyTorchVideo's hub: c2d_r50 and i3d_r50 are c2d_r50_8x8 and i3d_r50_8x8 (its head's windowed average is a
+# conversion option); slow_r50 is SlowFast's slow pathway: 1x7x7 conv1, 3x1x1 branch2a in every block of res4 and
+# res5, no temporal pooling.
+_register("slow_r50_8x8", "Slow R50 (SlowFast's slow pathway; PyTorchVideo's SLOW_8x8_R50), 8x8 clip",
+          layers=R50, arch="slow", clip="8x8_slow")
+# mmaction2's configs/recognition/i3d: ResNet3d with pool1 1x3x3 of temporal stride 2, and mmcv's NonLocal3d
+# (sub_sample: max-pool after the φ/g convs; use_scale=False; BN after W_z)
+MMACTION2_NL = {"subsample": (1, 2, 2), "subsample_position": "projection", "scale": None, "norm": "batch"}
+_register("mmaction2_i3d_r50", "mmaction2's I3D R50 32x2 (pool1 temporal kernel 1)", layers=R50, arch="i3d",
+          clip="32x2_mmaction2")
+for _mode in ("dot_product", "embedded_gaussian", "gaussian"):
+    _register(f"mmaction2_nl_i3d_r50_{_mode}", f"mmaction2's NL I3D R50 32x2, {_mode} (mmcv NonLocal3d)",
+              layers=R50, arch="i3d", clip="32x2_mmaction2", nonlocal_locations=P.NL5_R50,
+              nonlocal_options={**MMACTION2_NL, "mode": _mode})
+
 # --- tiny networks for the built-in long-range data (the main job, tests) -----------------------------------
 TINY = {"layers": (1, 1, 1, 1), "width": 8, "arch": "c2d", "clip": "8x8", "num_classes": 2, "dropout": 0.0}
 _register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the main job's baseline", **TINY)
