@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .convert_caffe2 import parse_override
+from .convert import parse_override
 
 
 def parse_clip(text: str) -> tuple[int, int, int]:

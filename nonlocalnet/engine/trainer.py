@@ -32,7 +32,7 @@ from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
-from ..models.weights import load_state_dict_or_raise, read_state_dict, save_weights
+from ..models.weights import load_model, load_state_dict_or_raise, read_state_dict, save_weights
 from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
                          newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
@@ -459,11 +459,15 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     device = resolve_device(cfg["device"])
     info = init_distributed(device)
     path = Path(checkpoint or cfg["test"]["checkpoint"] or Path(cfg["output_dir"]) / "model_final.safetensors")
-    test_cfg = copy.deepcopy(dict(cfg))
-    test_cfg["model"] = {**cfg["model"], "pretrained": None}
-    model = build_model(test_cfg)
-    load_state_dict_or_raise(model, read_state_dict(path)[0], f"{path} does not fit {cfg['model']['name']} with "
-                             f"data.num_classes={cfg['data']['num_classes']}", CheckpointError)
+    options = dict(cfg["model"]["options"])
+    options.setdefault("num_classes", cfg["data"]["num_classes"])
+    try:  # the file's recorded options (a converted zoo network's, say), the config's on top
+        model = load_model(path, cfg["model"]["name"], context=f" with data.num_classes={cfg['data']['num_classes']}",
+                           **options)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if cfg["train"]["freeze_bn"]:
+        model = freeze_batchnorm(model, exclude=(NonLocalBlock,))
     model.to(device)
     report = evaluate(model, cfg, device=device, info=info)
     report["checkpoint"] = os.fspath(path)

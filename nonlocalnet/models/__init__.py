@@ -15,13 +15,16 @@ from .pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_defaults, register_model
 from .resnet3d import (ARCHS, CLIP_LAYOUTS, PAPER_32X2, Bottleneck3d, ClipLayout, ResNet3d, ResStage,
                        VideoClassifierHead, i3d_inflated_blocks)
-from .weights import load_weights, save_weights
+from .convert import ConversionError, convert_checkpoint, detect_format
+from .weights import load_model, load_weights, save_weights
 
 __all__ = [
-    "ARCHS", "Bottleneck3d", "CLIP_LAYOUTS", "Caffe2ConversionError", "ClipLayout", "CostReport", "FrozenBatchNorm",
+    "ARCHS", "Bottleneck3d", "CLIP_LAYOUTS", "Caffe2ConversionError", "ClipLayout", "ConversionError", "CostReport",
+    "FrozenBatchNorm",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "ModelEntry", "PAPER_32X2", "PretrainedMismatch",
     "PretrainedReport", "ResNet3d", "ResStage", "VideoClassifierHead", "check_locations", "convert_caffe2_blobs",
+    "convert_checkpoint", "detect_format",
     "count_cost", "create_model", "freeze_batchnorm", "get_model_entry", "i3d_inflated_blocks", "inflate_2d_weights",
-    "list_models", "load_caffe2_pickle", "load_pretrained", "load_weights", "model_cost", "model_defaults",
+    "list_models", "load_caffe2_pickle", "load_model", "load_pretrained", "load_weights", "model_cost", "model_defaults",
     "register_model", "save_weights",
 ]

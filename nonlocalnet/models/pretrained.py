@@ -65,7 +65,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: no file at {path}")
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    state = dict(read_state_dict(path)[0])
+    state, meta = read_state_dict(path)
+    state = dict(state)
+    if meta.get("converted_from") in ("pytorchvideo", "mmaction2") and meta.get("model_name"):
+        _warn_if_another_network(model, meta, path)
     if not any(k.startswith(("conv1.", "res2.", "layer1.")) for k in state):
         raise PretrainedMismatch(f"{path} is not a ResNet state dict (no conv1 / res2 / layer1 tensors; its first "
                                  f"keys: {', '.join(list(state)[:4]) or 'none'})")
@@ -122,6 +125,26 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     report = PretrainedReport(kind, loaded=sorted(state), fresh=sorted(block_keys) + head, folded=folded)
     _log(path, report)
     return report
+
+
+def _warn_if_another_network(model: nn.Module, meta: Mapping, path: Path) -> None:
+    """A zoo checkpoint's tensors fit the paper's network of the same name too (mmaction2's NL I3D fits
+    nl_i3d_r50), which computes something else: say so, and which model computes what the zoo computed."""
+    from .registry import create_model
+
+    name = meta["model_name"]
+    try:
+        zoo = create_model(name, **{**(meta.get("model_options") or {}), "num_classes": 0})
+    except (TypeError, ValueError, KeyError):
+        return
+    def body(net: nn.Module) -> str:  # the network without its classifier
+        return "\n".join(f"{n}: {m!r}" for n, m in net.named_children() if n != "head")
+
+    if body(zoo) != body(model):
+        log.warning("pretrained %s holds %s's %s network (%s), which computes differently from this model; "
+                    "to fine-tune the network the zoo trained, set model.name=%s", path, meta["converted_from"],
+                    name, ", ".join(f"{k}={v}" for k, v in (meta.get("model_options") or {}).items()) or
+                    "its registered options", name)
 
 
 def _fold_batchnorm(state: dict[str, Tensor], block: str, eps: float = 1e-5) -> None:

@@ -85,7 +85,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     "module." prefix is removed.
 
     Returns:
-        (state dict on the CPU, {"model_name": str, "model_options": dict} with the entries the file has).
+        (state dict on the CPU, {"model_name": str, "model_options": dict, "converted_from": str} with the
+        entries the file has).
 
     Raises:
         FileNotFoundError: no such file.
@@ -104,6 +105,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
                 meta["model_name"] = header["model"]
             if "model_options" in header:
                 meta["model_options"] = json.loads(header["model_options"])
+            if header.get("converted_from"):
+                meta["converted_from"] = header["converted_from"]
         else:
             loaded = load_torch_file(path)
             state = loaded
@@ -120,3 +123,52 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} "
                          f"entries)")
     return {k.removeprefix("module."): v for k, v in state.items()}, meta
+
+
+def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes: int | None = None,
+               context: str = "", **overrides: Any) -> nn.Module:
+    """The model a weights file records, rebuilt and filled (eval mode).
+
+    Reads the file with :func:`read_state_dict` (safetensors written by ``nonlocalnet convert`` or by training,
+    training checkpoints, bare state dicts), builds the registered model it names with the options it records
+    (``nonlocalnet convert`` records what makes a zoo's network compute what it computed there), then
+    ``overrides`` on top, and loads every tensor.
+
+    Args:
+        path: the weights file.
+        name: the registered model expected; default: the one the file names. A file that names another model
+            is refused (its tensors may fit and still compute something else).
+        num_classes: classifier outputs; default: the file's classifier rows.
+        context: appended to the model's name in a mismatch error (e.g. " with data.num_classes=5").
+        **overrides: model options replacing the recorded ones.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: no model named anywhere, another model than ``name``, an option the model does not take, or
+            weights that do not fit (names or shapes); the message names the file.
+    """
+    from .registry import create_model
+
+    state, meta = read_state_dict(path)
+    what = os.fspath(path)
+    recorded = meta.get("model_name")
+    if name and recorded and recorded != name:
+        raise ValueError(f"{what} holds weights of {recorded} (recorded in the file), not {name}: set the model "
+                         f"name to {recorded}")
+    name = name or recorded
+    if not name:
+        raise ValueError(f"{what} does not name its model: pass the model name (--model)")
+    options = dict(meta.get("model_options") or {})
+    options.update(overrides)
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    elif "num_classes" not in options and "head.fc.weight" in state:
+        options["num_classes"] = int(state["head.fc.weight"].shape[0])
+    try:
+        model = create_model(name, **options)
+    except TypeError as e:  # an option the model does not take
+        raise ValueError(f"{what}: model {name}: {e}") from None
+    load_state_dict_or_raise(model, state, f"{what} does not fit {name}{context}")
+    model.eval()
+    model.nonlocalnet_record = {"model": name, "options": options}  # what was built, for reports
+    return model

@@ -15,7 +15,7 @@ __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
 
 def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mapping[str, Any] | None = None,
                num_classes: int | None = None) -> tuple[nn.Module, dict]:
-    """Builds a registered model and fills it from a checkpoint.
+    """Builds a registered model and fills it from a checkpoint (:func:`nonlocalnet.models.load_model`).
 
     Args:
         checkpoint: a safetensors state dict (its metadata may name the model: "model", and give options as
@@ -33,26 +33,10 @@ def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mappi
         ValueError: no model name anywhere, or the file holds no state dict.
         ValueError: the weights do not fit the model (names or shapes).
     """
-    from ..models import create_model
-    from ..models.weights import load_state_dict_or_raise, read_state_dict
+    from ..models.weights import load_model as load_recorded
 
-    path = Path(checkpoint)
-    state, meta = read_state_dict(path)
-    name = name or meta.get("model_name")
-    if not name:
-        raise ValueError(f"{path} does not name its model: pass --model")
-    options = dict(meta.get("model_options") or {})
-    options.update(overrides or {})
-    if num_classes is not None:
-        options["num_classes"] = num_classes
-    elif "head.fc.weight" in state:
-        options["num_classes"] = int(state["head.fc.weight"].shape[0])
-    try:
-        model = create_model(name, **options)
-    except TypeError as e:  # an option the model does not take
-        raise ValueError(f"{path}: model {name}: {e}") from None
-    load_state_dict_or_raise(model, state, f"{path} does not fit {name}")
-    return model.eval(), {"model": name, "options": options}
+    model = load_recorded(checkpoint, name, num_classes=num_classes, **dict(overrides or {}))
+    return model, model.nonlocalnet_record
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -1,0 +1,68 @@
+"""``nonlocalnet convert SRC DST``: a checkpoint of another zoo (official Caffe2, PyTorchVideo, mmaction2) into
+a safetensors file of the nonlocalnet model that computes the same function (see :mod:`nonlocalnet.models.convert`)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+from typing import Any
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """"width=32" -> ("width", 32); the value is a Python literal (a bare word is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, e.g. layers=(3,4,6,3); got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") -> None:
+    parser.add_argument("input", help="the checkpoint: an official Caffe2 .pkl, a PyTorchVideo .pyth or an "
+                                      "mmaction2 .pth")
+    parser.add_argument("output", help="the safetensors file to write")
+    parser.add_argument("--from", dest="source_format", default=source_format,
+                        choices=("auto", "caffe2", "pytorchvideo", "mmaction2"),
+                        help=f"the zoo the file comes from (default: {source_format}"
+                             + (", recognised from the file)" if source_format == "auto" else ")"))
+    parser.add_argument("--model", default=None,
+                        help="the registered model to convert into, e.g. nl_i3d_r50_8x8 (default: worked out from "
+                             "the tensors, the file name and any config the file records)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classifier outputs (default: the rows of the checkpoint's classifier)")
+    parser.add_argument("--skip-classifier", action="store_true",
+                        help="leave the classifier out (for checkpoints without one, e.g. the official "
+                             "fine-tuning inits); load the file with strict=False")
+    parser.add_argument("--paper-layout", action="store_true",
+                        help="(caffe2) build the paper's layout (pool1 padded by 1, 56x56 at 224²) instead of the "
+                             "official network the checkpoint was trained in (pool1 unpadded, 55x55)")
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="a model option, e.g. --set layers=(3,4,6,3); repeatable")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_path
+    from ..models import save_weights
+    from ..models.convert import convert_checkpoint
+
+    result = convert_checkpoint(args.input, source_format=args.source_format, model=args.model,
+                                num_classes=args.num_classes, skip_classifier=args.skip_classifier,
+                                paper_layout=args.paper_layout, overrides=dict(args.overrides))
+    model = result.model
+    options = {k: v for k, v in result.options.items() if k != "num_classes"}
+    metadata = {"model": result.model_name, "num_classes": str(model.num_classes),
+                "source": os.path.basename(args.input), "converted_from": result.source_format,
+                "model_options": json.dumps(options)}
+    if result.source_format == "caffe2":
+        metadata["affine"] = "yes" if any("affine" in n for n in result.notes) else "no"
+    with atomic_path(args.output) as tmp:  # the output folder is created; a failed write leaves no half file
+        save_weights(result.state_dict, tmp, metadata=metadata)
+    print(f"wrote {args.output}: {len(result.state_dict)} tensors of a {result.source_format} checkpoint for "
+          f"{result.model_name} ({model.num_classes} classes"
+          + (f", options {json.dumps(options)}" if options else "") + ")"
+          + "".join(f"; {note}" for note in result.notes)
+          + ("; classifier left out" if args.skip_classifier else ""))
+    return 0

@@ -1,0 +1,503 @@
+"""Other zoos' checkpoints into nonlocalnet models: the official Caffe2 pickles, PyTorchVideo and mmaction2.
+
+``convert_checkpoint(path)`` recognises the format from the file, works out which nonlocalnet model computes
+what the zoo's network computes (a registered name plus the options that differ), maps every tensor and
+refuses any tensor it cannot place and any model entry left unfilled. ``nonlocalnet convert`` writes the result
+as safetensors whose metadata records the model and its options; :func:`~nonlocalnet.models.load_model` builds
+it back.
+
+| format | how it is recognised | becomes |
+|---|---|---|
+| caffe2 | a pickle of ``{'blobs': {name: ndarray}}`` (or flat), read by an unpickler that admits only NumPy arrays | the paper's ``[nl_]{c2d,i3d}_r{50,101}[_8x8]`` (official pool1 layout) or ``*_128x1`` (affine files) |
+| pytorchvideo | a torch file with ``model_state`` (a ``.pyth``) or a bare state dict of ``blocks.0.conv.weight`` ... | ``c2d_r50_8x8``, ``i3d_r50_8x8``, ``slow_r50_8x8``, with PyTorchVideo's windowed head pool |
+| mmaction2 | a torch file with ``state_dict`` of ``backbone.*`` and ``cls_head.fc_cls.*`` | ``mmaction2_i3d_r50``, ``mmaction2_nl_i3d_r50_{dot_product,embedded_gaussian,gaussian}`` |
+
+Where the zoo's network differs from the paper's, the conversion carries the difference (mmaction2's pool1 of
+temporal kernel 1, its blocks without scale that pool after the φ/g convs, PyTorchVideo's head), so the
+converted model reproduces the zoo's outputs. Two things cannot be read from tensors alone and are taken from the
+file's name or its recorded config, else asked for with ``--model``: the clip layout of a Caffe2 checkpoint
+(the 32x2 and 8x8 models have the same tensors) and whether an mmaction2 block is a dot product or an embedded
+gaussian (the same tensors again). Torch files are read with ``weights_only=True``; no file can run code.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..io import load_torch_file
+from .placements import NL1_R50, NL5_R50, NL5_R101, NL10_R50, R50_LAYERS, R101_LAYERS, STAGES
+from .registry import create_model, get_model_entry, model_defaults
+from .resnet3d import i3d_inflated_blocks, slow_inflated_blocks
+
+FORMATS = ("caffe2", "pytorchvideo", "mmaction2")
+# the windowed average of PyTorchVideo's hub heads (head_pool_kernel_size of pytorchvideo/models/hub/resnet.py)
+PYTORCHVIDEO_HEAD_POOL = {"c2d_r50_8x8": (4, 7, 7), "i3d_r50_8x8": (4, 7, 7), "slow_r50_8x8": (8, 7, 7)}
+# the Kinetics-400 top-1 each zoo reports for its checkpoints (PAPER.md; README table)
+ZOO_TOP1 = {"caffe2": {"c2d_r50": 72.0, "nl_c2d_r50": 73.9, "i3d_r50": 73.6, "nl_i3d_r50": 74.9,
+                       "i3d_r50_128x1": 75.2, "nl_i3d_r50_128x1": 76.5, "c2d_r50_8x8": 71.9, "nl_c2d_r50_8x8": 74.4,
+                       "i3d_r50_8x8": 73.4, "nl_i3d_r50_8x8": 74.7},
+            "pytorchvideo": {"c2d_r50_8x8": 71.46, "i3d_r50_8x8": 73.27, "slow_r50_8x8": 74.58},
+            "mmaction2": {"mmaction2_i3d_r50": 73.47, "mmaction2_nl_i3d_r50_dot_product": 74.80,
+                          "mmaction2_nl_i3d_r50_embedded_gaussian": 74.73, "mmaction2_nl_i3d_r50_gaussian": 73.97}}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file, the format and what is wrong."""
+
+
+@dataclass
+class Conversion:
+    """What :func:`convert_checkpoint` made of a file.
+
+    Attributes:
+        source_format: "caffe2", "pytorchvideo" or "mmaction2".
+        model_name: the registered model the weights are for.
+        options: model options on top of the registered ones (num_classes included); JSON-able.
+        model: that model, filled with the weights (eval mode).
+        state_dict: the model's entries, as written to the safetensors file.
+        notes: what the conversion did beyond copying (zero-filled biases the zoo's layer lacks, skipped training
+            state, folded BN).
+    """
+
+    source_format: str
+    model_name: str
+    options: dict[str, Any]
+    model: nn.Module
+    state_dict: dict[str, Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The zoo a checkpoint file comes from: "caffe2", "pytorchvideo" or "mmaction2".
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConversionError: a file of none of these zoos (the message says what it holds).
+    """
+    return _read(Path(path))[0]
+
+
+def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", model: str | None = None,
+                       num_classes: int | None = None, skip_classifier: bool = False, paper_layout: bool = False,
+                       overrides: Mapping[str, Any] | None = None) -> Conversion:
+    """Converts a checkpoint of another zoo into the nonlocalnet model that computes the same function.
+
+    Args:
+        path: the checkpoint (.pkl, .pyth, .pth).
+        source_format: "auto" (recognised from the file) or one of :data:`FORMATS`.
+        model: the registered model to convert into; default: worked out from the tensors (and, where tensors
+            cannot tell, the file name or the config recorded in the file).
+        num_classes: classifier outputs; default: the checkpoint's classifier rows.
+        skip_classifier: leave the classifier out (a checkpoint without one); the file then loads with
+            ``strict=False``.
+        paper_layout: (caffe2) build the paper's pool1 padding instead of the official network's.
+        overrides: more model options (e.g. ``{"layers": (3, 4, 6, 3)}``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConversionError: an unknown format, a tensor with no place in the model, a model entry no tensor
+            fills, or shapes that differ.
+    """
+    path = Path(path)
+    if model is not None:
+        get_model_entry(model)  # an unknown name fails here, with the closest names, before the file is read
+    found, payload, meta = _read(path)
+    if source_format != "auto":
+        if source_format not in FORMATS:
+            raise ConversionError(f"unknown source format {source_format!r}; expected auto or "
+                                  f"{', '.join(FORMATS)}")
+        if source_format != found:
+            raise ConversionError(f"{path} is a {found} checkpoint, not {source_format} (leave --from at auto)")
+    options = dict(overrides or {})
+    if model is not None:  # the width is still the file's
+        name, inferred = model, _differs(model, width=int(payload[_STEM[found]].shape[0])) \
+            if getattr(payload.get(_STEM[found]), "ndim", 0) == 5 else {}
+    else:
+        name, inferred = _INFER[found](payload, meta, path)
+    options = {**inferred, **options}
+    classifier = _CLASSIFIER.get(found) or _pytorchvideo_source(payload, path)("head.fc.weight")
+    if num_classes is None and not skip_classifier and classifier in payload:
+        num_classes = int(payload[classifier].shape[0])
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    if found == "caffe2":
+        return _convert_caffe2(path, payload, name, options, skip_classifier, paper_layout)
+    net = _build(path, name, options)
+    source = _SOURCE[found](payload, path)
+    skip = ("head.",) if skip_classifier else ()
+    state, notes = _map(path, found, payload, net, name, source, skip)
+    net.load_state_dict(state, strict=not skip_classifier)
+    return Conversion(found, name, options, net.eval(), state, notes)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(format, tensors by name, {"cfg": text, ...} what else the file says)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        raise ConversionError(f"{path} is a safetensors file, already nonlocalnet's format: load it with "
+                              f"nonlocalnet.models.load_model (or model.pretrained)")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; the Caffe2 checkpoints are bare pickles
+        from .caffe2 import Caffe2ConversionError, load_caffe2_pickle
+        try:
+            return "caffe2", load_caffe2_pickle(path), {}
+        except Caffe2ConversionError as err:
+            raise ConversionError(f"{path} is neither a torch file nor a Caffe2 pickle of arrays: {err}") from None
+    loaded = load_torch_file(path)
+    meta: dict[str, Any] = {}
+    state = loaded
+    if isinstance(loaded, dict):
+        for key in ("model_state", "state_dict"):  # PyTorchVideo / PySlowFast, mmaction2 / mmengine
+            if isinstance(loaded.get(key), dict):
+                state = loaded[key]
+                break
+        if isinstance(loaded.get("meta"), dict) and isinstance(loaded["meta"].get("cfg"), str):
+            meta["cfg"] = loaded["meta"]["cfg"]
+        if isinstance(loaded.get("cfg"), str):
+            meta["cfg"] = loaded["cfg"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        top = ", ".join(map(str, list(loaded)[:6])) if isinstance(loaded, dict) else type(loaded).__name__
+        raise ConversionError(f"{path} holds no state dict of tensors (its entries: {top})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "blocks.0.conv.weight" in state:
+        return "pytorchvideo", state, meta
+    if "backbone.conv1.conv.weight" in state:
+        return "mmaction2", state, meta
+    if "conv1.weight" in state and any(k.startswith("res2.") for k in state):
+        raise ConversionError(f"{path} is already a nonlocalnet state dict: load it with "
+                              f"nonlocalnet.models.load_model (or model.pretrained)")
+    raise ConversionError(f"{path}: not a checkpoint of a zoo nonlocalnet converts (caffe2, pytorchvideo: "
+                          f"blocks.0.conv.weight, mmaction2: backbone.conv1.conv.weight); its first tensors: "
+                          f"{', '.join(list(state)[:4]) or 'none'}")
+
+
+# --- which model ---------------------------------------------------------------------------------------------
+
+def _depths(state: Mapping[str, Any], pattern: str, stages: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[int, ...]:
+    """Blocks per stage: how many of ``pattern.format(stage=s, index=0, 1, ...)`` are present, for each s."""
+    depths = []
+    for stage in stages:
+        n = 0
+        while pattern.format(stage=stage, index=n) in state:
+            n += 1
+        depths.append(n)
+    return tuple(depths)
+
+
+def _depth_name(layers: tuple[int, ...], path: Path) -> str:
+    if layers == R50_LAYERS:
+        return "r50"
+    if layers == R101_LAYERS:
+        return "r101"
+    raise ConversionError(f"{path}: a ResNet with {layers} blocks per stage, neither R50 nor R101; pass --model "
+                          f"NAME and --set layers=...")
+
+
+def _kernels(state: Mapping[str, Any], layers: tuple[int, ...], pattern: str,
+             stages: tuple[int, ...] = (1, 2, 3, 4)) -> dict[str, tuple[int, ...]]:
+    """stage -> blocks whose ``pattern`` conv has a temporal kernel > 1."""
+    return {name: tuple(i for i in range(n) if state[pattern.format(stage=s, index=i)].shape[2] > 1)
+            for name, s, n in zip(STAGES, stages, layers)}
+
+
+def _differs(name: str, **inferred: Any) -> dict[str, Any]:
+    """The inferred options that differ from what ``name`` builds by default (so the record stays short)."""
+    defaults = {"width": 64, **model_defaults(name)}
+    layers = tuple(inferred.get("layers") or defaults.get("layers") or R50_LAYERS)
+    if defaults.get("inflated_blocks") is None:  # the arch's own pattern
+        defaults["inflated_blocks"] = (slow_inflated_blocks if defaults.get("arch") == "slow"
+                                       else i3d_inflated_blocks)(layers)
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: norm(x) for k, x in v.items() if not (isinstance(x, (tuple, list)) and not x)}
+        return tuple(v) if isinstance(v, (list, tuple)) else v
+
+    return {k: v for k, v in inferred.items() if norm(v) != norm(defaults.get(k) or {} if isinstance(v, Mapping)
+                                                                  else defaults.get(k))}
+
+
+def _pytorchvideo_layout(state: Mapping[str, Any], path: Path) -> tuple[list[int], int | None]:
+    """Which ``blocks.{i}`` of a PyTorchVideo ResNet are res2..res5 and which is the head: the stage-1 pool of the
+    C2D / I3D hub models is a block of its own (no tensors), so the numbering differs between models."""
+    stages = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.res_blocks\.", k))})
+    heads = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.proj\.weight$", k))})
+    if len(stages) != 4:
+        raise ConversionError(f"{path}: a PyTorchVideo network with {len(stages)} residual stages, not a ResNet's 4")
+    return stages, (heads[0] if heads else None)
+
+
+def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+    stages, _ = _pytorchvideo_layout(state, path)
+    conv_a = "blocks.{stage}.res_blocks.{index}.branch2.conv_a.weight"
+    layers = _depths(state, conv_a, tuple(stages))
+    depth = _depth_name(layers, path)
+    stem_kt = state["blocks.0.conv.weight"].shape[2]
+    inflated = _kernels(state, layers, conv_a, tuple(stages))
+    if stem_kt == 1 and not any(inflated.values()) and stages[1] == stages[0] + 2:  # a pool block after res2
+        name = f"c2d_{depth}_8x8"
+    elif stem_kt == 5 and inflated == i3d_inflated_blocks(layers) and stages[1] == stages[0] + 2:
+        name = f"i3d_{depth}_8x8"
+    elif stem_kt == 1 and inflated == slow_inflated_blocks(layers) and depth == "r50" and stages == [1, 2, 3, 4]:
+        name = "slow_r50_8x8"
+    else:
+        raise ConversionError(f"{path}: a PyTorchVideo ResNet that is none of its hub's c2d_r50, i3d_r50, slow_r50 "
+                              f"(stem temporal kernel {stem_kt}, 3x1x1 conv_a in {inflated}, stages in blocks "
+                              f"{stages}); pass --model NAME")
+    options = _differs(name, width=int(state["blocks.0.conv.weight"].shape[0]))
+    options["head_pool_kernel"] = PYTORCHVIDEO_HEAD_POOL.get(name, (4, 7, 7))
+    return name, options
+
+
+def _nl_locations(state: Mapping[str, Any], layers: tuple[int, ...], pattern: str) -> dict[str, tuple[int, ...]]:
+    return {stage: tuple(i for i in range(n) if pattern.format(stage=s, index=i) in state)
+            for s, (stage, n) in enumerate(zip(STAGES, layers), start=1)}
+
+
+def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+    layers = _depths(state, "backbone.layer{stage}.{index}.conv1.conv.weight")
+    _depth_name(layers, path)
+    nl = _nl_locations(state, layers, "backbone.layer{stage}.{index}.non_local_block.g.0.conv.weight")
+    inflated = _kernels(state, layers, "backbone.layer{stage}.{index}.conv1.conv.weight")
+    conv1_kt = int(state["backbone.conv1.conv.weight"].shape[2])
+    cfg = str(meta.get("cfg", ""))
+    nl_options: dict[str, Any] = {}
+    if not any(nl.values()):
+        name = "mmaction2_i3d_r50"
+    else:
+        has_theta = any(".non_local_block.theta." in k for k in state)
+        if not has_theta:
+            mode = "gaussian"
+        elif (m := re.search(r"mode\s*=\s*['\"](dot_product|embedded_gaussian)['\"]", cfg)):
+            mode = m.group(1)
+        elif (m := re.search(r"(dot|embedded)[-_](product|gaussian)", path.name)):
+            mode = f"{m.group(1)}_{m.group(2)}"
+        else:
+            raise ConversionError(
+                f"{path}: its non-local blocks are dot products or embedded gaussians, which have the same "
+                f"tensors, and neither the file name nor a config recorded in the file says which; pass --model "
+                f"mmaction2_nl_i3d_r50_dot_product or --model mmaction2_nl_i3d_r50_embedded_gaussian")
+        name = f"mmaction2_nl_i3d_r50_{mode}"
+        if (m := re.search(r"use_scale\s*=\s*(True|False)", cfg)) and m.group(1) == "True":
+            nl_options["scale"] = "auto"  # mmcv divides by sqrt(C'): our "auto"
+        if (m := re.search(r"sub_sample\s*=\s*(True|False)", cfg)) and m.group(1) == "False":
+            nl_options["subsample"] = None
+    options = _differs(name, layers=layers, inflated_blocks=inflated, width=int(
+        state["backbone.conv1.conv.weight"].shape[0]), nonlocal_locations={k: v for k, v in nl.items() if v})
+    if conv1_kt != 5:
+        options["conv1_temporal_kernel"] = conv1_kt
+    if nl_options:
+        options["nonlocal_options"] = nl_options
+    return name, options
+
+
+def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+    if getattr(blobs.get("conv1_w"), "ndim", 0) != 5:
+        raise ConversionError(f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
+                              f"(its first blobs: {', '.join(list(blobs)[:4]) or 'none'})")
+    layers = tuple(_count(blobs, f"res{s}_{{}}_branch2a_w") for s in range(2, 6))
+    depth = _depth_name(layers, path)
+    conv1_kt = blobs["conv1_w"].shape[2]
+    inflated_b = any(getattr(blobs.get(f"res{s}_{i}_branch2b_w"), "shape", (0, 0, 1))[2] > 1
+                     for s, n in zip(range(2, 6), layers) for i in range(n))
+    arch = "c2d" if conv1_kt == 1 else ("i3d3x3x3" if inflated_b else "i3d")
+    nl = {f"res{s}": tuple(i for i in range(n) if f"nonlocal_conv{s}_{i}_theta_w" in blobs)
+          for s, n in zip(range(2, 6), layers)}
+    nl = {k: v for k, v in nl.items() if v}
+    affine = not any(k.endswith("_rm") for k in blobs)
+    if not nl:
+        prefix = ""
+    elif nl == (NL5_R50 if depth == "r50" else NL5_R101):
+        prefix = "nl_"
+    elif depth == "r50" and nl == NL1_R50:
+        prefix = "nl1_"
+    elif depth == "r50" and nl == NL10_R50:
+        prefix = "nl10_"
+    else:
+        raise ConversionError(f"{path}: non-local blocks at {nl}, not one of the paper's placements; pass --model "
+                              f"NAME (and --set nonlocal_locations=...)")
+    if affine:
+        clip = "_128x1"
+    elif re.search(r"8x8", path.name):
+        clip = "_8x8"
+    elif re.search(r"32x2", path.name):
+        clip = ""
+    else:
+        raise ConversionError(f"{path}: the 32x2 and 8x8 models have the same tensors and the file name says "
+                              f"neither; pass --model {prefix}{arch}_{depth} (32x2) or --model "
+                              f"{prefix}{arch}_{depth}_8x8")
+    name = f"{prefix}{arch}_{depth}{clip}"
+    try:
+        get_model_entry(name)
+    except KeyError:
+        raise ConversionError(f"{path}: looks like {name}, which is not a registered model; pass --model NAME") \
+            from None
+    return name, _differs(name, width=int(blobs["conv1_w"].shape[0]))
+
+
+def _count(blobs: Mapping[str, Any], pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in blobs:
+        n += 1
+    return n
+
+
+_INFER: dict[str, Callable[..., tuple[str, dict]]] = {
+    "caffe2": _infer_caffe2, "pytorchvideo": _infer_pytorchvideo, "mmaction2": _infer_mmaction2}
+_STEM = {"caffe2": "conv1_w", "pytorchvideo": "blocks.0.conv.weight", "mmaction2": "backbone.conv1.conv.weight"}
+_CLASSIFIER = {"caffe2": "pred_w", "mmaction2": "cls_head.fc_cls.weight"}  # PyTorchVideo's: the blocks.N.proj
+
+
+# --- mapping -----------------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(conv_[abc]|bn_[abc]|shortcut\.conv|shortcut\.bn)\.(\w+)$")
+_NL = re.compile(r"^res([2-5])\.nl(\d+)\.(theta|phi|g|out|norm)\.(\w+)$")
+# zoo entries that may be absent because the zoo's layer has no bias there (mmcv's W_z conv before its BN): the
+# zoo computes what a zero bias computes
+_ZERO_IF_ABSENT = re.compile(r"\.non_local_block\.conv_out\.conv\.bias$")
+
+
+def _pytorchvideo_source(state: Mapping[str, Any], path: Path) -> Callable[[str], str | None]:
+    """model entry -> the PyTorchVideo ``create_resnet`` entry it comes from (None: no counterpart)."""
+    stages, head = _pytorchvideo_layout(state, path)
+
+    def source(key: str) -> str | None:
+        if key.startswith("conv1."):
+            return "blocks.0.conv." + key.removeprefix("conv1.")
+        if key.startswith("bn1."):
+            return "blocks.0.norm." + key.removeprefix("bn1.")
+        if key.startswith("head.fc."):
+            return f"blocks.{head if head is not None else stages[-1] + 1}.proj." + key.removeprefix("head.fc.")
+        if m := _BLOCK.match(key):
+            stage, index, part, attr = m.groups()
+            part = {"shortcut.conv": "branch1_conv", "shortcut.bn": "branch1_norm"}.get(
+                part, f"branch2.{part.replace('bn_', 'norm_')}")
+            return f"blocks.{stages[int(stage) - 2]}.res_blocks.{index}.{part}.{attr}"
+        return None
+
+    return source
+
+
+def _mmaction2_source(state: Mapping[str, Any], path: Path) -> Callable[[str], str | None]:
+    """model entry -> the mmaction2 ``Recognizer3D`` (ResNet3d + I3DHead) entry it comes from."""
+    return _mmaction2_entry
+
+
+def _mmaction2_entry(key: str) -> str | None:
+    if key.startswith("conv1."):
+        return "backbone.conv1.conv." + key.removeprefix("conv1.")
+    if key.startswith("bn1."):
+        return "backbone.conv1.bn." + key.removeprefix("bn1.")
+    if key.startswith("head.fc."):
+        return "cls_head.fc_cls." + key.removeprefix("head.fc.")
+    if m := _BLOCK.match(key):
+        stage, index, part, attr = m.groups()
+        part = {"conv_a": "conv1.conv", "bn_a": "conv1.bn", "conv_b": "conv2.conv", "bn_b": "conv2.bn",
+                "conv_c": "conv3.conv", "bn_c": "conv3.bn", "shortcut.conv": "downsample.conv",
+                "shortcut.bn": "downsample.bn"}[part]
+        return f"backbone.layer{int(stage) - 1}.{index}.{part}.{attr}"
+    if m := _NL.match(key):  # mmcv's NonLocal3d: g/phi are Sequential(ConvModule, MaxPool3d) with sub_sample
+        stage, index, part, attr = m.groups()
+        block = f"backbone.layer{int(stage) - 1}.{index}.non_local_block."
+        if part == "out":  # ConvModule(conv, bn): with a norm its conv has no bias (bias="auto")
+            return block + "conv_out.conv." + attr
+        if part == "norm":
+            return block + "conv_out.bn." + attr
+        return block + f"{part}{'' if part == 'theta' else '.0'}.conv.{attr}"
+    return None
+
+
+_SOURCE = {"pytorchvideo": _pytorchvideo_source, "mmaction2": _mmaction2_source}
+
+
+def _map(path: Path, fmt: str, state: Mapping[str, Tensor], model: nn.Module, name: str,
+         source_of: Callable[[str], str | None], skip: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
+    """The model's state dict filled from ``state``; every tensor placed and every entry filled, or an error."""
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    unfilled, mismatched, no_counterpart, zeroed, counters = [], [], [], [], []
+    for key, ref in model.state_dict().items():
+        if key.startswith(skip):
+            continue
+        src = source_of(key)
+        if src is None:
+            no_counterpart.append(key)
+        elif src in state:
+            value = state[src].detach().to(ref.dtype)
+            if value.shape != ref.shape:
+                mismatched.append(f"{src} {tuple(value.shape)} -> {key} {tuple(ref.shape)}")
+                used.add(src)  # placed, at the wrong shape: reported once, as such
+                continue
+            out[key] = value.clone()
+            used.add(src)
+        elif _ZERO_IF_ABSENT.search(src):
+            out[key] = torch.zeros_like(ref)
+            zeroed.append(key)
+        elif key.endswith("num_batches_tracked"):  # older files lack BN's counter; it changes no output
+            out[key] = torch.zeros_like(ref)
+            counters.append(key)
+        else:
+            unfilled.append(f"{key} ({src})")
+    head = source_of("head.fc.weight") or ""
+    skipped = {k for k in state if skip and k.rsplit(".", 1)[0] == head.rsplit(".", 1)[0]}
+    unplaced = sorted(set(state) - used - skipped)
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape: " + "; ".join(mismatched[:6])
+                        + (" ..." if len(mismatched) > 6 else ""))
+    if unplaced:
+        problems.append(f"{len(unplaced)} tensor(s) the model has no place for: " + ", ".join(unplaced[:8])
+                        + (" ..." if len(unplaced) > 8 else ""))
+    if unfilled:
+        problems.append(f"{len(unfilled)} model entr{'y' if len(unfilled) == 1 else 'ies'} no tensor fills: "
+                        + ", ".join(unfilled[:8]) + (" ..." if len(unfilled) > 8 else ""))
+    if no_counterpart:
+        problems.append(f"{len(no_counterpart)} model entr{'y' if len(no_counterpart) == 1 else 'ies'} with no "
+                        f"counterpart in {fmt}'s networks: " + ", ".join(no_counterpart[:6]))
+    if problems:
+        raise ConversionError(f"{path} ({fmt}) does not fit {name}:\n  " + "\n  ".join(problems))
+    notes = []
+    if zeroed:
+        notes.append(f"{len(zeroed)} W_z bias(es) set to zero: the zoo's layer has none")
+    if counters:
+        notes.append(f"{len(counters)} BN counters (num_batches_tracked) absent from the file, set to 0")
+    return out, notes
+
+
+def _build(path: Path, name: str, options: Mapping[str, Any]) -> nn.Module:
+    try:
+        return create_model(name, **options)
+    except (TypeError, ValueError) as exc:  # an option the model does not take, or a bad value
+        raise ConversionError(f"{path} as {name}: {exc}") from None
+
+
+def _convert_caffe2(path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any],
+                    skip_classifier: bool, paper_layout: bool) -> Conversion:
+    from .caffe2 import Caffe2ConversionError, convert_caffe2_blobs
+    from .resnet3d import CLIP_LAYOUTS
+
+    net = _build(path, name, options)
+    if "clip" not in options and not paper_layout and net.clip_name in CLIP_LAYOUTS \
+            and f"{net.clip_name}_official" in CLIP_LAYOUTS:
+        options["clip"] = f"{net.clip_name}_official"  # the network the official code ran: pool1 unpadded
+        net = _build(path, name, options)
+    try:
+        result = convert_caffe2_blobs(blobs, net, skip=("head.",) if skip_classifier else ())
+    except Caffe2ConversionError as exc:
+        raise ConversionError(f"{path} as {name}: {exc}") from None
+    net.load_state_dict(result.state_dict, strict=not skip_classifier)
+    notes = []
+    if result.affine:
+        notes.append(f"{len(result.affine)} norm layers from affine (frozen-BN) blobs")
+    if result.skipped:
+        notes.append(f"skipped {len(result.skipped)} training-state blobs")
+    return Conversion("caffe2", name, options, net.eval(), result.state_dict, notes)
