@@ -4,8 +4,9 @@
 #            (the README's commands use it)
 #   lowest   the lowest torch / torchvision pair declared (requirements/torch-lowest.txt)
 #   newest   the newest torch / torchvision the registry serves, past any cap in the machine's pip config, with
-#            the peers the comparison tests run against (the "bench" extra: mmcv-lite, mmengine, timm,
-#            pytorchvideo), so that CI runs those tests too
+#            the peers the comparison and conversion tests run against (the "bench" extra: mmcv-lite, mmengine, timm,
+#            pytorchvideo; mmaction2 without its dependencies, requirements/peers-no-deps.txt), so that CI runs
+#            those tests too
 # lowest and newest live in a cache (NONLOCALNET_ENVS, default ~/.cache/nonlocalnet/envs) keyed by the
 # requirements, so that fresh clones reuse them: a new one is built only when pyproject.toml's dependencies,
 # the pins or (for newest) the newest release change, and the old one is removed once the new one works. Each
@@ -17,6 +18,7 @@ nonlocalnet_log() { echo "[setup] $*" >&2; }
 # the lines of pyproject.toml that decide what gets installed
 nonlocalnet_requirements() {
   sed -n '/^requires-python/p;/^dependencies = \[/,/^\]/p;/^test = /p;/^bench = /p' "$NONLOCALNET_ROOT/pyproject.toml"
+  grep -v '^#' "$NONLOCALNET_ROOT/requirements/peers-no-deps.txt"
 }
 
 # newest release of a package on the registry, past the machine's cap ("" if the registry cannot be asked)
@@ -93,6 +95,9 @@ nonlocalnet_env() {
     else
       nonlocalnet_pip install -e "$NONLOCALNET_ROOT[$extras]"
     fi
+    case ",$extras," in *,bench,*)  # peers whose declared dependencies the tests do not need (see the file)
+      nonlocalnet_pip install --no-deps -r "$NONLOCALNET_ROOT/requirements/peers-no-deps.txt" ;;
+    esac
     "$VENV/bin/python" -c "import nonlocalnet, torch, torchvision.ops" || return 1  # loudly, if it did not work
     echo "$key" > "$stamp"
     if [ "$kind" != default ]; then  # the new one works: the ones for older requirements can go

@@ -228,7 +228,7 @@ def test_a_checkpoint_without_classifier_needs_skip_classifier(tmp_path, capsys)
 def test_unreadable_files_are_clear_errors(tmp_path, capsys):
     assert cli_main(["convert-caffe2", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors"),
                      "--model", "c2d_r50"]) == 2
-    assert "error: no Caffe2 checkpoint at" in capsys.readouterr().err
+    assert "error: no checkpoint at" in capsys.readouterr().err
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(Caffe2ConversionError, match="not a readable pickle"):

@@ -15,6 +15,7 @@ END_TO_END = {
     "train": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "test": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "flops": ("tests.test_flops", "test_cli_prints_table_and_totals_for_an_8_frame_clip"),
+    "convert": ("tests.test_zoo_convert", "_convert"),
     "convert-caffe2": ("tests.test_caffe2", "convert"),
     "visualize": ("tests.test_viz", "test_visualize_command_end_to_end"),
     "feature-bank-demo": ("tests.test_feature_bank", "test_demo_command_runs_and_reports_bad_sizes"),

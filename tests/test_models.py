@@ -441,7 +441,7 @@ def test_torch_hub_lists_and_builds_the_registered_models(tmp_path):
     assert not {"create_model", "list_models", "load_weights"} & set(entries)
     model = torch.hub.load(str(REPO), "nl_i3d_r50", source="local", layers=(2, 4, 6, 2), width=4, num_classes=3)
     assert isinstance(model, ResNet3d) and model.num_classes == 3
-    with pytest.raises(RuntimeError, match="convert-caffe2"):
+    with pytest.raises(RuntimeError, match="nonlocalnet convert SRC"):
         torch.hub.load(str(REPO), "nl_i3d_r50", source="local", pretrained=True)
     path = tmp_path / "w.safetensors"
     save_weights(model, path)
