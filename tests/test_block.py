@@ -635,3 +635,67 @@ def test_hooks_see_wz_y_not_the_residual_sum(norm):
         assert torch.equal(tensor, value), name
     torch.testing.assert_close(z2, z)
     assert not torch.equal(z, x)  # the block is not the identity here, so the checks above can fail
+
+
+# --- the precision policy under autocast (layers/pairwise.py) -----------------------------------------------------
+
+# written out here, not read from the code: what each path must run in under each autocast dtype
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+POLICY = {("embedded_gaussian", "sdpa"): {BF16: BF16, F16: F16},
+          ("embedded_gaussian", "dense"): {BF16: F32, F16: F32},
+          ("embedded_gaussian", "chunked"): {BF16: F32, F16: F32},
+          ("gaussian", "sdpa"): {BF16: F32, F16: F32},
+          ("gaussian", "dense"): {BF16: F32, F16: F32},
+          ("gaussian", "chunked"): {BF16: F32, F16: F32},
+          ("dot_product", "dense"): {BF16: BF16, F16: F32},
+          ("dot_product", "linear"): {BF16: BF16, F16: F32},
+          ("concatenation", "dense"): {BF16: BF16, F16: F32},
+          ("concatenation", "sorted"): {BF16: BF16, F16: F32}}
+
+
+class _SeenBySdpa(torch.overrides.TorchFunctionMode):
+    """Records the dtypes of the tensors F.scaled_dot_product_attention is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen.append(tuple(t.dtype for t in args[:3]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_policy_covers_every_path():
+    assert set(POLICY) == {(m, i) for m in MODES for i in IMPLS_BY_MODE[m]}
+
+
+@pytest.mark.parametrize("mode,impl", sorted(POLICY))
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_under_autocast_each_path_runs_in_the_policys_dtype(mode, impl, dtype, monkeypatch):
+    import nonlocalnet.layers.pairwise as P
+
+    ran = []
+    real = P.pairwise
+    monkeypatch.setattr(P, "pairwise", lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
+    block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl=impl))
+    x = torch.randn(2, 16, 2, 4, 4)
+    with torch.no_grad(), _SeenBySdpa() as sdpa, torch.autocast("cpu", dtype=dtype):
+        z = block(x)
+    assert ran == [POLICY[mode, impl][dtype]] and torch.isfinite(z).all()
+    # the fused kernels get half precision only where the policy says so: SDPA sees what the step runs in
+    assert sdpa.seen == ([(ran[0],) * 3] if impl == "sdpa" else [])
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_the_feature_bank_follows_the_same_policy(dtype):
+    from nonlocalnet.layers.feature_bank import FeatureBankLayer
+
+    layer = FeatureBankLayer(16, 12, inter_channels=8).eval()
+    x, bank = torch.randn(2, 16, 3), torch.randn(2, 12, 20)
+    with torch.no_grad():
+        reference = layer(x, bank)
+        with _SeenBySdpa() as sdpa, torch.autocast("cpu", dtype=dtype):
+            z = layer(x, bank)
+    assert sdpa.seen == [(dtype,) * 3]  # "auto" is SDPA here, in half precision, as the block's
+    assert (z.float() - reference).abs().max() <= 0.03 * (reference - x).abs().max()

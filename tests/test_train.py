@@ -332,3 +332,38 @@ def test_a_failing_network_stops_the_main_job_at_once_with_one_error_line(tmp_pa
     assert "error: impl 'sorted' does not compute mode 'gaussian'" in capsys.readouterr().err
     assert not (out / "baseline" / "model_final.safetensors").exists()  # stopped, not trained to the end
     assert not (out / "concatenation").exists()  # never started
+
+
+def test_train_amp_picks_bfloat16_where_the_device_computes_it_else_float16(monkeypatch):
+    from nonlocalnet.engine.trainer import amp_dtype
+
+    cpu = torch.device("cpu")
+    assert [amp_dtype(cpu, a) for a in (False, True, "bf16", "fp16")] == [None, torch.bfloat16, torch.bfloat16,
+                                                                          torch.float16]
+    # a GPU without bfloat16 (before Ampere): true falls back to float16, bf16 is refused by name
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    assert amp_dtype(torch.device("cuda"), True) == torch.float16
+    with pytest.raises(ValueError, match="Tesla V100-SXM2-16GB.*does not compute bfloat16"):
+        amp_dtype(torch.device("cuda"), "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(torch.device("cuda"), True) == torch.bfloat16
+
+
+@pytest.mark.parametrize("amp,scaled", [("bf16", False), ("fp16", True)])
+def test_train_amp_runs_in_its_dtype_with_a_grad_scaler_only_for_float16(amp, scaled, tmp_path, monkeypatch):
+    seen = []
+    real = torch.autocast
+
+    def recording(*args, **kwargs):  # what the training step asks autocast for
+        seen.append((kwargs.get("dtype"), kwargs.get("enabled", True)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    overrides = QUICK + ["train.iterations=2", f"train.amp={amp}", "train.checkpoint_every=2",
+                         "train.precise_bn_batches=0", f"output_dir={tmp_path / 'run'}"]
+    train(load_config(TINY, overrides))
+    want = torch.float16 if amp == "fp16" else torch.bfloat16
+    assert (want, True) in seen and not any(enabled and dtype != want for dtype, enabled in seen)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_000000002.pt", weights_only=True)
+    assert bool(state["scaler"]) == scaled  # a GradScaler's state (its scale) only where float16 needs one

@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1.0e-4,
         "bn_weight_decay": 0.0,
         "clip_grad_norm": None,
+        # mixed precision: false, bf16, fp16, or true = bf16 where the device computes it (CPUs; CUDA GPUs from
+        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.trainer.amp_dtype)
         "amp": False,
         "freeze_bn": False,
         "sync_bn": False,
@@ -142,8 +144,11 @@ def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", stri
     return into
 
 
+AMP_CHOICES = (False, True, "bf16", "fp16")
+
+
 def _is_free(name: str) -> bool:
-    return name.startswith("model.options.")
+    return name.startswith("model.options.") or name == "train.amp."  # train.amp: a bool or a name, checked below
 
 
 def apply_override(cfg: dict[str, Any], item: str) -> None:
@@ -219,6 +224,10 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative; got {_get(cfg, key)!r}")
+    if cfg["train"]["amp"] not in AMP_CHOICES or isinstance(cfg["train"]["amp"], (int, float)) \
+            and not isinstance(cfg["train"]["amp"], bool):
+        raise ConfigError(f"train.amp must be false, bf16, fp16 or true (bf16 where the device supports it, else "
+                          f"fp16); got {cfg['train']['amp']!r}")
     clip = cfg["train"]["clip_grad_norm"]
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
                              or not math.isfinite(clip)):

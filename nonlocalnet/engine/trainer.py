@@ -81,9 +81,28 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torc
     return F.cross_entropy(logits.float(), labels)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: no autocast).
+
+    "bf16": bfloat16, float32's range with 8 significant bits: no loss scaling needed. "fp16": float16, with a
+    GradScaler (its range ends at 65504, small gradients underflow without scaling). true: bfloat16 where the
+    device computes it (CPUs, CUDA GPUs from Ampere on), float16 otherwise. The non-local blocks' pairwise step
+    follows its own policy inside autocast (:mod:`nonlocalnet.layers.pairwise`).
+    """
+    if amp is False:
+        return None
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not bf16_ok:
+        raise ValueError(f"train.amp=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not compute "
+                         f"bfloat16; use fp16 (or true, which picks it)")
+    if amp == "fp16" or (amp is True and not bf16_ok):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, amp: bool | str):
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
@@ -159,7 +178,10 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     if train_cfg["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, train_cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg["amp"] and device.type == "cuda")
+    precision = amp_dtype(device, train_cfg["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)  # fp16 only: see amp_dtype
+    if info.is_main and precision is not None:
+        log.info("mixed precision: %s autocast%s", precision, " with a GradScaler" if scaler.is_enabled() else "")
     dataset = build_dataset(cfg["data"], "train", cfg["seed"])
     multi_label = is_multi_label(cfg["data"])
     per_step = train_cfg["batch_size"] * info.world_size

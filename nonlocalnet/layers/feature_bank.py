@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .nonlocal_block import INIT_STD, ChannelLayerNorm, _parse_scale
-from .pairwise import dense_pairwise, pairwise, resolve_impl
+from .pairwise import pairwise_step
 
 __all__ = ["FeatureBankLayer", "FeatureBankOperator", "FeatureBankClassifier"]
 
@@ -88,11 +88,9 @@ class FeatureBankLayer(nn.Module):
         q = self.theta(x).transpose(1, 2)  # (B, C, N) -> (B, C', N) -> (B, N, C')
         k = self.phi(bank).transpose(1, 2)  # (B, Cb, L) -> (B, C', L) -> (B, L, C')
         v = self.g(bank).transpose(1, 2)  # (B, Cb, L) -> (B, C', L) -> (B, L, C')
-        if return_attention:
-            y, weights = dense_pairwise(q, k, v, "embedded_gaussian", self.scale)  # (B, N, C'), (B, N, L)
-        else:
-            impl = resolve_impl("embedded_gaussian", self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
-            y = pairwise(q, k, v, "embedded_gaussian", self.scale, impl)  # (B, N, C')
+        # (B, N, C') and, if asked, (B, N, L): the block's path choice and precision policy (layers/pairwise.py)
+        y, weights = pairwise_step(q, k, v, "embedded_gaussian", self.scale, self.impl,
+                                   return_attention=return_attention)
         y = y.transpose(1, 2)  # (B, N, C') -> (B, C', N)
         z = x + self.dropout(self.out(torch.relu(self.norm(y))))  # (B, C, N)
         return (z, weights) if return_attention else z

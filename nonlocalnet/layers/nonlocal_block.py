@@ -8,7 +8,6 @@ folding that restricts which keys each query sees.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Sequence
 
@@ -18,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .folding import (EXTENTS, Folding, check_folding, fold_positions, scatter_attention, to_map, to_positions,
                       unfold_positions)
-from .pairwise import check_mode_impl, compute_dtype, dense_pairwise, pairwise, resolve_impl
+from .pairwise import check_mode_impl, pairwise_step
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -75,9 +74,11 @@ class NonLocalBlock(nn.Module):
         low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
             in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
             backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
-            gradient's size). Same results. With the embedded gaussian at res3 of a 128-frame clip the block's
-            peak training memory drops from 0.28x to 0.16x that of the dense path, for 5% more time (50% at
-            res4, where the pairwise step is cheap; measured on CPU by benchmarks/block.py); off by default.
+            gradient's size). In float32 the same function and gradients, up to summation order (tested to
+            1e-5); the forward is the same under autocast too, but there the 1x1 convs' backward matmuls run in
+            the gradients' float32 where the conv backward would run in half precision, so gradients differ by
+            half precision's rounding (tested within 5% of the largest under bfloat16). Lower peak memory for
+            some more time: benchmarks/block.py measures both (see the README); off by default.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
@@ -212,19 +213,12 @@ class NonLocalBlock(nn.Module):
         q = fold_positions(query, folding, spatial)  # (B', N', Cq)
         k = fold_positions(key, folding, key_spatial)  # (B', M', Cq)
         v = fold_positions(value, folding, key_spatial)  # (B', M', C')
-        out_dtype = value.dtype
         del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
-        dtype = compute_dtype(q, k, v)
-        with _no_autocast(x.device.type):
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            if return_attention:
-                y, weights = dense_pairwise(q, k, v, self.mode, self.scale, self._concat_project())
-            else:
-                impl = resolve_impl(self.mode, self.impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2],
-                                    q.device.type, q.shape[0])
-                y = pairwise(q, k, v, self.mode, self.scale, impl, self._concat_project())
+        # y = 1/C(x) Σ_j f(q_i, k_j) v_j, on the path and in the precision of layers/pairwise.py's policy
+        y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(),
+                                   return_attention)
         del q, k, v
-        y = unfold_positions(y.to(out_dtype), folding, x.shape[0], spatial)  # (B, N, C')
+        y = unfold_positions(y, folding, x.shape[0], spatial)  # (B, N, C')
         z = self.norm(self._project_out(y, spatial, _memory_format(x)))  # (B, C, *S), x's memory layout
         if not self._may_add_in_place(z, x):
             z = x + z  # x first: z takes the input's memory layout (convs may return another)
@@ -404,13 +398,6 @@ class _PointwiseConv(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2)).to(weight.dtype)
         return grad_t, grad_weight, grad_bias
-
-
-def _no_autocast(device_type: str):
-    """Disables autocast around the pairwise step; a no-op on devices autocast does not know (meta)."""
-    if device_type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class NonLocal1d(NonLocalBlock):

@@ -141,14 +141,74 @@ def pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str
     raise ValueError(f"impl {impl!r} is not a concrete path")
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype the pairwise step runs in: the inputs' lowest precision, but never float16.
+# --- precision -------------------------------------------------------------------------------------------------
+# Under autocast the projections run in half precision; what the pairwise step runs in is decided here, per path:
+#
+# | mode / path                        | float16 inputs | bfloat16 inputs | why                                        |
+# |------------------------------------|----------------|-----------------|--------------------------------------------|
+# | embedded gaussian, sdpa            | float16        | bfloat16        | the fused kernels keep qᵀk and the running |
+# |                                    |                |                 | softmax max / sum in float32 (online       |
+# |                                    |                |                 | softmax): nothing overflows, and the flash |
+# |                                    |                |                 | / memory-efficient kernels need half       |
+# | embedded gaussian, dense / chunked | float32        | float32         | qᵀk is materialised: in float16 it         |
+# |                                    |                |                 | overflows (65504), in bfloat16 a logit of  |
+# |                                    |                |                 | 40 is rounded by 0.125, a 12% weight error |
+# | gaussian, every path               | float32        | float32         | raw C-channel features: logits of hundreds |
+# | dot product, concatenation         | float32        | bfloat16        | sums over M keys overflow float16; matmuls |
+# |                                    |                |                 | accumulate in float32, bfloat16's range is |
+# |                                    |                |                 | float32's                                  |
+HALF_PRECISION_PATHS = {("embedded_gaussian", "sdpa")}
+HALF = (torch.float16, torch.bfloat16)
 
-    exp(qᵀk) and sums over thousands of keys overflow float16's range (65504) long before they overflow
-    bfloat16's or float32's, so float16 inputs are computed in float32; bfloat16 runs natively.
-    """
+
+def pairwise_dtype(mode: str, impl: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the pairwise step runs in on the path ``impl`` (resolved) for inputs of ``dtype`` (see the table
+    above): half precision stays where the path is exact enough in it, else float32."""
+    if dtype not in HALF or (mode, impl) in HALF_PRECISION_PATHS:
+        return dtype
+    if dtype == torch.bfloat16 and mode in ("dot_product", "concatenation"):
+        return dtype
+    return torch.float32
+
+
+def lowest_precision(*tensors: Tensor) -> torch.dtype:
+    """The smallest floating dtype among ``tensors`` (what autocast handed the pairwise step)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         if t.element_size() < torch.empty((), dtype=dtype).element_size():
             dtype = t.dtype
-    return torch.float32 if dtype == torch.float16 else dtype
+    return dtype
+
+
+def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str = "auto",
+                  concat_project: nn.Sequential | None = None, return_attention: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+    """The pairwise step as a layer runs it: the path chosen for these sizes and this device, autocast off and
+    the inputs in :func:`pairwise_dtype`'s dtype; y is returned in the values' dtype.
+
+    Args:
+        q, k, v: (B, N, Cq), (B, M, Cq), (B, M, Cv), as the projections returned them (half under autocast).
+        mode, scale, concat_project: as :func:`pairwise`.
+        impl: a path or "auto" (resolved with :func:`resolve_impl` for q's device).
+        return_attention: compute densely and also return the weights (B, N, M).
+
+    Returns:
+        (y (B, N, Cv), weights or None).
+    """
+    impl = "dense" if return_attention else resolve_impl(mode, impl, q.shape[1], k.shape[1], q.shape[2],
+                                                         v.shape[2], q.device.type, q.shape[0])
+    dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
+    out_dtype = v.dtype
+    with _no_autocast(q.device.type):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if return_attention:
+            y, weights = dense_pairwise(q, k, v, mode, scale, concat_project)
+            return y.to(out_dtype), weights
+        return pairwise(q, k, v, mode, scale, impl, concat_project).to(out_dtype), None
+
+
+def _no_autocast(device_type: str):
+    """Disables autocast around the pairwise step; a no-op on devices autocast does not know (meta)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
