@@ -85,12 +85,33 @@ def test_fast_path_equals_dense_with_memory(mode, impl):
 def test_chunked_path_splits_queries_and_stays_exact(monkeypatch):
     from nonlocalnet.layers import pairwise_softmax
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 64)  # forces many chunks of a few queries
-    calls = []
-    original = pairwise_softmax._softmax_chunk
-    monkeypatch.setattr(pairwise_softmax, "_softmax_chunk", lambda *a: calls.append(1) or original(*a))
+    rows = []
+    original = pairwise_softmax._ChunkedSoftmaxAttention.apply
+    monkeypatch.setattr(pairwise_softmax._ChunkedSoftmaxAttention, "apply",
+                        lambda *a: rows.append(a[-1]) or original(*a))
     block = make_active(NonLocal2d(8, mode="embedded_gaussian"))
-    assert_same_function(block, torch.randn(2, 8, 7, 9), "chunked")
-    assert len(calls) > 4
+    assert_same_function(block, torch.randn(2, 8, 7, 9), "chunked")  # forward and every gradient
+    assert rows and all(r == 1 for r in rows)  # 64 // (2 * 63) -> one query per chunk: 63 chunks
+
+
+@pytest.mark.parametrize("cq,cv", [(12, 5), (5, 12), (8, 8)])
+def test_chunked_path_keeps_no_weight_matrix_and_needs_no_padding(cq, cv, monkeypatch):
+    from nonlocalnet.layers import pairwise_softmax
+    from nonlocalnet.layers.pairwise_dense import softmax_attention_dense
+
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 40 * 7)  # 7 queries per chunk
+    q, k, v = (torch.randn(2, n, c, dtype=torch.float64, requires_grad=True) for n, c in ((30, cq), (40, cq),
+                                                                                        (40, cv)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = pairwise_softmax.softmax_attention_chunked(q, k, v, 0.3)
+    assert sorted(saved) == sorted([(2, 30, cq), (2, 40, cq), (2, 40, cv), (2, 30, cv)])  # q, k, v, y: no N x M
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (q, k, v), grad)
+    reference = softmax_attention_dense(q, k, v, 0.3)[0]
+    torch.testing.assert_close(y, reference)
+    for a, b in zip(got, torch.autograd.grad(reference, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
 
 
 def test_concatenation_sorted_handles_ties_and_all_negative():
@@ -456,9 +477,10 @@ def test_auto_path_choice():
     from nonlocalnet.layers.pairwise_softmax import CHUNK_ELEMENTS
 
     assert resolve_impl("embedded_gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
-    # gaussian: raw C-channel queries vs C/2 values; one dense chunk on CPU while it fits, SDPA beyond
+    # gaussian: raw C-channel queries vs C/2 values; on CPU the chunked path, which needs no padding (SDPA's
+    # fused kernels want one head size, so the values would be zero-padded to C channels)
     assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cpu", 2) == "chunked"
-    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256, "cpu", 1) == "sdpa"
+    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256, "cpu", 1) == "chunked"
     assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cuda", 2) == "sdpa"
     assert resolve_impl("concatenation", "auto", 10, 10, 4, 4) == "sorted"
     assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .pairwise_concatenation import concatenation_sorted
 from .pairwise_dense import concatenation_dense, dot_product_dense, softmax_attention_dense
 from .pairwise_dot_product import dot_product_linear, dot_product_linear_is_cheaper
-from .pairwise_softmax import CHUNK_ELEMENTS, softmax_attention_chunked, softmax_attention_sdpa
+from .pairwise_softmax import softmax_attention_chunked, softmax_attention_sdpa
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 IMPLS = ("auto", "dense", "sdpa", "chunked", "linear", "sorted")
@@ -46,9 +46,9 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int, device_
     """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes and device.
 
     Softmax modes use SDPA, except on CPU when the query/key channels exceed the value channels (the gaussian
-    mode: raw C-channel features against C' = C/2 values) and the whole weight matrix fits in one chunk: SDPA's
-    kernels then need the values zero-padded to C channels, which costs more than one dense chunk
-    (benchmarks/block.py: 171 vs 233 ms at res3); beyond one chunk SDPA wins again (image 128²: 9.8 vs 10.8 s).
+    mode: raw C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values
+    would be zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix
+    either, does fewer multiply-adds (benchmarks/block.py measures both).
     """
     if impl != "auto":
         return impl
@@ -56,7 +56,7 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int, device_
         return "linear" if dot_product_linear_is_cheaper(n, m, cq, cv) else "dense"
     if mode == "concatenation":
         return "sorted"
-    if device_type == "cpu" and cq > cv and batch * n * m <= CHUNK_ELEMENTS:
+    if device_type == "cpu" and cq > cv:
         return "chunked"
     return "sdpa"
 

@@ -2,20 +2,21 @@
 
 Both compute softmax(s * q kᵀ) v without keeping the N x M matrix for the backward pass:
 - ``sdpa``: torch's fused ``scaled_dot_product_attention`` (flash kernels on CPU and GPU), memory O(N).
-- ``chunked``: queries in chunks, each chunk recomputed in the backward pass (activation checkpointing), so at
-  most one chunk's (n x M) weights exist at a time. Exact, and runs where the fused kernels cannot.
+- ``chunked``: queries in chunks; only the inputs and y are kept for the backward pass, where each
+  chunk's weights are recomputed (flash attention's scheme, in plain matmuls), so at most one chunk's (n x M)
+  weights exist at a time. Exact; needs no padding when the value channels differ from the query/key channels.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from .pairwise_dense import softmax_attention_dense
 
-# Largest number of attention weights one chunk may hold (per folded batch, all of it): 16 M floats = 64 MB.
-CHUNK_ELEMENTS = 1 << 24
+# Largest number of attention weights one chunk may hold (per folded batch, all of it): 4 M floats = 16 MB.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -35,23 +36,61 @@ def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
 def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
                               chunk_elements: int | None = None) -> Tensor:
     """softmax(s * q kᵀ) v in query chunks of at most ``chunk_elements`` weights (default
-    :data:`CHUNK_ELEMENTS`), each recomputed in the backward pass."""
+    :data:`CHUNK_ELEMENTS`); for the backward pass only q, k, v and y are kept, and each chunk's weights are
+    recomputed, as flash attention does. No padding: the value channels Cv may
+    differ from the query/key channels Cq (the gaussian's raw C-channel features against C' values)."""
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     b, n, _ = q.shape
-    m = k.shape[1]
-    rows = max(1, min(n, chunk_elements // max(1, b * m)))
-    if rows >= n:
-        return softmax_attention_dense(q, k, v, scale)[0]
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    outputs = []
-    for start in range(0, n, rows):
-        q_chunk = q[:, start:start + rows]  # (B, n, Cq)
-        if needs_grad:
-            outputs.append(checkpoint(_softmax_chunk, q_chunk, k, v, scale, use_reentrant=False))
-        else:
-            outputs.append(_softmax_chunk(q_chunk, k, v, scale))
-    return torch.cat(outputs, dim=1)  # (B, N, Cv)
+    rows = max(1, min(n, chunk_elements // max(1, b * k.shape[1])))
+    return _ChunkedSoftmaxAttention.apply(q, k, v, scale, rows)
 
 
-def _softmax_chunk(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return softmax_attention_dense(q, k, v, scale)[0]
+class _ChunkedSoftmaxAttention(torch.autograd.Function):
+    """y = softmax(s q kᵀ) v by query chunks; backward from (q, k, v, y), recomputing each chunk's weights P: dV = Pᵀ dY, dS = P ⊙ (dY Vᵀ - rowsum(dY ⊙ Y)), dQ = s dS K, dK = s dSᵀ Q."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
+        b, n, _ = q.shape
+        y = v.new_empty((b, n, v.shape[-1]))
+        kt = k.transpose(1, 2) * scale  # (B, Cq, M): s kᵀ, so that each chunk's logits are one matmul
+        for start in range(0, n, rows):
+            chunk = slice(start, start + rows)
+            weights = torch.bmm(q[:, chunk], kt).softmax(dim=-1)  # (B, n, M)
+            torch.bmm(weights, v, out=y[:, chunk])
+        ctx.save_for_backward(q, k, v, y)
+        ctx.scale, ctx.rows = scale, rows
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        q, k, v, y = ctx.saved_tensors
+        with _no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
+            return _chunked_backward(q, k, v, y, grad_y.to(y.dtype).contiguous(), ctx.scale, ctx.rows,
+                                     ctx.needs_input_grad)
+
+
+def _no_autocast(device_type: str):
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _chunked_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, grad_y: Tensor, scale: float, rows: int,
+                      needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    grad_q = torch.empty_like(q) if needs[0] else None
+    grad_k = torch.zeros_like(k) if needs[1] else None
+    grad_v = torch.zeros_like(v) if needs[2] else None
+    delta = (grad_y * y).sum(dim=-1, keepdim=True).neg_()  # (B, N, 1): -rowsum(dY ⊙ Y) = -Σ_j P_ij dP_ij
+    kt, vt = k.transpose(1, 2) * scale, v.transpose(1, 2)
+    for start in range(0, q.shape[1], rows):
+        chunk = slice(start, start + rows)
+        weights = torch.bmm(q[:, chunk], kt).softmax(dim=-1)  # P (B, n, M), recomputed
+        if grad_v is not None:
+            grad_v.baddbmm_(weights.transpose(1, 2), grad_y[:, chunk])  # += Pᵀ dY
+        grad_s = torch.baddbmm(delta[:, chunk], grad_y[:, chunk], vt).mul_(weights)  # dS = P ⊙ (dP - Δ)
+        del weights
+        if grad_q is not None:
+            torch.bmm(grad_s, kt.transpose(1, 2), out=grad_q[:, chunk])  # s dS K
+        if grad_k is not None:
+            grad_k.baddbmm_(grad_s.transpose(1, 2), q[:, chunk], alpha=scale)
+    return grad_q, grad_k, grad_v, None, None
