@@ -388,5 +388,88 @@ def test_model_pretrained_warns_when_a_zoo_network_goes_into_the_papers(tmp_path
         paper = create_model("nl_i3d_r50", width=8, num_classes=5,
                              nonlocal_options={"mode": "gaussian"})  # the same tensors fit
         load_pretrained(paper, out)
-    assert "computes differently from this model; to fine-tune the network the zoo trained, set " \
-           "model.name=mmaction2_nl_i3d_r50_gaussian" in caplog.text
+    assert "computes differently from this model; to fine-tune the network the zoo trained, build " \
+           "mmaction2_nl_i3d_r50_gaussian with those options" in caplog.text
+
+
+# --- what a review's probes found (each fails on the first version of convert) --------------------------------
+
+def _tiny_pytorchvideo(tmp_path: Path, name: str = "C2D_8x8_R50.pyth", **save) -> tuple[nn.Module, Path]:
+    hub = pytest.importorskip("pytorchvideo.models.hub")
+    torch.manual_seed(0)
+    zoo = hub.c2d_r50(pretrained=False, stem_dim_out=4, model_num_class=3).eval()
+    _randomise_bn(zoo)
+    src = tmp_path / name
+    torch.save({"model_state": zoo.state_dict()}, src, **save)
+    return zoo, src
+
+
+def test_a_model_named_with_model_keeps_what_the_file_says(tmp_path):
+    zoo, src = _tiny_pytorchvideo(tmp_path)
+    result = convert_checkpoint(src, model="c2d_r50_8x8")
+    assert result.options["head_pool_kernel"] == (4, 7, 7) and result.options["width"] == 4
+    clip = torch.randn(1, 3, 8, 256, 256)  # where the head's window matters
+    with torch.no_grad():
+        _close(result.model(clip), zoo(clip))
+
+
+def test_a_config_recorded_in_an_mmaction2_file_holds_under_model_too(tmp_path):
+    config = "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb"
+    _, src = _mmaction2_checkpoint(config, tmp_path, base_channels=8)
+    saved = torch.load(src, weights_only=True)
+    saved["meta"]["cfg"] = saved["meta"]["cfg"].replace("use_scale=False", "use_scale=True")
+    assert "use_scale=True" in saved["meta"]["cfg"]  # the recorded config now scales the blocks
+    torch.save(saved, src)
+    for model in (None, "mmaction2_nl_i3d_r50_embedded_gaussian"):
+        result = convert_checkpoint(src, model=model)
+        assert result.options["nonlocal_options"] == {"scale": "auto"}
+        blocks = [b for b in result.model.modules() if hasattr(b, "subsample_position")]
+        assert len(blocks) == 5 and all(b.scale == pytest.approx(b.inter_channels ** -0.5) for b in blocks)
+
+
+def test_skip_classifier_writes_a_model_without_one_that_loads_back_and_fine_tunes(tmp_path):
+    from nonlocalnet.models import load_pretrained
+
+    zoo, src = _tiny_pytorchvideo(tmp_path)
+    out = tmp_path / "backbone.safetensors"
+    assert main(["convert", str(src), str(out), "--skip-classifier"]) == 0
+    assert read_metadata(out)["num_classes"] == "0"
+    backbone = load_model(out)  # no classifier: the pooled features
+    clip = torch.randn(1, 3, 8, 224, 224)
+    with torch.no_grad():
+        assert backbone(clip).shape == (1, 128)
+    report = load_pretrained(create_model("c2d_r50_8x8", width=4, num_classes=9), out)
+    assert report.kind == "same model" and set(report.fresh) == {"head.fc.weight", "head.fc.bias"}
+
+
+def test_old_format_and_truncated_torch_files_are_read_as_torch_files(tmp_path):
+    zoo, src = _tiny_pytorchvideo(tmp_path, "legacy.pyth", _use_new_zipfile_serialization=False)
+    assert detect_format(src) == "pytorchvideo"  # torch < 1.6's format, not taken for a Caffe2 pickle
+    _, whole = _tiny_pytorchvideo(tmp_path, "whole.pyth")
+    cut = tmp_path / "cut.pyth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        convert_checkpoint(cut)
+    assert "Caffe2" not in str(err.value) and "cut.pyth" in str(err.value)
+
+
+def test_outputs_and_inputs_the_command_cannot_use_are_named(tmp_path, capsys):
+    _, src = _tiny_pytorchvideo(tmp_path)
+    (tmp_path / "outdir.safetensors").mkdir()
+    for args, message in ((["out.pth"], "must end in .safetensors"),
+                          (["outdir.safetensors"], "is a directory"),
+                          (["o.safetensors", "--paper-layout"], "--paper-layout applies to the official Caffe2")):
+        assert main(["convert", str(src), str(tmp_path / args[0]), *args[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err, err
+    assert main(["convert", str(tmp_path), str(tmp_path / "o.safetensors")]) == 2
+    assert "is a directory, not a checkpoint file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "out.pth").exists()
+
+
+def test_pytorchvideo_networks_that_are_not_its_resnets_are_named(tmp_path):
+    hub = pytest.importorskip("pytorchvideo.models.hub")
+    src = tmp_path / "X3D_S.pyth"
+    torch.save({"model_state": hub.x3d_s(pretrained=False).state_dict()}, src)
+    with pytest.raises(ConversionError, match="a PyTorchVideo network that is not one of its ResNets.*X3D"):
+        convert_checkpoint(src)

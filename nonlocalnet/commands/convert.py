@@ -23,7 +23,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") -> None:
     parser.add_argument("input", help="the checkpoint: an official Caffe2 .pkl, a PyTorchVideo .pyth or an "
                                       "mmaction2 .pth")
-    parser.add_argument("output", help="the safetensors file to write")
+    parser.add_argument("output", help="the .safetensors file to write (its folder is created)")
     parser.add_argument("--from", dest="source_format", default=source_format,
                         choices=("auto", "caffe2", "pytorchvideo", "mmaction2"),
                         help=f"the zoo the file comes from (default: {source_format}"
@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") 
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier outputs (default: the rows of the checkpoint's classifier)")
     parser.add_argument("--skip-classifier", action="store_true",
-                        help="leave the classifier out (for checkpoints without one, e.g. the official "
-                             "fine-tuning inits); load the file with strict=False")
+                        help="leave the classifier out (checkpoints without one, e.g. the official fine-tuning "
+                             "inits, or to fine-tune on other classes): the file holds the model with "
+                             "num_classes=0, and model.pretrained fills a classifier of any size fresh")
     parser.add_argument("--paper-layout", action="store_true",
                         help="(caffe2) build the paper's layout (pool1 padded by 1, 56x56 at 224²) instead of the "
                              "official network the checkpoint was trained in (pool1 unpadded, 55x55)")
@@ -48,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import save_weights
     from ..models.convert import convert_checkpoint
 
+    if not args.output.endswith(".safetensors"):
+        raise ValueError(f"the output {args.output!r} must end in .safetensors (the format it is written in, "
+                         f"which is how nonlocalnet reads it back)")
+    if os.path.isdir(args.output):
+        raise ValueError(f"the output {args.output!r} is a directory; give a file name ending in .safetensors")
     result = convert_checkpoint(args.input, source_format=args.source_format, model=args.model,
                                 num_classes=args.num_classes, skip_classifier=args.skip_classifier,
                                 paper_layout=args.paper_layout, overrides=dict(args.overrides))
@@ -64,5 +70,6 @@ def run(args: argparse.Namespace) -> int:
           f"{result.model_name} ({model.num_classes} classes"
           + (f", options {json.dumps(options)}" if options else "") + ")"
           + "".join(f"; {note}" for note in result.notes)
-          + ("; classifier left out" if args.skip_classifier else ""))
+          + ("; classifier left out (num_classes 0: the model gives pooled features)" if args.skip_classifier
+             else ""))
     return 0

@@ -37,6 +37,9 @@ from .registry import create_model, get_model_entry, model_defaults
 from .resnet3d import i3d_inflated_blocks, slow_inflated_blocks
 
 FORMATS = ("caffe2", "pytorchvideo", "mmaction2")
+# what a torch file written with _use_new_zipfile_serialization=False (torch < 1.6) starts with: the pickled
+# magic number 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # the windowed average of PyTorchVideo's hub heads (head_pool_kernel_size of pytorchvideo/models/hub/resnet.py)
 PYTORCHVIDEO_HEAD_POOL = {"c2d_r50_8x8": (4, 7, 7), "i3d_r50_8x8": (4, 7, 7), "slow_r50_8x8": (8, 7, 7)}
 # the Kinetics-400 top-1 each zoo reports for its checkpoints (PAPER.md; README table)
@@ -95,8 +98,8 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
         model: the registered model to convert into; default: worked out from the tensors (and, where tensors
             cannot tell, the file name or the config recorded in the file).
         num_classes: classifier outputs; default: the checkpoint's classifier rows.
-        skip_classifier: leave the classifier out (a checkpoint without one); the file then loads with
-            ``strict=False``.
+        skip_classifier: leave the classifier out (a checkpoint without one, or one to fine-tune on other
+            classes): the model is built with ``num_classes=0`` and the file's classifier, if any, is dropped.
         paper_layout: (caffe2) build the paper's pool1 padding instead of the official network's.
         overrides: more model options (e.g. ``{"layers": (3, 4, 6, 3)}``).
 
@@ -114,39 +117,54 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
             raise ConversionError(f"unknown source format {source_format!r}; expected auto or "
                                   f"{', '.join(FORMATS)}")
         if source_format != found:
-            raise ConversionError(f"{path} is a {found} checkpoint, not {source_format} (leave --from at auto)")
+            raise ConversionError(f"{path} is a {found} checkpoint, not {source_format} (nonlocalnet convert "
+                                  f"recognises the format itself)")
+    if paper_layout and found != "caffe2":
+        raise ConversionError(f"--paper-layout applies to the official Caffe2 checkpoints; {path} is {found}'s")
     options = dict(overrides or {})
-    if model is not None:  # the width is still the file's
-        name, inferred = model, _differs(model, width=int(payload[_STEM[found]].shape[0])) \
-            if getattr(payload.get(_STEM[found]), "ndim", 0) == 5 else {}
-    else:
-        name, inferred = _INFER[found](payload, meta, path)
+    # what the file says about its network (width, head, block options) holds whatever name it is built as
+    name, inferred = _INFER[found](payload, meta, path, model)
     options = {**inferred, **options}
+    if num_classes is None and "num_classes" in options:
+        num_classes = options["num_classes"]  # --set num_classes=N, as --num-classes N
     classifier = _CLASSIFIER.get(found) or _pytorchvideo_source(payload, path)("head.fc.weight")
-    if num_classes is None and not skip_classifier and classifier in payload:
+    if skip_classifier:
+        num_classes = 0  # a model without classifier: load_pretrained fills one of any size, fresh
+        payload = {k: v for k, v in payload.items() if not _is_classifier(found, k, classifier)}
+    elif num_classes is None and classifier in payload:
         num_classes = int(payload[classifier].shape[0])
     if num_classes is not None:
         options["num_classes"] = num_classes
     if found == "caffe2":
-        return _convert_caffe2(path, payload, name, options, skip_classifier, paper_layout)
+        return _convert_caffe2(path, payload, name, options, paper_layout)
     net = _build(path, name, options)
-    source = _SOURCE[found](payload, path)
-    skip = ("head.",) if skip_classifier else ()
-    state, notes = _map(path, found, payload, net, name, source, skip)
-    net.load_state_dict(state, strict=not skip_classifier)
+    state, notes = _map(path, found, payload, net, name, _SOURCE[found](payload, path))
+    net.load_state_dict(state)
     return Conversion(found, name, options, net.eval(), state, notes)
+
+
+def _is_classifier(fmt: str, key: str, classifier: str) -> bool:
+    if fmt == "caffe2":
+        return key in ("pred_w", "pred_b")
+    return key.rsplit(".", 1)[0] == classifier.rsplit(".", 1)[0]
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
 def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(format, tensors by name, {"cfg": text, ...} what else the file says)."""
+    if path.is_dir():
+        raise ConversionError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
         raise ConversionError(f"{path} is a safetensors file, already nonlocalnet's format: load it with "
                               f"nonlocalnet.models.load_model (or model.pretrained)")
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; the Caffe2 checkpoints are bare pickles
+    with open(path, "rb") as f:
+        start = f.read(16)
+    # torch.save writes zip archives (older torch: a pickle that opens with its magic number); the Caffe2
+    # checkpoints are bare pickles of arrays
+    if not (start.startswith(b"PK\x03\x04") or start.startswith(_LEGACY_TORCH) or zipfile.is_zipfile(path)):
         from .caffe2 import Caffe2ConversionError, load_caffe2_pickle
         try:
             return "caffe2", load_caffe2_pickle(path), {}
@@ -172,6 +190,10 @@ def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return "pytorchvideo", state, meta
     if "backbone.conv1.conv.weight" in state:
         return "mmaction2", state, meta
+    if any(k.startswith("blocks.") for k in state):
+        raise ConversionError(f"{path}: a PyTorchVideo network that is not one of its ResNets (c2d_r50, i3d_r50, "
+                              f"slow_r50; no blocks.0.conv.weight stem): X3D, SlowFast, MViT and the others are "
+                              f"not networks nonlocalnet builds")
     if "conv1.weight" in state and any(k.startswith("res2.") for k in state):
         raise ConversionError(f"{path} is already a nonlocalnet state dict: load it with "
                               f"nonlocalnet.models.load_model (or model.pretrained)")
@@ -236,25 +258,28 @@ def _pytorchvideo_layout(state: Mapping[str, Any], path: Path) -> tuple[list[int
     return stages, (heads[0] if heads else None)
 
 
-def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path,
+                        model: str | None = None) -> tuple[str, dict]:
     stages, _ = _pytorchvideo_layout(state, path)
     conv_a = "blocks.{stage}.res_blocks.{index}.branch2.conv_a.weight"
     layers = _depths(state, conv_a, tuple(stages))
-    depth = _depth_name(layers, path)
     stem_kt = state["blocks.0.conv.weight"].shape[2]
     inflated = _kernels(state, layers, conv_a, tuple(stages))
-    if stem_kt == 1 and not any(inflated.values()) and stages[1] == stages[0] + 2:  # a pool block after res2
-        name = f"c2d_{depth}_8x8"
-    elif stem_kt == 5 and inflated == i3d_inflated_blocks(layers) and stages[1] == stages[0] + 2:
-        name = f"i3d_{depth}_8x8"
-    elif stem_kt == 1 and inflated == slow_inflated_blocks(layers) and depth == "r50" and stages == [1, 2, 3, 4]:
-        name = "slow_r50_8x8"
-    else:
+    depth = {R50_LAYERS: "r50", R101_LAYERS: "r101"}.get(layers)
+    detected = None
+    if depth and stem_kt == 1 and not any(inflated.values()) and stages[1] == stages[0] + 2:  # pool after res2
+        detected = f"c2d_{depth}_8x8"
+    elif depth and stem_kt == 5 and inflated == i3d_inflated_blocks(layers) and stages[1] == stages[0] + 2:
+        detected = f"i3d_{depth}_8x8"
+    elif depth == "r50" and stem_kt == 1 and inflated == slow_inflated_blocks(layers) and stages == [1, 2, 3, 4]:
+        detected = "slow_r50_8x8"
+    if model is None and detected is None:
         raise ConversionError(f"{path}: a PyTorchVideo ResNet that is none of its hub's c2d_r50, i3d_r50, slow_r50 "
-                              f"(stem temporal kernel {stem_kt}, 3x1x1 conv_a in {inflated}, stages in blocks "
-                              f"{stages}); pass --model NAME")
-    options = _differs(name, width=int(state["blocks.0.conv.weight"].shape[0]))
-    options["head_pool_kernel"] = PYTORCHVIDEO_HEAD_POOL.get(name, (4, 7, 7))
+                              f"({layers} blocks per stage, stem temporal kernel {stem_kt}, 3x1x1 conv_a in "
+                              f"{inflated}, stages in blocks {stages}); pass --model NAME")
+    name = model or detected
+    options = _differs(name, layers=layers, width=int(state["blocks.0.conv.weight"].shape[0]))
+    options["head_pool_kernel"] = PYTORCHVIDEO_HEAD_POOL.get(detected or "", (4, 7, 7))
     return name, options
 
 
@@ -263,15 +288,20 @@ def _nl_locations(state: Mapping[str, Any], layers: tuple[int, ...], pattern: st
             for s, (stage, n) in enumerate(zip(STAGES, layers), start=1)}
 
 
-def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path,
+                     model: str | None = None) -> tuple[str, dict]:
     layers = _depths(state, "backbone.layer{stage}.{index}.conv1.conv.weight")
-    _depth_name(layers, path)
+    if model is None and layers != R50_LAYERS:
+        raise ConversionError(f"{path}: an mmaction2 ResNet3d with {layers} blocks per stage; nonlocalnet "
+                              f"registers its R50 networks: pass --model NAME (with --set layers=...)")
     nl = _nl_locations(state, layers, "backbone.layer{stage}.{index}.non_local_block.g.0.conv.weight")
     inflated = _kernels(state, layers, "backbone.layer{stage}.{index}.conv1.conv.weight")
     conv1_kt = int(state["backbone.conv1.conv.weight"].shape[2])
     cfg = str(meta.get("cfg", ""))
     nl_options: dict[str, Any] = {}
-    if not any(nl.values()):
+    if model is not None:
+        name = model
+    elif not any(nl.values()):
         name = "mmaction2_i3d_r50"
     else:
         has_theta = any(".non_local_block.theta." in k for k in state)
@@ -287,6 +317,7 @@ def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path:
                 f"tensors, and neither the file name nor a config recorded in the file says which; pass --model "
                 f"mmaction2_nl_i3d_r50_dot_product or --model mmaction2_nl_i3d_r50_embedded_gaussian")
         name = f"mmaction2_nl_i3d_r50_{mode}"
+    if any(nl.values()):
         if (m := re.search(r"use_scale\s*=\s*(True|False)", cfg)) and m.group(1) == "True":
             nl_options["scale"] = "auto"  # mmcv divides by sqrt(C'): our "auto"
         if (m := re.search(r"sub_sample\s*=\s*(True|False)", cfg)) and m.group(1) == "False":
@@ -300,11 +331,14 @@ def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path:
     return name, options
 
 
-def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> tuple[str, dict]:
+def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path,
+                  model: str | None = None) -> tuple[str, dict]:
     if getattr(blobs.get("conv1_w"), "ndim", 0) != 5:
         raise ConversionError(f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
                               f"(its first blobs: {', '.join(list(blobs)[:4]) or 'none'})")
     layers = tuple(_count(blobs, f"res{s}_{{}}_branch2a_w") for s in range(2, 6))
+    if model is not None:  # the name is the user's; the width and depth are the file's
+        return model, _differs(model, layers=layers, width=int(blobs["conv1_w"].shape[0]))
     depth = _depth_name(layers, path)
     conv1_kt = blobs["conv1_w"].shape[2]
     inflated_b = any(getattr(blobs.get(f"res{s}_{i}_branch2b_w"), "shape", (0, 0, 1))[2] > 1
@@ -341,7 +375,7 @@ def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path)
     except KeyError:
         raise ConversionError(f"{path}: looks like {name}, which is not a registered model; pass --model NAME") \
             from None
-    return name, _differs(name, width=int(blobs["conv1_w"].shape[0]))
+    return name, _differs(name, layers=layers, width=int(blobs["conv1_w"].shape[0]))
 
 
 def _count(blobs: Mapping[str, Any], pattern: str) -> int:
@@ -420,14 +454,12 @@ _SOURCE = {"pytorchvideo": _pytorchvideo_source, "mmaction2": _mmaction2_source}
 
 
 def _map(path: Path, fmt: str, state: Mapping[str, Tensor], model: nn.Module, name: str,
-         source_of: Callable[[str], str | None], skip: tuple[str, ...]) -> tuple[dict[str, Tensor], list[str]]:
+         source_of: Callable[[str], str | None]) -> tuple[dict[str, Tensor], list[str]]:
     """The model's state dict filled from ``state``; every tensor placed and every entry filled, or an error."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     unfilled, mismatched, no_counterpart, zeroed, counters = [], [], [], [], []
     for key, ref in model.state_dict().items():
-        if key.startswith(skip):
-            continue
         src = source_of(key)
         if src is None:
             no_counterpart.append(key)
@@ -447,9 +479,7 @@ def _map(path: Path, fmt: str, state: Mapping[str, Tensor], model: nn.Module, na
             counters.append(key)
         else:
             unfilled.append(f"{key} ({src})")
-    head = source_of("head.fc.weight") or ""
-    skipped = {k for k in state if skip and k.rsplit(".", 1)[0] == head.rsplit(".", 1)[0]}
-    unplaced = sorted(set(state) - used - skipped)
+    unplaced = sorted(set(state) - used)
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} tensor(s) of the wrong shape: " + "; ".join(mismatched[:6])
@@ -481,7 +511,7 @@ def _build(path: Path, name: str, options: Mapping[str, Any]) -> nn.Module:
 
 
 def _convert_caffe2(path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any],
-                    skip_classifier: bool, paper_layout: bool) -> Conversion:
+                    paper_layout: bool) -> Conversion:
     from .caffe2 import Caffe2ConversionError, convert_caffe2_blobs
     from .resnet3d import CLIP_LAYOUTS
 
@@ -491,10 +521,10 @@ def _convert_caffe2(path: Path, blobs: Mapping[str, Any], name: str, options: di
         options["clip"] = f"{net.clip_name}_official"  # the network the official code ran: pool1 unpadded
         net = _build(path, name, options)
     try:
-        result = convert_caffe2_blobs(blobs, net, skip=("head.",) if skip_classifier else ())
+        result = convert_caffe2_blobs(blobs, net)
     except Caffe2ConversionError as exc:
         raise ConversionError(f"{path} as {name}: {exc}") from None
-    net.load_state_dict(result.state_dict, strict=not skip_classifier)
+    net.load_state_dict(result.state_dict)
     notes = []
     if result.affine:
         notes.append(f"{len(result.affine)} norm layers from affine (frozen-BN) blobs")

@@ -141,10 +141,11 @@ def _warn_if_another_network(model: nn.Module, meta: Mapping, path: Path) -> Non
         return "\n".join(f"{n}: {m!r}" for n, m in net.named_children() if n != "head")
 
     if body(zoo) != body(model):
-        log.warning("pretrained %s holds %s's %s network (%s), which computes differently from this model; "
-                    "to fine-tune the network the zoo trained, set model.name=%s", path, meta["converted_from"],
-                    name, ", ".join(f"{k}={v}" for k, v in (meta.get("model_options") or {}).items()) or
-                    "its registered options", name)
+        log.warning("pretrained %s holds %s's network as %s (options: %s), which computes differently from "
+                    "this model; to fine-tune the network the zoo trained, build %s with those options",
+                    path, meta["converted_from"], name,
+                    ", ".join(f"{k}={v}" for k, v in (meta.get("model_options") or {}).items()) or "the registered "
+                    "ones", name)
 
 
 def _fold_batchnorm(state: dict[str, Tensor], block: str, eps: float = 1e-5) -> None:

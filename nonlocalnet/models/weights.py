@@ -138,7 +138,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
         path: the weights file.
         name: the registered model expected; default: the one the file names. A file that names another model
             is refused (its tensors may fit and still compute something else).
-        num_classes: classifier outputs; default: the file's classifier rows.
+        num_classes: classifier outputs; default: the file's classifier rows (0, no classifier, for a file
+            without one).
         context: appended to the model's name in a mismatch error (e.g. " with data.num_classes=5").
         **overrides: model options replacing the recorded ones.
 
@@ -162,8 +163,8 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
     options.update(overrides)
     if num_classes is not None:
         options["num_classes"] = num_classes
-    elif "num_classes" not in options and "head.fc.weight" in state:
-        options["num_classes"] = int(state["head.fc.weight"].shape[0])
+    elif "num_classes" not in options:  # the file's classifier rows; a file without classifier: none
+        options["num_classes"] = int(state["head.fc.weight"].shape[0]) if "head.fc.weight" in state else 0
     try:
         model = create_model(name, **options)
     except TypeError as e:  # an option the model does not take
