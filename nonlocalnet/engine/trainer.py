@@ -32,7 +32,7 @@ from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
-from ..models.weights import load_model, load_state_dict_or_raise, read_state_dict, save_weights
+from ..models.weights import load_model, load_state_dict_or_raise, save_weights
 from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
                          newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
