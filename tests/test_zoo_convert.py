@@ -191,9 +191,9 @@ class _I3DHead(nn.Module):
 
 def _mmaction2_checkpoint(config: str, tmp_path: Path, base_channels: int = 64, with_cfg: bool = True,
                           file_name: str | None = None):
+    resnet3d, configs = _mmaction2_resnet3d()  # skips where mmaction2 and its mmcv / mmengine are missing
     from mmengine.config import Config
 
-    resnet3d, configs = _mmaction2_resnet3d()
     cfg = Config.fromfile(configs / f"{config}.py")
     backbone = {k: v for k, v in cfg.model.backbone.items() if k not in ("type", "pretrained", "pretrained2d")}
     torch.manual_seed(0)
