@@ -89,12 +89,7 @@ def test_pytorchvideo_hub_models_convert_to_the_same_function(hub_name, tmp_path
 
 
 def test_a_tiny_pytorchvideo_model_converts_fine_tunes_and_tests(tmp_path, monkeypatch):
-    hub = pytest.importorskip("pytorchvideo.models.hub")
-    torch.manual_seed(0)
-    zoo = hub.c2d_r50(pretrained=False, stem_dim_out=4, model_num_class=3).eval()  # R50 depth, width 4
-    _randomise_bn(zoo)
-    src = tmp_path / "C2D_8x8_R50.pyth"
-    torch.save({"model_state": zoo.state_dict()}, src)
+    zoo, src = _tiny_pytorchvideo(tmp_path)  # R50 depth, width 4
     out = _convert(src)
     assert json.loads(read_metadata(out)["model_options"]) == {"width": 4, "head_pool_kernel": [4, 7, 7]}
     clip = torch.randn(2, 3, 8, 224, 224)

@@ -49,11 +49,14 @@ log = logging.getLogger("nonlocalnet")
 
 # --- the model -------------------------------------------------------------------------------------------------
 
+def model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's model options, its classifier sized to ``data.num_classes`` unless they say otherwise."""
+    return {"num_classes": cfg["data"]["num_classes"], **cfg["model"]["options"]}
+
+
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """The config's model: a registered name with its options, pretrained weights loaded, BN frozen if asked."""
-    options = dict(cfg["model"]["options"])
-    options.setdefault("num_classes", cfg["data"]["num_classes"])
-    model = create_model(cfg["model"]["name"], **options)
+    model = create_model(cfg["model"]["name"], **model_options(cfg))
     if cfg["model"].get("pretrained"):
         load_pretrained(model, cfg["model"]["pretrained"])
     if cfg["train"]["freeze_bn"]:
@@ -481,11 +484,9 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     device = resolve_device(cfg["device"])
     info = init_distributed(device)
     path = Path(checkpoint or cfg["test"]["checkpoint"] or Path(cfg["output_dir"]) / "model_final.safetensors")
-    options = dict(cfg["model"]["options"])
-    options.setdefault("num_classes", cfg["data"]["num_classes"])
     try:  # the file's recorded options (a converted zoo network's, say), the config's on top
         model = load_model(path, cfg["model"]["name"], context=f" with data.num_classes={cfg['data']['num_classes']}",
-                           **options)
+                           **model_options(cfg))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if cfg["train"]["freeze_bn"]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .pairwise_concatenation import concatenation_sorted
 from .pairwise_dense import concatenation_dense, dot_product_dense, softmax_attention_dense
 from .pairwise_dot_product import dot_product_linear, dot_product_linear_is_cheaper
-from .pairwise_softmax import softmax_attention_chunked, softmax_attention_sdpa
+from .pairwise_softmax import no_autocast, softmax_attention_chunked, softmax_attention_sdpa
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 IMPLS = ("auto", "dense", "sdpa", "chunked", "linear", "sorted")
@@ -199,16 +199,10 @@ def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl
                                                          v.shape[2], q.device.type, q.shape[0])
     dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
     out_dtype = v.dtype
-    with _no_autocast(q.device.type):
+    with no_autocast(q.device.type):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if return_attention:
             y, weights = dense_pairwise(q, k, v, mode, scale, concat_project)
             return y.to(out_dtype), weights
         return pairwise(q, k, v, mode, scale, impl, concat_project).to(out_dtype), None
 
-
-def _no_autocast(device_type: str):
-    """Disables autocast around the pairwise step; a no-op on devices autocast does not know (meta)."""
-    if device_type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()

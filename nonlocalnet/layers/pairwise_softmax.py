@@ -64,12 +64,13 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         q, k, v, y = ctx.saved_tensors
-        with _no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
+        with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
             return _chunked_backward(q, k, v, y, grad_y.to(y.dtype).contiguous(), ctx.scale, ctx.rows,
                                      ctx.needs_input_grad)
 
 
-def _no_autocast(device_type: str):
+def no_autocast(device_type: str):
+    """Disables autocast around the pairwise step; a no-op on devices autocast does not know (meta)."""
     if device_type in ("cpu", "cuda", "xpu", "mps"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()

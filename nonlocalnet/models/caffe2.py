@@ -219,22 +219,34 @@ def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *,
     result.affine = sorted(affine_modules)
     result.skipped = sorted(b for b in blobs if b.endswith("_momentum") or b in TRAINING_STATE)
     unplaced = sorted(set(blobs) - used - set(result.skipped) - _blobs_of_left_out(result.left_out))
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} blob(s) of the wrong shape (another arch, depth or class count?): "
-                        + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
-    if unplaced:
-        problems.append(f"{len(unplaced)} blob(s) the model has no place for: " + ", ".join(unplaced[:10])
-                        + (" ..." if len(unplaced) > 10 else ""))
-    if unfilled:
-        problems.append(f"{len(unfilled)} model entr{'y' if len(unfilled) == 1 else 'ies'} no blob fills: "
-                        + ", ".join(unfilled[:10]) + (" ..." if len(unfilled) > 10 else ""))
-    if no_counterpart:
-        problems.append(f"{len(no_counterpart)} model entr{'y' if len(no_counterpart) == 1 else 'ies'} with no "
-                        f"counterpart in the official networks: " + ", ".join(no_counterpart[:6]))
+    problems = fit_problems("blob", "the official networks", mismatched, unplaced, unfilled, no_counterpart,
+                            limit=10, shape_hint=" (another arch, depth or class count?)")
     if problems:
         raise Caffe2ConversionError("the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     return result
+
+
+def fit_problems(noun: str, networks: str, mismatched: list[str], unplaced: list[str], unfilled: list[str],
+                 no_counterpart: list[str], limit: int = 8, shape_hint: str = "") -> list[str]:
+    """One line per kind of mismatch between a checkpoint's ``noun`` s (blobs, tensors) and a model's entries,
+    each listing its first names: what every converter's error says."""
+    def listing(items: list[str], n: int, sep: str = ", ") -> str:
+        return sep.join(items[:n]) + (" ..." if len(items) > n else "")
+
+    def entries(items: list[str]) -> str:
+        return f"{len(items)} model entr{'y' if len(items) == 1 else 'ies'}"
+
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} {noun}(s) of the wrong shape{shape_hint}: {listing(mismatched, 6, '; ')}")
+    if unplaced:
+        problems.append(f"{len(unplaced)} {noun}(s) the model has no place for: {listing(unplaced, limit)}")
+    if unfilled:
+        problems.append(f"{entries(unfilled)} no {noun} fills: {listing(unfilled, limit)}")
+    if no_counterpart:
+        problems.append(f"{entries(no_counterpart)} with no counterpart in {networks}: "
+                        + ", ".join(no_counterpart[:6]))
+    return problems
 
 
 def _blobs_of_left_out(left_out: list[str]) -> set[str]:

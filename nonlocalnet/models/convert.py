@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io import load_torch_file
+from .caffe2 import fit_problems
 from .placements import NL1_R50, NL5_R50, NL5_R101, NL10_R50, R50_LAYERS, R101_LAYERS, STAGES
 from .registry import create_model, get_model_entry, model_defaults
 from .resnet3d import i3d_inflated_blocks, slow_inflated_blocks
@@ -127,7 +128,8 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
     options = {**inferred, **options}
     if num_classes is None and "num_classes" in options:
         num_classes = options["num_classes"]  # --set num_classes=N, as --num-classes N
-    classifier = _CLASSIFIER.get(found) or _pytorchvideo_source(payload, path)("head.fc.weight")
+    source = _SOURCE[found](payload, path) if found in _SOURCE else None  # caffe2 maps by its own table
+    classifier = "pred_w" if source is None else source("head.fc.weight")
     if skip_classifier:
         num_classes = 0  # a model without classifier: load_pretrained fills one of any size, fresh
         payload = {k: v for k, v in payload.items() if not _is_classifier(found, k, classifier)}
@@ -138,7 +140,7 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
     if found == "caffe2":
         return _convert_caffe2(path, payload, name, options, paper_layout)
     net = _build(path, name, options)
-    state, notes = _map(path, found, payload, net, name, _SOURCE[found](payload, path))
+    state, notes = _map(path, found, payload, net, name, source)
     net.load_state_dict(state)
     return Conversion(found, name, options, net.eval(), state, notes)
 
@@ -388,7 +390,6 @@ def _count(blobs: Mapping[str, Any], pattern: str) -> int:
 _INFER: dict[str, Callable[..., tuple[str, dict]]] = {
     "caffe2": _infer_caffe2, "pytorchvideo": _infer_pytorchvideo, "mmaction2": _infer_mmaction2}
 _STEM = {"caffe2": "conv1_w", "pytorchvideo": "blocks.0.conv.weight", "mmaction2": "backbone.conv1.conv.weight"}
-_CLASSIFIER = {"caffe2": "pred_w", "mmaction2": "cls_head.fc_cls.weight"}  # PyTorchVideo's: the blocks.N.proj
 
 
 # --- mapping -----------------------------------------------------------------------------------------------------
@@ -404,13 +405,12 @@ def _pytorchvideo_source(state: Mapping[str, Any], path: Path) -> Callable[[str]
     """model entry -> the PyTorchVideo ``create_resnet`` entry it comes from (None: no counterpart)."""
     stages, head = _pytorchvideo_layout(state, path)
 
+    renamed = {"conv1.": "blocks.0.conv.", "bn1.": "blocks.0.norm.",
+               "head.fc.": f"blocks.{head if head is not None else stages[-1] + 1}.proj."}
+
     def source(key: str) -> str | None:
-        if key.startswith("conv1."):
-            return "blocks.0.conv." + key.removeprefix("conv1.")
-        if key.startswith("bn1."):
-            return "blocks.0.norm." + key.removeprefix("bn1.")
-        if key.startswith("head.fc."):
-            return f"blocks.{head if head is not None else stages[-1] + 1}.proj." + key.removeprefix("head.fc.")
+        if (theirs := _renamed(key, renamed)) is not None:
+            return theirs
         if m := _BLOCK.match(key):
             stage, index, part, attr = m.groups()
             part = {"shortcut.conv": "branch1_conv", "shortcut.bn": "branch1_norm"}.get(
@@ -426,13 +426,20 @@ def _mmaction2_source(state: Mapping[str, Any], path: Path) -> Callable[[str], s
     return _mmaction2_entry
 
 
+_MMACTION2_RENAMED = {"conv1.": "backbone.conv1.conv.", "bn1.": "backbone.conv1.bn.", "head.fc.": "cls_head.fc_cls."}
+
+
+def _renamed(key: str, prefixes: Mapping[str, str]) -> str | None:
+    """``key`` with its prefix replaced by the zoo's, for the first of ``prefixes`` it starts with."""
+    for ours, theirs in prefixes.items():
+        if key.startswith(ours):
+            return theirs + key.removeprefix(ours)
+    return None
+
+
 def _mmaction2_entry(key: str) -> str | None:
-    if key.startswith("conv1."):
-        return "backbone.conv1.conv." + key.removeprefix("conv1.")
-    if key.startswith("bn1."):
-        return "backbone.conv1.bn." + key.removeprefix("bn1.")
-    if key.startswith("head.fc."):
-        return "cls_head.fc_cls." + key.removeprefix("head.fc.")
+    if (theirs := _renamed(key, _MMACTION2_RENAMED)) is not None:
+        return theirs
     if m := _BLOCK.match(key):
         stage, index, part, attr = m.groups()
         part = {"conv_a": "conv1.conv", "bn_a": "conv1.bn", "conv_b": "conv2.conv", "bn_b": "conv2.bn",
@@ -480,19 +487,7 @@ def _map(path: Path, fmt: str, state: Mapping[str, Tensor], model: nn.Module, na
         else:
             unfilled.append(f"{key} ({src})")
     unplaced = sorted(set(state) - used)
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape: " + "; ".join(mismatched[:6])
-                        + (" ..." if len(mismatched) > 6 else ""))
-    if unplaced:
-        problems.append(f"{len(unplaced)} tensor(s) the model has no place for: " + ", ".join(unplaced[:8])
-                        + (" ..." if len(unplaced) > 8 else ""))
-    if unfilled:
-        problems.append(f"{len(unfilled)} model entr{'y' if len(unfilled) == 1 else 'ies'} no tensor fills: "
-                        + ", ".join(unfilled[:8]) + (" ..." if len(unfilled) > 8 else ""))
-    if no_counterpart:
-        problems.append(f"{len(no_counterpart)} model entr{'y' if len(no_counterpart) == 1 else 'ies'} with no "
-                        f"counterpart in {fmt}'s networks: " + ", ".join(no_counterpart[:6]))
+    problems = fit_problems("tensor", f"{fmt}'s networks", mismatched, unplaced, unfilled, no_counterpart)
     if problems:
         raise ConversionError(f"{path} ({fmt}) does not fit {name}:\n  " + "\n  ".join(problems))
     notes = []
