@@ -98,7 +98,8 @@ def test_a_tiny_pytorchvideo_model_converts_fine_tunes_and_tests(tmp_path, monke
     _fine_tune(tmp_path, monkeypatch, out, "c2d_r50_8x8", ["model.options.width=4"])
 
 
-def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: list[str]) -> None:
+def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: list[str],
+               config: str = "configs/kinetics/c2d_r50_8x8.yaml", classes: int = 3) -> None:
     """The README's way on: a shipped recipe with model.pretrained = the converted file, trained and tested."""
     from .test_recipes import TINY
     from .test_train import _write_video
@@ -115,16 +116,15 @@ def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: l
     from nonlocalnet.engine.config import load_config
     from nonlocalnet.engine.trainer import build_model
 
-    config = "configs/kinetics/c2d_r50_8x8.yaml"
     overrides = [*TINY[1:], "data.frames=8", "data.sampling_rate=1", "data.num_classes=2", f"model.name={name}",
                  f"model.pretrained={weights}", *options, "output_dir=runs/ft"]
-    # what training starts from: every converted tensor but the classifier (3 classes there, 2 here)
+    # what training starts from: every converted tensor but the classifier (`classes` there, 2 here)
     start, converted = build_model(load_config(config, overrides)).state_dict(), load_model(weights).state_dict()
     assert {k for k in converted if not torch.equal(converted[k], start[k])} == {"head.fc.weight", "head.fc.bias"}
     # the converted file itself is testable: `test` rebuilds it with its recorded options (the hub head)
     assert main(["test", "--config", config, "--checkpoint", str(weights), "--no-progress", "--output", "zoo.json",
                  *[o for o in overrides if not o.startswith(("data.num_classes", "model.pretrained"))],
-                 "data.num_classes=3"]) == 0
+                 f"data.num_classes={classes}"]) == 0
     assert json.loads(Path("zoo.json").read_text())["videos"] == 4
     assert main(["train", "--config", config, "--no-progress", *overrides]) == 0
     assert main(["test", "--config", "runs/ft/config.yaml", "--no-progress"]) == 0
@@ -224,6 +224,14 @@ def test_mmaction2_i3d_and_nl_i3d_convert_to_the_same_function(config, tmp_path)
                 other.load_state_dict(model.state_dict())
                 gap = (other(clip) - expected).abs().max()
                 assert gap > 100 * RTOL * expected.abs().max(), what
+
+
+def test_an_mmaction2_nl_i3d_converts_fine_tunes_and_tests_as_the_readme_says(tmp_path, monkeypatch):
+    config = "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb"
+    _, src = _mmaction2_checkpoint(config, tmp_path, base_channels=8)
+    out = _convert(src)
+    _fine_tune(tmp_path, monkeypatch, out, "mmaction2_nl_i3d_r50_dot_product", ["model.options.width=8"],
+               config="configs/kinetics/nl_i3d_r50_32x2.yaml", classes=400)
 
 
 def test_mmaction2_dot_product_and_embedded_gaussian_need_a_name_or_a_config(tmp_path):
