@@ -1,4 +1,5 @@
-"""Measuring helpers shared by the benchmarks: peak resident memory, round-robin timing, formatting.
+"""Measuring helpers shared by the benchmarks: peak resident memory, round-robin timing, formatting, child
+processes.
 
 Peak memory on CPU is the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
 over one forward+backward. glibc keeps freed blocks below its (growing) mmap threshold resident in the heap,
@@ -9,9 +10,15 @@ the resident set follows the live tensors.
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import pathlib
+import platform
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -111,3 +118,50 @@ def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:
     if value is None:
         return "—"
     return f"{value:.{digits}f}{suffix}" if abs(value) < 100 else f"{value:.0f}{suffix}"
+
+
+# ---- fresh child processes -------------------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository: a child imports ``benchmarks`` from here
+
+
+def run_child(target: str, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """Runs ``target`` ("package.module:function") on ``spec`` in a fresh Python process, so that one
+    measurement's allocations cannot hide another's and a crash or an out-of-memory kill is reported instead of
+    ending the benchmark. Returns the function's result, or ``status`` saying why there is none (killed, timed
+    out, raised) with the ``POINT`` lines the child printed before (``partial``)."""
+    module, function = target.split(":")
+    code = (f"import json, sys; from {module} import {function} as f; "
+            "print('RESULT ' + json.dumps(f(json.loads(sys.argv[1]))))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT, env=dict(os.environ, **(env or {})))
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        return dict(status=f"failed: timed out after {timeout:g} s", partial=_points(stdout))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    if proc.returncode < 0:
+        reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+    else:
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        reason = tail[-1][:160] if tail else f"exit code {proc.returncode}"
+    return dict(status=f"failed: {reason}", partial=_points(proc.stdout))
+
+
+def print_point(point: dict[str, Any]) -> None:
+    """One measurement a child reports as it goes (kept by :func:`run_child` if the child dies later)."""
+    print("POINT " + json.dumps(point), flush=True)
+
+
+def _points(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("POINT ")]
+
+
+def machine(device: str = "cpu") -> str:
+    """The machine the numbers come from, for the tables' titles."""
+    where = (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads" if device == "cpu"
+             else torch.cuda.get_device_name(torch.device(device)))
+    return f"torch {torch.__version__}, {where}"

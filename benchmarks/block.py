@@ -1,8 +1,9 @@
 """Forward+backward time and peak memory of each non-local mode and path at the paper's shapes.
 
-    python benchmarks/block.py                 # all shapes, table to stdout (+ --markdown FILE)
-    python benchmarks/block.py --shapes res4   # one shape
-    python benchmarks/block.py --device cuda   # on a GPU (peak memory from torch.cuda)
+    python -m benchmarks.block                   # the paper's shapes, table to stdout (+ --markdown FILE)
+    python -m benchmarks.block --shapes res4     # one shape
+    python -m benchmarks.block --device cuda     # on a GPU (peak memory from torch.cuda), res3_128_b8 included
+    python -m benchmarks.block --quick           # tiny shapes: a smoke run of the same code
 
 Each fast path is measured twice: as built by default and with ``low_memory=True`` (rows "<path> low_memory"),
 which recomputes the pooled keys/values in the backward pass and runs the 1x1 projections' backward as matmuls.
@@ -16,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MALLOC_ENV, fmt, peak_rss_rise_mb, time_round_robin, write_atomic  # noqa: E402
-
-from nonlocalnet import NonLocalBlock  # noqa: E402
+from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
+
+from ._common import (MALLOC_ENV, fmt, machine, peak_memory_mb, peak_rss_rise_mb, run_child, time_round_robin,
+                      write_atomic)
 
 # name -> (input shape (B, C, *spatial), subsample, what it is)
 SHAPES = {
@@ -34,7 +32,17 @@ SHAPES = {
     "res3": ((2, 512, 4, 28, 28), (1, 2, 2), "res3 of a 32-frame clip"),
     "res3_128": ((1, 512, 16, 28, 28), (1, 2, 2), "res3 of a 128-frame clip"),
     "image": ((1, 512, 128, 128), None, "image map, no subsampling"),
+    "res3_128_b8": ((8, 512, 16, 28, 28), (1, 2, 2), "res3 of 128-frame clips, batch 8 (GPU runs)"),
 }
+# --quick: the same kinds of input, small enough for a smoke run of the same code
+SHAPES.update({
+    "tiny_res4": ((1, 64, 2, 7, 7), (1, 2, 2), "res4-like, C=64"),
+    "tiny_res3": ((1, 32, 2, 14, 14), (1, 2, 2), "res3-like, C=32"),
+    "tiny_image": ((1, 32, 16, 16), None, "image map, C=32, no subsampling"),
+})
+QUICK_SHAPES = ["tiny_res4", "tiny_res3", "tiny_image"]
+DEFAULT_SHAPES = {"cpu": ["res4", "res3", "res3_128", "image"], "cuda": ["res4", "res3", "res3_128", "image",
+                                                                          "res3_128_b8"]}
 # The literal concatenation reference builds a (B, N, M, 2C') pair tensor: skip it beyond this many elements.
 DENSE_CONCAT_LIMIT = 1.5e9
 
@@ -81,31 +89,27 @@ def too_big(shape_name: str, mode: str, impl: str) -> bool:
     return shape[0] * n * m * shape[1] > DENSE_CONCAT_LIMIT  # 2C' = C
 
 
-def peak_memory_child(shape_name: str, mode: str, impl: str) -> float:
-    """Runs one forward+backward in a fresh process; returns the rise of its peak RSS in MB."""
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import block as b; print(b._measure_rss({shape_name!r}, {mode!r}, {impl!r}))")
+def peak_memory(shape_name: str, mode: str, impl: str, device: str) -> float:
+    """MB one forward+backward adds at its peak: torch.cuda's peak allocation on CUDA; on CPU the rise of the peak
+    resident set in a fresh child process (so one run's allocations cannot hide another's)."""
+    if device.startswith("cuda"):
+        block, x = build(shape_name, mode, impl, device)
+        step(block, x)  # warm-up
+        return peak_memory_mb(lambda: step(block, x), device)
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
     # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
-    env = dict(os.environ, **MALLOC_ENV)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
+    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads())
+    result = run_child("benchmarks.block:measure_rss", spec, timeout=600, env=MALLOC_ENV)
+    if "mb" not in result:
+        raise RuntimeError(f"the memory child of {shape_name} {mode} {impl} {result['status']}")
+    return result["mb"]
 
 
-def _measure_rss(shape_name: str, mode: str, impl: str) -> float:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    block, x = build(shape_name, mode, impl, "cpu")
+def measure_rss(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    block, x = build(spec["shape"], spec["mode"], spec["impl"], "cpu")
     step(block, x)  # warm-up: allocator caches and kernels in place
-    return peak_rss_rise_mb(lambda: step(block, x))
-
-
-def cuda_peak(block: NonLocalBlock, x: torch.Tensor) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(block, x)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return dict(mb=peak_rss_rise_mb(lambda: step(block, x)))
 
 
 def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int) -> dict[str, float]:
@@ -113,21 +117,25 @@ def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeat
     return time_round_robin({impl: (lambda run=run: step(*run)) for impl, run in runs.items()}, repeats, device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                        help="default: " + " ".join(DEFAULT_SHAPES["cpu"]) + " (on CUDA also res3_128_b8)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run of the same code)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--markdown", help="also write the table to this markdown file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES["cuda" if "cuda" in args.device
+                                                                             else "cpu"])
 
     rows = []
     header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
               "|---|---|---|---:|---:|---:|---:|")
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print(machine(args.device))
     print(header)
     for shape_name in args.shapes:
         for mode in args.modes:
@@ -140,12 +148,7 @@ def main() -> None:
                     print(f"| {shape_name} | {mode} | {impl} | skipped: the (B, N, M, 2C') pair tensor is too "
                           f"large | | | |")
                     continue
-                mb = None
-                if not args.no_memory:
-                    if args.device == "cuda":
-                        mb = cuda_peak(*build(shape_name, mode, impl, "cuda"))
-                    else:
-                        mb = peak_memory_child(shape_name, mode, impl)
+                mb = None if args.no_memory else peak_memory(shape_name, mode, impl, args.device)
                 rows.append(dict(shape=shape_name, mode=mode, impl=impl, ms=times[impl] * 1e3, mb=mb))
             dense = next((r for r in rows if r["shape"] == shape_name and r["mode"] == mode
                           and r["impl"] == "dense" and r["ms"] is not None), None)

@@ -1,21 +1,14 @@
-"""The weight mappings of benchmarks/compare.py: a peer's weights loaded into our block give the peer's output.
+"""The weight mappings of benchmarks/compare: a peer's weights loaded into our block give the peer's output.
 
 The peers come with the optional ``bench`` extra (``pip install -e ".[bench]"``); without it their tests skip.
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
-_SPEC = importlib.util.spec_from_file_location("nonlocalnet_bench_compare", _PATH)
-compare = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = compare  # dataclasses look their module up
-_SPEC.loader.exec_module(compare)
+from benchmarks.compare import peers, scale, table
+from nonlocalnet import NonLocalBlock
 
 VIDEO = ((2, 16, 2, 6, 6), (1, 2, 2))
 IMAGE = ((2, 16, 6, 8), None)
@@ -23,11 +16,11 @@ IMAGE_SUBSAMPLED = ((2, 16, 6, 8), (2, 2))
 
 
 def _check(peer: str, variant: str, shape, subsample, impl: str = "auto") -> dict:
-    pair = compare.build_pair(peer, variant, shape, subsample, seed=1, impl=impl)
+    pair = peers.build_pair(peer, variant, shape, subsample, seed=1, impl=impl)
     pair.peer.double().train()
     pair.ours.double().train()
     x = torch.randn(pair.input_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    return compare.check_equivalence(pair, x)
+    return peers.check_equivalence(pair, x)
 
 
 def _assert_same(result: dict) -> None:
@@ -57,11 +50,11 @@ def test_mmcv_concatenation_forward_matches_and_its_backward_is_reported_failed(
 def test_mmcv_subsample_position_matters():
     """The check is not vacuous: pooling before the projections (not mmcv's order) changes the output."""
     pytest.importorskip("mmcv.cnn")
-    pair = compare.build_pair("mmcv", "dot_product", *VIDEO, seed=1)
-    wrong = compare.NonLocalBlock(16, **{**pair.options, "subsample_position": "input"})
+    pair = peers.build_pair("mmcv", "dot_product", *VIDEO, seed=1)
+    wrong = NonLocalBlock(16, **{**pair.options, "subsample_position": "input"})
     wrong.load_state_dict(pair.ours.state_dict())
     pair.ours = wrong
-    result = compare.check_equivalence(pair, torch.randn(VIDEO[0]))
+    result = peers.check_equivalence(pair, torch.randn(VIDEO[0]))
     assert not result["agree"] and result["z_diff"] > 1e-3
 
 
@@ -70,14 +63,14 @@ def test_timm_weights_give_timm_output():
     shape = (2, 32, 6, 7)
     result = _check("timm", "NonLocalAttn", shape, None)
     _assert_same(result)
-    pair = compare.build_pair("timm", "NonLocalAttn", shape, None)
+    pair = peers.build_pair("timm", "NonLocalAttn", shape, None)
     assert pair.ours.inter_channels == 8 and pair.ours.scale == pytest.approx(32 ** -0.5)  # C/8, C^-1/2
 
 
 def test_timm_has_no_video_or_subsampled_configuration():
     pytest.importorskip("timm.layers")
-    with pytest.raises(compare.NotApplicable, match="2D without subsampling"):
-        compare.build_pair("timm", "NonLocalAttn", *VIDEO)
+    with pytest.raises(peers.NotApplicable, match="2D without subsampling"):
+        peers.build_pair("timm", "NonLocalAttn", *VIDEO)
 
 
 @pytest.mark.parametrize("variant", ["softmax", "dot_product"])
@@ -90,16 +83,16 @@ def test_pytorchvideo_weights_give_pytorchvideo_output(variant, shape, subsample
 
 def test_our_path_is_what_auto_picks():
     pytest.importorskip("pytorchvideo.layers.nonlocal_net")
-    assert compare.our_path(compare.build_pair("pytorchvideo", "softmax", *VIDEO)) == "sdpa"
+    assert peers.our_path(peers.build_pair("pytorchvideo", "softmax", *VIDEO)) == "sdpa"
 
 
 def test_scale_sides_double_the_positions():
-    assert compare.scale_sides(128) == [32, 45, 64, 91, 128]
+    assert scale.scale_sides(128) == [32, 45, 64, 91, 128]
 
 
 def test_peer_estimate_counts_the_dense_matrices():
     # res3 of a 128-frame clip: B=1, N=12544, M=3136: four float32 (N, M) matrices ~ 0.63 GB, plus activations
-    gb = compare.estimate_peer_gb("mmcv", "embedded_gaussian", (1, 512, 16, 28, 28), (1, 2, 2))
+    gb = table.estimate_peer_gb("mmcv", "embedded_gaussian", (1, 512, 16, 28, 28), (1, 2, 2))
     assert 0.8 < gb < 1.0
     # mmcv's concatenation repeats θ and φ to (B, C', N, M): at res3 about 4·256 such matrices of 20 MB
-    assert 19 < compare.estimate_peer_gb("mmcv", "concatenation", (2, 512, 4, 28, 28), (1, 2, 2)) < 22
+    assert 19 < table.estimate_peer_gb("mmcv", "concatenation", (2, 512, 4, 28, 28), (1, 2, 2)) < 22

@@ -1,0 +1,161 @@
+"""Our non-local block against the implementations a user would pick instead, side by side, on the same inputs.
+
+    pip install -e ".[bench]"                          # the peers: mmcv-lite + mmengine, timm, pytorchvideo
+    OMP_NUM_THREADS=1 python -m benchmarks.compare     # every section at the paper's shapes (1 thread)
+    python -m benchmarks.compare --quick               # small shapes and models, a smoke run
+    python -m benchmarks.compare --sections table --markdown compare.md --json compare.json --plot scale.png
+
+(from the repository's root). One module per section (``peers.py`` holds the peers and their weight mappings);
+this one parses the options and runs the sections.
+
+Sections (``--sections``):
+
+- ``table``: forward+backward time and peak memory of each peer in each configuration it supports, against our
+  block configured to compute the same function. Equivalence before speed: the peer's weights are randomised
+  and loaded into our block (subsample before or after the projections, scale, norm as the peer has them),
+  both run on the same input, and the max abs difference of the outputs is a column; a peer whose output
+  differs is marked "mismatch", one that raises is marked "failed" with the reason, and a configuration whose
+  dense pairwise matrices would pass ``--budget-gb`` is skipped and marked. Ratios are peer / ours.
+- ``scale``: the largest 2D map without subsampling (B=1, C=``--scale-channels``) each implementation handles
+  under ``--scale-budget-gb``, growing the side by √2 until the memory budget or a step longer than
+  ``--scale-max-step-s`` stops it; a PNG (``--plot``) of time and memory against positions.
+- ``efficiency``: achieved FLOP/s of each of our paths (flops counted by torch's FlopCounterMode over a
+  forward+backward) as a fraction of a plain float32 matrix multiply measured in the same run.
+- ``models``: training and inference throughput (clips/s) of whole networks: ours with and without non-local
+  blocks and PyTorchVideo's C2D / I3D R50 (no non-local blocks: it has no NL network), eager contiguous,
+  channels-last, bfloat16 autocast with ``--amp`` and torch.compile with ``--compile``.
+
+Every measurement runs in a fresh child process, so one run's allocations cannot hide another's and a peer that
+crashes or runs out of memory is reported instead of ending the benchmark. Times are medians; peer and ours of
+one table row are interleaved round-robin; a step longer than ``--long-step-s`` is timed once (its first call).
+Peak memory on CPU is the rise of the resident set over one forward+backward (see ``_common.py``); on CUDA
+torch.cuda.max_memory_allocated.
+
+On a CPU that other processes share, run with OMP_NUM_THREADS=1: with more threads than free cores, PyTorch's
+CPU flash-attention kernel (our softmax path) waits on descheduled threads and slows down several-fold, far more
+than the peers' large matrix multiplies do, which makes the comparison about the machine rather than the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .._common import machine, write_atomic
+from ..block import DEFAULT_SHAPES, SHAPES
+from .efficiency import efficiency_section
+from .models import MODELS, models_section
+from .peers import PEERS
+from .scale import scale_section
+from .table import table_section
+
+# --quick: the same kinds of input, small enough for a smoke run
+QUICK_SHAPES = {
+    "res4": ((1, 256, 4, 14, 14), (1, 2, 2), "res4-like, C=256, B=1"),
+    "res3": ((1, 128, 4, 28, 28), (1, 2, 2), "res3-like, C=128, B=1"),
+    "image": ((1, 128, 48, 48), None, "image map, C=128, no subsampling"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["table", "scale", "efficiency", "models"],
+                        choices=["table", "scale", "efficiency", "models"])
+    parser.add_argument("--quick", action="store_true", help="small shapes and models (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory from torch.cuda there)")
+    parser.add_argument("--shapes", nargs="+", help="table shapes (default: all of the chosen set)")
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
+    parser.add_argument("--long-step-s", type=float, default=3.0,
+                        help="a step longer than this is timed once (its warm-up)")
+    parser.add_argument("--budget-gb", type=float, default=8.0,
+                        help="table: skip a peer configuration whose estimated peak exceeds this")
+    parser.add_argument("--no-memory", action="store_true", help="table: skip the peak-memory measurement")
+    parser.add_argument("--show-na", action="store_true", help="table: also list configurations a peer lacks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--case-timeout", type=float, default=600, help="seconds before a child is stopped")
+    parser.add_argument("--scale-budget-gb", type=float, default=4.0)
+    parser.add_argument("--scale-channels", type=int, default=64)
+    parser.add_argument("--scale-max-side", type=int, default=2048)
+    parser.add_argument("--scale-max-step-s", type=float, default=8.0,
+                        help="scale: stop growing once a step takes longer than this")
+    parser.add_argument("--plot", help="scale: write the time/memory plot to this PNG")
+    parser.add_argument("--efficiency-shape", help="efficiency: the shape (default res3)")
+    parser.add_argument("--matmul-n", type=int, default=2048)
+    parser.add_argument("--models", nargs="+", help="default: " + " ".join(MODELS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--clip", type=int, nargs=3, default=(8, 112, 112), metavar=("T", "H", "W"))
+    parser.add_argument("--model-repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="models: also measure torch.compile (slow)")
+    parser.add_argument("--amp", action="store_true", help="models: also measure eager under bfloat16 autocast")
+    parser.add_argument("--markdown", help="write the printed tables to this markdown file")
+    parser.add_argument("--json", help="write every measurement to this JSON file")
+    args = parser.parse_args(argv)
+
+    paper = {name: SHAPES[name] for name in DEFAULT_SHAPES["cuda" if "cuda" in args.device else "cpu"]}
+    shapes = QUICK_SHAPES if args.quick else paper
+    args.shapes = args.shapes or list(shapes)
+    for name in args.shapes:
+        if name not in shapes:
+            parser.error(f"unknown shape {name!r} for this set; choose from {', '.join(shapes)}")
+    args.efficiency_shape = args.efficiency_shape or "res3"
+    if args.efficiency_shape not in shapes:
+        parser.error(f"unknown --efficiency-shape {args.efficiency_shape!r}; choose from {', '.join(shapes)}")
+    if args.quick:
+        args.scale_max_side = min(args.scale_max_side, 256)
+        args.scale_max_step_s = min(args.scale_max_step_s, 2.0)
+        args.models = args.models or ["c2d_r50_8x8", "nl_c2d_r50_8x8"]
+        args.clip = (8, 64, 64)
+        args.batch = 1
+        args.model_repeats = 1
+    args.models = args.models or MODELS
+
+    capture = _Tee() if args.markdown else None
+    results: dict[str, Any] = dict(machine=machine(args.device), argv=sys.argv[1:])
+    started = time.perf_counter()
+    try:
+        if "table" in args.sections:
+            results["table"] = table_section(args, shapes)
+        if "scale" in args.sections:
+            results["scale"] = scale_section(args)
+        if "efficiency" in args.sections:
+            results["efficiency"] = efficiency_section(args, shapes)
+        if "models" in args.sections:
+            results["models"] = models_section(args)
+    finally:
+        if capture:
+            capture.close()
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if args.markdown:
+        write_atomic(args.markdown, capture.text)
+    if args.json:
+        write_atomic(args.json, json.dumps(results, indent=1, default=str))
+
+
+class _Tee:
+    """Copies what is printed to stdout, for --markdown."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.stdout = sys.stdout
+        sys.stdout = self
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stdout.write(text)
+
+    def flush(self) -> None:
+        self.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout = self.stdout
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+if __name__ == "__main__":
+    main()

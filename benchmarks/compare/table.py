@@ -1,0 +1,109 @@
+"""The ``table`` section: forward+backward time and peak memory of each peer in each configuration it supports,
+against our block configured to compute the same function (equivalence checked first; ratios peer / ours)."""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+from typing import Any
+
+import torch
+
+from .._common import fmt, machine, peak_memory_mb, run_child, time_round_robin
+from .peers import BUILD, PEERS, NotApplicable, build_pair, check_equivalence, our_path, peer_unavailable, step
+
+def estimate_peer_gb(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> float:
+    """Rough peak of a peer's forward+backward: its dense (B, N, M) matrices dominate.
+
+    The softmax and dot-product peers keep about four (B, N, M) float32 matrices alive (the products, the
+    normalised weights and their gradients); mmcv's concatenation materialises θ and φ repeated to
+    (B, C', N, M) each and their concatenation, about 4·C' such matrices.
+    """
+    batch, channels, *spatial = shape
+    n = math.prod(spatial)
+    m = math.prod(s // k for s, k in zip(spatial, subsample)) if subsample else n
+    pair_bytes = batch * n * m * 4
+    per_pair = 4 * (channels // 2) + 6 if variant == "concatenation" else 4
+    activations = batch * n * channels * 4 * 12
+    return (per_pair * pair_bytes + activations) / 1e9
+
+
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """One table row, in this process: equivalence, round-robin timing, then peak memory of peer and ours."""
+    torch.set_num_threads(spec["threads"])
+    shape, subsample, _ = spec["shapes"][spec["shape"]]
+    torch.manual_seed(spec["seed"])
+    pair = build_pair(spec["peer"], spec["variant"], tuple(shape), tuple(subsample) if subsample else None,
+                      spec["seed"])
+    device = spec["device"]
+    pair.peer.to(device).train()
+    pair.ours.to(device).train()
+    x = torch.randn(pair.input_shape, device=device)
+    row: dict[str, Any] = dict(note=pair.note, ours_path=our_path(pair), input_shape=list(pair.input_shape))
+    check = check_equivalence(pair, x)  # also the warm-up step of both
+    row.update(z_diff=check["z_diff"], grad_diff=check["grad_diff"], term=check["term"])
+    if check["error"]:
+        row["status"] = f"failed: {check['error']}"
+        return row
+    row["status"] = "ok" if check["agree"] else "mismatch: outputs differ"
+    xr = x.detach().clone().requires_grad_(True)
+    steps = {"peer": lambda: step(pair.peer, xr), "ours": lambda: step(pair.ours, xr)}
+    if max(check["peer_s"], check["ours_s"]) > spec["long_step_s"]:
+        # a step of several seconds: its first-call overhead is noise, the warm-up is the one sample
+        times = {"peer": check["peer_s"], "ours": check["ours_s"]}
+        row["samples"] = 1
+    else:
+        times = time_round_robin(steps, spec["repeats"], device, warmup=False)
+        row["samples"] = spec["repeats"]
+    row.update(peer_ms=times["peer"] * 1e3, ours_ms=times["ours"] * 1e3)
+    if spec["memory"]:
+        for name, fn in steps.items():
+            gc.collect()
+            row[f"{name}_mb"] = peak_memory_mb(fn, device)
+    return row
+
+
+def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]]:
+    rows = []
+    header = ("| shape | peer | configuration | max abs diff | peer ms | ours ms (path) | time peer/ours | "
+              "peer MB | ours MB | mem peer/ours | status |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"\n## Peers, forward+backward (ratios peer / ours; {machine(args.device)})\n\n{header}", flush=True)
+    for shape_name in args.shapes:
+        shape, subsample, _ = shapes[shape_name]
+        for peer in args.peers:
+            missing = peer_unavailable(peer)
+            for variant in PEERS[peer][1]:
+                row: dict[str, Any] = dict(shape=shape_name, peer=peer, variant=variant)
+                if missing:
+                    row["status"] = missing
+                else:
+                    try:
+                        BUILD[peer](variant, shape, subsample)  # cheap: only the 1x1 convs
+                    except NotApplicable as why:
+                        row["status"] = f"n/a: {why}"
+                if "status" not in row:
+                    need = estimate_peer_gb(peer, variant, shape, subsample)
+                    if need > args.budget_gb:
+                        row["status"] = f"skipped: needs ~{need:.0f} GB > budget {args.budget_gb:g} GB"
+                    else:
+                        spec = dict(shape=shape_name, shapes=shapes, peer=peer, variant=variant,
+                                    seed=args.seed, threads=torch.get_num_threads(), repeats=args.repeats,
+                                    device=args.device,
+                                    long_step_s=args.long_step_s, memory=not args.no_memory)
+                        row.update(run_child("benchmarks.compare.table:run_case", spec, args.case_timeout))
+                if row["status"].startswith("n/a") and not args.show_na:
+                    continue
+                rows.append(row)
+                print(_table_line(row), flush=True)
+    return rows
+
+
+def _table_line(r: dict[str, Any]) -> str:
+    config = f"{r['variant']} ({r['note']})" if r.get("note") else r["variant"]
+    ours = f"{fmt(r.get('ours_ms'), '', 1)} ({r['ours_path']})" if r.get("ours_ms") else "—"
+    time_ratio = r["peer_ms"] / r["ours_ms"] if r.get("peer_ms") and r.get("ours_ms") else None
+    mem_ratio = r["peer_mb"] / r["ours_mb"] if r.get("peer_mb") and r.get("ours_mb") else None
+    diff = f"{r['z_diff']:.1e}" if r.get("z_diff") is not None else "—"
+    return (f"| {r['shape']} | {r['peer']} | {config} | {diff} | {fmt(r.get('peer_ms'), '', 1)} | {ours} | "
+            f"{fmt(time_ratio, 'x')} | {fmt(r.get('peer_mb'), '', 0)} | {fmt(r.get('ours_mb'), '', 0)} | "
+            f"{fmt(mem_ratio, 'x')} | {r['status']} |")
