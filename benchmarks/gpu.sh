@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# What a GPU can tell about nonlocalnet, in one run of at most 8 minutes on one CUDA device (see benchmarks/gpu.py):
+#   bash benchmarks/gpu.sh                 # results in gpu-results/gpu.md (+ each step's log and JSON)
+#   bash benchmarks/gpu.sh --out DIR
+#   bash benchmarks/gpu.sh --dry-run       # the same steps on the CPU at tiny sizes, no CUDA call (CI runs it)
+# It needs only the repository. The interpreter: NONLOCALNET_PYTHON if set; else a python3 whose torch sees a
+# CUDA device (a GPU machine's own torch, used as it is); else the project's environment (scripts/setup.sh,
+# which installs torch from the registry). What nonlocalnet needs beyond torch is installed where missing, from
+# the registry or, on a machine without network, from a folder of wheels (NONLOCALNET_WHEELS); the peers
+# (mmcv-lite, mmengine, pytorchvideo) are tried the same way, and a peer that cannot be installed is reported as
+# unavailable in the tables rather than stopping the run.
+set -euo pipefail
+NONLOCALNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$NONLOCALNET_ROOT"
+dry_run=0
+for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry_run=1; done
+
+log() { echo "[gpu] $*" >&2; }
+
+PY="${NONLOCALNET_PYTHON:-}"
+if [ -z "$PY" ] && [ "$dry_run" = 0 ] && command -v python3 >/dev/null \
+   && python3 -c 'import sys, torch, torchvision; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  PY="$(command -v python3)"
+  log "using $PY (its torch sees CUDA)"
+fi
+if [ -z "$PY" ]; then
+  source "$NONLOCALNET_ROOT/scripts/_env.sh"
+  nonlocalnet_env "${NONLOCALNET_TORCH:-default}"
+  PY="$VENV/bin/python"
+fi
+
+# import name -> pip name: nonlocalnet's dependencies and the test runner, then the peers (optional)
+needed=(yaml:pyyaml safetensors:safetensors tqdm:tqdm av:av matplotlib:matplotlib pycocotools:pycocotools
+        tensorboard:tensorboard pytest:pytest)
+peers=(timm:timm mmcv:mmcv-lite mmengine:mmengine pytorchvideo:pytorchvideo)
+missing() {  # the pip names of those that do not import
+  local pair
+  for pair in "$@"; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || echo "${pair#*:}"
+  done
+}
+install() {  # best effort: from NONLOCALNET_WHEELS when set, else the registry
+  local source=()
+  [ -n "${NONLOCALNET_WHEELS:-}" ] && source=(--no-index --find-links "$NONLOCALNET_WHEELS")
+  "$PY" -m pip install --quiet "${source[@]}" "$@" 2>&1 | tail -3 >&2 || true
+}
+if [ "$dry_run" = 0 ]; then
+  mapfile -t want < <(missing "${needed[@]}")
+  if [ "${#want[@]}" -gt 0 ]; then log "installing ${want[*]}"; install "${want[@]}"; fi
+  mapfile -t want < <(missing "${peers[@]}")
+  if [ "${#want[@]}" -gt 0 ]; then log "installing the peers ${want[*]}"; install "${want[@]}"; fi
+  mapfile -t still < <(missing "${needed[@]}")
+  [ "${#still[@]}" -eq 0 ] || log "still missing: ${still[*]} (the steps that need them will say so)"
+fi
+
+export PYTHONPATH="$NONLOCALNET_ROOT${PYTHONPATH:+:$PYTHONPATH}"  # nonlocalnet and benchmarks from this checkout
+export PYTHONUNBUFFERED=1
+exec "$PY" -m benchmarks.gpu "$@"
