@@ -190,51 +190,65 @@ class NonLocalBlock(nn.Module):
             z with the shape of x, or (z, weights).
         """
         self._check_inputs(x, memory)
+        source = x if memory is None else memory  # x̂: keys and values come from here
+        folding, spatial, key_spatial = self._shapes(x, source, return_attention)
+        # y = 1/C(x) Σ_j f(θ(x_i), φ(x̂_j)) g(x̂_j); the projections go straight in, so that nothing here keeps them
+        y, weights = self._attend(self._queries(x), *self._keys_values_for_training(source), folding, spatial,
+                                  key_spatial, return_attention)
+        z = self._add_residual(self.norm(self._project_out(y, spatial, _memory_format(x))), x)  # Norm(W_z y) + x
+        if return_attention:
+            return z, scatter_attention(weights, folding, x.shape[0], spatial, key_spatial)
+        return z
+
+    # --- the steps of forward ----------------------------------------------------------------------------------
+
+    def _shapes(self, x: Tensor, source: Tensor, return_attention: bool
+                ) -> tuple[Folding, tuple[int, ...], tuple[int, ...]]:
+        """The folding, the query positions' spatial size and the keys' (after subsampling), checked."""
         spatial = tuple(x.shape[2:])
         folding = self._folding(spatial)
-        source = x if memory is None else memory  # x̂ before any pooling
         key_spatial = tuple(source.shape[2:])
         if self.pool is not None:
             key_spatial = tuple(s // k for s, k in zip(key_spatial, self.subsample))
         check_folding(folding, spatial, key_spatial)
         if return_attention:
             self._check_attention_size(x.shape[0], spatial, key_spatial)
-        if self.mode == "gaussian":
-            query = to_positions(x)  # (B, N, C): raw features
-        else:
-            query = _project(self.theta, x, self.low_memory)  # (B, N, C')
-        if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
-            # the pooled x̂ and the pool's int64 argmax would be kept for the backward pass (with C = 2C', three
-            # times the size of the keys and values together): recompute them there instead
-            key, value = checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
-        else:
-            key, value = self._keys_values(source)
+        return folding, spatial, key_spatial
 
+    def _queries(self, x: Tensor) -> Tensor:
+        """θ(x) as (B, N, C'); the raw features x (B, N, C) for the gaussian."""
+        return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x, self.low_memory)
+
+    def _keys_values_for_training(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ and the pool's
+        int64 argmax would be kept for the backward pass (with C = 2C', three times the size of the keys and
+        values together)."""
+        if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            return checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
+        return self._keys_values(source)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, folding: Folding, spatial: tuple[int, ...],
+                key_spatial: tuple[int, ...], return_attention: bool) -> tuple[Tensor, Tensor | None]:
+        """y = 1/C(x) Σ_j f(q_i, k_j) v_j (B, N, C'), on the path and in the precision of layers/pairwise.py's
+        policy, each folded group of positions (extent, temporal groups) a problem of its own."""
+        batch = query.shape[0]
         q = fold_positions(query, folding, spatial)  # (B', N', Cq)
         k = fold_positions(key, folding, key_spatial)  # (B', M', Cq)
         v = fold_positions(value, folding, key_spatial)  # (B', M', C')
         del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
-        # y = 1/C(x) Σ_j f(q_i, k_j) v_j, on the path and in the precision of layers/pairwise.py's policy
         y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(),
                                    return_attention)
-        del q, k, v
-        y = unfold_positions(y, folding, x.shape[0], spatial)  # (B, N, C')
-        z = self.norm(self._project_out(y, spatial, _memory_format(x)))  # (B, C, *S), x's memory layout
-        if not self._may_add_in_place(z, x):
-            z = x + z  # x first: z takes the input's memory layout (convs may return another)
-        else:  # in place: no norm saves its output for the backward pass, and no hook holds it
-            z = z.add_(x)
-        if return_attention:
-            return z, scatter_attention(weights, folding, x.shape[0], spatial, key_spatial)
-        return z
+        return unfold_positions(y, folding, batch, spatial), weights
 
-    def _may_add_in_place(self, z: Tensor, x: Tensor) -> bool:
-        """Whether the residual may be added into ``z`` = Norm(W_z y): only where z is the norm's own new tensor
-        (not W_z's output itself, with ``norm=None``) that no forward hook (the norm's or a global one) has seen,
-        in x's layout and dtype."""
+    def _add_residual(self, z: Tensor, x: Tensor) -> Tensor:
+        """z + x, in place where that is safe: only where z is the norm's own new tensor (not W_z's output itself,
+        with ``norm=None``) that no forward hook (the norm's or a global one) has seen, in x's layout and dtype.
+        No norm saves its output for the backward pass, so the add may overwrite it."""
         hooked = bool(self.norm._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
-        return (not isinstance(self.norm, nn.Identity) and not hooked and z.stride() == x.stride()
-                and z.dtype == torch.result_type(z, x))
+        if (not isinstance(self.norm, nn.Identity) and not hooked and z.stride() == x.stride()
+                and z.dtype == torch.result_type(z, x)):
+            return z.add_(x)
+        return x + z  # x first: z takes the input's memory layout (convs may return another)
 
     def _project_out(self, y: Tensor, spatial: tuple[int, ...], memory_format: torch.memory_format) -> Tensor:
         """W_z y: the (B, N, C') positions y as a (B, C, *S) map in ``memory_format``.
