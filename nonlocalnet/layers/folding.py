@@ -8,11 +8,13 @@ entry is one independent attention problem with its own queries and keys.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+# Table 2(d): the keys a query sees, the ``extent=`` option of the block (the one definition; models import it)
 EXTENTS = ("spacetime", "space", "time")
 
 
@@ -57,7 +59,7 @@ def fold_positions(p: Tensor, folding: Folding, spatial: tuple[int, ...]) -> Ten
 def unfold_positions(y: Tensor, folding: Folding, batch: int, spatial: tuple[int, ...]) -> Tensor:
     """Inverse of :func:`fold_positions` for the query side: (B * F, L, C) -> (B, N, C)."""
     c = y.shape[-1]
-    n = _numel(spatial)
+    n = math.prod(spatial)
     if folding.extent == "time":
         tt = spatial[0]
         # (B*H*W, T, C) -> (B, H*W, T, C) -> (B, T, H*W, C) -> (B, N, C)
@@ -94,8 +96,8 @@ def scatter_attention(attn: Tensor, folding: Folding, batch: int, query_spatial:
     Returns:
         (B, N, M) weights in flattened (t, h, w) order of queries and keys.
     """
-    n = _numel(query_spatial)
-    m = _numel(key_spatial)
+    n = math.prod(query_spatial)
+    m = math.prod(key_spatial)
     if attn.shape[0] == batch and attn.shape[1] == n and attn.shape[2] == m:
         return attn
     # fold position indices exactly like the features: (1, 1, *S) -> (F, L, 1) -> (F, L)
@@ -138,10 +140,3 @@ def _temporal_groups(spatial: tuple[int, ...], folding: Folding) -> int:
     if folding.extent == "space":
         return spatial[0]
     return folding.groups
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out

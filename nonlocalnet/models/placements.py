@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+# Table 2(d): which keys each query sees (the extent= option of the block), used with the 5-block layout
+from ..layers.folding import EXTENTS
+
 STAGES = ("res2", "res3", "res4", "res5")
 
 R50_LAYERS = (3, 4, 6, 3)
@@ -32,9 +35,6 @@ STAGE_ABLATION_R50 = {
     "res4": {"res4": (4,)},
     "res5": {"res5": (1,)},
 }
-
-# Table 2(d): which keys each query sees (the extent= option of the block), with the 5-block layout
-EXTENTS = ("spacetime", "space", "time")
 
 
 def before_last_block(layers: Sequence[int], stage: str) -> dict[str, tuple[int, ...]]:

@@ -14,6 +14,7 @@ coordinates of the centre of every query and key cell in input-frame pixels:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -246,7 +247,7 @@ def _place(name: str, block: NonLocalBlock, weights: Tensor, query_spatial: tupl
         key_source, source_stride = memory_spatial, (1.0,) * dim  # memory cells, not input pixels
     key_spatial = tuple(s // k for s, k in zip(key_source, kernel))  # max-pool, floor mode
     key_stride = tuple(s * k for s, k in zip(source_stride, kernel))
-    if _numel(query_spatial) != weights.shape[1] or _numel(key_spatial) != weights.shape[2]:
+    if math.prod(query_spatial) != weights.shape[1] or math.prod(key_spatial) != weights.shape[2]:
         raise ValueError(f"block {name}: attention of shape {tuple(weights.shape)} does not match queries "
                          f"{query_spatial} and keys {key_spatial}")
     to3 = _to_thw(dim)
@@ -298,10 +299,3 @@ def _cell_index(point: Sequence[float], grid: Sequence[int], stride: Sequence[fl
         i = min(max(int((p + 0.5) // s), 0), n - 1)  # pixel p spans [p, p + 1): its centre p + 0.5 / s
         index = index * n + i
     return index
-
-
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
