@@ -200,6 +200,48 @@ def test_the_rendered_heat_map_is_hottest_where_the_weights_are_largest(tmp_path
     assert y_bl - y_tr == pytest.approx(panel / 2, rel=0.25) and x_tr - x_bl == pytest.approx(panel / 2, rel=0.25)
 
 
+def test_the_query_ring_and_the_box_outlines_sit_on_their_pixels(tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    clip = torch.zeros(1, 3, 8, 16, 16)  # black frames
+    att = capture_attention(StemAndBlock(), clip)["block"]
+    weights = torch.zeros_like(att.weights)
+    weights[..., 0] = 1.0  # all weight on key 0, in a panel not drawn: no arrow, a black heat map on frame 2
+    out = tmp_path / "overlay.png"
+    summary = render_attention(clip, dataclasses.replace(att, weights=weights), out, query=(2, 10, 5), top_k=1,
+                               max_panels=1, title="", boxes=[(2, 1, 1, 15, 15), (2, 4, 8, 12, 14)],
+                               box_labels=["", ""])
+    assert summary["panels"] == [2] and summary["query_coords"] == (2.5, 9.5, 5.5)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+
+    def bounds(mask):
+        rows, cols = np.nonzero(mask)
+        assert len(rows) > 20
+        return rows.min(), rows.max(), cols.min(), cols.max(), rows.mean(), cols.mean()
+
+    # the first box (cyan) frames input pixels 1..14: its outline gives the panel's scale and where pixel 7.5 lies
+    top, bottom, left, right, _, _ = bounds((r < 80) & (g > 200) & (b > 200))
+    scale = (right - left) / 14
+    assert (bottom - top) / 14 == pytest.approx(scale, rel=0.05)
+    centre_y, centre_x = (top + bottom) / 2, (left + right) / 2
+
+    def at(y: float, x: float) -> tuple[float, float]:
+        return centre_y + (y - 7.5) * scale, centre_x + (x - 7.5) * scale
+
+    # the second box (yellow) covers rows 4..11 and columns 8..13: centre (7.5, 10.5), 8 x 6 pixels
+    top, bottom, left, right, _, _ = bounds((r > 200) & (g > 200) & (b < 80))
+    expected_y, expected_x = at(7.5, 10.5)
+    assert (top + bottom) / 2 == pytest.approx(expected_y, abs=scale / 2)
+    assert (left + right) / 2 == pytest.approx(expected_x, abs=scale / 2)
+    assert (bottom - top, right - left) == pytest.approx((8 * scale, 6 * scale), rel=0.1)
+    # the lime ring is centred on the query cell's centre (y, x) = (9.5, 5.5)
+    _, _, _, _, ring_y, ring_x = bounds((r < 80) & (g > 200) & (b < 80))
+    assert (ring_y, ring_x) == pytest.approx(at(9.5, 5.5), abs=scale / 2)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("query", [(3, 10, 5), None])
 def test_every_mode_renders_a_png(tmp_path, mode, query):
@@ -246,6 +288,26 @@ def _write_video(path, frames):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
+    from nonlocalnet.data import transforms as T
+    from nonlocalnet.data.video import VideoListDataset
+    from nonlocalnet.viz.loading import read_clip
+
+    # noise frames shrunk 46 -> 32 (anti-aliasing shows) and cropped to 28 from 32x43 (the centre of 15 columns
+    # of slack is 7.5: the test loader rounds it up to 8)
+    frames = np.random.default_rng(0).integers(0, 256, (20, 46, 62, 3), dtype=np.uint8)
+    _write_video(tmp_path / "clip.mp4", frames)
+    (tmp_path / "list.txt").write_text("clip.mp4 0\n")
+    test_set = VideoListDataset(tmp_path / "list.txt", tmp_path, split="test", num_classes=1, frames=4,
+                                sampling_rate=3, test_scale=32, crop_size=28, test_clips=1, test_crops=1)
+    expected = test_set[0]["clip"]
+    start = int(T.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
+    raw, clip = read_clip(tmp_path / "clip.mp4", frames=4, sampling_rate=3, start=start, size=32, crop=28)
+    assert torch.equal(clip, expected)
+    # the frames drawn are the pixels the model is given
+    assert torch.equal(T.normalize(T.to_channels_first(torch.from_numpy(raw))), expected)
 
 
 def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data import transforms as T
 from ..data.transforms import MEAN as PIXEL_MEAN, STD as PIXEL_STD  # the paper's pixel normalisation
 
 __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
@@ -65,7 +66,12 @@ def read_video(path: str | Path) -> np.ndarray:
 
 def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: int | None = None,
               size: int | None = None, crop: int | None = None) -> tuple[np.ndarray, Tensor]:
-    """One clip of a video as the model takes it, and the same frames for drawing.
+    """One clip of a video as the model takes it at test time, and the same frames for drawing.
+
+    The frames are scaled and cropped by the test loader's own transforms
+    (:func:`~nonlocalnet.data.transforms.short_side_resize` then the centre
+    :func:`~nonlocalnet.data.transforms.spatial_crop`), so with ``size`` = the run's ``test_scale`` and ``crop`` =
+    its ``crop_size`` the clip is the one-crop test view of the same frames, to the pixel.
 
     Args:
         path: the video file.
@@ -73,7 +79,7 @@ def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: i
         sampling_rate: keep one frame every this many.
         start: first video frame of the clip; default: the clip is centred in the video. Frames past the end
             repeat the last frame.
-        size: scale so that the short side has this many pixels (bilinear); None keeps the decoded size.
+        size: scale so that the short side has this many pixels; None keeps the decoded size.
         crop: centre crop of this size (square); None keeps the full frame.
 
     Returns:
@@ -88,18 +94,10 @@ def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: i
     if not 0 <= start < len(video):
         raise ValueError(f"start frame {start} is outside the video's {len(video)} frames")
     index = np.minimum(np.arange(start, start + span, sampling_rate), len(video) - 1)
-    clip = torch.from_numpy(video[index]).permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, 3, H, W)
+    clip = T.to_channels_first(torch.from_numpy(video[index]))  # (T, H, W, 3) -> (3, T, H, W) uint8
     if size is not None:
-        h, w = clip.shape[2:]
-        scale = size / min(h, w)
-        new = (max(1, round(h * scale)), max(1, round(w * scale)))
-        clip = nn.functional.interpolate(clip, size=new, mode="bilinear", align_corners=False)
+        clip = T.short_side_resize(clip, size)
     if crop is not None:
-        h, w = clip.shape[2:]
-        if crop > min(h, w):
-            raise ValueError(f"crop {crop} is larger than the frames ({h}x{w})")
-        top, left = (h - crop) // 2, (w - crop) // 2
-        clip = clip[:, :, top:top + crop, left:left + crop]
-    clip = clip.clamp(0, 255)
-    raw = clip.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (T, 3, H, W) -> (T, H, W, 3)
-    return raw, ((clip - PIXEL_MEAN) / PIXEL_STD).permute(1, 0, 2, 3)  # (T, 3, H, W) -> (3, T, H, W)
+        clip = T.spatial_crop(clip, crop, position=0, num_crops=1)
+    raw = clip.permute(1, 2, 3, 0).numpy()  # (3, T, H, W) -> (T, H, W, 3)
+    return raw, T.normalize(clip).contiguous()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .capture import BlockAttention
@@ -21,6 +20,8 @@ __all__ = ["render_attention", "frames_for_display"]
 
 SEQUENTIAL_CMAP = "inferno"
 DIVERGING_CMAP = "RdBu_r"
+BOX_COLOURS = ("cyan", "yellow", "magenta", "white")  # object boxes, in turn
+QUERY_COLOUR = "lime"  # the ring around the query
 
 
 def frames_for_display(clip: Tensor | np.ndarray) -> np.ndarray:
@@ -84,13 +85,36 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
         A summary: ``{"path", "query" (index), "query_coords" (t, y, x), "pairs": [(query, key, weight), ...],
         "panels": [frame index, ...], "cmap": the colour map's name, "boxes": the boxes drawn}``.
     """
-    import matplotlib
+    frames = _frames_to_draw(clip, attention)
+    q, pairs = _query_and_pairs(attention, query, batch, top_k)
+    q_coords = attention.query_coords[q].tolist()
+    heat = attention.weights[batch].reshape(-1, *attention.key_grid)[q].numpy()  # (N, M) -> (N, Tk, Hk, Wk) -> row q
+    box_list = _check_boxes(boxes, frames.shape[:3])
+    labels = _box_labels(box_labels, len(box_list))
+    panel_frame = _layout_panels(attention, pairs, q_coords, box_list, max_panels, frames.shape[0])
+    signed = attention.signed
+    norm, cmap = _colour_scale(heat, signed)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize, TwoSlopeNorm
-    from matplotlib.patches import ConnectionPatch
+    plt = _pyplot()
+    fig, ax_of, image = _draw_heat_maps(plt, frames, heat, panel_frame, attention, norm, cmap)
+    drawn = _outline_boxes(ax_of, panel_frame, box_list, labels, attention)
+    _draw_arrows(fig, ax_of, attention, pairs, signed)
+    _mark_query(ax_of[_key_cell(attention, q_coords[0])], q_coords)
+    fig.suptitle(_default_title(attention, query, q_coords, pairs) if title is None else title, fontsize=10)
+    fig.colorbar(image, ax=list(ax_of.values()), fraction=0.025, pad=0.02,
+                 label="weight f/C(x)" + (" (signed)" if signed else ""))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return {"path": str(out), "query": q, "query_coords": tuple(q_coords), "pairs": pairs,
+            "panels": list(panel_frame.values()), "cmap": cmap, "boxes": drawn}
 
+
+# --- what to draw ---------------------------------------------------------------------------------------------
+
+def _frames_to_draw(clip: Tensor | np.ndarray, attention: BlockAttention) -> np.ndarray:
+    """The clip's frames (T, H, W, 3) in [0, 1], checked to be the input the attention was captured on."""
     if attention.from_memory:
         raise ValueError(f"block {attention.name} attended over a memory tensor, not the clip: its keys have no "
                          "place in the frames")
@@ -98,81 +122,130 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
     if tuple(frames.shape[:3]) != _frames_shape(attention):
         raise ValueError(f"the clip has frames of shape {tuple(frames.shape[:3])} (T, H, W) but the attention was "
                          f"captured on an input of {attention.input_size}")
+    return frames
+
+
+def _query_and_pairs(attention: BlockAttention, query: Sequence[float] | None, batch: int,
+                     top_k: int) -> tuple[int, list[tuple[int, int, float]]]:
+    """The query to show and the (query, key, weight) pairs to draw as arrows (see :func:`render_attention`)."""
     if query is not None:
         if len(query) != 3:
             raise ValueError(f"query must be (t, y, x) in input pixels; got {tuple(query)}")
         q = attention.query_index(*query)
-        pairs = attention.top_pairs(top_k, batch=batch, query=q)
-    else:
-        key_cell = max(attention.key_stride[1], attention.key_stride[2])
-        pairs = attention.top_pairs(top_k, batch=batch, min_distance=key_cell) or \
-            attention.top_pairs(top_k, batch=batch)
-        q = pairs[0][0]
-    q_coords = attention.query_coords[q].tolist()
-    key_maps = attention.weights[batch].reshape(-1, *attention.key_grid)  # (N, M) -> (N, Tk, Hk, Wk)
-    heat = key_maps[q].numpy()  # (Tk, Hk, Wk)
+        return q, attention.top_pairs(top_k, batch=batch, query=q)
+    key_cell = max(attention.key_stride[1], attention.key_stride[2])
+    pairs = attention.top_pairs(top_k, batch=batch, min_distance=key_cell) or attention.top_pairs(top_k, batch=batch)
+    return pairs[0][0], pairs
 
-    # one panel per temporal key cell; a frame from its middle stands for it
-    kt = attention.key_stride[0]
-    cell_of = lambda t: min(int((t + 0.5) // kt), attention.key_grid[0] - 1)  # noqa: E731
-    needed = [cell_of(attention.query_coords[i][0].item()) for i, _, _ in pairs] + \
-        [cell_of(attention.key_coords[j][0].item()) for _, j, _ in pairs] + [cell_of(q_coords[0])]
-    box_list = _check_boxes(boxes, frames.shape[:3])
-    labels = list(box_labels) if box_labels is not None else [chr(ord("A") + i) for i in range(len(box_list))]
-    if len(labels) != len(box_list):
-        raise ValueError(f"{len(labels)} box labels for {len(box_list)} boxes")
-    box_cells = [cell_of(b[0]) for b in box_list]
+
+def _box_labels(box_labels: Sequence[str] | None, count: int) -> list[str]:
+    labels = list(box_labels) if box_labels is not None else [chr(ord("A") + i) for i in range(count)]
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} box labels for {count} boxes")
+    return labels
+
+
+# --- layout: one panel per temporal key cell ------------------------------------------------------------------
+
+def _key_cell(attention: BlockAttention, t: float) -> int:
+    """The temporal key cell (a panel) that input frame ``t`` falls in."""
+    return min(int((t + 0.5) // attention.key_stride[0]), attention.key_grid[0] - 1)
+
+
+def _layout_panels(attention: BlockAttention, pairs: Sequence[tuple[int, int, float]], q_coords: Sequence[float],
+                   box_list: Sequence[tuple[int, ...]], max_panels: int, num_frames: int) -> dict[int, int]:
+    """Temporal key cell -> the frame its panel shows, left to right.
+
+    The weights are constant within a key cell, so a frame from its middle stands for it; a cell holding a box
+    shows the box's own frame (the first box's, if several share the cell).
+    """
+    needed = [_key_cell(attention, attention.query_coords[i][0].item()) for i, _, _ in pairs] + \
+        [_key_cell(attention, attention.key_coords[j][0].item()) for _, j, _ in pairs] + \
+        [_key_cell(attention, q_coords[0])]
+    box_cells = [_key_cell(attention, b[0]) for b in box_list]
     panels = _choose_panels(attention.key_grid[0], needed, max_panels, first=box_cells)
-    panel_frame = {c: min(int(round((c + 0.5) * kt - 0.5)), frames.shape[0] - 1) for c in panels}
-    for cell, box in zip(reversed(box_cells), reversed(box_list)):  # the first box's frame wins a shared cell
+    kt = attention.key_stride[0]
+    panel_frame = {c: min(int(round((c + 0.5) * kt - 0.5)), num_frames - 1) for c in panels}
+    for cell, box in zip(reversed(box_cells), reversed(box_list)):
         if cell in panel_frame:
             panel_frame[cell] = box[0]
+    return panel_frame
 
-    signed = attention.signed
+
+# --- drawing --------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colour_scale(heat: np.ndarray, signed: bool):
+    """(norm, colour map name): diverging and centred on 0 for signed weights, sequential from 0 otherwise."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
     if signed:
         bound = float(np.abs(heat).max()) or 1.0
-        norm = TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
-        cmap = DIVERGING_CMAP
-    else:
-        norm = Normalize(vmin=0.0, vmax=float(heat.max()) or 1.0)
-        cmap = SEQUENTIAL_CMAP
+        return TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound), DIVERGING_CMAP
+    return Normalize(vmin=0.0, vmax=float(heat.max()) or 1.0), SEQUENTIAL_CMAP
+
+
+def _draw_heat_maps(plt, frames: np.ndarray, heat: np.ndarray, panel_frame: dict[int, int],
+                    attention: BlockAttention, norm, cmap: str):
+    """A row of panels, each a frame under the heat map of its key cell: (figure, cell -> axes, last image)."""
     h, w = frames.shape[1:3]
     hk, wk = attention.key_grid[1:]
     sy, sx = attention.key_stride[1:]
     extent = (-0.5, wk * sx - 0.5, hk * sy - 0.5, -0.5)  # key cells placed over the pixels they cover
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.8, 2.9), squeeze=False)
-    axes = axes[0]
+    count = len(panel_frame)
+    fig, axes = plt.subplots(1, count, figsize=(2.6 * count + 0.8, 2.9), squeeze=False)
     ax_of = {}
     image = None
-    for ax, cell in zip(axes, panels):
-        ax.imshow(frames[panel_frame[cell]], interpolation="nearest")
+    for ax, (cell, frame) in zip(axes[0], panel_frame.items()):
+        ax.imshow(frames[frame], interpolation="nearest")
         image = ax.imshow(heat[cell], cmap=cmap, norm=norm, alpha=0.55, extent=extent, interpolation="nearest")
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
-        ax.set_title(f"frame {panel_frame[cell]}", fontsize=9)
+        ax.set_title(f"frame {frame}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax_of[cell] = ax
+    return fig, ax_of, image
+
+
+def _outline_boxes(ax_of: dict, panel_frame: dict[int, int], box_list: Sequence[tuple[int, ...]],
+                   labels: Sequence[str], attention: BlockAttention) -> list[tuple[int, ...]]:
+    """Outlines and names each box on the panel that shows its frame; returns the boxes drawn."""
     from matplotlib.patches import Rectangle
 
-    box_colours = ["cyan", "yellow", "magenta", "white"]
     drawn = []
-    for i, (box, label, cell) in enumerate(zip(box_list, labels, box_cells)):
-        ax = ax_of.get(cell)
-        if ax is None or panel_frame[cell] != box[0]:
-            continue
+    for i, (box, label) in enumerate(zip(box_list, labels)):
         frame, y0, x0, y1, x1 = box
-        colour = box_colours[i % len(box_colours)]
+        cell = _key_cell(attention, frame)
+        ax = ax_of.get(cell)
+        if ax is None or panel_frame[cell] != frame:
+            continue
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
                                linewidth=1.5))
         ax.text(x0 - 0.5, y0 - 1.0, label, color=colour, fontsize=8, va="bottom")
         drawn.append(box)
+    return drawn
+
+
+def _draw_arrows(fig, ax_of: dict, attention: BlockAttention, pairs: Sequence[tuple[int, int, float]],
+                 signed: bool) -> None:
+    """An arrow from each pair's query to its key, across panels, as thick as its weight is strong."""
+    from matplotlib.patches import ConnectionPatch
+
     strongest = max(abs(p[2]) for p in pairs) or 1.0
     for qi, kj, weight in pairs:
         qc = attention.query_coords[qi].tolist()
         kc = attention.key_coords[kj].tolist()
-        q_ax, k_ax = ax_of.get(cell_of(qc[0])), ax_of.get(cell_of(kc[0]))
+        q_ax, k_ax = ax_of.get(_key_cell(attention, qc[0])), ax_of.get(_key_cell(attention, kc[0]))
         if q_ax is None or k_ax is None:
             continue
         colour = "tab:red" if (not signed or weight >= 0) else "tab:blue"
@@ -180,22 +253,19 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
                                 coordsB=k_ax.transData, arrowstyle="-|>", color=colour,
                                 linewidth=0.6 + 2.0 * abs(weight) / strongest, alpha=0.85, mutation_scale=10)
         fig.add_artist(arrow)
-    q_ax = ax_of[cell_of(q_coords[0])]
-    q_ax.plot([q_coords[2]], [q_coords[1]], marker="o", markersize=7, markerfacecolor="none",
-              markeredgecolor="lime", markeredgewidth=2)
-    if title is None:
-        where = "query" if query is not None else "strongest query"
-        title = (f"{attention.name} ({attention.mode}): {where} at t={q_coords[0]:.1f}, y={q_coords[1]:.1f}, "
-                 f"x={q_coords[2]:.1f}; top {len(pairs)} pairs")
-    fig.suptitle(title, fontsize=10)
-    fig.colorbar(image, ax=list(axes), fraction=0.025, pad=0.02,
-                 label="weight f/C(x)" + (" (signed)" if signed else ""))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return {"path": str(out), "query": q, "query_coords": tuple(q_coords), "pairs": pairs,
-            "panels": [panel_frame[c] for c in panels], "cmap": cmap, "boxes": drawn}
+
+
+def _mark_query(ax, q_coords: Sequence[float]) -> None:
+    """A ring around the query's cell centre."""
+    ax.plot([q_coords[2]], [q_coords[1]], marker="o", markersize=7, markerfacecolor="none",
+            markeredgecolor=QUERY_COLOUR, markeredgewidth=2)
+
+
+def _default_title(attention: BlockAttention, query: Sequence[float] | None, q_coords: Sequence[float],
+                   pairs: Sequence[tuple[int, int, float]]) -> str:
+    where = "query" if query is not None else "strongest query"
+    return (f"{attention.name} ({attention.mode}): {where} at t={q_coords[0]:.1f}, y={q_coords[1]:.1f}, "
+            f"x={q_coords[2]:.1f}; top {len(pairs)} pairs")
 
 
 def _check_boxes(boxes: Sequence[Sequence[int]] | Tensor | None, shape: Sequence[int]) -> list[tuple[int, ...]]:
