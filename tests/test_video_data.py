@@ -360,6 +360,20 @@ def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch
     assert ((frames.reshape(4, -1).mean(1) - 10) / 6).round().tolist() == [16, 18, 20, 22]
 
 
+@pytest.mark.parametrize("reported", [40, None])
+def test_read_frames_names_a_bad_video_and_lets_a_sampling_error_through(videos, monkeypatch, reported):
+    with pytest.raises(V.VideoDecodeError, match="corrupt.mp4: InvalidDataError"):
+        read_frames(videos / "k" / "corrupt.mp4", lambda count: torch.arange(1))
+    monkeypatch.setattr(V, "_frame_count", lambda container, stream: reported)  # the first pass or the fallback
+
+    def sample(count):
+        raise ValueError(f"a bug in the sampler, not a bad video ({count} frames)")
+
+    with pytest.raises(ValueError, match=r"a bug in the sampler, not a bad video \(40 frames\)") as info:
+        read_frames(videos / "k" / "a.mp4", sample)
+    assert not isinstance(info.value, V.VideoDecodeError)
+
+
 def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, videos):
     data = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/b.mp4 1", "k/short.mp4 2", "k/ramp.mp4 3"], seed=3)
     data.set_epoch(1)

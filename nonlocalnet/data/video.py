@@ -47,9 +47,10 @@ not attempts. An error is raised only when every video of the list is corrupt, o
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -157,7 +158,8 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
     Args:
         path: the video file.
         sample: frame count -> (T,) int64 indices in ``[0, count - 1]``; called once or twice, it must give the
-            same indices for the same count.
+            same indices for the same count. What it raises (a bug or a bad option, not a bad video) comes
+            through as it is.
         seek: allow seeking.
 
     Returns:
@@ -166,53 +168,66 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
     Raises:
         VideoDecodeError: the file cannot be opened or decoded, or it has no video frame.
     """
-    def checked_sample(count: int) -> Tensor:
-        try:
-            return sample(count)
-        except Exception as err:  # a bug or a bad option, not a bad video: let it through as it is
-            raise _SampleError() from err
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        count = _frame_count(container, stream)
+        if count:
+            index = sample(count)
+            frames = _decode_clip(path, container, stream, index, seek=seek)
+            if frames is not None:
+                return frames, index
+    # no frame count, or a wrong one (the video ended before a needed frame): count the decodable frames
+    # (without keeping them, long videos stay cheap in memory), then decode the needed ones
+    count = _count_decodable_frames(path)
+    if count == 0:
+        raise VideoDecodeError(f"{path}: no decodable video frame")
+    index = sample(count)
+    with _open_video(path) as container:
+        frames = _decode_clip(path, container, container.streams.video[0], index, seek=False)
+    if frames is None:
+        raise VideoDecodeError(f"{path}: decoded {count} frames, then fewer on a second pass")
+    return frames, index
 
+
+@contextlib.contextmanager
+def _decode_errors(path: str | Path) -> Iterator[None]:
+    """Turns what PyAV (or a frame of another size) raises while reading ``path`` into a VideoDecodeError."""
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            count = _frame_count(container, stream)
-            decoded = index = None
-            if count:
-                index = checked_sample(count)
-                wanted = sorted(set(index.tolist()))
-                if seek and wanted[0] >= _SEEK_MIN_FRAMES:
-                    decoded = _decode_after_seek(container, stream, wanted)
-                    if decoded is None:  # time stamps disagree: decode from the start of a fresh container
-                        with av.open(str(path)) as fresh:
-                            decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted)
-                else:
-                    decoded = _decode_from_start(container, stream, wanted)
-            if decoded is not None:
-                return np.stack([decoded[i] for i in index.tolist()]), index
-        # no frame count, or a wrong one (the video ended before a needed frame): count the decodable frames
-        # (without keeping them, long videos stay cheap in memory), then decode the needed ones
-        with av.open(str(path)) as container:
-            count = sum(1 for _ in container.decode(container.streams.video[0]))
-        if count == 0:
-            raise VideoDecodeError(f"{path}: no decodable video frame")
-        index = checked_sample(count)
-        with av.open(str(path)) as container:
-            decoded = _decode_from_start(container, container.streams.video[0], sorted(set(index.tolist())))
-        if decoded is None:
-            raise VideoDecodeError(f"{path}: decoded {count} frames, then fewer on a second pass")
-        return np.stack([decoded[i] for i in index.tolist()]), index
+        yield
     except VideoDecodeError:
         raise
-    except _SampleError as err:
-        raise err.__cause__ from None
     except (av.error.FFmpegError, OSError, ValueError, RuntimeError, IndexError, KeyError) as err:
         raise VideoDecodeError(f"{path}: {type(err).__name__}: {err}") from err
 
 
-class _SampleError(Exception):
-    """Carries an error of the ``sample`` function through :func:`read_frames` untouched."""
+@contextlib.contextmanager
+def _open_video(path: str | Path) -> Iterator[av.container.InputContainer]:
+    """The open container of a video with a video stream; what the caller's block raises is left as it is."""
+    with _decode_errors(path):
+        container = av.open(str(path))
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path}: no video stream")
+        yield container
+
+
+def _count_decodable_frames(path: str | Path) -> int:
+    with _open_video(path) as container, _decode_errors(path):
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bool) -> np.ndarray | None:
+    """Frames ``index`` of a video, (T, H, W, 3); None if the video ends before the last of them."""
+    with _decode_errors(path):
+        wanted = sorted(set(index.tolist()))
+        if seek and wanted[0] >= _SEEK_MIN_FRAMES:
+            decoded = _decode_after_seek(container, stream, wanted)
+            if decoded is None:  # time stamps disagree: decode from the start of a fresh container
+                with av.open(str(path)) as fresh:
+                    decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted)
+        else:
+            decoded = _decode_from_start(container, stream, wanted)
+        return None if decoded is None else np.stack([decoded[i] for i in index.tolist()])
 
 
 # Seek only when the clip starts at least this many frames into the video: below, decoding from the start is
