@@ -115,9 +115,9 @@ def short_side_resize(clip: Tensor, size: int) -> Tensor:
 
     The long side becomes ``floor(long * size / short)`` (PySlowFast's rule). Bilinear interpolation with
     ``align_corners=False``, anti-aliased (which changes nothing when enlarging and avoids aliasing when
-    shrinking large videos). A uint8 clip is scaled in uint8 (rounded to the nearest level, within 1 of the
-    float result, and many times faster on CPU); any other clip is scaled in float32. The clip is returned
-    unchanged when its short side is already ``size``.
+    shrinking large videos). A uint8 clip is scaled in uint8: it trades rounding to the nearest level (within 1
+    of the float result) for torch's faster uint8 CPU kernel; any other clip is scaled in float32. The clip is
+    returned unchanged when its short side is already ``size``.
 
     Args:
         clip: (C, T, H, W) clip, uint8 or float.

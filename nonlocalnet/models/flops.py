@@ -8,8 +8,8 @@ knows some attention kernels in one version and not in another: each block repor
 paper's definition (:func:`nonlocalnet.layers.pairwise.pairwise_macs`, N·M·(Cq + Cv) per clip), whichever exact
 path would run, so the figures are the same on every torch.
 
-By default the model runs on fake tensors (shapes only, no memory, no arithmetic), so the cost of NL I3D R101
-on a 128-frame clip takes a second to count.
+By default the model runs on fake tensors (shapes only, no memory, no arithmetic), so even NL I3D R101 on a
+128-frame clip is cheap to count: nothing is computed.
 """
 from __future__ import annotations
 
