@@ -52,10 +52,14 @@ import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import av
 import numpy as np
 import torch
 from torch import Tensor
+
+try:
+    import av
+except ImportError:  # a declared dependency; without it (a machine's own torch, used as it is) only videos fail
+    av = None
 from torch.utils.data import Dataset
 
 from nonlocalnet.data import transforms as T
@@ -203,6 +207,8 @@ def _decode_errors(path: str | Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _open_video(path: str | Path) -> Iterator[av.container.InputContainer]:
     """The open container of a video with a video stream; what the caller's block raises is left as it is."""
+    if av is None:
+        raise ImportError("reading videos needs PyAV: pip install av")
     with _decode_errors(path):
         container = av.open(str(path))
     with container:
