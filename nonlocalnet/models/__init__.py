@@ -13,6 +13,7 @@ from .inflate import inflate_2d_weights
 from .placements import check_locations
 from .pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
 from .registry import ModelEntry, create_model, get_model_entry, list_models, model_defaults, register_model
+from . import zoo  # noqa: F401  (registers the paper's networks)
 from .resnet3d import (ARCHS, CLIP_LAYOUTS, PAPER_32X2, Bottleneck3d, ClipLayout, ResNet3d, ResStage,
                        VideoClassifierHead, i3d_inflated_blocks)
 from .convert import ConversionError, convert_checkpoint, detect_format

@@ -3,6 +3,9 @@
 A registered model is a builder function taking keyword overrides. Builders made from a table of defaults (as
 the paper's networks in :mod:`nonlocalnet.models.zoo` are) also record those defaults, so
 ``model_defaults("nl_i3d_r50")`` shows exactly what the name means.
+
+This module holds the table and knows no model: :mod:`~nonlocalnet.models.zoo` imports it to register the paper's
+networks, and importing :mod:`nonlocalnet.models` imports the zoo.
 """
 from __future__ import annotations
 
@@ -70,7 +73,6 @@ def register_model(fn: Builder | None = None, *, name: str | None = None,
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered names, sorted, optionally filtered by a glob such as ``"nl*_c2d_r50*"``."""
-    _load_zoo()
     names = sorted(_REGISTRY)
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
@@ -81,7 +83,6 @@ def get_model_entry(name: str) -> ModelEntry:
     Raises:
         UnknownModel: unknown name (a KeyError and a ValueError; the message lists the closest names).
     """
-    _load_zoo()
     if name not in _REGISTRY:
         close = closest_names(str(name), sorted(_REGISTRY))
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -123,8 +124,3 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             for a tiny copy); an unknown one is an error that names it.
     """
     return get_model_entry(name).builder(**overrides)
-
-
-def _load_zoo() -> None:
-    # the paper's models register themselves on import; importing here keeps `registry` importable on its own
-    from . import zoo  # noqa: F401  (registers on import)
