@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -70,70 +71,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-# --- training --------------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    if multi_label:
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
-
-
-def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: no autocast).
-
-    "bf16": bfloat16, float32's range with 8 significant bits: no loss scaling needed. "fp16": float16, with a
-    GradScaler (its range ends at 65504, small gradients underflow without scaling). true: bfloat16 where the
-    device computes it (CPUs, CUDA GPUs from Ampere on), float16 otherwise. The non-local blocks' pairwise step
-    follows its own policy inside autocast (:mod:`nonlocalnet.layers.pairwise`).
-    """
-    if amp is False:
-        return None
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if amp == "bf16" and not bf16_ok:
-        raise ValueError(f"train.amp=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not compute "
-                         f"bfloat16; use fp16 (or true, which picks it)")
-    if amp == "fp16" or (amp is True and not bf16_ok):
-        return torch.float16
-    return torch.bfloat16
-
-
-def _autocast(device: torch.device, amp: bool | str):
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def _loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
-            seed: int) -> DataLoader:
-    # the loader's own generator keeps worker seeding from consuming the global RNG (dropout's), so a resumed
-    # run draws the same dropout masks as an uninterrupted one
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=False, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
-
-
-def _train_batches(dataset: Dataset, sampler: ShardedSampler, cfg: Mapping[str, Any], start: int,
-                   iterations_per_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Training batches from ``start`` on, epoch after epoch; item choices depend only on (seed, epoch, index)."""
-    train = cfg["train"]
-    iteration = start
-    while True:
-        epoch, offset = divmod(iteration, iterations_per_epoch)
-        sampler.set_epoch(epoch, start=offset * train["batch_size"])
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = _loader(dataset, sampler, train["batch_size"], cfg["data"]["workers"], True, cfg["seed"] + epoch)
-        for batch in loader:
-            yield batch
-            iteration += 1
-            if iteration % iterations_per_epoch == 0:
-                break
-
+# --- a training run --------------------------------------------------------------------------------------------
 
 def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
           stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None,
@@ -161,50 +99,25 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     device = resolve_device(cfg["device"])
     info = init_distributed(device)
     out = Path(cfg["output_dir"])
-    train_cfg = cfg["train"]
-    checkpoint_dir = out / "checkpoints"
     if not resume:
         check_unused(out)
-    source, state, unreadable = _resume_source(resume, checkpoint_dir)
+    source, state, unreadable = _resume_source(resume, out / "checkpoints")
     if state is not None:
-        check_resume_config(state.get("config"), cfg, source, allow_change=allow_config_change, warn=log.warning)
-        if state.get("world_size", info.world_size) != info.world_size and not allow_config_change:
-            raise RunDirectoryError(
-                f"--resume {source}: the checkpoint was trained by {state['world_size']} processes, this run has "
-                f"{info.world_size}; the global batch and the data order would change. Pass --allow-config-change "
-                f"to resume anyway")
+        _check_resumable(state, source, cfg, info, allow_config_change)
+
     seed_everything(cfg["seed"])  # the same initial weights in every process
-    model = build_model(cfg).to(device)
-    if train_cfg["sync_bn"] and device.type != "cuda":
-        raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
-                         "processes (gloo) leave it false and each process keeps its own BN statistics")
-    if train_cfg["sync_bn"] and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, train_cfg)
-    precision = amp_dtype(device, train_cfg["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)  # fp16 only: see amp_dtype
-    if info.is_main and precision is not None:
-        log.info("mixed precision: %s autocast%s", precision, " with a GradScaler" if scaler.is_enabled() else "")
-    dataset = build_dataset(cfg["data"], "train", cfg["seed"])
-    multi_label = is_multi_label(cfg["data"])
-    per_step = train_cfg["batch_size"] * info.world_size
-    if len(dataset) < per_step:
-        raise ValueError(f"the training set has {len(dataset)} clips, fewer than one global batch of {per_step} "
-                         f"(train.batch_size {train_cfg['batch_size']} x {info.world_size} processes)")
-    iterations_per_epoch = len(dataset) // per_step
-    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
-                             seed=cfg["seed"])
+    model = _training_model(cfg, device, info)
+    optimizer = build_optimizer(model, cfg["train"])
+    scaler = _grad_scaler(device, cfg["train"]["amp"], info)
+    data = training_data(cfg, info)
     # each process its own dropout stream (the data order is per rank already, through the sampler); process 0
     # goes on with the stream the initialisation left, as a single-process run does
     if info.rank:
         torch.manual_seed(process_seed(cfg["seed"], info.rank))
-
-    start = 0
-    skipped: set[int] = set()  # the corrupt videos passed over so far (this process's; united when reported)
+    start, skipped = 0, set()  # skipped: the corrupt videos this process passed over so far
     if state is not None:
-        _load_training_state(state, source, model, optimizer, scaler, device, info)
-        start = state["iteration"]
-        skipped = set(int(v) for v in state.get("skipped_video_ids", []))
+        start, skipped = load_training_state(state, source, model, optimizer, scaler, device, info)
+
     barrier()  # every process has read what it needs before the main process changes the directory
     if info.is_main:
         _prepare_directory(out, cfg, start, unreadable, resumed=state is not None)
@@ -213,72 +126,15 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
     logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None)
-    total = train_cfg["iterations"]
+    total = cfg["train"]["iterations"]
     end = total if stop_after is None else min(total, stop_after)
-    bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
-               disable=not (info.is_main and cfg["progress"]), leave=False)
-    window_loss, window_correct, window_seen = 0.0, 0, 0
-    skipped_all = sorted(skipped)  # over all processes and the whole run, as of the last log or checkpoint
-    began = time.perf_counter()
-    ddp.train()
-    iteration = start
-    batches = _train_batches(dataset, sampler, cfg, start, iterations_per_epoch)
-    while iteration < end:
-        batch = next(batches)
-        lr = step_lr(iteration, train_cfg["lr"], train_cfg["lr_steps"], train_cfg["lr_gamma"],
-                     train_cfg["warmup_iterations"], train_cfg["warmup_factor"])
-        set_lr(optimizer, lr)
-        clip = batch["clip"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        with _autocast(device, train_cfg["amp"]):
-            logits = ddp(clip)
-        loss = _loss(logits, labels, multi_label)
-        _check_finite(loss, iteration, lr, device, info)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if train_cfg["clip_grad_norm"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), train_cfg["clip_grad_norm"])
-        scaler.step(optimizer)
-        scaler.update()
-        iteration += 1
-        window_loss += loss.item()
-        window_seen += 1
-        if not multi_label:
-            window_correct += int((logits.argmax(1) == labels).sum())
-        skipped.update(_skipped_ids(batch))
-        bar.update(1)
-        if on_iteration is not None:
-            on_iteration(iteration)
-        log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
-        checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end
-        if log_now or checkpoint_now:  # every process takes part in the union
-            skipped_all = _union(skipped, device)
-        if log_now:
-            # reduced over processes on the training device (nccl cannot reduce CPU tensors)
-            values = {"loss": float(all_reduce_mean(torch.tensor(window_loss / window_seen, device=device))),
-                      "lr": lr, "skipped_videos": len(skipped_all),
-                      "seconds": time.perf_counter() - began}
-            if not multi_label:
-                values["train_accuracy"] = float(all_reduce_mean(
-                    torch.tensor(window_correct / (window_seen * clip.shape[0]), device=device)))
-            logger.log(iteration, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=values["skipped_videos"])
-            window_loss, window_correct, window_seen = 0.0, 0, 0
-        if checkpoint_now:
-            _checkpoint(model, optimizer, scaler, iteration, device, checkpoint_dir, cfg, info,
-                        skipped_videos=skipped_all)
-        if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < total:
-            report = evaluate(_precise(model, dataset, cfg, device, info, (iteration - 1) // iterations_per_epoch),
-                              cfg, device=device, info=info)
-            logger.log(iteration, _scalars(report), prefix="test")
-    bar.close()
-    train_seconds = time.perf_counter() - began
+    iteration, skipped_all, train_seconds = train_iterations(ddp, optimizer, scaler, data, cfg, device, info,
+                                                             logger, start, end, skipped, on_iteration)
     if iteration < total:
         logger.close()
         return {"stopped_at": iteration}
 
-    final = _precise(model, dataset, cfg, device, info, (iteration - 1) // iterations_per_epoch)
+    final = _precise(model, data.dataset, cfg, device, info, data.epoch_of_step(iteration))
     if info.is_main:
         _atomic_save_weights(final, out / "model_final.safetensors", cfg)
     report = evaluate(final, cfg, device=device, info=info)
@@ -292,25 +148,223 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     return report
 
 
-def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, iteration: int,
-                device: torch.device, directory: Path, cfg: Mapping[str, Any], info: DistInfo,
-                skipped_videos: list[int] = ()) -> None:
-    rng = gather_rng_states(device)  # a collective: every process takes part
-    if info.is_main:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "iteration": iteration, "skipped_videos": len(skipped_videos),
-                 "skipped_video_ids": list(skipped_videos), "config": to_plain(cfg),
-                 "world_size": info.world_size,
-                 "model_name": cfg["model"]["name"], "model_options": to_plain(cfg["model"]["options"]),
-                 "rng": rng[0], "rng_per_rank": rng}
-        save_checkpoint(state, directory, iteration, keep=cfg["train"]["keep_checkpoints"])
-    barrier()
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def process_seed(seed: int, rank: int) -> int:
     """The seed of the random stream (dropout) of process ``rank`` > 0: distinct for every process and seed.
     (Process 0 keeps the stream the model's initialisation left, as a single-process run does.)"""
     return (seed + 1_000_003 * rank) % 2 ** 63
+
+
+def _training_model(cfg: Mapping[str, Any], device: torch.device, info: DistInfo) -> nn.Module:
+    """The config's model on ``device``, its BN synchronised over the processes with ``train.sync_bn``."""
+    model = build_model(cfg).to(device)
+    if cfg["train"]["sync_bn"] and device.type != "cuda":
+        raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
+                         "processes (gloo) leave it false and each process keeps its own BN statistics")
+    if cfg["train"]["sync_bn"] and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: no autocast).
+
+    "bf16": bfloat16, float32's range with 8 significant bits: no loss scaling needed. "fp16": float16, with a
+    GradScaler (its range ends at 65504, small gradients underflow without scaling). true: bfloat16 where the
+    device computes it (CPUs, CUDA GPUs from Ampere on), float16 otherwise. The non-local blocks' pairwise step
+    follows its own policy inside autocast (:mod:`nonlocalnet.layers.pairwise`).
+    """
+    if amp is False:
+        return None
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not bf16_ok:
+        raise ValueError(f"train.amp=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not compute "
+                         f"bfloat16; use fp16 (or true, which picks it)")
+    if amp == "fp16" or (amp is True and not bf16_ok):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, amp: bool | str):
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _grad_scaler(device: torch.device, amp: bool | str, info: DistInfo) -> torch.amp.GradScaler:
+    """The loss scaler of ``train.amp``, enabled for float16 only (see :func:`amp_dtype`); says which precision
+    the run computes in."""
+    precision = amp_dtype(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    if info.is_main and precision is not None:
+        log.info("mixed precision: %s autocast%s", precision, " with a GradScaler" if scaler.is_enabled() else "")
+    return scaler
+
+
+# --- the training data -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The training set and this process's sampler of it.
+
+    Attributes:
+        dataset: the training clips.
+        sampler: this process's shard of each epoch's order.
+        iterations_per_epoch: steps of the global batch (``train.batch_size`` x processes) in an epoch.
+    """
+
+    dataset: Dataset
+    sampler: ShardedSampler
+    iterations_per_epoch: int
+
+    def epoch_of_step(self, iteration: int) -> int:
+        """The epoch of the training step that brought the run to ``iteration``."""
+        return (iteration - 1) // self.iterations_per_epoch
+
+
+def training_data(cfg: Mapping[str, Any], info: DistInfo) -> TrainingData:
+    """The config's training set, sharded over the processes.
+
+    Raises:
+        ValueError: the set holds less than one global batch.
+    """
+    dataset = build_dataset(cfg["data"], "train", cfg["seed"])
+    batch_size = cfg["train"]["batch_size"]
+    per_step = batch_size * info.world_size
+    if len(dataset) < per_step:
+        raise ValueError(f"the training set has {len(dataset)} clips, fewer than one global batch of {per_step} "
+                         f"(train.batch_size {batch_size} x {info.world_size} processes)")
+    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
+                             seed=cfg["seed"])
+    return TrainingData(dataset, sampler, len(dataset) // per_step)
+
+
+def _loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
+            seed: int) -> DataLoader:
+    # the loader's own generator keeps worker seeding from consuming the global RNG (dropout's), so a resumed
+    # run draws the same dropout masks as an uninterrupted one
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=False, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def _train_batches(data: TrainingData, cfg: Mapping[str, Any], start: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches from ``start`` on, epoch after epoch; item choices depend only on (seed, epoch, index)."""
+    batch_size = cfg["train"]["batch_size"]
+    iteration = start
+    while True:
+        epoch, offset = divmod(iteration, data.iterations_per_epoch)
+        data.sampler.set_epoch(epoch, start=offset * batch_size)
+        if hasattr(data.dataset, "set_epoch"):
+            data.dataset.set_epoch(epoch)
+        loader = _loader(data.dataset, data.sampler, batch_size, cfg["data"]["workers"], True, cfg["seed"] + epoch)
+        for batch in loader:
+            yield batch
+            iteration += 1
+            if iteration % data.iterations_per_epoch == 0:
+                break
+
+
+# --- the training loop -----------------------------------------------------------------------------------------
+
+def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     data: TrainingData, cfg: Mapping[str, Any], device: torch.device, info: DistInfo,
+                     logger: MetricLogger, start: int, end: int, skipped: set[int],
+                     on_iteration: Callable[[int], None] | None = None) -> tuple[int, list[int], float]:
+    """Trains from iteration ``start`` to ``end``: logs every ``train.log_every`` steps, checkpoints every
+    ``train.checkpoint_every`` steps, both at ``end`` too, and evaluates (with precise BN) every
+    ``train.eval_every`` steps before the last.
+
+    Args:
+        ddp: the model, in DistributedDataParallel under several processes.
+        skipped: the corrupt videos this process passed over before ``start``; updated in place.
+        on_iteration: called with the iteration count after every step.
+
+    Returns:
+        The iteration reached; the corrupt videos all processes passed over in the whole run, as of the last log
+        or checkpoint; the seconds it took.
+    """
+    train_cfg = cfg["train"]
+    model = _unwrap(ddp)
+    bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
+               disable=not (info.is_main and cfg["progress"]), leave=False)
+    window = _Window()
+    skipped_all = sorted(skipped)
+    began = time.perf_counter()
+    ddp.train()
+    iteration = start
+    batches = _train_batches(data, cfg, start)
+    while iteration < end:
+        batch = next(batches)
+        lr = step_lr(iteration, train_cfg["lr"], train_cfg["lr_steps"], train_cfg["lr_gamma"],
+                     train_cfg["warmup_iterations"], train_cfg["warmup_factor"])
+        loss, correct = train_one_step(ddp, optimizer, scaler, batch, lr, iteration, cfg, device, info)
+        iteration += 1
+        window.add(loss, correct, len(batch["clip"]))
+        skipped.update(_skipped_ids(batch))
+        bar.update(1)
+        if on_iteration is not None:
+            on_iteration(iteration)
+
+        log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
+        checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end
+        if log_now or checkpoint_now:  # every process takes part in the union
+            skipped_all = _union(skipped, device)
+        if log_now:
+            values = window.row(lr, len(skipped_all), time.perf_counter() - began, device, is_multi_label(cfg["data"]))
+            logger.log(iteration, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.3g}", skipped=values["skipped_videos"])
+            window = _Window()
+        if checkpoint_now:
+            save_training_state(model, optimizer, scaler, iteration, device, Path(cfg["output_dir"]) / "checkpoints",
+                                cfg, info, skipped_videos=skipped_all)
+        if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < train_cfg["iterations"]:
+            report = evaluate(_precise(model, data.dataset, cfg, device, info, data.epoch_of_step(iteration)),
+                              cfg, device=device, info=info)
+            logger.log(iteration, _scalars(report), prefix="test")
+    bar.close()
+    return iteration, skipped_all, time.perf_counter() - began
+
+
+def train_one_step(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   batch: Mapping[str, torch.Tensor], lr: float, iteration: int, cfg: Mapping[str, Any],
+                   device: torch.device, info: DistInfo) -> tuple[float, int]:
+    """One optimiser step on ``batch`` at learning rate ``lr``.
+
+    Returns:
+        The batch's loss and its correct top-1 predictions (0 for multi-label data).
+
+    Raises:
+        TrainingDiverged: the loss is not finite (in any process).
+    """
+    train_cfg = cfg["train"]
+    multi_label = is_multi_label(cfg["data"])
+    set_lr(optimizer, lr)
+    clip = batch["clip"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    with _autocast(device, train_cfg["amp"]):
+        logits = ddp(clip)
+    loss = _loss(logits, labels, multi_label)
+    _check_finite(loss, iteration, lr, device, info)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if train_cfg["clip_grad_norm"]:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(_unwrap(ddp).parameters(), train_cfg["clip_grad_norm"])
+    scaler.step(optimizer)
+    scaler.update()
+    correct = 0 if multi_label else int((logits.argmax(1) == labels).sum())
+    return loss.item(), correct
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
 
 
 def _check_finite(loss: torch.Tensor, iteration: int, lr: float, device: torch.device, info: DistInfo) -> None:
@@ -332,6 +386,78 @@ class TrainingDiverged(ValueError):
     """The training loss became NaN or infinite (raised in every process of the run)."""
 
     all_processes = True  # raised alike by every process of a torchrun job: the CLI says it once
+
+
+@dataclass
+class _Window:
+    """The training steps since the last log row: their summed loss, correct predictions and clips."""
+
+    loss: float = 0.0
+    correct: int = 0
+    steps: int = 0
+    clips: int = 0
+
+    def add(self, loss: float, correct: int, clips: int) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+        self.clips += clips
+
+    def row(self, lr: float, skipped_videos: int, seconds: float, device: torch.device,
+            multi_label: bool) -> dict[str, float]:
+        """The log row: mean loss (and top-1 accuracy) over the window and the processes, and the run's state."""
+        # reduced over processes on the training device (nccl cannot reduce CPU tensors)
+        values = {"loss": float(all_reduce_mean(torch.tensor(self.loss / self.steps, device=device))),
+                  "lr": lr, "skipped_videos": skipped_videos, "seconds": seconds}
+        if not multi_label:
+            values["train_accuracy"] = float(all_reduce_mean(torch.tensor(self.correct / self.clips, device=device)))
+        return values
+
+
+# --- checkpoints and resumption --------------------------------------------------------------------------------
+
+def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        iteration: int, device: torch.device, directory: Path, cfg: Mapping[str, Any],
+                        info: DistInfo, skipped_videos: list[int] = ()) -> None:
+    """Writes ``checkpoint_<iteration>.pt`` (main process), keeping the last ``train.keep_checkpoints``: what a
+    resumed run needs to go on exactly as an uninterrupted one, every process's random state included."""
+    rng = gather_rng_states(device)  # a collective: every process takes part
+    if info.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "iteration": iteration, "skipped_videos": len(skipped_videos),
+                 "skipped_video_ids": list(skipped_videos), "config": to_plain(cfg),
+                 "world_size": info.world_size,
+                 "model_name": cfg["model"]["name"], "model_options": to_plain(cfg["model"]["options"]),
+                 "rng": rng[0], "rng_per_rank": rng}
+        save_checkpoint(state, directory, iteration, keep=cfg["train"]["keep_checkpoints"])
+    barrier()
+
+
+def load_training_state(state: Mapping[str, Any], source: Path, model: nn.Module,
+                        optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+                        info: DistInfo) -> tuple[int, set[int]]:
+    """Restores what :func:`save_training_state` wrote; returns the iteration to go on from and the corrupt
+    videos passed over so far.
+
+    Raises:
+        CheckpointError: ``source`` is no training checkpoint, or holds weights of another model.
+    """
+    for key in ("model", "optimizer", "scaler", "iteration", "rng"):
+        if key not in state:
+            raise CheckpointError(f"{source} is not a training checkpoint of `nonlocalnet train` (no {key!r}); a "
+                                  f"weights file goes to model.pretrained, not --resume")
+    load_state_dict_or_raise(model, state["model"], f"{source} holds weights of another model", CheckpointError)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    per_rank = state.get("rng_per_rank")
+    rng = per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else None
+    if rng is None and info.rank == 0:
+        rng = state["rng"]
+    if rng is not None:
+        set_rng_state(rng, device)
+    else:  # resumed by more processes than wrote the checkpoint (allowed by --allow-config-change)
+        torch.manual_seed(process_seed(int(state["iteration"]) + 1, info.rank))
+    return state["iteration"], set(int(v) for v in state.get("skipped_video_ids", []))
 
 
 def _resume_source(resume: bool | str | os.PathLike, checkpoint_dir: Path
@@ -360,24 +486,15 @@ def _resume_source(resume: bool | str | os.PathLike, checkpoint_dir: Path
     return source, state, []
 
 
-def _load_training_state(state: Mapping[str, Any], source: Path, model: nn.Module,
-                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-                         info: DistInfo) -> None:
-    for key in ("model", "optimizer", "scaler", "iteration", "rng"):
-        if key not in state:
-            raise CheckpointError(f"{source} is not a training checkpoint of `nonlocalnet train` (no {key!r}); a "
-                                  f"weights file goes to model.pretrained, not --resume")
-    load_state_dict_or_raise(model, state["model"], f"{source} holds weights of another model", CheckpointError)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    per_rank = state.get("rng_per_rank")
-    rng = per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else None
-    if rng is None and info.rank == 0:
-        rng = state["rng"]
-    if rng is not None:
-        set_rng_state(rng, device)
-    else:  # resumed by more processes than wrote the checkpoint (allowed by --allow-config-change)
-        torch.manual_seed(process_seed(int(state["iteration"]) + 1, info.rank))
+def _check_resumable(state: Mapping[str, Any], source: Path, cfg: Mapping[str, Any], info: DistInfo,
+                     allow_change: bool) -> None:
+    """Refuses a checkpoint of another config, or of another number of processes, unless ``allow_change``."""
+    check_resume_config(state.get("config"), cfg, source, allow_change=allow_change, warn=log.warning)
+    if state.get("world_size", info.world_size) != info.world_size and not allow_change:
+        raise RunDirectoryError(
+            f"--resume {source}: the checkpoint was trained by {state['world_size']} processes, this run has "
+            f"{info.world_size}; the global batch and the data order would change. Pass --allow-config-change "
+            f"to resume anyway")
 
 
 def _prepare_directory(out: Path, cfg: Mapping[str, Any], start: int, unreadable: list[tuple[Path, str]],
@@ -399,6 +516,8 @@ def _prepare_directory(out: Path, cfg: Mapping[str, Any], start: int, unreadable
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
+
+# --- precise BN ------------------------------------------------------------------------------------------------
 
 def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device: torch.device,
              info: DistInfo | None = None, epoch: int | None = None) -> nn.Module:
