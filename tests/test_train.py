@@ -60,6 +60,47 @@ def test_run_directory_has_config_metrics_and_final_weights(tmp_path):
     assert [s for s, _ in losses] == [2, 4] and [v for _, v in losses] == pytest.approx([v for _, v in expected])
 
 
+TRAIN_ROW = ["step", "split", "loss", "lr", "skipped_videos", "seconds", "train_accuracy"]
+CHECKPOINT_KEYS = ["model", "optimizer", "scaler", "iteration", "skipped_videos", "skipped_video_ids", "config",
+                   "world_size", "model_name", "model_options", "rng", "rng_per_rank"]
+
+
+def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(tmp_path, caplog):
+    # what the trainer writes, pinned field by field: log every 2 steps and at the stop, checkpoint every 3 (the
+    # last 2 kept), evaluate at 4 (eval_every, before the end) and at the end after precise BN
+    out = tmp_path / "run"
+    cfg = load_config(TINY, QUICK + ["train.iterations=6", "train.checkpoint_every=3", "train.eval_every=4",
+                                     f"output_dir={out}"])
+    assert train(cfg, stop_after=3) == {"stopped_at": 3}
+    with caplog.at_level("INFO", logger="nonlocalnet"):
+        report = train(cfg, resume=True)
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed")]
+    assert resumed == [f"resumed from {out / 'checkpoints' / 'checkpoint_000000003.pt'} at iteration 3"]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (3, "train"), (4, "train"), (4, "test"),
+                                                        (6, "train"), (6, "test")]
+    assert all(list(r) == TRAIN_ROW for r in rows if r["split"] == "train")
+    # the lr of the row's last step (0-based 1, 2, 3, 5), in the warm-up from 0.1 x 0.1 over 400 steps
+    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx([0.01 + 0.09 * i / 400
+                                                                              for i in (1, 2, 3, 5)])
+    middle, final = (r for r in rows if r["split"] == "test")
+    assert "train_seconds" not in middle and final["train_seconds"] == report["train_seconds"]
+    assert final["skipped_videos_train"] == 0 and final["top1"] == report["top1"]
+    assert json.loads((out / "test_metrics.json").read_text()) == report
+
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_000000003.pt",
+                                                                       "checkpoint_000000006.pt"]
+    state = torch.load(out / "checkpoints" / "checkpoint_000000006.pt", weights_only=True)
+    assert list(state) == CHECKPOINT_KEYS
+    assert (state["iteration"], state["world_size"], state["skipped_videos"], state["skipped_video_ids"]) == \
+        (6, 1, 0, [])
+    assert (state["model_name"], state["model_options"]) == ("nl_c2d_tiny", {"dropout": 0.5})
+    assert state["config"]["output_dir"] == str(out) and state["rng_per_rank"] == [state["rng"]]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model_final.safetensors", "tensorboard", "test_metrics.json"]
+
+
 # --- real videos -----------------------------------------------------------------------------------------------
 
 def _write_video(path: Path, frames: np.ndarray) -> None:
