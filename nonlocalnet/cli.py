@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect-train": ("nonlocalnet.commands.detect_train",
                      "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"),
     "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
+    "prepare-videos": ("nonlocalnet.commands.prepare_videos",
+                       "re-encode a video list for fast training: short side 256, a key frame every 16 frames"),
 }
 
 
