@@ -96,7 +96,7 @@ def tiny(name, **overrides):
 def convert(tmp_path, blobs, model, *extra, wrapped=True):
     src = write_pickle(tmp_path / "model.pkl", blobs, wrapped)
     out = tmp_path / "model.safetensors"
-    code = cli_main(["convert-caffe2", str(src), str(out), "--model", model, "--set", f"layers={LAYERS}",
+    code = cli_main(["convert-caffe2", str(src), str(out), "--model", model, "--set", f"layers={list(LAYERS)}",
                      "--set", f"width={WIDTH}", *extra])
     return code, out
 

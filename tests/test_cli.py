@@ -56,3 +56,34 @@ def test_usage_lists_the_commands_and_unknown_is_named(capsys):
     assert all(f"  {name} " in out for name in COMMANDS)
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+# the commands that take overrides, with the arguments they need besides
+OVERRIDES = {
+    "train": [], "test": [], "compare": [], "detect-train": [], "detect-test": ["checkpoint.pth"],
+    "convert": ["in.pkl", "out.safetensors"], "convert-caffe2": ["in.pkl", "out.safetensors"], "flops": ["c2d_r50"],
+    "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_every_command_takes_overrides_in_one_syntax(name):
+    from nonlocalnet.commands import overrides_of
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    args = parser.parse_intermixed_args(OVERRIDES[name] + ["--set", "a.b=[1, 2]", "--set", "c=x"])
+    assert overrides_of(args) == ["a.b=[1, 2]", "c=x"]
+    if "overrides" in vars(args):  # a command that runs a config takes bare words too, applied first
+        args = parser.parse_intermixed_args(OVERRIDES[name] + ["--set", "c=x", "a.b=1"])
+        assert overrides_of(args) == ["a.b=1", "c=x"]
+
+
+def test_model_options_are_yaml_values_as_in_a_config(capsys):
+    assert main(["flops", "nl_c2d_r50", "--clip", "8x32x32", "--set", "layers=[1,1,1,1]", "--set", "width=4",
+                 "--set", "nonlocal_locations={res4: [0]}", "--set", "clip=8x8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nl_c2d_r50: clip layout 8x8") and "res4.nl0" in out
+    # the Python-literal dialect is gone: a tuple is no YAML list, and the error says how to write one
+    assert main(["flops", "nl_c2d_r50", "--set", "layers=(1,1,1,1)"]) == 2
+    assert "override 'layers=(1,1,1,1)': write a sequence as a YAML list, [1,1,1,1]" in capsys.readouterr().err

@@ -18,18 +18,20 @@ from torchvision.models import get_model, resnet18, resnet34, resnet50, resnet10
 from nonlocalnet.detection import builders
 from nonlocalnet.detection.builders import NonLocalOptions, build_detector, keypointrcnn, maskrcnn, \
     resnet_fpn_backbone
-from nonlocalnet.detection.config import apply_overrides, complete_config, load_config
+from nonlocalnet.detection.config import complete_config, load_config
 from nonlocalnet.io import packaged_configs
 from nonlocalnet.detection.data import COCO_KEYPOINT_NAMES, CocoDetection, RandomHorizontalFlip, collate, \
     make_builtin_coco
 from nonlocalnet.detection.evaluate import coco_evaluate, gather_results, to_coco_results
 from nonlocalnet.detection.nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
-from nonlocalnet.detection.nonlocal_resnet import add_nonlocal, load_resnet_state_dict, nonlocal_blocks, \
-    paper_placement
-from nonlocalnet.detection.train import make_lr_lambda, save_checkpoint
+from nonlocalnet.detection.nonlocal_resnet import add_nonlocal, load_resnet_state_dict, stage_depths
+from nonlocalnet.detection.train import make_lr_lambda
 from nonlocalnet.detection.train import main as train_main
 from nonlocalnet.detection.train import test as train_test
-from nonlocalnet.layers import NonLocalBlock
+from nonlocalnet.engine.checkpoint import write_checkpoint
+from nonlocalnet.engine.config import ConfigError
+from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
+from nonlocalnet.models.placements import before_last_block
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +71,11 @@ def figures_data(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_paper_placement_is_before_the_last_block_of_res4():
-    assert paper_placement(resnet50()) == {"layer3": (4,)}
-    assert paper_placement(resnet101()) == {"layer3": (21,)}
+    assert stage_depths(resnet50()) == (3, 4, 6, 3) and stage_depths(resnet101()) == (3, 4, 23, 3)
+    assert before_last_block(stage_depths(resnet50()), "res4") == {"res4": (4,)}
+    assert before_last_block(stage_depths(resnet101()), "res4") == {"res4": (21,)}
+    # NL blocks already in the stages do not count as residual blocks
+    assert stage_depths(add_nonlocal(resnet50(), {"layer3": (1, 3)})) == (3, 4, 6, 3)
 
 
 def test_add_nonlocal_inserts_after_the_given_blocks_and_keeps_their_names():
@@ -82,7 +87,7 @@ def test_add_nonlocal_inserts_after_the_given_blocks_and_keeps_their_names():
     # one res4 block with BN: the parameter count the paper's design gives (see notes)
     assert sum(p.numel() for p in nl.parameters()) == 2_101_760
     assert sum(p.numel() for p in model.layer2.nl0.parameters()) == 526_592
-    assert set(nonlocal_blocks(model)) == {"layer3.nl4", "layer2.nl0", "layer2.nl2"}
+    assert set(find_nonlocal_blocks(model)) == {"layer3.nl4", "layer2.nl0", "layer2.nl2"}
     out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 1000)
 
@@ -142,8 +147,9 @@ def test_backbone_weights_file_loads_into_the_frozen_bn_nl_backbone(tmp_path):
 def test_any_torchvision_resnet_takes_the_insertion_and_starts_as_the_plain_network(arch):
     plain = get_model(arch, weights=None)
     _randomise_bn_stats(plain, seed=2)
-    nl = add_nonlocal(get_model(arch, weights=None), paper_placement(plain), mode="dot_product", norm="batch")
-    assert set(nonlocal_blocks(nl)) == {"layer3.nl4"} and nl.layer3.nl4.in_channels == 1024
+    nl = add_nonlocal(get_model(arch, weights=None), before_last_block(stage_depths(plain), "res4"),
+                      mode="dot_product", norm="batch")
+    assert set(find_nonlocal_blocks(nl)) == {"layer3.nl4"} and nl.layer3.nl4.in_channels == 1024
     load_resnet_state_dict(nl, plain.state_dict())
     plain.eval(), nl.eval()
     x = torch.randn(1, 3, 64, 64)
@@ -156,7 +162,7 @@ def test_every_backbone_arch_builds_with_nl_right_before_the_last_block_of_res4(
     with torch.device("meta"):  # shapes only: the big ResNets build in milliseconds
         backbone = resnet_fpn_backbone(arch, fpn_channels=8)
     depth = len([n for n in backbone.body.layer3._modules if not n.startswith("nl")])
-    assert list(nonlocal_blocks(backbone.body)) == [f"layer3.nl{depth - 2}"]
+    assert list(find_nonlocal_blocks(backbone.body)) == [f"layer3.nl{depth - 2}"]
     assert list(backbone.body.layer3._modules)[-2:] == [f"nl{depth - 2}", str(depth - 1)]
     expected_depth = {"resnet101": 23, "resnet152": 36, "resnext101_32x8d": 23, "resnext101_64x4d": 23,
                       "wide_resnet101_2": 23, "resnet18": 2, "resnet_tiny": 2}.get(arch, 6)
@@ -199,15 +205,15 @@ def test_keypoint_head_has_nl_after_every_two_convs_and_starts_as_the_plain_head
 
 def test_paper_detectors_carry_nl_blocks_where_the_paper_puts_them():
     mask = maskrcnn(arch="resnet50")
-    assert set(nonlocal_blocks(mask)) == {"backbone.body.layer3.nl4"}
+    assert set(find_nonlocal_blocks(mask)) == {"backbone.body.layer3.nl4"}
     baseline = maskrcnn(arch="resnet50", backbone_nonlocal=None)
-    assert not nonlocal_blocks(baseline)
+    assert not find_nonlocal_blocks(baseline)
     extra = sum(p.numel() for p in mask.parameters()) - sum(p.numel() for p in baseline.parameters())
     assert extra == 2_101_760 - 2 * 1024  # norm None: no BN weight / bias
     kp = keypointrcnn(arch="resnet101")
-    assert set(nonlocal_blocks(kp)) == {"backbone.body.layer3.nl21"} | {
+    assert set(find_nonlocal_blocks(kp)) == {"backbone.body.layer3.nl21"} | {
         f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)}
-    assert all(b.in_channels == 512 for n, b in nonlocal_blocks(kp).items() if "keypoint_head" in n)
+    assert all(b.in_channels == 512 for n, b in find_nonlocal_blocks(kp).items() if "keypoint_head" in n)
 
 
 def test_build_detector_names_unknown_options():
@@ -225,7 +231,7 @@ def test_build_detector_reads_placements_and_options_from_plain_data():
     model = build_detector({"task": "keypoint", **TINY, "backbone_nonlocal": {"res4": [0, 1]},
                             "head_nonlocal": [0], "keypoint_head_channels": 16,
                             "nonlocal": {"mode": "dot_product", "norm": "batch"}}, num_classes=2, num_keypoints=5)
-    blocks = nonlocal_blocks(model)
+    blocks = find_nonlocal_blocks(model)
     assert set(blocks) == {"backbone.body.layer3.nl0", "backbone.body.layer3.nl1", "roi_heads.keypoint_head.nl0"}
     assert all(b.mode == "dot_product" and b.norm_type == "batch" for b in blocks.values())
     assert model.roi_heads.keypoint_predictor.kps_score_lowres.out_channels == 5
@@ -239,7 +245,7 @@ def test_every_parameter_of_the_nl_detector_gets_a_gradient(shapes_data, norm):
                      nonlocal_options=NonLocalOptions(norm=norm), **TINY)
     # move the NL blocks off the identity so that θ, φ, g see a gradient that is not exactly zero
     with torch.no_grad():
-        for block in nonlocal_blocks(model).values():
+        for block in find_nonlocal_blocks(model).values():
             target = block.out.weight if norm is None else block.norm.weight
             target.normal_(std=0.1)
     model.train()
@@ -250,7 +256,7 @@ def test_every_parameter_of_the_nl_detector_gets_a_gradient(shapes_data, norm):
     assert all(p.requires_grad for p in backbone_params.values())
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
-    for name, block in nonlocal_blocks(model).items():
+    for name, block in find_nonlocal_blocks(model).items():
         for pname, p in block.named_parameters():
             assert torch.isfinite(p.grad).all()
             assert p.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
@@ -515,7 +521,7 @@ def test_configs_in_the_repo_are_complete_and_build():
     for name, blocks in expected.items():
         cfg = load_config(name)
         model = build_detector(cfg["model"], num_classes=4, num_keypoints=17)
-        assert set(nonlocal_blocks(model)) == blocks, name
+        assert set(find_nonlocal_blocks(model)) == blocks, name
 
 
 def test_config_overrides_and_unknown_keys():
@@ -523,12 +529,55 @@ def test_config_overrides_and_unknown_keys():
                                       "model.nonlocal.mode=dot_product"])
     assert cfg["train"]["epochs"] == 2 and cfg["model"]["backbone_nonlocal"] is None
     assert cfg["model"]["nonlocal"]["mode"] == "dot_product"
-    with pytest.raises(ValueError, match=r"unknown train option\(s\) \['epoch'\]"):
-        complete_config(apply_overrides(cfg, ["train.epoch=2"]))
-    with pytest.raises(ValueError, match="section.key=value"):
-        apply_overrides(cfg, ["epochs"])
-    with pytest.raises(FileNotFoundError, match="tiny_shapes"):
+    assert cfg["model"]["nonlocal"]["norm"] is None  # the file's other nonlocal option stays
+    assert complete_config(cfg) == cfg  # a complete config gives itself back
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'; known keys of 'train': amp, "):
+        complete_config(cfg, ["train.epoch=2"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        complete_config(cfg, ["epochs"])
+    with pytest.raises(ConfigError, match="tiny_shapes"):
         load_config("no_such_config")
+
+
+def test_a_detection_config_extends_its_base_like_a_video_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text(f"base: {packaged_configs() / 'coco' / 'tiny_shapes.yaml'}\n"
+                                        "model: {fpn_channels: 32}\ntrain: {epochs: 1}\n")
+    cfg = load_config(tmp_path / "mine.yaml", ["data.num_val=8"])
+    shipped = load_config("tiny_shapes")
+    assert cfg["model"] == {**shipped["model"], "fpn_channels": 32}
+    assert cfg["train"] == {**shipped["train"], "epochs": 1} and cfg["data"] == {**shipped["data"], "num_val": 8}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epoch=2", "unknown config key 'train.epoch'"),
+    ("trian.epochs=2", "'trian' is not a config section"),
+    ("train.epochs=two", "train.epochs must be an integer; got 'two'"),
+    ("train.epochs=0", "train.epochs must be at least 1"),
+    ("train.lr=-0.1", "train.lr must not be negative"),
+    ("train.hflip=1.5", "train.hflip is a probability"),
+    ("train.lr_steps=[11, 8]", "train.lr_steps must be increasing"),
+    ("train.amp=maybe", "train.amp must be true or false"),
+    ("data.builtin=circles", "data.builtin must be one of shapes, figures or null"),
+    ("data.builtin=null", "data needs either 'builtin' or val_images"),
+    ("model.task=segment", "model.task must be one of mask, keypoint; got 'segment'"),
+    ("train=3", "config section 'train' must be a mapping"),
+])
+def test_a_bad_detection_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_shapes", [override])
+
+
+def test_nl_blocks_of_a_detector_keep_the_input_layout_without_hooks():
+    model = build_detector({"task": "keypoint", **TINY, "head_nonlocal": [1], "keypoint_head_channels": 16,
+                            "nonlocal": {"norm": "batch"}}, num_classes=2, num_keypoints=5)
+    blocks = find_nonlocal_blocks(model)
+    assert len(blocks) == 2 and not any(b._forward_hooks or b._forward_pre_hooks for b in blocks.values())
+    block = blocks["roi_heads.keypoint_head.nl1"].eval()
+    x = torch.randn(2, 16, 14, 14)
+    with torch.no_grad():
+        assert block(x).is_contiguous()  # what the keypoint loss's .view needs
+        assert block(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+            memory_format=torch.channels_last)
 
 
 def test_lr_schedule_warms_up_then_steps_at_the_given_epochs():
@@ -540,7 +589,7 @@ def test_lr_schedule_warms_up_then_steps_at_the_given_epochs():
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    save_checkpoint({"epoch": 1}, path)
+    write_checkpoint({"epoch": 1}, path)
 
     def broken_save(obj, f):
         f.write(b"half")
@@ -548,7 +597,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"epoch": 2}, path)
+        write_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]

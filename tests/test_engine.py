@@ -88,6 +88,58 @@ def test_every_shipped_config_loads_and_builds_on_meta(path):
     assert model.num_classes == cfg["data"]["num_classes"]
 
 
+def test_one_loader_serves_any_schema_with_base_files_and_the_same_overrides(tmp_path):
+    from nonlocalnet.engine.config import ConfigSchema, build_config
+
+    def check(cfg):
+        if cfg["run"]["name"] == "bad":
+            raise ConfigError("run.name must not be 'bad'")
+
+    schema = ConfigSchema({"net": {}, "run": {"steps": 10, "lr": 0.1, "name": "x", "steps_at": [1]}},
+                          free=("net",), positive=("run.steps",), non_negative=("run.lr",), check=check)
+    (tmp_path / "base.yaml").write_text("net: {depth: 2, block: {kind: a}}\nrun: {steps: 5}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nnet: {width: 3}\nrun: {lr: 0.5}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["net.block.size=4", "run.steps_at=[2, 3]"], schema=schema)
+    assert cfg == {"net": {"depth": 2, "width": 3, "block": {"kind": "a", "size": 4}},
+                   "run": {"steps": 5, "lr": 0.5, "name": "x", "steps_at": [2, 3]}}
+    assert build_config(cfg, schema=schema) == cfg  # a complete config gives itself back
+    for override, message in [("run.step=1", "unknown config key 'run.step'; known keys of 'run'"),
+                              ("run.steps=0", "run.steps must be at least 1"),
+                              ("run.lr=-1", "run.lr must not be negative"),
+                              ("run.steps=ten", "run.steps must be an integer; got 'ten'"),
+                              ("run.name=bad", "run.name must not be 'bad'"),
+                              ("run", "override 'run' must look like key=value")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config({}, [override], schema)
+    # the video schema is the default, unchanged
+    assert load_config(TINY) == load_config(TINY, schema=None)
+
+
+def test_model_options_take_the_override_syntax_of_the_configs():
+    from nonlocalnet.engine.config import options_from_overrides, parse_override
+
+    assert parse_override("train.lr_steps=[100, 200]") == ("train.lr_steps", [100, 200])
+    assert parse_override("a=") == ("a", "") and parse_override("a=null") == ("a", None)
+    options = options_from_overrides(["width=8", "layers=[1,1,1,1]", "nonlocal_locations={res4: [0]}",
+                                      "nonlocal_options.mode=gaussian", "clip=8x8", "dropout=0.5"])
+    assert options == {"width": 8, "layers": [1, 1, 1, 1], "nonlocal_locations": {"res4": [0]},
+                       "nonlocal_options": {"mode": "gaussian"}, "clip": "8x8", "dropout": 0.5}
+    # the same options as a video config's model.options
+    cfg = load_config(TINY, ["model.options.width=8", "model.options.layers=[1,1,1,1]"])
+    assert {k: cfg["model"]["options"][k] for k in ("width", "layers")} == options_from_overrides(
+        ["width=8", "layers=[1,1,1,1]"])
+    with pytest.raises(ConfigError, match="override 'width' must look like key=value"):
+        options_from_overrides(["width"])
+    with pytest.raises(ConfigError, match="'2x' is not an option name"):
+        options_from_overrides(["2x=1"])
+    with pytest.raises(ConfigError, match="option 'width' is not a mapping"):
+        options_from_overrides(["width=8", "width.x=1"])
+    with pytest.raises(ConfigError, match="value is not valid YAML"):
+        options_from_overrides(["layers=[1,"])
+    with pytest.raises(ConfigError, match=r"'layers=\(3,4\)': write a sequence as a YAML list, \[3,4\]"):
+        options_from_overrides(["layers=(3,4)"])
+
+
 # --- optimiser and schedule ------------------------------------------------------------------------------------
 
 def test_step_schedule_with_warmup():
@@ -146,6 +198,54 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_restore_training_state_gives_back_weights_optimizer_schedule_and_this_processs_random_state():
+    from nonlocalnet.engine.checkpoint import restore_training_state
+    from nonlocalnet.engine.distributed import DistInfo, gather_rng_states
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+        return model, optimizer, scheduler
+
+    model, optimizer, scheduler = parts(0)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": scheduler.state_dict(), "rng_per_rank": gather_rng_states(torch.device("cpu"))}
+    expected = torch.rand(3)
+    other, other_optimizer, other_scheduler = parts(1)
+    assert restore_training_state(state, "run/checkpoint.pth", other, other_optimizer, torch.device("cpu"),
+                                  DistInfo(), lr_scheduler=other_scheduler)
+    assert torch.equal(torch.rand(3), expected)  # the random stream goes on where the checkpoint left it
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert other_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert other_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    # a checkpoint of a run of another size: no random state for this process (the caller seeds it)
+    assert not restore_training_state(state, "x", *parts(1)[:2], torch.device("cpu"), DistInfo(1, 2))
+    with pytest.raises(CheckpointError, match="run/checkpoint.pth holds weights of another detector: .*size"):
+        restore_training_state(state, "run/checkpoint.pth", nn.Linear(3, 5), other_optimizer, torch.device("cpu"),
+                               DistInfo(), mismatch="holds weights of another detector")
+
+
+def test_metric_logger_writes_rows_as_they_are_to_the_file_named(tmp_path):
+    from nonlocalnet.engine.logger import MetricLogger
+
+    logger = MetricLogger(tmp_path, tensorboard=False, filename="log.jsonl")
+    logger.write({"epoch": 0, "losses": {"loss": 1.5}})
+    logger.log(3, {"loss": 0.5})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows == [{"epoch": 0, "losses": {"loss": 1.5}}, {"step": 3, "split": "train", "loss": 0.5}]
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
+    quiet = MetricLogger(None)  # a run without a directory writes nothing
+    quiet.write({"epoch": 0})
+    quiet.log(1, {"loss": 1.0})
+    assert not quiet.enabled
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------

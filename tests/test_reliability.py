@@ -230,13 +230,70 @@ def test_detection_resume_continues_the_epoch_order_and_ends_where_an_uninterrup
     changed["train"]["lr"] = 0.05
     with pytest.raises(RunDirectoryError, match=r"train.lr: 0.02 -> 0.05"):
         detection.main(changed, output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
+    debris = tmp_path / "b" / ".checkpoint.pth.x1y2.tmp"  # what a kill during a checkpoint write leaves
+    debris.write_bytes(b"half")
     detection.main(_detection_config(), output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
+    assert not debris.exists()
     a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key  # epoch 1 saw epoch 1's images and flips, not epoch 0's again
     rows = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert rows == [0, 1]
+
+
+def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import nonlocalnet.detection.train as detection
+
+    real, calls = torch.save, []
+
+    def full_disk_at_the_second_write(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half")
+            raise OSError("disk full")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_the_second_write)
+    with pytest.raises(OSError, match="disk full"):
+        detection.main(_detection_config(), output_dir=tmp_path, max_iters_per_epoch=1, device="cpu",
+                       evaluate_every=2)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "log.jsonl"]
+
+
+def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"epoch": 0}\n')
+    argv = ["detect-train", "--output-dir", str(out), "--device", "cpu", "--set", "data.num_train=2"]
+    line = _error_line(capsys, argv, "detect-train")
+    assert f"output_dir {out} already holds a run (log.jsonl); continue it with --resume" in line
+    assert [p.name for p in out.iterdir()] == ["log.jsonl"] and (out / "log.jsonl").read_text() == '{"epoch": 0}\n'
+
+
+def _detection_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["detect-train", "detect-test", "train", "convert", "flops", "visualize"])
+def test_a_bad_override_is_one_error_line_naming_it_in_every_command(tmp_path, capsys, command):
+    argv, message = {
+        "detect-train": (["detect-train", "--device", "cpu", "--set", "train.epoch=2"],
+                         "unknown config key 'train.epoch'; known keys of 'train': amp, batch_size"),
+        "detect-test": (["detect-test", str(_detection_checkpoint(tmp_path)), "--device", "cpu", "data.num_vall=3"],
+                        "unknown config key 'data.num_vall'"),
+        "train": (["train", "--config", TINY, "--set", "train.lr=fast"], "train.lr must be a finite number"),
+        "convert": (["convert", str(tmp_path / "in.pkl"), str(tmp_path / "out.safetensors"), "--set", "layers"],
+                    "override 'layers' must look like key=value (e.g. layers=[3,4,6,3])"),
+        "flops": (["flops", "c2d_r50", "--set", "width=[1,"], "override 'width=[1,': value is not valid YAML"),
+        "visualize": (["visualize", "--checkpoint", str(tmp_path / "w.safetensors"), "--video", "v.mp4",
+                       "--set", "2width=4"], "override '2width=4': '2width' is not an option name"),
+    }[command]
+    assert message in _error_line(capsys, argv, command)
 
 
 def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch():
@@ -400,7 +457,7 @@ def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_fol
     blobs = official_blobs(C2D_TEMP, {})
     good = write_pickle(tmp_path / "good.pkl", blobs)
     out = tmp_path / "new" / "folder" / "c2d.safetensors"
-    assert main(["convert-caffe2", str(good), str(out), "--model", "c2d_r50", "--set", "layers=(2,4,6,2)",
+    assert main(["convert-caffe2", str(good), str(out), "--model", "c2d_r50", "--set", "layers=[2,4,6,2]",
                  "--set", "width=4"]) == 0
     assert out.is_file()
     blobs["res2_0_branch2a_w"] = "not an array"

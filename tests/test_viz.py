@@ -324,7 +324,7 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     frames[:, 10:30, 10:30] = 220
     _write_video(tmp_path / "clip.mp4", frames)
     base = ["visualize", "--checkpoint", str(tmp_path / "model.safetensors"), "--video", str(tmp_path / "clip.mp4"),
-            "--set", "layers=(1,1,1,1)", "--set", "width=4", "--set", "nonlocal_locations={'res3':(0,),'res4':(0,)}",
+            "--set", "layers=[1,1,1,1]", "--set", "width=4", "--set", "nonlocal_locations={res3: [0], res4: [0]}",
             "--sampling-rate", "2"]
     assert main(base + ["--block", "res4.0", "--query", "2,20,20", "--out", str(tmp_path / "one.png")]) == 0
     assert (tmp_path / "one.png").read_bytes()[:8] == PNG_SIGNATURE

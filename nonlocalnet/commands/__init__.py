@@ -1,0 +1,32 @@
+"""The commands of the ``nonlocalnet`` CLI, one module each (see :mod:`nonlocalnet.cli`).
+
+Every command takes its overrides the same way: ``key=value`` with a dotted key and a YAML value, read by
+:func:`nonlocalnet.engine.config.parse_override`, given as ``--set key=value`` (repeatable) or, for the commands
+that run a config, also as bare words (``nonlocalnet train --config ... train.lr=0.02``).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, what: str, examples: str, words: bool = True) -> None:
+    """The override arguments of a command: ``--set KEY=VALUE`` and, with ``words``, bare ``key=value`` words.
+
+    Args:
+        parser: the command's parser.
+        what: what an override sets, e.g. "config" or "model option".
+        examples: overrides separated by spaces, e.g. "train.lr=0.02 data.workers=8".
+        words: also take overrides as bare words (commands whose positional arguments are not files).
+    """
+    if words:
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help=f"{what} overrides (YAML values), e.g. {examples}")
+    first = examples.split()[0]
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"one {what} override (a YAML value), e.g. --set {first}; repeatable"
+                             + ("; applied after the bare key=value words" if words else ""))
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """A command's overrides in the order they apply: the bare words, then the ``--set`` ones."""
+    return [*getattr(args, "overrides", ()), *args.set_overrides]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_override_arguments, overrides_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..engine.compare import VARIANTS
@@ -20,13 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each network (default 1; the table depends on it, not on --jobs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
+    add_override_arguments(parser, "config", "train.lr=0.05 data.train_size=2048")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.compare import run_comparison
 
-    overrides = list(args.overrides)
+    overrides = overrides_of(args)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.iterations is not None:

@@ -3,21 +3,10 @@ a safetensors file of the nonlocalnet model that computes the same function (see
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-from typing import Any
 
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """"width=32" -> ("width", 32); the value is a Python literal (a bare word is taken as a string)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, e.g. layers=(3,4,6,3); got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+from . import add_override_arguments, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") -> None:
@@ -40,11 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") 
     parser.add_argument("--paper-layout", action="store_true",
                         help="(caffe2) build the paper's layout (pool1 padded by 1, 56x56 at 224²) instead of the "
                              "official network the checkpoint was trained in (pool1 unpadded, 55x55)")
-    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
-                        metavar="KEY=VALUE", help="a model option, e.g. --set layers=(3,4,6,3); repeatable")
+    add_override_arguments(parser, "model option", "layers=[3,4,6,3]", words=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine.config import options_from_overrides
     from ..io import atomic_path
     from ..models import save_weights
     from ..models.convert import convert_checkpoint
@@ -56,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the output {args.output!r} is a directory; give a file name ending in .safetensors")
     result = convert_checkpoint(args.input, source_format=args.source_format, model=args.model,
                                 num_classes=args.num_classes, skip_classifier=args.skip_classifier,
-                                paper_layout=args.paper_layout, overrides=dict(args.overrides))
+                                paper_layout=args.paper_layout,
+                                overrides=options_from_overrides(overrides_of(args), "layers=[3,4,6,3]"))
     model = result.model
     options = {k: v for k, v in result.options.items() if k != "num_classes"}
     metadata = {"model": result.model_name, "num_classes": str(model.num_classes),

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .convert import parse_override, run  # noqa: F401  (parse_override: the --set syntax, shared)
 from .convert import add_arguments as _add_arguments
+from .convert import run  # noqa: F401  (the alias runs convert's run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,17 @@
 """``nonlocalnet detect-train``: train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks.
 
 Runs under torchrun for several GPUs (or several CPU processes with gloo):
-``torchrun --nproc_per_node 8 -m nonlocalnet.cli detect-train --config maskrcnn_r50_fpn_nl_1x``.
+``torchrun --nproc_per_node 8 -m nonlocalnet.cli detect-train --config maskrcnn_r50_fpn_nl_1x``. The config is
+read by the engine's loader (``base:`` files, ``key=value`` overrides as for ``train``), and the run directory
+follows ``train``'s rules (see :mod:`nonlocalnet.detection.train`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Sequence
+
+from . import add_override_arguments, overrides_of
 
 HELP = "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"
 
@@ -16,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny_shapes",
                         help="config file, or the name of one in configs/coco "
                              "(default: tiny_shapes, the built-in data)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (YAML), e.g. --set train.epochs=2 "
-                             "--set model.backbone_nonlocal=null; repeatable")
+    add_override_arguments(parser, "config", "train.epochs=2 model.backbone_nonlocal=null")
     parser.add_argument("--data-root", default=None, help="folder the config's relative data paths are under")
     parser.add_argument("--output-dir", default=None, help="where checkpoint.pth and log.jsonl are written")
     parser.add_argument("--resume", default=None,
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from nonlocalnet.detection.config import load_config
     from nonlocalnet.detection.train import main
 
-    overrides = list(args.overrides)
+    overrides = overrides_of(args)
     if args.data_root is not None:
         overrides.append(f"data.root={args.data_root}")
     config = load_config(args.config, overrides)

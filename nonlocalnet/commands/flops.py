@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .convert import parse_override
+from . import add_override_arguments, overrides_of
 
 
 def parse_clip(text: str) -> tuple[int, int, int]:
@@ -29,22 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="table rows: modules this many levels down (1: stages, 2: blocks, 3: convs)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the counted input")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
-    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
-                        metavar="KEY=VALUE", help="a model option, e.g. --set width=32; repeatable")
+    add_override_arguments(parser, "model option", "width=32", words=False)
     parser.add_argument("--real", action="store_true",
                         help="run the real arithmetic on the CPU instead of fake (shape-only) tensors")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine.config import options_from_overrides
     from ..models import CLIP_LAYOUTS, model_defaults
     from ..models.flops import model_cost
 
-    overrides = dict(args.overrides)
+    chosen = options_from_overrides(overrides_of(args))
+    overrides = dict(chosen)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     own = model_defaults(args.model).get("clip", "32x2")
     layout = overrides.pop("clip", None) or (args.layout if args.layout != "auto" else own)
-    if "clip" not in dict(args.overrides) and args.layout == "auto" and args.clip is not None \
+    if "clip" not in chosen and args.layout == "auto" and args.clip is not None \
             and CLIP_LAYOUTS[own].frames != args.clip[0]:
         # a clip of another layout's length means that layout's network (8 frames: the 8x8 stem)
         layout = next((n for n, c in CLIP_LAYOUTS.items() if c.frames == args.clip[0]), own)

@@ -6,6 +6,8 @@ import logging
 import math
 from typing import Any, Mapping
 
+from . import add_override_arguments, overrides_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="the run's YAML config (its config.yaml works)")
@@ -14,8 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "<output_dir>/model_final.safetensors")
     parser.add_argument("--output", default=None, help="JSON report path (default: <output_dir>/test_metrics.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.test_clips=10 data.test_crops=3 test.fully_convolutional=true")
+    add_override_arguments(parser, "config", "data.test_clips=10 data.test_crops=3 test.fully_convolutional=true")
 
 
 def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.distributed import cleanup
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
         report = test(cfg, checkpoint=args.checkpoint, output=args.output)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from . import add_override_arguments, overrides_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
@@ -19,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume even when the config differs from the checkpoint's (the changed keys are "
                              "listed; the result is then no longer the uninterrupted run's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.lr=0.02 output_dir=runs/x data.workers=8")
+    add_override_arguments(parser, "config", "train.lr=0.02 output_dir=runs/x data.workers=8")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from .test import print_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
         report = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)

@@ -10,9 +10,10 @@ model once; the chosen block's weights are drawn over the frames (see :mod:`nonl
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from pathlib import Path
+
+from . import add_override_arguments, overrides_of
 
 
 def parse_query(text: str) -> tuple[float, float, float]:
@@ -23,17 +24,6 @@ def parse_query(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"--query must be t,y,x (frame in the clip, row, column); got {text!r}") \
             from None
     return t, y, x
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """"key=value" -> (key, value), the value read as a Python literal when it is one (else a string)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set takes key=value; got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one picture per block (default: the last block)")
     parser.add_argument("--out", default="attention.png", help="PNG to write (with --block all: the name's stem "
                                                              "gets the block name appended)")
-    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[],
-                        metavar="KEY=VALUE", help="model option overriding the registered one, e.g. width=8 "
-                                                  "or layers=(1,1,1,1); repeatable")
+    add_override_arguments(parser, "model option", "layers=[1,1,1,1] width=8", words=False)
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classifier outputs (default: read from the checkpoint)")
     parser.add_argument("--start", type=int, default=None, help="first video frame of the clip (default: centred)")
@@ -68,11 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..engine.config import options_from_overrides
     from ..viz import capture_attention, find_nonlocal_blocks, render_attention
     from ..viz.capture import resolve_block_names
     from ..viz.loading import load_model, read_clip
 
-    model, info = load_model(args.checkpoint, args.model, dict(args.overrides), args.num_classes)
+    overrides = options_from_overrides(overrides_of(args), "layers=[1,1,1,1]")
+    model, info = load_model(args.checkpoint, args.model, overrides, args.num_classes)
     if not find_nonlocal_blocks(model):
         raise ValueError(f"model {info['model']} has no non-local block to visualise")
     layout = getattr(model, "clip", None)

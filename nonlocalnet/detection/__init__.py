@@ -5,12 +5,14 @@
 * :mod:`.builders`: ``maskrcnn`` / ``keypointrcnn`` with NL blocks where the paper puts them;
 * :mod:`.data`: COCO-format datasets (pycocotools) and the built-in drawn dataset;
 * :mod:`.evaluate`: COCOeval box / mask / keypoint AP;
-* :mod:`.config`, :mod:`.train`: configs, ``train_one_epoch`` / ``evaluate`` / ``main``.
+* :mod:`.config`: the detection config schema (read by :mod:`nonlocalnet.engine.config`);
+* :mod:`.train`: ``train_one_epoch`` / ``evaluate`` / ``main`` / ``test`` over the engine's processes, checkpoints,
+  run directories and log.
 """
 from .builders import ARCHS, NonLocalOptions, build_detector, keypointrcnn, maskrcnn, resnet_fpn_backbone
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, add_nonlocal_to_head, keypoint_head
-from .nonlocal_resnet import add_nonlocal, load_resnet_state_dict, nonlocal_blocks, paper_placement
+from .nonlocal_resnet import add_nonlocal, load_resnet_state_dict, stage_depths
 
 __all__ = ["ARCHS", "NonLocalOptions", "build_detector", "maskrcnn", "keypointrcnn", "resnet_fpn_backbone",
            "PAPER_KEYPOINT_HEAD_NONLOCAL", "add_nonlocal_to_head", "keypoint_head", "add_nonlocal",
-           "load_resnet_state_dict", "nonlocal_blocks", "paper_placement"]
+           "load_resnet_state_dict", "stage_depths"]

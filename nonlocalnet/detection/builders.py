@@ -32,9 +32,11 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..layers import find_nonlocal_blocks
+from ..models.placements import before_last_block
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
-from .nonlocal_resnet import STAGES, add_nonlocal, block_out_channels, load_resnet_state_dict, \
-    nonlocal_blocks, paper_placement, residual_blocks
+from .nonlocal_resnet import STAGES, add_nonlocal, block_out_channels, load_resnet_state_dict, residual_blocks, \
+    stage_depths
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
@@ -93,7 +95,7 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
         raise ValueError(f"trainable_layers must be in 0..5; got {trainable_layers}")
     resnet = build_resnet(arch)
     if backbone_nonlocal == "paper":
-        placement = paper_placement(resnet)
+        placement = before_last_block(stage_depths(resnet), "res4")
     elif isinstance(backbone_nonlocal, str):
         raise ValueError(f"backbone_nonlocal must be 'paper', a placement {{stage: indices}} or None; "
                          f"got {backbone_nonlocal!r}")
@@ -105,7 +107,7 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
     to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         to_train.append("bn1")
-    nl_prefixes = tuple(f"{name}." for name in nonlocal_blocks(resnet))
+    nl_prefixes = tuple(f"{name}." for name in find_nonlocal_blocks(resnet))
     for name, parameter in resnet.named_parameters():
         if not name.startswith(tuple(to_train)) and not name.startswith(nl_prefixes):
             parameter.requires_grad_(False)

@@ -1,21 +1,21 @@
-"""Detection run configs: one YAML file with three sections, ``model``, ``data`` and ``train``.
+"""Detection run configs: the schema that :mod:`nonlocalnet.engine.config`, the one config loader, reads them with.
 
-``model`` holds the arguments of :func:`~nonlocalnet.detection.builders.build_detector`; ``data`` and ``train``
-are checked here against :data:`DATA_DEFAULTS` and :data:`TRAIN_DEFAULTS` (an unknown key is an error that names
-it). Files live in ``configs/coco/``; a config is named by path or by file stem (``tiny_shapes``). Values can
-be overridden from the command line as ``section.key=value`` (the value is read as YAML).
+A config has three sections. ``model`` holds the arguments of :func:`~nonlocalnet.detection.builders.build_detector`
+(checked when the detector is built; ``model.task`` here); ``data`` and ``train`` hold the keys of
+:data:`DATA_DEFAULTS` and :data:`TRAIN_DEFAULTS` (an unknown key, or a value of another type, is an error that names
+it). Files live in ``configs/coco/``; a config is named by path or by file stem (``tiny_shapes``), may extend another
+with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
+model.backbone_nonlocal=null``, values read as YAML).
 """
 from __future__ import annotations
 
-import copy
-from pathlib import Path
+import os
 from typing import Any, Iterable, Mapping
 
-import yaml
-
-from ..io import find_config
-
-SECTIONS = ("model", "data", "train")
+from ..engine.config import ConfigError, ConfigSchema, build_config, check_steps
+from ..engine.config import load_config as _load_config
+from .builders import TASKS
+from .data import BUILTIN_KINDS
 
 DATA_DEFAULTS: dict[str, Any] = {
     # a built-in dataset drawn on the fly ("shapes" or "figures"), or None for files on disk
@@ -54,58 +54,40 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file by path, or a shipped detection config by stem ("tiny_shapes")."""
-    return find_config(name, folder="coco")
-
-
-def load_config(name: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a config, apply ``section.key=value`` overrides, fill defaults and check every key."""
-    path = resolve_config_path(name)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config is a mapping with sections {SECTIONS}")
-    config = apply_overrides(raw, overrides)
-    return complete_config(config, source=str(path))
-
-
-def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries (value parsed as YAML) in a copy of ``config``."""
-    config = copy.deepcopy(dict(config))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        parts = key.split(".")
-        if parts[0] not in SECTIONS or len(parts) < 2:
-            raise ValueError(f"override {item!r}: the key must start with one of {', '.join(SECTIONS)} "
-                             "and name a key inside it")
-        node = config
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    return config
-
-
-def complete_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
-    """Fill the data / train defaults and check that no section or key is unknown."""
-    unknown = sorted(set(config) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{source}: unknown section(s) {unknown}; expected {', '.join(SECTIONS)}")
-    if "model" not in config or not isinstance(config["model"], dict):
-        raise ValueError(f"{source}: needs a 'model' section")
-    out = {"model": copy.deepcopy(config["model"])}
-    for section, defaults in (("data", DATA_DEFAULTS), ("train", TRAIN_DEFAULTS)):
-        given = dict(config.get(section) or {})
-        unknown = sorted(set(given) - set(defaults))
-        if unknown:
-            raise ValueError(f"{source}: unknown {section} option(s) {unknown}; expected some of {sorted(defaults)}")
-        out[section] = {**copy.deepcopy(defaults), **given}
-    data = out["data"]
+def _check(cfg: Mapping[str, Any]) -> None:
+    task = cfg["model"].get("task")
+    if task not in TASKS:
+        raise ConfigError(f"model.task must be one of {', '.join(TASKS)}; got {task!r}")
+    data = cfg["data"]
+    if data["builtin"] is not None and data["builtin"] not in BUILTIN_KINDS:
+        raise ConfigError(f"data.builtin must be one of {', '.join(BUILTIN_KINDS)} or null; got {data['builtin']!r}")
     if data["builtin"] is None and not (data["val_annotations"] and data["val_images"]):
-        raise ValueError(f"{source}: data needs either 'builtin' or val_images + val_annotations (and for "
-                         "training train_images + train_annotations)")
-    return out
+        raise ConfigError("data needs either 'builtin' or val_images + val_annotations (and for training "
+                          "train_images + train_annotations)")
+    if not 0 <= cfg["train"]["hflip"] <= 1:
+        raise ConfigError(f"train.hflip is a probability (0..1); got {cfg['train']['hflip']!r}")
+    check_steps(cfg, "train.lr_steps", "epochs")
+
+
+SCHEMA = ConfigSchema(
+    {"model": {}, "data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS},
+    free=("model",),
+    positive=("data.num_train", "data.num_val", "data.image_size", "train.epochs", "train.lr_reference_batch",
+              "train.batch_size"),
+    non_negative=("train.lr", "train.lr_gamma", "train.momentum", "train.weight_decay", "train.warmup_iters",
+                  "train.warmup_factor", "train.workers", "train.print_freq"),
+    check=_check,
+    folder="coco",
+)
+
+
+def load_config(name: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """A detection config file (a path, or a shipped config's stem) with ``key=value`` overrides, complete and
+    checked (:func:`nonlocalnet.engine.config.load_config` with :data:`SCHEMA`)."""
+    return _load_config(name, tuple(overrides), SCHEMA)
+
+
+def complete_config(config: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """A detection config given as a mapping (e.g. the one a checkpoint recorded), with ``key=value`` overrides,
+    its defaults filled in and checked."""
+    return build_config(config, overrides, SCHEMA)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+
+from ..engine.distributed import all_gather_objects, process_group_info
 
 IOU_TYPES = ("bbox", "segm", "keypoints")
 
@@ -161,10 +162,9 @@ def gather_results(results: dict[str, list[dict[str, Any]]],
     Returns:
         (merged results, sorted ids of every evaluated image).
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not process_group_info().enabled:
         return results, sorted(set(int(i) for i in image_ids))
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (results, [int(i) for i in image_ids]))
+    parts = all_gather_objects((results, [int(i) for i in image_ids]))
     merged: dict[str, list[dict[str, Any]]] = {t: [] for t in results}
     seen: set[int] = set()
     for part_results, part_ids in parts:

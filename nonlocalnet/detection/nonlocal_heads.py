@@ -13,7 +13,8 @@ from typing import Sequence
 from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 
-from .nonlocal_resnet import NL_PREFIX, make_block
+from ..layers import NonLocalBlock
+from .nonlocal_resnet import NL_PREFIX
 
 # After convs 2, 4, 6 and 8 (1-based) of the 8-conv head.
 PAPER_KEYPOINT_HEAD_NONLOCAL = (1, 3, 5, 7)
@@ -54,8 +55,8 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
     for position in range(len(named) + 1):
         for index in insert_before.get(position, []):
             conv = named[convs[index]][1]
-            children[f"{NL_PREFIX}{index}"] = make_block(
-                conv.out_channels, mode=mode, inter_channels=inter_channels, subsample=subsample,
+            children[f"{NL_PREFIX}{index}"] = NonLocalBlock(
+                conv.out_channels, dim=2, mode=mode, inter_channels=inter_channels, subsample=subsample,
                 scale=scale, norm=norm, impl=impl).to(conv.weight.device)
         if position < len(named):
             name, module = named[position]

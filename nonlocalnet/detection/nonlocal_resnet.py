@@ -5,7 +5,8 @@ after residual block 4 of ``layer3`` (res4). The stage stays an ``nn.Sequential`
 their names ("0", "1", ...), and each NL block is named ``nl<i>`` after the block it follows, so the state-dict
 keys of the plain ResNet are unchanged (``layer3.4.conv1.weight``) and NL weights live beside them
 (``layer3.nl4.theta.weight``). As the NL blocks start as the identity, a plain ResNet's weights loaded into the
-NL network (:func:`load_resnet_state_dict`) give the plain network's outputs.
+NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The paper's placements are
+:mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from nonlocalnet.layers import NonLocalBlock
-from nonlocalnet.models.weights import read_state_dict
+from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
+from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.
@@ -27,15 +28,10 @@ NL_PREFIX = "nl"
 Placement = Mapping[str, Sequence[int]]
 
 
-def paper_placement(model: nn.Module) -> dict[str, tuple[int]]:
-    """The paper's COCO placement: one NL block right before the last residual block of res4 (``layer3``).
-
-    That is after block 4 of 6 in ResNet-50 and after block 21 of 23 in ResNet-101.
-    """
-    depth = len(residual_blocks(_stage(model, "layer3")))
-    if depth < 2:
-        raise ValueError(f"layer3 has {depth} residual block(s); 'right before the last block of res4' needs 2+")
-    return {"layer3": (depth - 2,)}
+def stage_depths(model: nn.Module) -> tuple[int, int, int, int]:
+    """The residual blocks in layer1..layer4 (res2..res5) of a ResNet, non-local blocks left out: the ``layers``
+    of :mod:`nonlocalnet.models.placements`."""
+    return tuple(len(residual_blocks(_stage(model, name))) for name in STAGES)  # type: ignore[return-value]
 
 
 def add_nonlocal(model: nn.Module, placement: Placement, *, mode: str = "embedded_gaussian",
@@ -74,40 +70,13 @@ def add_nonlocal(model: nn.Module, placement: Placement, *, mode: str = "embedde
                 nl_name = f"{NL_PREFIX}{position}"
                 if nl_name in stage._modules:
                     raise ValueError(f"{stage_name} already has a non-local block after residual block {position}")
-                children[nl_name] = make_block(
-                    block_out_channels(blocks[position]), mode=mode, inter_channels=inter_channels,
+                children[nl_name] = NonLocalBlock(
+                    block_out_channels(blocks[position]), dim=2, mode=mode, inter_channels=inter_channels,
                     subsample=subsample, scale=scale, norm=norm, impl=impl)
         new_stage = nn.Sequential(children)
         device = next(stage.parameters()).device
         setattr(model, stage_name, new_stage.to(device))
     return model
-
-
-def make_block(channels: int, **options) -> NonLocalBlock:
-    """A 2D :class:`~nonlocalnet.layers.NonLocalBlock` whose output keeps the memory layout of its input.
-
-    The block computes its output from a transposed (channels-last strided) tensor, so ``z`` comes out
-    channels-last even for a contiguous ``x``. Downstream, that changes which conv kernels run (outputs then
-    differ from the plain network's in the last bits) and breaks torchvision code that calls ``.view`` (the
-    keypoint loss). A forward hook gives ``z`` back in ``x``'s (contiguous) layout.
-    """
-    block = NonLocalBlock(channels, dim=2, **options)
-    block.register_forward_hook(_keep_input_layout)
-    return block
-
-
-def _keep_input_layout(module: nn.Module, inputs: tuple[torch.Tensor, ...], output):
-    x = inputs[0]
-    if isinstance(output, torch.Tensor) and x.is_contiguous() and not output.is_contiguous():
-        return output.contiguous()
-    if isinstance(output, tuple) and x.is_contiguous() and not output[0].is_contiguous():
-        return (output[0].contiguous(), *output[1:])
-    return None
-
-
-def nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
-    """Every non-local block of ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
 
 
 def residual_blocks(stage: nn.Module) -> list[nn.Module]:
@@ -144,8 +113,8 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     state = dict(state_dict)
     if not any(k.startswith("fc.") for k in own):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = model.load_state_dict(state, strict=False)
-    nl_names = tuple(f"{name}." for name in nonlocal_blocks(model))
+    result = load_state_dict_or_raise(model, state, "the state dict does not fit this ResNet", strict=False)
+    nl_names = tuple(f"{name}." for name in find_nonlocal_blocks(model))
     missing = [k for k in result.missing_keys if not k.startswith(nl_names)]
     if missing or result.unexpected_keys:
         raise ValueError(f"the state dict does not fit this ResNet: missing {missing[:8]}"

@@ -1,9 +1,13 @@
-"""Training and evaluation of torchvision's detectors with NL blocks: plain functions, torchrun/DDP capable.
+"""Training and evaluation of torchvision's detectors with NL blocks: plain functions over the engine's layers.
 
 ``main(config)`` builds the data (COCO files or the built-in dataset), the detector, SGD with linear warmup and
-step decay, and runs ``train_one_epoch`` / ``evaluate`` per epoch, writing ``checkpoint.pth`` (atomically) and
-``log.jsonl`` to the output folder. Under ``torchrun --nproc_per_node N`` each process trains on its shard
-(NCCL on GPUs, gloo on CPUs) and the COCO evaluation gathers every process's detections.
+step decay, and runs ``train_one_epoch`` / ``evaluate`` per epoch, writing ``checkpoint.pth`` and ``log.jsonl`` to
+the output folder. What a run relies on is the video trainer's: processes and devices from
+:mod:`nonlocalnet.engine.distributed` (``torchrun --nproc_per_node N``: NCCL on GPUs, gloo on CPUs; each process
+trains on its shard and the COCO evaluation gathers every process's detections), checkpoints written atomically and
+read without running code (:mod:`~nonlocalnet.engine.checkpoint`), one run per directory and resumes that refuse
+another config (:mod:`~nonlocalnet.engine.rundir`), the log through :class:`~nonlocalnet.engine.logger.MetricLogger`,
+and configs through :mod:`nonlocalnet.engine.config` (:mod:`.config` is the detection schema).
 """
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import atexit
 import bisect
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -19,69 +22,29 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from tqdm import tqdm
 
-from ..engine.distributed import gather_rng_states, set_rng_state
-from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
-from ..io import atomic_path, load_torch_file
-from ..models.weights import load_state_dict_or_raise
+from ..engine.checkpoint import CheckpointError, load_checkpoint, remove_debris, restore_training_state, \
+    write_checkpoint
 from ..engine.config import to_plain
+from ..engine.distributed import all_reduce_mean, barrier, broadcast_from_main, gather_rng_states, \
+    init_distributed, is_main_process, process_group_info, resolve_device, unwrap_model
+from ..engine.logger import MetricLogger
+from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
+from ..models.weights import load_state_dict_or_raise
 from .builders import build_detector
+from .config import complete_config
 from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
 from .evaluate import coco_evaluate, format_summary, gather_results, to_coco_results
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
+# what a resume needs from a checkpoint
+TRAINING_STATE = ("model", "optimizer", "lr_scheduler", "epoch")
 # config keys a resumed run may change: where data and output are, how many loader processes, how much is printed
 RESUMABLE_DETECTION_KEYS = ("data.root", "train.workers", "train.print_freq", "output_dir")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Processes
-# ----------------------------------------------------------------------------------------------------------
-
-def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
-    """Join the torchrun process group when started by torchrun (WORLD_SIZE > 1).
-
-    Args:
-        device: "cpu", "cuda" or None (CUDA when available).
-
-    Returns:
-        (device of this process, rank, world size).
-    """
-    want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if want_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device not in (None, "cuda") and world_size == 1:
-            return torch.device(device), rank, world_size
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), rank, world_size
-    return torch.device("cpu"), rank, world_size
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a checkpoint."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,9 +90,10 @@ def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train:
                 ) -> DataLoader:
     """Training order from (seed, epoch) alone, in one process as in many (``set_epoch``), so a resumed run
     continues with the interrupted epoch's order instead of replaying epoch 0's."""
-    if train or dist.is_initialized():
-        replicas, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=train, seed=seed)
+    group = process_group_info()
+    if train or group.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=train,
+                                     seed=seed)
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -180,7 +144,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             losses = model(images, targets)
         loss = sum(losses.values())
-        logged = _reduce_mean({**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()})
+        logged = _mean_over_processes({**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()})
         if not math.isfinite(logged["loss"]):
             raise FloatingPointError(f"loss is {logged['loss']} at epoch {epoch} iteration {it}: {logged}")
         optimizer.zero_grad(set_to_none=True)
@@ -232,15 +196,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_typ
         for t, entries in to_coco_results(outputs, ids, dataset.category_ids, iou_types).items():
             results[t].extend(entries)
     results, evaluated = gather_results(results, seen)
-    summary: list[Any] = [None]
+    summary = None
     if is_main_process():
         if results_file is not None:
             Path(results_file).write_text(json.dumps(results))
         sigmas = list(kpt_oks_sigmas) if kpt_oks_sigmas is not None else None
-        summary[0] = coco_evaluate(dataset.coco, results, kpt_oks_sigmas=sigmas, image_ids=evaluated)
-    if dist.is_initialized():
-        dist.broadcast_object_list(summary, src=0)
-    return summary[0]
+        summary = coco_evaluate(dataset.coco, results, kpt_oks_sigmas=sigmas, image_ids=evaluated)
+    return broadcast_from_main(summary)
 
 
 def iou_types_for(task: str) -> tuple[str, ...]:
@@ -266,11 +228,17 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
         device: "cpu", "cuda" or None (CUDA when available).
         max_iters_per_epoch: cut epochs short (smoke tests).
         evaluate_every: evaluate after every this many epochs (and always after the last).
+        allow_config_change: resume even when the config differs from the checkpoint's (the changes are printed).
     """
-    device_, rank, world_size = init_distributed(device)
+    device_ = resolve_device(device or "auto")
+    info = init_distributed(device_)
+    out = Path(output_dir) if output_dir is not None else None
+    state = _resume_state(resume, config, allow_config_change) if resume is not None else None
+    if out is not None and state is None:
+        check_unused(out, (CHECKPOINT_NAME, LOG_NAME))
     model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
     task = model_cfg.get("task")
-    torch.manual_seed(train_cfg["seed"] + rank)
+    torch.manual_seed(train_cfg["seed"] + info.rank)
     train_set, val_set = build_datasets(data_cfg, task)
     assert train_set is not None
     if train_cfg["hflip"]:
@@ -279,14 +247,14 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
     model = build_detector(model_cfg, num_classes=train_set.num_classes,
                            num_keypoints=train_set.num_keypoints or None, backbone_weights=backbone_weights)
     model.to(device_)
-    if train_cfg["sync_bn"] and world_size > 1:
+    if train_cfg["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if world_size > 1:
+    if info.enabled:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device_.index] if device_.type == "cuda" else None)
 
     batch = train_cfg["batch_size"]
-    lr = train_cfg["lr"] * batch * world_size / train_cfg["lr_reference_batch"]
+    lr = train_cfg["lr"] * batch * info.world_size / train_cfg["lr_reference_batch"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=train_cfg["momentum"],
                                 weight_decay=train_cfg["weight_decay"])
@@ -304,32 +272,19 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
             "keypoint_names": list(train_set.keypoint_names)}
 
     start_epoch = 0
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None and resume is None:
-        check_unused(out, (CHECKPOINT_NAME, LOG_NAME))
-    if resume is not None:
-        checkpoint = load_torch_file(resume)
-        if not isinstance(checkpoint, dict) or not {"model", "optimizer", "lr_scheduler", "epoch"} <= set(checkpoint):
-            raise ValueError(f"{resume} is not a detect-train checkpoint (needs model, optimizer, lr_scheduler, "
-                             f"epoch)")
-        check_resume_config(checkpoint.get("config"), config, resume, allow_change=allow_config_change,
-                            warn=lambda message: print(f"warning: {message}", flush=True),
-                            allowed=RESUMABLE_DETECTION_KEYS)
-        load_state_dict_or_raise(unwrap(model), checkpoint["model"], f"{resume} holds weights of another detector")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if scaler is not None and checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        per_rank = checkpoint.get("rng_per_rank")
-        if per_rank and len(per_rank) == world_size:
-            set_rng_state(per_rank[rank], device_)
-        start_epoch = checkpoint["epoch"] + 1
-        if out is not None and is_main_process():
+    if state is not None:
+        restore_training_state(state, resume, unwrap_model(model), optimizer, device_, info, scaler=scaler,
+                               lr_scheduler=lr_scheduler, mismatch="holds weights of another detector")
+        start_epoch = state["epoch"] + 1
+    if out is not None and info.is_main:  # every check passed: the directory is this run's
+        remove_debris(out)
+        if state is not None:
             truncate_jsonl(out / LOG_NAME, lambda row: row.get("epoch", -1) < start_epoch)
+    logger = MetricLogger(out, enabled=info.is_main, tensorboard=False, filename=LOG_NAME)
 
-    if is_main_process():
+    if info.is_main:
         print(f"detector: {task} {model_cfg.get('arch')} on {len(train_set)} train / {len(val_set)} val images, "
-              f"{world_size} process(es) x {batch} images, lr {lr:g}, {train_cfg['epochs']} epochs of {iters} "
+              f"{info.world_size} process(es) x {batch} images, lr {lr:g}, {train_cfg['epochs']} epochs of {iters} "
               f"iterations, device {device_}")
     summary: dict[str, dict[str, float]] = {}
     epochs = train_cfg["epochs"]
@@ -340,31 +295,51 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
         if last or (epoch + 1) % evaluate_every == 0:
             summary = evaluate(model, val_loader, device_, iou_types_for(task),
                                kpt_oks_sigmas=data_cfg["kpt_oks_sigmas"])
-            if is_main_process():
+            if info.is_main:
                 print(f"epoch {epoch}\n{format_summary(summary)}")
         rng = gather_rng_states(device_) if out is not None else None  # a collective: every process takes part
-        if out is not None and is_main_process():
-            save_checkpoint({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                             "lr_scheduler": lr_scheduler.state_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else None,
-                             "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng},
-                            out / CHECKPOINT_NAME)
-            with open(out / LOG_NAME, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "losses": losses, "eval": summary if summary else None}) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
+        if out is not None and info.is_main:
+            write_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                              "lr_scheduler": lr_scheduler.state_dict(),
+                              "scaler": scaler.state_dict() if scaler is not None else None,
+                              "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng},
+                             out / CHECKPOINT_NAME)
+        logger.write({"epoch": epoch, "losses": losses, "eval": summary if summary else None})
+    logger.close()
+    barrier()
     return summary
 
 
-def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, device: str | None = None,
-         results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate a checkpoint written by :func:`main` on the val set of its config (or of ``config``)."""
-    device_, _, _ = init_distributed(device)
-    state = load_torch_file(checkpoint)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{checkpoint} is not a detection checkpoint written by detect-train "
-                         "(needs 'model' and 'config')")
-    config = config if config is not None else state["config"]
+def _resume_state(resume: str | Path, config: Mapping[str, Any], allow_change: bool) -> dict[str, Any]:
+    """The checkpoint to resume from, read without running code and checked: a detect-train checkpoint of this
+    config (or, with ``allow_change``, of another, the changes printed)."""
+    state = load_checkpoint(resume)
+    if not set(TRAINING_STATE) <= set(state):
+        raise CheckpointError(f"{resume} is not a detect-train checkpoint (needs {', '.join(TRAINING_STATE)})")
+    check_resume_config(state.get("config"), config, resume, allow_change=allow_change,
+                        warn=lambda message: print(f"warning: {message}", flush=True),
+                        allowed=RESUMABLE_DETECTION_KEYS)
+    return state
+
+
+def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
+         device: str | None = None, results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate a checkpoint written by :func:`main` on the val set of its config (or of ``config``).
+
+    Args:
+        checkpoint: ``checkpoint.pth`` of a detect-train run.
+        config: the config to evaluate with; None: the one the checkpoint recorded.
+        overrides: ``key=value`` changes of that config (e.g. ``data.num_val=200``).
+        device: "cpu", "cuda" or None (CUDA when available).
+        results_file: also write the detections (COCO results format) as json.
+    """
+    device_ = resolve_device(device or "auto")
+    init_distributed(device_)
+    state = load_checkpoint(checkpoint)
+    if "model" not in state or "config" not in state:
+        raise CheckpointError(f"{checkpoint} is not a detection checkpoint written by detect-train "
+                              "(needs 'model' and 'config')")
+    config = complete_config(config if config is not None else state["config"], overrides)
     task = config["model"].get("task")
     _, val_set = build_datasets(config["data"], task, train=False)
     meta = state.get("meta", {})
@@ -374,7 +349,8 @@ def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, dev
     model_cfg = {k: v for k, v in config["model"].items() if k != "backbone_weights"}  # the checkpoint has them
     model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
                            num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
-    model.load_state_dict(state["model"])
+    load_state_dict_or_raise(model, state["model"], f"{checkpoint} does not fit the config's detector",
+                             CheckpointError)
     model.to(device_)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
     summary = evaluate(model, loader, device_, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
@@ -384,10 +360,8 @@ def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, dev
     return summary
 
 
-def _reduce_mean(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def _mean_over_processes(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each scalar tensor's mean over the processes, as floats (one all-reduce for all of them)."""
     names = sorted(values)
-    stacked = torch.stack([values[k].float() for k in names])
-    if dist.is_initialized():
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
+    stacked = all_reduce_mean(torch.stack([values[k].float() for k in names]))
     return dict(zip(names, stacked.tolist()))

@@ -1,16 +1,23 @@
 """Training checkpoints: written atomically (temporary file, then rename), the last k kept, read without running
-code (``torch.load(weights_only=True)``), and on resume the newest *readable* one is used."""
+code (``torch.load(weights_only=True)``), and on resume the newest *readable* one is used.
+
+Both trainers write and read theirs here: video runs keep ``checkpoints/checkpoint_<iteration>.pt``
+(:func:`save_checkpoint`), detection runs one ``checkpoint.pth`` (:func:`write_checkpoint`); a resume loads its
+state back with :func:`restore_training_state`."""
 from __future__ import annotations
 
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from ..io import UnreadableFile, atomic_path, load_torch_file
+from ..models.weights import load_state_dict_or_raise
+from .distributed import DistInfo, set_rng_state
 
 log = logging.getLogger("nonlocalnet")
 
@@ -54,15 +61,21 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, iterati
     written is never deleted.
     """
     path = checkpoint_path(directory, iteration)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_checkpoint(state, path)
     if keep > 0:
         older = [p for p in list_checkpoints(directory) if checkpoint_iteration(p) <= iteration]
         for old in older[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed over it: a crash or an error while
+    writing leaves ``path`` as it was (and at most a hidden ``.tmp`` file, see :func:`remove_debris`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,6 +94,42 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, model: nn.Module,
+                           optimizer: torch.optim.Optimizer, device: torch.device, info: DistInfo, *,
+                           scaler: torch.amp.GradScaler | None = None,
+                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                           mismatch: str = "holds weights of another model") -> bool:
+    """Loads a training checkpoint's state into a run's objects, for a resume.
+
+    The model's weights (other names or shapes: a :class:`CheckpointError` naming ``source``), the optimizer's
+    state, the lr scheduler's and the GradScaler's when given (a checkpoint without a scaler state leaves the
+    scaler as it is), and this process's random-generator states: ``rng_per_rank[rank]`` when the checkpoint
+    holds one per process of a run of this size, else (process 0 only) ``rng``.
+
+    Args:
+        state: the checkpoint (:func:`load_checkpoint`).
+        source: its path, for the messages.
+        model: the model, not wrapped in DistributedDataParallel.
+        mismatch: what the error says after ``source`` when the weights do not fit.
+
+    Returns:
+        Whether this process's random state was restored (if not, the caller seeds it).
+    """
+    load_state_dict_or_raise(model, state["model"], f"{os.fspath(source)} {mismatch}", CheckpointError)
+    optimizer.load_state_dict(state["optimizer"])
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    per_rank = state.get("rng_per_rank")
+    rng = per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else None
+    if rng is None and info.rank == 0:
+        rng = state.get("rng")
+    if rng is not None:
+        set_rng_state(rng, device)
+    return rng is not None
 
 
 def newest_readable_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None,

@@ -1,17 +1,20 @@
 """Run configurations: YAML files (a path, or a config shipped in the package, :func:`~nonlocalnet.io.find_config`)
-on top of the defaults, overridable with ``key=value``.
+on top of a schema's defaults, overridable with ``key=value``.
 
-A config is a nested dict with the sections ``model``, ``data``, ``train``, ``test`` and the top-level
-``output_dir`` and ``seed``. A YAML file may name a ``base`` file (relative to itself) that it extends. Command-line
-overrides use dotted keys and YAML values: ``train.lr=0.02 train.lr_steps=[100,200] model.name=nl_i3d_r50``.
+One loader serves every kind of run; a :class:`ConfigSchema` says what a kind's config holds. :data:`VIDEO` (the
+default) has the sections ``model``, ``data``, ``train``, ``test`` and the top-level ``output_dir`` and ``seed``;
+the detection schema is :data:`nonlocalnet.detection.config.SCHEMA`. A YAML file may name a ``base`` file
+(relative to itself) that it extends. Overrides use dotted keys and YAML values, read by :func:`parse_override`
+for every command of the CLI: ``train.lr=0.02 train.lr_steps=[100,200] model.name=nl_i3d_r50``.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -85,22 +88,64 @@ class ConfigError(ValueError):
     all_processes = True  # raised alike by every process of a torchrun job: the CLI says it once
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The defaults, updated by a YAML file (and the files it extends), then by ``key=value`` overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+@dataclass(frozen=True)
+class ConfigSchema:
+    """What one kind of run config holds, and how its values are checked.
+
+    Attributes:
+        defaults: every known key with its default; a key whose default is not None takes values of its type.
+        free: sections whose own keys are not checked here (a model's keyword arguments, checked where the model
+            is built). A mapping inside one is a value (a placement, say): a file that sets it replaces its base
+            file's whole, while a dotted override sets one key of it.
+        untyped: keys that take values of more than one type (``check`` checks them).
+        positive: keys that must be at least 1.
+        non_negative: keys that must not be negative.
+        check: further checks of a complete config, raising :class:`ConfigError` naming the key.
+        folder: the folder of shipped configs in which a bare name ("tiny_shapes") is looked up.
+    """
+
+    defaults: Mapping[str, Any]
+    free: tuple[str, ...] = ()
+    untyped: tuple[str, ...] = ()
+    positive: tuple[str, ...] = ()
+    non_negative: tuple[str, ...] = ()
+    check: Callable[[Mapping[str, Any]], None] | None = None
+    folder: str | None = None
+
+    def is_free(self, name: str) -> bool:
+        """Whether the dotted key ``name`` lies inside a free section."""
+        return any(name.startswith(section + ".") for section in self.free)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                schema: ConfigSchema | None = None) -> dict[str, Any]:
+    """The schema's defaults (video's by default), updated by a YAML file (and the files it extends), then by
+    ``key=value`` overrides; checked."""
+    schema = schema or VIDEO
+    data: dict[str, Any] = {}
     if path is not None:
         try:
-            path = find_config(path)
+            path = find_config(path, folder=schema.folder)
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
-        merge(cfg, _read_yaml_chain(path))
+        data = _read_yaml_chain(path, schema)
+    return build_config(data, overrides, schema)
+
+
+def build_config(data: Mapping[str, Any], overrides: Iterable[str] = (), schema: ConfigSchema | None = None
+                 ) -> dict[str, Any]:
+    """The schema's defaults updated by ``data`` (a config as a mapping, e.g. the one a checkpoint recorded), then
+    by ``key=value`` overrides; checked. A complete config gives itself back."""
+    schema = schema or VIDEO
+    cfg = copy.deepcopy(dict(schema.defaults))
+    merge(cfg, data, schema=schema)
     for item in overrides:
-        apply_override(cfg, item)
-    check_config(cfg)
+        apply_override(cfg, item, schema)
+    check_config(cfg, schema)
     return cfg
 
 
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_yaml_chain(path: Path, schema: ConfigSchema, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
@@ -115,83 +160,113 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    out = _read_yaml_chain(path.parent / base, seen + (path.resolve(),))
-    merge(out, data, strict=False)  # keys are checked against the defaults once the chain is resolved
+    out = _read_yaml_chain(path.parent / base, schema, seen + (path.resolve(),))
+    merge(out, data, strict=False, schema=schema)  # keys are checked against the defaults once the chain is resolved
     return out
 
 
-def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", strict: bool = True) -> dict[str, Any]:
+def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", strict: bool = True,
+          schema: ConfigSchema | None = None) -> dict[str, Any]:
     """Recursively updates ``into`` with ``update``.
 
-    With ``strict``, unknown keys are an error, except inside ``model.options`` (the model's own keyword
-    arguments).
+    With ``strict``, unknown keys are an error, except inside the schema's free sections (``model.options`` of a
+    video config: the model's own keyword arguments).
     """
+    schema = schema or VIDEO
     for key, value in update.items():
         name = f"{where}{key}"
-        free = _is_free(name)
-        if strict and key not in into and not free and (where or key not in DEFAULTS):
+        free = schema.is_free(name)
+        if strict and key not in into and not free and (where or key not in schema.defaults):
             known = ", ".join(sorted(into))
             raise ConfigError(f"unknown config key {name!r}; known keys{f' of {where[:-1]!r}' if where else ''}: "
                               f"{known}")
         if isinstance(into.get(key), dict) and not free and not isinstance(value, Mapping) \
-                and (key in DEFAULTS or where):
+                and (key in schema.defaults or where):
             raise ConfigError(f"config section {name!r} must be a mapping of keys ({', '.join(sorted(into[key]))}); "
                               f"got {value!r}")
         if isinstance(into.get(key), dict) and isinstance(value, Mapping) and not free:
-            merge(into[key], value, name + ".", strict)
+            merge(into[key], value, name + ".", strict, schema)
         else:
             into[key] = copy.deepcopy(value)
     return into
 
 
-AMP_CHOICES = (False, True, "bf16", "fp16")
+def parse_override(item: str, example: str = "train.lr=0.02") -> tuple[str, Any]:
+    """``"train.lr_steps=[100,200]"`` -> ``("train.lr_steps", [100, 200])``: the dotted key, and the value read as
+    YAML (numbers, lists, mappings, true / false, null; anything else is a string).
 
+    This is the override syntax of every command: config keys for ``train`` / ``test`` / ``detect-*``, model
+    options for ``convert`` / ``flops`` / ``visualize``.
 
-def _is_free(name: str) -> bool:
-    return name.startswith("model.options.") or name == "train.amp."  # train.amp: a bool or a name, checked below
-
-
-def apply_override(cfg: dict[str, Any], item: str) -> None:
-    """Applies one ``dotted.key=value`` override; the value is parsed as YAML (numbers, lists, null, ...)."""
+    Raises:
+        ConfigError: no ``=``, or a value that is not valid YAML; the message names the item.
+    """
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=0.02)")
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. {example})")
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
-    parts = key.strip().split(".")
+    return key.strip(), value
+
+
+def apply_override(cfg: dict[str, Any], item: str, schema: ConfigSchema | None = None) -> None:
+    """Applies one ``dotted.key=value`` override (:func:`parse_override`) to a config of ``schema``."""
+    schema = schema or VIDEO
+    key, value = parse_override(item)
+    parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[:i + 1])
-        if part not in node and _is_free(here):
+        if part not in node and schema.is_free(here):
             node[part] = {}
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"override {item!r}: {here!r} is not a config section")
         node = node[part]
     where = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
-    merge(node, {parts[-1]: value}, where)
+    merge(node, {parts[-1]: value}, where, schema=schema)
 
 
-# keys that must be at least 1, and at least 0
-_POSITIVE = ("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every", "test.batch_size",
-             "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips", "data.test_crops",
-             "data.num_classes", "data.image_size", "data.train_size", "data.test_size")
-_NON_NEGATIVE = ("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every", "train.warmup_iterations",
-                 "data.workers", "train.lr", "train.weight_decay", "train.momentum")
+def options_from_overrides(items: Iterable[str], example: str = "width=32") -> dict[str, Any]:
+    """A model's keyword arguments from ``key=value`` overrides (:func:`parse_override`), as a config's
+    ``model.options`` holds them: ``["width=8", "layers=[1,1,1,1]"]`` -> ``{"width": 8, "layers": [1, 1, 1, 1]}``.
+    A dotted key sets a key of a mapping option (``nonlocal_options.mode=gaussian``).
+
+    Raises:
+        ConfigError: an item that is no ``key=value``, a key that is no option name, or a Python tuple (a YAML
+            string, where a list is meant); the message names it.
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item, example)
+        parts = key.split(".")
+        if not all(part.isidentifier() for part in parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not an option name (e.g. {example})")
+        if isinstance(value, str) and value.startswith("(") and value.endswith(")"):  # a Python tuple is no YAML
+            raise ConfigError(f"override {item!r}: write a sequence as a YAML list, [{value[1:-1]}]")
+        node = options
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: option {'.'.join(parts[:i + 1])!r} is not a mapping")
+        node[parts[-1]] = value
+    return options
 
 
-def _check_types(cfg: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
+AMP_CHOICES = (False, True, "bf16", "fp16")
+
+
+def _check_types(cfg: Mapping[str, Any], defaults: Mapping[str, Any], schema: ConfigSchema, where: str = "") -> None:
     """Every key whose default has a type takes a value of that type (a number for a float, a list for a list)."""
     for key, default in defaults.items():
         name, value = f"{where}{key}", cfg.get(key)
-        if default is None or _is_free(name + "."):
+        if default is None or name in schema.untyped or schema.is_free(name + "."):
             continue
         if isinstance(default, dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config section {name!r} must be a mapping; got {value!r}")
-            if name != "model.options":
-                _check_types(value, default, name + ".")
+            _check_types(value, default, schema, name + ".")
             continue
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "true or false"
@@ -215,15 +290,30 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def check_config(cfg: Mapping[str, Any]) -> None:
-    """Raises ConfigError for values that cannot work, naming the key."""
-    _check_types(cfg, DEFAULTS)
-    for key in _POSITIVE:
+def check_config(cfg: Mapping[str, Any], schema: ConfigSchema | None = None) -> None:
+    """Raises ConfigError for values that cannot work, naming the key: types, ranges, then the schema's checks."""
+    schema = schema or VIDEO
+    _check_types(cfg, schema.defaults, schema)
+    for key in schema.positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1; got {_get(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
+    for key in schema.non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative; got {_get(cfg, key)!r}")
+    if schema.check is not None:
+        schema.check(cfg)
+
+
+def check_steps(cfg: Mapping[str, Any], key: str, unit: str) -> None:
+    """Raises ConfigError unless the list at ``key`` holds increasing integers (``unit``: what they count)."""
+    steps = list(_get(cfg, key))
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise ConfigError(f"{key} must be a list of {unit} (integers); got {steps}")
+    if steps != sorted(steps):
+        raise ConfigError(f"{key} must be increasing; got {steps}")
+
+
+def _check_video(cfg: Mapping[str, Any]) -> None:
     if cfg["train"]["amp"] not in AMP_CHOICES or isinstance(cfg["train"]["amp"], (int, float)) \
             and not isinstance(cfg["train"]["amp"], bool):
         raise ConfigError(f"train.amp must be false, bf16, fp16 or true (bf16 where the device supports it, else "
@@ -232,18 +322,27 @@ def check_config(cfg: Mapping[str, Any]) -> None:
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
                              or not math.isfinite(clip)):
         raise ConfigError(f"train.clip_grad_norm must be a positive number or null; got {clip!r}")
-    data, train = cfg["data"], cfg["train"]
+    data = cfg["data"]
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
     if data["type"] != "synthetic":
         for key in ("root", "train_list", "test_list"):
             if not data[key]:
                 raise ConfigError(f"data.type={data['type']!r} needs data.{key}")
-    steps = list(train["lr_steps"])
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
-        raise ConfigError(f"train.lr_steps must be a list of iterations (integers); got {steps}")
-    if steps != sorted(steps):
-        raise ConfigError(f"train.lr_steps must be increasing; got {steps}")
+    check_steps(cfg, "train.lr_steps", "iterations")
+
+
+VIDEO = ConfigSchema(
+    DEFAULTS,
+    free=("model.options",),
+    untyped=("train.amp",),  # a bool or a name, checked by _check_video
+    positive=("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every",
+              "test.batch_size", "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips",
+              "data.test_crops", "data.num_classes", "data.image_size", "data.train_size", "data.test_size"),
+    non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
+                  "train.warmup_iterations", "data.workers", "train.lr", "train.weight_decay", "train.momentum"),
+    check=_check_video,
+)
 
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -42,17 +44,35 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> this process's GPU under torchrun (LOCAL_RANK) if CUDA is available, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
+    """"auto" -> this process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else the CPU; "cuda" -> this
+    process's GPU; any other name (``cuda:1``, ``cpu``) as it is."""
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
     return device
+
+
+def process_group_info() -> DistInfo:
+    """This process's place in the joined process group (rank 0 of 1 when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of the process group (or the only process)."""
+    return process_group_info().is_main
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself when it is not wrapped)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def barrier() -> None:
@@ -89,6 +109,25 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:int(n.item())] for g, n in zip(gathered, lengths)])
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (any picklable object) in rank order, on every process (``[value]`` alone)."""
+    world = process_group_info().world_size
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's ``value`` (any picklable object), on every process; the others pass anything (e.g. None)."""
+    if process_group_info().world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_rng_states(device: torch.device) -> list[dict[str, torch.Tensor | None]]:

@@ -11,19 +11,20 @@ class MetricLogger:
     """Appends one JSON object per call to ``metrics.jsonl`` and mirrors the numbers to TensorBoard.
 
     Args:
-        directory: the run directory.
+        directory: the run directory; None: a run without one (every call is a no-op).
         enabled: False in non-main processes (then every call is a no-op).
         tensorboard: also write TensorBoard event files under ``directory/tensorboard``.
         purge_step: a resumed run's first step: TensorBoard hides the events an interrupted attempt logged from
-            this step on (``metrics.jsonl`` is cut by the trainer itself).
+            this step on (the JSON-lines file is cut by the trainer itself).
+        filename: the JSON-lines file in ``directory`` (the detection trainer's is ``log.jsonl``).
     """
 
-    def __init__(self, directory: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None) -> None:
-        self.enabled = enabled
-        self.path = Path(directory) / "metrics.jsonl"
+    def __init__(self, directory: str | os.PathLike | None, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None, filename: str = "metrics.jsonl") -> None:
+        self.enabled = enabled and directory is not None
+        self.path = Path(directory) / filename if directory is not None else None
         self.writer = None
-        if not enabled:
+        if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
@@ -35,15 +36,21 @@ class MetricLogger:
                 self.writer = SummaryWriter(os.fspath(Path(directory) / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, values: Mapping[str, Any], prefix: str = "train") -> None:
+        """One row ``{"step": step, "split": prefix, **values}``; the numbers also go to TensorBoard."""
         if not self.enabled:
             return
-        record = {"step": step, "split": prefix, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.write({"step": step, "split": prefix, **values})
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """One row as it is (nothing added, nothing mirrored to TensorBoard)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -435,6 +435,11 @@ class NonLocal3d(NonLocalBlock):
         super().__init__(in_channels, dim=3, **options)
 
 
+def find_nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
+    """Every :class:`NonLocalBlock` in ``model``, by module name, in definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
+
+
 def _parse_subsample(subsample: int | Sequence[int] | None, dim: int) -> tuple[int, ...] | None:
     if subsample is None:
         return None

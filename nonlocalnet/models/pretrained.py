@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..layers import NonLocalBlock
+from ..layers import find_nonlocal_blocks
 from .inflate import inflate_2d_weights
 from .weights import read_state_dict
 
@@ -85,7 +85,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         return report
 
     own = model.state_dict()
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
+    blocks = find_nonlocal_blocks(model)
     folded = [name for name, block in blocks.items() if isinstance(block.norm, nn.Identity)
               and f"{name}.norm.running_var" in state]
     for name in folded:

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import NonLocalBlock
+from ..layers import NonLocalBlock, find_nonlocal_blocks  # find_nonlocal_blocks: exported here too
 from ..layers.folding import Folding, fold, scatter_attention
 
 __all__ = ["BlockAttention", "capture_attention", "cell_centres", "find_nonlocal_blocks", "resolve_block_names"]
@@ -182,11 +182,6 @@ def capture_attention(model: nn.Module, clip: Tensor, blocks: str | Sequence[str
     if missing:
         raise ValueError(f"these non-local blocks did not run in the forward pass: {', '.join(missing)}")
     return records
-
-
-def find_nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
-    """Every :class:`~nonlocalnet.layers.NonLocalBlock` in ``model``, by module name, in definition order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
 
 
 def resolve_block_names(model: nn.Module, block: str | None) -> list[str]:
