@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory from torch.cuda there)")
     parser.add_argument("--shapes", nargs="+", help="table shapes (default: all of the chosen set)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--variants", nargs="+", help="table: only these configurations (the peers' own names)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
     parser.add_argument("--long-step-s", type=float, default=3.0,
                         help="a step longer than this is timed once (its warm-up)")

@@ -72,7 +72,7 @@ def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]
         shape, subsample, _ = shapes[shape_name]
         for peer in args.peers:
             missing = peer_unavailable(peer)
-            for variant in PEERS[peer][1]:
+            for variant in [v for v in PEERS[peer][1] if not args.variants or v in args.variants]:
                 row: dict[str, Any] = dict(shape=shape_name, peer=peer, variant=variant)
                 if missing:
                     row["status"] = missing
