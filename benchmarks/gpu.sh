@@ -17,11 +17,17 @@ for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry_run=1; done
 
 log() { echo "[gpu] $*" >&2; }
 
+export NONLOCALNET_GPU_STARTED="${NONLOCALNET_GPU_STARTED:-$(date +%s)}"  # the 8 minutes count from here
+
 PY="${NONLOCALNET_PYTHON:-}"
 if [ -z "$PY" ] && [ "$dry_run" = 0 ] && command -v python3 >/dev/null \
-   && python3 -c 'import sys, torch, torchvision; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  PY="$(command -v python3)"
-  log "using $PY (its torch sees CUDA)"
+   && python3 -c 'import torch, torchvision' 2>/dev/null; then
+  PY="$(command -v python3)"  # a machine's own torch, used as it is (building one needs the registry)
+  if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    log "using $PY (its torch sees CUDA)"
+  else
+    log "warning: $PY's torch sees no CUDA device; gpu.py stops with the reason"
+  fi
 fi
 if [ -z "$PY" ]; then
   source "$NONLOCALNET_ROOT/scripts/_env.sh"
@@ -39,10 +45,12 @@ missing() {  # the pip names of those that do not import
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || echo "${pair#*:}"
   done
 }
-install() {  # best effort: from NONLOCALNET_WHEELS when set, else the registry
+install() {  # best effort and bounded (a machine without network must not spend minutes here): from
+  # NONLOCALNET_WHEELS when set, else the registry
   local source=()
   [ -n "${NONLOCALNET_WHEELS:-}" ] && source=(--no-index --find-links "$NONLOCALNET_WHEELS")
-  "$PY" -m pip install --quiet "${source[@]}" "$@" 2>&1 | tail -3 >&2 || true
+  PIP_DISABLE_PIP_VERSION_CHECK=1 timeout 45 "$PY" -m pip install --quiet --retries 0 --timeout 5 \
+    ${source[@]+"${source[@]}"} "$@" 2>&1 | tail -3 >&2 || true
 }
 if [ "$dry_run" = 0 ]; then
   mapfile -t want < <(missing "${needed[@]}")
