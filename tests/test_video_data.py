@@ -408,3 +408,14 @@ def test_invalid_options_are_named(tmp_path, videos):
         _dataset(tmp_path, videos, ["k/a.mp4 0"], split="val")
     with pytest.raises(ValueError, match="larger than the smallest train scale"):
         _dataset(tmp_path, videos, ["k/a.mp4 0"], crop_size=64)
+
+
+def test_normalize_gives_the_plain_formulas_values_contiguous_from_any_layout():
+    """One allocation and in-place arithmetic, the same values as (x.float() - 114.75) / 57.375 element by
+    element: the clip a training item returns does not depend on the layout the transforms left it in."""
+    frames = torch.randint(0, 256, (4, 30, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    clip = T.to_channels_first(frames)[..., 3:27, 5:29].flip(-1)  # permuted, cropped, mirrored: not contiguous
+    out = T.normalize(clip)
+    assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (3, 4, 24, 24)
+    assert torch.equal(out, (clip.float() - 114.75) / 57.375)
+    assert out[0, 1, 2, 3] == (float(frames[1, 5, 29 - 1 - 3, 0]) - 114.75) / 57.375  # channel 0 = red, mirrored

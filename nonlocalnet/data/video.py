@@ -486,7 +486,7 @@ class VideoListDataset(Dataset):
         clip = T.short_side_resize(clip, T.random_short_side(self.train_scale, generator))  # uint8 throughout
         clip = T.random_crop(clip, self.crop_size, generator)
         clip = T.random_horizontal_flip(clip, generator)
-        return T.normalize(clip).contiguous()  # float32 (3, T, crop, crop)
+        return T.normalize(clip)  # float32 (3, T, crop, crop), contiguous
 
     def _test_clip(self, video: int, clip_index: int, crop_index: int) -> Tensor:
         cache = self._test_cache
@@ -500,7 +500,7 @@ class VideoListDataset(Dataset):
             self._test_cache = (video, clip_index, scaled)
         if self.crop_size is not None:
             scaled = T.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
-        return T.normalize(scaled).contiguous()
+        return T.normalize(scaled)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.list_file}, split={self.split!r}, videos={self.num_videos}, "

@@ -100,4 +100,4 @@ def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: i
     if crop is not None:
         clip = T.spatial_crop(clip, crop, position=0, num_crops=1)
     raw = clip.permute(1, 2, 3, 0).numpy()  # (3, T, H, W) -> (T, H, W, 3)
-    return raw, T.normalize(clip).contiguous()
+    return raw, T.normalize(clip)
