@@ -33,13 +33,14 @@ from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
-from ..models.weights import load_model, load_state_dict_or_raise, save_weights
+from ..models.weights import load_model, save_weights
 from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
-                         newest_readable_checkpoint, remove_debris, save_checkpoint, set_aside)
+                         newest_readable_checkpoint, remove_debris, restore_training_state, save_checkpoint,
+                         set_aside)
 from .config import save_config, to_plain
 from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, barrier, gather_rng_states,
-                          init_distributed, resolve_device, set_rng_state)
+                          init_distributed, resolve_device, unwrap_model)
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
 from .precise_bn import update_bn_stats
@@ -65,10 +66,6 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
         # would stay the identity forever
         model = freeze_batchnorm(model, exclude=(NonLocalBlock,))
     return model
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 # --- a training run --------------------------------------------------------------------------------------------
@@ -289,7 +286,7 @@ def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
         or checkpoint; the seconds it took.
     """
     train_cfg = cfg["train"]
-    model = _unwrap(ddp)
+    model = unwrap_model(ddp)
     bar = tqdm(total=end, initial=start, desc=f"train {cfg['model']['name']}", unit="it", dynamic_ncols=True,
                disable=not (info.is_main and cfg["progress"]), leave=False)
     window = _Window()
@@ -354,7 +351,7 @@ def train_one_step(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
     scaler.scale(loss).backward()
     if train_cfg["clip_grad_norm"]:
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(_unwrap(ddp).parameters(), train_cfg["clip_grad_norm"])
+        nn.utils.clip_grad_norm_(unwrap_model(ddp).parameters(), train_cfg["clip_grad_norm"])
     scaler.step(optimizer)
     scaler.update()
     correct = 0 if multi_label else int((logits.argmax(1) == labels).sum())
@@ -446,16 +443,8 @@ def load_training_state(state: Mapping[str, Any], source: Path, model: nn.Module
         if key not in state:
             raise CheckpointError(f"{source} is not a training checkpoint of `nonlocalnet train` (no {key!r}); a "
                                   f"weights file goes to model.pretrained, not --resume")
-    load_state_dict_or_raise(model, state["model"], f"{source} holds weights of another model", CheckpointError)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    per_rank = state.get("rng_per_rank")
-    rng = per_rank[info.rank] if per_rank and len(per_rank) == info.world_size else None
-    if rng is None and info.rank == 0:
-        rng = state["rng"]
-    if rng is not None:
-        set_rng_state(rng, device)
-    else:  # resumed by more processes than wrote the checkpoint (allowed by --allow-config-change)
+    if not restore_training_state(state, source, model, optimizer, device, info, scaler=scaler):
+        # resumed by more processes than wrote the checkpoint (allowed by --allow-config-change)
         torch.manual_seed(process_seed(int(state["iteration"]) + 1, info.rank))
     return state["iteration"], set(int(v) for v in state.get("skipped_video_ids", []))
 
@@ -529,7 +518,7 @@ def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device:
     measures what the uninterrupted run measured. None keeps the dataset's current epoch.
     """
     info = info or DistInfo()
-    final = copy.deepcopy(_unwrap(model))
+    final = copy.deepcopy(unwrap_model(model))
     n = cfg["train"]["precise_bn_batches"]
     if n > 0:
         if epoch is not None and hasattr(dataset, "set_epoch"):
@@ -559,7 +548,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     info = info or DistInfo()
     dataset = dataset or build_dataset(cfg["data"], "test", cfg["seed"])
     multi_label = is_multi_label(cfg["data"])
-    net = _unwrap(model)
+    net = unwrap_model(model)
     fully_conv = bool(cfg["test"]["fully_convolutional"])
     previous = getattr(net, "fully_convolutional", None)
     previous_activation = getattr(net, "score_activation", None)
