@@ -31,7 +31,7 @@ import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -108,30 +108,29 @@ def item_indices(count: int, frames: int, rate: int, n: int) -> list[torch.Tenso
     return [T.train_clip_indices(count, frames, rate, generator) for _ in range(n)]
 
 
-def pure_decode(path: Path, index: torch.Tensor) -> None:
-    """The limit: seek to the key frame before the first needed frame, decode through the last; nothing else."""
+def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         first, last = int(index.min()), int(index.max())
         container.seek(int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
         for frame in container.decode(stream):
-            if round(frame.pts * stream.time_base * stream.average_rate) >= last:
+            position = round(frame.pts * stream.time_base * stream.average_rate)
+            yield position, frame
+            if position >= last:
                 return
+
+
+def pure_decode(path: Path, index: torch.Tensor) -> None:
+    """The limit: seek to the key frame before the first needed frame, decode through the last; nothing else."""
+    for _ in frames_from_key_frame(path, index):
+        pass
 
 
 def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int = 224) -> torch.Tensor:
     """PySlowFast's PyAV reader, written here: seek before the span, decode and convert every frame through its
     end to RGB, select, then resize and crop in float."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        first, last = int(index.min()), int(index.max())
-        container.seek(int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
-        frames = {}
-        for frame in container.decode(stream):
-            position = round(frame.pts * stream.time_base * stream.average_rate)
-            frames[position] = frame.to_rgb().to_ndarray()
-            if position >= last:
-                break
+    frames = {position: frame.to_rgb().to_ndarray() for position, frame in frames_from_key_frame(path, index)}
     clip = torch.from_numpy(np.stack([frames[i] for i in index.tolist()])).permute(0, 3, 1, 2).float()
     height, width = clip.shape[-2:]
     scale = size / min(height, width)
@@ -153,15 +152,6 @@ def torchcodec_reader() -> Callable[[Path, torch.Tensor], torch.Tensor] | None:
     return read
 
 
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int) -> list[dict]:
     rows = []
     codec = torchcodec_reader()
@@ -179,9 +169,11 @@ def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int)
                 readers["torchcodec"] = lambda i: codec(path, indices[i])
             per_item = {name: [] for name in readers}
             for i in range(items):  # round-robin over the readers, item by item
+                train.set_epoch(i)
                 for name, read in readers.items():
-                    train.set_epoch(i)
-                    per_item[name].append(median_s(lambda: read(i), 1))
+                    start = time.perf_counter()
+                    read(i)
+                    per_item[name].append(time.perf_counter() - start)
             row = dict(layout=layout, clip=clip,
                        **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item.items()})
             views = min(len(test), 30)  # one video's 10 clips x 3 crops
