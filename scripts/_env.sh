@@ -6,7 +6,8 @@
 #   newest   the newest torch / torchvision the registry serves, past any cap in the machine's pip config, with
 #            the peers the comparison and conversion tests run against (the "bench" extra: mmcv-lite, mmengine, timm,
 #            pytorchvideo; mmaction2 without its dependencies, requirements/peers-no-deps.txt), so that CI runs
-#            those tests too
+#            those tests too, and torchcodec 0.N for torch 2.N (the data.decoder=torchcodec tests; it also needs
+#            FFmpeg's shared libraries on the system, which .ci/run installs from Debian)
 # lowest and newest live in a cache (NONLOCALNET_ENVS, default ~/.cache/nonlocalnet/envs) keyed by the
 # requirements, so that fresh clones reuse them: a new one is built only when pyproject.toml's dependencies,
 # the pins or (for newest) the newest release change, and the old one is removed once the new one works. Each
@@ -72,6 +73,7 @@ nonlocalnet_env() {
     key="$({ "$NONLOCALNET_PYTHON" --version; cat "$NONLOCALNET_ROOT/pyproject.toml"; } | sha256sum | cut -c1-16)"
     VENV="$NONLOCALNET_ROOT/.venv"
   else
+    [ "$kind" = newest ] && key="${key:-} torchcodec"
     key="$({ "$NONLOCALNET_PYTHON" --version; nonlocalnet_requirements; echo "$pins $extras ${key:-}"; } \
            | sha256sum | cut -c1-16)"
     VENV="$envs/$kind-$key"
@@ -96,7 +98,12 @@ nonlocalnet_env() {
       nonlocalnet_pip install -e "$NONLOCALNET_ROOT[$extras]"
     fi
     case ",$extras," in *,bench,*)  # peers whose declared dependencies the tests do not need (see the file)
-      nonlocalnet_pip install --no-deps -r "$NONLOCALNET_ROOT/requirements/peers-no-deps.txt" ;;
+      nonlocalnet_pip install --no-deps -r "$NONLOCALNET_ROOT/requirements/peers-no-deps.txt"
+      # torchcodec is built against one torch release: 0.N for 2.N (its own compatibility table)
+      local minor
+      minor="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split(".")[1])')"
+      nonlocalnet_pip install --no-deps "torchcodec==0.$minor.*" \
+        || nonlocalnet_log "no torchcodec 0.$minor for torch 2.$minor on the registry: the torchcodec tests skip" ;;
     esac
     "$VENV/bin/python" -c "import nonlocalnet, torch, torchvision.ops" || return 1  # loudly, if it did not work
     echo "$key" > "$stamp"

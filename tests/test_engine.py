@@ -54,6 +54,7 @@ def test_config_extends_its_base_and_takes_overrides():
     ("train=5", "config section 'train' must be a mapping of keys"),
     ("train.lr_steps=[9, 5]", "increasing"),
     ("data.type=kinetics", "needs data.root"),
+    ("data.decoder=ffmpeg", "data.decoder must be one of pyav, torchcodec; got 'ffmpeg'"),
 ])
 def test_bad_config_names_the_key(override, message):
     """Each of these started training before (a traceback mid-run) or trained with a nonsense value."""

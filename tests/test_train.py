@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from nonlocalnet.cli import main
+from nonlocalnet.data.video import DECODERS
 from nonlocalnet.engine import load_config, train
+
+from .test_video_data import _has_torchcodec
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
 QUICK = ["progress=false", "data.test_size=32", "data.train_size=256", "train.batch_size=8", "train.log_every=2",
@@ -189,6 +192,33 @@ def test_multi_label_training_reports_map(tmp_path, video_root):
     assert report["per_class_ap"] == pytest.approx(expected, abs=1e-6)
     assert report["mAP"] == pytest.approx(sum(expected) / 3)
     assert min(expected) < 1  # the ranking matters here: a wrong score order would change an AP
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not _has_torchcodec(), reason="torchcodec and FFmpeg's shared libraries")
+def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
+    """data.decoder=torchcodec from the config to the test report: the same items, so the same run."""
+    reports = {d: train(load_config(None, _video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"]))
+               for d in DECODERS}
+    assert reports["torchcodec"]["skipped_videos_train"] == 1  # broken.mp4, as through PyAV
+    drop = ("time", "second")
+    rows = {d: [{k: v for k, v in r.items() if not any(w in k for w in drop)} for r in _metrics(tmp_path / d)]
+            for d in DECODERS}
+    assert rows["pyav"] == rows["torchcodec"]
+    same = {d: json.dumps({k: v for k, v in r.items() if "time" not in k and "second" not in k}, sort_keys=True)
+            for d, r in reports.items()}  # as text: a class without a test video has accuracy NaN in both
+    assert same["pyav"] == same["torchcodec"]
+
+
+def test_an_unavailable_decoder_stops_the_command_with_one_error_line(tmp_path, video_root, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if torchcodec were not installed
+    assert main(["train", *_video_overrides(video_root, tmp_path / "run"), "data.decoder=torchcodec"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nonlocalnet train: error: decoder 'torchcodec' needs torchcodec")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):

@@ -7,6 +7,7 @@ a static horizontal ramp ``20 + 4 x``, so crops and flips can be read back from 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import av
@@ -20,6 +21,18 @@ from nonlocalnet.data import video as V
 from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
 
 HEIGHT, WIDTH = 40, 56
+
+
+def _has_torchcodec() -> bool:
+    try:
+        V.check_decoder("torchcodec")
+    except V.DecoderUnavailable:
+        return False
+    return True
+
+
+needs_torchcodec = pytest.mark.skipif(not _has_torchcodec(), reason="torchcodec and FFmpeg's shared libraries "
+                                      "(pip install torchcodec; apt install ffmpeg)")
 
 
 def _write_video(path: Path, frames: np.ndarray, gop: int = 5) -> None:
@@ -61,6 +74,8 @@ def videos(tmp_path_factory) -> Path:
     _write_video(root / "k" / "short.mp4", _time_video(5))
     _write_video(root / "k" / "ramp.mp4", _ramp_video(12))
     _write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT))
+    noise = np.random.default_rng(1).integers(0, 256, (24, HEIGHT, WIDTH, 3), np.uint8)
+    _write_video(root / "k" / "noise.mp4", noise)  # every pixel differs: conversions and regions show
     (root / "k" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     return root
 
@@ -419,3 +434,108 @@ def test_normalize_gives_the_plain_formulas_values_contiguous_from_any_layout():
     assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (3, 4, 24, 24)
     assert torch.equal(out, (clip.float() - 114.75) / 57.375)
     assert out[0, 1, 2, 3] == (float(frames[1, 5, 29 - 1 - 3, 0]) - 114.75) / 57.375  # channel 0 = red, mirrored
+
+
+# ------------------------------------------------------------------------------ decoding: regions, RGB, decoders
+
+
+def test_a_scaled_training_crop_is_the_square_of_the_scaled_frame(tmp_path, videos):
+    # the 40x56 ramp 20 + 4x scaled to short side 80 and cropped to 32x32: a 16-pixel square of the frame, doubled,
+    # so 2 levels an output pixel (inside: the outermost output pixels sit half a source pixel from the square's
+    # edge), starting at a whole source column
+    data = _dataset(tmp_path, videos, ["k/ramp.mp4 0"], train_scale=(80, 80), crop_size=32)
+    lefts, flipped = set(), 0
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        clip = data[0]["clip"]
+        assert clip.shape == (3, 4, 32, 32)
+        row = (clip * T.STD + T.MEAN)[:, 0].mean(dim=(0, 1))  # (32,)
+        if row[0] > row[-1]:
+            flipped, row = flipped + 1, row.flip(0)
+        assert abs((row[30] - row[1]).item() - 2 * 29) <= 1.5
+        assert (row[2:31] - row[1:30]).sub(2).abs().max() <= 1.5
+        left = (row[0].item() - 20) / 4
+        assert abs(left - round(left)) <= 0.3 and 0 <= round(left) <= WIDTH - 16
+        lefts.add(round(left))
+    assert 0 < flipped < 12 and len(lefts) > 3
+
+
+def test_random_scaled_crop_regions():
+    generator = torch.Generator().manual_seed(0)
+    sides, flips = set(), 0
+    for _ in range(200):
+        rows, columns = T.random_scaled_crop(256, 456, (256, 320), 224, generator)
+        side = rows.stop - rows.start
+        assert 0 <= rows.start and rows.stop <= 256 and len(range(456)[columns]) == side
+        sides.add(side)
+        flips += columns.step == -1
+    # 224 * 256 / s for s in 256..320: 224 (s = 256) down to 179 (s = 320)
+    assert min(sides) == 179 and max(sides) == 224 and 60 < flips < 140
+    again = [T.random_scaled_crop(40, 56, (80, 80), 32, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert again[0] == again[1] and again[0][0].stop - again[0][0].start == 16
+
+
+def test_clip_indices_are_the_frames_an_item_takes(tmp_path, videos):
+    data = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/b.mp4 1"])
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        assert _frame_ids(data[0]["clip"]) == data.clip_indices(0, 40).tolist()
+        assert _frame_ids(data[1]["clip"]) == data.clip_indices(1, 24).tolist()
+    test = _dataset(tmp_path, videos, ["k/a.mp4 0"], split="test", frames=4, sampling_rate=2, test_clips=3,
+                    test_crops=3, test_scale=40, crop_size=40)
+    assert [test.clip_indices(i, 40).tolist() for i in (0, 4, 8)] == [[0, 2, 4, 6], [16, 18, 20, 22],
+                                                                       [32, 34, 36, 38]]
+
+
+def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
+    path = videos / "k" / "noise.mp4"
+    index = torch.tensor([0, 3, 3, 17, 23])
+    with av.open(str(path)) as container:
+        every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    frames, _ = read_frames(path, lambda count: index)
+    assert np.array_equal(frames, np.stack([every[i] for i in index.tolist()]))
+    assert V._RGB.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
+    for rows, columns in [(slice(3, 20), slice(5, 30)), (slice(0, 40), slice(29, 4, -1)),
+                          (slice(2, 10), slice(9, None, -1)), (slice(0, 40), slice(55, None, -1))]:
+        part, _ = read_frames(path, lambda count: index, region=lambda h, w: (rows, columns))
+        assert part.flags.c_contiguous and np.array_equal(part, frames[:, rows, columns])
+    sought, _ = read_frames(path, lambda count: torch.arange(17, 24, 2), region=lambda h, w: (rows, columns))
+    assert np.array_equal(sought, np.stack(every[17:24:2])[:, rows, columns])  # the seek path as well
+
+
+def test_an_unknown_or_unavailable_decoder_is_one_line_naming_it(tmp_path, videos, monkeypatch):
+    with pytest.raises(ValueError, match="decoder must be one of .'pyav', 'torchcodec'.; got 'ffmpeg'"):
+        _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="ffmpeg")
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if it were not installed
+    with pytest.raises(V.DecoderUnavailable) as info:
+        _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="torchcodec")
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    assert str(info.value).startswith("decoder 'torchcodec' needs torchcodec (the release matching torch ")
+    assert "apt install ffmpeg" in str(info.value) and "torchcodec.decoders" in str(info.value)
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("name, index", [("noise.mp4", [0, 4, 4, 11, 23]), ("a.mp4", list(range(20, 40, 3))),
+                                         ("short.mp4", [0, 1, 2, 3, 4, 4, 4])])
+def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
+    path = videos / "k" / name
+    for region in (None, lambda h, w: (slice(2, 30), slice(40, 9, -1))):
+        frames = {d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d)
+                  for d in V.DECODERS}
+        assert np.array_equal(frames["pyav"][0], frames["torchcodec"][0])  # pixel for pixel
+        assert frames["torchcodec"][1].tolist() == index
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_dataset_items_are_the_same_with_either_decoder(tmp_path, videos, split):
+    lines = ["k/noise.mp4 0", "k/corrupt.mp4 1", "k/a.mp4 2", "k/short.mp4 3"]
+    options = dict(seed=2) if split == "train" else dict(split="test", test_clips=2, test_crops=3, test_scale=40)
+    data = {d: _dataset(tmp_path, videos, lines, decoder=d, **options) for d in V.DECODERS}
+    for epoch in (0, 1):
+        for d in data.values():
+            d.set_epoch(epoch)
+        for i in range(len(data["pyav"])):
+            a, b = data["pyav"][i], data["torchcodec"][i]
+            assert all(torch.equal(a[key], b[key]) for key in a), (epoch, i)
+    assert data["torchcodec"]._corrupt.keys() == {1}  # the corrupt file is one for torchcodec too

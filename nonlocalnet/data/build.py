@@ -28,7 +28,8 @@ def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0) -> Dataset
                             frames=data["frames"], sampling_rate=data["sampling_rate"],
                             train_scale=tuple(data["train_scale"]), crop_size=data["crop_size"],
                             test_scale=data["test_scale"], test_clips=data["test_clips"],
-                            test_crops=data["test_crops"], seed=seed, skip_missing=data["skip_missing"])
+                            test_crops=data["test_crops"], seed=seed, skip_missing=data["skip_missing"],
+                            decoder=data["decoder"])
 
 
 def is_multi_label(data: Mapping[str, Any]) -> bool:

@@ -128,20 +128,24 @@ def short_side_resize(clip: Tensor, size: int) -> Tensor:
     """
     _check_positive(size=size)
     height, width = clip.shape[-2:]
+    if height <= width:
+        return resize(clip, size, int(math.floor(width * size / height)))
+    return resize(clip, int(math.floor(height * size / width)), size)
+
+
+def resize(clip: Tensor, height: int, width: int) -> Tensor:
+    """Every frame scaled to ``height`` x ``width``: bilinear, ``align_corners=False``, anti-aliased, in uint8 for
+    a uint8 clip (see :func:`short_side_resize`), else in float32; unchanged if it has that size already."""
+    _check_positive(height=height, width=width)
     if clip.dtype != torch.uint8 and not clip.is_floating_point():
         clip = clip.float()
-    if min(height, width) == size:
+    if tuple(clip.shape[-2:]) == (height, width):
         return clip
-    if height <= width:
-        new_height, new_width = size, int(math.floor(width * size / height))
-    else:
-        new_height, new_width = int(math.floor(height * size / width)), size
     # (C, T, H, W) -> (T, C, H, W); decoded frames (T, H, W, C) permuted to (C, T, H, W) are channels-last here
     frames = clip.transpose(0, 1)
     if clip.dtype == torch.uint8:
         frames = frames.contiguous(memory_format=torch.channels_last)  # the fast uint8 kernel's layout
-    frames = F.interpolate(frames, size=(new_height, new_width), mode="bilinear", align_corners=False,
-                           antialias=True)
+    frames = F.interpolate(frames, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return frames.transpose(0, 1)  # (T, C, H', W') -> (C, T, H', W')
 
 
@@ -163,6 +167,31 @@ def random_crop(clip: Tensor, size: int, generator: torch.Generator) -> Tensor:
     top = int(torch.randint(height - size + 1, (1,), generator=generator))
     left = int(torch.randint(width - size + 1, (1,), generator=generator))
     return crop(clip, top, left, size)
+
+
+def random_scaled_crop(height: int, width: int, scale: tuple[int, int], size: int, generator: torch.Generator,
+                       p: float = 0.5) -> tuple[slice, slice]:
+    """A training crop, as the region of a ``height`` x ``width`` frame that becomes it.
+
+    The paper's augmentation scales the frame to a random short side ``s`` in ``scale``, takes a random
+    ``size``² square and mirrors it with probability ``p``. Here the square is chosen in the frame's own pixels,
+    a square of side ``round(size * short / s)`` (at most the short side) at a uniformly random position, so that
+    only it is converted and scaled to ``size``² (:func:`resize`): the same distribution of crops, up to the
+    rounding of the side to whole pixels (an error in scale under half a pixel in ``size * short / s``). The
+    draws (short side, top, left, mirror) come from ``generator`` in that order.
+
+    Returns:
+        (rows, columns) slices; a mirrored crop's columns run backwards (step -1).
+    """
+    _check_positive(height=height, width=width, size=size)
+    short = min(height, width)
+    side = min(short, max(1, round(size * short / random_short_side(scale, generator))))
+    top = int(torch.randint(height - side + 1, (1,), generator=generator))
+    left = int(torch.randint(width - side + 1, (1,), generator=generator))
+    columns = slice(left, left + side)
+    if float(torch.rand((1,), generator=generator)) < p:
+        columns = slice(left + side - 1, left - 1 if left else None, -1)
+    return slice(top, top + side), columns
 
 
 def spatial_crop_offset(height: int, width: int, size: int, position: int, num_crops: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Real videos from a list file (Kinetics / Charades style), decoded with PyAV into the paper's clips.
+"""Real videos from a list file (Kinetics / Charades style), decoded with PyAV (or torchcodec) into the paper's
+clips.
 
 List files (one video a line, blank lines and lines starting with ``#`` ignored):
 
@@ -21,7 +22,9 @@ Items are dicts that ``default_collate`` stacks:
 
 Train split: one item per video; a clip at a random temporal position (see
 :func:`~nonlocalnet.data.transforms.train_clip_indices`), short side scaled to a random value in ``train_scale``,
-a random ``crop_size``² crop and a random horizontal flip. The random choices of item ``index`` come from
+a random ``crop_size``² crop and a random horizontal flip, taken as the matching square of the decoded frame so
+that only it is converted, copied and scaled (:func:`~nonlocalnet.data.transforms.random_scaled_crop`; the same
+distribution of crops up to whole source pixels). The random choices of item ``index`` come from
 generators seeded with ``(seed, epoch, index, attempt)`` (call :meth:`VideoListDataset.set_epoch` each epoch), so
 an item is the same in every run, in every DataLoader worker and after a resume.
 
@@ -48,6 +51,7 @@ not attempts. An error is raised only when every video of the list is corrupt, o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -72,6 +76,10 @@ MISSING_SHOWN = 20
 
 class VideoDecodeError(RuntimeError):
     """A video that cannot be opened or yields no decodable frame."""
+
+
+class DecoderUnavailable(ImportError, ValueError):
+    """The decoder a dataset or config asks for cannot run here (a user's choice, hence also a ValueError)."""
 
 
 class CorruptData(ValueError):
@@ -147,8 +155,9 @@ def _parse_label(text: str, num_classes: int, where: str) -> int:
 # decoding
 
 
-def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool = True) -> tuple[np.ndarray, Tensor]:
-    """Decode only the frames of a video that a clip needs, as RGB.
+def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool = True, region: Region | None = None,
+                decoder: str = "pyav") -> tuple[np.ndarray, Tensor]:
+    """Decode only the frames of a video that a clip needs, as RGB (of only the region a clip keeps).
 
     The number of frames comes from the container (``stream.frames``, else duration × frame rate); ``sample``
     maps it to frame indices, and frames are decoded in order up to the last index needed. When the first
@@ -165,19 +174,28 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
             same indices for the same count. What it raises (a bug or a bad option, not a bad video) comes
             through as it is.
         seek: allow seeking.
+        region: (frame height, frame width) -> (rows, columns), the slices of every frame to keep; a step of -1
+            mirrors. Only the region is copied out of each converted frame. Called once per pass with the same
+            size, it must give the same slices. None keeps whole frames.
+        decoder: ``"pyav"`` (the default) or ``"torchcodec"`` (the same frames, pixel for pixel; it needs
+            torchcodec and FFmpeg's shared libraries, see :func:`check_decoder`).
 
     Returns:
-        (frames (T, H, W, 3) uint8 RGB, the indices used).
+        (frames (T, H, W, 3) uint8 RGB, contiguous, the indices used).
 
     Raises:
-        VideoDecodeError: the file cannot be opened or decoded, or it has no video frame.
+        VideoDecodeError: the file cannot be opened or decoded, it has no video frame, or its frames change size.
     """
+    if decoder == "torchcodec":
+        return _read_frames_torchcodec(path, sample, region)
+    if decoder != "pyav":
+        raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
     with _open_video(path) as container:
         stream = container.streams.video[0]
         count = _frame_count(container, stream)
         if count:
             index = sample(count)
-            frames = _decode_clip(path, container, stream, index, seek=seek)
+            frames = _decode_clip(path, container, stream, index, seek=seek, region=region)
             if frames is not None:
                 return frames, index
     # no frame count, or a wrong one (the video ended before a needed frame): count the decodable frames
@@ -187,20 +205,24 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
         raise VideoDecodeError(f"{path}: no decodable video frame")
     index = sample(count)
     with _open_video(path) as container:
-        frames = _decode_clip(path, container, container.streams.video[0], index, seek=False)
+        frames = _decode_clip(path, container, container.streams.video[0], index, seek=False, region=region)
     if frames is None:
         raise VideoDecodeError(f"{path}: decoded {count} frames, then fewer on a second pass")
     return frames, index
 
 
+# what PyAV, torchcodec (RuntimeError, IndexError) or a frame of another size raise while reading a bad video
+_DECODE_ERRORS = (OSError, ValueError, RuntimeError, IndexError, KeyError) + ((av.error.FFmpegError,) if av else ())
+
+
 @contextlib.contextmanager
 def _decode_errors(path: str | Path) -> Iterator[None]:
-    """Turns what PyAV (or a frame of another size) raises while reading ``path`` into a VideoDecodeError."""
+    """Turns what decoding ``path`` raises into a VideoDecodeError."""
     try:
         yield
     except VideoDecodeError:
         raise
-    except (av.error.FFmpegError, OSError, ValueError, RuntimeError, IndexError, KeyError) as err:
+    except _DECODE_ERRORS as err:
         raise VideoDecodeError(f"{path}: {type(err).__name__}: {err}") from err
 
 
@@ -222,18 +244,66 @@ def _count_decodable_frames(path: str | Path) -> int:
         return sum(1 for _ in container.decode(container.streams.video[0]))
 
 
-def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bool) -> np.ndarray | None:
+def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bool,
+                 region: Region | None) -> np.ndarray | None:
     """Frames ``index`` of a video, (T, H, W, 3); None if the video ends before the last of them."""
     with _decode_errors(path):
         wanted = sorted(set(index.tolist()))
         if seek and wanted[0] >= _SEEK_MIN_FRAMES:
-            decoded = _decode_after_seek(container, stream, wanted)
+            decoded = _decode_after_seek(container, stream, wanted, _RGB(region))
             if decoded is None:  # time stamps disagree: decode from the start of a fresh container
                 with av.open(str(path)) as fresh:
-                    decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted)
+                    decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted, _RGB(region))
         else:
-            decoded = _decode_from_start(container, stream, wanted)
+            decoded = _decode_from_start(container, stream, wanted, _RGB(region))
         return None if decoded is None else np.stack([decoded[i] for i in index.tolist()])
+
+
+Region = Callable[[int, int], "tuple[slice, slice]"]
+
+
+class _RGB:
+    """Decoded frame -> its region as (h, w, 3) uint8 RGB: one swscale context for every frame of a clip, on one
+    thread.
+
+    Recent PyAV (18 here) converts on as many threads as the machine has cores unless told otherwise: N DataLoader
+    workers on N cores would each start that many, and even one process alone converts faster on one thread
+    (measured here, PyAV 18.1: 6 against 14 ms for 40 frames at 256p, within the decode loop). A frame of
+    another size than the first is an error (the clip's frames must stack, and its region was taken for the
+    first size).
+    """
+
+    threads: dict[str, int] = {"threads": 1}  # {} once PyAV turns out to be older (no threads argument)
+
+    def __init__(self, region: Region | None) -> None:
+        self.region, self.slices, self.size = region, None, None
+        self.reformatter = av.video.reformatter.VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        try:
+            rgb = self.reformatter.reformat(frame, format="rgb24", **_RGB.threads).to_ndarray()
+        except TypeError:  # an older PyAV: no threads argument (nor threaded conversion)
+            _RGB.threads = {}
+            rgb = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+        if self.size is None:
+            self.size = rgb.shape[:2]
+            if self.region is not None:
+                self.slices = self.region(*self.size)
+        elif rgb.shape[:2] != self.size:
+            raise ValueError(f"a frame of {rgb.shape[1]}x{rgb.shape[0]} after frames of "
+                             f"{self.size[1]}x{self.size[0]}")
+        return rgb if self.slices is None else _take(rgb, *self.slices)
+
+
+def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
+    """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy. A mirrored region (step
+    -1) is copied forwards and flipped by torch: NumPy's copy of packed RGB pixels through a negative stride
+    takes ten times as long."""
+    if columns.step is None or columns.step > 0:
+        return np.ascontiguousarray(frames[..., rows, columns, :])
+    start, stop, _ = columns.indices(frames.shape[-2])
+    forwards = np.ascontiguousarray(frames[..., rows, stop + 1:start + 1, :])
+    return torch.from_numpy(forwards).flip(-2).numpy()
 
 
 # Seek only when the clip starts at least this many frames into the video: below, decoding from the start is
@@ -252,18 +322,18 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.stream
     return None
 
 
-def _decode_from_start(container, stream, wanted: Sequence[int]) -> dict[int, np.ndarray] | None:
+def _decode_from_start(container, stream, wanted: Sequence[int], convert: _RGB) -> dict[int, np.ndarray] | None:
     """Frames ``wanted`` (sorted) counted from the first decoded frame; None if the video ends before the last."""
     keep, last, frames = set(wanted), wanted[-1], {}
     for position, frame in enumerate(container.decode(stream)):
         if position in keep:
-            frames[position] = frame.to_ndarray(format="rgb24")
+            frames[position] = convert(frame)
         if position >= last:
             return frames
     return None
 
 
-def _decode_after_seek(container, stream, wanted: Sequence[int]) -> dict[int, np.ndarray] | None:
+def _decode_after_seek(container, stream, wanted: Sequence[int], convert: _RGB) -> dict[int, np.ndarray] | None:
     """Frames ``wanted`` after seeking to the key frame before the first; None when time stamps disagree."""
     rate, time_base = stream.average_rate, stream.time_base
     if not rate or not time_base:
@@ -284,12 +354,59 @@ def _decode_after_seek(container, stream, wanted: Sequence[int]) -> dict[int, np
             if position > wanted[0]:
                 return None  # the seek went past the first needed frame
         if position in keep:
-            frames[position] = frame.to_ndarray(format="rgb24")
+            frames[position] = convert(frame)
         if position >= last:
             break
     if len(frames) != len(keep):
         return None  # a gap, a duplicate time stamp, or the video ended early
     return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchcodec
+
+DECODERS = ("pyav", "torchcodec")
+
+
+def check_decoder(decoder: str) -> None:
+    """Raise a one-line error if ``decoder`` is not one of :data:`DECODERS` (ValueError) or cannot run here
+    (:class:`DecoderUnavailable`).
+
+    torchcodec is an optional extra: a wheel matching the installed torch release (torchcodec 0.N for torch 2.N)
+    that loads FFmpeg's shared libraries (major versions 4 to 8) from the system, e.g. Debian's ``apt install
+    ffmpeg``. PyAV, the default, brings its own FFmpeg.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+    if decoder == "torchcodec":
+        try:
+            importlib.import_module("torchcodec.decoders")
+        except Exception as err:  # ImportError, or the RuntimeError it raises when no FFmpeg library loads
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DecoderUnavailable("decoder 'torchcodec' needs torchcodec (the release matching torch "
+                              f"{torch.__version__.split('+')[0]}) and FFmpeg's shared libraries 4 to 8 on the system "
+                              f"(apt install ffmpeg): {reason}") from None
+
+
+def _read_frames_torchcodec(path: str | Path, sample: Callable[[int], Tensor],
+                            region: Region | None) -> tuple[np.ndarray, Tensor]:
+    """:func:`read_frames` through torchcodec: its exact mode scans the file once, so the frame count is the
+    decodable frames' and the seeks land on the key frame before the first needed frame."""
+    from torchcodec.decoders import VideoDecoder
+
+    with _decode_errors(path):
+        decoder = VideoDecoder(str(path), seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
+        count = decoder.metadata.num_frames or 0
+    if count == 0:
+        raise VideoDecodeError(f"{path}: no decodable video frame")
+    index = sample(count)
+    wanted = sorted(set(index.tolist()))
+    with _decode_errors(path):
+        frames = decoder.get_frames_at(wanted).data.numpy()  # (N, H, W, 3) uint8
+    if region is not None:
+        frames = _take(frames, *region(*frames.shape[1:3]))
+    position = {frame: k for k, frame in enumerate(wanted)}
+    return np.ascontiguousarray(frames[[position[i] for i in index.tolist()]]), index
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,14 +432,15 @@ class VideoListDataset(Dataset):
         max_retries: replacements tried for a corrupt video before giving up.
         seed: base seed of the random choices of training items.
         skip_missing: drop missing files with a warning instead of failing.
-        seek: allow seeking in the videos (False always decodes from the first frame).
+        seek: allow seeking in the videos (False always decodes from the first frame; PyAV only).
+        decoder: ``"pyav"`` or ``"torchcodec"`` (the same frames and pixels; see :func:`check_decoder`).
     """
 
     def __init__(self, list_file: str | Path, root: str | Path, *, split: str = "train", num_classes: int,
                  multi_label: bool = False, frames: int = 8, sampling_rate: int = 8,
                  train_scale: tuple[int, int] = (256, 320), crop_size: int | None = 224, test_scale: int = 256,
                  test_clips: int = 10, test_crops: int = 3, max_retries: int = 10, seed: int = 0,
-                 skip_missing: bool = False, seek: bool = True) -> None:
+                 skip_missing: bool = False, seek: bool = True, decoder: str = "pyav") -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
         if num_classes < 1:
@@ -331,6 +449,7 @@ class VideoListDataset(Dataset):
                             ("test_clips", test_clips), ("test_crops", test_crops)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value}")
+        check_decoder(decoder)
         if max_retries < 0 or seed < 0:
             raise ValueError(f"max_retries and seed must be >= 0; got {max_retries}, {seed}")
         low, high = train_scale
@@ -353,7 +472,7 @@ class VideoListDataset(Dataset):
         self.frames, self.sampling_rate = frames, sampling_rate
         self.train_scale, self.crop_size, self.test_scale = (low, high), crop_size, test_scale
         self.test_clips, self.test_crops = test_clips, test_crops
-        self.max_retries, self.seed, self.seek = max_retries, seed, seek
+        self.max_retries, self.seed, self.seek, self.decoder = max_retries, seed, seek, decoder
         self.epoch = 0
 
         entries = read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
@@ -429,8 +548,7 @@ class VideoListDataset(Dataset):
         skipped: list[int] = []
         attempts = self.max_retries + 1 if self.split == "train" else self.num_videos
         for attempt in range(attempts):
-            time_seed, space_seed, choice_seed = (int(s) for s in np.random.SeedSequence(
-                [self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64))
+            time_seed, space_seed, choice_seed = self._seeds(index, attempt)
             try:
                 if self.split == "train":
                     clip = self._train_clip(video, time_seed, space_seed)
@@ -460,6 +578,20 @@ class VideoListDataset(Dataset):
         raise CorruptData(f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row failed to "
                           f"decode (max_retries={self.max_retries}); the last ones: " + "; ".join(last))
 
+    def _seeds(self, index: int, attempt: int) -> tuple[int, int, int]:
+        """The (time, space, replacement) seeds of a training item's ``attempt``-th draw in this epoch."""
+        return tuple(int(s) for s in np.random.SeedSequence(
+            [self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64))
+
+    def clip_indices(self, index: int, num_frames: int) -> Tensor:
+        """The frame indices item ``index`` takes from its video if that video has ``num_frames`` frames (in this
+        epoch; a training item's first draw), e.g. to decode the same frames with another reader."""
+        _, clip_index, _ = self.view(index)
+        if self.split == "train":
+            generator = torch.Generator().manual_seed(self._seeds(index, 0)[0])
+            return T.train_clip_indices(num_frames, self.frames, self.sampling_rate, generator)
+        return T.uniform_clip_indices(num_frames, self.frames, self.sampling_rate, clip_index, self.test_clips)
+
     @property
     def skip_width(self) -> int:
         """The length of an item's ``skipped_ids`` (the ids of the corrupt videos it passed over, -1 padded).
@@ -469,11 +601,11 @@ class VideoListDataset(Dataset):
         """
         return self.max_retries + 1
 
-    def _decode(self, video: int, sample: Callable[[int], Tensor]) -> Tensor:
-        """(3, T, H, W) uint8 clip of ``video``; known corrupt videos fail at once."""
+    def _decode(self, video: int, sample: Callable[[int], Tensor], region: Region | None = None) -> Tensor:
+        """(3, T, H, W) uint8 clip of ``video`` (of the region); known corrupt videos fail at once."""
         if video in self._corrupt:
             raise VideoDecodeError(self._corrupt[video])
-        frames, _ = read_frames(self.paths[video], sample, seek=self.seek)
+        frames, _ = read_frames(self.paths[video], sample, seek=self.seek, region=region, decoder=self.decoder)
         return T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
 
     def _train_clip(self, video: int, time_seed: int, space_seed: int) -> Tensor:
@@ -481,11 +613,12 @@ class VideoListDataset(Dataset):
             generator = torch.Generator().manual_seed(time_seed)  # same indices if called again
             return T.train_clip_indices(count, self.frames, self.sampling_rate, generator)
 
-        clip = self._decode(video, sample)
-        generator = torch.Generator().manual_seed(space_seed)
-        clip = T.short_side_resize(clip, T.random_short_side(self.train_scale, generator))  # uint8 throughout
-        clip = T.random_crop(clip, self.crop_size, generator)
-        clip = T.random_horizontal_flip(clip, generator)
+        def region(height: int, width: int) -> tuple[slice, slice]:
+            generator = torch.Generator().manual_seed(space_seed)  # same region if called again
+            return T.random_scaled_crop(height, width, self.train_scale, self.crop_size, generator)
+
+        # only the square that becomes the crop is converted, copied (mirrored) and scaled, in uint8
+        clip = T.resize(self._decode(video, sample, region), self.crop_size, self.crop_size)
         return T.normalize(clip)  # float32 (3, T, crop, crop), contiguous
 
     def _test_clip(self, video: int, clip_index: int, crop_index: int) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
+from ..data.video import DECODERS
 from ..io import find_config, write_text_atomic
 
 DEFAULTS: dict[str, Any] = {
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "test_clips": 10,
         "test_crops": 3,
         "skip_missing": False,
+        "decoder": "pyav",        # or "torchcodec" (an extra: torchcodec and FFmpeg's shared libraries)
         "workers": 0,
         # built-in data only
         "train_size": 4096,
@@ -325,6 +327,8 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
     data = cfg["data"]
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
+    if data["decoder"] not in DECODERS:
+        raise ConfigError(f"data.decoder must be one of {', '.join(DECODERS)}; got {data['decoder']!r}")
     if data["type"] != "synthetic":
         for key in ("root", "train_list", "test_list"):
             if not data[key]:
