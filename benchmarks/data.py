@@ -13,13 +13,13 @@ as a Kinetics clip is and re-encoded into three layouts:
 - ``prepared``: ``720p gop250`` after ``nonlocalnet prepare-videos`` (short side 256, a key frame every 16).
 
 For each layout and clip (8x8, 32x2), side by side in one process on one thread: ``VideoListDataset`` training
-items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test); a
-PySlowFast-style reader written here (seek to the key frame before the span, decode every frame through its end,
-convert each to RGB, resize the selected frames in float); torchcodec's decoder where it is installed; and the
-*limit*: the pure decode (no RGB conversion, no resize) of the frames an item needs, from the key frame before
-the first of them through the last. Times are per item, medians over the same item indices for every reader;
-``/ limit`` is the dataset's time over the limit's. Then the dataset's training items per second through a
-DataLoader with 1 and 2 workers.
+items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test); the same
+items through torchcodec (``decoder="torchcodec"``) where it is installed; a PySlowFast-style reader written here
+(seek to the key frame before the span, decode every frame through its end, convert each to RGB, resize the
+selected frames in float); and the *limit*: the pure decode (no RGB conversion, no resize) of the frames an item
+needs, from the key frame before the first of them through the last. Every reader takes the frames the dataset's
+item takes (``VideoListDataset.clip_indices``); times are medians per item; ``/ limit`` is the dataset's time
+over the limit's. Then the dataset's training items per second through a DataLoader with 1 and 2 workers.
 """
 from __future__ import annotations
 
@@ -31,15 +31,14 @@ import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import av
 import numpy as np
 import torch
 
-from nonlocalnet.data import transforms as T
 from nonlocalnet.data.prepare import encode_video, prepare_videos
-from nonlocalnet.data.video import VideoListDataset
+from nonlocalnet.data.video import VideoListDataset, check_decoder
 
 from ._common import fmt, machine, write_atomic
 
@@ -102,12 +101,6 @@ def _encode(frames: list[np.ndarray], path: Path, gop: int) -> None:
 
 # ---- the readers ---------------------------------------------------------------------------------------------
 
-def item_indices(count: int, frames: int, rate: int, n: int) -> list[torch.Tensor]:
-    """The frame indices of ``n`` training items, the same for every reader."""
-    generator = torch.Generator().manual_seed(0)
-    return [T.train_clip_indices(count, frames, rate, generator) for _ in range(n)]
-
-
 def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int, av.VideoFrame]]:
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
@@ -139,37 +132,35 @@ def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int =
     return ((clip[..., :crop, :crop] - 114.75) / 57.375).permute(1, 0, 2, 3)
 
 
-def torchcodec_reader() -> Callable[[Path, torch.Tensor], torch.Tensor] | None:
+def has_torchcodec() -> bool:
     try:
-        from torchcodec.decoders import VideoDecoder
-    except Exception:  # not installed, or FFmpeg's shared libraries missing
-        return None
-
-    def read(path: Path, index: torch.Tensor) -> torch.Tensor:
-        frames = VideoDecoder(str(path), num_ffmpeg_threads=1).get_frames_at(index.tolist()).data  # (T, 3, H, W)
-        clip = T.short_side_resize(frames.permute(1, 0, 2, 3), 256)
-        return T.normalize(T.crop(clip, 0, 0, 224))
-    return read
+        check_decoder("torchcodec")
+    except ImportError:  # not installed, or FFmpeg's shared libraries missing
+        return False
+    return True
 
 
 def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int) -> list[dict]:
     rows = []
-    codec = torchcodec_reader()
+    codec = has_torchcodec()
     for layout, (listing, root) in layouts.items():
         path = root / "v.mp4"
         for clip in clips:
             frames, rate = CLIPS[clip]
-            train = VideoListDataset(listing, root, split="train", num_classes=1, frames=frames, sampling_rate=rate)
-            test = VideoListDataset(listing, root, split="test", num_classes=1, frames=frames, sampling_rate=rate)
-            indices = item_indices(FRAMES, frames, rate, items)
-            readers = {"limit": lambda i: pure_decode(path, indices[i]),
-                       "slowfast-style": lambda i: slowfast_style(path, indices[i]),
+            options = dict(split="train", num_classes=1, frames=frames, sampling_rate=rate)
+            train = VideoListDataset(listing, root, **options)
+            test = VideoListDataset(listing, root, **{**options, "split": "test"})
+            readers = {"limit": lambda i: pure_decode(path, train.clip_indices(i % len(train), FRAMES)),
+                       "slowfast-style": lambda i: slowfast_style(path, train.clip_indices(i % len(train), FRAMES)),
                        "dataset": lambda i: train[i % len(train)]}
-            if codec:
-                readers["torchcodec"] = lambda i: codec(path, indices[i])
+            if codec:  # the dataset through torchcodec: the same items
+                train_tc = VideoListDataset(listing, root, **options, decoder="torchcodec")
+                readers["torchcodec"] = lambda i: train_tc[i % len(train_tc)]
             per_item = {name: [] for name in readers}
-            for i in range(items):  # round-robin over the readers, item by item
+            for i in range(items):  # round-robin over the readers, item by item; every reader the same frames
                 train.set_epoch(i)
+                if codec:
+                    train_tc.set_epoch(i)
                 for name, read in readers.items():
                     start = time.perf_counter()
                     read(i)
