@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from nonlocalnet.data import transforms as T
 from nonlocalnet.data import video as V
+from nonlocalnet.data.collate import collate
 from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
 
 HEIGHT, WIDTH = 40, 56
@@ -539,3 +540,25 @@ def test_dataset_items_are_the_same_with_either_decoder(tmp_path, videos, split)
             a, b = data["pyav"][i], data["torchcodec"][i]
             assert all(torch.equal(a[key], b[key]) for key in a), (epoch, i)
     assert data["torchcodec"]._corrupt.keys() == {1}  # the corrupt file is one for torchcodec too
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_uint8_items_normalise_to_the_float_items_and_stack_as_they_lie(tmp_path, videos, split):
+    """normalize=False (what the trainer builds): the uint8 clip, frames-last in memory; normalising it (on the
+    device) gives the float item exactly, and a batch stacks without a per-pixel transpose."""
+    lines = ["k/noise.mp4 0", "k/a.mp4 1", "k/portrait.mp4 2"]
+    options = dict(seed=4) if split == "train" else dict(split="test", test_clips=2, test_crops=3, test_scale=40)
+    floats, uint8 = (_dataset(tmp_path, videos, lines, normalize=n, **options) for n in (True, False))
+    items = [uint8[i] for i in range(len(uint8))]
+    for i, item in enumerate(items):
+        assert item["clip"].dtype == torch.uint8 and item["clip"].permute(1, 2, 3, 0).is_contiguous()
+        assert torch.equal(T.normalize(item["clip"]), floats[i]["clip"]), i
+    batch = collate(items[:3])
+    assert list(batch) == list(items[0]) and batch["clip"].shape == (3, 3, 4, 32, 32)
+    assert batch["clip"].permute(0, 2, 3, 4, 1).is_contiguous()  # stacked as the items lie
+    assert torch.equal(T.normalize(batch["clip"]), torch.stack([floats[i]["clip"] for i in range(3)]))
+    assert torch.equal(batch["label"], torch.stack([item["label"] for item in items[:3]]))
+    in_workers = next(iter(DataLoader(uint8, batch_size=3, num_workers=2, collate_fn=collate)))
+    assert all(torch.equal(in_workers[key], batch[key]) for key in batch)  # through shared memory as well
+    float_batch = collate([floats[i] for i in range(3)])  # anything else: default_collate's batch
+    assert float_batch["clip"].is_contiguous() and torch.equal(T.normalize(batch["clip"]), float_batch["clip"])

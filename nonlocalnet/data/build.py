@@ -9,13 +9,15 @@ from .synthetic import LongRangeShapes
 from .video import VideoListDataset
 
 
-def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0) -> Dataset:
+def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0, *, normalize: bool = True) -> Dataset:
     """The training ("train") or evaluation ("test") dataset a config describes.
 
     Args:
         data: the config's ``data`` section.
         split: "train" or "test".
         seed: the run's seed (the built-in data's clips and the training clips' random choices).
+        normalize: False: real videos' items hold uint8 clips, to normalise on the device (the built-in data's
+            clips are float either way).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
@@ -29,7 +31,7 @@ def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0) -> Dataset
                             train_scale=tuple(data["train_scale"]), crop_size=data["crop_size"],
                             test_scale=data["test_scale"], test_clips=data["test_clips"],
                             test_crops=data["test_crops"], seed=seed, skip_missing=data["skip_missing"],
-                            decoder=data["decoder"])
+                            decoder=data["decoder"], normalize=normalize)
 
 
 def is_multi_label(data: Mapping[str, Any]) -> bool:

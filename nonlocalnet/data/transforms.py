@@ -250,6 +250,13 @@ def normalize(clip: Tensor, mean: float = MEAN, std: float = STD) -> Tensor:
     return out.copy_(clip).sub_(mean).div_(std)
 
 
+def frames_last(clip: Tensor) -> Tensor:
+    """A (C, T, H, W) clip whose memory runs (T, H, W, C), densely: the layout decoded and scaled frames have, so
+    that a batch of them stacks as plain copies (:func:`nonlocalnet.data.collate.collate`). A view when the clip
+    is laid out so already (a scaled training crop), else one copy (a test view cropped from wider frames)."""
+    return clip.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
 def to_channels_first(frames: Tensor) -> Tensor:
     """Decoded frames (T, H, W, C) -> clip (C, T, H, W)."""
     return frames.permute(3, 0, 1, 2)

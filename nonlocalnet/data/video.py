@@ -14,7 +14,10 @@ construction (the first 20 and the count), or dropped with a warning when ``skip
 
 Items are dicts that ``default_collate`` stacks:
 
-* ``clip``: (3, T, H, W) float32, RGB 0-255 normalised with ``(x - 114.75) / 57.375``;
+* ``clip``: (3, T, H, W) float32, RGB 0-255 normalised with ``(x - 114.75) / 57.375``; with
+  ``normalize=False`` the uint8 RGB clip itself, laid out (T, H, W, 3) in memory (:func:`transforms.frames_last
+  <nonlocalnet.data.transforms.frames_last>`), for normalising on the device after a 4x smaller copy (the
+  trainer does; :func:`transforms.normalize <nonlocalnet.data.transforms.normalize>` gives the same values);
 * ``label``: int64 scalar (single label) or float32 multi-hot (num_classes,);
 * ``video``: int64, the index in the list of the video the clip was actually taken from;
 * ``skipped``: int64, how many corrupt videos were skipped while producing this item.
@@ -434,13 +437,15 @@ class VideoListDataset(Dataset):
         skip_missing: drop missing files with a warning instead of failing.
         seek: allow seeking in the videos (False always decodes from the first frame; PyAV only).
         decoder: ``"pyav"`` or ``"torchcodec"`` (the same frames and pixels; see :func:`check_decoder`).
+        normalize: items hold normalised float32 clips; False: the uint8 clips (see the module docstring).
     """
 
     def __init__(self, list_file: str | Path, root: str | Path, *, split: str = "train", num_classes: int,
                  multi_label: bool = False, frames: int = 8, sampling_rate: int = 8,
                  train_scale: tuple[int, int] = (256, 320), crop_size: int | None = 224, test_scale: int = 256,
                  test_clips: int = 10, test_crops: int = 3, max_retries: int = 10, seed: int = 0,
-                 skip_missing: bool = False, seek: bool = True, decoder: str = "pyav") -> None:
+                 skip_missing: bool = False, seek: bool = True, decoder: str = "pyav",
+                 normalize: bool = True) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
         if num_classes < 1:
@@ -473,6 +478,7 @@ class VideoListDataset(Dataset):
         self.train_scale, self.crop_size, self.test_scale = (low, high), crop_size, test_scale
         self.test_clips, self.test_crops = test_clips, test_crops
         self.max_retries, self.seed, self.seek, self.decoder = max_retries, seed, seek, decoder
+        self.normalize = normalize
         self.epoch = 0
 
         entries = read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
@@ -618,8 +624,11 @@ class VideoListDataset(Dataset):
             return T.random_scaled_crop(height, width, self.train_scale, self.crop_size, generator)
 
         # only the square that becomes the crop is converted, copied (mirrored) and scaled, in uint8
-        clip = T.resize(self._decode(video, sample, region), self.crop_size, self.crop_size)
-        return T.normalize(clip)  # float32 (3, T, crop, crop), contiguous
+        return self._finish(T.resize(self._decode(video, sample, region), self.crop_size, self.crop_size))
+
+    def _finish(self, clip: Tensor) -> Tensor:
+        """A uint8 clip as an item holds it: normalised float32, contiguous, or uint8 laid out frames-last."""
+        return T.normalize(clip) if self.normalize else T.frames_last(clip)
 
     def _test_clip(self, video: int, clip_index: int, crop_index: int) -> Tensor:
         cache = self._test_cache
@@ -633,7 +642,7 @@ class VideoListDataset(Dataset):
             self._test_cache = (video, clip_index, scaled)
         if self.crop_size is not None:
             scaled = T.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
-        return T.normalize(scaled)
+        return self._finish(scaled)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.list_file}, split={self.split!r}, videos={self.num_videos}, "

@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data import ShardedSampler, build_dataset, is_multi_label
+from ..data import ShardedSampler, build_dataset, collate, is_multi_label
+from ..data.transforms import normalize
 from ..io import atomic_path, write_text_atomic
 from ..layers import NonLocalBlock
 from ..models import create_model
@@ -229,7 +230,7 @@ def training_data(cfg: Mapping[str, Any], info: DistInfo) -> TrainingData:
     Raises:
         ValueError: the set holds less than one global batch.
     """
-    dataset = build_dataset(cfg["data"], "train", cfg["seed"])
+    dataset = build_dataset(cfg["data"], "train", cfg["seed"], normalize=False)  # uint8: see device_clips
     batch_size = cfg["train"]["batch_size"]
     per_step = batch_size * info.world_size
     if len(dataset) < per_step:
@@ -246,7 +247,18 @@ def _loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers:
     # run draws the same dropout masks as an uninterrupted one
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=False, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+                      persistent_workers=False, collate_fn=collate)
+
+
+def device_clips(batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A batch's clips on ``device``, normalised there when the dataset left them uint8.
+
+    Real videos' training and test items hold uint8 clips (``build_dataset(..., normalize=False)``): a quarter
+    of the bytes to pass from DataLoader workers and to copy to a GPU, and no float pass over every pixel in the
+    loader; ``normalize`` on the device gives the values the dataset would have given.
+    """
+    clips = batch["clip"].to(device, non_blocking=True)
+    return normalize(clips) if clips.dtype == torch.uint8 else clips
 
 
 def _train_batches(data: TrainingData, cfg: Mapping[str, Any], start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -341,7 +353,7 @@ def train_one_step(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
     train_cfg = cfg["train"]
     multi_label = is_multi_label(cfg["data"])
     set_lr(optimizer, lr)
-    clip = batch["clip"].to(device, non_blocking=True)
+    clip = device_clips(batch, device)
     labels = batch["label"].to(device, non_blocking=True)
     with _autocast(device, train_cfg["amp"]):
         logits = ddp(clip)
@@ -528,7 +540,7 @@ def _precise(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], device:
                                  seed=cfg["seed"] + 7919)
         loader = _loader(dataset, sampler, cfg["train"]["batch_size"], cfg["data"]["workers"], True, cfg["seed"])
         with _autocast(device, cfg["train"]["amp"]):
-            update_bn_stats(final, (batch["clip"].to(device) for batch in loader), n)
+            update_bn_stats(final, (device_clips(batch, device) for batch in loader), n)
         torch.set_rng_state(rng)
     return final
 
@@ -546,7 +558,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     """
     device = device or next(model.parameters()).device
     info = info or DistInfo()
-    dataset = dataset or build_dataset(cfg["data"], "test", cfg["seed"])
+    dataset = dataset or build_dataset(cfg["data"], "test", cfg["seed"], normalize=False)
     multi_label = is_multi_label(cfg["data"])
     net = unwrap_model(model)
     fully_conv = bool(cfg["test"]["fully_convolutional"])
@@ -565,7 +577,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     for batch in tqdm(loader, desc="test", unit="batch", leave=False, dynamic_ncols=True,
                       disable=not (info.is_main and cfg["progress"])):
         with _autocast(device, cfg["train"]["amp"]):
-            out = net(batch["clip"].to(device))
+            out = net(device_clips(batch, device))
         out = out.float()
         if not fully_conv:
             out = out.sigmoid() if multi_label else out.softmax(dim=1)
