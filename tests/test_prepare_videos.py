@@ -206,7 +206,7 @@ def test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_n
     report = json.loads((dst / "train_prepare_report.json").read_text())
     assert [(f["name"], f["lines"]) for f in report["failed"]] == [("run/corrupt.mp4", [6])]
     assert (report["converted"], report["skipped"], report["listed"]) == (4, 0, 4)
-    assert report["settings"] == {"short_side": 32, "gop": 4, "crf": 23}
+    assert report["settings"] == {"short_side": 32, "gop": 4, "crf": 23, "fast_decode": False}
     assert not (dst / "run" / "corrupt.mp4").exists()
     assert [p.name for p in dst.rglob(".*")] == []  # no temporary left
 
@@ -235,6 +235,31 @@ def test_a_rerun_skips_the_done_videos_and_converts_only_a_deleted_one(sources, 
     assert (dst / "walk" / "b c.mp4").is_file()
     with pytest.raises(ValueError, match=r"other settings \(gop 4 \(now 8\)"):  # outputs of two sizes would mix
         prepare_videos(sources / "train.txt", sources, dst, short_side=32, gop=8, workers=1, progress=False)
+
+
+def _x264_options(path: Path) -> str:
+    """The options libx264 wrote into the stream (its SEI user data: "... options: cabac=1 ref=3 ...")."""
+    with av.open(str(path)) as container:
+        data = b"".join(bytes(packet) for _, packet in zip(range(2), container.demux(video=0)))
+    return data[data.index(b"options: "):].split(b"\x00")[0].decode()
+
+
+def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(sources, tmp_path, capsys):
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=4, workers=1, progress=False)
+    assert main(["prepare-videos", str(sources), str(fast), "--list", str(sources / "train.txt"), "--short-side",
+                 "32", "--gop", "4", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
+    options = {name: _x264_options(root / "walk" / "a.mp4") for name, root in (("plain", plain), ("fast", fast))}
+    assert "cabac=1" in options["plain"] and "deblock=1" in options["plain"]
+    assert "cabac=0" in options["fast"] and "deblock=0" in options["fast"] and "weightp=0" in options["fast"]
+    for root in (plain, fast):  # the same frames and key frames either way
+        frames, keys, _, _ = _decode(root / "walk" / "a.mp4")
+        assert len(frames) == COUNT and keys == list(range(0, COUNT, 4))
+    report = json.loads((fast / "train_prepare_report.json").read_text())
+    assert report["settings"]["fast_decode"] is True
+    with pytest.raises(ValueError, match=r"other settings \(fast_decode False \(now True\)"):
+        prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=4, fast_decode=True, workers=1,
+                       progress=False)
 
 
 def test_dry_run_says_what_it_would_do_and_writes_nothing(sources, tmp_path, capsys):

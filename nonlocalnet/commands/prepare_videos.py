@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a key frame every this many frames (default: {DEFAULT_GOP})")
     parser.add_argument("--crf", type=int, default=DEFAULT_CRF,
                         help=f"libx264 quality, 0 (lossless) to 51 (worst) (default: {DEFAULT_CRF})")
+    parser.add_argument("--fast-decode", action="store_true",
+                        help="libx264's tune=fastdecode: decoded in about half the time, files about 8%% larger "
+                             "(no deblocking filter)")
     parser.add_argument("--workers", type=int, default=None,
                         help="videos encoded in parallel, one process each (default: min(4, CPU count))")
     parser.add_argument("--dry-run", action="store_true",
@@ -39,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.prepare import plan_preparation, prepare_videos
 
-    settings = {"short_side": args.short_side, "gop": args.gop, "crf": args.crf}
+    settings = {"short_side": args.short_side, "gop": args.gop, "crf": args.crf, "fast_decode": args.fast_decode}
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}")
     if args.dry_run:

@@ -9,7 +9,10 @@ so that
   odd sides rounded down to even): scaled in uint8 by FFmpeg's scaler (bicubic, FFmpeg's own default);
 * a key frame comes every ``gop`` frames, exactly (no scene-cut key frames, the source's frame types ignored);
 * every decoded frame is kept, with the source's frame rate and time stamps (shifted to start at 0): the dataset
-  samples by frame index, so frame ``i`` of the output is frame ``i`` of the source.
+  samples by frame index, so frame ``i`` of the output is frame ``i`` of the source;
+* with ``fast_decode``, libx264's ``tune=fastdecode`` (no CABAC, no deblocking filter, no weighted prediction):
+  decoded in about half the time (126 against 71 ms for 300 frames at 256p, measured here) for files about 8%
+  larger at the same ``crf``, and without the deblocking filter's smoothing of block edges.
 
 The outputs keep the list's relative paths under the output root, with the extension ``.mp4``, and the new list
 (the same lines with the new paths, the labels as they were) is written there under the list's file name.
@@ -46,7 +49,7 @@ DEFAULT_SHORT_SIDE = 256
 DEFAULT_GOP = 16
 DEFAULT_CRF = 23
 REPORT_SUFFIX = "_prepare_report.json"
-SETTINGS = ("short_side", "gop", "crf")
+SETTINGS = ("short_side", "gop", "crf", "fast_decode")
 
 
 class EncodeError(RuntimeError):
@@ -178,7 +181,8 @@ def probe_size(src: str | os.PathLike) -> tuple[int, int]:
 
 
 def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: int = DEFAULT_SHORT_SIDE,
-                 gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF, threads: int = 0) -> EncodedVideo:
+                 gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF, fast_decode: bool = False,
+                 threads: int = 0) -> EncodedVideo:
     """Re-encode one video (see the module docstring): H.264 yuv420p in an .mp4, no audio.
 
     ``dst`` is written under a temporary name beside it and renamed when complete; on any error ``dst`` keeps
@@ -190,6 +194,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
         short_side: the output's short side (see :func:`target_size`); even.
         gop: frames from one key frame to the next.
         crf: libx264's constant rate factor (quality: 0 lossless, 23 its default, higher is smaller and worse).
+        fast_decode: libx264's ``tune=fastdecode`` (see the module docstring).
         threads: threads for decoding, scaling and encoding; 0 lets FFmpeg choose.
 
     Raises:
@@ -213,7 +218,8 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
                 for frame in _decode(src, container, source):
                     if stream is None:  # sized by the first decoded frame (a container may not know the size)
                         width, height = target_size(frame.width, frame.height, short_side)
-                        stream = _add_stream(output, source, width, height, rate, time_base, gop, crf, threads)
+                        stream = _add_stream(output, source, width, height, rate, time_base, gop, crf,
+                                             fast_decode, threads)
                     scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC",
                                             threads=threads)
                     scaled.pict_type = av.video.frame.PictureType.NONE  # else the encoder copies the source's
@@ -238,7 +244,7 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
 
 
 def _add_stream(output, source, width: int, height: int, rate: Fraction, time_base: Fraction, gop: int,
-                crf: int, threads: int) -> av.video.stream.VideoStream:
+                crf: int, fast_decode: bool, threads: int) -> av.video.stream.VideoStream:
     """The H.264 stream of ``output``: ``width`` x ``height`` yuv420p, the source's rate and colour tags."""
     stream = output.add_stream("libx264", rate=rate)
     context = stream.codec_context
@@ -249,7 +255,8 @@ def _add_stream(output, source, width: int, height: int, rate: Fraction, time_ba
     for tag in ("colorspace", "color_primaries", "color_trc"):  # the same matrix: the same RGB when decoded
         setattr(context, tag, getattr(source.codec_context, tag))
     # a key frame exactly every gop frames: none at scene cuts, none where the source had one (see pict_type)
-    stream.options = {"crf": str(crf), "keyint_min": str(gop), "sc_threshold": "0"}
+    stream.options = {"crf": str(crf), "keyint_min": str(gop), "sc_threshold": "0",
+                      **({"tune": "fastdecode"} if fast_decode else {})}
     return stream
 
 
@@ -326,7 +333,7 @@ class PrepareReport:
         listed: videos in the new list.
         new_list: the new list file (None when no video could be listed: it is not written).
         report_file: the JSON report.
-        settings: ``short_side``, ``gop`` and ``crf`` of the outputs.
+        settings: ``short_side``, ``gop``, ``crf`` and ``fast_decode`` of the outputs.
     """
 
     converted: int
@@ -350,7 +357,7 @@ class PrepareReport:
 
 def plan_preparation(list_file: str | os.PathLike, src_root: str | os.PathLike, dst_root: str | os.PathLike, *,
                      multi_label: bool = False, short_side: int = DEFAULT_SHORT_SIDE, gop: int = DEFAULT_GOP,
-                     crf: int = DEFAULT_CRF) -> PreparePlan:
+                     crf: int = DEFAULT_CRF, fast_decode: bool = False) -> PreparePlan:
     """Read the list and sort its videos into outputs to make and outputs that exist; writes nothing.
 
     Raises:
@@ -368,7 +375,8 @@ def plan_preparation(list_file: str | os.PathLike, src_root: str | os.PathLike, 
                          f"replace their sources)")
     if (dst_root / list_file.name).resolve() == list_file.resolve():
         raise ValueError(f"the new list would replace the list {list_file} itself: give another output root")
-    _check_earlier_settings(dst_root, {"short_side": short_side, "gop": gop, "crf": crf})
+    _check_earlier_settings(dst_root, {"short_side": short_side, "gop": gop, "crf": crf,
+                                       "fast_decode": fast_decode})
     jobs: dict[Path, Job] = {}
     for line in lines:
         if line.path is None:
@@ -390,8 +398,8 @@ def _check_earlier_settings(dst_root: Path, settings: dict) -> None:
             earlier = json.loads(report.read_text()).get("settings", {})
         except (OSError, ValueError, AttributeError):
             continue
-        differ = [f"{k} {earlier[k]} (now {settings[k]})" for k in SETTINGS
-                  if k in earlier and earlier[k] != settings[k]]
+        differ = [f"{k} {earlier.get(k, False)} (now {settings[k]})" for k in SETTINGS  # no fast_decode: False
+                  if earlier.get(k, False if k == "fast_decode" else settings[k]) != settings[k]]
         if differ:
             raise ValueError(f"{dst_root} holds videos prepared with other settings ({', '.join(differ)}; see "
                              f"{report}): give another output root, or the same settings")
@@ -399,7 +407,8 @@ def _check_earlier_settings(dst_root: Path, settings: dict) -> None:
 
 def prepare_videos(list_file: str | os.PathLike, src_root: str | os.PathLike, dst_root: str | os.PathLike, *,
                    short_side: int = DEFAULT_SHORT_SIDE, gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF,
-                   workers: int | None = None, multi_label: bool = False, progress: bool = True) -> PrepareReport:
+                   fast_decode: bool = False, workers: int | None = None, multi_label: bool = False,
+                   progress: bool = True) -> PrepareReport:
     """Re-encode every video of a list into ``dst_root`` and write the new list and the report there.
 
     Args:
@@ -410,6 +419,7 @@ def prepare_videos(list_file: str | os.PathLike, src_root: str | os.PathLike, ds
         short_side: the output's short side (sources at or below it keep their size).
         gop: frames from one key frame to the next.
         crf: libx264's constant rate factor.
+        fast_decode: libx264's ``tune=fastdecode``: faster decoding, somewhat larger files (module docstring).
         workers: processes encoding in parallel (default: ``min(4, os.cpu_count())``; 1 encodes in this process).
         multi_label: Charades-style lines with space-separated labels (the path is the first field).
         progress: show a progress bar.
@@ -424,14 +434,13 @@ def prepare_videos(list_file: str | os.PathLike, src_root: str | os.PathLike, ds
     """
     from tqdm.auto import tqdm
 
-    plan = plan_preparation(list_file, src_root, dst_root, multi_label=multi_label, short_side=short_side, gop=gop,
-                            crf=crf)
+    settings = {"short_side": short_side, "gop": gop, "crf": crf, "fast_decode": bool(fast_decode)}
+    plan = plan_preparation(list_file, src_root, dst_root, multi_label=multi_label, **settings)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     workers = min(workers, max(1, len(plan.todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    settings = {"short_side": short_side, "gop": gop, "crf": crf}
     failed: dict[Path, str] = {}
     with tqdm(total=len(plan.todo), desc="prepare-videos", unit="video", dynamic_ncols=True,
               disable=not progress) as bar:
