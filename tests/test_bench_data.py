@@ -18,15 +18,15 @@ def _layout(path):
         return stream.codec_context.width, stream.codec_context.height, stream.frames, keys
 
 
-def test_the_data_benchmark_measures_the_three_layouts_it_says(tmp_path):
+def test_the_data_benchmark_measures_the_four_layouts_it_says(tmp_path):
     from benchmarks import data
 
     layouts = data.make_layouts(tmp_path)
-    assert list(layouts) == ["256p gop250", "720p gop250", "prepared"]
+    assert list(layouts) == ["256p gop250", "720p gop250", "prepared", "prepared fast-decode"]
     found = {name: _layout(root / "v.mp4") for name, (_, root) in layouts.items()}
     assert found["720p gop250"] == (1280, 720, 300, [0, 250])
     assert found["256p gop250"] == (456, 256, 300, [0, 250])
-    assert found["prepared"] == (456, 256, 300, list(range(0, 300, 16)))
+    assert found["prepared"] == found["prepared fast-decode"] == (456, 256, 300, list(range(0, 300, 16)))
     rows = data.measure(layouts, ["8x8"], items=2)
     assert [(r["layout"], r["clip"]) for r in rows] == [(name, "8x8") for name in layouts]
     for r in rows:
