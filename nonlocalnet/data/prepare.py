@@ -205,7 +205,9 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
     src, dst = Path(src), Path(dst)
     with _open_source(src) as container:
         source = container.streams.video[0]
-        source.thread_type = "AUTO"
+        # slice threads only: FFmpeg 8 (PyAV 18) can hang freeing a frame-threaded decoder stopped mid-stream (an
+        # interrupted run, seen in this project's tests), and x264's encoding, not the decode, is the cost here
+        source.thread_type = "SLICE"
         source.codec_context.thread_count = threads
         rate = source.average_rate or source.guessed_rate or Fraction(25)
         time_base = source.time_base or Fraction(1, 1) / rate
