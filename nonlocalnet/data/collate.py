@@ -13,8 +13,10 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     in a DataLoader worker, as ``default_collate`` does), and the batch is the (B, C, T, H, W) view of it. Stacking
     them as (C, T, H, W) would transpose every pixel on the CPU, which costs about as much as normalising.
     """
+    if not items or not all(isinstance(item, dict) and isinstance(item.get("clip"), torch.Tensor) for item in items):
+        return default_collate(items)
     clips = [item["clip"] for item in items]
-    if not clips or not all(c.dtype == torch.uint8 and c.permute(1, 2, 3, 0).is_contiguous() for c in clips):
+    if not all(c.dtype == torch.uint8 and c.permute(1, 2, 3, 0).is_contiguous() for c in clips):
         return default_collate(items)
     stacked = default_collate([c.permute(1, 2, 3, 0) for c in clips]).permute(0, 4, 1, 2, 3)
     return {"clip": stacked, **default_collate([{k: v for k, v in item.items() if k != "clip"} for item in items])}

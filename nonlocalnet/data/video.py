@@ -17,7 +17,8 @@ Items are dicts that ``default_collate`` stacks:
 * ``clip``: (3, T, H, W) float32, RGB 0-255 normalised with ``(x - 114.75) / 57.375``; with
   ``normalize=False`` the uint8 RGB clip itself, laid out (T, H, W, 3) in memory (:func:`transforms.frames_last
   <nonlocalnet.data.transforms.frames_last>`), for normalising on the device after a 4x smaller copy (the
-  trainer does; :func:`transforms.normalize <nonlocalnet.data.transforms.normalize>` gives the same values);
+  trainer does; :func:`transforms.normalize <nonlocalnet.data.transforms.normalize>` gives the same values, on
+  CUDA within one unit in the last place);
 * ``label``: int64 scalar (single label) or float32 multi-hot (num_classes,);
 * ``video``: int64, the index in the list of the video the clip was actually taken from;
 * ``skipped``: int64, how many corrupt videos were skipped while producing this item.
@@ -180,8 +181,10 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
         region: (frame height, frame width) -> (rows, columns), the slices of every frame to keep; a step of -1
             mirrors. Only the region is copied out of each converted frame. Called once per pass with the same
             size, it must give the same slices. None keeps whole frames.
-        decoder: ``"pyav"`` (the default) or ``"torchcodec"`` (the same frames, pixel for pixel; it needs
-            torchcodec and FFmpeg's shared libraries, see :func:`check_decoder`).
+        decoder: ``"pyav"`` (the default) or ``"torchcodec"`` (the same frames, pixel for pixel, where the
+            container's frame count is right; torchcodec always counts the decodable frames, and may rescale frames
+            that change size where PyAV raises; it needs torchcodec and FFmpeg's shared libraries, see
+            :func:`check_decoder`).
 
     Returns:
         (frames (T, H, W, 3) uint8 RGB, contiguous, the indices used).
@@ -225,6 +228,8 @@ def _decode_errors(path: str | Path) -> Iterator[None]:
         yield
     except VideoDecodeError:
         raise
+    except _CallerError as err:  # the caller's region function failed: a bug or a bad option, not a bad video
+        raise err.__cause__ from None
     except _DECODE_ERRORS as err:
         raise VideoDecodeError(f"{path}: {type(err).__name__}: {err}") from err
 
@@ -265,6 +270,10 @@ def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bo
 Region = Callable[[int, int], "tuple[slice, slice]"]
 
 
+class _CallerError(Exception):
+    """Carries (as its cause) what a caller's function raised inside :func:`_decode_errors`, past it."""
+
+
 class _RGB:
     """Decoded frame -> its region as (h, w, 3) uint8 RGB: one swscale context for every frame of a clip, on one
     thread.
@@ -285,13 +294,20 @@ class _RGB:
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         try:
             rgb = self.reformatter.reformat(frame, format="rgb24", **_RGB.threads).to_ndarray()
-        except TypeError:  # an older PyAV: no threads argument (nor threaded conversion)
+        except TypeError as err:  # an older PyAV: no threads argument (nor threaded conversion)
+            if "threads" not in str(err):
+                raise
             _RGB.threads = {}
             rgb = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
         if self.size is None:
             self.size = rgb.shape[:2]
             if self.region is not None:
-                self.slices = self.region(*self.size)
+                try:
+                    self.slices = self.region(*self.size)
+                    if self.slices[1].step not in (None, 1, -1):
+                        raise ValueError(f"a region's columns must have step 1 or -1; got {self.slices[1]}")
+                except Exception as err:
+                    raise _CallerError() from err
         elif rgb.shape[:2] != self.size:
             raise ValueError(f"a frame of {rgb.shape[1]}x{rgb.shape[0]} after frames of "
                              f"{self.size[1]}x{self.size[0]}")
@@ -302,7 +318,9 @@ def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
     """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy. A mirrored region (step
     -1) is copied forwards and flipped by torch: NumPy's copy of packed RGB pixels through a negative stride
     takes ten times as long."""
-    if columns.step is None or columns.step > 0:
+    if columns.step not in (None, 1, -1):
+        raise ValueError(f"a region's columns must have step 1 or -1; got {columns}")
+    if columns.step != -1:
         return np.ascontiguousarray(frames[..., rows, columns, :])
     start, stop, _ = columns.indices(frames.shape[-2])
     forwards = np.ascontiguousarray(frames[..., rows, stop + 1:start + 1, :])
@@ -375,7 +393,7 @@ def check_decoder(decoder: str) -> None:
     """Raise a one-line error if ``decoder`` is not one of :data:`DECODERS` (ValueError) or cannot run here
     (:class:`DecoderUnavailable`).
 
-    torchcodec is an optional extra: a wheel matching the installed torch release (torchcodec 0.N for torch 2.N)
+    torchcodec is an optional extra: a wheel matching the installed torch release (0.N for torch 2.N from 0.9 on)
     that loads FFmpeg's shared libraries (major versions 4 to 8) from the system, e.g. Debian's ``apt install
     ffmpeg``. PyAV, the default, brings its own FFmpeg.
     """
@@ -386,7 +404,7 @@ def check_decoder(decoder: str) -> None:
             importlib.import_module("torchcodec.decoders")
         except Exception as err:  # ImportError, or the RuntimeError it raises when no FFmpeg library loads
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DecoderUnavailable("decoder 'torchcodec' needs torchcodec (the release matching torch "
+            raise DecoderUnavailable("decoder 'torchcodec' needs torchcodec (the release built for torch "
                               f"{torch.__version__.split('+')[0]}) and FFmpeg's shared libraries 4 to 8 on the system "
                               f"(apt install ffmpeg): {reason}") from None
 
@@ -436,7 +454,8 @@ class VideoListDataset(Dataset):
         seed: base seed of the random choices of training items.
         skip_missing: drop missing files with a warning instead of failing.
         seek: allow seeking in the videos (False always decodes from the first frame; PyAV only).
-        decoder: ``"pyav"`` or ``"torchcodec"`` (the same frames and pixels; see :func:`check_decoder`).
+        decoder: ``"pyav"`` or ``"torchcodec"`` (the same frames and pixels where the container's frame count is
+            right; see :func:`read_frames` and :func:`check_decoder`).
         normalize: items hold normalised float32 clips; False: the uint8 clips (see the module docstring).
     """
 

@@ -255,7 +255,8 @@ def device_clips(batch: Mapping[str, torch.Tensor], device: torch.device) -> tor
 
     Real videos' training and test items hold uint8 clips (``build_dataset(..., normalize=False)``): a quarter
     of the bytes to pass from DataLoader workers and to copy to a GPU, and no float pass over every pixel in the
-    loader; ``normalize`` on the device gives the values the dataset would have given.
+    loader; ``normalize`` on the device gives the values the dataset would have given (on a CPU exactly; CUDA
+    divides by a number through its reciprocal, so there within one unit in the last place).
     """
     clips = batch["clip"].to(device, non_blocking=True)
     return normalize(clips) if clips.dtype == torch.uint8 else clips
