@@ -41,7 +41,7 @@ import torch
 
 from nonlocalnet.data.prepare import encode_video, prepare_videos
 from nonlocalnet.data.collate import collate
-from nonlocalnet.data.video import VideoListDataset, check_decoder
+from nonlocalnet.data.video import VideoListDataset, decoder_available
 
 from ._common import fmt, machine, write_atomic
 
@@ -136,17 +136,9 @@ def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int =
     return ((clip[..., :crop, :crop] - 114.75) / 57.375).permute(1, 0, 2, 3)
 
 
-def has_torchcodec() -> bool:
-    try:
-        check_decoder("torchcodec")
-    except ImportError:  # not installed, or FFmpeg's shared libraries missing
-        return False
-    return True
-
-
 def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int) -> list[dict]:
     rows = []
-    codec = has_torchcodec()
+    codec = decoder_available("torchcodec")
     for layout, (listing, root) in layouts.items():
         path = root / "v.mp4"
         for clip in clips:

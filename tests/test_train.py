@@ -15,10 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from nonlocalnet.cli import main
-from nonlocalnet.data.video import DECODERS
+from nonlocalnet.data.video import DECODERS, decoder_available
 from nonlocalnet.engine import load_config, train
-
-from .test_video_data import _has_torchcodec
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
 QUICK = ["progress=false", "data.test_size=32", "data.train_size=256", "train.batch_size=8", "train.log_every=2",
@@ -198,7 +196,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(not _has_torchcodec(), reason="torchcodec and FFmpeg's shared libraries")
+@pytest.mark.skipif(not decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries")
 def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
     """data.decoder=torchcodec from the config to the test report: the same items, so the same run."""
     reports = {d: train(load_config(None, _video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"]))

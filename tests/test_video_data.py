@@ -24,15 +24,7 @@ from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_lis
 HEIGHT, WIDTH = 40, 56
 
 
-def _has_torchcodec() -> bool:
-    try:
-        V.check_decoder("torchcodec")
-    except V.DecoderUnavailable:
-        return False
-    return True
-
-
-needs_torchcodec = pytest.mark.skipif(not _has_torchcodec(), reason="torchcodec and FFmpeg's shared libraries "
+needs_torchcodec = pytest.mark.skipif(not V.decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries "
                                       "(pip install torchcodec; apt install ffmpeg)")
 
 

@@ -50,6 +50,7 @@ DEFAULT_GOP = 16
 DEFAULT_CRF = 23
 REPORT_SUFFIX = "_prepare_report.json"
 SETTINGS = ("short_side", "gop", "crf", "fast_decode")
+EARLIER_DEFAULTS = {"fast_decode": False}  # what a report written before a setting existed had it at
 
 
 class EncodeError(RuntimeError):
@@ -402,8 +403,8 @@ def _check_earlier_settings(dst_root: Path, settings: dict) -> None:
             continue
         if not isinstance(earlier, dict):
             continue
-        differ = [f"{k} {earlier.get(k, False)} (now {settings[k]})" for k in SETTINGS  # no fast_decode: False
-                  if earlier.get(k, False if k == "fast_decode" else settings[k]) != settings[k]]
+        was = {k: earlier.get(k, EARLIER_DEFAULTS.get(k, settings[k])) for k in SETTINGS}
+        differ = [f"{k} {was[k]} (now {settings[k]})" for k in SETTINGS if was[k] != settings[k]]
         if differ:
             raise ValueError(f"{dst_root} holds videos prepared with other settings ({', '.join(differ)}; see "
                              f"{report}): give another output root, or the same settings")

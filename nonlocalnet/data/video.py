@@ -303,9 +303,7 @@ class _RGB:
             self.size = rgb.shape[:2]
             if self.region is not None:
                 try:
-                    self.slices = self.region(*self.size)
-                    if self.slices[1].step not in (None, 1, -1):
-                        raise ValueError(f"a region's columns must have step 1 or -1; got {self.slices[1]}")
+                    self.slices = _region_slices(self.region, *self.size)
                 except Exception as err:
                     raise _CallerError() from err
         elif rgb.shape[:2] != self.size:
@@ -314,12 +312,18 @@ class _RGB:
         return rgb if self.slices is None else _take(rgb, *self.slices)
 
 
-def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
-    """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy. A mirrored region (step
-    -1) is copied forwards and flipped by torch: NumPy's copy of packed RGB pixels through a negative stride
-    takes ten times as long."""
+def _region_slices(region: Region, height: int, width: int) -> tuple[slice, slice]:
+    """What ``region`` gives for frames of ``height`` x ``width``, checked: columns step 1 or -1."""
+    rows, columns = region(height, width)
     if columns.step not in (None, 1, -1):
         raise ValueError(f"a region's columns must have step 1 or -1; got {columns}")
+    return rows, columns
+
+
+def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
+    """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy (``columns`` as
+    :func:`_region_slices` checked it). A mirrored region (step -1) is copied forwards and flipped by torch:
+    NumPy's copy of packed RGB pixels through a negative stride takes ten times as long."""
     if columns.step != -1:
         return np.ascontiguousarray(frames[..., rows, columns, :])
     start, stop, _ = columns.indices(frames.shape[-2])
@@ -409,6 +413,15 @@ def check_decoder(decoder: str) -> None:
                               f"(apt install ffmpeg): {reason}") from None
 
 
+def decoder_available(decoder: str) -> bool:
+    """Whether ``decoder`` can run here (:func:`check_decoder` without the error)."""
+    try:
+        check_decoder(decoder)
+    except DecoderUnavailable:
+        return False
+    return True
+
+
 def _read_frames_torchcodec(path: str | Path, sample: Callable[[int], Tensor],
                             region: Region | None) -> tuple[np.ndarray, Tensor]:
     """:func:`read_frames` through torchcodec: its exact mode scans the file once, so the frame count is the
@@ -425,7 +438,7 @@ def _read_frames_torchcodec(path: str | Path, sample: Callable[[int], Tensor],
     with _decode_errors(path):
         frames = decoder.get_frames_at(wanted).data.numpy()  # (N, H, W, 3) uint8
     if region is not None:
-        frames = _take(frames, *region(*frames.shape[1:3]))
+        frames = _take(frames, *_region_slices(region, *frames.shape[1:3]))
     position = {frame: k for k, frame in enumerate(wanted)}
     return np.ascontiguousarray(frames[[position[i] for i in index.tolist()]]), index
 
@@ -613,9 +626,15 @@ class VideoListDataset(Dataset):
         epoch; a training item's first draw), e.g. to decode the same frames with another reader."""
         _, clip_index, _ = self.view(index)
         if self.split == "train":
-            generator = torch.Generator().manual_seed(self._seeds(index, 0)[0])
-            return T.train_clip_indices(num_frames, self.frames, self.sampling_rate, generator)
-        return T.uniform_clip_indices(num_frames, self.frames, self.sampling_rate, clip_index, self.test_clips)
+            return self._train_indices(num_frames, self._seeds(index, 0)[0])
+        return self._test_indices(num_frames, clip_index)
+
+    def _train_indices(self, count: int, time_seed: int) -> Tensor:
+        generator = torch.Generator().manual_seed(time_seed)  # the same indices whenever asked again
+        return T.train_clip_indices(count, self.frames, self.sampling_rate, generator)
+
+    def _test_indices(self, count: int, clip_index: int) -> Tensor:
+        return T.uniform_clip_indices(count, self.frames, self.sampling_rate, clip_index, self.test_clips)
 
     @property
     def skip_width(self) -> int:
@@ -634,16 +653,13 @@ class VideoListDataset(Dataset):
         return T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
 
     def _train_clip(self, video: int, time_seed: int, space_seed: int) -> Tensor:
-        def sample(count: int) -> Tensor:
-            generator = torch.Generator().manual_seed(time_seed)  # same indices if called again
-            return T.train_clip_indices(count, self.frames, self.sampling_rate, generator)
-
         def region(height: int, width: int) -> tuple[slice, slice]:
             generator = torch.Generator().manual_seed(space_seed)  # same region if called again
             return T.random_scaled_crop(height, width, self.train_scale, self.crop_size, generator)
 
         # only the square that becomes the crop is converted, copied (mirrored) and scaled, in uint8
-        return self._finish(T.resize(self._decode(video, sample, region), self.crop_size, self.crop_size))
+        clip = self._decode(video, lambda count: self._train_indices(count, time_seed), region)
+        return self._finish(T.resize(clip, self.crop_size, self.crop_size))
 
     def _finish(self, clip: Tensor) -> Tensor:
         """A uint8 clip as an item holds it: normalised float32, contiguous, or uint8 laid out frames-last."""
@@ -654,10 +670,8 @@ class VideoListDataset(Dataset):
         if cache is not None and cache[:2] == (video, clip_index):
             scaled = cache[2]
         else:
-            def sample(count: int) -> Tensor:
-                return T.uniform_clip_indices(count, self.frames, self.sampling_rate, clip_index, self.test_clips)
-
-            scaled = T.short_side_resize(self._decode(video, sample), self.test_scale)
+            clip = self._decode(video, lambda count: self._test_indices(count, clip_index))
+            scaled = T.short_side_resize(clip, self.test_scale)
             self._test_cache = (video, clip_index, scaled)
         if self.crop_size is not None:
             scaled = T.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
