@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -487,7 +488,7 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
         every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     frames, _ = read_frames(path, lambda count: index)
     assert np.array_equal(frames, np.stack([every[i] for i in index.tolist()]))
-    assert V._RGB.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
+    assert V._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
     for rows, columns in [(slice(3, 20), slice(5, 30)), (slice(0, 40), slice(29, 4, -1)),
                           (slice(2, 10), slice(9, None, -1)), (slice(0, 40), slice(55, None, -1))]:
         part, _ = read_frames(path, lambda count: index, region=lambda h, w: (rows, columns))
@@ -499,6 +500,66 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
     assert not isinstance(info.value, V.VideoDecodeError)
     sought, _ = read_frames(path, lambda count: torch.arange(17, 24, 2), region=lambda h, w: (rows, columns))
     assert np.array_equal(sought, np.stack(every[17:24:2])[:, rows, columns])  # the seek path as well
+
+
+def _write_b_frame_video(path: Path, codec: str, count: int = 64, gop: int = 32) -> np.ndarray:
+    """A lossy video with B-frames (x264's defaults; mpeg4 with 2 B-frames), frames of moving noise; returns
+    every frame as PyAV decodes them, one by one."""
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 256, (HEIGHT, WIDTH + count, 3), np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.gop_size = gop
+        if codec == "mpeg4":
+            stream.codec_context.max_b_frames = 2
+        for t in range(count):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, t:t + WIDTH]), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monkeypatch, codec):
+    path = tmp_path / "b.mp4"
+    every = _write_b_frame_video(path, codec)
+    with av.open(str(path)) as container:
+        container.streams.video[0].codec_context.skip_frame = "NONREF"
+        kinds = [str(frame.pict_type) for frame in container.decode(video=0)]
+    assert len(kinds) < len(every) - 10  # the file has frames that no frame refers to
+    decoded = []
+    original = V._decode_skipping
+
+    def counting(*args):
+        for frame in original(*args):
+            decoded.append(frame.pts)
+            yield frame
+
+    monkeypatch.setattr(V, "_decode_skipping", counting)
+    for index in (torch.arange(33, 64, 4), torch.arange(40, 56, 2), torch.tensor([50, 35, 35, 63])):
+        decoded.clear()
+        frames, _ = read_frames(path, lambda count: index)
+        assert np.array_equal(frames, every[index.numpy()])  # the frames of decoding every one, one by one
+        span = int(index.max()) - 32 + 1  # from the key frame at 32 through the last needed frame
+        if codec == "libx264":  # H.264: a non-reference frame the clip does not take is not decoded
+            assert len(set(index.tolist())) <= len(decoded) < span - 4, (len(decoded), span)
+        # other codecs decode every frame (their skip_frame is not trusted here): the same frames
+
+
+def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(videos):
+    with V._open_video(videos / "k" / "a.mp4") as container:
+        context = container.streams.video[0].codec_context
+        assert context.thread_count == 1
+    rng = np.random.default_rng(0)
+    for start, rate in [(0, Fraction(1, 512) * 25), (-1024, Fraction(1001, 30000) * Fraction(30000, 1001)),
+                        (7, Fraction(1, 90000) * Fraction(30000, 1001)), (3, Fraction(1, 2))]:
+        position = V._frame_position(start, rate)
+        for pts in [*rng.integers(-5000, 100000, 500).tolist(), start, start + 1, start - 1, start + 3]:
+            assert position(pts) == round((pts - start) * rate), (pts, start, rate)
 
 
 def test_an_unknown_or_unavailable_decoder_is_one_line_naming_it(tmp_path, videos, monkeypatch):

@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -163,14 +164,15 @@ def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool
                 decoder: str = "pyav") -> tuple[np.ndarray, Tensor]:
     """Decode only the frames of a video that a clip needs, as RGB (of only the region a clip keeps).
 
-    The number of frames comes from the container (``stream.frames``, else duration × frame rate); ``sample``
-    maps it to frame indices, and frames are decoded in order up to the last index needed. When the first
+    The number of frames comes from the container (``stream.frames``, else duration × frame rate); ``sample`` maps
+    it to frame indices, and frames are decoded in order up to the last index needed, on one thread. When the first
     index is far enough from the start (``seek``), the decoder first jumps to the key frame before it, and frame
     indices are read from time stamps (exact for constant frame rate; any inconsistency -- no time stamps, a jump
-    past the first needed frame, a gap -- falls back to decoding from the start). When the container's count
-    is wrong (the video ends before a needed frame) or missing, the decodable frames are counted (a video that
-    is cut short, as a partly downloaded one, thus gives the frames it has), ``sample`` is called again with the
-    true count and the needed frames are decoded again from the start.
+    past the first needed frame, a gap -- falls back to decoding from the start); there, an H.264 frame that no
+    other frame refers to is not decoded at all unless the clip takes it (the others are the same either way: no
+    frame depends on it). When the container's count is wrong (the video ends before a needed frame) or missing, the
+    decodable frames are counted (a video that is cut short, as a partly downloaded one, thus gives the frames it
+    has), ``sample`` is called again with the true count and the needed frames are decoded again from the start.
 
     Args:
         path: the video file.
@@ -244,7 +246,15 @@ def _open_video(path: str | Path) -> Iterator[av.container.InputContainer]:
     with container:
         if not container.streams.video:
             raise VideoDecodeError(f"{path}: no video stream")
+        _one_thread(container.streams.video[0])
         yield container
+
+
+def _one_thread(stream: av.video.stream.VideoStream) -> None:
+    """Decode ``stream`` on one thread: DataLoader workers are the parallelism (N workers on N cores run N
+    threads), where FFmpeg's default (slice threads, as many as cores + 1, busy on files whose frames are cut
+    into slices) would start that many in every worker."""
+    stream.codec_context.thread_count = 1
 
 
 def _count_decodable_frames(path: str | Path) -> int:
@@ -256,15 +266,17 @@ def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bo
                  region: Region | None) -> np.ndarray | None:
     """Frames ``index`` of a video, (T, H, W, 3); None if the video ends before the last of them."""
     with _decode_errors(path):
-        wanted = sorted(set(index.tolist()))
-        if seek and wanted[0] >= _SEEK_MIN_FRAMES:
-            decoded = _decode_after_seek(container, stream, wanted, _RGB(region))
-            if decoded is None:  # time stamps disagree: decode from the start of a fresh container
-                with av.open(str(path)) as fresh:
-                    decoded = _decode_from_start(fresh, fresh.streams.video[0], wanted, _RGB(region))
-        else:
-            decoded = _decode_from_start(container, stream, wanted, _RGB(region))
-        return None if decoded is None else np.stack([decoded[i] for i in index.tolist()])
+        clip = _Clip(index.tolist(), region)
+        if seek and clip.wanted[0] >= _SEEK_MIN_FRAMES:
+            if not _decode_after_seek(container, stream, clip):
+                # time stamps disagree: decode from the start of a fresh container
+                clip = _Clip(index.tolist(), region)
+                with _open_video(path) as fresh:
+                    if not _decode_from_start(fresh, fresh.streams.video[0], clip):
+                        return None
+        elif not _decode_from_start(container, stream, clip):
+            return None
+        return clip.frames()
 
 
 Region = Callable[[int, int], "tuple[slice, slice]"]
@@ -274,42 +286,76 @@ class _CallerError(Exception):
     """Carries (as its cause) what a caller's function raised inside :func:`_decode_errors`, past it."""
 
 
-class _RGB:
-    """Decoded frame -> its region as (h, w, 3) uint8 RGB: one swscale context for every frame of a clip, on one
-    thread.
+class _Clip:
+    """The frames ``index`` of a video, filled in as they are decoded: the region of each frame the clip takes is
+    converted to RGB and copied into one (T, h, w, 3) uint8 array, at every place of ``index`` that holds it.
 
-    Recent PyAV (18 here) converts on as many threads as the machine has cores unless told otherwise: N DataLoader
-    workers on N cores would each start that many, and even one process alone converts faster on one thread
-    (measured here, PyAV 18.1: 6 against 14 ms for 40 frames at 256p, within the decode loop). A frame of
-    another size than the first is an error (the clip's frames must stack, and its region was taken for the
-    first size).
+    One swscale context converts every frame of the clip, on one thread: recent PyAV (18 here) converts on as
+    many threads as the machine has cores unless told otherwise, and N DataLoader workers on N cores would each
+    start that many (even one process alone converts faster on one thread: measured here, PyAV 18.1, 6 against
+    14 ms for 40 frames at 256p, within the decode loop). A mirrored region is copied forwards and the clip
+    flipped once at the end (by torch: NumPy's copy of packed RGB pixels through a negative stride takes ten
+    times as long). A frame of another size than the first is an error (the clip's frames must stack, and its
+    region was taken for the first size).
     """
 
     threads: dict[str, int] = {"threads": 1}  # {} once PyAV turns out to be older (no threads argument)
 
-    def __init__(self, region: Region | None) -> None:
-        self.region, self.slices, self.size = region, None, None
+    def __init__(self, index: Sequence[int], region: Region | None) -> None:
+        self.places: dict[int, list[int]] = {}
+        for place, position in enumerate(index):
+            self.places.setdefault(position, []).append(place)
+        self.wanted = sorted(self.places)  # the frame positions to decode, in order
+        self.length, self.region, self.filled = len(index), region, set()
+        self.array = self.size = self.rows = self.columns = None
+        self.mirror = False
         self.reformatter = av.video.reformatter.VideoReformatter()
 
-    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
-        try:
-            rgb = self.reformatter.reformat(frame, format="rgb24", **_RGB.threads).to_ndarray()
-        except TypeError as err:  # an older PyAV: no threads argument (nor threaded conversion)
-            if "threads" not in str(err):
-                raise
-            _RGB.threads = {}
-            rgb = self.reformatter.reformat(frame, format="rgb24").to_ndarray()
-        if self.size is None:
-            self.size = rgb.shape[:2]
-            if self.region is not None:
-                try:
-                    self.slices = _region_slices(self.region, *self.size)
-                except Exception as err:
-                    raise _CallerError() from err
+    def __call__(self, position: int, frame: av.VideoFrame) -> None:
+        """Takes the decoded frame at ``position`` if the clip holds it."""
+        places = self.places.get(position)
+        if places is None:
+            return
+        rgb = self._rgb(frame)
+        if self.array is None:
+            self._start(*rgb.shape[:2])
         elif rgb.shape[:2] != self.size:
             raise ValueError(f"a frame of {rgb.shape[1]}x{rgb.shape[0]} after frames of "
                              f"{self.size[1]}x{self.size[0]}")
-        return rgb if self.slices is None else _take(rgb, *self.slices)
+        part = rgb[self.rows, self.columns]
+        for place in places:
+            self.array[place] = part
+        self.filled.add(position)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.filled) == len(self.places)
+
+    def frames(self) -> np.ndarray:
+        """The clip, (T, h, w, 3) contiguous (once :attr:`complete`)."""
+        return torch.from_numpy(self.array).flip(-2).numpy() if self.mirror else self.array
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        try:
+            return self.reformatter.reformat(frame, format="rgb24", **_Clip.threads).to_ndarray()
+        except TypeError as err:  # an older PyAV: no threads argument (nor threaded conversion)
+            if "threads" not in str(err):
+                raise
+            _Clip.threads = {}
+            return self.reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+    def _start(self, height: int, width: int) -> None:
+        self.size, self.rows, self.columns = (height, width), slice(None), slice(None)
+        if self.region is not None:
+            try:
+                self.rows, self.columns = _region_slices(self.region, height, width)
+            except Exception as err:
+                raise _CallerError() from err
+            if self.columns.step == -1:  # copied forwards, flipped at the end
+                start, stop, _ = self.columns.indices(width)
+                self.columns, self.mirror = slice(stop + 1, start + 1), True
+        shape = np.empty((height, width), np.bool_)[self.rows, self.columns].shape
+        self.array = np.empty((self.length, *shape, 3), np.uint8)
 
 
 def _region_slices(region: Region, height: int, width: int) -> tuple[slice, slice]:
@@ -322,8 +368,8 @@ def _region_slices(region: Region, height: int, width: int) -> tuple[slice, slic
 
 def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
     """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy (``columns`` as
-    :func:`_region_slices` checked it). A mirrored region (step -1) is copied forwards and flipped by torch:
-    NumPy's copy of packed RGB pixels through a negative stride takes ten times as long."""
+    :func:`_region_slices` checked it). A mirrored region (step -1) is copied forwards and flipped by torch
+    (see :class:`_Clip`)."""
     if columns.step != -1:
         return np.ascontiguousarray(frames[..., rows, columns, :])
     start, stop, _ = columns.indices(frames.shape[-2])
@@ -347,44 +393,73 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.stream
     return None
 
 
-def _decode_from_start(container, stream, wanted: Sequence[int], convert: _RGB) -> dict[int, np.ndarray] | None:
-    """Frames ``wanted`` (sorted) counted from the first decoded frame; None if the video ends before the last."""
-    keep, last, frames = set(wanted), wanted[-1], {}
+def _decode_from_start(container, stream, clip: _Clip) -> bool:
+    """Gives ``clip`` its frames, counted from the first decoded frame; False if the video ends before the last."""
+    last = clip.wanted[-1]
     for position, frame in enumerate(container.decode(stream)):
-        if position in keep:
-            frames[position] = convert(frame)
+        clip(position, frame)
         if position >= last:
-            return frames
-    return None
+            return True
+    return False
 
 
-def _decode_after_seek(container, stream, wanted: Sequence[int], convert: _RGB) -> dict[int, np.ndarray] | None:
-    """Frames ``wanted`` after seeking to the key frame before the first; None when time stamps disagree."""
+def _decode_after_seek(container, stream, clip: _Clip) -> bool:
+    """Gives ``clip`` its frames after seeking to the key frame before the first; False when the time stamps
+    disagree (the clip is then incomplete)."""
     rate, time_base = stream.average_rate, stream.time_base
     if not rate or not time_base:
-        return None
-    start = stream.start_time or 0
-    target = start + int(wanted[0] / rate / time_base)
+        return False
+    start, first_wanted, last = stream.start_time or 0, clip.wanted[0], clip.wanted[-1]
     try:
-        container.seek(target, stream=stream, backward=True, any_frame=False)
+        container.seek(start + int(first_wanted / rate / time_base), stream=stream, backward=True, any_frame=False)
     except av.error.FFmpegError:
-        return None
-    keep, last, frames, first = set(wanted), wanted[-1], {}, None
-    for frame in container.decode(stream):
+        return False
+    position = _frame_position(start, time_base * rate)
+    first = None
+    for frame in _decode_skipping(container, stream, lambda pts: position(pts) in clip.places):
         if frame.pts is None:
-            return None
-        position = round((frame.pts - start) * time_base * rate)
+            return False
+        at = position(frame.pts)
         if first is None:
-            first = position
-            if position > wanted[0]:
-                return None  # the seek went past the first needed frame
-        if position in keep:
-            frames[position] = convert(frame)
-        if position >= last:
+            first = at
+            if at > first_wanted:
+                return False  # the seek went past the first needed frame
+        clip(at, frame)
+        if at >= last:
             break
-    if len(frames) != len(keep):
-        return None  # a gap, a duplicate time stamp, or the video ended early
-    return frames
+    return clip.complete  # else a gap, a duplicate time stamp, or the video ended early
+
+
+def _frame_position(start: int, frames_per_tick: Fraction) -> Callable[[int], int]:
+    """Time stamp -> frame index, ``round((pts - start) * frames_per_tick)`` (halves to even), in integers (a
+    Fraction for every frame costs a millisecond a clip)."""
+    num, den = frames_per_tick.numerator, frames_per_tick.denominator
+
+    def position(pts: int) -> int:
+        quotient, remainder = divmod((pts - start) * num, den)
+        return quotient + (2 * remainder > den or (2 * remainder == den and quotient % 2 == 1))
+
+    return position
+
+
+# decoders whose skip_frame=NONREF drops exactly the frames no other frame refers to (H.264's nal_ref_idc 0)
+_SKIPPING_CODECS = ("h264",)
+
+
+def _decode_skipping(container, stream, needed: Callable[[int], bool]) -> Iterator[av.VideoFrame]:
+    """The frames of ``stream`` from where ``container`` stands, except H.264 frames that are not ``needed``
+    (by their packet's time stamp) and that no other frame refers to: those are not decoded at all (FFmpeg's
+    ``skip_frame=NONREF`` for their packet alone). The frames that are decoded are exactly those of decoding
+    every frame. With x264's default B-frames about a third of the frames are such, and a clip takes only some
+    frames of the span it decodes (one in ``sampling_rate``, none of those before its first frame)."""
+    context = stream.codec_context
+    if context.name not in _SKIPPING_CODECS:
+        yield from container.decode(stream)
+        return
+    for packet in container.demux(stream):
+        skip = packet.pts is not None and not needed(packet.pts)
+        context.skip_frame = "NONREF" if skip else "DEFAULT"
+        yield from packet.decode()
 
 
 # ----------------------------------------------------------------------------------------------------------------
