@@ -251,6 +251,8 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
                  "32", "--gop", "4", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
     options = {name: _x264_options(root / "walk" / "a.mp4") for name, root in (("plain", plain), ("fast", fast))}
     assert "cabac=1" in options["plain"] and "deblock=1" in options["plain"]
+    # x264's frame threads (2 here): one slice a frame, as downloads have, not PyAV's default of a slice a thread
+    assert all("sliced_threads=0" in o and "slices=" not in o for o in options.values()), options
     assert "cabac=0" in options["fast"] and "deblock=0" in options["fast"] and "weightp=0" in options["fast"]
     for root in (plain, fast):  # the same frames and key frames either way
         frames, keys, _, _ = _decode(root / "walk" / "a.mp4")

@@ -10,8 +10,11 @@ so that
 * a key frame comes every ``gop`` frames, exactly (no scene-cut key frames, the source's frame types ignored);
 * every decoded frame is kept, with the source's frame rate and time stamps (shifted to start at 0): the dataset
   samples by frame index, so frame ``i`` of the output is frame ``i`` of the source;
+* one slice a frame (x264's frame threads), as downloaded videos have: the dataset decodes on one thread, for
+  which slices would only cost compression; x264's B-frames stay, and those that no frame refers to are frames
+  a clip that does not take them skips (see :func:`~nonlocalnet.data.video.read_frames`);
 * with ``fast_decode``, libx264's ``tune=fastdecode`` (no CABAC, no deblocking filter, no weighted prediction):
-  decoded in about half the time (71 against 126 ms for 300 frames at 256p, measured here) for files about 8%
+  decoded in about half the time (63 against 128 ms for 300 frames at 256p on one thread, measured here) for files about 8%
   larger at the same ``crf``, and without the deblocking filter's smoothing of block edges.
 
 The outputs keep the list's relative paths under the output root, with the extension ``.mp4``, and the new list
@@ -254,7 +257,10 @@ def _add_stream(output, source, width: int, height: int, rate: Fraction, time_ba
     context.width, context.height, context.pix_fmt = width, height, "yuv420p"
     context.time_base = time_base
     context.gop_size = gop
-    context.thread_count = threads
+    # x264's frame threads: one slice a frame, as downloaded videos have (PyAV's default, slice threads, cuts
+    # every frame into one slice per thread, which costs compression and gains nothing for a reader that
+    # decodes on one thread, as the dataset's do)
+    context.thread_type, context.thread_count = "FRAME", threads
     for tag in ("colorspace", "color_primaries", "color_trc"):  # the same matrix: the same RGB when decoded
         setattr(context, tag, getattr(source.codec_context, tag))
     # a key frame exactly every gop frames: none at scene cuts, none where the source had one (see pict_type)
