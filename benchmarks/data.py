@@ -13,15 +13,19 @@ as a Kinetics clip is and re-encoded into four layouts:
 - ``prepared``: ``720p gop250`` after ``nonlocalnet prepare-videos`` (short side 256, a key frame every 16);
 - ``prepared fast-decode``: the same with ``--fast-decode`` (libx264's ``tune=fastdecode``).
 
-For each layout and clip (8x8, 32x2), side by side in one process on one thread: ``VideoListDataset`` training
+Every file has one slice a frame, as downloads have (x264's frame threads), and every reader decodes on one
+thread (FFmpeg's default would use slice threads). For each layout and clip (8x8, 32x2), side by side in one
+process: ``VideoListDataset`` training
 items (random position, scale, crop, flip) and test views (10 clips x 3 crops, as the paper's test), as the
 trainer builds it (uint8 clips, normalised on the device; the normalised item is timed beside them); the same
 items through torchcodec (``decoder="torchcodec"``) where it is installed; a PySlowFast-style reader written here
 (seek to the key frame before the span, decode every frame through its end, convert each to RGB, resize the
 selected frames in float); and the *limit*: the pure decode (no RGB conversion, no resize) of the frames an item
-needs, from the key frame before the first of them through the last. Every reader takes the frames the dataset's
-item takes (``VideoListDataset.clip_indices``); times are medians per item; ``/ limit`` is the dataset's time
-over the limit's. Then the dataset's training items per second through a DataLoader with 1 and 2 workers.
+needs, from the key frame before the first of them through the last. The dataset decodes fewer: an H.264 frame
+that no other frame refers to and the clip does not take is skipped, not decoded (``decoded``: that decode alone,
+no conversion). Every reader takes the frames the dataset's item takes (``VideoListDataset.clip_indices``); times
+are medians per item; ``/ limit`` and ``/ decoded`` are the dataset's time over those. Then the dataset's training
+items per second through a DataLoader with 1 and 2 workers.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 
 from nonlocalnet.data.prepare import encode_video, prepare_videos
 from nonlocalnet.data.collate import collate
+from nonlocalnet.data import video as V
 from nonlocalnet.data.video import VideoListDataset, decoder_available
 
 from ._common import fmt, machine, write_atomic
@@ -93,6 +98,7 @@ def _encode(frames: list[np.ndarray], path: Path, gop: int) -> None:
         stream = output.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
+        stream.codec_context.thread_type = "FRAME"  # one slice a frame, as downloaded videos (see prepare.py)
         stream.options = {"keyint_min": str(gop), "sc_threshold": "0", "crf": "23"}
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
@@ -109,12 +115,14 @@ def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        first, last = int(index.min()), int(index.max())
-        container.seek(int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
+        stream.codec_context.thread_count = 1  # one thread, as every reader here (FFmpeg's default: cores + 1)
+        first, last, start = int(index.min()), int(index.max()), stream.start_time or 0
+        container.seek(start + int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
+        position = V._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
         for frame in container.decode(stream):
-            position = round(frame.pts * stream.time_base * stream.average_rate)
-            yield position, frame
-            if position >= last:
+            at = position(frame.pts)
+            yield at, frame
+            if at >= last:
                 return
 
 
@@ -122,6 +130,22 @@ def pure_decode(path: Path, index: torch.Tensor) -> None:
     """The limit: seek to the key frame before the first needed frame, decode through the last; nothing else."""
     for _ in frames_from_key_frame(path, index):
         pass
+
+
+class _DecodeOnly(V._Clip):
+    """A clip that converts nothing: it notes which of its frames were decoded."""
+
+    def __call__(self, position: int, frame: av.VideoFrame) -> None:
+        if position in self.places:
+            self.filled.add(position)
+
+
+def dataset_decode(path: Path, index: torch.Tensor) -> None:
+    """What the dataset decodes for these frames, without converting any: the limit's frames less the H.264
+    frames that no frame refers to and the clip does not take (see ``video._decode_skipping``)."""
+    with V._open_video(path) as container:
+        if not V._decode_after_seek(container, container.streams.video[0], _DecodeOnly(index.tolist(), None)):
+            raise RuntimeError(f"{path}: the seek path disagreed with the time stamps")
 
 
 def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int = 224) -> torch.Tensor:
@@ -136,52 +160,64 @@ def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int =
     return ((clip[..., :crop, :crop] - 114.75) / 57.375).permute(1, 0, 2, 3)
 
 
+def _readers(listing: Path, root: Path, clip: str, codec: bool) -> tuple[dict, list, VideoListDataset]:
+    """The timed readers of one layout and clip (name -> read item i), the datasets to set to each epoch, and the
+    test split."""
+    frames, rate = CLIPS[clip]
+    path = root / "v.mp4"
+    # as the trainer builds them: uint8 clips, normalised on the device (the normalised item beside)
+    options = dict(split="train", num_classes=1, frames=frames, sampling_rate=rate, normalize=False)
+    train = VideoListDataset(listing, root, **options)
+    normalised = VideoListDataset(listing, root, **{**options, "normalize": True})
+    datasets = [train, normalised]
+    indices = lambda i: train.clip_indices(i % len(train), FRAMES)  # noqa: E731
+    readers = {"limit": lambda i: pure_decode(path, indices(i)),
+               "decoded": lambda i: dataset_decode(path, indices(i)),
+               "slowfast-style": lambda i: slowfast_style(path, indices(i)),
+               "dataset": lambda i: train[i % len(train)],
+               "normalised": lambda i: normalised[i % len(normalised)]}
+    if codec:  # the dataset through torchcodec: the same items
+        datasets.append(VideoListDataset(listing, root, **options, decoder="torchcodec"))
+        readers["torchcodec"] = lambda i: datasets[-1][i % len(train)]
+    return readers, datasets, VideoListDataset(listing, root, **{**options, "split": "test"})
+
+
 def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int) -> list[dict]:
+    """One row per layout and clip. For each clip the readers of every layout are interleaved item by item, so
+    that this machine's drift in speed moves every figure of a clip alike (rows are compared with each other)."""
     rows = []
     codec = decoder_available("torchcodec")
-    for layout, (listing, root) in layouts.items():
-        path = root / "v.mp4"
-        for clip in clips:
-            frames, rate = CLIPS[clip]
-            # as the trainer builds them: uint8 clips, normalised on the device (the normalised item beside)
-            options = dict(split="train", num_classes=1, frames=frames, sampling_rate=rate, normalize=False)
-            train = VideoListDataset(listing, root, **options)
-            normalised = VideoListDataset(listing, root, **{**options, "normalize": True})
-            test = VideoListDataset(listing, root, **{**options, "split": "test"})
-            readers = {"limit": lambda i: pure_decode(path, train.clip_indices(i % len(train), FRAMES)),
-                       "slowfast-style": lambda i: slowfast_style(path, train.clip_indices(i % len(train), FRAMES)),
-                       "dataset": lambda i: train[i % len(train)],
-                       "normalised": lambda i: normalised[i % len(normalised)]}
-            if codec:  # the dataset through torchcodec: the same items
-                train_tc = VideoListDataset(listing, root, **options, decoder="torchcodec")
-                readers["torchcodec"] = lambda i: train_tc[i % len(train_tc)]
-            per_item = {name: [] for name in readers}
-            for i in range(items):  # round-robin over the readers, item by item; every reader the same frames
-                train.set_epoch(i)
-                normalised.set_epoch(i)
-                if codec:
-                    train_tc.set_epoch(i)
+    for clip in clips:
+        setups = {layout: _readers(listing, root, clip, codec) for layout, (listing, root) in layouts.items()}
+        per_item = {layout: {name: [] for name in readers} for layout, (readers, _, _) in setups.items()}
+        for i in range(items):  # every reader of every layout, item by item; every reader the same frames
+            for layout, (readers, datasets, _) in setups.items():
+                for dataset in datasets:
+                    dataset.set_epoch(i)
                 for name, read in readers.items():
                     start = time.perf_counter()
                     read(i)
-                    per_item[name].append(time.perf_counter() - start)
+                    per_item[layout][name].append(time.perf_counter() - start)
+        for layout, (_, _, test) in setups.items():
             row = dict(layout=layout, clip=clip,
-                       **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item.items()})
+                       **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item[layout].items()})
             views = min(len(test), 30)  # one video's 10 clips x 3 crops
             start = time.perf_counter()
             for v in range(views):
                 test[v]
             row["test_view_ms"] = 1e3 * (time.perf_counter() - start) / views
             row["over_limit"] = row["dataset_ms"] / row["limit_ms"]
+            row["over_decoded"] = row["dataset_ms"] / row["decoded_ms"]
             rows.append(row)
             print(_line(row), flush=True)
-    return rows
+    return sorted(rows, key=lambda r: (list(layouts).index(r["layout"]), clips.index(r["clip"])))
 
 
 def _line(r: dict) -> str:
     codec = fmt(r.get("torchcodec_ms"), "", 1)
-    return (f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['dataset_ms'], '', 1)} | "
-            f"{fmt(r['over_limit'], 'x')} | {fmt(1e3 / r['dataset_ms'], '', 1)} | "
+    return (f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['decoded_ms'], '', 1)} | "
+            f"{fmt(r['dataset_ms'], '', 1)} | {fmt(r['over_limit'], 'x')} | {fmt(r['over_decoded'], 'x')} | "
+            f"{fmt(1e3 / r['dataset_ms'], '', 1)} | "
             f"{fmt(r['normalised_ms'], '', 1)} | "
             f"{fmt(r['slowfast-style_ms'], '', 1)} | {codec} | {fmt(r['test_view_ms'], '', 1)} |")
 
@@ -214,9 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     items = 6 if args.quick else args.items
     with tempfile.TemporaryDirectory() as work:
         layouts = make_layouts(Path(work))
-        header = ("| layout | clip | limit ms | dataset ms | / limit | dataset items/s | normalised item ms | "
-                  "slowfast-style ms | torchcodec ms | test view ms |\n"
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        header = ("| layout | clip | limit ms | decoded ms | dataset ms | / limit | / decoded | dataset items/s | "
+                  "normalised item ms | slowfast-style ms | torchcodec ms | test view ms |\n"
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"## Video input, one thread ({machine()}; {FRAMES} frames at {FPS} fps)\n\n{header}", flush=True)
         rows = measure(layouts, clips, items)
         print("\n## Training items/s through a DataLoader (batch 1)\n\n| layout | clip | "

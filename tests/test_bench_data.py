@@ -31,4 +31,7 @@ def test_the_data_benchmark_measures_the_four_layouts_it_says(tmp_path):
     assert [(r["layout"], r["clip"]) for r in rows] == [(name, "8x8") for name in layouts]
     for r in rows:
         assert r["over_limit"] == r["dataset_ms"] / r["limit_ms"]
+        assert r["over_decoded"] == r["dataset_ms"] / r["decoded_ms"]
         assert r["dataset_ms"] > 0 and r["slowfast-style_ms"] > 0
+    for path in [root / "v.mp4" for _, root in layouts.values()]:  # one slice a frame, as downloads have
+        assert b"sliced_threads=0" in path.read_bytes()[:200_000], path
