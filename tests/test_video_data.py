@@ -342,7 +342,7 @@ def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch
 
     def spy(*args):
         result = original(*args)
-        calls.append(result is not None)
+        calls.append(result)
         return result
 
     monkeypatch.setattr(V, "_decode_after_seek", spy)
@@ -539,15 +539,31 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
             decoded.append(frame.pts)
             yield frame
 
+    sought = []
+    seek = V._decode_after_seek
     monkeypatch.setattr(V, "_decode_skipping", counting)
+    monkeypatch.setattr(V, "_decode_after_seek", lambda *args: sought.append(seek(*args)) or sought[-1])
     for index in (torch.arange(33, 64, 4), torch.arange(40, 56, 2), torch.tensor([50, 35, 35, 63])):
         decoded.clear()
+        sought.clear()
         frames, _ = read_frames(path, lambda count: index)
+        if codec == "libx264":  # the seek path gave the frames: no fallback to decoding from the start
+            assert sought == [True]
         assert np.array_equal(frames, every[index.numpy()])  # the frames of decoding every one, one by one
         span = int(index.max()) - 32 + 1  # from the key frame at 32 through the last needed frame
         if codec == "libx264":  # H.264: a non-reference frame the clip does not take is not decoded
             assert len(set(index.tolist())) <= len(decoded) < span - 4, (len(decoded), span)
         # other codecs decode every frame (their skip_frame is not trusted here): the same frames
+
+
+def test_a_clip_given_a_frame_twice_is_not_complete():
+    clip = V._Clip([5, 6, 6], None)  # two frames at one position are time stamps that disagree: decode again
+    clip._note(5)
+    assert not clip.complete
+    clip._note(6)
+    assert clip.complete
+    clip._note(5)
+    assert not clip.complete
 
 
 def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(videos):

@@ -308,7 +308,7 @@ class _Clip:
         self.wanted = sorted(self.places)  # the frame positions to decode, in order
         self.length, self.region, self.filled = len(index), region, set()
         self.array = self.size = self.rows = self.columns = None
-        self.mirror = False
+        self.mirror = self.repeated = False
         self.reformatter = av.video.reformatter.VideoReformatter()
 
     def __call__(self, position: int, frame: av.VideoFrame) -> None:
@@ -316,6 +316,7 @@ class _Clip:
         places = self.places.get(position)
         if places is None:
             return
+        self._note(position)
         rgb = self._rgb(frame)
         if self.array is None:
             self._start(*rgb.shape[:2])
@@ -325,11 +326,15 @@ class _Clip:
         part = rgb[self.rows, self.columns]
         for place in places:
             self.array[place] = part
+
+    def _note(self, position: int) -> None:
+        self.repeated |= position in self.filled
         self.filled.add(position)
 
     @property
     def complete(self) -> bool:
-        return len(self.filled) == len(self.places)
+        """Every frame given, none twice (two frames at one position: time stamps that disagree)."""
+        return len(self.filled) == len(self.places) and not self.repeated
 
     def frames(self) -> np.ndarray:
         """The clip, (T, h, w, 3) contiguous (once :attr:`complete`)."""
