@@ -251,8 +251,20 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
                  "32", "--gop", "4", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
     options = {name: _x264_options(root / "walk" / "a.mp4") for name, root in (("plain", plain), ("fast", fast))}
     assert "cabac=1" in options["plain"] and "deblock=1" in options["plain"]
-    # x264's frame threads (2 here): one slice a frame, as downloads have, not PyAV's default of a slice a thread
-    assert all("sliced_threads=0" in o and "slices=" not in o for o in options.values()), options
+    # x264's frame threads (2 here): one slice a frame, as downloads have, not PyAV's default of a slice a thread;
+    # three B-frames between references, none of them a reference (what a clip skips)
+    for o in options.values():
+        assert "sliced_threads=0" in o and "slices=" not in o, o
+        assert "bframes=3" in o and "b_pyramid=0" in o and "b_adapt=0" in o, o
+    for skip in ("DEFAULT", "NONREF"):  # every B-frame is one that no frame refers to: FFmpeg may skip them all
+        with av.open(str(plain / "walk" / "a.mp4")) as container:
+            container.streams.video[0].codec_context.skip_frame = skip
+            kinds = [int(frame.pict_type) for frame in container.decode(video=0)]  # 1 I, 2 P, 3 B
+        if skip == "DEFAULT":
+            b_frames = kinds.count(3)
+            assert b_frames >= COUNT // 2, kinds
+        else:
+            assert 3 not in kinds and len(kinds) == COUNT - b_frames, kinds
     assert "cabac=0" in options["fast"] and "deblock=0" in options["fast"] and "weightp=0" in options["fast"]
     for root in (plain, fast):  # the same frames and key frames either way
         frames, keys, _, _ = _decode(root / "walk" / "a.mp4")

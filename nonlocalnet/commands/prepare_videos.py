@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", type=int, default=DEFAULT_CRF,
                         help=f"libx264 quality, 0 (lossless) to 51 (worst) (default: {DEFAULT_CRF})")
     parser.add_argument("--fast-decode", action="store_true",
-                        help="libx264's tune=fastdecode: decoded in about half the time, files about 8%% larger "
+                        help="libx264's tune=fastdecode: decoded in about half the time, files about 7%% larger "
                              "(no deblocking filter)")
     parser.add_argument("--workers", type=int, default=None,
                         help="videos encoded in parallel, one process each (default: min(4, CPU count))")
