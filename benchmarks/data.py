@@ -43,7 +43,7 @@ import av
 import numpy as np
 import torch
 
-from nonlocalnet.data.prepare import encode_video, prepare_videos
+from nonlocalnet.data.prepare import prepare_videos, target_size
 from nonlocalnet.data.collate import collate
 from nonlocalnet.data import video as V
 from nonlocalnet.data.video import VideoListDataset, decoder_available
@@ -77,7 +77,11 @@ def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
     source = work / "720p_gop250" / "v.mp4"
     _encode(looped, source, gop=250)
     layouts = {"720p gop250": source}
-    encode_video(source, work / "256p_gop250" / "v.mp4", short_side=256, gop=250)
+    # as a download is encoded (x264's own choice of B-frames), not as prepare-videos encodes; the same scaler
+    width, height = target_size(looped[0].shape[1], looped[0].shape[0], 256)
+    small = [av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        width=width, height=height, interpolation="BICUBIC").to_ndarray() for rgb in looped]
+    _encode(small, work / "256p_gop250" / "v.mp4", gop=250)
     layouts["256p gop250"] = work / "256p_gop250" / "v.mp4"
     out = {}
     for name, path in layouts.items():
@@ -137,14 +141,21 @@ class _DecodeOnly(V._Clip):
 
     def __call__(self, position: int, frame: av.VideoFrame) -> None:
         if position in self.places:
-            self.filled.add(position)
+            self._note(position)
 
 
 def dataset_decode(path: Path, index: torch.Tensor) -> None:
-    """What the dataset decodes for these frames, without converting any: the limit's frames less the H.264
-    frames that no frame refers to and the clip does not take (see ``video._decode_skipping``)."""
+    """What the dataset decodes for these frames, without converting any: after a seek, the limit's frames less
+    the H.264 frames that no frame refers to and the clip does not take (see ``video._decode_skipping``); every
+    frame from the start for a clip that starts near it, as the dataset does."""
+    clip = _DecodeOnly(index.tolist(), None)
     with V._open_video(path) as container:
-        if not V._decode_after_seek(container, container.streams.video[0], _DecodeOnly(index.tolist(), None)):
+        stream = container.streams.video[0]
+        if clip.wanted[0] < V._SEEK_MIN_FRAMES:
+            done = V._decode_from_start(container, stream, clip)
+        else:
+            done = V._decode_after_seek(container, stream, clip)
+        if not done:
             raise RuntimeError(f"{path}: the seek path disagreed with the time stamps")
 
 
