@@ -119,7 +119,7 @@ def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1  # one thread, as every reader here (FFmpeg's default: cores + 1)
+        V._one_thread(stream)  # as every reader here (FFmpeg's default: cores + 1 slice threads)
         first, last, start = int(index.min()), int(index.max()), stream.start_time or 0
         container.seek(start + int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
         position = V._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
@@ -145,18 +145,13 @@ class _DecodeOnly(V._Clip):
 
 
 def dataset_decode(path: Path, index: torch.Tensor) -> None:
-    """What the dataset decodes for these frames, without converting any: after a seek, the limit's frames less
-    the H.264 frames that no frame refers to and the clip does not take (see ``video._decode_skipping``); every
-    frame from the start for a clip that starts near it, as the dataset does."""
-    clip = _DecodeOnly(index.tolist(), None)
+    """What the dataset decodes for these frames (its own decoding, ``video._fill_clip``), without converting
+    any: after a seek, the limit's frames less the H.264 frames that no frame refers to and the clip does not take
+    (see ``video._decode_skipping``); every frame from the start for a clip that starts near it."""
     with V._open_video(path) as container:
-        stream = container.streams.video[0]
-        if clip.wanted[0] < V._SEEK_MIN_FRAMES:
-            done = V._decode_from_start(container, stream, clip)
-        else:
-            done = V._decode_after_seek(container, stream, clip)
-        if not done:
-            raise RuntimeError(f"{path}: the seek path disagreed with the time stamps")
+        if V._fill_clip(path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None),
+                        seek=True) is None:
+            raise RuntimeError(f"{path}: the video ended before frame {int(index.max())}")
 
 
 def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int = 224) -> torch.Tensor:

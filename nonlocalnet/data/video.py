@@ -265,18 +265,23 @@ def _count_decodable_frames(path: str | Path) -> int:
 def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bool,
                  region: Region | None) -> np.ndarray | None:
     """Frames ``index`` of a video, (T, H, W, 3); None if the video ends before the last of them."""
+    clip = _fill_clip(path, container, stream, lambda: _Clip(index.tolist(), region), seek=seek)
+    return None if clip is None else clip.frames()
+
+
+def _fill_clip(path: str | Path, container, stream, new_clip: Callable[[], _Clip], *, seek: bool) -> _Clip | None:
+    """A clip (``new_clip()``) given its frames: after a seek where it starts far enough from the start, else (or
+    when the time stamps disagree, in a fresh container) from the first frame; None if the video ends before the
+    last of them."""
     with _decode_errors(path):
-        clip = _Clip(index.tolist(), region)
+        clip = new_clip()
         if seek and clip.wanted[0] >= _SEEK_MIN_FRAMES:
-            if not _decode_after_seek(container, stream, clip):
-                # time stamps disagree: decode from the start of a fresh container
-                clip = _Clip(index.tolist(), region)
-                with _open_video(path) as fresh:
-                    if not _decode_from_start(fresh, fresh.streams.video[0], clip):
-                        return None
-        elif not _decode_from_start(container, stream, clip):
-            return None
-        return clip.frames()
+            if _decode_after_seek(container, stream, clip):
+                return clip
+            clip = new_clip()  # time stamps disagree: decode from the start of a fresh container
+            with _open_video(path) as fresh:
+                return clip if _decode_from_start(fresh, fresh.streams.video[0], clip) else None
+        return clip if _decode_from_start(container, stream, clip) else None
 
 
 Region = Callable[[int, int], "tuple[slice, slice]"]
@@ -338,7 +343,7 @@ class _Clip:
 
     def frames(self) -> np.ndarray:
         """The clip, (T, h, w, 3) contiguous (once :attr:`complete`)."""
-        return torch.from_numpy(self.array).flip(-2).numpy() if self.mirror else self.array
+        return _mirrored(self.array) if self.mirror else self.array
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         try:
@@ -356,9 +361,7 @@ class _Clip:
                 self.rows, self.columns = _region_slices(self.region, height, width)
             except Exception as err:
                 raise _CallerError() from err
-            if self.columns.step == -1:  # copied forwards, flipped at the end
-                start, stop, _ = self.columns.indices(width)
-                self.columns, self.mirror = slice(stop + 1, start + 1), True
+            self.columns, self.mirror = _forwards(self.columns, width)  # a mirror: flipped at the end
         shape = np.empty((height, width), np.bool_)[self.rows, self.columns].shape
         self.array = np.empty((self.length, *shape, 3), np.uint8)
 
@@ -371,15 +374,26 @@ def _region_slices(region: Region, height: int, width: int) -> tuple[slice, slic
     return rows, columns
 
 
+def _forwards(columns: slice, width: int) -> tuple[slice, bool]:
+    """``columns`` (as :func:`_region_slices` checked it) as a forward slice, and whether it mirrors (step -1)."""
+    if columns.step != -1:
+        return columns, False
+    start, stop, _ = columns.indices(width)
+    return slice(stop + 1, start + 1), True
+
+
+def _mirrored(frames: np.ndarray) -> np.ndarray:
+    """(..., h, w, 3) frames mirrored left to right, a contiguous copy, by torch: NumPy's copy of packed RGB
+    pixels through a negative stride takes ten times as long."""
+    return torch.from_numpy(frames).flip(-2).numpy()
+
+
 def _take(frames: np.ndarray, rows: slice, columns: slice) -> np.ndarray:
     """``frames[..., rows, columns, :]`` of (..., H, W, 3) frames as a contiguous copy (``columns`` as
-    :func:`_region_slices` checked it). A mirrored region (step -1) is copied forwards and flipped by torch
-    (see :class:`_Clip`)."""
-    if columns.step != -1:
-        return np.ascontiguousarray(frames[..., rows, columns, :])
-    start, stop, _ = columns.indices(frames.shape[-2])
-    forwards = np.ascontiguousarray(frames[..., rows, stop + 1:start + 1, :])
-    return torch.from_numpy(forwards).flip(-2).numpy()
+    :func:`_region_slices` checked it)."""
+    columns, mirror = _forwards(columns, frames.shape[-2])
+    part = np.ascontiguousarray(frames[..., rows, columns, :])
+    return _mirrored(part) if mirror else part
 
 
 # Seek only when the clip starts at least this many frames into the video: below, decoding from the start is
