@@ -3,6 +3,7 @@ bench extra installs: the newest environment runs it)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import av
 import pytest
@@ -35,3 +36,18 @@ def test_the_data_benchmark_measures_the_four_layouts_it_says(tmp_path):
         assert r["dataset_ms"] > 0 and r["slowfast-style_ms"] > 0
     for path in [root / "v.mp4" for _, root in layouts.values()]:  # one slice a frame, as downloads have
         assert b"sliced_threads=0" in path.read_bytes()[:200_000], path
+
+
+def test_the_readme_command_writes_its_tables(tmp_path, capsys):
+    """``python -m benchmarks.data`` as the README runs it (quick: the 8x8 clip, 6 items, one worker)."""
+    from benchmarks import data
+
+    markdown, report = tmp_path / "data.md", tmp_path / "data.json"
+    data.main(["--quick", "--workers", "1", "--markdown", str(markdown), "--json", str(report)])
+    lines = markdown.read_text().splitlines()
+    assert lines[0].startswith("| layout | clip | limit ms | decoded ms | dataset ms | / limit | / decoded |")
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| " + name, "8x8"] for name in data.LAYOUTS]
+    saved = json.loads(report.read_text())
+    assert [(r["layout"], r["clip"]) for r in saved["rows"]] == [(name, "8x8") for name in data.LAYOUTS]
+    assert [(r["layout"], list(r["rates"])) for r in saved["loaders"]] == [(name, ["1"]) for name in data.LAYOUTS]
+    assert "## Training items/s through a DataLoader" in capsys.readouterr().out
