@@ -502,6 +502,27 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
     assert np.array_equal(sought, np.stack(every[17:24:2])[:, rows, columns])  # the seek path as well
 
 
+def test_a_region_cut_before_conversion_is_the_slice_of_the_converted_frame(tmp_path, monkeypatch):
+    # only the region of a 4:2:0 frame is converted (at even bounds, then trimmed): the very pixels of converting
+    # the whole frame, whatever the parity of each bound, mirrored or not, on a width no SIMD block divides
+    path = tmp_path / "noise.mp4"
+    _write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8))
+    with av.open(str(path)) as container:
+        every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    cuts, cut = [], V._cut
+    monkeypatch.setattr(V, "_cut", lambda frame, window: cuts.append(window) or cut(frame, window))
+    index = torch.tensor([1, 4, 4])
+    rng = np.random.default_rng(0)
+    for top, left in [(0, 0), (1, 0), (0, 1), (1, 1), (3, 7)]:
+        for bottom, right in [(66, 138), (65, 137), (41, 100), (40, 101)]:
+            mirror = bool(rng.integers(2))
+            columns = slice(right - 1, left - 1 if left else None, -1) if mirror else slice(left, right)
+            cuts.clear()
+            part, _ = read_frames(path, lambda count: index, region=lambda h, w: (slice(top, bottom), columns))
+            assert np.array_equal(part, every[index][:, top:bottom, columns]), (top, bottom, left, right, mirror)
+            assert cuts and all(window[0] % 2 == window[2] % 2 == 0 for window in cuts)
+
+
 def _write_b_frame_video(path: Path, codec: str, count: int = 64, gop: int = 32) -> np.ndarray:
     """A lossy video with B-frames (x264's defaults; mpeg4 with 2 B-frames), frames of moving noise; returns
     every frame as PyAV decodes them, one by one."""
