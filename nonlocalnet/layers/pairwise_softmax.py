@@ -81,14 +81,15 @@ def _chunked_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, grad_y: Tensor
     grad_q = torch.empty_like(q) if needs[0] else None
     grad_k = torch.zeros_like(k) if needs[1] else None
     grad_v = torch.zeros_like(v) if needs[2] else None
-    delta = (grad_y * y).sum(dim=-1, keepdim=True).neg_()  # (B, N, 1): -rowsum(dY ⊙ Y) = -Σ_j P_ij dP_ij
+    delta = (grad_y * y).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dY ⊙ Y) = Σ_j P_ij dP_ij
     kt, vt = k.transpose(1, 2) * scale, v.transpose(1, 2)
     for start in range(0, q.shape[1], rows):
         chunk = slice(start, start + rows)
         weights = torch.bmm(q[:, chunk], kt).softmax(dim=-1)  # P (B, n, M), recomputed
         if grad_v is not None:
             grad_v.baddbmm_(weights.transpose(1, 2), grad_y[:, chunk])  # += Pᵀ dY
-        grad_s = torch.baddbmm(delta[:, chunk], grad_y[:, chunk], vt).mul_(weights)  # dS = P ⊙ (dP - Δ)
+        # dS = P ⊙ (dP - Δ); Δ subtracted in place (as baddbmm's input it would first be expanded to n x M)
+        grad_s = torch.bmm(grad_y[:, chunk], vt).sub_(delta[:, chunk]).mul_(weights)
         del weights
         if grad_q is not None:
             torch.bmm(grad_s, kt.transpose(1, 2), out=grad_q[:, chunk])  # s dS K
