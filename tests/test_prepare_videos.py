@@ -246,16 +246,16 @@ def _x264_options(path: Path) -> str:
 
 def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(sources, tmp_path, capsys):
     plain, fast = tmp_path / "plain", tmp_path / "fast"
-    prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=4, workers=1, progress=False)
+    prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=8, workers=1, progress=False)
     assert main(["prepare-videos", str(sources), str(fast), "--list", str(sources / "train.txt"), "--short-side",
-                 "32", "--gop", "4", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
+                 "32", "--gop", "8", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
     options = {name: _x264_options(root / "walk" / "a.mp4") for name, root in (("plain", plain), ("fast", fast))}
     assert "cabac=1" in options["plain"] and "deblock=1" in options["plain"]
     # x264's frame threads (2 here): one slice a frame, as downloads have, not PyAV's default of a slice a thread;
-    # three B-frames between references, none of them a reference (what a clip skips)
+    # five B-frames between references, none of them a reference (what a clip skips)
     for o in options.values():
         assert "sliced_threads=0" in o and "slices=" not in o, o
-        assert "bframes=3" in o and "b_pyramid=0" in o and "b_adapt=0" in o, o
+        assert "bframes=5" in o and "b_pyramid=0" in o and "b_adapt=0" in o, o
     for skip in ("DEFAULT", "NONREF"):  # every B-frame is one that no frame refers to: FFmpeg may skip them all
         with av.open(str(plain / "walk" / "a.mp4")) as container:
             container.streams.video[0].codec_context.skip_frame = skip
@@ -268,11 +268,11 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
     assert "cabac=0" in options["fast"] and "deblock=0" in options["fast"] and "weightp=0" in options["fast"]
     for root in (plain, fast):  # the same frames and key frames either way
         frames, keys, _, _ = _decode(root / "walk" / "a.mp4")
-        assert len(frames) == COUNT and keys == list(range(0, COUNT, 4))
+        assert len(frames) == COUNT and keys == list(range(0, COUNT, 8))
     report = json.loads((fast / "train_prepare_report.json").read_text())
     assert report["settings"]["fast_decode"] is True
     with pytest.raises(ValueError, match=r"other settings \(fast_decode False \(now True\)"):
-        prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=4, fast_decode=True, workers=1,
+        prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=8, fast_decode=True, workers=1,
                        progress=False)
 
 

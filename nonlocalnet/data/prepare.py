@@ -12,11 +12,12 @@ so that
   samples by frame index, so frame ``i`` of the output is frame ``i`` of the source;
 * one slice a frame (x264's frame threads), as downloaded videos have: the dataset decodes on one thread, for
   which slices would only cost compression;
-* three B-frames between reference frames, none of them a reference (libx264 with ``b-adapt=0``,
+* five B-frames between reference frames, none of them a reference (libx264 with ``bframes=5``, ``b-adapt=0``,
   ``b-pyramid=none``): a clip does not decode the B-frames it does not take (see
   :func:`~nonlocalnet.data.video.read_frames`), so training items cost about 8% less (32x2 clips) to 14% less
-  (8x8) than with x264's own choice of B-frames; at the same ``crf``, 0.1 dB less PSNR for 3% smaller files
-  (both measured on the data benchmark's footage);
+  (8x8) with three such B-frames than with x264's own choice, and 6-11% less again with five (at the same
+  ``crf``: three, 0.1 dB less PSNR than x264's choice for 3% smaller files; five, 0.23 dB less than three for
+  3% smaller files again; seven, no faster, 0.29 dB less; all measured on the data benchmark's footage);
 * with ``fast_decode``, libx264's ``tune=fastdecode`` (no CABAC, no deblocking filter, no weighted prediction):
   decoded in about half the time (63 against 128 ms for 300 frames at 256p on one thread, measured here) for
   files about 7% larger at the same ``crf``, and without the deblocking filter's smoothing of block edges.
@@ -55,6 +56,7 @@ from .video import VideoDecodeError
 DEFAULT_SHORT_SIDE = 256
 DEFAULT_GOP = 16
 DEFAULT_CRF = 23
+B_FRAMES = 5  # non-reference B-frames between references (see the module docstring)
 REPORT_SUFFIX = "_prepare_report.json"
 SETTINGS = ("short_side", "gop", "crf", "fast_decode")
 EARLIER_DEFAULTS = {"fast_decode": False}  # what a report written before a setting existed had it at
@@ -268,8 +270,9 @@ def _add_stream(output, source, width: int, height: int, rate: Fraction, time_ba
     for tag in ("colorspace", "color_primaries", "color_trc"):  # the same matrix: the same RGB when decoded
         setattr(context, tag, getattr(source.codec_context, tag))
     # a key frame exactly every gop frames: none at scene cuts, none where the source had one (see pict_type);
-    # three B-frames between references, none of them a reference (no adaptive B-frames, no B-pyramid), so that
+    # five B-frames between references, none of them a reference (no adaptive B-frames, no B-pyramid), so that
     # a clip skips the B-frames it does not take (see video.read_frames)
+    context.max_b_frames = B_FRAMES
     stream.options = {"crf": str(crf), "keyint_min": str(gop), "sc_threshold": "0", "b-pyramid": "none",
                       "x264-params": "b-adapt=0", **({"tune": "fastdecode"} if fast_decode else {})}
     return stream
