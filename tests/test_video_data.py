@@ -523,6 +523,22 @@ def test_a_region_cut_before_conversion_is_the_slice_of_the_converted_frame(tmp_
             assert cuts and all(window[0] % 2 == window[2] % 2 == 0 for window in cuts)
 
 
+def test_a_frame_with_an_odd_side_is_converted_whole():
+    # FFmpeg converts a 4:2:0 frame of an odd side otherwise than block by block: converted whole, RGB even mirrored
+    rgb = np.random.default_rng(4).integers(0, 256, (55, 76, 3), np.uint8)
+    for height, width in [(55, 76), (54, 75)]:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:height, :width]), format="rgb24").reformat(
+            format="yuv420p")
+        whole = frame.to_ndarray(format="rgb24")
+        for columns in (slice(3, 41), slice(40, 2, -1)):
+            clip = V._Clip([0], lambda h, w: (slice(1, 50), columns))
+            clip(0, frame)
+            assert clip.window is None and not clip.bgr and np.array_equal(clip.frames()[0], whole[1:50, columns])
+    empty = V._Clip([0], lambda h, w: (slice(0, 0), slice(9, 4, -1)))  # nothing to mirror
+    empty(0, frame)
+    assert empty.frames().shape == (1, 0, 5, 3)
+
+
 def _write_b_frame_video(path: Path, codec: str, count: int = 64, gop: int = 32) -> np.ndarray:
     """A lossy video with B-frames (x264's defaults; mpeg4 with 2 B-frames), frames of moving noise; returns
     every frame as PyAV decodes them, one by one."""
