@@ -18,10 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from .folding import (EXTENTS, Folding, check_folding, fold_positions, scatter_attention, to_map, to_positions,
                       unfold_positions)
 from .pairwise import check_mode_impl, pairwise_step
+from .pooling import WindowMaxPool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
 INIT_STD = 0.01  # the official code's init of θ, φ, g and W_z
@@ -71,8 +71,8 @@ class NonLocalBlock(nn.Module):
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
         init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
             conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
-        low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
-            in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
+        low_memory: trade some speed for training memory: the pooled x̂ (and, off the CPU, max-pool's int64
+            indices) are recomputed in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
             backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
             gradient's size). In float32 the same function and gradients, up to summation order (tested to
             1e-5); the forward is the same under autocast too, but there the 1x1 convs' backward matmuls run in
@@ -145,7 +145,7 @@ class NonLocalBlock(nn.Module):
             self.norm = ChannelLayerNorm(in_channels)
         else:
             self.norm = nn.Identity()
-        self.pool = _MAXPOOL[dim](self.subsample, self.subsample) if self.subsample is not None else None
+        self.pool = WindowMaxPool(self.subsample) if self.subsample is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,9 +220,9 @@ class NonLocalBlock(nn.Module):
         return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x, self.low_memory)
 
     def _keys_values_for_training(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ and the pool's
-        int64 argmax would be kept for the backward pass (with C = 2C', three times the size of the keys and
-        values together)."""
+        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ would be kept for
+        the backward pass (with C = 2C', twice the size of the keys and values together), and off the CPU, where
+        torch's max-pool runs, its int64 argmax too (the CPU's :class:`WindowMaxPool` keeps none)."""
         if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
             return checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
         return self._keys_values(source)
