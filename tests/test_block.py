@@ -114,6 +114,77 @@ def test_chunked_path_keeps_no_weight_matrix_and_needs_no_padding(cq, cv, monkey
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layout", ["positions", "channels"])
+def test_chunked_path_writes_where_its_operands_lie(layout, monkeypatch):
+    # q, k, v as (B, N, C) rows or as transposed (B, C, N) maps (what the block passes): the same values either
+    # way, and y comes back in q's layout, so that W_z reads a channel-major y without a copy
+    from nonlocalnet.layers import pairwise_softmax
+    from nonlocalnet.layers.pairwise_dense import softmax_attention_dense
+
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 40 * 8)  # 8 rows a chunk: 29 = 8+7+7+7 rows
+
+    def make(n, c):
+        t = torch.randn(2, c, n, dtype=torch.float64).transpose(1, 2) if layout == "channels" else \
+            torch.randn(2, n, c, dtype=torch.float64)
+        return t.requires_grad_()
+
+    q, k, v = make(29, 6), make(40, 6), make(40, 5)
+    y = pairwise_softmax.softmax_attention_chunked(q, k, v, 0.7)
+    assert y.stride(-2 if layout == "channels" else -1) == 1
+    assert pairwise_softmax._chunks(29, 8) == [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 29)]
+    grad = torch.randn_like(y)
+    reference = softmax_attention_dense(q, k, v, 0.7)[0]
+    torch.testing.assert_close(y, reference)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+@pytest.mark.parametrize("n", [1, 7, 30])
+def test_symmetric_path_equals_dense_and_keeps_no_weight_matrix(scale, n, monkeypatch):
+    # keys that are the queries (k is q): tiles of 4 x 4 logits, each pair computed once for both of its uses
+    from nonlocalnet.layers import pairwise_softmax
+    from nonlocalnet.layers.pairwise_dense import softmax_attention_dense
+
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 4 * 4)
+    x = (3 * torch.randn(2, 6, n, dtype=torch.float64)).transpose(1, 2).requires_grad_()  # peaky softmax
+    v = torch.randn(2, n, 5, dtype=torch.float64, requires_grad=True)
+    calls = []
+    original = pairwise_softmax._SymmetricSoftmaxAttention.apply
+    monkeypatch.setattr(pairwise_softmax._SymmetricSoftmaxAttention, "apply",
+                        lambda *a: calls.append(a[-1]) or original(*a))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = pairwise_softmax.softmax_attention_chunked(x, x, v, scale)
+    assert calls == [min(n, 4)]  # the tile side
+    assert sorted(saved) == sorted([(2, n, 6), (2, n, 5), (2, n, 5), (2, n, 1)])  # x, v, y, log-sum-exp
+    grad = torch.randn_like(y)
+    reference = softmax_attention_dense(x, x, v, scale)[0]
+    torch.testing.assert_close(y, reference)
+    for a, b in zip(torch.autograd.grad(y, (x, v), grad), torch.autograd.grad(reference, (x, v), grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("groups,memory", [(1, False), (2, False), (1, True)])
+def test_block_uses_the_symmetric_path_exactly_when_keys_are_queries(groups, memory, monkeypatch):
+    from nonlocalnet.layers import pairwise_softmax
+
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 5 * 5)
+    calls = []
+    original = pairwise_softmax._SymmetricSoftmaxAttention.apply
+    monkeypatch.setattr(pairwise_softmax._SymmetricSoftmaxAttention, "apply",
+                        lambda *a: calls.append(a) or original(*a))
+    options = dict(memory_channels=8) if memory else {}
+    block = make_active(NonLocal3d(8, mode="gaussian", temporal_groups=groups, **options))
+    x = torch.randn(2, 8, 4, 3, 3)
+    assert_same_function(block, x, "chunked", memory=torch.randn(2, 8, 4, 3, 3) if memory else None)
+    assert bool(calls) == (not memory)  # with a memory x̂ the keys are not the queries
+    calls.clear()
+    subsampled = make_active(NonLocal3d(8, mode="gaussian", subsample=(1, 2, 2), impl="chunked"))
+    subsampled(torch.randn(2, 8, 4, 4, 4))
+    assert not calls
+
+
 def test_concatenation_sorted_handles_ties_and_all_negative():
     block = make_active(NonLocal1d(4, mode="concatenation"))
     x = torch.randn(1, 4, 9)

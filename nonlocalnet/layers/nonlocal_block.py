@@ -193,8 +193,10 @@ class NonLocalBlock(nn.Module):
         source = x if memory is None else memory  # x̂: keys and values come from here
         folding, spatial, key_spatial = self._shapes(x, source, return_attention)
         # y = 1/C(x) Σ_j f(θ(x_i), φ(x̂_j)) g(x̂_j); the projections go straight in, so that nothing here keeps them
-        y, weights = self._attend(self._queries(x), *self._keys_values_for_training(source), folding, spatial,
-                                  key_spatial, return_attention)
+        query, (key, value) = self._queries(x), self._keys_values_for_training(source)
+        if self.mode == "gaussian" and source is x and self.pool is None:
+            key = query  # the same tensor: the pairwise step may use the symmetry of x xᵀ
+        y, weights = self._attend(query, key, value, folding, spatial, key_spatial, return_attention)
         z = self._add_residual(self.norm(self._project_out(y, spatial, _memory_format(x))), x)  # Norm(W_z y) + x
         if return_attention:
             return z, scatter_attention(weights, folding, x.shape[0], spatial, key_spatial)
@@ -233,7 +235,7 @@ class NonLocalBlock(nn.Module):
         policy, each folded group of positions (extent, temporal groups) a problem of its own."""
         batch = query.shape[0]
         q = fold_positions(query, folding, spatial)  # (B', N', Cq)
-        k = fold_positions(key, folding, key_spatial)  # (B', M', Cq)
+        k = q if key is query else fold_positions(key, folding, key_spatial)  # (B', M', Cq)
         v = fold_positions(value, folding, key_spatial)  # (B', M', C')
         del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
         y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(),

@@ -2,7 +2,7 @@
 
 | mode              | exact paths                        | "auto" picks                                   |
 |-------------------|------------------------------------|------------------------------------------------|
-| gaussian          | dense, sdpa, chunked               | sdpa                                           |
+| gaussian          | dense, sdpa, chunked               | chunked on CPU (no padding), sdpa elsewhere    |
 | embedded_gaussian | dense, sdpa, chunked               | sdpa                                           |
 | dot_product       | dense, linear                      | whichever does fewer multiply-adds             |
 | concatenation     | dense, sorted                      | sorted                                         |
@@ -200,7 +200,9 @@ def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl
     dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
     out_dtype = v.dtype
     with no_autocast(q.device.type):
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        keys_are_queries = k is q  # and stay so: the chunked path uses the symmetry of q qᵀ
+        q, v = q.to(dtype), v.to(dtype)
+        k = q if keys_are_queries else k.to(dtype)
         if return_attention:
             y, weights = dense_pairwise(q, k, v, mode, scale, concat_project)
             return y.to(out_dtype), weights
