@@ -151,11 +151,12 @@ def _chunked_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, grad_y: Tensor
     delta = (grad_y * y).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dY ⊙ Y) = Σ_j P_ij dP_ij
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     chunks = _chunks(n, rows)
-    work = _Workspace(q, 3, b * (chunks[0].stop - chunks[0].start) * m)
+    work = _Workspace(q, 2, b * (chunks[0].stop - chunks[0].start) * m)
     for index, chunk in enumerate(chunks):
-        logits, weights, grad_s = work.views(b, chunk.stop - chunk.start, m)
+        logits, weights = work.views(b, chunk.stop - chunk.start, m)
         _bmm_into(logits, q[:, chunk], kt, alpha=alpha)
         _softmax_into(weights, logits)  # P (B, n, M), recomputed
+        grad_s = logits  # the logits' buffer, free once P is computed
         first = index == 0  # the first chunk writes the key and value gradients, later ones add to them
         if grad_v is not None:
             _bmm_into(grad_v, weights.transpose(1, 2), grad_y[:, chunk], accumulate=not first)  # Pᵀ dY
@@ -214,12 +215,23 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
                                        ctx.side, ctx.needs_input_grad)
 
 
+def _exp_(t: Tensor) -> Tensor:
+    """e^t in place for t <= 0 (logits less their row's maximum or log-sum-exp), with the arguments clamped two
+    units above where e^t leaves the normal range (t >= -85.3 in float32): subnormal results cost the CPU ten
+    times a normal exp, and what the clamp changes, a weight below 1e-37 in a row summing to 1, is far below
+    rounding."""
+    tiny = torch.finfo(t.dtype).tiny
+    if tiny < 1e-30:  # float32, bfloat16, float64; not float16, whose normal range ends at 6e-5
+        t.clamp_min_(math.log(tiny) + 2.0)
+    return t.exp_()
+
+
 def _online_update(logits: Tensor, values: Tensor, y: Tensor, row_max: Tensor, row_sum: Tensor,
                    weights: Tensor) -> None:
     """One block of keys into the running softmax of some queries (flash attention's update, in place): with m
     the new row maximum, y <- y e^(m_old - m) + e^(S - m) V and the row sums likewise."""
     new_max = torch.maximum(row_max, logits.amax(dim=-1, keepdim=True))
-    torch.sub(logits, new_max, out=weights).exp_()
+    _exp_(torch.sub(logits, new_max, out=weights))
     rescale = row_max.sub_(new_max).exp_()  # e^(m_old - m); row_max is set to m below
     row_sum.mul_(rescale).add_(weights.sum(dim=-1, keepdim=True))
     y.mul_(rescale)
@@ -237,14 +249,14 @@ def _symmetric_backward(x: Tensor, v: Tensor, y: Tensor, log_sum_exp: Tensor, gr
     delta = (grad_y * y).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dY ⊙ Y)
     xt, vt = x.transpose(1, 2), v.transpose(1, 2)
     length = tiles[0].stop - tiles[0].start
-    work = _Workspace(x, 4, b * length * length)
+    work = _Workspace(x, 3, b * length * length)
     for i, rows in enumerate(tiles):
         for cols in tiles[i:]:
             shape = (b, rows.stop - rows.start, cols.stop - cols.start)
-            logits, weights, grad_s, scratch = work.views(*shape)
+            logits, weights, grad_s = work.views(*shape)
             _bmm_into(logits, x[:, rows], xt[:, :, cols], alpha=alpha)  # S_IJ, recomputed
             # the queries of I against the keys of J: P_IJ, dS_IJ = P_IJ ⊙ (dY_I V_Jᵀ - Δ_I)
-            torch.sub(logits, log_sum_exp[:, rows], out=weights).exp_()
+            _exp_(torch.sub(logits, log_sum_exp[:, rows], out=weights))
             if grad_v is not None:
                 _bmm_into(grad_v[:, cols], weights.transpose(1, 2), grad_y[:, rows], accumulate=True)
             torch.bmm(grad_y[:, rows], vt[:, :, cols], out=grad_s)
@@ -252,9 +264,10 @@ def _symmetric_backward(x: Tensor, v: Tensor, y: Tensor, log_sum_exp: Tensor, gr
             if cols == rows:  # a diagonal tile: S_II is its own transpose
                 grad_s.add_(grad_s.transpose(1, 2).clone())
             else:  # the queries of J against the keys of I, kept transposed (I x J): P_JIᵀ, dS_JIᵀ
-                torch.sub(logits, log_sum_exp[:, cols].transpose(1, 2), out=weights).exp_()
+                _exp_(torch.sub(logits, log_sum_exp[:, cols].transpose(1, 2), out=weights))
                 if grad_v is not None:
                     _bmm_into(grad_v[:, rows], weights, grad_y[:, cols], accumulate=True)
+                scratch = logits  # free once both uses' weights are computed
                 torch.bmm(v[:, rows], grad_y[:, cols].transpose(1, 2), out=scratch)  # dP_JIᵀ = V_I dY_Jᵀ
                 scratch.sub_(delta[:, cols].transpose(1, 2)).mul_(weights)
                 grad_s.add_(scratch)  # E = dS_IJ + dS_JIᵀ
