@@ -131,12 +131,23 @@ def test_chunked_path_writes_where_its_operands_lie(layout, monkeypatch):
     q, k, v = make(29, 6), make(40, 6), make(40, 5)
     y = pairwise_softmax.softmax_attention_chunked(q, k, v, 0.7)
     assert y.stride(-2 if layout == "channels" else -1) == 1
-    assert pairwise_softmax._chunks(29, 8) == [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 29)]
+    assert pairwise_softmax._chunks(29, 8) == [slice(0, 8), slice(8, 15), slice(15, 22), slice(22, 29)]
     grad = torch.randn_like(y)
     reference = softmax_attention_dense(q, k, v, 0.7)[0]
     torch.testing.assert_close(y, reference)
     for a, b in zip(torch.autograd.grad(y, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
         torch.testing.assert_close(a, b)
+
+
+def test_chunked_and_symmetric_paths_take_empty_batches_and_sequences():
+    from nonlocalnet.layers import pairwise_softmax
+
+    for b, n in ((0, 5), (2, 0)):
+        q, v = torch.randn(b, n, 3), torch.randn(b, n, 4)
+        assert pairwise_softmax.softmax_attention_chunked(q, q, v, 1.0).shape == (b, n, 4)
+        assert pairwise_softmax.softmax_attention_chunked(q, q.clone(), v, 1.0).shape == (b, n, 4)
+    block = NonLocal2d(4, mode="gaussian", norm=None, impl="chunked").eval()
+    assert block(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.3])

@@ -55,7 +55,8 @@ def test_keeps_no_argmax():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = WindowMaxPool((1, 2, 2))(x)
     assert not any(t.dtype == torch.int64 for t in saved)
-    assert sorted(tuple(t.shape) for t in saved) == sorted([tuple(x.shape), tuple(out.shape)])
+    assert [tuple(t.shape) for t in saved] == [tuple(x.shape)]  # x only, as max-pool keeps its input
+    assert out.shape == (2, 4, 3, 3, 3)
 
 
 def test_a_kernel_larger_than_the_map_is_a_clear_error():
@@ -64,3 +65,28 @@ def test_a_kernel_larger_than_the_map_is_a_clear_error():
         WindowMaxPool((1, 4, 4))(torch.randn(1, 2, 2, 3, 3))
     with pytest.raises(ValueError, match="2 spatial axes"):
         WindowMaxPool((2, 2))(torch.randn(1, 2, 2, 3, 3))
+
+
+def test_nan_windows_send_the_gradient_where_max_pool_does():
+    x = torch.tensor([[[1.0, float("nan"), 3.0, float("nan"), 2.0, 5.0, float("nan"), float("nan"), 0.0]]])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    F.max_pool1d(a, 3, 3).sum().backward()
+    WindowMaxPool((3,))(b).sum().backward()
+    assert torch.equal(b.grad, a.grad)  # the last NaN of each NaN window: [0, 1, 0, 1, 0, 0, 0, 1, 0]
+
+
+def test_double_backward_vmap_and_in_place_use_of_the_output():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    pool = WindowMaxPool((2, 2))
+    for f in (pool, lambda t: F.max_pool2d(t, 2, 2)):  # the same second derivatives as max-pool's
+        (g,) = torch.autograd.grad((f(x) ** 2).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+        if f is pool:
+            got = gg
+    torch.testing.assert_close(got, gg)
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: (pool(t[None]) ** 3).sum()))(x.detach())
+    expected = torch.autograd.grad((F.max_pool2d(x, 2, 2) ** 3).sum(), x)[0]
+    torch.testing.assert_close(per_sample, expected)
+    out = pool(x)
+    out.relu_()  # the output is not kept for the backward pass: in-place use is allowed, as with max-pool
+    out.sum().backward()

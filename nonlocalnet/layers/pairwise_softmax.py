@@ -16,6 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .pairwise_dense import softmax_attention_dense
 
 
 # Largest number of attention weights one chunk may hold (per folded batch, all of it): 4 M floats = 16 MB.
@@ -48,6 +51,8 @@ def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
     """
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     b, n, _ = q.shape
+    if b == 0 or n == 0 or k.shape[1] == 0:  # nothing to chunk: the reference handles the empty cases
+        return softmax_attention_dense(q, k, v, scale)[0]
     if k is q:
         side = max(1, min(n, math.isqrt(max(1, chunk_elements // b))))
         return _SymmetricSoftmaxAttention.apply(q, v, scale, side)
@@ -56,10 +61,12 @@ def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
 
 
 def _chunks(n: int, rows: int) -> list[slice]:
-    """``range(n)`` in equal consecutive slices of at most ``rows`` (a short last chunk would run a slow GEMM)."""
-    count = -(-n // rows)
-    rows = -(-n // count)
-    return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
+    """``range(n)`` in consecutive slices of at most ``rows`` whose lengths differ by one at most, the longest
+    first (a short last chunk would run a slow GEMM; the first sizes the buffers)."""
+    count = max(1, -(-n // max(1, rows)))
+    sizes = [n // count + (i < n % count) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [slice(start, start + size) for start, size in zip(starts, sizes)]
 
 
 def _positions_like(t: Tensor, channels: int) -> Tensor:
@@ -121,6 +128,7 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: Tensor):
         q, k, v, y = ctx.saved_tensors
         with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
@@ -208,6 +216,7 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: Tensor):
         x, v, y, log_sum_exp = ctx.saved_tensors
         with no_autocast(x.device.type):

@@ -62,34 +62,52 @@ def window_max(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
         return views[0].contiguous()
     out = torch.maximum(views[0], views[1])
     for view in views[2:]:
-        torch.maximum(out, view, out=out)
+        out = torch.maximum(out, view)  # not out=: torch.func's batching has no rule for maximum.out
     return out
 
 
 class _WindowMax(torch.autograd.Function):
-    """window_max with max-pool's gradient: each window's gradient to its first maximal element (scan order)."""
+    """window_max with max-pool's gradient: each window's gradient to its first maximal element (scan order), or
+    where the maximum is NaN, to its last NaN, as max-pool's scan leaves it. Only x is kept (as max-pool keeps its
+    input): the output is recomputed in the backward pass, so in-place ops on it stay allowed. The backward pass
+    is itself differentiable (double backward, torch.func)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel: tuple[int, ...]) -> Tensor:
-        out = window_max(x, kernel)
-        ctx.save_for_backward(x, out)
+    def forward(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
+        return window_max(x, kernel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, kernel = inputs
+        ctx.save_for_backward(x)
         ctx.kernel = kernel
-        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, out = ctx.saved_tensors
-        kernel = ctx.kernel
-        windows = _windows(kernel, tuple(out.shape[2:]))
-        dropped = any(s % k for s, k in zip(x.shape[2:], kernel))  # the remainder max-pool ignores: zero gradient
-        grad_x = torch.zeros_like(x) if dropped else torch.empty_like(x)
-        unclaimed = torch.ones_like(out, dtype=torch.bool)  # windows whose maximum no earlier element was
-        hit = torch.empty_like(unclaimed)
-        for n, index in enumerate(windows):
-            if n == len(windows) - 1:
-                hit = unclaimed  # the last element is the maximum of every window still unclaimed
-            else:
-                torch.eq(x[index], out, out=hit).logical_and_(unclaimed)
-                unclaimed.logical_xor_(hit)
-            torch.mul(grad, hit, out=grad_x[index])
-        return grad_x, None
+        (x,) = ctx.saved_tensors
+        return _window_max_backward(x, grad, ctx.kernel), None
+
+
+def _window_max_backward(x: Tensor, grad: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    out = window_max(x.detach(), kernel)
+    windows = _windows(kernel, tuple(out.shape[2:]))
+    nan = out.isnan()
+    nan_hits: list[Tensor] = [out] * len(windows)  # placeholders, each set below
+    # max-pool's scan takes every NaN it meets: a NaN window's last NaN holds its maximum (found for every window,
+    # with no data-dependent test, so that torch.func can batch it)
+    for n in reversed(range(len(windows))):
+        nan_hits[n] = x.detach()[windows[n]].isnan().logical_and_(nan)
+        nan = nan.logical_xor(nan_hits[n])
+    unclaimed = out.isnan().logical_not_()  # windows whose maximum no earlier element was
+    grad_x = torch.zeros_like(x, dtype=grad.dtype)
+    for n, index in enumerate(windows):
+        if n == len(windows) - 1:
+            hit = unclaimed  # the last element is the maximum of every window still unclaimed
+        else:
+            hit = torch.eq(x.detach()[index], out).logical_and_(unclaimed)
+            unclaimed = unclaimed.logical_xor(hit)
+        hit = hit.logical_or(nan_hits[n])
+        grad_x[index] = grad * hit
+    return grad_x
