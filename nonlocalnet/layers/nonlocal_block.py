@@ -71,8 +71,8 @@ class NonLocalBlock(nn.Module):
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
         init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
             conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
-        low_memory: trade some speed for training memory: the pooled x̂ (and, off the CPU, max-pool's int64
-            indices) are recomputed in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
+        low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
+            in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
             backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
             gradient's size). In float32 the same function and gradients, up to summation order (tested to
             1e-5); the forward is the same under autocast too, but there the 1x1 convs' backward matmuls run in
@@ -222,9 +222,9 @@ class NonLocalBlock(nn.Module):
         return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x, self.low_memory)
 
     def _keys_values_for_training(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ would be kept for
-        the backward pass (with C = 2C', twice the size of the keys and values together), and off the CPU, where
-        torch's max-pool runs, its int64 argmax too (the CPU's :class:`WindowMaxPool` keeps none)."""
+        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ and the pool's
+        int64 argmax would be kept for the backward pass (with C = 2C', three times the size of the keys and
+        values together)."""
         if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
             return checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
         return self._keys_values(source)
