@@ -32,10 +32,10 @@ class WindowMaxPool(nn.Module):
         if x.dim() != len(self.kernel) + 2:
             raise ValueError(f"expected a (B, C, *spatial) map with {len(self.kernel)} spatial axes, got shape "
                              f"{tuple(x.shape)}")
-        if x.device.type != "cpu" or torch.jit.is_scripting() or torch.jit.is_tracing() or x.dtype.is_complex:
-            return _MAX_POOL[len(self.kernel)](x, self.kernel, self.kernel)  # the library kernels there
-        if x.requires_grad and torch.is_grad_enabled():
-            return _MAX_POOL[len(self.kernel)](x, self.kernel, self.kernel)
+        training = x.requires_grad and torch.is_grad_enabled()
+        if (training or x.device.type != "cpu" or x.dtype.is_complex or torch.jit.is_scripting()
+                or torch.jit.is_tracing()):
+            return _MAX_POOL[len(self.kernel)](x, self.kernel, self.kernel)  # torch's kernels (and its backward)
         return window_max(x, self.kernel)
 
     def extra_repr(self) -> str:
