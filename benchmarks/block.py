@@ -4,6 +4,7 @@
     python -m benchmarks.block --shapes res4     # one shape
     python -m benchmarks.block --device cuda     # on a GPU (peak memory from torch.cuda), res3_128_b8 included
     python -m benchmarks.block --quick           # tiny shapes: a smoke run of the same code
+    python -m benchmarks.block --autocast bf16   # every step under autocast (what mixed-precision training runs)
 
 Each fast path is measured twice: as built by default and with ``low_memory=True`` (rows "<path> low_memory"),
 which recomputes the pooled keys/values in the backward pass and runs the 1x1 projections' backward as matmuls.
@@ -16,6 +17,7 @@ rise of the resident set size over a forward+backward, measured in a fresh child
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -48,6 +50,7 @@ DENSE_CONCAT_LIMIT = 1.5e9
 
 
 LOW_MEMORY = " low_memory"  # suffix of a path measured with NonLocalBlock(low_memory=True)
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalBlock, torch.Tensor]:
@@ -64,8 +67,12 @@ def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalB
     return block, x
 
 
-def step(block: NonLocalBlock, x: torch.Tensor) -> None:
-    block(x).sum().backward()
+def step(block: NonLocalBlock, x: torch.Tensor, autocast: str | None = None) -> None:
+    """One forward+backward, under ``autocast`` (bf16 / fp16) when given: the precision policy of
+    nonlocalnet.layers.pairwise decides what each path runs in."""
+    with (torch.autocast(x.device.type, dtype=AUTOCAST[autocast]) if autocast else contextlib.nullcontext()):
+        z = block(x)
+    z.float().sum().backward()
     x.grad = None
     block.zero_grad(set_to_none=True)
 
@@ -89,16 +96,16 @@ def too_big(shape_name: str, mode: str, impl: str) -> bool:
     return shape[0] * n * m * shape[1] > DENSE_CONCAT_LIMIT  # 2C' = C
 
 
-def peak_memory(shape_name: str, mode: str, impl: str, device: str) -> float:
+def peak_memory(shape_name: str, mode: str, impl: str, device: str, autocast: str | None = None) -> float:
     """MB one forward+backward adds at its peak: torch.cuda's peak allocation on CUDA; on CPU the rise of the peak
     resident set in a fresh child process (so one run's allocations cannot hide another's)."""
     if device.startswith("cuda"):
         block, x = build(shape_name, mode, impl, device)
-        step(block, x)  # warm-up
-        return peak_memory_mb(lambda: step(block, x), device)
+        step(block, x, autocast)  # warm-up
+        return peak_memory_mb(lambda: step(block, x, autocast), device)
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
     # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
-    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads())
+    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads(), autocast=autocast)
     result = run_child("benchmarks.block:measure_rss", spec, timeout=600, env=MALLOC_ENV)
     if "mb" not in result:
         raise RuntimeError(f"the memory child of {shape_name} {mode} {impl} {result['status']}")
@@ -108,13 +115,15 @@ def peak_memory(shape_name: str, mode: str, impl: str, device: str) -> float:
 def measure_rss(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     block, x = build(spec["shape"], spec["mode"], spec["impl"], "cpu")
-    step(block, x)  # warm-up: allocator caches and kernels in place
-    return dict(mb=peak_rss_rise_mb(lambda: step(block, x)))
+    step(block, x, spec["autocast"])  # warm-up: allocator caches and kernels in place
+    return dict(mb=peak_rss_rise_mb(lambda: step(block, x, spec["autocast"])))
 
 
-def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int) -> dict[str, float]:
+def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int,
+               autocast: str | None = None) -> dict[str, float]:
     runs = {impl: build(shape_name, mode, impl, device) for impl in impls}
-    return time_round_robin({impl: (lambda run=run: step(*run)) for impl, run in runs.items()}, repeats, device)
+    return time_round_robin({impl: (lambda run=run: step(*run, autocast)) for impl, run in runs.items()},
+                            repeats, device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--autocast", choices=list(AUTOCAST),
+                        help="run every step under autocast in this dtype (default: float32 throughout)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--markdown", help="also write the table to this markdown file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -135,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
               "|---|---|---|---:|---:|---:|---:|")
-    print(machine(args.device))
+    print(f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}")
     print(header)
     for shape_name in args.shapes:
         for mode in args.modes:
             impls = [i for i in paths(mode) if not too_big(shape_name, mode, i)]
-            times = time_paths(shape_name, mode, impls, args.device, args.repeats)
+            times = time_paths(shape_name, mode, impls, args.device, args.repeats, args.autocast)
             for impl in paths(mode):
                 if impl not in times:
                     row = dict(shape=shape_name, mode=mode, impl=impl, ms=None, speedup=None, mb=None, mem=None)
@@ -148,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"| {shape_name} | {mode} | {impl} | skipped: the (B, N, M, 2C') pair tensor is too "
                           f"large | | | |")
                     continue
-                mb = None if args.no_memory else peak_memory(shape_name, mode, impl, args.device)
-                rows.append(dict(shape=shape_name, mode=mode, impl=impl, ms=times[impl] * 1e3, mb=mb))
+                mb = None if args.no_memory else peak_memory(shape_name, mode, impl, args.device, args.autocast)
+                rows.append(dict(shape=shape_name, mode=mode, impl=impl, autocast=args.autocast, ms=times[impl] * 1e3,
+                                 mb=mb))
             dense = next((r for r in rows if r["shape"] == shape_name and r["mode"] == mode
                           and r["impl"] == "dense" and r["ms"] is not None), None)
             for r in rows:

@@ -11,9 +11,11 @@ table rows it printed):
    bfloat16, the flash kernel reached under autocast, the kernel the profiler saw, mixed-precision training; nccl
    training on two processes where two devices exist, else skipped).
 2. ``block``: benchmarks/block.py, time and peak memory (torch.cuda.max_memory_allocated) of each mode and path,
-   the paper's shapes plus res3 of 128-frame clips at batch 8.
-3. ``peers``: benchmarks/compare's table: each peer against our block computing the same function.
-4. ``models``: whole networks' training and inference clips/s, eager, channels-last, bfloat16 autocast and
+   the paper's shapes plus res3 of 128-frame clips at batch 8, in float32.
+3. ``block_bf16``: the same under bfloat16 autocast (what ``train.amp: bf16`` runs; the precision policy of
+   nonlocalnet/layers/pairwise.py decides each path's dtype).
+4. ``peers``: benchmarks/compare's table: each peer against our block computing the same function.
+5. ``models``: whole networks' training and inference clips/s, eager, channels-last, bfloat16 autocast and
    torch.compile.
 
 ``gpu.md`` gathers the device, the versions and every step's tables. ``--dry-run`` runs the same code on the CPU
@@ -39,8 +41,9 @@ BUDGET_S = 8 * 60 - 15  # from gpu.sh's start (NONLOCALNET_GPU_STARTED), room le
 # name -> (share of the budget, what it measures)
 STEPS = {
     "tests": (0.15, "CUDA-marked tests (tests/test_cuda.py)"),
-    "block": (0.25, "the block's modes and paths (benchmarks/block.py)"),
-    "peers": (0.25, "peers against our block (benchmarks/compare, table)"),
+    "block": (0.2, "the block's modes and paths, float32 (benchmarks/block.py)"),
+    "block_bf16": (0.15, "the block's modes and paths under bfloat16 autocast (benchmarks/block.py)"),
+    "peers": (0.15, "peers against our block (benchmarks/compare, table)"),
     "models": (0.35, "whole networks, clips/s (benchmarks/compare, models)"),
 }
 
@@ -52,18 +55,21 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
     # -v: a line per test as it ends (kept if the step is cut); -rfEsP: reasons, and the kernel line a test prints
     tests = [py, "-m", "pytest", "-v", "-rfEsP", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     block = [py, "-m", "benchmarks.block", "--device", device, "--json", str(out / "block.json")]
+    block_bf16 = [py, "-m", "benchmarks.block", "--device", device, "--autocast", "bf16",
+                  "--json", str(out / "block_bf16.json")]
     peers = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "table",
              "--json", str(out / "peers.json")]
     models = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "models", "--amp", "--compile",
               "--case-timeout", "150", "--json", str(out / "models.json")]
     if dry_run:
         block += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
+        block_bf16 += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
         peers += ["--quick", "--shapes", "res3", "--repeats", "1"]
         models += ["--quick", "--models", "nl_c2d_tiny", "--model-repeats", "1"]
     else:
         models += ["--batch", "8", "--clip", "8", "224", "224", "--models", "i3d_r50_8x8", "nl_i3d_r50_8x8",
                    "pytorchvideo:i3d_r50"]
-    return dict(tests=tests, block=block, peers=peers, models=models)
+    return dict(tests=tests, block=block, block_bf16=block_bf16, peers=peers, models=models)
 
 
 def run_step(name: str, command: list[str], limit_s: float, out: Path) -> dict:

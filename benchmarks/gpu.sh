@@ -6,9 +6,11 @@
 # It needs only the repository. The interpreter: NONLOCALNET_PYTHON if set; else a python3 whose torch sees a
 # CUDA device (a GPU machine's own torch, used as it is); else the project's environment (scripts/setup.sh,
 # which installs torch from the registry). What nonlocalnet needs beyond torch is installed where missing, from
-# the registry or, on a machine without network, from a folder of wheels (NONLOCALNET_WHEELS); the peers
-# (mmcv-lite, mmengine, pytorchvideo) are tried the same way, and a peer that cannot be installed is reported as
-# unavailable in the tables rather than stopping the run.
+# the registry; the peers (mmcv-lite, mmengine, pytorchvideo) are tried the same way, and a peer that cannot be
+# installed is reported as unavailable in the tables rather than stopping the run. On a machine without network,
+# NONLOCALNET_WHEELS names a folder of wheels of exactly what that machine lacks (dependencies included): they
+# are installed as they are (no resolution, no index) into a folder put on PYTHONPATH, the machine's own
+# environment left untouched.
 set -euo pipefail
 NONLOCALNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$NONLOCALNET_ROOT"
@@ -45,13 +47,17 @@ missing() {  # the pip names of those that do not import
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || echo "${pair#*:}"
   done
 }
-install() {  # best effort and bounded (a machine without network must not spend minutes here): from
-  # NONLOCALNET_WHEELS when set, else the registry
-  local source=()
-  [ -n "${NONLOCALNET_WHEELS:-}" ] && source=(--no-index --find-links "$NONLOCALNET_WHEELS")
-  PIP_DISABLE_PIP_VERSION_CHECK=1 timeout 45 "$PY" -m pip install --quiet --retries 0 --timeout 5 \
-    ${source[@]+"${source[@]}"} "$@" 2>&1 | tail -3 >&2 || true
+install() {  # from the registry, best effort and bounded (a machine without network must not spend minutes here)
+  PIP_DISABLE_PIP_VERSION_CHECK=1 timeout 45 "$PY" -m pip install --quiet --retries 0 --timeout 5 "$@" 2>&1 \
+    | tail -3 >&2 || true
 }
+if [ "$dry_run" = 0 ] && [ -n "${NONLOCALNET_WHEELS:-}" ]; then
+  site="${TMPDIR:-/tmp}/nonlocalnet-gpu-site"
+  log "installing the wheels in $NONLOCALNET_WHEELS into $site"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+    --target "$site" "$NONLOCALNET_WHEELS"/*.whl 2>&1 | tail -3 >&2 || log "warning: some wheels did not install"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if [ "$dry_run" = 0 ]; then
   mapfile -t want < <(missing "${needed[@]}")
   if [ "${#want[@]}" -gt 0 ]; then log "installing ${want[*]}"; install "${want[@]}"; fi
