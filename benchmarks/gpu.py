@@ -43,8 +43,8 @@ STEPS = {
     "tests": (0.15, "CUDA-marked tests (tests/test_cuda.py)"),
     "block": (0.2, "the block's modes and paths, float32 (benchmarks/block.py)"),
     "block_bf16": (0.15, "the block's modes and paths under bfloat16 autocast (benchmarks/block.py)"),
-    "peers": (0.15, "peers against our block (benchmarks/compare, table)"),
-    "models": (0.35, "whole networks, clips/s (benchmarks/compare, models)"),
+    "peers": (0.2, "peers against our block (benchmarks/compare, table)"),
+    "models": (0.3, "whole networks, clips/s (benchmarks/compare, models)"),
 }
 
 

@@ -90,12 +90,30 @@ def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]
                                     seed=args.seed, threads=torch.get_num_threads(), repeats=args.repeats,
                                     device=args.device,
                                     long_step_s=args.long_step_s, memory=not args.no_memory)
-                        row.update(run_child("benchmarks.compare.table:run_case", spec, args.case_timeout))
+                        row.update(_run(spec, args.case_timeout))
                 if row["status"].startswith("n/a") and not args.show_na:
                     continue
                 rows.append(row)
                 print(_table_line(row), flush=True)
     return rows
+
+
+def _run(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One row: on CPU in a fresh child process (the resident set is the process's, so each measurement needs
+    its own); on CUDA here, since torch.cuda's peak statistics are reset per measurement and a child would spend
+    seconds creating a CUDA context for each row."""
+    if not spec["device"].startswith("cuda"):
+        return run_child("benchmarks.compare.table:run_case", spec, timeout)
+    try:
+        return run_case(spec)
+    except torch.cuda.OutOfMemoryError:
+        return dict(status="failed: out of GPU memory")
+    except Exception as error:  # a peer's own failure is a row of the table, not the end of it
+        first_line = str(error).splitlines()[0][:160] if str(error) else ""
+        return dict(status=f"failed: {type(error).__name__}: {first_line}")
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _table_line(r: dict[str, Any]) -> str:
