@@ -23,7 +23,7 @@ import json
 import torch
 
 from nonlocalnet import NonLocalBlock
-from nonlocalnet.layers import IMPLS_BY_MODE, MODES
+from nonlocalnet.layers import IMPLS_BY_MODE, MODES, pairwise_softmax
 
 from ._common import (MALLOC_ENV, fmt, machine, peak_memory_mb, peak_rss_rise_mb, run_child, time_round_robin,
                       write_atomic)
@@ -105,7 +105,8 @@ def peak_memory(shape_name: str, mode: str, impl: str, device: str, autocast: st
         return peak_memory_mb(lambda: step(block, x, autocast), device)
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
     # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
-    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads(), autocast=autocast)
+    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads(), autocast=autocast,
+                chunk_elements=pairwise_softmax.CHUNK_ELEMENTS)
     result = run_child("benchmarks.block:measure_rss", spec, timeout=600, env=MALLOC_ENV)
     if "mb" not in result:
         raise RuntimeError(f"the memory child of {shape_name} {mode} {impl} {result['status']}")
@@ -114,6 +115,7 @@ def peak_memory(shape_name: str, mode: str, impl: str, device: str, autocast: st
 
 def measure_rss(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
+    pairwise_softmax.CHUNK_ELEMENTS = spec["chunk_elements"]
     block, x = build(spec["shape"], spec["mode"], spec["impl"], "cpu")
     step(block, x, spec["autocast"])  # warm-up: allocator caches and kernels in place
     return dict(mb=peak_rss_rise_mb(lambda: step(block, x, spec["autocast"])))
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-elements", type=int, metavar="N",
+                        help="the chunked path's chunk size in weights (default: nonlocalnet's, per device)")
     parser.add_argument("--autocast", choices=list(AUTOCAST),
                         help="run every step under autocast in this dtype (default: float32 throughout)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
@@ -143,10 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES["cuda" if "cuda" in args.device
                                                                              else "cpu"])
 
+    if args.chunk_elements:
+        pairwise_softmax.CHUNK_ELEMENTS = pairwise_softmax.GPU_CHUNK_ELEMENTS = args.chunk_elements
     rows = []
     header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
               "|---|---|---|---:|---:|---:|---:|")
-    print(f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}")
+    chunks = args.chunk_elements or (pairwise_softmax.CHUNK_ELEMENTS if args.device == "cpu"
+                                     else pairwise_softmax.GPU_CHUNK_ELEMENTS)
+    print(f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}; "
+          f"chunks of {chunks} weights")
     print(header)
     for shape_name in args.shapes:
         for mode in args.modes:

@@ -41,11 +41,15 @@ fi
 needed=(yaml:pyyaml safetensors:safetensors tqdm:tqdm av:av matplotlib:matplotlib pycocotools:pycocotools
         tensorboard:tensorboard pytest:pytest)
 peers=(timm:timm mmcv:mmcv-lite mmengine:mmengine pytorchvideo:pytorchvideo)
-missing() {  # the pip names of those that do not import
-  local pair
-  for pair in "$@"; do
-    "$PY" -c "import ${pair%%:*}" 2>/dev/null || echo "${pair#*:}"
-  done
+missing() {  # the pip names of those that are not installed (one interpreter, nothing imported: each import of a
+  # torch-based package would cost seconds)
+  "$PY" - "$@" <<'PYTHON'
+import importlib.util, sys
+for pair in sys.argv[1:]:
+    module, name = pair.split(":")
+    if importlib.util.find_spec(module) is None:
+        print(name)
+PYTHON
 }
 install() {  # from the registry, best effort and bounded (a machine without network must not spend minutes here)
   PIP_DISABLE_PIP_VERSION_CHECK=1 timeout 45 "$PY" -m pip install --quiet --retries 0 --timeout 5 "$@" 2>&1 \

@@ -559,11 +559,13 @@ def test_auto_path_choice():
     from nonlocalnet.layers.pairwise_softmax import CHUNK_ELEMENTS
 
     assert resolve_impl("embedded_gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
-    # gaussian: raw C-channel queries vs C/2 values; on CPU the chunked path, which needs no padding (SDPA's
-    # fused kernels want one head size, so the values would be zero-padded to C channels)
+    # gaussian: raw C-channel queries vs C/2 values; the chunked path, which needs no padding (SDPA's fused
+    # kernels want one head size, so the values would be zero-padded to C channels), on every device
     assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cpu", 2) == "chunked"
     assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256, "cpu", 1) == "chunked"
-    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cuda", 2) == "sdpa"
+    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cuda", 2) == "chunked"
+    # equal channels (the embedded gaussian with an odd configuration aside): SDPA
+    assert resolve_impl("gaussian", "auto", 3136, 784, 256, 256, "cuda", 2) == "sdpa"
     assert resolve_impl("concatenation", "auto", 10, 10, 4, 4) == "sorted"
     assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"
 
@@ -803,3 +805,34 @@ def test_the_feature_bank_follows_the_same_policy(dtype):
             z = layer(x, bank)
     assert sdpa.seen == [(dtype,) * 3]  # "auto" is SDPA here, in half precision, as the block's
     assert (z.float() - reference).abs().max() <= 0.03 * (reference - x).abs().max()
+
+
+def test_training_calls_of_sdpa_on_cuda_leave_out_cudnn_and_keep_the_users_choices():
+    """The backends a training SDPA call allows on CUDA (pairwise_softmax._sdpa_training_backends): the enabled
+    ones less cuDNN (whose backward gave NaN on an H200); torch's own choice where cuDNN is off anyway, or is all
+    the user left on; the CPU untouched. Backend flags are plain settings: this runs without a GPU."""
+    from torch.nn.attention import SDPBackend
+
+    from nonlocalnet.layers.pairwise_softmax import _sdpa_training_backends
+
+    flags = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in
+             ("flash", "mem_efficient", "math", "cudnn")}
+
+    def enable(**on):
+        for name in flags:
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(on.get(name, False))
+
+    try:
+        enable(flash=True, mem_efficient=True, math=True, cudnn=True)
+        assert _sdpa_training_backends("cpu") is None
+        assert _sdpa_training_backends("cuda") == [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                   SDPBackend.MATH]
+        enable(mem_efficient=True, cudnn=True)  # the user turned flash and math off: they stay off
+        assert _sdpa_training_backends("cuda") == [SDPBackend.EFFICIENT_ATTENTION]
+        enable(flash=True, math=True)  # cuDNN off: nothing to change
+        assert _sdpa_training_backends("cuda") is None
+        enable(cudnn=True)  # cuDNN alone: the user's explicit choice
+        assert _sdpa_training_backends("cuda") is None
+    finally:
+        for name, on in flags.items():
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)

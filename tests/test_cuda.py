@@ -109,6 +109,19 @@ def test_which_sdpa_kernel_ran_is_recorded_by_the_profiler(dtype):
     assert "aten::_scaled_dot_product_attention_math" not in names
 
 
+def test_a_compiled_block_trains_under_float16_autocast_as_eager_does():
+    """torch.compile of the SDPA path, with the backends its training calls allow (not cuDNN's, see
+    pairwise_softmax._sdpa_training_backends): the same z and dx as eager, all finite."""
+    block = _block("embedded_gaussian", "sdpa")
+    x = 3.0 * torch.randn(2, 64, 4, 8, 8, device="cuda")
+    z_eager, grad_eager = _run(block, x, F16)
+    z, grad = _run(torch.compile(block), x, F16)
+    assert torch.isfinite(z).all() and torch.isfinite(grad).all()
+    term = (z_eager - x).abs().max()
+    assert (z - z_eager).abs().max() <= TERM_TOLERANCE[F16] * term
+    assert (grad - grad_eager).abs().max() <= 4 * TERM_TOLERANCE[F16] * grad_eager.abs().max()
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_a_mixed_precision_run_trains_on_cuda(tmp_path, amp, caplog):
     """A short synthetic run under train.amp on the GPU: finite losses, a first loss that equals the float32 run's

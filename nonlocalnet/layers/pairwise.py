@@ -45,10 +45,12 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int, device_
                  batch: int = 1) -> str:
     """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes and device.
 
-    Softmax modes use SDPA, except on CPU when the query/key channels exceed the value channels (the gaussian
-    mode: raw C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values
-    would be zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix
-    either, does fewer multiply-adds (benchmarks/block.py measures both).
+    Softmax modes use SDPA, except when the query/key channels exceed the value channels (the gaussian mode: raw
+    C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values would be
+    zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix either, does
+    fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the precision table
+    below), where SDPA has no tensor-core kernel on CUDA: benchmarks/block.py measured the chunked path faster than
+    the padded SDPA one at every shape, on CPU and on an H200.
     """
     if impl != "auto":
         return impl
@@ -56,7 +58,7 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int, device_
         return "linear" if dot_product_linear_is_cheaper(n, m, cq, cv) else "dense"
     if mode == "concatenation":
         return "sorted"
-    if device_type == "cpu" and cq > cv:
+    if cq > cv:
         return "chunked"
     return "sdpa"
 

@@ -21,8 +21,30 @@ from torch.autograd.function import once_differentiable
 from .pairwise_dense import softmax_attention_dense
 
 
-# Largest number of attention weights one chunk may hold (per folded batch, all of it): 4 M floats = 16 MB.
+# Largest number of attention weights one chunk may hold (per folded batch, all of it), on CPU: 4 M floats =
+# 16 MB, near the caches. On a GPU each chunk costs kernel launches and the GPU needs large products to be busy:
+# 64 M floats = 256 MB (benchmarks/block.py --chunk-elements measures the choice).
 CHUNK_ELEMENTS = 1 << 22
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def _sdpa_training_backends(device_type: str) -> list | None:
+    """The SDPA backends to allow for a call whose backward will run, when they differ from torch's own choice.
+
+    On CUDA, torch (2.11+cu130, H200) dispatches half-precision SDPA to cuDNN's kernel, whose backward returned NaN
+    in dx for a float16 non-local block whose forward was finite (tests/test_cuda.py, seen by benchmarks/gpu.sh);
+    the flash and memory-efficient kernels are exact there. So a training call allows what the user left enabled
+    less cuDNN; when cuDNN is all that is enabled (the user's own choice), it is left alone.
+    """
+    if device_type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return None
+    from torch.nn.attention import SDPBackend
+    allowed = [backend for backend, enabled in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+                                                (SDPBackend.EFFICIENT_ATTENTION,
+                                                 torch.backends.cuda.mem_efficient_sdp_enabled),
+                                                (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled))
+               if enabled()]
+    return allowed or None
 
 
 def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -35,21 +57,29 @@ def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
     elif cq < cv:  # zero query/key channels add nothing to qᵀk
         q, k = F.pad(q, (0, cv - cq)), F.pad(k, (0, cv - cq))
     q, k, v = (t.contiguous().unsqueeze(1) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backends = _sdpa_training_backends(q.device.type) if training else None
+    if backends is None:
+        y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(backends):
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return y.squeeze(1)[..., :cv]  # (B, 1, N, C) -> (B, N, Cv)
 
 
 def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
                               chunk_elements: int | None = None) -> Tensor:
     """softmax(s * q kᵀ) v in query chunks of at most ``chunk_elements`` weights (default
-    :data:`CHUNK_ELEMENTS`); for the backward pass only q, k, v and y are kept, and each chunk's weights are
-    recomputed, as flash attention does. No padding: the value channels Cv may differ from the query/key channels
+    :data:`CHUNK_ELEMENTS` on CPU, :data:`GPU_CHUNK_ELEMENTS` elsewhere); for the backward pass only q, k, v and
+    y are kept, and each chunk's weights are recomputed, as flash attention does. No padding: the value channels Cv may differ from the query/key channels
     Cq (the gaussian's raw C-channel features against C' values).
 
     When ``k is q`` (the gaussian without subsampling: f(x_i, x_j) = exp(x_iᵀx_j)), the logits are symmetric and
     :class:`_SymmetricSoftmaxAttention` computes each pair of tiles' logits once for both.
     """
-    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS if q.device.type == "cpu" else GPU_CHUNK_ELEMENTS
     b, n, _ = q.shape
     if b == 0 or n == 0 or k.shape[1] == 0:  # nothing to chunk: the reference handles the empty cases
         return softmax_attention_dense(q, k, v, scale)[0]
