@@ -43,3 +43,37 @@ def test_compiled_block_equals_eager_forward_and_backward(mode, low_memory):
     z_eager.square().sum().backward()
     torch.testing.assert_close(z, z_eager, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad_compiled, x.grad, atol=1e-5, rtol=1e-4)
+
+
+def _graph_breaks(module, x, context=None) -> list[str]:
+    """Where torch.compile's tracer (dynamo, no code generation: quick) breaks ``module``'s forward into several
+    graphs; each break costs a compiled model its fusions across it and a round trip through Python."""
+    import contextlib
+
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    with context or contextlib.nullcontext():
+        explanation = dynamo.explain(module)(x)
+    return [f"{str(r.reason).splitlines()[0]} at {r.user_stack[-1]}" for r in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("subsample", [(1, 2, 2), None])
+def test_every_path_of_the_block_traces_to_one_graph(mode, subsample):
+    """One graph per block, every path, training and inference: a graph break (the residual's dtype check once
+    made one, and an NL I3D under torch.compile trained slower than eager on an H200) shows up here first."""
+    from nonlocalnet.layers import IMPLS_BY_MODE
+
+    x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
+    for impl in IMPLS_BY_MODE[mode]:
+        block = make_active(NonLocal3d(16, mode=mode, subsample=subsample, impl=impl)).train()
+        assert _graph_breaks(block, x) == [], impl
+        assert _graph_breaks(block.eval(), x.detach(), torch.no_grad()) == [], impl
+
+
+def test_the_block_traces_to_one_graph_with_low_memory_and_under_autocast():
+    x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
+    assert _graph_breaks(make_active(NonLocal3d(16, subsample=(1, 2, 2), low_memory=True)).train(), x) == []
+    assert _graph_breaks(make_active(NonLocal3d(16, subsample=(1, 2, 2))).train(), x,
+                         torch.autocast("cpu", dtype=torch.bfloat16)) == []

@@ -248,7 +248,7 @@ class NonLocalBlock(nn.Module):
         No norm saves its output for the backward pass, so the add may overwrite it."""
         hooked = bool(self.norm._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
         if (not isinstance(self.norm, nn.Identity) and not hooked and z.stride() == x.stride()
-                and z.dtype == torch.result_type(z, x)):
+                and z.dtype == torch.promote_types(z.dtype, x.dtype)):
             return z.add_(x)
         return x + z  # x first: z takes the input's memory layout (convs may return another)
 
