@@ -21,6 +21,7 @@ from .pairwise import check_mode_impl, pairwise_step
 from .pooling import WindowMaxPool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TYPES = tuple(_CONV.values())  # a tuple: torch 2.4's compile tracer cannot look into dict values
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
@@ -360,7 +361,7 @@ class NonLocalBlock(nn.Module):
 
 def _plain_pointwise(conv: nn.Module) -> bool:
     """A 1x1 convolution of the block's own kind without hooks: its weight can be applied as a matmul."""
-    return (type(conv) in _CONV.values() and all(k == 1 for k in conv.kernel_size)
+    return (type(conv) in _CONV_TYPES and all(k == 1 for k in conv.kernel_size)
             and all(st == 1 for st in conv.stride) and all(p == 0 for p in conv.padding) and conv.groups == 1
             and not conv._forward_hooks and not conv._forward_pre_hooks)
 

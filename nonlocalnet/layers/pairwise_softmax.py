@@ -143,6 +143,9 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
+        # detached: the products below write into buffers (out=), which torch 2.4's compile tracer refuses for
+        # operands it sees as requiring grad (eager runs forward without grad anyway)
+        q, k, v = q.detach(), k.detach(), v.detach()
         b, n, _ = q.shape
         m = k.shape[1]
         y = _positions_like(q, v.shape[-1])
@@ -221,6 +224,7 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, v: Tensor, scale: float, side: int) -> Tensor:
+        x, v = x.detach(), v.detach()  # as _ChunkedSoftmaxAttention.forward
         b, n, _ = x.shape
         tiles = _chunks(n, side)
         alpha = None if scale == 1.0 else scale
