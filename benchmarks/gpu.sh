@@ -13,6 +13,8 @@
 # environment left untouched.
 set -euo pipefail
 NONLOCALNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# a relative wheel folder is the caller's, read before the cd below
+[ -n "${NONLOCALNET_WHEELS:-}" ] && NONLOCALNET_WHEELS="$(cd "$NONLOCALNET_WHEELS" && pwd)"
 cd "$NONLOCALNET_ROOT"
 dry_run=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry_run=1; done

@@ -75,6 +75,25 @@ def test_each_fast_path_matches_dense_on_cuda(mode, impl, dtype):
     assert (grad - grad_ref).abs().max() <= 4 * TERM_TOLERANCE[dtype] * grad_ref.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_the_chunked_path_in_many_chunks_matches_dense_on_cuda(mode, monkeypatch):
+    """The GPU's chunks hold 256 MB, so the shapes above run in one: here chunks of a few queries, with and
+    without subsampling (the symmetric tiles), in float32."""
+    from nonlocalnet.layers import pairwise_softmax
+
+    monkeypatch.setattr(pairwise_softmax, "GPU_CHUNK_ELEMENTS", 2 * 64 * 7)
+    for subsample in ((1, 2, 2), None):
+        fast = make_active(NonLocal3d(64, mode=mode, subsample=subsample, impl="chunked"), std=0.05).cuda()
+        dense = make_active(NonLocal3d(64, mode=mode, subsample=subsample, impl="dense"), std=0.05).cuda()
+        dense.load_state_dict(fast.state_dict())
+        x = torch.randn(2, 64, 4, 8, 8, device="cuda")
+        z_ref, grad_ref = _run(dense, x, F32)
+        z, grad = _run(fast, x, F32)
+        term = (z_ref - x).abs().max()
+        assert (z - z_ref).abs().max() <= TERM_TOLERANCE[F32] * term, subsample
+        assert (grad - grad_ref).abs().max() <= 4 * TERM_TOLERANCE[F32] * grad_ref.abs().max(), subsample
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_under_autocast_the_embedded_gaussian_runs_the_flash_kernel(dtype):
     """With only the flash kernel allowed, SDPA raises unless it gets half precision in a layout flash takes: the

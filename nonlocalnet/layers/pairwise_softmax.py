@@ -23,7 +23,9 @@ from .pairwise_dense import softmax_attention_dense
 
 # Largest number of attention weights one chunk may hold (per folded batch, all of it), on CPU: 4 M floats =
 # 16 MB, near the caches. On a GPU each chunk costs kernel launches and the GPU needs large products to be busy:
-# 64 M floats = 256 MB (benchmarks/block.py --chunk-elements measures the choice).
+# 64 M floats = 256 MB per buffer (the forward pass holds two such buffers, the symmetric backward three; where
+# the whole N x M fits in one chunk it exists for a moment, but is never kept for the backward pass).
+# benchmarks/block.py --chunk-elements measures the choice.
 CHUNK_ELEMENTS = 1 << 22
 GPU_CHUNK_ELEMENTS = 1 << 26
 
@@ -72,8 +74,8 @@ def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
                               chunk_elements: int | None = None) -> Tensor:
     """softmax(s * q kᵀ) v in query chunks of at most ``chunk_elements`` weights (default
     :data:`CHUNK_ELEMENTS` on CPU, :data:`GPU_CHUNK_ELEMENTS` elsewhere); for the backward pass only q, k, v and
-    y are kept, and each chunk's weights are recomputed, as flash attention does. No padding: the value channels Cv may differ from the query/key channels
-    Cq (the gaussian's raw C-channel features against C' values).
+    y are kept, and each chunk's weights are recomputed, as flash attention does. No padding: the value channels
+    Cv may differ from the query/key channels Cq (the gaussian's raw C-channel features against C' values).
 
     When ``k is q`` (the gaussian without subsampling: f(x_i, x_j) = exp(x_iᵀx_j)), the logits are symmetric and
     :class:`_SymmetricSoftmaxAttention` computes each pair of tiles' logits once for both.
