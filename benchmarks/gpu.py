@@ -54,16 +54,16 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
     device = "cpu" if dry_run else "cuda"
     # -v: a line per test as it ends (kept if the step is cut); -rfEsP: reasons, and the kernel line a test prints
     tests = [py, "-m", "pytest", "-v", "-rfEsP", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
-    block = [py, "-m", "benchmarks.block", "--device", device, "--json", str(out / "block.json")]
-    block_bf16 = [py, "-m", "benchmarks.block", "--device", device, "--autocast", "bf16",
-                  "--json", str(out / "block_bf16.json")]
+    block = [py, "-m", "benchmarks.block", "--device", device]
+    block_bf16 = block + ["--autocast", "bf16", "--json", str(out / "block_bf16.json")]
+    block += ["--json", str(out / "block.json")]
     peers = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "table",
              "--json", str(out / "peers.json")]
     models = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "models", "--amp", "--compile",
               "--case-timeout", "150", "--json", str(out / "models.json")]
     if dry_run:
-        block += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
-        block_bf16 += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
+        for command in (block, block_bf16):
+            command += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
         peers += ["--quick", "--shapes", "res3", "--repeats", "1"]
         models += ["--quick", "--models", "nl_c2d_tiny", "--model-repeats", "1"]
     else:

@@ -560,12 +560,12 @@ def test_auto_path_choice():
 
     assert resolve_impl("embedded_gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
     # gaussian: raw C-channel queries vs C/2 values; the chunked path, which needs no padding (SDPA's fused
-    # kernels want one head size, so the values would be zero-padded to C channels), on every device
-    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cpu", 2) == "chunked"
-    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256, "cpu", 1) == "chunked"
-    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256, "cuda", 2) == "chunked"
+    # kernels want one head size, so the values would be zero-padded to C channels), on every device (the choice
+    # takes no device)
+    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256) == "chunked"
+    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256) == "chunked"
     # equal channels (the embedded gaussian with an odd configuration aside): SDPA
-    assert resolve_impl("gaussian", "auto", 3136, 784, 256, 256, "cuda", 2) == "sdpa"
+    assert resolve_impl("gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
     assert resolve_impl("concatenation", "auto", 10, 10, 4, 4) == "sorted"
     assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"
 

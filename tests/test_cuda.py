@@ -43,9 +43,16 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _block(mode: str, impl: str) -> NonLocal3d:
-    channels = 256 if mode == "gaussian" else 64
-    return make_active(NonLocal3d(channels, mode=mode, subsample=(1, 2, 2), impl=impl), std=0.05).cuda()
+def _block(mode: str, impl: str, subsample=(1, 2, 2), channels: int | None = None) -> NonLocal3d:
+    channels = channels or (256 if mode == "gaussian" else 64)
+    return make_active(NonLocal3d(channels, mode=mode, subsample=subsample, impl=impl), std=0.05).cuda()
+
+
+def _with_dense(mode: str, impl: str, **options) -> tuple[NonLocal3d, NonLocal3d]:
+    """A live block on the path ``impl`` and the dense block with the same weights."""
+    fast, dense = _block(mode, impl, **options), _block(mode, "dense", **options)
+    dense.load_state_dict(fast.state_dict())
+    return fast, dense
 
 
 def _run(block, x, dtype):
@@ -60,9 +67,7 @@ def _run(block, x, dtype):
 @pytest.mark.parametrize("mode,impl", PATHS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_each_fast_path_matches_dense_on_cuda(mode, impl, dtype):
-    fast = _block(mode, impl)
-    dense = _block(mode, "dense")
-    dense.load_state_dict(fast.state_dict())
+    fast, dense = _with_dense(mode, impl)
     # raw 256-channel features: a small x keeps the gaussian's softmax from being one-hot, so that the pairwise
     # step, not only the projections, is compared
     x = (0.3 if mode == "gaussian" else 3.0) * torch.randn(2, fast.in_channels, 4, 8, 8, device="cuda")
@@ -83,9 +88,7 @@ def test_the_chunked_path_in_many_chunks_matches_dense_on_cuda(mode, monkeypatch
 
     monkeypatch.setattr(pairwise_softmax, "GPU_CHUNK_ELEMENTS", 2 * 64 * 7)
     for subsample in ((1, 2, 2), None):
-        fast = make_active(NonLocal3d(64, mode=mode, subsample=subsample, impl="chunked"), std=0.05).cuda()
-        dense = make_active(NonLocal3d(64, mode=mode, subsample=subsample, impl="dense"), std=0.05).cuda()
-        dense.load_state_dict(fast.state_dict())
+        fast, dense = _with_dense(mode, "chunked", subsample=subsample, channels=64)
         x = torch.randn(2, 64, 4, 8, 8, device="cuda")
         z_ref, grad_ref = _run(dense, x, F32)
         z, grad = _run(fast, x, F32)

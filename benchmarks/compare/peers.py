@@ -192,8 +192,7 @@ def our_path(pair: Pair) -> str:
     n = math.prod(shape[2:])
     m = math.prod(s // k for s, k in zip(shape[2:], block.subsample)) if block.subsample else n
     cq = block.in_channels if block.mode == "gaussian" else block.inter_channels
-    device = next(block.parameters()).device.type
-    return resolve_impl(block.mode, block.impl, n, m, cq, block.inter_channels, device, shape[0])
+    return resolve_impl(block.mode, block.impl, n, m, cq, block.inter_channels)
 
 
 def step(module: nn.Module, x: Tensor) -> None:

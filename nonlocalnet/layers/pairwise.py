@@ -41,15 +41,14 @@ def check_mode_impl(mode: str, impl: str) -> None:
                          f"{', '.join(IMPLS_BY_MODE[mode])} (or 'auto')")
 
 
-def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int, device_type: str = "cpu",
-                 batch: int = 1) -> str:
-    """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes and device.
+def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
+    """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes (the same on every device:
+    what differs per device is the chunked path's chunk size, see pairwise_softmax).
 
     Softmax modes use SDPA, except when the query/key channels exceed the value channels (the gaussian mode: raw
     C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values would be
     zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix for the backward
-    pass either, does
-    fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the precision table
+    pass either, does fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the precision table
     below); benchmarks/block.py measured the chunked path faster than the padded SDPA one at every shape, on CPU
     and on an H200 (README, On a GPU).
     """
@@ -192,14 +191,14 @@ def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl
     Args:
         q, k, v: (B, N, Cq), (B, M, Cq), (B, M, Cv), as the projections returned them (half under autocast).
         mode, scale, concat_project: as :func:`pairwise`.
-        impl: a path or "auto" (resolved with :func:`resolve_impl` for q's device).
+        impl: a path or "auto" (resolved with :func:`resolve_impl`).
         return_attention: compute densely and also return the weights (B, N, M).
 
     Returns:
         (y (B, N, Cv), weights or None).
     """
     impl = "dense" if return_attention else resolve_impl(mode, impl, q.shape[1], k.shape[1], q.shape[2],
-                                                         v.shape[2], q.device.type, q.shape[0])
+                                                         v.shape[2])
     dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
     out_dtype = v.dtype
     with no_autocast(q.device.type):

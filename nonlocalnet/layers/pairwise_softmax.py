@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.autograd.function import once_differentiable
 
 from .pairwise_dense import softmax_attention_dense
@@ -40,7 +41,6 @@ def _sdpa_training_backends(device_type: str) -> list | None:
     """
     if device_type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return None
-    from torch.nn.attention import SDPBackend
     allowed = [backend for backend, enabled in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
                                                 (SDPBackend.EFFICIENT_ATTENTION,
                                                  torch.backends.cuda.mem_efficient_sdp_enabled),
@@ -64,7 +64,6 @@ def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
     if backends is None:
         y = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        from torch.nn.attention import sdpa_kernel
         with sdpa_kernel(backends):
             y = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return y.squeeze(1)[..., :cv]  # (B, 1, N, C) -> (B, N, Cv)
