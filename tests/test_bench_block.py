@@ -1,0 +1,22 @@
+"""benchmarks/block.py end to end at tiny sizes: the options the GPU script passes (--autocast, --json) and the
+chunk size option, read back from its table and JSON."""
+import json
+
+from benchmarks import block
+from nonlocalnet.layers import pairwise_softmax
+
+
+def test_block_benchmark_under_autocast_with_a_chunk_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", pairwise_softmax.CHUNK_ELEMENTS)  # restored after
+    monkeypatch.setattr(pairwise_softmax, "GPU_CHUNK_ELEMENTS", pairwise_softmax.GPU_CHUNK_ELEMENTS)
+    out = tmp_path / "rows.json"
+    block.main(["--quick", "--shapes", "tiny_res3", "--modes", "gaussian", "--repeats", "1", "--no-memory",
+                "--chunk-elements", "64", "--autocast", "bf16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "; autocast bf16; chunks of 64 weights" in printed.splitlines()[0]
+    assert pairwise_softmax.CHUNK_ELEMENTS == 64  # the chunked rows ran in chunks of 64 weights
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == block.paths("gaussian")
+    assert all(r["autocast"] == "bf16" and r["ms"] > 0 for r in rows)
+    assert next(r for r in rows if r["impl"] == "dense")["speedup"] == 1.0
+    assert sum(f"| tiny_res3 | gaussian | {impl} |" in printed for impl in block.paths("gaussian")) == 5
