@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import pathlib
 import platform
@@ -111,6 +112,41 @@ def matmul_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> f
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2 * n ** 3 * count / elapsed / 1e9
+
+
+def _product_flops(a_shape, b_shape) -> int:
+    """2 x multiply-adds of a (possibly batched) matrix product of those shapes."""
+    *batch, n, k = a_shape
+    return 2 * math.prod(batch) * n * k * b_shape[-1]
+
+
+def _accumulating_product(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return _product_flops(a_shape, b_shape)
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Flops (2 x multiply-adds) of the matrix products, convolutions and attention kernels ``fn`` runs, as
+    torch's FlopCounterMode counts them, plus what it leaves out (torch 2.4 to 2.15): the in-place products
+    (``baddbmm_``, ``addmm_``: the chunked paths accumulate their key and value gradients with them) and SDPA's
+    CPU kernel, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    aten = torch.ops.aten
+    extra = {aten.baddbmm_: _accumulating_product, aten.addmm_: _accumulating_product,
+             aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:

@@ -15,12 +15,14 @@ Sections (``--sections``):
   and loaded into our block (subsample before or after the projections, scale, norm as the peer has them),
   both run on the same input, and the max abs difference of the outputs is a column; a peer whose output
   differs is marked "mismatch", one that raises is marked "failed" with the reason, and a configuration whose
-  dense pairwise matrices would pass ``--budget-gb`` is skipped and marked. Ratios are peer / ours.
+  dense pairwise matrices would pass ``--budget-gb`` is skipped and marked. Ratios are peer / ours; the flops
+  of each side (counted on fake tensors) say how much of a time ratio is arithmetic.
 - ``scale``: the largest 2D map without subsampling (B=1, C=``--scale-channels``) each implementation handles
   under ``--scale-budget-gb``, growing the side by √2 until the memory budget or a step longer than
   ``--scale-max-step-s`` stops it; a PNG (``--plot``) of time and memory against positions.
-- ``efficiency``: achieved FLOP/s of each of our paths (flops counted by torch's FlopCounterMode over a
-  forward+backward) as a fraction of a plain float32 matrix multiply measured in the same run.
+- ``efficiency``: achieved FLOP/s of each of our paths (flops counted over a forward+backward by torch's
+  FlopCounterMode with what it leaves out: ``_common.count_flops``) as a fraction of a plain float32 matrix
+  multiply measured in the same run.
 - ``models``: training and inference throughput (clips/s) of whole networks: ours with and without non-local
   blocks and PyTorchVideo's C2D / I3D R50 (no non-local blocks: it has no NL network), eager contiguous,
   channels-last, bfloat16 autocast with ``--amp`` and torch.compile with ``--compile``.

@@ -1,27 +1,19 @@
-"""The ``efficiency`` section: achieved FLOP/s of each of our paths (flops counted by torch's FlopCounterMode
-over a forward+backward) as a fraction of a plain float32 matrix multiply measured in the same run."""
+"""The ``efficiency`` section: achieved FLOP/s of each of our paths (flops counted over a forward+backward by
+:func:`benchmarks._common.count_flops`) as a fraction of a plain float32 matrix multiply measured in the same run."""
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
-from .._common import fmt, matmul_gflops, run_child, time_round_robin
+from .._common import count_flops, fmt, matmul_gflops, run_child, time_round_robin
 from ..block import DENSE_CONCAT_LIMIT
 from .peers import step
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """Flops torch counts (matmuls, convolutions, SDPA kernels) in ``fn``."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
 
 def dense_flops_fake(shape: tuple[int, ...], subsample: tuple[int, ...] | None, mode: str) -> int | None:
     """Flops of the dense path's forward+backward, counted on fake tensors (no memory, no arithmetic)."""

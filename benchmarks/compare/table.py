@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .._common import fmt, machine, peak_memory_mb, run_child, time_round_robin
+from .._common import count_flops, fmt, machine, peak_memory_mb, run_child, time_round_robin
 from .peers import BUILD, PEERS, NotApplicable, build_pair, check_equivalence, our_path, peer_unavailable, step
 
 def estimate_peer_gb(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> float:
@@ -42,8 +42,28 @@ def _float32_means_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def count_pair_flops(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None,
+                     device: str = "cpu") -> dict[str, float | None]:
+    """GFLOP of one forward+backward of the peer and of our block (as :func:`count_flops` counts them), on fake
+    tensors: shapes only, no arithmetic, so even the image's dense peers cost nothing to count. The ratio says
+    how much of a time ratio is arithmetic (ours recomputing qᵀk, or the peer's dense dot product) and how much
+    is speed per flop. None where a module does not run on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    counts: dict[str, float | None] = dict(peer_gflop=None, ours_gflop=None)
+    try:
+        with FakeTensorMode(), torch.device(device):  # built where it runs: a chunk's size depends on the device
+            pair = build_pair(peer, variant, shape, subsample)
+            x = torch.randn(pair.input_shape, requires_grad=True)
+            for name, module in (("peer", pair.peer), ("ours", pair.ours)):
+                counts[f"{name}_gflop"] = count_flops(lambda: step(module.train(), x)) / 1e9
+    except Exception:  # a peer's own code on fake tensors: the column shows — rather than the row failing
+        pass
+    return counts
+
+
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    """One table row, in this process: equivalence, round-robin timing, then peak memory of peer and ours."""
+    """One table row, in this process: equivalence, round-robin timing, then peak memory of peer and ours, and
+    the flops of each (counted on fake tensors)."""
     torch.set_num_threads(spec["threads"])
     shape, subsample, _ = spec["shapes"][spec["shape"]]
     torch.manual_seed(spec["seed"])
@@ -74,6 +94,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         times = time_round_robin(steps, spec["repeats"], device, warmup=False)
         row["samples"] = spec["repeats"]
     row.update(peer_ms=times["peer"] * 1e3, ours_ms=times["ours"] * 1e3)
+    row.update(count_pair_flops(spec["peer"], spec["variant"], tuple(shape),
+                                tuple(subsample) if subsample else None, device))
     if spec["memory"]:
         for name, fn in steps.items():
             gc.collect()
@@ -84,7 +106,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]]:
     rows = []
     header = ("| shape | peer | configuration | max abs diff | peer ms | ours ms (path) | time peer/ours | "
-              "peer MB | ours MB | mem peer/ours | status |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+              "flops peer/ours | peer MB | ours MB | mem peer/ours | status |\n"
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print(f"\n## Peers, forward+backward (ratios peer / ours; {machine(args.device)})\n\n{header}", flush=True)
     for shape_name in args.shapes:
         shape, subsample, _ = shapes[shape_name]
@@ -139,7 +162,8 @@ def _table_line(r: dict[str, Any]) -> str:
     ours = f"{fmt(r.get('ours_ms'), '', 1)} ({r['ours_path']})" if r.get("ours_ms") else "—"
     time_ratio = r["peer_ms"] / r["ours_ms"] if r.get("peer_ms") and r.get("ours_ms") else None
     mem_ratio = r["peer_mb"] / r["ours_mb"] if r.get("peer_mb") and r.get("ours_mb") else None
+    flop_ratio = r["peer_gflop"] / r["ours_gflop"] if r.get("peer_gflop") and r.get("ours_gflop") else None
     diff = f"{r['z_diff']:.1e}" if r.get("z_diff") is not None else "—"
     return (f"| {r['shape']} | {r['peer']} | {config} | {diff} | {fmt(r.get('peer_ms'), '', 1)} | {ours} | "
-            f"{fmt(time_ratio, 'x')} | {fmt(r.get('peer_mb'), '', 0)} | {fmt(r.get('ours_mb'), '', 0)} | "
-            f"{fmt(mem_ratio, 'x')} | {r['status']} |")
+            f"{fmt(time_ratio, 'x')} | {fmt(flop_ratio, 'x')} | {fmt(r.get('peer_mb'), '', 0)} | "
+            f"{fmt(r.get('ours_mb'), '', 0)} | {fmt(mem_ratio, 'x')} | {r['status']} |")
