@@ -8,17 +8,37 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import count_flops
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import pairwise_softmax
 
 
-def _block_flops(impl: str, shape, subsample) -> int:
+class _Ops(TorchDispatchMode):
+    """Records the aten ops that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _torch_counter_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _gaussian_step(impl: str, shape, subsample):
     torch.manual_seed(0)
     block = NonLocalBlock(shape[1], dim=len(shape) - 2, mode="gaussian", subsample=subsample, impl=impl)
     x = torch.randn(shape, requires_grad=True)
-    return count_flops(lambda: block(x).sum().backward())
+    return lambda: block(x).sum().backward()
 
 
 def test_the_chunked_path_counts_one_more_product_than_dense(monkeypatch):
@@ -28,9 +48,10 @@ def test_the_chunked_path_counts_one_more_product_than_dense(monkeypatch):
     b, c, t, h, w = 2, 16, 2, 6, 6
     n, m = t * h * w, t * (h // 2) * (w // 2)
     shape, subsample = (b, c, t, h, w), (1, 2, 2)
-    dense, chunked = _block_flops("dense", shape, subsample), _block_flops("chunked", shape, subsample)
+    dense, chunked = (count_flops(_gaussian_step(impl, shape, subsample)) for impl in ("dense", "chunked"))
     # dense: S = q kᵀ, y = P v, and in the backward dP, dV, dQ, dK; chunked also recomputes S (C channels)
     assert chunked - dense == 2 * b * n * m * c
+    assert _torch_counter_flops(_gaussian_step("chunked", shape, subsample)) < chunked  # what torch leaves out
 
 
 def test_sdpa_on_the_cpu_is_counted_forward_and_backward():
@@ -38,12 +59,28 @@ def test_sdpa_on_the_cpu_is_counted_forward_and_backward():
     q = torch.randn(b, 1, n, d, requires_grad=True)
     k, v = torch.randn(b, 1, m, d), torch.randn(b, 1, m, d)
     flops = count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    with _Ops() as ops:  # the kernel counted: SDPA's CPU flash kernel, not its math fallback
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert {"_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_flash_attention_for_cpu_backward"} <= ops.names
     # forward q kᵀ and P v; backward: q kᵀ again, dP = dY vᵀ, dV = Pᵀ dY, dQ = dS k, dK = dSᵀ q (no gradient
     # asked for k and v, but the kernel computes all three)
     assert flops == 2 * b * n * m * (2 * d) + 2 * b * n * m * (5 * d)
 
 
-def test_the_peer_table_reports_the_flops_of_each_side(tmp_path, capsys):
+def test_the_peer_table_counts_mmcv_against_our_chunks(monkeypatch):
+    pytest.importorskip("mmcv.cnn")
+    from benchmarks.compare import table
+    monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 18)  # many chunks, accumulated in place
+    b, c, t, h, w = 1, 16, 2, 6, 6
+    n, m = t * h * w, t * (h // 2) * (w // 2)
+    counts = table.count_pair_flops("mmcv", "gaussian", (b, c, t, h, w), (1, 2, 2))
+    assert "flops_error" not in counts, counts
+    # the same projections on both sides; ours keeps no N x M matrix and recomputes S = x x̂ᵀ (C channels)
+    assert round((counts["ours_gflop"] - counts["peer_gflop"]) * 1e9) == 2 * b * n * m * c
+
+
+def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     pytest.importorskip("mmcv.cnn")
     from benchmarks.compare.__main__ import QUICK_SHAPES, main
     out = tmp_path / "compare.json"
@@ -53,8 +90,8 @@ def test_the_peer_table_reports_the_flops_of_each_side(tmp_path, capsys):
     assert row["status"] == "ok", row
     (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
     n, m = t * h * w, t * (h // 2) * (w // 2)
-    # the same projections on both sides; ours keeps no N x M matrix and recomputes S = x x̂ᵀ (C channels)
     assert round((row["ours_gflop"] - row["peer_gflop"]) * 1e9) == 2 * b * n * m * c
-    ratio = f"{row['peer_gflop'] / row['ours_gflop']:.2f}x"
-    assert any(line.startswith("| res3 | mmcv | gaussian") and f"| {ratio} |" in line
-               for line in capsys.readouterr().out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| shape | peer |")).split(" | ")
+    cells = next(line for line in lines if line.startswith("| res3 | mmcv | gaussian")).split(" | ")
+    assert cells[header.index("flops peer/ours")] == f"{row['peer_gflop'] / row['ours_gflop']:.2f}x"

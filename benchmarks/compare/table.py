@@ -43,21 +43,28 @@ def _float32_means_float32():
 
 
 def count_pair_flops(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None,
-                     device: str = "cpu") -> dict[str, float | None]:
+                     device: str = "cpu") -> dict[str, Any]:
     """GFLOP of one forward+backward of the peer and of our block (as :func:`count_flops` counts them), on fake
     tensors: shapes only, no arithmetic, so even the image's dense peers cost nothing to count. The ratio says
     how much of a time ratio is arithmetic (ours recomputing qᵀk, or the peer's dense dot product) and how much
-    is speed per flop. None where a module does not run on fake tensors."""
+    is speed per flop. A side that does not run on fake tensors gets None and its reason in ``flops_error``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    counts: dict[str, float | None] = dict(peer_gflop=None, ours_gflop=None)
-    try:
-        with FakeTensorMode(), torch.device(device):  # built where it runs: a chunk's size depends on the device
+    counts: dict[str, Any] = dict(peer_gflop=None, ours_gflop=None)
+    errors = []
+    with FakeTensorMode(), torch.device(device):  # built where it runs: a chunk's size depends on the device
+        try:
             pair = build_pair(peer, variant, shape, subsample)
-            x = torch.randn(pair.input_shape, requires_grad=True)
-            for name, module in (("peer", pair.peer), ("ours", pair.ours)):
+        except Exception as error:
+            return dict(counts, flops_error=f"build: {type(error).__name__}: {error}"[:200])
+        x = torch.randn(pair.input_shape, requires_grad=True)
+        for name, module in (("peer", pair.peer), ("ours", pair.ours)):
+            try:
                 counts[f"{name}_gflop"] = count_flops(lambda: step(module.train(), x)) / 1e9
-    except Exception:  # a peer's own code on fake tensors: the column shows — rather than the row failing
-        pass
+            except Exception as error:  # e.g. a peer's own code that fake tensors cannot run: its cell shows —
+                errors.append(f"{name}: {type(error).__name__}: {error}"[:200])
+                x.grad = None
+    if errors:
+        counts["flops_error"] = "; ".join(errors)
     return counts
 
 
