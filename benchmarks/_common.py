@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import pathlib
 import platform
@@ -114,42 +113,26 @@ def matmul_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> f
             return 2 * n ** 3 * count / elapsed / 1e9
 
 
-def _product_flops(a_shape, b_shape) -> int:
-    """2 x multiply-adds of a (possibly batched) matrix product of those shapes."""
-    *batch, n, k = a_shape
-    return 2 * math.prod(batch) * n * k * b_shape[-1]
-
-
-def _accumulating_product_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """``self (+)= a @ b`` in place (``baddbmm_(a, b)``, ``addmm_(a, b)``): the product's flops."""
-    return _product_flops(a_shape, b_shape)
-
-
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """SDPA's CPU kernel, ``(query, key, value, dropout_p, is_causal, *, attn_mask, scale)``."""
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
-    """Its backward, ``(grad_out, query, key, value, out, logsumexp, ...)``: torch's own formula for SDPA's
-    backward (the products recomputed and the five gradient products)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _torch_formula(op):
+    """torch's own flop formula for ``op``, to count another op by: the registry's formulas take tensors, and the
+    shapes that ``custom_mapping`` passes them they take as they are (the output's shape is not needed)."""
+    from torch.utils.flop_counter import flop_registry
+    formula = flop_registry[op]
+    return lambda *args, out_shape=None, **kwargs: formula(*args, **kwargs)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Flops (2 x multiply-adds) of the matrix products, convolutions and attention kernels ``fn`` runs, as
-    torch's FlopCounterMode counts them, plus what it leaves out: the in-place products on torch 2.4 to 2.15
-    (``baddbmm_``: every chunk of the chunked paths after the first accumulates the key and value gradients
-    with it; ``addmm_`` for completeness) and, before torch 2.15, SDPA's CPU kernel forward and backward (the
-    same formula as torch 2.15's own)."""
+    torch's FlopCounterMode counts them, plus what it leaves out, counted by its own formulas: the in-place
+    products on torch 2.4 to 2.15 (``baddbmm_``: every chunk of the chunked paths after the first accumulates
+    the key and value gradients with it; ``addmm_`` for completeness) and, before torch 2.15, SDPA's CPU kernel
+    forward and backward (counted as the CUDA flash kernel is)."""
     from torch.utils.flop_counter import FlopCounterMode
     aten = torch.ops.aten
-    extra = {aten.baddbmm_: _accumulating_product_flops, aten.addmm_: _accumulating_product_flops,
-             aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-             aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    extra = {aten.baddbmm_: _torch_formula(aten.baddbmm), aten.addmm_: _torch_formula(aten.addmm),
+             aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(aten._scaled_dot_product_flash_attention),
+             aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 _torch_formula(aten._scaled_dot_product_flash_attention_backward)}
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         fn()
     return counter.get_total_flops()

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
               "|---|---|---|---:|---:|---:|---:|")
-    chunks = pairwise_softmax.CHUNK_ELEMENTS if args.device == "cpu" else pairwise_softmax.GPU_CHUNK_ELEMENTS
+    chunks = pairwise_softmax.default_chunk_elements(torch.device(args.device).type)
     print(f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}; "
           f"chunks of {chunks} weights")
     print(header)

@@ -62,7 +62,6 @@ def count_pair_flops(peer: str, variant: str, shape: tuple[int, ...], subsample:
                 counts[f"{name}_gflop"] = count_flops(lambda: step(module.train(), x)) / 1e9
             except Exception as error:  # e.g. a peer's own code that fake tensors cannot run: its cell shows —
                 errors.append(f"{name}: {type(error).__name__}: {error}"[:200])
-                x.grad = None
     if errors:
         counts["flops_error"] = "; ".join(errors)
     return counts

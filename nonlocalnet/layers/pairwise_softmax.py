@@ -31,6 +31,12 @@ CHUNK_ELEMENTS = 1 << 22
 GPU_CHUNK_ELEMENTS = 1 << 26
 
 
+def default_chunk_elements(device_type: str) -> int:
+    """The chunked path's chunk size on this kind of device: :data:`CHUNK_ELEMENTS` on CPU, else
+    :data:`GPU_CHUNK_ELEMENTS` (read when called, so that a benchmark may set them)."""
+    return CHUNK_ELEMENTS if device_type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
 def _sdpa_training_backends(device_type: str) -> list | None:
     """The SDPA backends to allow for a call whose backward will run, when they differ from torch's own choice.
 
@@ -80,7 +86,7 @@ def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
     :class:`_SymmetricSoftmaxAttention` computes each pair of tiles' logits once for both.
     """
     if chunk_elements is None:
-        chunk_elements = CHUNK_ELEMENTS if q.device.type == "cpu" else GPU_CHUNK_ELEMENTS
+        chunk_elements = default_chunk_elements(q.device.type)
     b, n, _ = q.shape
     if b == 0 or n == 0 or k.shape[1] == 0:  # nothing to chunk: the reference handles the empty cases
         return softmax_attention_dense(q, k, v, scale)[0]
