@@ -48,9 +48,9 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
     Softmax modes use SDPA, except when the query/key channels exceed the value channels (the gaussian mode: raw
     C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values would be
     zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix for the backward
-    pass either, does fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the precision table
-    below); benchmarks/block.py measured the chunked path faster than the padded SDPA one at every shape, on CPU
-    and on an H200 (README, On a GPU).
+    pass either, does fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the
+    precision table below); benchmarks/block.py measured the chunked path faster than the padded SDPA one at
+    every shape, on CPU and on an H200 (README, On a GPU).
     """
     if impl != "auto":
         return impl
