@@ -95,3 +95,20 @@ def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     header = next(line for line in lines if line.startswith("| shape | peer |")).split(" | ")
     cells = next(line for line in lines if line.startswith("| res3 | mmcv | gaussian")).split(" | ")
     assert cells[header.index("flops peer/ours")] == f"{row['peer_gflop'] / row['ours_gflop']:.2f}x"
+
+
+def test_the_efficiency_section_counts_what_each_path_computes(tmp_path):
+    from benchmarks.compare.__main__ import QUICK_SHAPES, main
+    out = tmp_path / "efficiency.json"
+    main(["--quick", "--sections", "efficiency", "--efficiency-shape", "res3", "--repeats", "1",
+          "--matmul-n", "256", "--json", str(out)])
+    rows = {(r["mode"], r["impl"]): r for r in json.loads(out.read_text())["efficiency"]["rows"]}
+    (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
+    n, m, inter = t * h * w, t * (h // 2) * (w // 2), c // 2
+
+    def extra(mode: str, impl: str) -> int:  # flops over the dense path of the same mode
+        return round((rows[mode, impl]["gflop"] - rows[mode, "dense"]["gflop"]) * 1e9)
+
+    # the recomputed logits: C raw channels for the gaussian, C' for the embedded gaussian; SDPA's kernel counted
+    assert extra("gaussian", "chunked") == 2 * b * n * m * c
+    assert extra("embedded_gaussian", "chunked") == extra("embedded_gaussian", "sdpa") == 2 * b * n * m * inter
