@@ -164,6 +164,28 @@ def test_multi_view_scores_are_the_mean_of_the_views_computed_by_hand(videos, ca
         pytest.approx(centre.tolist(), abs=1e-5)
 
 
+def test_a_charades_config_gives_sigmoid_scores_and_the_shipped_charades_names(videos, tmp_path, capsys):
+    torch.manual_seed(1)
+    model = create_model("c2d_tiny", num_classes=157).eval()
+    with torch.no_grad():
+        model.head.fc.weight.normal_(0, 2.0)
+    save_weights(model, tmp_path / "charades.safetensors", metadata={"model": "c2d_tiny"})  # records no names
+    (tmp_path / "config.yaml").write_text(
+        "model: {name: c2d_tiny}\ndata: {type: charades, num_classes: 157, root: ., train_list: t.txt, "
+        "test_list: t.txt, frames: 8, sampling_rate: 8, test_scale: 32, crop_size: 32}\n")
+    code, report = _predict(capsys, str(videos / "a.mp4"), "--config", str(tmp_path / "config.yaml"),
+                            "--checkpoint", str(tmp_path / "charades.safetensors"), "--views", "1x1", "--top-k", "3",
+                            "--no-progress")
+    assert code == 0 and report["activation"] == "sigmoid" and report["class_names"] == "charades"
+    with torch.no_grad():
+        scores = model(_view(videos / "a.mp4", 0, 1, 0, 1)).sigmoid()[0]
+    values, indices = scores.topk(3)
+    charades = dataset_class_names("charades")
+    assert [(t["class"], t["name"]) for t in report["videos"][0]["top"]] == \
+        [(int(i), charades[int(i)]) for i in indices]
+    assert [t["score"] for t in report["videos"][0]["top"]] == pytest.approx(values.tolist(), abs=1e-5)
+
+
 def test_a_corrupt_video_among_many_is_listed_and_the_exit_status_is_1(videos, capsys):
     _, path = _model(videos, "ranked", bias=[0.0, 3.0, 1.0, 2.0])
     lst = videos / "list.txt"
@@ -258,6 +280,18 @@ def test_extract_a_named_layer_per_video_into_npy(videos, tmp_path, capsys):
     assert "--per-video" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no layer 'res9'; closest: res"):
         clip_features(model, torch.zeros(1, 3, 4, 32, 32), "res9")
+
+
+def test_extract_in_worker_processes_writes_what_one_process_writes(videos, tmp_path):
+    model, path = _model(videos, "random", weight_std=2.0)
+    inputs = video_inputs([str(videos / "a.mp4"), str(videos / "b b.mp4")])
+    settings = ExtractSettings(frames=4, sampling_rate=2, stride=5, scale=32, crop=32)
+    one = extract_features(model, inputs, tmp_path / "one.safetensors", settings, progress=False)
+    two = extract_features(model, inputs, tmp_path / "two.safetensors", settings, progress=False, workers=2)
+    assert one.videos == two.videos == 2
+    a, b = FeatureBank.load(one.output), FeatureBank.load(two.output)
+    assert all(torch.equal(a.features[v], b.features[v]) and torch.equal(a.starts[v], b.starts[v])
+               for v in a.features)
 
 
 def test_an_interrupted_extraction_resumed_writes_the_uninterrupted_file(videos, tmp_path, capsys):

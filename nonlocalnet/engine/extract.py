@@ -201,7 +201,6 @@ def extract_features(model: nn.Module, videos: Sequence[VideoInput], output: str
             index = item["index"]
             if item["error"]:
                 failed[videos[index].id] = item["error"]
-                log.warning("skipping %s: %s", videos[index].id, item["error"])
             else:
                 features = batched_clip_features(model, item["clips"], batch_size=batch_size, device=device,
                                                  layer=settings.layer, prepare=T.normalize)  # (L, C)
