@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     failed = [r for r in results if r.scores is None]
     if len(failed) == len(results):
-        raise ValueError(failed[0].error if len(failed) == 1 else
-                         f"none of the {len(failed)} videos could be decoded: " + "; ".join(r.error for r in failed[:3]))
+        raise ValueError(failed[0].error if len(failed) == 1 else f"none of the {len(failed)} videos could be "
+                         f"decoded: " + "; ".join(r.error for r in failed[:3]))
     report = {
         "model": model.nonlocalnet_record["model"], "checkpoint": str(args.checkpoint),
         "activation": "sigmoid" if multi_label else "softmax",

@@ -26,7 +26,8 @@ from torch import Tensor
 
 
 __all__ = [
-    "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "clip_starts", "tiling_clip_indices", "random_short_side", "short_side_resize", "crop",
+    "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "clip_starts", "tiling_clip_indices",
+    "random_short_side", "short_side_resize", "crop",
     "random_crop", "spatial_crop_offset", "spatial_crop", "horizontal_flip", "random_horizontal_flip", "normalize",
     "to_channels_first",
 ]
