@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "the main job: train a C2D baseline and NL C2Ds of all four modes on built-in data, compare them"),
     "train": ("nonlocalnet.commands.train", "train a video classifier from a YAML config (torchrun for many processes)"),
     "test": ("nonlocalnet.commands.test", "multi-view test of a trained model: top-1/top-5 or mAP, table and JSON"),
+    "predict": ("nonlocalnet.commands.predict", "top-k classes of video files, multi-view as at test time; JSON out"),
+    "extract": ("nonlocalnet.commands.extract", "per-clip or per-video features of videos into safetensors or .npy"),
     "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
     "convert": ("nonlocalnet.commands.convert",
                 "convert a checkpoint of the official Caffe2 code, PyTorchVideo or mmaction2 into safetensors"),

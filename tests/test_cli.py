@@ -23,6 +23,8 @@ END_TO_END = {
     "detect-test": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
     "prepare-videos": ("tests.test_prepare_videos",
                        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
+    "predict": ("tests.test_predict", "test_multi_view_scores_are_the_mean_of_the_views_computed_by_hand"),
+    "extract": ("tests.test_predict", "test_extract_gives_forward_features_of_every_clip"),
 }
 
 
@@ -63,6 +65,8 @@ OVERRIDES = {
     "train": [], "test": [], "compare": [], "detect-train": [], "detect-test": ["checkpoint.pth"],
     "convert": ["in.pkl", "out.safetensors"], "convert-caffe2": ["in.pkl", "out.safetensors"], "flops": ["c2d_r50"],
     "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
+    "predict": ["v.mp4", "--checkpoint", "w.safetensors"],
+    "extract": ["v.mp4", "--checkpoint", "w.safetensors", "--out", "f.safetensors"],
 }
 
 

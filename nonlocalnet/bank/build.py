@@ -1,4 +1,9 @@
-"""Building a feature bank: run a trained video model over every clip of every video and keep pooled features."""
+"""Building a feature bank: run a trained video model over every clip of every video and keep pooled features.
+
+The clips and the features are those of ``nonlocalnet extract`` (:mod:`nonlocalnet.engine.extract`): the same clip
+tiling (:func:`~nonlocalnet.data.transforms.clip_starts`) and the same feature path
+(:func:`~nonlocalnet.models.features.batched_clip_features`); ``extract``'s safetensors output is a feature bank file.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,44 +13,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..data.transforms import clip_starts
+from ..models.features import batched_clip_features, clip_features
 from .store import FeatureBank
 
 __all__ = ["clip_starts", "pooled_features", "build_feature_bank"]
 
 
-def clip_starts(num_frames: int, clip_frames: int, frame_stride: int = 1, step: int | None = None) -> list[int]:
-    """First frames of the clips that tile a video.
-
-    Args:
-        num_frames: frames in the video.
-        clip_frames: frames per clip (after temporal subsampling).
-        frame_stride: take every ``frame_stride``-th frame, so a clip spans (clip_frames - 1) * stride + 1 frames.
-        step: frames between consecutive clip starts; default = one clip's span (clips side by side).
-
-    Raises:
-        ValueError: if the video is shorter than one clip.
-    """
-    if clip_frames < 1 or frame_stride < 1:
-        raise ValueError(f"clip_frames and frame_stride must be positive; got {clip_frames}, {frame_stride}")
-    span = (clip_frames - 1) * frame_stride + 1
-    step = span if step is None else step
-    if step < 1:
-        raise ValueError(f"step must be positive; got {step}")
-    if num_frames < span:
-        raise ValueError(f"a video of {num_frames} frames is shorter than one clip ({clip_frames} frames with "
-                         f"stride {frame_stride} span {span})")
-    return list(range(0, num_frames - span + 1, step))
-
-
 def pooled_features(model: nn.Module, clips: Tensor) -> Tensor:
-    """The model's clip features, averaged over every remaining spatial axis: (B, C).
-
-    Uses ``model.forward_features`` (the models' timm-like interface) when the model has it, else ``model``.
-    """
-    features = model.forward_features(clips) if hasattr(model, "forward_features") else model(clips)
-    if features.dim() > 2:
-        features = features.flatten(2).mean(dim=2)  # (B, C, *S) -> (B, C, prod S) -> (B, C)
-    return features
+    """The model's clip features, averaged over every remaining spatial axis: (B, C)
+    (:func:`~nonlocalnet.models.features.clip_features`, the one feature path of the bank and ``extract``)."""
+    return clip_features(model, clips)
 
 
 @torch.no_grad()
@@ -90,11 +68,8 @@ def build_feature_bank(model: nn.Module, videos: Iterable[tuple[str, Tensor]], *
                 raise ValueError(f"video {vid!r}: frames must be (C, F, H, W); got {tuple(frames.shape)}")
             starts = clip_starts(frames.shape[1], clip_frames, frame_stride, step)
             span = (clip_frames - 1) * frame_stride + 1
-            feats = []
-            for i in range(0, len(starts), batch_size):
-                batch = torch.stack([frames[:, s:s + span:frame_stride] for s in starts[i:i + batch_size]])
-                feats.append(pooled_features(model, batch.to(device)).float().cpu())  # (b, C)
-            bank.features[vid] = torch.cat(feats)  # (L, C)
+            clips = [frames[:, s:s + span:frame_stride] for s in starts]  # views (C, T, H, W), no copies
+            bank.features[vid] = batched_clip_features(model, clips, batch_size=batch_size, device=device)  # (L, C)
             bank.starts[vid] = torch.tensor(starts, dtype=torch.long)
     finally:
         model.train(was_training)

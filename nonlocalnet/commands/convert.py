@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, source_format: str = "auto") 
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.class_names import class_names_metadata, dataset_class_names, dataset_of
     from ..engine.config import options_from_overrides
     from ..io import atomic_path
     from ..models import save_weights
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     metadata = {"model": result.model_name, "num_classes": str(model.num_classes),
                 "source": os.path.basename(args.input), "converted_from": result.source_format,
                 "model_options": json.dumps(options)}
+    dataset = dataset_of(model.num_classes)  # the zoos' classifiers are Kinetics-400's or Charades'
+    if dataset is not None:
+        metadata.update(dataset=dataset, **class_names_metadata(dataset_class_names(dataset)))
     if result.source_format == "caffe2":
         metadata["affine"] = "yes" if any("affine" in n for n in result.notes) else "no"
     with atomic_path(args.output) as tmp:  # the output folder is created; a failed write leaves no half file
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
           f"{result.model_name} ({model.num_classes} classes"
           + (f", options {json.dumps(options)}" if options else "") + ")"
           + "".join(f"; {note}" for note in result.notes)
+          + (f"; class names of {dataset}" if dataset else "")
           + ("; classifier left out (num_classes 0: the model gives pooled features)" if args.skip_classifier
              else ""))
     return 0

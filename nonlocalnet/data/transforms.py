@@ -26,7 +26,8 @@ from torch import Tensor
 
 
 __all__ = [
-    "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "random_short_side", "short_side_resize", "crop",
+    "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "clip_starts", "tiling_clip_indices",
+    "random_short_side", "short_side_resize", "crop",
     "random_crop", "spatial_crop_offset", "spatial_crop", "horizontal_flip", "random_horizontal_flip", "normalize",
     "to_channels_first",
 ]
@@ -88,6 +89,46 @@ def uniform_clip_indices(num_frames: int, frames: int, sampling_rate: int, clip:
     delta = max(num_frames - frames * sampling_rate, 0)
     start = _even_offset(delta, clip, num_clips)
     return _clip_from_start(start, num_frames, frames, sampling_rate)
+
+
+def clip_starts(num_frames: int, clip_frames: int, frame_stride: int = 1, step: int | None = None, *,
+                allow_short: bool = False) -> list[int]:
+    """First frames of the clips that tile a video (the feature bank's and ``nonlocalnet extract``'s clips).
+
+    A clip takes ``clip_frames`` frames, one every ``frame_stride``: it spans ``(clip_frames - 1) * frame_stride + 1``
+    frames of the video; clips start every ``step`` frames from frame 0 as long as they fit.
+
+    Args:
+        num_frames: frames in the video.
+        clip_frames: frames per clip (after temporal subsampling).
+        frame_stride: take every ``frame_stride``-th frame.
+        step: frames between consecutive clip starts; default = one clip's span (clips side by side).
+        allow_short: a video shorter than one clip gives one clip at frame 0 (its indices past the end repeat
+            the last frame, see :func:`tiling_clip_indices`) instead of an error.
+
+    Raises:
+        ValueError: the video is shorter than one clip (unless ``allow_short``), or a non-positive argument.
+    """
+    if clip_frames < 1 or frame_stride < 1:
+        raise ValueError(f"clip_frames and frame_stride must be positive; got {clip_frames}, {frame_stride}")
+    span = (clip_frames - 1) * frame_stride + 1
+    step = span if step is None else step
+    if step < 1:
+        raise ValueError(f"step must be positive; got {step}")
+    if num_frames < span:
+        if allow_short and num_frames >= 1:
+            return [0]
+        raise ValueError(f"a video of {num_frames} frames is shorter than one clip ({clip_frames} frames with "
+                         f"stride {frame_stride} span {span})")
+    return list(range(0, num_frames - span + 1, step))
+
+
+def tiling_clip_indices(num_frames: int, starts: list[int], clip_frames: int, frame_stride: int) -> Tensor:
+    """The frame indices of the clips starting at ``starts``, clip after clip: (len(starts) * clip_frames,) int64,
+    indices past the end of the video clamped to its last frame."""
+    offsets = torch.arange(clip_frames, dtype=torch.int64) * frame_stride  # (T,)
+    index = torch.tensor(starts, dtype=torch.int64)[:, None] + offsets  # (L, 1) + (T,) -> (L, T)
+    return index.clamp_(max=num_frames - 1).flatten()  # (L, T) -> (L * T,)
 
 
 def _clip_from_start(start: int, num_frames: int, frames: int, sampling_rate: int) -> Tensor:

@@ -617,7 +617,9 @@ class VideoListDataset(Dataset):
     """Clips of the videos of a list file, with the paper's sampling and transforms (see the module docstring).
 
     Args:
-        list_file: ``path label`` lines (or ``path 3,17,42`` with ``multi_label``).
+        list_file: ``path label`` lines (or ``path 3,17,42`` with ``multi_label``); or the list's entries
+            themselves, ``(path, label)`` pairs as :func:`read_video_list` gives them (``nonlocalnet predict`` passes
+            the videos it is given so).
         root: folder the paths are relative to.
         split: ``"train"`` (one random clip per video) or ``"test"`` (``test_clips × test_crops`` views per video).
         num_classes: number of classes; labels must lie in ``[0, num_classes)``.
@@ -638,7 +640,8 @@ class VideoListDataset(Dataset):
         normalize: items hold normalised float32 clips; False: the uint8 clips (see the module docstring).
     """
 
-    def __init__(self, list_file: str | Path, root: str | Path, *, split: str = "train", num_classes: int,
+    def __init__(self, list_file: str | Path | Sequence[tuple[str, int | tuple[int, ...]]], root: str | Path, *,
+                 split: str = "train", num_classes: int,
                  multi_label: bool = False, frames: int = 8, sampling_rate: int = 8,
                  train_scale: tuple[int, int] = (256, 320), crop_size: int | None = 224, test_scale: int = 256,
                  test_clips: int = 10, test_crops: int = 3, max_retries: int = 10, seed: int = 0,
@@ -670,7 +673,9 @@ class VideoListDataset(Dataset):
         elif split == "test" and crop_size > test_scale:
             raise ValueError(f"crop_size {crop_size} is larger than test_scale {test_scale}")
 
-        self.list_file, self.root = Path(list_file), Path(root)
+        given = not isinstance(list_file, (str, Path))
+        # where the videos come from, in messages: the list file, or the given entries
+        self.list_file, self.root = "the given videos" if given else Path(list_file), Path(root)
         self.split, self.num_classes, self.multi_label = split, num_classes, multi_label
         self.frames, self.sampling_rate = frames, sampling_rate
         self.train_scale, self.crop_size, self.test_scale = (low, high), crop_size, test_scale
@@ -679,7 +684,10 @@ class VideoListDataset(Dataset):
         self.normalize = normalize
         self.epoch = 0
 
-        entries = read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
+        entries = [(str(path), label) for path, label in list_file] if given else \
+            read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
+        if not entries:
+            raise ValueError("no video given")
         paths = [self.root / rel for rel, _ in entries]
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
         if missing:
