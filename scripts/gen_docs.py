@@ -179,7 +179,7 @@ def _tables(data: Any) -> list[tuple[str, list[dict[str, Any]]]]:
         if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             found.append((key, value))
         elif isinstance(value, dict) and key not in ("machine",):
-            found += [(f"{key}: {sub}" if sub else key, rows) for sub, rows in _tables(value)]
+            found += [(f"{key}: {sub}" if sub and sub != "rows" else key, rows) for sub, rows in _tables(value)]
     return found
 
 
