@@ -297,13 +297,13 @@ class _Clip:
 
     One swscale context converts every frame of the clip, on one thread: recent PyAV converts on as many threads
     as the machine has cores unless told otherwise, and N DataLoader workers on N cores would each start that
-    many (and frames this small convert faster on one thread than split across many). A mirrored region (of a 4:2:0 frame with even sides, see
-    :func:`_converted_by_blocks`; others are flipped as RGB pixels) is converted to BGR, copied forwards,
-    and the clip's rows reversed byte by byte once at the end, which mirrors the pixels and turns BGR into RGB
-    (a flip along the last, contiguous axis runs at memory speed, where flipping RGB pixel triples or copying
-    through a negative stride does not). Of a
-    4:2:0 frame (H.264's), only the region is converted (see :func:`_crop_window`). A frame of another size than
-    the first is an error (the clip's frames must stack, and its region was taken for the first size).
+    many (and frames this small convert faster on one thread than split across many). A mirrored region (of a
+    4:2:0 frame with even sides, see :func:`_converted_by_blocks`; others are flipped as RGB pixels) is converted
+    to BGR, copied forwards, and the clip's rows reversed byte by byte once at the end, which mirrors the pixels
+    and turns BGR into RGB (a flip along the last, contiguous axis runs at memory speed, where flipping RGB pixel
+    triples or copying through a negative stride does not). Of a 4:2:0 frame (H.264's), only the region is
+    converted (see :func:`_crop_window`). A frame of another size than the first is an error (the clip's frames
+    must stack, and its region was taken for the first size).
     """
 
     threads: dict[str, int] = {"threads": 1}  # {} once PyAV turns out to be older (no threads argument)
@@ -399,8 +399,8 @@ def _crop_window(frame: av.VideoFrame, rows: slice, columns: slice) -> tuple[int
     whole frame is converted (a frame not :func:`_converted_by_blocks`, a region with steps or empty).
 
     As FFmpeg converts such a frame block by block, a part cut at even bounds converts to exactly the pixels it
-    has in the whole frame (tested), at a fraction of the cost: only the crop's pixels are converted (python -m benchmarks.data measures the
-    dataset).
+    has in the whole frame (tested), at a fraction of the cost: only the crop's pixels are converted
+    (``python -m benchmarks.data`` measures the dataset).
     """
     if not _converted_by_blocks(frame):
         return None
