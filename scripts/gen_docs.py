@@ -39,8 +39,17 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
     ("data", "python -m benchmarks.data --json docs/benchmarks/data.json",
      "Video input against the decoder's limit: items per second of the dataset on real footage, as downloaded "
      "and as prepared by `prepare-videos`."),
-    ("gpu", "bash benchmarks/gpu.sh --out gpu-results && cp gpu-results/*.json docs/benchmarks/",
-     "The GPU script: the block in float32 and bf16, the peers and whole networks on one CUDA device."),
+    ("swap", "python -m benchmarks.swap --json docs/benchmarks/swap.json",
+     "mmaction2's NL I3D R50, forward+backward time and peak memory before and after `swap_nonlocal`, side by "
+     "side on the same clip."),
+    ("low_memory", "python -m benchmarks.low_memory --json docs/benchmarks/low_memory.json",
+     "What the block's `low_memory=True` saves on a realistic training step, against what it costs."),
+) + tuple(
+    (f"gpu_{name}", f"bash benchmarks/gpu.sh --out gpu-results && cp gpu-results/{name}.json "
+                    f"docs/benchmarks/gpu_{name}.json", f"The GPU script on one CUDA device: {what}")
+    for name, what in (("block", "the block's paths in float32."), ("block_bf16", "the block under bf16 autocast."),
+                       ("peers", "the peer table."), ("models", "whole networks: eager, channels-last, bf16 autocast, "
+                                                                 "torch.compile."))
 )
 
 
