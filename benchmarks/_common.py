@@ -185,6 +185,14 @@ def _points(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in stdout.splitlines() if line.startswith("POINT ")]
 
 
+def provenance(module: str, argv: list[str] | None, device: str = "cpu") -> dict[str, str]:
+    """What a benchmark's JSON records beside its rows, for the docs' benchmark page (scripts/gen_docs.py): the
+    command that reproduces it, the machine, the torch version and the date (UTC)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return dict(command=" ".join(["python", "-m", module, *args]), machine=machine(device), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d", time.gmtime()))
+
+
 def machine(device: str = "cpu") -> str:
     """The machine the numbers come from, for the tables' titles."""
     where = (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads" if device == "cpu"

@@ -25,8 +25,8 @@ import torch
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES, pairwise_softmax
 
-from ._common import (MALLOC_ENV, fmt, machine, peak_memory_mb, peak_rss_rise_mb, run_child, time_round_robin,
-                      write_atomic)
+from ._common import (MALLOC_ENV, fmt, machine, peak_memory_mb, peak_rss_rise_mb, provenance, run_child,
+                      time_round_robin, write_atomic)
 
 # name -> (input shape (B, C, *spatial), subsample, what it is)
 SHAPES = {
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |" for r in rows]
         write_atomic(args.markdown, "\n".join(lines) + "\n")
     if args.json:
-        write_atomic(args.json, json.dumps(rows, indent=1))
+        write_atomic(args.json, json.dumps(dict(provenance("benchmarks.block", argv, args.device), rows=rows),
+                                           indent=1))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from nonlocalnet.data.collate import collate
 from nonlocalnet.data import video as V
 from nonlocalnet.data.video import VideoListDataset, decoder_available
 
-from ._common import fmt, machine, write_atomic
+from ._common import fmt, machine, provenance, write_atomic
 
 CLIPS = {"8x8": (8, 8), "32x2": (32, 2)}
 LAYOUTS = ("256p gop250", "720p gop250", "prepared", "prepared fast-decode")
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         write_atomic(args.markdown, text)
     if args.json:
-        write_atomic(args.json, json.dumps(dict(machine=machine(), rows=rows, loaders=loaders), indent=1))
+        write_atomic(args.json, json.dumps(dict(provenance("benchmarks.data", argv), rows=rows, loaders=loaders),
+                                           indent=1))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ def test_block_benchmark_under_autocast_with_a_chunk_size(tmp_path, capsys, monk
     printed = capsys.readouterr().out
     assert "; autocast bf16; chunks of 64 weights" in printed.splitlines()[0]
     assert pairwise_softmax.CHUNK_ELEMENTS == 64  # the chunked rows ran in chunks of 64 weights
-    rows = json.loads(out.read_text())
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith("python -m benchmarks.block --quick --shapes tiny_res3")
+    assert {"machine", "torch", "date"} <= set(saved)
+    rows = saved["rows"]
     assert [r["impl"] for r in rows] == block.paths("gaussian")
     assert all(r["autocast"] == "bf16" and r["ms"] > 0 for r in rows)
     assert next(r for r in rows if r["impl"] == "dense")["speedup"] == 1.0

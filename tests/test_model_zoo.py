@@ -1,5 +1,5 @@
-"""The zoo's names pinned: every registered name, its parameter count and the options it stands for, as written
-down before the zoo became a table (a rewrite of :mod:`nonlocalnet.models.zoo` must leave all three as they are).
+"""The zoo's names pinned: every registered name, its parameter count and the options it stands for, written out
+here independently of the zoo's table (a rewrite of :mod:`nonlocalnet.models.zoo` must leave all three as they are).
 
 The values here are literals, not read from the zoo or from :mod:`nonlocalnet.models.placements`; parameter counts
 are at each name's own defaults (400 classes, the tiny networks' 2).

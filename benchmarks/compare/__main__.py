@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Any
 
-from .._common import machine, write_atomic
+from .._common import provenance, write_atomic
 from ..block import DEFAULT_SHAPES, SHAPES
 from .efficiency import efficiency_section
 from .models import MODELS, models_section
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models or MODELS
 
     capture = _Tee() if args.markdown else None
-    results: dict[str, Any] = dict(machine=machine(args.device), argv=sys.argv[1:])
+    results: dict[str, Any] = dict(provenance("benchmarks.compare", argv, args.device))
     started = time.perf_counter()
     try:
         if "table" in args.sections:

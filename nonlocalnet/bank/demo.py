@@ -37,13 +37,13 @@ __all__ = ["DemoConfig", "QUICK", "run_feature_bank_demo", "format_table", "fram
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo. The defaults run in a few minutes on 2 CPU cores.
+    """Sizes of the demo. The defaults are small enough for a CPU.
 
     Attributes:
         backbone_videos: videos whose clips train the backbone (the first of the training videos).
         train_videos: videos in the training bank that the heads are trained on (forward passes only, so more
             of them are cheap).
-        test_videos: held-out videos (another seed) the table is measured on.
+        test_videos: held-out videos (another seed) the table reports on.
         num_clips: clips per video.
         clip_frames: frames per clip.
         size: frame size in pixels.

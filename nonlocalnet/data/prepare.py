@@ -14,13 +14,12 @@ so that
   which slices would only cost compression;
 * five B-frames between reference frames, none of them a reference (libx264 with ``bframes=5``, ``b-adapt=0``,
   ``b-pyramid=none``): a clip does not decode the B-frames it does not take (see
-  :func:`~nonlocalnet.data.video.read_frames`), so training items cost about 8% less (32x2 clips) to 14% less
-  (8x8) with three such B-frames than with x264's own choice, and 6-11% less again with five (at the same
-  ``crf``: three, 0.1 dB less PSNR than x264's choice for 3% smaller files; five, 0.23 dB less than three for
-  3% smaller files again; seven, no faster, 0.29 dB less; all measured on the data benchmark's footage);
+  :func:`~nonlocalnet.data.video.read_frames`), so a training item decodes fewer frames; five is where more
+  B-frames stopped saving decode time while the quality at the same ``crf`` kept falling slightly (the data
+  benchmark, ``python -m benchmarks.data``, measures the items);
 * with ``fast_decode``, libx264's ``tune=fastdecode`` (no CABAC, no deblocking filter, no weighted prediction):
-  decoded in about half the time (63 against 128 ms for 300 frames at 256p on one thread, measured here) for
-  files about 7% larger at the same ``crf``, and without the deblocking filter's smoothing of block edges.
+  faster to decode, for somewhat larger files at the same ``crf`` and without the deblocking filter's smoothing
+  of block edges, so it is a choice, not the default.
 
 The outputs keep the list's relative paths under the output root, with the extension ``.mp4``, and the new list
 (the same lines with the new paths, the labels as they were) is written there under the list's file name.

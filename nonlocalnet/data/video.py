@@ -295,16 +295,15 @@ class _Clip:
     """The frames ``index`` of a video, filled in as they are decoded: the region of each frame the clip takes is
     converted to RGB and copied into one (T, h, w, 3) uint8 array, at every place of ``index`` that holds it.
 
-    One swscale context converts every frame of the clip, on one thread: recent PyAV (18 here) converts on as
-    many threads as the machine has cores unless told otherwise, and N DataLoader workers on N cores would each
-    start that many (even one process alone converts faster on one thread: measured here, PyAV 18.1, 6 against
-    14 ms for 40 frames at 256p, within the decode loop). A mirrored region (of a 4:2:0 frame with even sides, see
-    :func:`_converted_by_blocks`; others are flipped as RGB pixels) is converted to BGR, copied forwards,
-    and the clip's rows reversed byte by byte once at the end, which mirrors the pixels and turns BGR into RGB
-    (a flip along the last, contiguous axis runs at memory speed: measured here, torch 2.14, 0.3 ms for 32 crops
-    of 190x190, where flipping the RGB pixels takes 5.7 ms and NumPy's copy through a negative stride 12 ms). Of a
-    4:2:0 frame (H.264's), only the region is converted (see :func:`_crop_window`). A frame of another size than
-    the first is an error (the clip's frames must stack, and its region was taken for the first size).
+    One swscale context converts every frame of the clip, on one thread: recent PyAV converts on as many threads
+    as the machine has cores unless told otherwise, and N DataLoader workers on N cores would each start that
+    many (and frames this small convert faster on one thread than split across many). A mirrored region (of a
+    4:2:0 frame with even sides, see :func:`_converted_by_blocks`; others are flipped as RGB pixels) is converted
+    to BGR, copied forwards, and the clip's rows reversed byte by byte once at the end, which mirrors the pixels
+    and turns BGR into RGB (a flip along the last, contiguous axis runs at memory speed, where flipping RGB pixel
+    triples or copying through a negative stride does not). Of a 4:2:0 frame (H.264's), only the region is
+    converted (see :func:`_crop_window`). A frame of another size than the first is an error (the clip's frames
+    must stack, and its region was taken for the first size).
     """
 
     threads: dict[str, int] = {"threads": 1}  # {} once PyAV turns out to be older (no threads argument)
@@ -400,8 +399,8 @@ def _crop_window(frame: av.VideoFrame, rows: slice, columns: slice) -> tuple[int
     whole frame is converted (a frame not :func:`_converted_by_blocks`, a region with steps or empty).
 
     As FFmpeg converts such a frame block by block, a part cut at even bounds converts to exactly the pixels it
-    has in the whole frame (tested), at a fraction of the cost (measured here, PyAV 18.1: a 198x198 training crop of 456x256 frames, 1.0 against
-    2.5 ms for 32 frames, the copy of the crop included).
+    has in the whole frame (tested), at a fraction of the cost: only the crop's pixels are converted
+    (``python -m benchmarks.data`` measures the dataset).
     """
     if not _converted_by_blocks(frame):
         return None
@@ -415,7 +414,7 @@ def _crop_window(frame: av.VideoFrame, rows: slice, columns: slice) -> tuple[int
 def _converted_by_blocks(frame: av.VideoFrame) -> bool:
     """Whether FFmpeg converts ``frame`` to RGB (or BGR: the same values) one 2 x 2 block at a time from its own
     chroma sample: 4:2:0 with even sides. A frame of an odd side is converted otherwise (chroma rows blended), and
-    there BGR is not RGB reversed (measured: 86% of the values differ)."""
+    there BGR is not RGB reversed (most values differ)."""
     return frame.format.name in _CROPPABLE_FORMATS and frame.height % 2 == 0 and frame.width % 2 == 0
 
 

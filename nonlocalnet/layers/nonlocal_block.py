@@ -79,7 +79,7 @@ class NonLocalBlock(nn.Module):
             1e-5); the forward is the same under autocast too, but there the 1x1 convs' backward matmuls run in
             the gradients' float32 where the conv backward would run in half precision, so gradients differ by
             half precision's rounding (tested within 5% of the largest under bfloat16). Lower peak memory for
-            some more time: benchmarks/block.py measures both (see the README); off by default.
+            some more time: benchmarks/block.py measures both (docs/benchmarks.md); off by default.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",

@@ -2,7 +2,7 @@
 
 | mode              | exact paths                        | "auto" picks                                   |
 |-------------------|------------------------------------|------------------------------------------------|
-| gaussian          | dense, sdpa, chunked               | chunked (no padding; measured faster)          |
+| gaussian          | dense, sdpa, chunked               | chunked (no padding, fewer multiply-adds)       |
 | embedded_gaussian | dense, sdpa, chunked               | sdpa                                           |
 | dot_product       | dense, linear                      | whichever does fewer multiply-adds             |
 | concatenation     | dense, sorted                      | sorted                                         |
@@ -49,8 +49,7 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
     C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values would be
     zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix for the backward
     pass either, does fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the
-    precision table below); benchmarks/block.py measured the chunked path faster than the padded SDPA one at
-    every shape, on CPU and on an H200 (README, On a GPU).
+    precision table below), where SDPA has no fused kernel to gain from; benchmarks/block.py compares the paths.
     """
     if impl != "auto":
         return impl

@@ -40,9 +40,9 @@ def default_chunk_elements(device_type: str) -> int:
 def _sdpa_training_backends(device_type: str) -> list | None:
     """The SDPA backends to allow for a call whose backward will run, when they differ from torch's own choice.
 
-    On CUDA, torch (2.11+cu130, H200) dispatches half-precision SDPA to cuDNN's kernel, whose backward returned NaN
-    in dx for a float16 non-local block whose forward was finite (tests/test_cuda.py, seen by benchmarks/gpu.sh);
-    the flash and memory-efficient kernels are exact there. So a training call allows what the user left enabled
+    On CUDA, torch may dispatch half-precision SDPA to cuDNN's attention kernel, whose backward has returned NaN
+    in dx for a float16 non-local block whose forward was finite (tests/test_cuda.py checks it); the flash and
+    memory-efficient kernels are exact there. So a training call allows what the user left enabled
     less cuDNN; when cuDNN is all that is enabled (the user's own choice), it is left alone.
     """
     if device_type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():

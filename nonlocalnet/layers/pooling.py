@@ -1,10 +1,10 @@
 """The block's subsampling: a max-pool whose kernel is its stride, with exactly max-pool's values and gradients.
 
-On the CPU, torch's max_pool2d/3d take about six times longer forward than the elementwise maximum of the
-kernel's strided views of the map. Without gradients (inference, feature extraction) :class:`WindowMaxPool`
-computes that maximum; when a gradient is needed it runs torch's max-pool, whose backward from its int64 argmax
-was faster here than finding each window's first maximum again from the input (measured forward+backward at
-res3: 11.7 against 16.0 ms).
+On the CPU, torch's max_pool2d/3d forward is slower than the elementwise maximum of the kernel's strided views of
+the map, which is a few vectorised passes over memory. Without gradients (inference, feature extraction)
+:class:`WindowMaxPool` computes that maximum; when a gradient is needed it runs torch's max-pool, whose backward
+scatters through the int64 argmax it kept, which is cheaper than finding each window's first maximum again from
+the input.
 """
 from __future__ import annotations
 
