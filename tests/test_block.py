@@ -9,18 +9,9 @@ from torch import nn
 from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
+from .helpers import make_active
+
 SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 4, 5, 6)}
-
-
-def make_active(block: NonLocalBlock, std: float = 0.5) -> NonLocalBlock:
-    """Random weights large enough that attention is peaky and the output depends on every parameter."""
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, std)
-        if isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
-            block.norm.running_var.uniform_(0.5, 2.0)
-            block.norm.running_mean.normal_()
-    return block.eval()
 
 
 def grads(block, x, memory=None):

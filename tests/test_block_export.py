@@ -6,7 +6,7 @@ import torch
 from nonlocalnet import NonLocal3d
 from nonlocalnet.layers import MODES
 
-from .test_block import make_active
+from .helpers import make_active
 
 
 @pytest.mark.slow

@@ -22,25 +22,15 @@ from nonlocalnet.data import video as V
 from nonlocalnet.data.collate import collate
 from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
 
+from .helpers import write_video
+
+LOSSLESS = {"gop": 5, "lossless": True}  # lossless H.264, a key frame every 5 frames
+
 HEIGHT, WIDTH = 40, 56
 
 
 needs_torchcodec = pytest.mark.skipif(not V.decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries "
                                       "(pip install torchcodec; apt install ffmpeg)")
-
-
-def _write_video(path: Path, frames: np.ndarray, gop: int = 5) -> None:
-    """(F, H, W, 3) uint8 -> a lossless H.264 .mp4 at 25 fps with a key frame every ``gop`` frames."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.gop_size = gop
-        stream.options = {"crf": "0"}  # lossless H.264: the pixel codes survive up to RGB <-> YUV rounding
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _time_video(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
@@ -63,13 +53,13 @@ def _frame_ids(clip: torch.Tensor) -> list[int]:
 def videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     (root / "k").mkdir()
-    _write_video(root / "k" / "a.mp4", _time_video(40))
-    _write_video(root / "k" / "b.mp4", _time_video(24))
-    _write_video(root / "k" / "short.mp4", _time_video(5))
-    _write_video(root / "k" / "ramp.mp4", _ramp_video(12))
-    _write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT))
+    write_video(root / "k" / "a.mp4", _time_video(40), **LOSSLESS)
+    write_video(root / "k" / "b.mp4", _time_video(24), **LOSSLESS)
+    write_video(root / "k" / "short.mp4", _time_video(5), **LOSSLESS)
+    write_video(root / "k" / "ramp.mp4", _ramp_video(12), **LOSSLESS)
+    write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT), **LOSSLESS)
     noise = np.random.default_rng(1).integers(0, 256, (24, HEIGHT, WIDTH, 3), np.uint8)
-    _write_video(root / "k" / "noise.mp4", noise)  # every pixel differs: conversions and regions show
+    write_video(root / "k" / "noise.mp4", noise, **LOSSLESS)  # every pixel differs: conversions and regions show
     (root / "k" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     return root
 
@@ -506,7 +496,7 @@ def test_a_region_cut_before_conversion_is_the_slice_of_the_converted_frame(tmp_
     # only the region of a 4:2:0 frame is converted (at even bounds, then trimmed): the very pixels of converting
     # the whole frame, whatever the parity of each bound, mirrored or not, on a width no SIMD block divides
     path = tmp_path / "noise.mp4"
-    _write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8))
+    write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8), **LOSSLESS)
     with av.open(str(path)) as container:
         every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
     cuts, cut = [], V._cut

@@ -102,14 +102,14 @@ def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: l
                config: str = "configs/kinetics/c2d_r50_8x8.yaml", classes: int = 3) -> None:
     """The README's way on: a shipped recipe with model.pretrained = the converted file, trained and tested."""
     from .test_recipes import TINY
-    from .test_train import _write_video
+    from .helpers import write_video
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     (tmp_path / "data" / "kinetics").mkdir(parents=True)
     rows = []
     for i in range(4):
-        _write_video(tmp_path / "data" / "kinetics" / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
+        write_video(tmp_path / "data" / "kinetics" / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
         rows.append(f"v{i}.mp4 {i % 2}")
     for split in ("train_list", "val_list"):
         (tmp_path / "data" / "kinetics" / f"{split}.txt").write_text("\n".join(rows) + "\n")
