@@ -255,6 +255,17 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
                        progress=False)
 
 
+def test_an_output_root_whose_report_lacks_a_setting_is_refused(tmp_path):
+    # every report records every setting; one without fast_decode cannot say its videos match
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "train.txt").write_text("a.mp4 0\n")
+    (dst / "train_prepare_report.json").write_text(json.dumps({"settings": {"short_side": 32, "gop": 8, "crf": 23}}))
+    with pytest.raises(ValueError, match=r"other settings \(fast_decode \(not recorded\) \(now False\);"):
+        prepare_videos(src / "train.txt", src, dst, short_side=32, gop=8, workers=1, progress=False)
+
+
 def test_dry_run_says_what_it_would_do_and_writes_nothing(sources, tmp_path, capsys):
     dst = tmp_path / "dst"
     code = main(["prepare-videos", str(sources), str(dst), "--list", str(sources / "train.txt"), "--short-side", "32",
