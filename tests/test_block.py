@@ -770,11 +770,12 @@ def test_the_policy_covers_every_path():
 @pytest.mark.parametrize("mode,impl", sorted(POLICY))
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_under_autocast_each_path_runs_in_the_policys_dtype(mode, impl, dtype, monkeypatch):
-    import nonlocalnet.layers.pairwise as P
+    from nonlocalnet.layers import pairwise as pairwise_module
 
     ran = []
-    real = P.pairwise
-    monkeypatch.setattr(P, "pairwise", lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
+    real = pairwise_module.pairwise
+    monkeypatch.setattr(pairwise_module, "pairwise",
+                        lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
     block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl=impl))
     x = torch.randn(2, 16, 2, 4, 4)
     with torch.no_grad(), _SeenBySdpa() as sdpa, torch.autocast("cpu", dtype=dtype):

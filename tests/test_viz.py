@@ -279,7 +279,7 @@ def test_render_limits_panels_and_checks_the_clip(tmp_path):
 
 
 def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
-    from nonlocalnet.data import transforms as T
+    from nonlocalnet.data import transforms
     from nonlocalnet.data.video import VideoListDataset
     from nonlocalnet.viz.loading import read_clip
 
@@ -291,11 +291,11 @@ def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
     test_set = VideoListDataset(tmp_path / "list.txt", tmp_path, split="test", num_classes=1, frames=4,
                                 sampling_rate=3, test_scale=32, crop_size=28, test_clips=1, test_crops=1)
     expected = test_set[0]["clip"]
-    start = int(T.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
+    start = int(transforms.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
     raw, clip = read_clip(tmp_path / "clip.mp4", frames=4, sampling_rate=3, start=start, size=32, crop=28)
     assert torch.equal(clip, expected)
     # the frames drawn are the pixels the model is given
-    assert torch.equal(T.normalize(T.to_channels_first(torch.from_numpy(raw))), expected)
+    assert torch.equal(transforms.normalize(transforms.to_channels_first(torch.from_numpy(raw))), expected)
 
 
 def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
