@@ -1,4 +1,4 @@
-"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the main job."""
+"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the demo."""
 from __future__ import annotations
 
 import json
@@ -238,7 +238,7 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-# --- many processes and the main job (slow) --------------------------------------------------------------------
+# --- many processes and the demo (slow) ------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.distributed
