@@ -452,7 +452,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
 
 
 def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_folder(tmp_path, capsys):
-    from tests.test_caffe2 import C2D_TEMP, official_blobs, write_pickle
+    from tests.helpers import C2D_TEMP, official_blobs, write_pickle
 
     blobs = official_blobs(C2D_TEMP, {})
     good = write_pickle(tmp_path / "good.pkl", blobs)
