@@ -6,9 +6,6 @@
     python -m benchmarks.block --quick           # tiny shapes: a smoke run of the same code
     python -m benchmarks.block --autocast bf16   # every step under autocast (what mixed-precision training runs)
 
-Each fast path is measured twice: as built by default and with ``low_memory=True`` (rows "<path> low_memory"),
-which recomputes the pooled keys/values in the backward pass and runs the 1x1 projections' backward as matmuls.
-
 Times are measured side by side in this process, the paths of one (shape, mode) interleaved round-robin so
 that machine drift hits them alike; the ratio column is dense time / path time. Peak memory on CPU is the
 rise of the resident set size over a forward+backward, measured in a fresh child process per configuration
@@ -49,18 +46,14 @@ DEFAULT_SHAPES = {"cpu": ["res4", "res3", "res3_128", "image"], "cuda": ["res4",
 DENSE_CONCAT_LIMIT = 1.5e9
 
 
-LOW_MEMORY = " low_memory"  # suffix of a path measured with NonLocalBlock(low_memory=True)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalBlock, torch.Tensor]:
-    """A live block and its input; ``impl`` is a path, optionally suffixed with :data:`LOW_MEMORY`."""
+    """A live block and its input; ``impl`` is a path."""
     shape, subsample, _ = SHAPES[shape_name]
     dim = len(shape) - 2
-    low_memory = impl.endswith(LOW_MEMORY)
-    impl = impl.removesuffix(LOW_MEMORY)
-    block = NonLocalBlock(shape[1], dim=dim, mode=mode, subsample=subsample, impl=impl,
-                          low_memory=low_memory).to(device)
+    block = NonLocalBlock(shape[1], dim=dim, mode=mode, subsample=subsample, impl=impl).to(device)
     with torch.no_grad():
         block.norm.weight.fill_(1.0)  # a live block: gradients reach every path
     x = torch.randn(*shape, device=device, requires_grad=True)
@@ -78,9 +71,8 @@ def step(block: NonLocalBlock, x: torch.Tensor, autocast: str | None = None) -> 
 
 
 def paths(mode: str) -> list[str]:
-    """The rows of one mode: every path, and every fast path again with low_memory."""
-    impls = list(IMPLS_BY_MODE[mode])
-    return impls + [i + LOW_MEMORY for i in impls if i != "dense"]
+    """The rows of one mode: every path."""
+    return list(IMPLS_BY_MODE[mode])
 
 
 def too_big(shape_name: str, mode: str, impl: str) -> bool:

@@ -45,7 +45,7 @@ import torch
 
 from nonlocalnet.data.prepare import prepare_videos, target_size
 from nonlocalnet.data.collate import collate
-from nonlocalnet.data import video as V
+from nonlocalnet.data import video
 from nonlocalnet.data.video import VideoListDataset, decoder_available
 
 from ._common import fmt, machine, provenance, write_atomic
@@ -119,10 +119,10 @@ def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        V._one_thread(stream)  # as every reader here (FFmpeg's default: cores + 1 slice threads)
+        video._one_thread(stream)  # as every reader here (FFmpeg's default: cores + 1 slice threads)
         first, last, start = int(index.min()), int(index.max()), stream.start_time or 0
         container.seek(start + int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
-        position = V._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
+        position = video._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
         for frame in container.decode(stream):
             at = position(frame.pts)
             yield at, frame
@@ -136,7 +136,7 @@ def pure_decode(path: Path, index: torch.Tensor) -> None:
         pass
 
 
-class _DecodeOnly(V._Clip):
+class _DecodeOnly(video._Clip):
     """A clip that converts nothing: it notes which of its frames were decoded."""
 
     def __call__(self, position: int, frame: av.VideoFrame) -> None:
@@ -148,8 +148,8 @@ def dataset_decode(path: Path, index: torch.Tensor) -> None:
     """What the dataset decodes for these frames (its own decoding, ``video._fill_clip``), without converting
     any: after a seek, the limit's frames less the H.264 frames that no frame refers to and the clip does not take
     (see ``video._decode_skipping``); every frame from the start for a clip that starts near it."""
-    with V._open_video(path) as container:
-        if V._fill_clip(path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None),
+    with video._open_video(path) as container:
+        if video._fill_clip(path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None),
                         seek=True) is None:
             raise RuntimeError(f"{path}: the video ended before frame {int(index.max())}")
 

@@ -4,13 +4,13 @@
 #   bash benchmarks/gpu.sh --out DIR
 #   bash benchmarks/gpu.sh --dry-run       # the same steps on the CPU at tiny sizes, no CUDA call (CI runs it)
 # It needs only the repository. The interpreter: NONLOCALNET_PYTHON if set; else a python3 whose torch sees a
-# CUDA device (a GPU machine's own torch, used as it is); else the project's environment (scripts/setup.sh,
-# which installs torch from the registry). What nonlocalnet needs beyond torch is installed where missing, from
-# the registry; the peers (mmcv-lite, mmengine, pytorchvideo) are tried the same way, and a peer that cannot be
-# installed is reported as unavailable in the tables rather than stopping the run. On a machine without network,
-# NONLOCALNET_WHEELS names a folder of wheels of exactly what that machine lacks (dependencies included): they
-# are installed as they are (no resolution, no index) into a folder put on PYTHONPATH, the machine's own
-# environment left untouched.
+# CUDA device (a GPU machine's own torch, used as it is); else the project's environment (nox's `tests` session's,
+# built through scripts/nox.sh, which installs torch from the registry). What nonlocalnet needs beyond torch is
+# installed where missing, from the registry; the peers (mmcv-lite, mmengine, pytorchvideo) are tried the same way,
+# and a peer that cannot be installed is reported as unavailable in the tables rather than stopping the run. On a
+# machine without network, NONLOCALNET_WHEELS names a folder of wheels of exactly what that machine lacks
+# (dependencies included): they are installed as they are (no resolution, no index) into a folder put on
+# PYTHONPATH, the machine's own environment left untouched.
 set -euo pipefail
 NONLOCALNET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # a relative wheel folder is the caller's, read before the cd below
@@ -34,9 +34,8 @@ if [ -z "$PY" ] && [ "$dry_run" = 0 ] && command -v python3 >/dev/null \
   fi
 fi
 if [ -z "$PY" ]; then
-  source "$NONLOCALNET_ROOT/scripts/_env.sh"
-  nonlocalnet_env "${NONLOCALNET_TORCH:-default}"
-  PY="$VENV/bin/python"
+  bash "$NONLOCALNET_ROOT/scripts/nox.sh" -s tests --install-only >&2
+  PY="${NONLOCALNET_CACHE:-$HOME/.cache/nonlocalnet}/nox/tests/bin/python"
 fi
 
 # import name -> pip name: nonlocalnet's dependencies and the test runner, then the peers (optional)

@@ -42,8 +42,6 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
     ("swap", "python -m benchmarks.swap --json docs/benchmarks/swap.json",
      "mmaction2's NL I3D R50, forward+backward time and peak memory before and after `swap_nonlocal`, side by "
      "side on the same clip."),
-    ("low_memory", "python -m benchmarks.low_memory --json docs/benchmarks/low_memory.json",
-     "What the block's `low_memory=True` saves on a realistic training step, against what it costs."),
 ) + tuple(
     (f"gpu_{name}", f"bash benchmarks/gpu.sh --out gpu-results && cp gpu-results/{name}.json "
                     f"docs/benchmarks/gpu_{name}.json", f"The GPU script on one CUDA device: {what}")

@@ -14,8 +14,8 @@ a term, skip a restore) and see the test fail. One example from the suite,
 one key cell, reads the PNG back, and checks the hot pixels sit in that cell's corner of that frame's panel; a
 transposed heat map fails it, while the older check of the PNG signature passed it.
 
-Markers: ``slow`` (export, compile, end-to-end training: ``bash scripts/test.sh -m slow``) and ``distributed``
-(several processes: run one at a time, ``NONLOCALNET_TEST_WORKERS=1 bash scripts/test.sh -m distributed``).
+Markers: ``slow`` (export, compile, end-to-end training: ``nox -s slow``) and ``distributed``
+(several processes: run one at a time, ``nox -s distributed``, one worker).
 """
 import os
 

@@ -1,6 +1,5 @@
 """The non-local block: fast paths against the dense reference, the reference against the paper's formula,
 identity at init, gradients, errors, and precision."""
-import copy
 
 import pytest
 import torch
@@ -9,18 +8,9 @@ from torch import nn
 from nonlocalnet import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
+from .helpers import make_active
+
 SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 4, 5, 6)}
-
-
-def make_active(block: NonLocalBlock, std: float = 0.5) -> NonLocalBlock:
-    """Random weights large enough that attention is peaky and the output depends on every parameter."""
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, std)
-        if isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
-            block.norm.running_var.uniform_(0.5, 2.0)
-            block.norm.running_mean.normal_()
-    return block.eval()
 
 
 def grads(block, x, memory=None):
@@ -219,11 +209,10 @@ def test_gradcheck_float64(mode, impl):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("position", ["input", "projection"])
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_gradcheck_float64_parameters_in_training(mode, position, low_memory):
+def test_gradcheck_float64_parameters_in_training(mode, position):
     # training mode (batch statistics), both subsample positions, and the gradients of every parameter
-    block = make_active(NonLocal2d(4, mode=mode, inter_channels=3, subsample=(1, 2), subsample_position=position,
-                                   low_memory=low_memory)).double().train()
+    block = make_active(NonLocal2d(4, mode=mode, inter_channels=3, subsample=(1, 2), subsample_position=position))
+    block = block.double().train()
     names = [n for n, _ in block.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in block.parameters())
     x = torch.randn(2, 4, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -570,45 +559,10 @@ def test_auto_path_choice():
     assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"
 
 
-def test_low_memory_stores_neither_pooled_input_nor_argmax():
-    # the pooled x̂ (C x M) and max-pool's int64 argmax are recomputed in the backward pass, not stored
-    block = make_active(NonLocal3d(16, subsample=(1, 2, 2), low_memory=True)).train()
-    x = torch.randn(1, 16, 2, 8, 8, requires_grad=True)
-
-    def saved_by(module):
-        saved = []
-
-        def pack(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = module(x)
-        return out, saved
-
-    pooled_shape = (1, 16, 2, 4, 4)
-    # the default block does keep both: the checks below look for what is there to find
-    default = NonLocal3d(16, subsample=(1, 2, 2))
-    default.load_state_dict(block.state_dict())
-    _, kept = saved_by(default.train())
-    assert any(t.dtype == torch.int64 for t in kept) and any(tuple(t.shape) == pooled_shape for t in kept)
-    z, saved = saved_by(block)
-    assert not any(t.dtype == torch.int64 for t in saved)
-    assert not any(tuple(t.shape) == pooled_shape for t in saved)
-    pooled_bytes = 2 * 4 * 4 * 16 * (4 + 8)  # x̂ (float32) and its argmax (int64)
-    assert sum(t.numel() * t.element_size() for t in saved) <= \
-        sum(t.numel() * t.element_size() for t in kept) - pooled_bytes
-    # nor a channel-major copy of y for W_z: it reads y from the (B, N, C') output the pairwise step keeps
-    assert not any(tuple(t.shape) == (1, 8, 2, 8, 8) for t in saved)
-    z.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
-
-
 @pytest.mark.parametrize("dim,layout", [(2, torch.channels_last), (3, torch.channels_last_3d)])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_channels_last_input_keeps_its_layout_and_values(dim, layout, mode, low_memory):
-    block = make_active(NonLocalBlock(8, dim=dim, mode=mode, subsample=2, low_memory=low_memory))
+def test_channels_last_input_keeps_its_layout_and_values(dim, layout, mode):
+    block = make_active(NonLocalBlock(8, dim=dim, mode=mode, subsample=2))
     x = torch.randn(SHAPES[dim])
     z_ref, (grad_ref,), p_ref = grads(block, x)
     z, (grad,), p = grads(block, x.contiguous(memory_format=layout))
@@ -619,11 +573,9 @@ def test_channels_last_input_keeps_its_layout_and_values(dim, layout, mode, low_
         torch.testing.assert_close(p[name], p_ref[name], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_hooks_on_submodules_run_and_see_their_own_outputs(low_memory):
-    # low_memory runs the 1x1 convs as matmuls only without hooks; hooked ones are called as modules, and the
-    # norm's output a hook captured is not overwritten by the in-place residual addition
-    block = make_active(NonLocal3d(8, subsample=(1, 2, 2), low_memory=low_memory))
+def test_hooks_on_submodules_run_and_see_their_own_outputs():
+    # the norm's output a hook captured is not overwritten by the in-place residual addition
+    block = make_active(NonLocal3d(8, subsample=(1, 2, 2)))
     x = torch.randn(2, 8, 3, 4, 4)
     z_plain = block(x)
     seen = {}
@@ -634,76 +586,6 @@ def test_hooks_on_submodules_run_and_see_their_own_outputs(low_memory):
     torch.testing.assert_close(z, z_plain)
     torch.testing.assert_close(seen["norm"] + x, z)
     torch.testing.assert_close(block.norm(seen["out"]), seen["norm"])
-
-
-def low_memory_twin(block: NonLocalBlock) -> NonLocalBlock:
-    """The same block (weights, buffers, mode) with low_memory on."""
-    twin = copy.deepcopy(block)
-    twin.low_memory = True
-    return twin
-
-
-LOW_MEMORY_CASES = [
-    dict(dim=1, subsample=2), dict(dim=2, subsample=None), dict(dim=2, subsample=2, subsample_position="projection"),
-    dict(dim=3, subsample=(1, 2, 2)), dict(dim=3, subsample=(1, 2, 2), extent="space"),
-    dict(dim=3, subsample=(2, 1, 1), extent="time"), dict(dim=3, subsample=(1, 2, 2), temporal_groups=2),
-    dict(dim=3, subsample=(1, 2, 2), norm=None), dict(dim=3, subsample=(1, 2, 2), norm="layer"),
-]
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", LOW_MEMORY_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_low_memory_gives_the_same_results_as_the_default(mode, case):
-    shape = {1: (2, 8, 12), 2: (2, 8, 6, 4), 3: (2, 8, 4, 4, 6)}[case["dim"]]
-    default = make_active(NonLocalBlock(8, mode=mode, **case)).train()
-    lean = low_memory_twin(default)
-    x = torch.randn(shape)
-    z_ref, (grad_ref,), p_ref = grads(default, x)
-    z, (grad,), p = grads(lean, x)
-    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
-    scale = max(1.0, max(g.abs().max().item() for g in p_ref.values()))
-    for name in p_ref:
-        torch.testing.assert_close(p[name], p_ref[name], atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    for name, buffer in default.named_buffers():  # BN running statistics updated once, alike
-        torch.testing.assert_close(dict(lean.named_buffers())[name], buffer)
-
-
-def test_low_memory_with_a_feature_bank_memory():
-    default = make_active(NonLocal3d(8, memory_channels=6, subsample=(1, 2, 2))).train()
-    lean = low_memory_twin(default)
-    x, memory = torch.randn(2, 8, 3, 5, 5), torch.randn(2, 6, 7, 4, 4)
-    z_ref, inputs_ref, p_ref = grads(default, x, memory)
-    z, inputs, p = grads(lean, x, memory)
-    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-4)
-    for a, b in zip(inputs, inputs_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_low_memory_trains_under_bfloat16_autocast(mode):
-    default = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2)), std=0.1).train()
-    lean = low_memory_twin(default)
-    x = torch.randn(2, 16, 2, 4, 4)
-    results = []
-    for block in (default, lean):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z, (grad,), p = grads(block, x)
-        assert torch.isfinite(z).all() and torch.isfinite(grad).all()
-        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in p.values())
-        results.append((z.float(), grad))
-    (z_ref, grad_ref), (z, grad) = results
-    torch.testing.assert_close(z, z_ref)
-    assert (grad - grad_ref).abs().max() <= 0.05 * grad_ref.abs().max()  # bf16 backward vs fp32 matmuls
-
-
-def test_low_memory_is_in_the_repr_and_passes_through_models():
-    from nonlocalnet.models import create_model
-
-    assert "low_memory=True" in repr(NonLocal3d(8, low_memory=True))
-    model = create_model("nl_c2d_tiny", nonlocal_options={"low_memory": True})
-    blocks = [m for m in model.modules() if isinstance(m, NonLocalBlock)]
-    assert blocks and all(b.low_memory for b in blocks)
 
 
 @pytest.mark.parametrize("norm", [None, "batch"])
@@ -779,11 +661,12 @@ def test_the_policy_covers_every_path():
 @pytest.mark.parametrize("mode,impl", sorted(POLICY))
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_under_autocast_each_path_runs_in_the_policys_dtype(mode, impl, dtype, monkeypatch):
-    import nonlocalnet.layers.pairwise as P
+    from nonlocalnet.layers import pairwise as pairwise_module
 
     ran = []
-    real = P.pairwise
-    monkeypatch.setattr(P, "pairwise", lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
+    real = pairwise_module.pairwise
+    monkeypatch.setattr(pairwise_module, "pairwise",
+                        lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
     block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl=impl))
     x = torch.randn(2, 16, 2, 4, 4)
     with torch.no_grad(), _SeenBySdpa() as sdpa, torch.autocast("cpu", dtype=dtype):

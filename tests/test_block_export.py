@@ -6,7 +6,7 @@ import torch
 from nonlocalnet import NonLocal3d
 from nonlocalnet.layers import MODES
 
-from .test_block import make_active
+from .helpers import make_active
 
 
 @pytest.mark.slow
@@ -30,9 +30,9 @@ def test_onnx_export_matches_eager(mode, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,low_memory", [(m, False) for m in MODES] + [("embedded_gaussian", True)])
-def test_compiled_block_equals_eager_forward_and_backward(mode, low_memory):
-    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2), low_memory=low_memory)).train()
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_block_equals_eager_forward_and_backward(mode):
+    block = make_active(NonLocal3d(8, mode=mode, subsample=(1, 2, 2))).train()
     compiled = torch.compile(block)
     x = torch.randn(2, 8, 2, 4, 4, requires_grad=True)
     z = compiled(x)
@@ -76,8 +76,7 @@ def test_every_path_of_the_block_traces_to_one_graph(mode, subsample):
         assert _graph_breaks(block.eval(), x.detach(), torch.no_grad()) == [], impl
 
 
-def test_the_block_traces_to_one_graph_with_low_memory_and_under_autocast():
+def test_the_block_traces_to_one_graph_under_autocast():
     x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
-    assert _graph_breaks(make_active(NonLocal3d(16, subsample=(1, 2, 2), low_memory=True)).train(), x) == []
     assert _graph_breaks(make_active(NonLocal3d(16, subsample=(1, 2, 2))).train(), x,
                          torch.autocast("cpu", dtype=torch.bfloat16)) == []

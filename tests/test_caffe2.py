@@ -1,6 +1,5 @@
 """The Caffe2 converter on pickles written here in the official layout (facebookresearch/video-nonlocal-net)."""
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -12,128 +11,20 @@ from nonlocalnet.models import create_model, load_weights
 from nonlocalnet.models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
 from nonlocalnet.models.weights import read_metadata
 
-LAYERS = (2, 4, 6, 2)  # holds the R50 5-block placement; tiny width keeps the files small
-WIDTH = 4
-# the official code's temporal-kernel switches ("use_temp_convs") of I3D R50, cut to LAYERS
-I3D_TEMP = {2: [1, 1], 3: [1, 0, 1, 0], 4: [1, 0, 1, 0, 1, 0], 5: [0, 1]}
-C2D_TEMP = {s: [0] * n for s, n in zip((2, 3, 4, 5), LAYERS)}
-NL5 = {3: (1, 3), 4: (1, 3, 5)}
-
-
-def official_blobs(temp_convs, nonlocal_after, num_classes=7, affine=False, nonlocal_bn=True, seed=0,
-                   training_state=True):
-    """Blobs named and shaped as the official resnet_video_org.py / resnet_helper.py / nonlocal_helper.py make them."""
-    rng = np.random.default_rng(seed)
-    blobs = {}
-
-    def conv(name, shape):
-        blobs[name + "_w"] = rng.standard_normal(shape).astype(np.float32) * 0.1
-
-    def bn(name, channels):
-        blobs[name + "_s"] = rng.uniform(0.5, 1.5, channels).astype(np.float32)
-        blobs[name + "_b"] = rng.standard_normal(channels).astype(np.float32) * 0.1
-        if not affine:
-            blobs[name + "_rm"] = rng.standard_normal(channels).astype(np.float32) * 0.1
-            blobs[name + "_riv"] = rng.uniform(0.5, 2.0, channels).astype(np.float32)
-
-    kt = 5 if any(any(v) for v in temp_convs.values()) else 1
-    conv("conv1", (WIDTH, 3, kt, 7, 7))
-    bn("res_conv1_bn", WIDTH)
-    dim_in = WIDTH
-    for stage in (2, 3, 4, 5):
-        inner = WIDTH * 2 ** (stage - 2)
-        dim_out = 4 * inner
-        for idx, use_temp in enumerate(temp_convs[stage]):
-            prefix = f"res{stage}_{idx}"
-            conv(prefix + "_branch2a", (inner, dim_in, 1 + 2 * use_temp, 1, 1))
-            bn(prefix + "_branch2a_bn", inner)
-            conv(prefix + "_branch2b", (inner, inner, 1, 3, 3))
-            bn(prefix + "_branch2b_bn", inner)
-            conv(prefix + "_branch2c", (dim_out, inner, 1, 1, 1))
-            bn(prefix + "_branch2c_bn", dim_out)
-            if idx == 0:  # dim_in != dim_out (res2) or stride 2 (res3..res5)
-                conv(prefix + "_branch1", (dim_out, dim_in, 1, 1, 1))
-                bn(prefix + "_branch1_bn", dim_out)
-            dim_in = dim_out
-            if idx in nonlocal_after.get(stage, ()):
-                nl = f"nonlocal_conv{stage}_{idx}"
-                for part, shape in (("theta", (dim_out // 2, dim_out)), ("phi", (dim_out // 2, dim_out)),
-                                    ("g", (dim_out // 2, dim_out)), ("out", (dim_out, dim_out // 2))):
-                    conv(f"{nl}_{part}", shape + (1, 1, 1))
-                    blobs[f"{nl}_{part}_b"] = rng.standard_normal(shape[0]).astype(np.float32) * 0.1
-                if nonlocal_bn:
-                    bn(f"{nl}_bn", dim_out)
-    blobs["pred_w"] = rng.standard_normal((num_classes, dim_in)).astype(np.float32) * 0.01
-    blobs["pred_b"] = rng.standard_normal(num_classes).astype(np.float32) * 0.01
-    if training_state:
-        for name in [n for n in blobs if n.endswith(("_w", "_b", "_s"))]:
-            blobs[name + "_momentum"] = np.zeros_like(blobs[name])
-        blobs["lr"] = np.array(0.01, dtype=np.float32)
-        blobs["model_iter"] = np.array(400000)
-    return blobs
-
-
-def fold_bn(blobs):
-    """The official modify_caffe2_ftvideo.py: BN -> affine, s' = s / sqrt(riv + 1e-5), b' = b - rm s'."""
-    out = {k: v for k, v in blobs.items() if not k.endswith(("_rm", "_riv"))}
-    for name in [k[:-3] for k in blobs if k.endswith("_rm")]:
-        std = np.sqrt(blobs[name + "_riv"] + 1e-5)
-        out[name + "_s"] = blobs[name + "_s"] / std
-        out[name + "_b"] = blobs[name + "_b"] - blobs[name + "_rm"] * blobs[name + "_s"] / std
-    return out
-
-
-def write_pickle(path, blobs, wrapped=True):
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs} if wrapped else blobs, f, protocol=2)  # the py2 era protocol
-    return path
+from .helpers import (C2D_TEMP, CAFFE2_LAYERS, CAFFE2_WIDTH, I3D_TEMP, NL5, check_placed, fold_bn, official_blobs,
+                      write_pickle)
 
 
 def tiny(name, **overrides):
-    return create_model(name, layers=LAYERS, width=WIDTH, **overrides)
+    return create_model(name, layers=CAFFE2_LAYERS, width=CAFFE2_WIDTH, **overrides)
 
 
 def convert(tmp_path, blobs, model, *extra, wrapped=True):
     src = write_pickle(tmp_path / "model.pkl", blobs, wrapped)
     out = tmp_path / "model.safetensors"
-    code = cli_main(["convert-caffe2", str(src), str(out), "--model", model, "--set", f"layers={list(LAYERS)}",
-                     "--set", f"width={WIDTH}", *extra])
+    code = cli_main(["convert-caffe2", str(src), str(out), "--model", model, "--set", f"layers={list(CAFFE2_LAYERS)}",
+                     "--set", f"width={CAFFE2_WIDTH}", *extra])
     return code, out
-
-
-def check_placed(model, blobs, affine=False):
-    """Every model tensor holds its blob, checked through module attributes (not the converter's name table)."""
-    def same(tensor, name):
-        np.testing.assert_array_equal(tensor.detach().numpy().reshape(blobs[name].shape), blobs[name], err_msg=name)
-
-    def norm(module, name):
-        same(module.weight, name + "_s")
-        same(module.bias, name + "_b")
-        if not affine:
-            same(module.running_mean, name + "_rm")
-            same(module.running_var, name + "_riv")
-
-    same(model.conv1.weight, "conv1_w")
-    norm(model.bn1, "res_conv1_bn")
-    for stage in (2, 3, 4, 5):
-        res = getattr(model, f"res{stage}")
-        for idx in range(res.depth):
-            block, prefix = res[idx], f"res{stage}_{idx}"
-            for part in "abc":
-                same(getattr(block, f"conv_{part}").weight, f"{prefix}_branch2{part}_w")
-                norm(getattr(block, f"bn_{part}"), f"{prefix}_branch2{part}_bn")
-            if block.shortcut is not None:
-                same(block.shortcut.conv.weight, f"{prefix}_branch1_w")
-                norm(block.shortcut.bn, f"{prefix}_branch1_bn")
-        for idx in res.nonlocal_after:
-            nl, prefix = getattr(res, f"nl{idx}"), f"nonlocal_conv{stage}_{idx}"
-            for part in ("theta", "phi", "g", "out"):
-                same(getattr(nl, part).weight, f"{prefix}_{part}_w")
-                same(getattr(nl, part).bias, f"{prefix}_{part}_b")
-            if nl.norm_type == "batch":
-                norm(nl.norm, f"{prefix}_bn")
-    same(model.head.fc.weight, "pred_w")
-    same(model.head.fc.bias, "pred_b")
 
 
 def test_nl_i3d_checkpoint_converts_and_loads_exactly(tmp_path):

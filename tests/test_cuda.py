@@ -20,7 +20,7 @@ import torch
 from nonlocalnet import NonLocal3d
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
-from .test_block import make_active
+from .helpers import make_active
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

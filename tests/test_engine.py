@@ -15,7 +15,7 @@ from torch import nn
 from nonlocalnet.data import LongRangeShapes, ShardedSampler
 from nonlocalnet.data.synthetic import shape_mask
 from nonlocalnet.engine import ConfigError, build_model, evaluate, load_config
-from nonlocalnet.engine import metrics as M
+from nonlocalnet.engine import metrics
 from nonlocalnet.engine.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                           save_checkpoint)
 from nonlocalnet.engine.optim import build_optimizer, parameter_groups, step_lr
@@ -254,7 +254,7 @@ def test_metric_logger_writes_rows_as_they_are_to_the_file_named(tmp_path):
 def test_views_are_averaged_per_video():
     scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [0.6, 0.4]])
     videos = torch.tensor([0, 0, 2, 2])
-    mean, ids = M.aggregate_views(scores, videos)
+    mean, ids = metrics.aggregate_views(scores, videos)
     assert ids.tolist() == [0, 2]
     torch.testing.assert_close(mean, torch.tensor([[0.5, 0.5], [0.4, 0.6]]))
 
@@ -262,9 +262,9 @@ def test_views_are_averaged_per_video():
 def test_topk_confusion_and_per_class_accuracy():
     scores = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3], [0.5, 0.1, 0.4]])
     labels = torch.tensor([0, 1, 1, 1])
-    report = M.classification_report(scores, labels, 3)
+    report = metrics.classification_report(scores, labels, 3)
     assert report["top1"] == 0.5 and report["top5"] == 1.0  # top-5 capped at 3 classes
-    assert M.topk_accuracy(scores, labels, (2,))[2] == 0.75
+    assert metrics.topk_accuracy(scores, labels, (2,))[2] == 0.75
     assert report["confusion_matrix"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
     assert report["per_class_accuracy"][:2] == [1.0, pytest.approx(1 / 3)]
     assert math.isnan(report["per_class_accuracy"][2])  # no videos of class 2
@@ -300,11 +300,11 @@ def test_views_report_on_known_scores_with_more_classes_than_top5():
 def test_average_precision_by_hand():
     scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.3, 0.2], [0.1, 0.9]])
     targets = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 1]])
-    ap = M.average_precision(scores, targets)
+    ap = metrics.average_precision(scores, targets)
     # class 0: positives ranked 1st and 3rd: (1/1 + 2/3) / 2; class 1: the only positive ranked 1st
     assert ap[0].item() == pytest.approx((1 + 2 / 3) / 2) and ap[1].item() == pytest.approx(1.0)
-    assert math.isnan(M.average_precision(scores, torch.zeros(4, 2, dtype=torch.long))[0].item())
-    assert M.multilabel_report(scores, targets)["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert math.isnan(metrics.average_precision(scores, torch.zeros(4, 2, dtype=torch.long))[0].item())
+    assert metrics.multilabel_report(scores, targets)["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 # --- sampler ---------------------------------------------------------------------------------------------------

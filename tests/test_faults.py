@@ -1,6 +1,6 @@
 """A faulty machine: SIGKILL at random points of a 2-process torchrun run (during checkpoint writes too), a NaN
 loss in one process, and two "nodes" joined by the c10d rendezvous. Slow and multi-process: run one at a time
-in CI (``NONLOCALNET_TEST_WORKERS=1 bash scripts/test.sh -m distributed``)."""
+in CI (``nox -s distributed``)."""
 from __future__ import annotations
 
 import json

@@ -1,9 +1,11 @@
 """The package as a user installs it: `pip install .` (not editable) finds its configs and runs its commands."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
-import re
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -95,19 +97,43 @@ def test_the_lowest_environment_pins_the_declared_lower_bounds():
     assert declared == pins and set(pins) == {"torch", "torchvision"}
 
 
-def test_setup_says_what_is_wrong_when_the_registry_does_not_answer(tmp_path):
-    # a Python whose pip cannot reach the registry: no newest environment can be resolved, and none is cached
-    fake = tmp_path / "python3"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    'if [ "$1 $2 $3" = "-m pip index" ]; then echo "ERROR: network unreachable" >&2; exit 1; fi\n'
-                    f'exec "{sys.executable}" "$@"\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "NONLOCALNET_ENVS": str(tmp_path / "envs")}
-    done = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "newest"], env=env, capture_output=True,
-                          text=True, timeout=60)
+@functools.cache
+def _noxfile():  # loaded once: each load registers the sessions with nox again
+    pytest.importorskip("nox")
+    spec = importlib.util.spec_from_file_location("noxfile", REPO / "noxfile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_test_script_names_an_unknown_torch_choice():
+    env = {**os.environ, "NONLOCALNET_TORCH": "oldest"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "test.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"error: the registry did not answer and there is no newest environment yet in {tmp_path / 'envs'}")
-    done = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "oldest"], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 2 and "unknown environment 'oldest'" in done.stderr
+    assert done.stderr.strip() == "error: unknown NONLOCALNET_TORCH 'oldest': expected default, lowest or newest"
+
+
+def test_the_newest_release_is_none_when_the_registry_does_not_answer(monkeypatch):
+    # the newest environment then reuses the one it has, or stops saying so (noxfile.py's tests-newest)
+    noxfile = _noxfile()
+    for name, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
+                        "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    assert noxfile.newest_release("torchvision") is None
+
+
+def test_an_environment_is_reinstalled_when_its_pins_or_python_change_only():
+    noxfile = _noxfile()
+    key = noxfile.requirements_key("test", ["torch==2.4.1"], "3.11")
+    assert key == noxfile.requirements_key("test", ["torch==2.4.1"], "3.11")
+    assert len({key, noxfile.requirements_key("test", ["torch==2.5.0"], "3.11"),
+                noxfile.requirements_key("test", ["torch==2.4.1"], "3.12"),
+                noxfile.requirements_key("test,bench", ["torch==2.4.1"], "3.11"),
+                noxfile.requirements_key("test", ["torch==2.4.1"], "3.11", "torch 2.15.0")}) == 5
+
+
+def test_the_lint_session_and_pre_commit_run_the_same_ruff():
+    hook = re.search(r"ruff-pre-commit\n\s+rev: v([\d.]+)", (REPO / ".pre-commit-config.yaml").read_text())
+    session = re.search(r'^RUFF = "ruff==([\d.]+)"', (REPO / "noxfile.py").read_text(), flags=re.M)
+    assert hook and session and hook.group(1) == session.group(1)

@@ -19,6 +19,10 @@ from nonlocalnet.data import VideoListDataset
 from nonlocalnet.data import prepare
 from nonlocalnet.data.prepare import encode_video, prepare_videos, read_list_lines, target_size
 
+from .helpers import write_video
+
+LOSSLESS = {"gop": 5, "lossless": True}  # lossless H.264, a key frame every 5 frames
+
 HEIGHT, WIDTH, COUNT = 64, 96, 27  # 27 frames: not a multiple of the gop, so the last group is short
 
 
@@ -30,31 +34,6 @@ def _frames(count: int = COUNT, height: int = HEIGHT, width: int = WIDTH) -> np.
     t = np.arange(count, dtype=np.float32)[:, None, None, None]
     channel = np.array([0, 10, -10], dtype=np.float32)
     return np.clip(40 + 6 * t + pattern[None, :, :, None] + channel, 0, 255).astype(np.uint8)
-
-
-def _write_video(path: Path, frames: np.ndarray, *, gop: int = 5, audio: bool = False, codec: str = "libx264",
-                 lossless: bool = True) -> None:
-    """A 25 fps video with a key frame every ``gop`` frames (lossless H.264 by default), optionally with sound."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.gop_size = gop
-        if codec == "libx264" and lossless:
-            stream.options = {"crf": "0"}
-        sound = container.add_stream("aac", rate=8000) if audio else None
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        if sound is not None:
-            for k in range(8):
-                samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-                samples.sample_rate, samples.pts = 8000, 1024 * k
-                for packet in sound.encode(samples):
-                    container.mux(packet)
-        for s in (stream, sound) if sound is not None else (stream,):
-            for packet in s.encode():
-                container.mux(packet)
 
 
 def _decode(path: Path) -> tuple[np.ndarray, list[int], list[int], tuple[int, float]]:
@@ -76,10 +55,10 @@ def _stream_types(path: Path) -> list[str]:
 def sources(tmp_path_factory) -> Path:
     """A source root: videos of several sizes and containers, a corrupt one, and a list of them all."""
     root = tmp_path_factory.mktemp("src")
-    _write_video(root / "walk" / "a.mp4", _frames(), audio=True)
-    _write_video(root / "walk" / "b c.mp4", _frames(12))  # a space in the name
-    _write_video(root / "run" / "tall.avi", _frames(10, height=WIDTH, width=HEIGHT), codec="mpeg4")
-    _write_video(root / "run" / "small.mp4", _frames(9, height=30, width=40))  # below the short side: kept
+    write_video(root / "walk" / "a.mp4", _frames(), **LOSSLESS, audio=True)
+    write_video(root / "walk" / "b c.mp4", _frames(12), **LOSSLESS)  # a space in the name
+    write_video(root / "run" / "tall.avi", _frames(10, height=WIDTH, width=HEIGHT), codec="mpeg4", gop=LOSSLESS["gop"])
+    write_video(root / "run" / "small.mp4", _frames(9, height=30, width=40), **LOSSLESS)  # below the short side: kept
     (root / "run" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     (root / "train.txt").write_text("# class walk\nwalk/a.mp4 0\nwalk/b c.mp4 1\n\nrun/tall.avi 2\n"
                                     "run/corrupt.mp4 1\nrun/small.mp4 2\n")
@@ -274,6 +253,17 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
     with pytest.raises(ValueError, match=r"other settings \(fast_decode False \(now True\)"):
         prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=8, fast_decode=True, workers=1,
                        progress=False)
+
+
+def test_an_output_root_whose_report_lacks_a_setting_is_refused(tmp_path):
+    # every report records every setting; one without fast_decode cannot say its videos match
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "train.txt").write_text("a.mp4 0\n")
+    (dst / "train_prepare_report.json").write_text(json.dumps({"settings": {"short_side": 32, "gop": 8, "crf": 23}}))
+    with pytest.raises(ValueError, match=r"other settings \(fast_decode \(not recorded\) \(now False\);"):
+        prepare_videos(src / "train.txt", src, dst, short_side=32, gop=8, workers=1, progress=False)
 
 
 def test_dry_run_says_what_it_would_do_and_writes_nothing(sources, tmp_path, capsys):

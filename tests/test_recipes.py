@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from nonlocalnet.cli import main
 from nonlocalnet.io import packaged_configs
 
-from .test_train import _write_video
+from .helpers import write_video
 
 KINETICS = ["i3d_r50_32x2", "i3d_r50_8x8", "c2d_r50_32x2", "c2d_r50_8x8", "nl_c2d_r50_32x2", "nl_c2d_r50_8x8",
             "nl_i3d_r50_32x2", "nl_i3d_r50_8x8"]  # the ones that start from ImageNet
@@ -56,7 +56,7 @@ def test_every_shipped_video_recipe_walks_its_chain(tmp_path, monkeypatch):
     for i in range(4):
         for kind in lines:
             (tmp_path / "data" / kind).mkdir(parents=True, exist_ok=True)
-            _write_video(tmp_path / "data" / kind / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
+            write_video(tmp_path / "data" / kind / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
             lines[kind].append(f"v{i}.mp4 {i % 2}" if kind == "kinetics" else f"v{i}.mp4 {i},{i + 100}")
     for kind, rows in lines.items():
         for split in ("train_list", "val_list"):

@@ -314,12 +314,12 @@ def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch(
 def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
     import shutil
 
-    from tests.test_train import _video_overrides, _write_video
+    from tests.helpers import video_overrides, write_video
 
     root = tmp_path / "videos"
     root.mkdir()
     rng = torch.Generator().manual_seed(0)
-    _write_video(root / "good.mp4", torch.randint(0, 255, (20, 36, 44, 3), generator=rng, dtype=torch.uint8).numpy())
+    write_video(root / "good.mp4", torch.randint(0, 255, (20, 36, 44, 3), generator=rng, dtype=torch.uint8).numpy())
     for i in range(8):
         shutil.copy(root / "good.mp4", root / f"g{i}.mp4")
     for i in range(4):
@@ -328,7 +328,7 @@ def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
     names = ["g0", "bad0", "g1", "g2", "bad1", "bad2", "bad3", "g3", "g4", "g5", "g6", "g7"]
     listing = "".join(f"{n}.mp4 {i % 3}\n" for i, n in enumerate(names))
     (root / "list.txt").write_text("\ufeff" + listing)  # and a byte-order mark, as Windows editors write
-    overrides = _video_overrides(root, tmp_path / "run") + [f"data.train_list={root / 'list.txt'}",
+    overrides = video_overrides(root, tmp_path / "run") + [f"data.train_list={root / 'list.txt'}",
                                                              f"data.test_list={root / 'list.txt'}",
                                                              "train.iterations=12", "train.batch_size=4"]
     report = train(load_config(None, overrides))
@@ -420,7 +420,7 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
-    from tests.test_train import _video_overrides
+    from tests.helpers import video_overrides
 
     run = ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'run'}"]
     assert "train.lr must be a finite number; got 'abc'" in _error_line(capsys, run + ["train.lr=abc"], "train")
@@ -436,7 +436,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
     for i in range(3):
         (tmp_path / "videos" / f"bad{i}.mp4").write_bytes(b"\1" * 1024)
     (tmp_path / "videos" / "list.txt").write_text("bad0.mp4 0\nbad1.mp4 1\nbad2.mp4 2\n")
-    videos = _video_overrides(tmp_path / "videos", tmp_path / "vrun")
+    videos = video_overrides(tmp_path / "videos", tmp_path / "vrun")
     line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos'}"], "train")
     assert f"video list {tmp_path / 'videos'} is a directory" in line
     line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos' / 'list.txt'}",
@@ -452,7 +452,7 @@ def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
 
 
 def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_folder(tmp_path, capsys):
-    from tests.test_caffe2 import C2D_TEMP, official_blobs, write_pickle
+    from tests.helpers import C2D_TEMP, official_blobs, write_pickle
 
     blobs = official_blobs(C2D_TEMP, {})
     good = write_pickle(tmp_path / "good.pkl", blobs)

@@ -1,4 +1,4 @@
-"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the main job."""
+"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the demo."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,8 @@ from safetensors.torch import load_file
 from nonlocalnet.cli import main
 from nonlocalnet.data.video import DECODERS, decoder_available
 from nonlocalnet.engine import load_config, train
+
+from .helpers import video_overrides, write_video
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
 QUICK = ["progress=false", "data.test_size=32", "data.train_size=256", "train.batch_size=8", "train.log_every=2",
@@ -104,23 +105,12 @@ def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(t
 
 # --- real videos -----------------------------------------------------------------------------------------------
 
-def _write_video(path: Path, frames: np.ndarray) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kinetics")
     rng = np.random.default_rng(0)
     for i in range(4):
-        _write_video(root / f"v{i}.mp4", rng.integers(0, 255, (20, 36, 44, 3), dtype=np.uint8))
+        write_video(root / f"v{i}.mp4", rng.integers(0, 255, (20, 36, 44, 3), dtype=np.uint8))
     (root / "broken.mp4").write_bytes(b"\x00" * 2048)
     (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 2\nv2.mp4 2\n")
     (root / "val.txt").write_text("v3.mp4 1\nv0.mp4 0\n")
@@ -129,20 +119,10 @@ def video_root(tmp_path_factory) -> Path:
     return root
 
 
-def _video_overrides(root: Path, out: Path, kind: str = "kinetics") -> list[str]:
-    suffix = "_ml" if kind == "charades" else ""
-    return ["progress=false", "model.name=nl_c2d_tiny", f"data.type={kind}", "data.num_classes=3",
-            f"data.root={root}", f"data.train_list={root / f'train{suffix}.txt'}",
-            f"data.test_list={root / f'val{suffix}.txt'}", "data.frames=8", "data.sampling_rate=2",
-            "data.train_scale=[36, 44]", "data.crop_size=32", "data.test_scale=36", "data.test_clips=2",
-            "data.test_crops=3", "train.batch_size=2", "train.iterations=4", "train.precise_bn_batches=1",
-            "test.batch_size=4", f"output_dir={out}"]
-
-
 def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
     overrides = ["train.checkpoint_every=2", "data.train_list=" + str(video_root / "train.txt")]
-    straight = train(load_config(None, _video_overrides(video_root, tmp_path / "a") + overrides))
-    cfg = load_config(None, _video_overrides(video_root, tmp_path / "b") + overrides)
+    straight = train(load_config(None, video_overrides(video_root, tmp_path / "a") + overrides))
+    cfg = load_config(None, video_overrides(video_root, tmp_path / "b") + overrides)
     assert train(cfg, stop_after=2) == {"stopped_at": 2}
     before = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint_000000002.pt", weights_only=True)
     resumed = train(cfg, resume=True)
@@ -152,7 +132,7 @@ def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
 
 
 def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
-    report = train(load_config(None, _video_overrides(video_root, tmp_path / "run")))
+    report = train(load_config(None, video_overrides(video_root, tmp_path / "run")))
     assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == {"mean": 6, "min": 6, "max": 6}
     assert report["skipped_videos"] == 0 and report["skipped_videos_train"] == 1  # broken.mp4, drawn and skipped
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -160,7 +140,7 @@ def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root)
 
 
 def test_multi_label_training_reports_map(tmp_path, video_root):
-    cfg = load_config(None, _video_overrides(video_root, tmp_path / "run", "charades"))
+    cfg = load_config(None, video_overrides(video_root, tmp_path / "run", "charades"))
     report = train(cfg)
     assert report["videos"] == 3 and len(report["per_class_ap"]) == 3
     # by hand: every view scored alone, sigmoid scores averaged per video, AP = mean precision at each positive
@@ -199,7 +179,7 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.skipif(not decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries")
 def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
     """data.decoder=torchcodec from the config to the test report: the same items, so the same run."""
-    reports = {d: train(load_config(None, _video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"]))
+    reports = {d: train(load_config(None, video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"]))
                for d in DECODERS}
     assert reports["torchcodec"]["skipped_videos_train"] == 1  # broken.mp4, as through PyAV
     drop = ("time", "second")
@@ -213,7 +193,7 @@ def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
 
 def test_an_unavailable_decoder_stops_the_command_with_one_error_line(tmp_path, video_root, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if torchcodec were not installed
-    assert main(["train", *_video_overrides(video_root, tmp_path / "run"), "data.decoder=torchcodec"]) == 2
+    assert main(["train", *video_overrides(video_root, tmp_path / "run"), "data.decoder=torchcodec"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nonlocalnet train: error: decoder 'torchcodec' needs torchcodec")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -221,7 +201,7 @@ def test_an_unavailable_decoder_stops_the_command_with_one_error_line(tmp_path, 
 
 def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):
     (tmp_path / "list.txt").write_text("v0.mp4 0\ngone1.mp4 1\ngone2.mp4 1\n")
-    overrides = _video_overrides(video_root, tmp_path / "run") + [f"data.train_list={tmp_path / 'list.txt'}"]
+    overrides = video_overrides(video_root, tmp_path / "run") + [f"data.train_list={tmp_path / 'list.txt'}"]
     with pytest.raises(FileNotFoundError, match="gone1.mp4") as info:
         train(load_config(None, overrides))
     assert "gone2.mp4" in str(info.value)
@@ -258,7 +238,7 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-# --- many processes and the main job (slow) --------------------------------------------------------------------
+# --- many processes and the demo (slow) ------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.distributed

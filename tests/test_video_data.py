@@ -17,30 +17,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from nonlocalnet.data import transforms as T
-from nonlocalnet.data import video as V
+from nonlocalnet.data import transforms
+from nonlocalnet.data import video
 from nonlocalnet.data.collate import collate
 from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
+
+from .helpers import write_video
+
+LOSSLESS = {"gop": 5, "lossless": True}  # lossless H.264, a key frame every 5 frames
 
 HEIGHT, WIDTH = 40, 56
 
 
-needs_torchcodec = pytest.mark.skipif(not V.decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries "
+needs_torchcodec = pytest.mark.skipif(not video.decoder_available("torchcodec"),
+                                      reason="torchcodec and FFmpeg's shared libraries "
                                       "(pip install torchcodec; apt install ffmpeg)")
-
-
-def _write_video(path: Path, frames: np.ndarray, gop: int = 5) -> None:
-    """(F, H, W, 3) uint8 -> a lossless H.264 .mp4 at 25 fps with a key frame every ``gop`` frames."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.gop_size = gop
-        stream.options = {"crf": "0"}  # lossless H.264: the pixel codes survive up to RGB <-> YUV rounding
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _time_video(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
@@ -55,7 +46,7 @@ def _ramp_video(count: int) -> np.ndarray:
 
 def _frame_ids(clip: torch.Tensor) -> list[int]:
     """Frame indices of a normalised (3, T, H, W) clip of a time video, read from its grey values."""
-    grey = (clip * T.STD + T.MEAN).mean(dim=(0, 2, 3))  # (T,)
+    grey = (clip * transforms.STD + transforms.MEAN).mean(dim=(0, 2, 3))  # (T,)
     return ((grey - 10) / 6).round().long().tolist()
 
 
@@ -63,13 +54,13 @@ def _frame_ids(clip: torch.Tensor) -> list[int]:
 def videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("videos")
     (root / "k").mkdir()
-    _write_video(root / "k" / "a.mp4", _time_video(40))
-    _write_video(root / "k" / "b.mp4", _time_video(24))
-    _write_video(root / "k" / "short.mp4", _time_video(5))
-    _write_video(root / "k" / "ramp.mp4", _ramp_video(12))
-    _write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT))
+    write_video(root / "k" / "a.mp4", _time_video(40), **LOSSLESS)
+    write_video(root / "k" / "b.mp4", _time_video(24), **LOSSLESS)
+    write_video(root / "k" / "short.mp4", _time_video(5), **LOSSLESS)
+    write_video(root / "k" / "ramp.mp4", _ramp_video(12), **LOSSLESS)
+    write_video(root / "k" / "portrait.mp4", _time_video(12, height=WIDTH, width=HEIGHT), **LOSSLESS)
     noise = np.random.default_rng(1).integers(0, 256, (24, HEIGHT, WIDTH, 3), np.uint8)
-    _write_video(root / "k" / "noise.mp4", noise)  # every pixel differs: conversions and regions show
+    write_video(root / "k" / "noise.mp4", noise, **LOSSLESS)  # every pixel differs: conversions and regions show
     (root / "k" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     return root
 
@@ -91,54 +82,54 @@ def _dataset(tmp_path: Path, root: Path, lines: list[str], **kwargs) -> VideoLis
 
 def test_train_clip_indices_window_of_frames_times_rate_at_the_drawn_start():
     # 8x8 on 100 frames: a window of 64 frames, start uniform in [0, 36]
-    index = T.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(3))
+    index = transforms.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(3))
     start = int(torch.randint(37, (1,), generator=torch.Generator().manual_seed(3)))
     assert index.tolist() == [start + 8 * k for k in range(8)]
-    starts = {int(T.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(s))[0]) for s in range(400)}
+    starts = {int(transforms.train_clip_indices(100, 8, 8, torch.Generator().manual_seed(s))[0]) for s in range(400)}
     assert min(starts) == 0 and max(starts) == 36
     # 32x2: 64 consecutive frames, every other one kept; a video of exactly 64 frames has a single position
-    assert T.train_clip_indices(64, 32, 2, torch.Generator()).tolist() == list(range(0, 64, 2))
+    assert transforms.train_clip_indices(64, 32, 2, torch.Generator()).tolist() == list(range(0, 64, 2))
 
 
 def test_short_video_indices_repeat_the_last_frame():
-    assert T.train_clip_indices(10, 4, 4, torch.Generator()).tolist() == [0, 4, 8, 9]
-    assert T.uniform_clip_indices(3, 4, 2, 1, 10).tolist() == [0, 2, 2, 2]
+    assert transforms.train_clip_indices(10, 4, 4, torch.Generator()).tolist() == [0, 4, 8, 9]
+    assert transforms.uniform_clip_indices(3, 4, 2, 1, 10).tolist() == [0, 2, 2, 2]
 
 
 def test_uniform_clip_indices_evenly_spaced_from_start_to_end():
     # 100 frames, 8x2 (window 16): delta 84; starts round(k * 84 / 9)
-    starts = [int(T.uniform_clip_indices(100, 8, 2, k, 10)[0]) for k in range(10)]
+    starts = [int(transforms.uniform_clip_indices(100, 8, 2, k, 10)[0]) for k in range(10)]
     assert starts == [0, 9, 19, 28, 37, 47, 56, 65, 75, 84]
-    assert T.uniform_clip_indices(100, 8, 2, 9, 10).tolist() == list(range(84, 100, 2))
-    assert T.uniform_clip_indices(100, 8, 2, 0, 1).tolist() == list(range(42, 58, 2))  # one clip: centred
+    assert transforms.uniform_clip_indices(100, 8, 2, 9, 10).tolist() == list(range(84, 100, 2))
+    assert transforms.uniform_clip_indices(100, 8, 2, 0, 1).tolist() == list(range(42, 58, 2))  # one clip: centred
     with pytest.raises(ValueError, match="clip must be in"):
-        T.uniform_clip_indices(100, 8, 2, 10, 10)
+        transforms.uniform_clip_indices(100, 8, 2, 10, 10)
 
 
 def test_short_side_resize_shapes_and_bilinear_values():
-    assert T.short_side_resize(torch.zeros(3, 2, 40, 56), 256).shape == (3, 2, 256, 358)  # floor(56 * 6.4)
-    assert T.short_side_resize(torch.zeros(3, 2, 56, 40), 256).shape == (3, 2, 358, 256)
-    assert torch.equal(T.short_side_resize(torch.full((3, 1, 40, 56), 77, dtype=torch.uint8), 20),
+    assert transforms.short_side_resize(torch.zeros(3, 2, 40, 56), 256).shape == (3, 2, 256, 358)  # floor(56 * 6.4)
+    assert transforms.short_side_resize(torch.zeros(3, 2, 56, 40), 256).shape == (3, 2, 358, 256)
+    assert torch.equal(transforms.short_side_resize(torch.full((3, 1, 40, 56), 77, dtype=torch.uint8), 20),
                        torch.full((3, 1, 20, 28), 77, dtype=torch.uint8))
     noise = torch.randint(0, 256, (3, 2, 40, 56), dtype=torch.uint8)
     for size in (24, 64):  # shrinking and enlarging: the uint8 path is the float one, rounded
-        fast, exact = T.short_side_resize(noise, size), T.short_side_resize(noise.float(), size)
+        fast, exact = transforms.short_side_resize(noise, size), transforms.short_side_resize(noise.float(), size)
         assert fast.dtype == torch.uint8 and (fast.float() - exact).abs().max() <= 1.01
     image = torch.tensor([[0.0, 10.0], [20.0, 30.0]]).expand(1, 1, 2, 2)
-    up = T.short_side_resize(image, 4)[0, 0]
+    up = transforms.short_side_resize(image, 4)[0, 0]
     assert torch.allclose(up[0], torch.tensor([0.0, 2.5, 7.5, 10.0]))
     assert torch.allclose(up[:, 0], torch.tensor([0.0, 5.0, 15.0, 20.0]))
 
 
 def test_spatial_crop_offsets_three_crops_along_the_long_side():
-    assert [T.spatial_crop_offset(256, 358, 224, j, 3) for j in range(3)] == [(16, 0), (16, 67), (16, 134)]
-    assert [T.spatial_crop_offset(358, 256, 224, j, 3) for j in range(3)] == [(0, 16), (67, 16), (134, 16)]
-    assert T.spatial_crop_offset(256, 358, 224, 0, 1) == (16, 67)
-    assert T.spatial_crop_offset(5, 10, 4, 0, 1) == (1, 3)  # (5 - 4) / 2 rounds up
+    assert [transforms.spatial_crop_offset(256, 358, 224, j, 3) for j in range(3)] == [(16, 0), (16, 67), (16, 134)]
+    assert [transforms.spatial_crop_offset(358, 256, 224, j, 3) for j in range(3)] == [(0, 16), (67, 16), (134, 16)]
+    assert transforms.spatial_crop_offset(256, 358, 224, 0, 1) == (16, 67)
+    assert transforms.spatial_crop_offset(5, 10, 4, 0, 1) == (1, 3)  # (5 - 4) / 2 rounds up
     clip = torch.arange(6 * 8.0).reshape(1, 1, 6, 8)
-    assert T.spatial_crop(clip, 6, 2, 3)[0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert transforms.spatial_crop(clip, 6, 2, 3)[0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="does not fit"):
-        T.spatial_crop(clip, 7, 0, 3)
+        transforms.spatial_crop(clip, 7, 0, 3)
 
 
 def test_random_crop_flip_and_normalize():
@@ -146,13 +137,13 @@ def test_random_crop_flip_and_normalize():
     generator = torch.Generator().manual_seed(5)
     reference = torch.Generator().manual_seed(5)
     top, left = int(torch.randint(3, (1,), generator=reference)), int(torch.randint(5, (1,), generator=reference))
-    assert torch.equal(T.random_crop(clip, 8, generator), clip[..., top:top + 8, left:left + 8])
-    assert T.horizontal_flip(clip)[0, 0, 0, :3].tolist() == [11.0, 10.0, 9.0]
-    flips = [bool(T.random_horizontal_flip(clip, torch.Generator().manual_seed(s))[0, 0, 0, 0] == 11) for s in
+    assert torch.equal(transforms.random_crop(clip, 8, generator), clip[..., top:top + 8, left:left + 8])
+    assert transforms.horizontal_flip(clip)[0, 0, 0, :3].tolist() == [11.0, 10.0, 9.0]
+    flips = [bool(transforms.random_horizontal_flip(clip, torch.Generator().manual_seed(s))[0, 0, 0, 0] == 11) for s in
              range(200)]
     assert 60 < sum(flips) < 140
-    assert T.normalize(torch.tensor([0, 114.75, 172.125, 255])).tolist() == pytest.approx([-2.0, 0.0, 1.0, 2.4444],
-                                                                                          abs=1e-4)
+    assert transforms.normalize(torch.tensor([0, 114.75, 172.125, 255])).tolist() == pytest.approx(
+        [-2.0, 0.0, 1.0, 2.4444], abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ list files
@@ -193,7 +184,7 @@ def test_missing_files_reported_together(tmp_path, videos, caplog):
     with pytest.raises(FileNotFoundError, match="3 of 5 videos") as info:
         _dataset(tmp_path, videos, lines)
     assert all(name in str(info.value) for name in ("gone1.mp4", "gone2.mp4", "other/gone3.mp4"))
-    with caplog.at_level(logging.WARNING, logger=V.__name__):
+    with caplog.at_level(logging.WARNING, logger=video.__name__):
         data = _dataset(tmp_path, videos, lines, skip_missing=True)
     assert len(data) == 2 and data.labels == [0, 2] and "gone3.mp4" in caplog.text
 
@@ -213,7 +204,7 @@ def test_train_item_shapes_normalisation_and_stride(tmp_path, videos):
         assert item["video"].item() == 0 and item["skipped"].item() == 0
         # flat grey frames stay flat: every pixel of frame t is 10 + 6 t (colour conversion is off by at most 1)
         ids = _frame_ids(item["clip"])
-        assert (item["clip"][:, 0] * T.STD + T.MEAN - (10 + 6 * ids[0])).abs().max() <= 1.001
+        assert (item["clip"][:, 0] * transforms.STD + transforms.MEAN - (10 + 6 * ids[0])).abs().max() <= 1.001
         assert ids == [ids[0] + 3 * k for k in range(4)] and 0 <= ids[0] <= 40 - 12
         starts.add(ids[0])
     assert len(starts) > 3
@@ -241,7 +232,8 @@ def test_train_flip_and_crop_read_back_from_a_ramp(tmp_path, videos):
     flipped, lefts = 0, set()
     for epoch in range(12):
         data.set_epoch(epoch)
-        row = (data[0]["clip"] * T.STD + T.MEAN)[:, 0].mean(dim=(0, 1))  # (W,) mean over channels and rows
+        # (W,) mean over channels and rows
+        row = (data[0]["clip"] * transforms.STD + transforms.MEAN)[:, 0].mean(dim=(0, 1))
         columns = ((row - 20) / 4).round().long().tolist()
         if columns[0] > columns[-1]:
             flipped += 1
@@ -260,7 +252,7 @@ def test_short_video_repeats_its_last_frame(tmp_path, videos):
 
 def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0", "k/a.mp4 1", "k/b.mp4 2"])
-    with caplog.at_level(logging.WARNING, logger=V.__name__):
+    with caplog.at_level(logging.WARNING, logger=video.__name__):
         item = data[0]
     assert item["skipped"].item() == 1 and item["video"].item() in (1, 2)  # one corrupt video, however often drawn
     assert {int(i) for i in item["skipped_ids"] if i >= 0} == {0}
@@ -280,14 +272,14 @@ def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
 
 def test_only_corrupt_videos_raise_after_max_retries(tmp_path, videos):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"], max_retries=3)
-    with pytest.raises(V.CorruptData, match=r"every video listed in .*list.txt failed to decode \(1 videos\)"):
+    with pytest.raises(video.CorruptData, match=r"every video listed in .*list.txt failed to decode \(1 videos\)"):
         data[0]
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 30 + ["k/a.mp4 1"], max_retries=3)
-    with pytest.raises(V.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
+    with pytest.raises(video.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
         data[0]  # 30 of 31 corrupt: four draws in a row fail (seed 0)
     test = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 3, split="test", test_clips=1, test_crops=1,
                     test_scale=40)
-    with pytest.raises(V.CorruptData, match=r"every video listed .* \(3 videos\)"):
+    with pytest.raises(video.CorruptData, match=r"every video listed .* \(3 videos\)"):
         test[0]
 
 
@@ -323,7 +315,7 @@ def test_test_views_clips_evenly_spaced_and_three_crops(tmp_path, videos):
         view = data[9 + j]["clip"]
         assert view.shape == (3, 4, 40, 40)
         assert torch.equal(view, frame[..., left:left + 40])
-        first = (view * T.STD + T.MEAN)[:, :, :, 0].mean()
+        first = (view * transforms.STD + transforms.MEAN)[:, :, :, 0].mean()
         assert abs(first.item() - (20 + 4 * left)) <= 1.001
 
 
@@ -338,14 +330,14 @@ def test_test_crops_of_portrait_frames_run_top_to_bottom(tmp_path, videos):
 
 def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch):
     calls = []
-    original = V._decode_after_seek
+    original = video._decode_after_seek
 
     def spy(*args):
         result = original(*args)
         calls.append(result)
         return result
 
-    monkeypatch.setattr(V, "_decode_after_seek", spy)
+    monkeypatch.setattr(video, "_decode_after_seek", spy)
     sample = lambda count: torch.arange(count - 20, count, 3)  # noqa: E731  (starts past the seek threshold)
     sought, index = read_frames(videos / "k" / "a.mp4", sample, seek=True)
     assert calls == [True]  # the seek path was taken and agreed with the time stamps
@@ -356,12 +348,12 @@ def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch
 
 @pytest.mark.parametrize("reported", [100, None])
 def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch, reported):
-    monkeypatch.setattr(V, "_frame_count", lambda container, stream: reported)
+    monkeypatch.setattr(video, "_frame_count", lambda container, stream: reported)
     counts = []
 
     def sample(count):
         counts.append(count)
-        return T.uniform_clip_indices(count, 4, 2, 0, 1)
+        return transforms.uniform_clip_indices(count, 4, 2, 0, 1)
 
     frames, index = read_frames(videos / "k" / "a.mp4", sample)
     assert counts == ([100, 40] if reported else [40])  # the container said 100; the video has 40
@@ -371,16 +363,16 @@ def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch
 
 @pytest.mark.parametrize("reported", [40, None])
 def test_read_frames_names_a_bad_video_and_lets_a_sampling_error_through(videos, monkeypatch, reported):
-    with pytest.raises(V.VideoDecodeError, match="corrupt.mp4: InvalidDataError"):
+    with pytest.raises(video.VideoDecodeError, match="corrupt.mp4: InvalidDataError"):
         read_frames(videos / "k" / "corrupt.mp4", lambda count: torch.arange(1))
-    monkeypatch.setattr(V, "_frame_count", lambda container, stream: reported)  # the first pass or the fallback
+    monkeypatch.setattr(video, "_frame_count", lambda container, stream: reported)  # the first pass or the fallback
 
     def sample(count):
         raise ValueError(f"a bug in the sampler, not a bad video ({count} frames)")
 
     with pytest.raises(ValueError, match=r"a bug in the sampler, not a bad video \(40 frames\)") as info:
         read_frames(videos / "k" / "a.mp4", sample)
-    assert not isinstance(info.value, V.VideoDecodeError)
+    assert not isinstance(info.value, video.VideoDecodeError)
 
 
 def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, videos):
@@ -423,8 +415,8 @@ def test_normalize_gives_the_plain_formulas_values_contiguous_from_any_layout():
     """One allocation and in-place arithmetic, the same values as (x.float() - 114.75) / 57.375 element by
     element: the clip a training item returns does not depend on the layout the transforms left it in."""
     frames = torch.randint(0, 256, (4, 30, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    clip = T.to_channels_first(frames)[..., 3:27, 5:29].flip(-1)  # permuted, cropped, mirrored: not contiguous
-    out = T.normalize(clip)
+    clip = transforms.to_channels_first(frames)[..., 3:27, 5:29].flip(-1)  # permuted, cropped, mirrored: not contiguous
+    out = transforms.normalize(clip)
     assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (3, 4, 24, 24)
     assert torch.equal(out, (clip.float() - 114.75) / 57.375)
     assert out[0, 1, 2, 3] == (float(frames[1, 5, 29 - 1 - 3, 0]) - 114.75) / 57.375  # channel 0 = red, mirrored
@@ -443,7 +435,7 @@ def test_a_scaled_training_crop_is_the_square_of_the_scaled_frame(tmp_path, vide
         data.set_epoch(epoch)
         clip = data[0]["clip"]
         assert clip.shape == (3, 4, 32, 32)
-        row = (clip * T.STD + T.MEAN)[:, 0].mean(dim=(0, 1))  # (32,)
+        row = (clip * transforms.STD + transforms.MEAN)[:, 0].mean(dim=(0, 1))  # (32,)
         if row[0] > row[-1]:
             flipped, row = flipped + 1, row.flip(0)
         assert abs((row[30] - row[1]).item() - 2 * 29) <= 1.5
@@ -458,14 +450,14 @@ def test_random_scaled_crop_regions():
     generator = torch.Generator().manual_seed(0)
     sides, flips = set(), 0
     for _ in range(200):
-        rows, columns = T.random_scaled_crop(256, 456, (256, 320), 224, generator)
+        rows, columns = transforms.random_scaled_crop(256, 456, (256, 320), 224, generator)
         side = rows.stop - rows.start
         assert 0 <= rows.start and rows.stop <= 256 and len(range(456)[columns]) == side
         sides.add(side)
         flips += columns.step == -1
     # 224 * 256 / s for s in 256..320: 224 (s = 256) down to 179 (s = 320)
     assert min(sides) == 179 and max(sides) == 224 and 60 < flips < 140
-    again = [T.random_scaled_crop(40, 56, (80, 80), 32, torch.Generator().manual_seed(3)) for _ in range(2)]
+    again = [transforms.random_scaled_crop(40, 56, (80, 80), 32, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert again[0] == again[1] and again[0][0].stop - again[0][0].start == 16
 
 
@@ -488,7 +480,7 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
         every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     frames, _ = read_frames(path, lambda count: index)
     assert np.array_equal(frames, np.stack([every[i] for i in index.tolist()]))
-    assert V._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
+    assert video._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
     for rows, columns in [(slice(3, 20), slice(5, 30)), (slice(0, 40), slice(29, 4, -1)),
                           (slice(2, 10), slice(9, None, -1)), (slice(0, 40), slice(55, None, -1))]:
         part, _ = read_frames(path, lambda count: index, region=lambda h, w: (rows, columns))
@@ -497,7 +489,7 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
         read_frames(path, lambda count: index, region=lambda h, w: 1 / 0)
     with pytest.raises(ValueError, match="step 1 or -1") as info:
         read_frames(path, lambda count: index, region=lambda h, w: (slice(0, 9), slice(8, 0, -2)))
-    assert not isinstance(info.value, V.VideoDecodeError)
+    assert not isinstance(info.value, video.VideoDecodeError)
     sought, _ = read_frames(path, lambda count: torch.arange(17, 24, 2), region=lambda h, w: (rows, columns))
     assert np.array_equal(sought, np.stack(every[17:24:2])[:, rows, columns])  # the seek path as well
 
@@ -506,11 +498,11 @@ def test_a_region_cut_before_conversion_is_the_slice_of_the_converted_frame(tmp_
     # only the region of a 4:2:0 frame is converted (at even bounds, then trimmed): the very pixels of converting
     # the whole frame, whatever the parity of each bound, mirrored or not, on a width no SIMD block divides
     path = tmp_path / "noise.mp4"
-    _write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8))
+    write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8), **LOSSLESS)
     with av.open(str(path)) as container:
         every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-    cuts, cut = [], V._cut
-    monkeypatch.setattr(V, "_cut", lambda frame, window: cuts.append(window) or cut(frame, window))
+    cuts, cut = [], video._cut
+    monkeypatch.setattr(video, "_cut", lambda frame, window: cuts.append(window) or cut(frame, window))
     index = torch.tensor([1, 4, 4])
     rng = np.random.default_rng(0)
     for top, left in [(0, 0), (1, 0), (0, 1), (1, 1), (3, 7)]:
@@ -531,10 +523,10 @@ def test_a_frame_with_an_odd_side_is_converted_whole():
             format="yuv420p")
         whole = frame.to_ndarray(format="rgb24")
         for columns in (slice(3, 41), slice(40, 2, -1)):
-            clip = V._Clip([0], lambda h, w: (slice(1, 50), columns))
+            clip = video._Clip([0], lambda h, w: (slice(1, 50), columns))
             clip(0, frame)
             assert clip.window is None and not clip.bgr and np.array_equal(clip.frames()[0], whole[1:50, columns])
-    empty = V._Clip([0], lambda h, w: (slice(0, 0), slice(9, 4, -1)))  # nothing to mirror
+    empty = video._Clip([0], lambda h, w: (slice(0, 0), slice(9, 4, -1)))  # nothing to mirror
     empty(0, frame)
     assert empty.frames().shape == (1, 0, 5, 3)
 
@@ -569,7 +561,7 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
         kinds = [str(frame.pict_type) for frame in container.decode(video=0)]
     assert len(kinds) < len(every) - 10  # the file has frames that no frame refers to
     decoded = []
-    original = V._decode_skipping
+    original = video._decode_skipping
 
     def counting(*args):
         for frame in original(*args):
@@ -577,9 +569,9 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
             yield frame
 
     sought = []
-    seek = V._decode_after_seek
-    monkeypatch.setattr(V, "_decode_skipping", counting)
-    monkeypatch.setattr(V, "_decode_after_seek", lambda *args: sought.append(seek(*args)) or sought[-1])
+    seek = video._decode_after_seek
+    monkeypatch.setattr(video, "_decode_skipping", counting)
+    monkeypatch.setattr(video, "_decode_after_seek", lambda *args: sought.append(seek(*args)) or sought[-1])
     for index in (torch.arange(33, 64, 4), torch.arange(40, 56, 2), torch.tensor([50, 35, 35, 63])):
         decoded.clear()
         sought.clear()
@@ -594,7 +586,7 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
 
 
 def test_a_clip_given_a_frame_twice_is_not_complete():
-    clip = V._Clip([5, 6, 6], None)  # two frames at one position are time stamps that disagree: decode again
+    clip = video._Clip([5, 6, 6], None)  # two frames at one position are time stamps that disagree: decode again
     clip._note(5)
     assert not clip.complete
     clip._note(6)
@@ -604,13 +596,13 @@ def test_a_clip_given_a_frame_twice_is_not_complete():
 
 
 def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(videos):
-    with V._open_video(videos / "k" / "a.mp4") as container:
+    with video._open_video(videos / "k" / "a.mp4") as container:
         context = container.streams.video[0].codec_context
         assert context.thread_count == 1
     rng = np.random.default_rng(0)
     for start, rate in [(0, Fraction(1, 512) * 25), (-1024, Fraction(1001, 30000) * Fraction(30000, 1001)),
                         (7, Fraction(1, 90000) * Fraction(30000, 1001)), (3, Fraction(1, 2))]:
-        position = V._frame_position(start, rate)
+        position = video._frame_position(start, rate)
         for pts in [*rng.integers(-5000, 100000, 500).tolist(), start, start + 1, start - 1, start + 3]:
             assert position(pts) == round((pts - start) * rate), (pts, start, rate)
 
@@ -619,7 +611,7 @@ def test_an_unknown_or_unavailable_decoder_is_one_line_naming_it(tmp_path, video
     with pytest.raises(ValueError, match="decoder must be one of .'pyav', 'torchcodec'.; got 'ffmpeg'"):
         _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="ffmpeg")
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if it were not installed
-    with pytest.raises(V.DecoderUnavailable) as info:
+    with pytest.raises(video.DecoderUnavailable) as info:
         _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="torchcodec")
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
     assert str(info.value).startswith("decoder 'torchcodec' needs torchcodec (the release built for torch ")
@@ -633,7 +625,7 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
     path = videos / "k" / name
     for region in (None, lambda h, w: (slice(2, 30), slice(40, 9, -1))):
         frames = {d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d)
-                  for d in V.DECODERS}
+                  for d in video.DECODERS}
         assert np.array_equal(frames["pyav"][0], frames["torchcodec"][0])  # pixel for pixel
         assert frames["torchcodec"][1].tolist() == index
 
@@ -643,7 +635,7 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
 def test_dataset_items_are_the_same_with_either_decoder(tmp_path, videos, split):
     lines = ["k/noise.mp4 0", "k/corrupt.mp4 1", "k/a.mp4 2", "k/short.mp4 3"]
     options = dict(seed=2) if split == "train" else dict(split="test", test_clips=2, test_crops=3, test_scale=40)
-    data = {d: _dataset(tmp_path, videos, lines, decoder=d, **options) for d in V.DECODERS}
+    data = {d: _dataset(tmp_path, videos, lines, decoder=d, **options) for d in video.DECODERS}
     for epoch in (0, 1):
         for d in data.values():
             d.set_epoch(epoch)
@@ -663,15 +655,15 @@ def test_uint8_items_normalise_to_the_float_items_and_stack_as_they_lie(tmp_path
     items = [uint8[i] for i in range(len(uint8))]
     for i, item in enumerate(items):
         assert item["clip"].dtype == torch.uint8 and item["clip"].permute(1, 2, 3, 0).is_contiguous()
-        assert torch.equal(T.normalize(item["clip"]), floats[i]["clip"]), i
+        assert torch.equal(transforms.normalize(item["clip"]), floats[i]["clip"]), i
     batch = collate(items[:3])
     assert list(batch) == list(items[0]) and batch["clip"].shape == (3, 3, 4, 32, 32)
     assert batch["clip"].permute(0, 2, 3, 4, 1).is_contiguous()  # stacked as the items lie
-    assert torch.equal(T.normalize(batch["clip"]), torch.stack([floats[i]["clip"] for i in range(3)]))
+    assert torch.equal(transforms.normalize(batch["clip"]), torch.stack([floats[i]["clip"] for i in range(3)]))
     assert torch.equal(batch["label"], torch.stack([item["label"] for item in items[:3]]))
     in_workers = next(iter(DataLoader(uint8, batch_size=3, num_workers=2, collate_fn=collate)))
     assert all(torch.equal(in_workers[key], batch[key]) for key in batch)  # through shared memory as well
     assert collate([{"a": 1}, {"a": 2}])["a"].tolist() == [1, 2]  # items without clips as well
     assert [t.tolist() for t in collate([(1, 2), (3, 4)])] == [t.tolist() for t in default_collate([(1, 2), (3, 4)])]
     float_batch = collate([floats[i] for i in range(3)])  # anything else: default_collate's batch
-    assert float_batch["clip"].is_contiguous() and torch.equal(T.normalize(batch["clip"]), float_batch["clip"])
+    assert float_batch["clip"].is_contiguous() and torch.equal(transforms.normalize(batch["clip"]), float_batch["clip"])

@@ -12,6 +12,8 @@ from nonlocalnet.layers import MODES, NonLocal2d, NonLocal3d
 from nonlocalnet.viz import (capture_attention, cell_centres, find_nonlocal_blocks, render_attention,
                              resolve_block_names)
 
+from .helpers import write_video
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -276,38 +278,24 @@ def test_render_limits_panels_and_checks_the_clip(tmp_path):
         render_attention(torch.randn(3, 8, 8, 8), att, tmp_path / "c.png")
 
 
-def _write_video(path, frames):
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
-    from nonlocalnet.data import transforms as T
+    from nonlocalnet.data import transforms
     from nonlocalnet.data.video import VideoListDataset
     from nonlocalnet.viz.loading import read_clip
 
     # noise frames shrunk 46 -> 32 (anti-aliasing shows) and cropped to 28 from 32x43 (the centre of 15 columns
     # of slack is 7.5: the test loader rounds it up to 8)
     frames = np.random.default_rng(0).integers(0, 256, (20, 46, 62, 3), dtype=np.uint8)
-    _write_video(tmp_path / "clip.mp4", frames)
+    write_video(tmp_path / "clip.mp4", frames, codec="mpeg4", rate=8)
     (tmp_path / "list.txt").write_text("clip.mp4 0\n")
     test_set = VideoListDataset(tmp_path / "list.txt", tmp_path, split="test", num_classes=1, frames=4,
                                 sampling_rate=3, test_scale=32, crop_size=28, test_clips=1, test_crops=1)
     expected = test_set[0]["clip"]
-    start = int(T.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
+    start = int(transforms.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
     raw, clip = read_clip(tmp_path / "clip.mp4", frames=4, sampling_rate=3, start=start, size=32, crop=28)
     assert torch.equal(clip, expected)
     # the frames drawn are the pixels the model is given
-    assert torch.equal(T.normalize(T.to_channels_first(torch.from_numpy(raw))), expected)
+    assert torch.equal(transforms.normalize(transforms.to_channels_first(torch.from_numpy(raw))), expected)
 
 
 def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
@@ -322,7 +310,7 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     save_weights(model, tmp_path / "model.safetensors", metadata={"model": "nl_c2d_r50_8x8"})
     frames = np.zeros((20, 64, 64, 3), dtype=np.uint8)
     frames[:, 10:30, 10:30] = 220
-    _write_video(tmp_path / "clip.mp4", frames)
+    write_video(tmp_path / "clip.mp4", frames, codec="mpeg4", rate=8)
     base = ["visualize", "--checkpoint", str(tmp_path / "model.safetensors"), "--video", str(tmp_path / "clip.mp4"),
             "--set", "layers=[1,1,1,1]", "--set", "width=4", "--set", "nonlocal_locations={res3: [0], res4: [0]}",
             "--sampling-rate", "2"]

@@ -29,7 +29,7 @@ from nonlocalnet.cli import main
 from nonlocalnet.models import ConversionError, convert_checkpoint, create_model, detect_format, load_model
 from nonlocalnet.models.weights import read_metadata
 
-from .test_caffe2 import NL5, check_placed, fold_bn, official_blobs, write_pickle
+from .helpers import NL5, check_placed, fold_bn, official_blobs, write_pickle
 
 RTOL = 1e-5  # of the largest logit
 
@@ -101,15 +101,15 @@ def test_a_tiny_pytorchvideo_model_converts_fine_tunes_and_tests(tmp_path, monke
 def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: list[str],
                config: str = "configs/kinetics/c2d_r50_8x8.yaml", classes: int = 3) -> None:
     """The README's way on: a shipped recipe with model.pretrained = the converted file, trained and tested."""
+    from .helpers import write_video
     from .test_recipes import TINY
-    from .test_train import _write_video
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     (tmp_path / "data" / "kinetics").mkdir(parents=True)
     rows = []
     for i in range(4):
-        _write_video(tmp_path / "data" / "kinetics" / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
+        write_video(tmp_path / "data" / "kinetics" / f"v{i}.mp4", rng.integers(0, 255, (36, 40, 48, 3), np.uint8))
         rows.append(f"v{i}.mp4 {i % 2}")
     for split in ("train_list", "val_list"):
         (tmp_path / "data" / "kinetics" / f"{split}.txt").write_text("\n".join(rows) + "\n")

@@ -58,7 +58,6 @@ DEFAULT_CRF = 23
 B_FRAMES = 5  # non-reference B-frames between references (see the module docstring)
 REPORT_SUFFIX = "_prepare_report.json"
 SETTINGS = ("short_side", "gop", "crf", "fast_decode")
-EARLIER_DEFAULTS = {"fast_decode": False}  # what a report written before a setting existed had it at
 
 
 class EncodeError(RuntimeError):
@@ -417,8 +416,9 @@ def _check_earlier_settings(dst_root: Path, settings: dict) -> None:
             continue
         if not isinstance(earlier, dict):
             continue
-        was = {k: earlier.get(k, EARLIER_DEFAULTS.get(k, settings[k])) for k in SETTINGS}
-        differ = [f"{k} {was[k]} (now {settings[k]})" for k in SETTINGS if was[k] != settings[k]]
+        # a report records every setting: one it lacks is unknown, so the videos may differ
+        differ = [f"{k} {earlier[k] if k in earlier else '(not recorded)'} (now {settings[k]})" for k in SETTINGS
+                  if k not in earlier or earlier[k] != settings[k]]
         if differ:
             raise ValueError(f"{dst_root} holds videos prepared with other settings ({', '.join(differ)}; see "
                              f"{report}): give another output root, or the same settings")

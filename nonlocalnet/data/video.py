@@ -71,7 +71,7 @@ except ImportError:  # a declared dependency; without it (a machine's own torch,
     av = None
 from torch.utils.data import Dataset
 
-from nonlocalnet.data import transforms as T
+from nonlocalnet.data import transforms
 
 logger = logging.getLogger(__name__)
 
@@ -804,10 +804,10 @@ class VideoListDataset(Dataset):
 
     def _train_indices(self, count: int, time_seed: int) -> Tensor:
         generator = torch.Generator().manual_seed(time_seed)  # the same indices whenever asked again
-        return T.train_clip_indices(count, self.frames, self.sampling_rate, generator)
+        return transforms.train_clip_indices(count, self.frames, self.sampling_rate, generator)
 
     def _test_indices(self, count: int, clip_index: int) -> Tensor:
-        return T.uniform_clip_indices(count, self.frames, self.sampling_rate, clip_index, self.test_clips)
+        return transforms.uniform_clip_indices(count, self.frames, self.sampling_rate, clip_index, self.test_clips)
 
     @property
     def skip_width(self) -> int:
@@ -823,20 +823,20 @@ class VideoListDataset(Dataset):
         if video in self._corrupt:
             raise VideoDecodeError(self._corrupt[video])
         frames, _ = read_frames(self.paths[video], sample, seek=self.seek, region=region, decoder=self.decoder)
-        return T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
+        return transforms.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
 
     def _train_clip(self, video: int, time_seed: int, space_seed: int) -> Tensor:
         def region(height: int, width: int) -> tuple[slice, slice]:
             generator = torch.Generator().manual_seed(space_seed)  # same region if called again
-            return T.random_scaled_crop(height, width, self.train_scale, self.crop_size, generator)
+            return transforms.random_scaled_crop(height, width, self.train_scale, self.crop_size, generator)
 
         # only the square that becomes the crop is converted, copied (mirrored) and scaled, in uint8
         clip = self._decode(video, lambda count: self._train_indices(count, time_seed), region)
-        return self._finish(T.resize(clip, self.crop_size, self.crop_size))
+        return self._finish(transforms.resize(clip, self.crop_size, self.crop_size))
 
     def _finish(self, clip: Tensor) -> Tensor:
         """A uint8 clip as an item holds it: normalised float32, contiguous, or uint8 laid out frames-last."""
-        return T.normalize(clip) if self.normalize else T.frames_last(clip)
+        return transforms.normalize(clip) if self.normalize else transforms.frames_last(clip)
 
     def _test_clip(self, video: int, clip_index: int, crop_index: int) -> Tensor:
         cache = self._test_cache
@@ -844,10 +844,10 @@ class VideoListDataset(Dataset):
             scaled = cache[2]
         else:
             clip = self._decode(video, lambda count: self._test_indices(count, clip_index))
-            scaled = T.short_side_resize(clip, self.test_scale)
+            scaled = transforms.short_side_resize(clip, self.test_scale)
             self._test_cache = (video, clip_index, scaled)
         if self.crop_size is not None:
-            scaled = T.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
+            scaled = transforms.spatial_crop(scaled, self.crop_size, crop_index, self.test_crops)
         return self._finish(scaled)
 
     def __repr__(self) -> str:

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .folding import (EXTENTS, Folding, check_folding, fold_positions, scatter_attention, to_map, to_positions,
                       unfold_positions)
@@ -21,7 +20,6 @@ from .pairwise import check_mode_impl, pairwise_step
 from .pooling import WindowMaxPool
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_TYPES = tuple(_CONV.values())  # a tuple: torch 2.4's compile tracer cannot look into dict values
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
@@ -72,21 +70,13 @@ class NonLocalBlock(nn.Module):
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
         init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
             conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
-        low_memory: trade some speed for training memory: the pooled x̂ and its max-pool indices are recomputed
-            in the backward pass instead of stored, W_z reads y as a matmul without a copy, and the 1x1 convs'
-            backward passes run as matmuls (conv backward kernels allocate hidden buffers of about twice the
-            gradient's size). In float32 the same function and gradients, up to summation order (tested to
-            1e-5); the forward is the same under autocast too, but there the 1x1 convs' backward matmuls run in
-            the gradients' float32 where the conv backward would run in half precision, so gradients differ by
-            half precision's rounding (tested within 5% of the largest under bfloat16). Lower peak memory for
-            some more time: benchmarks/block.py measures both (docs/benchmarks.md); off by default.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
                  inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
                  subsample_position: str = "input", scale: None | float | str = None, norm: str | None = "batch",
                  extent: str = "spacetime", temporal_groups: int = 1, memory_channels: int | None = None,
-                 impl: str = "auto", init: str = "official", low_memory: bool = False) -> None:
+                 impl: str = "auto", init: str = "official") -> None:
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim must be 1, 2 or 3 (sequences, images, videos); got {dim!r}")
@@ -128,7 +118,6 @@ class NonLocalBlock(nn.Module):
         self.extent = extent
         self.temporal_groups = temporal_groups
         self.init = init
-        self.low_memory = bool(low_memory)
 
         conv = _CONV[dim]
         if mode != "gaussian":
@@ -194,7 +183,7 @@ class NonLocalBlock(nn.Module):
         source = x if memory is None else memory  # x̂: keys and values come from here
         folding, spatial, key_spatial = self._shapes(x, source, return_attention)
         # y = 1/C(x) Σ_j f(θ(x_i), φ(x̂_j)) g(x̂_j); the projections go straight in, so that nothing here keeps them
-        query, (key, value) = self._queries(x), self._keys_values_for_training(source)
+        query, (key, value) = self._queries(x), self._keys_values(source)
         if self.mode == "gaussian" and source is x and self.pool is None:
             key = query  # the same tensor: the pairwise step may use the symmetry of x xᵀ
         y, weights = self._attend(query, key, value, folding, spatial, key_spatial, return_attention)
@@ -220,15 +209,7 @@ class NonLocalBlock(nn.Module):
 
     def _queries(self, x: Tensor) -> Tensor:
         """θ(x) as (B, N, C'); the raw features x (B, N, C) for the gaussian."""
-        return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x, self.low_memory)
-
-    def _keys_values_for_training(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_keys_values`, recomputed in the backward pass under ``low_memory``: the pooled x̂ and the pool's
-        int64 argmax would be kept for the backward pass (with C = 2C', three times the size of the keys and
-        values together)."""
-        if self.low_memory and self.pool is not None and torch.is_grad_enabled() and not torch.jit.is_tracing():
-            return checkpoint(self._keys_values, source, use_reentrant=False, preserve_rng_state=False)
-        return self._keys_values(source)
+        return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, folding: Folding, spatial: tuple[int, ...],
                 key_spatial: tuple[int, ...], return_attention: bool) -> tuple[Tensor, Tensor | None]:
@@ -254,24 +235,8 @@ class NonLocalBlock(nn.Module):
         return x + z  # x first: z takes the input's memory layout (convs may return another)
 
     def _project_out(self, y: Tensor, spatial: tuple[int, ...], memory_format: torch.memory_format) -> Tensor:
-        """W_z y: the (B, N, C') positions y as a (B, C, *S) map in ``memory_format``.
-
-        The conv module runs on a copy of y in that layout, which it keeps for its backward pass. With
-        ``low_memory`` a plain 1x1 conv is one matmul that reads y where the pairwise step left it (and kept
-        it): no copy, and none of the hidden reorder buffers conv kernels allocate.
-        """
-        conv = self.out
-        if not self.low_memory or not _plain_pointwise(conv):
-            return conv(to_map(y, spatial).contiguous(memory_format=memory_format))
-        weight = conv.weight.flatten(1)  # (C, C')
-        if memory_format != torch.contiguous_format:  # (B, N, C') @ (C', C) -> (B, N, C): position-major
-            w = weight.t().expand(y.shape[0], -1, -1)
-            out = torch.bmm(y, w) if conv.bias is None else torch.baddbmm(conv.bias, y, w)
-            return to_map(out, spatial)
-        w = weight.expand(y.shape[0], -1, -1)  # (C, C') @ (B, C', N) -> (B, C, N): channel-major
-        yt = y.transpose(1, 2)
-        out = torch.bmm(w, yt) if conv.bias is None else torch.baddbmm(conv.bias[:, None], w, yt)
-        return out.unflatten(2, spatial)
+        """W_z y: the (B, N, C') positions y as a (B, C, *S) map in ``memory_format``."""
+        return self.out(to_map(y, spatial).contiguous(memory_format=memory_format))
 
     def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
         """x̂ (B, C, *S) -> keys (B, M, Cq) and values (B, M, C'): φ(x̂) (x̂ itself for the gaussian) and g(x̂),
@@ -279,14 +244,14 @@ class NonLocalBlock(nn.Module):
         if self.pool is None or self.subsample_position == "input":
             if self.pool is not None:
                 source = self.pool(source)  # (B, C, *S')
-            key = to_positions(source) if self.mode == "gaussian" else _project(self.phi, source, self.low_memory)
-            return key, _project(self.g, source, self.low_memory)
+            key = to_positions(source) if self.mode == "gaussian" else _project(self.phi, source)
+            return key, _project(self.g, source)
         spatial = tuple(source.shape[2:])
         if self.mode == "gaussian":
             key = to_positions(self.pool(source))
         else:
-            key = to_positions(self.pool(to_map(_project(self.phi, source, self.low_memory), spatial)))
-        return key, to_positions(self.pool(to_map(_project(self.g, source, self.low_memory), spatial)))
+            key = to_positions(self.pool(to_map(_project(self.phi, source), spatial)))
+        return key, to_positions(self.pool(to_map(_project(self.g, source), spatial)))
 
     def _folding(self, query_spatial: tuple[int, ...]) -> Folding:
         """The folding for this input: temporal groups of k frames become T/k independent problems."""
@@ -355,27 +320,11 @@ class NonLocalBlock(nn.Module):
         return (f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
                 f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
                 f"norm={self.norm_type!r}, extent={self.extent!r}, "
-                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}"
-                + (", low_memory=True" if self.low_memory else ""))
+                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}")
 
 
-def _plain_pointwise(conv: nn.Module) -> bool:
-    """A 1x1 convolution of the block's own kind without hooks: its weight can be applied as a matmul."""
-    return (type(conv) in _CONV_TYPES and all(k == 1 for k in conv.kernel_size)
-            and all(st == 1 for st in conv.stride) and all(p == 0 for p in conv.padding) and conv.groups == 1
-            and not conv._forward_hooks and not conv._forward_pre_hooks)
-
-
-def _project(conv: nn.Module, t: Tensor, low_memory: bool = False) -> Tensor:
-    """A 1x1 conv of a (B, Cin, *S) map, as the (B, N, Cout) sequence of positions (a strided view).
-
-    With ``low_memory``, while training, a plain conv runs its backward pass as matmuls (:class:`_PointwiseConv`):
-    conv backward kernels allocate hidden reorder buffers of about twice the input gradient's size, which would
-    set the block's peak memory.
-    """
-    if (low_memory and torch.is_grad_enabled() and t.device.type in ("cpu", "cuda") and _plain_pointwise(conv)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
-        return to_positions(_PointwiseConv.apply(t, conv.weight, conv.bias))
+def _project(conv: nn.Module, t: Tensor) -> Tensor:
+    """A 1x1 conv of a (B, Cin, *S) map, as the (B, N, Cout) sequence of positions (a strided view)."""
     return to_positions(conv(t))
 
 
@@ -386,35 +335,6 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-_CONV_FUNCTIONS = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
-
-
-class _PointwiseConv(torch.autograd.Function):
-    """A 1x1 conv (B, Cin, *S) -> (B, Cout, *S): the conv kernel forward, matmuls over channels backward."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(t, weight)
-        ctx.has_bias = bias is not None
-        return _CONV_FUNCTIONS[t.dim() - 2](t, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        t, weight = ctx.saved_tensors
-        # under autocast the forward ran in lower precision; the gradients are computed in the inputs' dtype
-        grad = grad.flatten(2).to(torch.result_type(t, weight))  # (B, Cout, N)
-        matrix = weight.flatten(1).to(grad.dtype)  # (Cout, Cin)
-        grad_t = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # (Cin, Cout) @ (B, Cout, N) -> (B, Cin, N)
-            grad_t = torch.bmm(matrix.t().expand(grad.shape[0], -1, -1), grad).view(t.shape).to(t.dtype)
-        if ctx.needs_input_grad[1]:  # Σ_b (Cout, N) @ (N, Cin)
-            grad_weight = torch.bmm(grad, to_positions(t).to(grad.dtype)).sum(0)
-            grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2)).to(weight.dtype)
-        return grad_t, grad_weight, grad_bias
 
 
 class NonLocal1d(NonLocalBlock):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data import transforms as T
+from ..data import transforms
 from ..data.transforms import MEAN as PIXEL_MEAN, STD as PIXEL_STD  # the paper's pixel normalisation
 
 __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
@@ -94,10 +94,10 @@ def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: i
     if not 0 <= start < len(video):
         raise ValueError(f"start frame {start} is outside the video's {len(video)} frames")
     index = np.minimum(np.arange(start, start + span, sampling_rate), len(video) - 1)
-    clip = T.to_channels_first(torch.from_numpy(video[index]))  # (T, H, W, 3) -> (3, T, H, W) uint8
+    clip = transforms.to_channels_first(torch.from_numpy(video[index]))  # (T, H, W, 3) -> (3, T, H, W) uint8
     if size is not None:
-        clip = T.short_side_resize(clip, size)
+        clip = transforms.short_side_resize(clip, size)
     if crop is not None:
-        clip = T.spatial_crop(clip, crop, position=0, num_crops=1)
+        clip = transforms.spatial_crop(clip, crop, position=0, num_crops=1)
     raw = clip.permute(1, 2, 3, 0).numpy()  # (3, T, H, W) -> (T, H, W, 3)
-    return raw, T.normalize(clip)
+    return raw, transforms.normalize(clip)
