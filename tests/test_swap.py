@@ -1,9 +1,9 @@
-"""``nonlocalnet.swap_nonlocal``: other frameworks' non-local blocks, built by their own packages with random weights,
-replaced by ours: the same outputs (eval and train mode), the same input gradients, the same BN statistic updates.
+"""``nonlocalnet.swap_nonlocal``: other frameworks' non-local blocks, built by their own packages with random
+weights, replaced by ours: the same outputs (eval and train mode), input gradients and BN statistic updates.
 
 Tolerances: float64 rtol 1e-9 / atol 1e-10 (the order of summation differs); float32 rtol 1e-4 / atol 1e-5 (1e-4 on
-gradients); atol is relative to the largest value where that exceeds one. The peers (mmcv-lite, pytorchvideo, timm, mmaction2) are installed in CI's
-environment with peers; elsewhere these tests skip.
+gradients); atol is relative to the largest value where that exceeds one. The peers (mmcv-lite, pytorchvideo, timm,
+mmaction2, slowfast) are installed in CI's environment with peers; elsewhere these tests skip.
 """
 from __future__ import annotations
 

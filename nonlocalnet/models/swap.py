@@ -5,12 +5,13 @@
 
 A block is recognised by its class (module path and name), never by its attributes alone:
 
-| framework | class | our block |
-|---|---|---|
-| mmcv (mmaction2, mmdetection, mmsegmentation) | ``mmcv.cnn.bricks.non_local.NonLocal1d/2d/3d`` | its ``mode``; ``sub_sample`` pools after the φ/g convs (``subsample_position="projection"``); ``use_scale`` (embedded gaussian) = ``scale="auto"``; BN or no norm |
-| PyTorchVideo | ``pytorchvideo.layers.nonlocal_net.NonLocal`` | softmax = embedded gaussian with ``scale="auto"``, or dot product; its max-pool before φ/g (``subsample_position="input"``); BN or no norm |
-| timm | ``timm.layers.non_local_attn.NonLocalAttn`` | embedded gaussian, scale C^-0.5 (C, not C'), BN |
-| PySlowFast | ``slowfast.models.nonlocal_helper.Nonlocal`` | as PyTorchVideo's |
+* mmcv's ``mmcv.cnn.bricks.non_local.NonLocal1d/2d/3d`` (mmaction2, mmdetection, mmsegmentation): its ``mode``;
+  ``sub_sample`` pools after the φ/g convs (``subsample_position="projection"``); ``use_scale`` (embedded gaussian)
+  is ``scale="auto"``; BN or no norm;
+* PyTorchVideo's ``pytorchvideo.layers.nonlocal_net.NonLocal``: softmax is the embedded gaussian with
+  ``scale="auto"``, or the dot product; its max-pool before φ/g (``subsample_position="input"``); BN or no norm;
+* timm's ``timm.layers.non_local_attn.NonLocalAttn``: the embedded gaussian scaled by C^-0.5 (C, not C'), BN;
+* PySlowFast's ``slowfast.models.nonlocal_helper.Nonlocal``: as PyTorchVideo's.
 
 Every weight and buffer is carried over (the mapping of mmcv's layout is :func:`~nonlocalnet.models.convert.
 mmcv_nonlocal_key`, the one the checkpoint conversion uses); a conv without bias stays without bias and a norm keeps
@@ -410,8 +411,9 @@ def _step(model: nn.Module, x: Tensor) -> None:
     out.float().sum().backward()
 
 
-def _saved_mb(model: nn.Module, x: Tensor) -> float:
-    """The storage that one forward keeps for the backward pass, parameters excluded, in MB."""
+def saved_for_backward_mb(model: nn.Module, x: Tensor) -> float:
+    """The storage one forward of ``model`` on ``x`` keeps for the backward pass (the tensors autograd saves, each
+    storage once, parameters excluded), in MB."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -453,7 +455,8 @@ def _measure(model: nn.Module, x: Tensor, repeats: int, against: dict | None = N
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
-    result = dict(ms=sorted(times)[len(times) // 2] * 1e3, saved=_saved_mb(model, x), peak=_peak_mb(model, x))
+    result = dict(ms=sorted(times)[len(times) // 2] * 1e3, saved=saved_for_backward_mb(model, x),
+                  peak=_peak_mb(model, x))
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
