@@ -62,10 +62,11 @@ class InsertionReport:
     def __str__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "the block's defaults"
         lines = [f"add_nonlocal: {len(self.insertions)} non-local block(s) ({options})"]
-        width = max([len(i.after) for i in self.insertions] + [5])
-        lines.append(f"  {'after':<{width}}  {'block':<{width + 16}}  {'C':>5}  dim  from       how")
+        after = max([len(i.after) for i in self.insertions] + [5])
+        block = max([len(i.block) for i in self.insertions] + [5])
+        lines.append(f"  {'after':<{after}}  {'block':<{block}}  {'C':>5}  dim  from       how")
         for i in self.insertions:
-            lines.append(f"  {i.after:<{width}}  {i.block:<{width + 16}}  {i.channels:>5}  {i.dim:>3}  "
+            lines.append(f"  {i.after:<{after}}  {i.block:<{block}}  {i.channels:>5}  {i.dim:>3}  "
                          f"{i.source:<9}  {i.how}")
         return "\n".join(lines)
 
