@@ -92,6 +92,7 @@ def test_resnet18_block_after_a_residual_block_keeps_outputs_and_trains(tmp_path
     assert list(blocks) == ["layer3.nl1"] and blocks["layer3.nl1"].norm_type is None
 
 
+@pytest.mark.slow
 def test_timm_convnext_and_regnet_take_blocks(tmp_path):
     timm = pytest.importorskip("timm")
     blocks = _check_identity_train_save_load(lambda: timm.create_model("convnext_atto", num_classes=10),
@@ -103,6 +104,7 @@ def test_timm_convnext_and_regnet_take_blocks(tmp_path):
     assert {p: b.in_channels for p, b in blocks.items()} == {"s3.b1.nonlocal_block": 152, "s3.b3.nonlocal_block": 152}
 
 
+@pytest.mark.slow
 def test_pytorchvideo_resnet_takes_blocks_in_its_module_lists(tmp_path):
     resnet = pytest.importorskip("pytorchvideo.models.resnet")
 

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 
 from ..layers import NonLocalBlock
-from ..models.insert import SIBLING_PREFIX as NL_PREFIX
+from .nonlocal_resnet import NL_PREFIX
 
 # After convs 2, 4, 6 and 8 (1-based) of the 8-conv head.
 PAPER_KEYPOINT_HEAD_NONLOCAL = (1, 3, 5, 7)

@@ -4,9 +4,9 @@
 right after residual block 4 of ``layer3`` (res4), through :func:`nonlocalnet.add_nonlocal`. The stage stays an
 ``nn.Sequential`` whose residual blocks keep their names ("0", "1", ...), and each NL block is named ``nl<i>``
 after the block it follows, so the state-dict keys of the plain ResNet are unchanged (``layer3.4.conv1.weight``)
-and NL weights live beside them (``layer3.nl4.theta.weight``). As the NL blocks start as the identity, a plain ResNet's weights loaded into the
-NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The paper's placements are
-:mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
+and NL weights live beside them (``layer3.nl4.theta.weight``). As the NL blocks start as the identity, a plain
+ResNet's weights loaded into the NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The
+paper's placements are :mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
-from nonlocalnet.models.insert import add_nonlocal
 from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
+from nonlocalnet.models.insert import SIBLING_PREFIX, add_nonlocal
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.
 STAGE_ALIASES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
+NL_PREFIX = SIBLING_PREFIX  # nl<i>: the block after residual block i (add_nonlocal's name in an nn.Sequential)
 
 Placement = Mapping[str, Sequence[int]]
 
