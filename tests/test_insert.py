@@ -205,8 +205,15 @@ def test_a_module_already_followed_by_a_block_is_refused():
     with pytest.raises(ValueError, match=r"stages\.0 is already followed by a non-local block "
                                          r"\(stages\.0\.nonlocal_block\)"):
         nonlocalnet.add_nonlocal(model, "stages.0", verbose=False)
-    with pytest.raises(ValueError, match=r"act is already followed"):
-        nonlocalnet.add_nonlocal(model, "act", verbose=False, example_input=torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"act is already followed"):  # refused before stages.1.0 gets one
+        nonlocalnet.add_nonlocal(model, ["stages.1.0", "act"], verbose=False, example_input=torch.randn(1, 3, 4, 4))
+    assert sorted(find_nonlocal_blocks(model)) == ["act.nonlocal_block", "stages.0.nonlocal_block"]
+    with pytest.raises(ValueError, match=r"stages is a ModuleList, a container that is never called itself; name "
+                                         r"the modules inside it \(stages\.\*\)"):
+        nonlocalnet.add_nonlocal(model, "stages", verbose=False)
+    with pytest.raises(ValueError, match=r"the example input's forward never ran stages: a block after it would "
+                                         r"never run either"):
+        nonlocalnet.add_nonlocal(model, "stages", verbose=False, example_input=torch.randn(1, 3, 4, 4))
 
 
 def test_blocks_take_the_dtype_of_the_module_they_follow():

@@ -107,6 +107,7 @@ def add_nonlocal(model: nn.Module, at: str | Sequence[str], *, example_input: Te
     planned = []
     for path in targets:
         module = model.get_submodule(path)
+        _wiring(model, path)  # a module already followed by a block, or never called: refused before any change
         channels, dim, source = _channels_and_dim(path, module, shapes)
         block = NonLocalBlock(channels, dim=dim, **block_options)
         reference = next(module.parameters(), None)
@@ -247,8 +248,8 @@ def _plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _insert(model: nn.Module, path: str, block: NonLocalBlock) -> tuple[str, str]:
-    """Puts ``block`` after the module at ``path``; returns the block's path and how it is wired."""
+def _wiring(model: nn.Module, path: str) -> tuple[str, str]:
+    """Where the block after ``path`` goes (its path) and how it is wired, or why it cannot go there."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     module = parent.get_submodule(name)
@@ -260,6 +261,27 @@ def _insert(model: nn.Module, path: str, block: NonLocalBlock) -> tuple[str, str
         if existing is not None:
             raise ValueError(f"cannot name the non-local block after {path} {nl_name!r}: {parent_path or 'the model'} "
                              f"already has a module of that name")
+        return _join(parent_path, nl_name), "sibling"
+    if isinstance(module._modules.get(CHILD_NAME), NonLocalBlock):
+        raise ValueError(f"{path} is already followed by a non-local block ({path}.{CHILD_NAME})")
+    if CHILD_NAME in module._modules:
+        raise ValueError(f"{path} already has a child named {CHILD_NAME!r}")
+    if _plain_sequential(module):
+        return f"{path}.{CHILD_NAME}", "last child"
+    if type(module).forward is nn.Module.forward:
+        raise ValueError(f"{path} is a {type(module).__name__}, a container that is never called itself; name "
+                         f"the modules inside it ({path}.*)")
+    return f"{path}.{CHILD_NAME}", "hook"
+
+
+def _insert(model: nn.Module, path: str, block: NonLocalBlock) -> tuple[str, str]:
+    """Puts ``block`` after the module at ``path`` (as :func:`_wiring` says); returns the block's path and how it
+    is wired."""
+    where, how = _wiring(model, path)
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if how == "sibling":
+        nl_name = where.rpartition(".")[2]
         children: OrderedDict[str, nn.Module] = OrderedDict()
         for child_name, child in parent._modules.items():
             children[child_name] = child
@@ -267,20 +289,12 @@ def _insert(model: nn.Module, path: str, block: NonLocalBlock) -> tuple[str, str
                 children[nl_name] = block
         parent._modules.clear()
         parent._modules.update(children)
-        return _join(parent_path, nl_name), "sibling"
-    if isinstance(module._modules.get(CHILD_NAME), NonLocalBlock):
-        raise ValueError(f"{path} is already followed by a non-local block ({path}.{CHILD_NAME})")
-    if CHILD_NAME in module._modules:
-        raise ValueError(f"{path} already has a child named {CHILD_NAME!r}")
-    if _plain_sequential(module):
-        module.add_module(CHILD_NAME, block)
-        return f"{path}.{CHILD_NAME}", "last child"
-    if type(module).forward is nn.Module.forward:
-        raise ValueError(f"{path} is a {type(module).__name__}, a container that is never called itself; name "
-                         f"the modules inside it ({path}.*)")
+        return where, how
+    module = parent.get_submodule(name)
     module.add_module(CHILD_NAME, block)
-    module.register_forward_hook(apply_nonlocal_block)
-    return f"{path}.{CHILD_NAME}", "hook"
+    if how == "hook":
+        module.register_forward_hook(apply_nonlocal_block)
+    return where, how
 
 
 def apply_nonlocal_block(module: nn.Module, args: Any, output: Any) -> Tensor:
