@@ -24,7 +24,8 @@ from nonlocalnet.detection.data import COCO_KEYPOINT_NAMES, CocoDetection, Rando
     make_builtin_coco
 from nonlocalnet.detection.evaluate import coco_evaluate, gather_results, to_coco_results
 from nonlocalnet.detection.nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
-from nonlocalnet.detection.nonlocal_resnet import add_nonlocal, load_resnet_state_dict, stage_depths
+from nonlocalnet.detection.nonlocal_resnet import add_resnet_nonlocal as add_nonlocal
+from nonlocalnet.detection.nonlocal_resnet import load_resnet_state_dict, stage_depths
 from nonlocalnet.detection.train import make_lr_lambda
 from nonlocalnet.detection.train import main as train_main
 from nonlocalnet.detection.train import test as train_test
@@ -100,7 +101,7 @@ def test_add_nonlocal_rejects_bad_placements():
     with pytest.raises(ValueError, match="repeated"):
         add_nonlocal(resnet18(), {"layer3": (1, 1)})
     model = add_nonlocal(resnet18(), {"layer3": (0,)})
-    with pytest.raises(ValueError, match="already has a non-local block after residual block 0"):
+    with pytest.raises(ValueError, match=r"layer3\.0 is already followed by a non-local block \(layer3\.nl0\)"):
         add_nonlocal(model, {"layer3": (0,)})
     # indices count residual blocks only, so a second call can add after block 1
     add_nonlocal(model, {"layer3": (1,)})

@@ -35,8 +35,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..layers import find_nonlocal_blocks
 from ..models.placements import before_last_block
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
-from .nonlocal_resnet import STAGES, add_nonlocal, block_out_channels, load_resnet_state_dict, residual_blocks, \
-    stage_depths
+from .nonlocal_resnet import STAGES, add_resnet_nonlocal, block_out_channels, load_resnet_state_dict, \
+    residual_blocks, stage_depths
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
@@ -84,7 +84,7 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
     Args:
         arch: one of :data:`ARCHS`.
         backbone_nonlocal: "paper" (one block right before the last block of res4), a placement
-            {stage: indices} for :func:`add_nonlocal`, or None for none.
+            {stage: indices} for :func:`add_resnet_nonlocal`, or None for none.
         nonlocal_options: options of the NL blocks.
         backbone_weights: a local torchvision ResNet state dict (path) to start from; None = random init.
         trainable_layers: how many stages to train counting from layer4 (0..5, as torchvision); the rest are
@@ -101,7 +101,7 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
                          f"got {backbone_nonlocal!r}")
     else:
         placement = backbone_nonlocal or {}
-    add_nonlocal(resnet, placement, **nonlocal_options.as_kwargs())
+    add_resnet_nonlocal(resnet, placement, **nonlocal_options.as_kwargs())
     if backbone_weights is not None:
         load_resnet_state_dict(resnet, backbone_weights)
     to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]

@@ -33,7 +33,7 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
         head: e.g. torchvision's ``KeypointRCNNHeads``.
         after: indices of the convs to follow with an NL block.
         mode, inter_channels, subsample, scale, norm, impl: the NL block's options (see
-            :func:`~nonlocalnet.detection.nonlocal_resnet.add_nonlocal`); norm None (W_z = 0 at init) by
+            :func:`nonlocalnet.add_nonlocal`); norm None (W_z = 0 at init) by
             default, as the head has no norm of its own.
 
     Returns:

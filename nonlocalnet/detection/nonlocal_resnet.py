@@ -1,29 +1,29 @@
 """Non-local blocks inserted into a torchvision 2D ResNet (or the body of a detection backbone).
 
-``add_nonlocal(resnet, {"layer3": (4,)})`` puts a :class:`~nonlocalnet.layers.NonLocalBlock` (``dim=2``) right
-after residual block 4 of ``layer3`` (res4). The stage stays an ``nn.Sequential`` whose residual blocks keep
-their names ("0", "1", ...), and each NL block is named ``nl<i>`` after the block it follows, so the state-dict
-keys of the plain ResNet are unchanged (``layer3.4.conv1.weight``) and NL weights live beside them
-(``layer3.nl4.theta.weight``). As the NL blocks start as the identity, a plain ResNet's weights loaded into the
-NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The paper's placements are
-:mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
+``add_resnet_nonlocal(resnet, {"layer3": (4,)})`` puts a :class:`~nonlocalnet.layers.NonLocalBlock` (``dim=2``)
+right after residual block 4 of ``layer3`` (res4), through :func:`nonlocalnet.add_nonlocal`. The stage stays an
+``nn.Sequential`` whose residual blocks keep their names ("0", "1", ...), and each NL block is named ``nl<i>``
+after the block it follows, so the state-dict keys of the plain ResNet are unchanged (``layer3.4.conv1.weight``)
+and NL weights live beside them (``layer3.nl4.theta.weight``). As the NL blocks start as the identity, a plain
+ResNet's weights loaded into the NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The
+paper's placements are :mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
 from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
+from nonlocalnet.models.insert import SIBLING_PREFIX, add_nonlocal
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.
 STAGE_ALIASES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
-NL_PREFIX = "nl"
+NL_PREFIX = SIBLING_PREFIX  # nl<i>: the block after residual block i (add_nonlocal's name in an nn.Sequential)
 
 Placement = Mapping[str, Sequence[int]]
 
@@ -34,48 +34,34 @@ def stage_depths(model: nn.Module) -> tuple[int, int, int, int]:
     return tuple(len(residual_blocks(_stage(model, name))) for name in STAGES)  # type: ignore[return-value]
 
 
-def add_nonlocal(model: nn.Module, placement: Placement, *, mode: str = "embedded_gaussian",
-                 inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
-                 scale: None | float | str = None, norm: str | None = "batch", impl: str = "auto") -> nn.Module:
-    """Insert 2D non-local blocks after the given residual blocks of a ResNet, in place.
+def placement_paths(model: nn.Module, placement: Placement) -> list[str]:
+    """The module paths of the residual blocks a placement names, for :func:`nonlocalnet.add_nonlocal`.
 
     Args:
         model: a torchvision ``ResNet`` (any depth, ResNeXt, wide) or any module whose ``layer1``..``layer4``
             are ``nn.Sequential`` stages of residual blocks, e.g. the ``body`` of a detection backbone.
         placement: {stage: indices}: one NL block after each listed residual block (0-based, counted among
-            the stage's residual blocks). Stages are "layer1".."layer4" or the paper's "res2".."res5".
-        mode: the pairwise function ("gaussian", "embedded_gaussian", "dot_product", "concatenation").
-        inter_channels: C' of θ, φ, g (default: half the stage's channels).
-        subsample: max-pool kernel on the key/value path, or None.
-        scale: None (the paper), "auto" (C'^-0.5) or a number.
-        norm: the norm after W_z: "batch" (γ = 0 at init), "layer" or None (W_z = 0 at init; the choice for
-            frozen-BN detection backbones).
-        impl: which exact path computes the pairwise step (see :class:`~nonlocalnet.layers.NonLocalBlock`).
+            the stage's residual blocks, NL blocks left out). Stages are "layer1".."layer4" or the paper's
+            "res2".."res5".
 
     Returns:
-        ``model``, with its stages rebuilt to hold the NL blocks.
+        e.g. ``["layer3.4"]`` for ``{"res4": (4,)}``: ``add_nonlocal`` puts each block right after that residual
+        block, named ``nl<i>`` (``layer3.nl4``), so the residual blocks keep their names and state-dict keys.
     """
-    resolved = _resolve_placement(model, placement)
-    for stage_name, indices in resolved.items():
-        stage = _stage(model, stage_name)
-        blocks = residual_blocks(stage)
-        children: OrderedDict[str, nn.Module] = OrderedDict()
-        position = -1
-        for name, child in stage.named_children():
-            children[name] = child
-            if isinstance(child, NonLocalBlock):
-                continue
-            position += 1
-            if position in indices:
-                nl_name = f"{NL_PREFIX}{position}"
-                if nl_name in stage._modules:
-                    raise ValueError(f"{stage_name} already has a non-local block after residual block {position}")
-                children[nl_name] = NonLocalBlock(
-                    block_out_channels(blocks[position]), dim=2, mode=mode, inter_channels=inter_channels,
-                    subsample=subsample, scale=scale, norm=norm, impl=impl)
-        new_stage = nn.Sequential(children)
-        device = next(stage.parameters()).device
-        setattr(model, stage_name, new_stage.to(device))
+    paths = []
+    for stage_name, indices in _resolve_placement(model, placement).items():
+        blocks = residual_blocks(_stage(model, stage_name))
+        names = {id(m): name for name, m in _stage(model, stage_name).named_children()}
+        paths += [f"{stage_name}.{names[id(blocks[i])]}" for i in sorted(indices)]
+    return paths
+
+
+def add_resnet_nonlocal(model: nn.Module, placement: Placement, **block_options: Any) -> nn.Module:
+    """:func:`nonlocalnet.add_nonlocal` after the residual blocks of a placement (see :func:`placement_paths`),
+    quietly; 2D blocks with ``block_options`` (NonLocalBlock's keyword options). Returns ``model``."""
+    paths = placement_paths(model, placement)
+    if paths:
+        add_nonlocal(model, paths, verbose=False, **block_options)
     return model
 
 

@@ -446,15 +446,34 @@ def _mmaction2_entry(key: str) -> str | None:
                 "conv_c": "conv3.conv", "bn_c": "conv3.bn", "shortcut.conv": "downsample.conv",
                 "shortcut.bn": "downsample.bn"}[part]
         return f"backbone.layer{int(stage) - 1}.{index}.{part}.{attr}"
-    if m := _NL.match(key):  # mmcv's NonLocal3d: g/phi are Sequential(ConvModule, MaxPool3d) with sub_sample
+    if m := _NL.match(key):  # mmaction2's NL blocks are mmcv's NonLocal3d with sub_sample=True
         stage, index, part, attr = m.groups()
-        block = f"backbone.layer{int(stage) - 1}.{index}.non_local_block."
-        if part == "out":  # ConvModule(conv, bn): with a norm its conv has no bias (bias="auto")
-            return block + "conv_out.conv." + attr
-        if part == "norm":
-            return block + "conv_out.bn." + attr
-        return block + f"{part}{'' if part == 'theta' else '.0'}.conv.{attr}"
+        return f"backbone.layer{int(stage) - 1}.{index}.non_local_block." + mmcv_nonlocal_key(f"{part}.{attr}")
     return None
+
+
+def mmcv_nonlocal_key(key: str, *, sub_sample: bool = True, norm_name: str = "bn") -> str:
+    """The entry of an mmcv ``NonLocal1d/2d/3d`` (``mmcv.cnn.bricks.non_local``) that a
+    :class:`~nonlocalnet.layers.NonLocalBlock` state-dict entry comes from, both relative to the block.
+
+    mmcv wraps each 1x1 conv in a ``ConvModule`` (``theta.conv.weight``); with ``sub_sample`` its g and φ are
+    ``Sequential(ConvModule, MaxPool)`` (``g.0.conv.weight``), pooling after the convs; W_z is ``conv_out.conv``
+    followed by the norm ``conv_out.<norm_name>`` (a ConvModule names its norm "bn", "gn", ...), and w_f of the
+    concatenation is ``concat_project.conv`` (ours: ``concat_project.0``).
+
+    Args:
+        key: ours, e.g. ``"theta.weight"``, ``"norm.running_mean"``, ``"concat_project.0.weight"``.
+        sub_sample: the mmcv block's ``sub_sample``.
+        norm_name: the name of the mmcv ConvModule's norm (its ``norm_name``).
+    """
+    part, _, attr = key.partition(".")
+    if part == "out":  # ConvModule(conv, bn): with a norm its conv has no bias (bias="auto")
+        return "conv_out.conv." + attr
+    if part == "norm":
+        return f"conv_out.{norm_name}.{attr}"
+    if part == "concat_project":
+        return "concat_project.conv." + attr.partition(".")[2]
+    return f"{part}{'.0' if sub_sample and part in ('g', 'phi') else ''}.conv.{attr}"
 
 
 _SOURCE = {"pytorchvideo": _pytorchvideo_source, "mmaction2": _mmaction2_source}
