@@ -42,7 +42,7 @@ from torch.func import functional_call
 from ..layers.folding import fold
 from ..layers.nonlocal_block import NonLocalBlock, find_nonlocal_blocks
 from ..layers.pairwise import IMPLS_BY_MODE, resolve_impl
-from .flops import count_cost
+from .flops import count_cost, executed_flops
 from .memory import LiveBytes
 
 __all__ = ["AMP_DTYPES", "AS_BUILT", "BlockCost", "CostEstimate", "PathCost", "StepCost", "estimate_cost",
@@ -58,6 +58,9 @@ class PathCost:
 
     Attributes:
         path: the exact path ("dense", "sdpa", "chunked", "linear", "sorted").
+        macs: the multiply-adds the path executes in the block's step (forward, and backward when training):
+            the products, convolutions and attention kernels it runs, recomputations included (the chunked
+            path's backward pass recomputes the weights; the linear path never forms them).
         kept_bytes: what the block's forward pass keeps for the backward pass besides its input and output
             (0 for inference): what it adds to the network's activations.
         peak_bytes: the highest memory of the block's own step above its input and parameters: forward (and,
@@ -66,6 +69,7 @@ class PathCost:
     """
 
     path: str
+    macs: int
     kept_bytes: int
     peak_bytes: int
 
@@ -157,7 +161,7 @@ class CostEstimate:
                  f"parameters {self.params:,} ({self.params / 1e6:.2f} M), {self.macs / 1e9:.2f} G multiply-adds "
                  f"per forward pass of the batch; parameters, buffers and input {_mib(self.state_bytes)}", ""]
         if self.blocks:
-            header = ("block", "mode", "input", "params", "GMACs", "path", "kept MiB", "peak MiB")
+            header = ("block", "mode", "input", "params", "GMACs", "path", "GMACs run", "kept MiB", "peak MiB")
             rows = []
             for b in self.blocks:
                 for i, p in enumerate(b.paths):
@@ -165,11 +169,14 @@ class CostEstimate:
                     rows.append((b.name if first else "", b.mode if first else "",
                                  "x".join(map(str, b.input_shape[1:])) if first else "",
                                  f"{b.params:,}" if first else "", f"{b.macs / 1e9:.3f}" if first else "",
-                                 p.path + (" *" if p.path == b.chosen else ""), _mib(p.kept_bytes, unit=False),
+                                 p.path + (" *" if p.path == b.chosen else ""), f"{p.macs / 1e9:.3f}",
+                                 _mib(p.kept_bytes, unit=False),
                                  _mib(p.peak_bytes, unit=False)))
-            lines += _format(header, rows, right=(3, 4, 6, 7))
-            lines += ["(* the path the block runs as built; kept: saved for the backward pass besides its input "
-                      "and output; peak: the block's own step above its input)", ""]
+            lines += _format(header, rows, right=(3, 4, 6, 7, 8))
+            lines += ["(GMACs: the paper's count of a forward pass, the same on every path; * the path the block runs "
+                      "as built; GMACs run: what the path executes in the block's step, recomputation included; "
+                      "kept: saved for the backward pass besides its input and output; peak: the block's own step "
+                      "above its input)", ""]
         header = ("blocks on", "step MiB", "peak MiB")
         rows = [(s.path, _mib(s.step_bytes, unit=False), _mib(s.peak_bytes, unit=False)) for s in self.steps]
         lines += _format(header, rows, right=(1, 2))
@@ -371,30 +378,47 @@ def _block_cost(name: str, block: NonLocalBlock, mode: FakeTensorMode, shape: tu
 
 def _block_alone(block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype,
                  train: bool, amp: str | None, device: str, path: str) -> PathCost:
+    """The block's step alone on a fake input, twice: once under :class:`LiveBytes` for its memory, once under
+    the FLOP counter for what it executes (whose module hooks would add tensors of their own to the count)."""
+    was = block.training
+    block.train(train)
+    try:
+        kept, peak = _block_step(block, mode, shape, dtype, train, amp, device, LiveBytes())
+        flops = executed_flops(lambda: _block_step(block, mode, shape, dtype, train, amp, device, None))
+    finally:
+        block.train(was)
+    return PathCost(path, flops // 2, kept, peak)
+
+
+def _block_step(block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype, train: bool,
+                amp: str | None, device: str, live: LiveBytes | None) -> tuple[int, int]:
+    """One step of the block on a fake input (a requires-grad input when training, the mean of the output as the
+    loss); returns, counted by ``live`` (zeros without it), the bytes the forward pass keeps for the backward pass
+    besides input and output (0 for inference) and the step's peak above parameters, buffers and input."""
     state = {n: t if isinstance(t, FakeTensor) else mode.from_tensor(t).requires_grad_(t.requires_grad)
              for n, t in [*block.named_parameters(), *block.named_buffers()]}
-    live = LiveBytes()
-    was = block.training
+    kept = 0
     try:
-        block.train(train)
-        with mode, live:
+        with mode, (live or contextlib.nullcontext()):
             x = torch.zeros(shape, dtype=dtype, device=device, requires_grad=train)
-            live.track(state.values())
-            base = live.current  # parameters, buffers and x
+            base = 0
+            if live is not None:
+                live.track(state.values())
+                base = live.current  # parameters, buffers and x
+                live.reset_peak()
             with torch.set_grad_enabled(train):
                 with _autocast(device, amp):
                     z = functional_call(block, state, (x,))
-                kept = live.current - base - (z.untyped_storage().nbytes() if train else 0)
                 if train:
+                    if live is not None:
+                        kept = live.current - base - z.untyped_storage().nbytes()
                     loss = z.float().mean()
                     del z  # only the graph keeps the output, as in a network
                     loss.backward()
-            peak = live.peak - base
     finally:
-        block.train(was)
         for t in state.values():
             t.grad = None
-    return PathCost(path, max(0, kept) if train else 0, peak)
+    return max(0, kept), (live.peak - base if live is not None else 0)
 
 
 def _chosen_path(block: NonLocalBlock, shape: tuple[int, ...]) -> str:
