@@ -194,14 +194,15 @@ def draw_diagnosis(diagnoses: dict[str, BlockDiagnosis], path: str | Path) -> Pa
     ds = list(diagnoses.values())
     x = range(len(names))
     fig, axes = plt.subplots(1, 4, figsize=(4 + 2.2 * max(4, len(names)), 3.6))
-    panels = [("query distance (0: same for all)", [d.query_distance for d in ds], (0, 1)),
-              ("entropy / log M (1: uniform)", [d.entropy for d in ds], (0, 1)),
-              ("‖non-local term‖ / ‖x‖", [d.contribution for d in ds], None)]
-    for ax, (title, values, limits) in zip(axes, panels):
+    panels = [("query distance (0: same for all)", [d.query_distance for d in ds], (0, 1), None),
+              ("entropy / log M (1: uniform)", [d.entropy for d in ds], (0, 1), UNIFORM_ENTROPY),
+              ("‖non-local term‖ / ‖x‖", [d.contribution for d in ds], None, DEAD_CONTRIBUTION)]
+    for ax, (title, values, limits, threshold) in zip(axes, panels):
         ax.bar(x, values, color="tab:blue")
+        if threshold is not None:  # the warning's threshold
+            ax.axhline(threshold, color="tab:gray", linestyle="--", linewidth=1)
         ax.set_title(title, fontsize=9)
-        if limits:
-            ax.set_ylim(*limits)
+        ax.set_ylim(*(limits or (0, None)))  # sizes start at 0 even when every bar is 0
     width = 0.27
     for k, (label, colour) in enumerate((("|Δt| frames", "tab:orange"), ("|Δy| px", "tab:green"),
                                          ("|Δx| px", "tab:red"))):
