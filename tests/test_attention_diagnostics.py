@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from nonlocalnet.cli import main as cli_main
 from nonlocalnet.layers import NonLocalBlock

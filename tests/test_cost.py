@@ -50,7 +50,7 @@ def test_dense_path_keeps_the_n_by_m_weights_the_others_do_not():
     b, c, t, h, w = 2, 64, 4, 8, 8
     n, m = t * h * w, t * (h // 2) * (w // 2)
     block = NonLocalBlock(c, subsample=(1, 2, 2))
-    est = estimate_cost(nn_wrap(block), (t, h, w), batch=b, train=True)
+    est = estimate_cost(BlockAsModel(block), (t, h, w), batch=b, train=True)
     paths = {p.path: p for p in est.blocks[0].paths}
     # both keep q, k, v and y (which W_z keeps anyway); the dense path keeps the (B, N, M) float32 softmax
     # output for the backward passes of softmax and of the product with v, the chunked path recomputes it
@@ -65,12 +65,12 @@ def test_each_path_counts_the_products_it_runs():
     n = t * h * w
     m, cq = n, c // 2
     block = NonLocalBlock(c, mode="dot_product")
-    paths = {p.path: p for p in estimate_cost(nn_wrap(block), (t, h, w), batch=b).blocks[0].paths}
+    paths = {p.path: p for p in estimate_cost(BlockAsModel(block), (t, h, w), batch=b).blocks[0].paths}
     assert paths["dense"].macs - paths["linear"].macs == b * (n * m * 2 * cq - (n + m) * cq * cq)
     assert paths["dense"].macs == b * (n * m * 2 * cq + 4 * n * c * cq)  # + θ, φ, g, W_z
 
 
-class nn_wrap(torch.nn.Module):
+class BlockAsModel(torch.nn.Module):
     """A block as a whole model (conv1 absent: the clip is the block's input, C channels)."""
 
     def __init__(self, block: NonLocalBlock) -> None:
@@ -166,7 +166,7 @@ def _build(kind: str, options: dict, shape: list[int]) -> torch.nn.Module:
                           impl=options["impl"])
     with torch.no_grad():
         block.norm.weight.fill_(1.0)  # a live block: gradients reach every path
-    return nn_wrap(block)
+    return BlockAsModel(block)
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, train: bool, amp: str | None) -> None:

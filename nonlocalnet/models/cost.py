@@ -30,7 +30,6 @@ few percent on CPU; docs/cost.md gives the figures.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
