@@ -123,6 +123,21 @@ def test_attention_command_prints_the_table_draws_and_writes_json(tmp_path, caps
     assert data["blocks"]["res3.nl0"]["contribution"] == 0.0
 
 
+def test_attention_command_reads_a_video_list_and_refuses_no_input(tmp_path, capsys):
+    import numpy as np
+
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((8, 32, 32, 3), dtype=np.uint8))
+    (tmp_path / "list.txt").write_text("a.npy 3\nb.npy 1,2\n")
+    out = tmp_path / "d.json"
+    assert cli_main(["attention", "--model", "nl_c2d_tiny", "--list", str(tmp_path / "list.txt"),
+                     "--out", str(tmp_path / "d.png"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["inputs"] == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
+    assert "on 2 clip(s) of 8x32x32" in capsys.readouterr().out
+    assert cli_main(["attention", "--model", "nl_c2d_tiny"]) == 2
+    assert "error: no video or clip given" in capsys.readouterr().err
+
+
 def test_training_warns_once_about_a_block_still_at_the_identity(tmp_path, caplog):
     from nonlocalnet.engine import load_config, train
 

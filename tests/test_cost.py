@@ -71,7 +71,7 @@ def test_each_path_counts_the_products_it_runs():
 
 
 class BlockAsModel(torch.nn.Module):
-    """A block as a whole model (conv1 absent: the clip is the block's input, C channels)."""
+    """A block behind a 1x1x1 conv1, as a whole model: estimate_cost reads the input's channels from conv1."""
 
     def __init__(self, block: NonLocalBlock) -> None:
         super().__init__()

@@ -4,7 +4,8 @@ term against its input; printed as a table, drawn as bar charts (see :mod:`nonlo
 
     nonlocalnet attention --checkpoint run/model_final.safetensors video1.mp4 video2.mp4 [--out diag.png]
 
-Each video gives one clip (the model's clip length and sampling rate, centred), read as ``visualize`` reads it;
+Each video (named, or listed in a video list with ``--list``) gives one clip (the model's clip length and sampling
+rate, centred), read as ``visualize`` reads it;
 a ``.npy`` file is a clip already: (T, H, W, 3) uint8 frames. Without ``--checkpoint`` the model is the registered
 one as initialised (every block at the identity).
 """
@@ -19,8 +20,12 @@ from . import add_override_arguments, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="VIDEO_OR_CLIP",
+    parser.add_argument("inputs", nargs="*", metavar="VIDEO_OR_CLIP",
                         help="video files (anything PyAV reads) or .npy clips of (T, H, W, 3) uint8 frames")
+    parser.add_argument("--list", default=None, metavar="FILE",
+                        help="also every video of a video list ('path label' lines, Kinetics or Charades style)")
+    parser.add_argument("--root", default=None,
+                        help="the directory the list's paths are relative to (default: the list file's)")
     parser.add_argument("--model", default=None,
                         help="registered model name (default: the one the checkpoint's metadata names)")
     parser.add_argument("--checkpoint", default=None,
@@ -56,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     blocks = resolve_block_names(model, args.block)
     device = torch.device(args.device)
     model.to(device)
-    clips = [_clip(path, model, args).unsqueeze(0).to(device) for path in args.inputs]  # each (1, 3, T, H, W)
+    paths = _inputs(args)
+    clips = [_clip(path, model, args).unsqueeze(0).to(device) for path in paths]  # each (1, 3, T, H, W)
     diagnoses = diagnose_attention(model, clips, blocks, max_queries=args.max_queries)
     print(f"{name} on {len(clips)} clip(s) of {'x'.join(map(str, clips[0].shape[2:]))}"
           + ("" if args.checkpoint else " (no checkpoint: the model as initialised)"))
@@ -68,8 +74,22 @@ def run(args: argparse.Namespace) -> int:
         values = {n: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(d).items()}
                   for n, d in diagnoses.items()}
         write_text_atomic(args.json, json.dumps({"model": name, "checkpoint": args.checkpoint,
-                                                 "inputs": list(args.inputs), "blocks": values}, indent=2) + "\n")
+                                                 "inputs": paths, "blocks": values}, indent=2) + "\n")
     return 0
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The files to diagnose on: the positional ones, then the list's."""
+    paths = list(args.inputs)
+    if args.list is not None:
+        from ..data.video import read_video_list
+
+        root = Path(args.root) if args.root is not None else Path(args.list).parent
+        # labels are not used here: read every style, whatever the number of classes
+        paths += [str(root / path) for path, _ in read_video_list(args.list, num_classes=2**62, multi_label=True)]
+    if not paths:
+        raise ValueError("no video or clip given: name files, or --list a video list")
+    return paths
 
 
 def _model(args: argparse.Namespace, overrides: dict):
