@@ -157,3 +157,12 @@ def test_training_warns_once_about_a_block_still_at_the_identity(tmp_path, caplo
 
 def test_warn_inactive_blocks_says_nothing_of_a_working_block():
     assert warn_inactive_blocks(shift_to_next(), unit_vectors(), 10) == []
+
+
+def test_a_check_that_does_not_fit_is_a_warning_not_a_failure(caplog):
+    block = shift_to_next()
+    block.attention_budget_bytes = 16  # below the (2, 8, 8) weights
+    with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
+        assert warn_inactive_blocks(block, unit_vectors(), 5) == []
+    assert caplog.records[-1].getMessage().startswith("after 5 steps, the non-local blocks could not be checked: "
+                                                      "return_attention=True would build a (2, 8, 8) float32")

@@ -202,8 +202,8 @@ def estimate_cost(model: nn.Module | str, clip: Sequence[int] | None = None, *, 
     Args:
         model: a registered model name (built on fake tensors: nothing is allocated) or a module (its weights are
             not touched: the step runs on fake copies of them).
-        clip: (T, H, W) of the input; default: a registered model's clip length at 224x224. A module whose
-            ``conv1`` is 2D takes (H, W).
+        clip: (T, H, W) of the input; default: a registered model's clip length at 224x224. The input has
+            ``conv1``'s channels (3 without a ``conv1``); a module whose ``conv1`` is 2D takes (H, W).
         batch: clips per step.
         train: a training step (forward, loss, backward) rather than an inference one.
         amp: "bf16" or "fp16" to run the forward pass under autocast, None for float32.
