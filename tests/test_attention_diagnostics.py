@@ -166,3 +166,10 @@ def test_a_check_that_does_not_fit_is_a_warning_not_a_failure(caplog):
         assert warn_inactive_blocks(block, unit_vectors(), 5) == []
     assert caplog.records[-1].getMessage().startswith("after 5 steps, the non-local blocks could not be checked: "
                                                       "return_attention=True would build a (2, 8, 8) float32")
+
+
+def test_a_run_resumes_with_another_check_step_or_none_recorded():
+    from nonlocalnet.engine.rundir import config_changes
+
+    old = {"train": {"lr": 0.1}}  # a config written before the key existed
+    assert config_changes(old, {"train": {"lr": 0.1, "check_blocks_after": 1000}}) == []
