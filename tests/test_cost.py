@@ -85,7 +85,7 @@ class BlockAsModel(torch.nn.Module):
 def test_estimate_of_a_module_leaves_its_weights_alone_and_counts_its_parameters():
     model = create_model("nl_c2d_tiny")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    est = nonlocalnet.estimate_cost(model, (8, 32, 32), batch=2, train=True)
+    est = nonlocalnet.estimate_cost(model, (8, 32, 32), batch=2, train=True, blocks_alone=False)
     assert est.params == sum(p.numel() for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and model.training
