@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from nonlocalnet.io import write_text_atomic as write_atomic  # noqa: F401  (the scripts' writer)
+from nonlocalnet.models.flops import executed_flops as count_flops  # noqa: F401  (the scripts' flop count)
 
 # for a child process that measures memory: every allocation above 16 KiB is its own mapping, freed on free
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -111,31 +112,6 @@ def matmul_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> f
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2 * n ** 3 * count / elapsed / 1e9
-
-
-def _torch_formula(op):
-    """torch's own flop formula for ``op``, to count another op by: the registry's formulas take tensors, and the
-    shapes that ``custom_mapping`` passes them they take as they are (the output's shape is not needed)."""
-    from torch.utils.flop_counter import flop_registry
-    formula = flop_registry[op]
-    return lambda *args, out_shape=None, **kwargs: formula(*args, **kwargs)
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    """Flops (2 x multiply-adds) of the matrix products, convolutions and attention kernels ``fn`` runs, as
-    torch's FlopCounterMode counts them, plus what it leaves out, counted by its own formulas: the in-place
-    products on torch 2.4 to 2.15 (``baddbmm_``: every chunk of the chunked paths after the first accumulates
-    the key and value gradients with it; ``addmm_`` for completeness) and, before torch 2.15, SDPA's CPU kernel
-    forward and backward (counted as the CUDA flash kernel is)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    aten = torch.ops.aten
-    extra = {aten.baddbmm_: _torch_formula(aten.baddbmm), aten.addmm_: _torch_formula(aten.addmm),
-             aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(aten._scaled_dot_product_flash_attention),
-             aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                 _torch_formula(aten._scaled_dot_product_flash_attention_backward)}
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from .layers import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
+from .models.cost import estimate_cost
 
 __version__ = "0.1.0"
-__all__ = ["NonLocalBlock", "NonLocal1d", "NonLocal2d", "NonLocal3d", "add_nonlocal", "swap_nonlocal", "__version__"]
+__all__ = ["NonLocalBlock", "NonLocal1d", "NonLocal2d", "NonLocal3d", "add_nonlocal", "swap_nonlocal",
+           "estimate_cost", "__version__"]
 
 # model surgery lives in nonlocalnet.models, which imports the model zoo: loaded on first use, so that
 # ``import nonlocalnet`` stays as light as the layers

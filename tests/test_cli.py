@@ -15,6 +15,8 @@ END_TO_END = {
     "train": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "test": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "flops": ("tests.test_flops", "test_cli_prints_table_and_totals_for_an_8_frame_clip"),
+    "cost": ("tests.test_cost", "test_cost_command_prints_the_table_and_writes_json"),
+    "attention": ("tests.test_attention_diagnostics", "test_attention_command_prints_the_table_draws_and_writes_json"),
     "convert": ("tests.test_zoo_convert", "_convert"),
     "convert-caffe2": ("tests.test_caffe2", "convert"),
     "visualize": ("tests.test_viz", "test_visualize_command_end_to_end"),
@@ -67,6 +69,7 @@ OVERRIDES = {
     "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
     "predict": ["v.mp4", "--checkpoint", "w.safetensors"],
     "extract": ["v.mp4", "--checkpoint", "w.safetensors", "--out", "f.safetensors"],
+    "cost": ["c2d_r50"], "attention": ["v.mp4"],
 }
 
 

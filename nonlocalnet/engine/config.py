@@ -73,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 5000,
         "keep_checkpoints": 3,
         "eval_every": 0,          # iterations between evaluations during training; 0 = only at the end
+        # at this iteration, warn about each non-local block still at the identity or at uniform attention on
+        # the step's first clip (nonlocalnet.viz.diagnostics); 0 = never
+        "check_blocks_after": 1000,
     },
     "test": {
         "batch_size": 8,
@@ -344,7 +347,8 @@ VIDEO = ConfigSchema(
               "test.batch_size", "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips",
               "data.test_crops", "data.num_classes", "data.image_size", "data.train_size", "data.test_size"),
     non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
-                  "train.warmup_iterations", "data.workers", "train.lr", "train.weight_decay", "train.momentum"),
+                  "train.check_blocks_after", "train.warmup_iterations", "data.workers", "train.lr",
+                  "train.weight_decay", "train.momentum"),
     check=_check_video,
 )
 

@@ -24,9 +24,10 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "model_final.safetensors", "test_me
              "log.jsonl")
 
 # Keys a resumed run may change without changing what it computes: where output goes, how it is shown, how many
-# loader processes read the (deterministically chosen) items, and what happens after training.
+# loader processes read the (deterministically chosen) items, when the non-local blocks are checked (a warning
+# only), and what happens after training.
 RESUMABLE_KEYS = ("output_dir", "progress", "data.workers", "train.log_every", "train.eval_every",
-                  "train.keep_checkpoints", "test.*")
+                  "train.keep_checkpoints", "train.check_blocks_after", "test.*")
 
 
 def check_unused(directory: str | os.PathLike, files: Iterable[str] = RUN_FILES) -> None:

@@ -35,6 +35,7 @@ from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
 from ..models.weights import load_model, save_weights
+from ..viz.diagnostics import warn_inactive_blocks
 from . import metrics as M
 from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
                          newest_readable_checkpoint, remove_debris, restore_training_state, save_checkpoint,
@@ -319,6 +320,8 @@ def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
         bar.update(1)
         if on_iteration is not None:
             on_iteration(iteration)
+        if iteration == train_cfg["check_blocks_after"] and info.is_main:  # once: blocks still dead or uniform?
+            warn_inactive_blocks(model, device_clips(batch, device)[:1], iteration)
 
         log_now = iteration % train_cfg["log_every"] == 0 or iteration == end
         checkpoint_now = iteration % train_cfg["checkpoint_every"] == 0 or iteration == end

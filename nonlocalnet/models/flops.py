@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -185,3 +185,29 @@ def model_cost(name: str, input_size: Sequence[int] | None = None, *, batch: int
         input_size = (frames, 224, 224)
     in_channels = getattr(getattr(model, "conv1", None), "in_channels", 3)
     return count_cost(model, (batch, in_channels, *input_size), depth=depth, fake=fake)
+
+
+def executed_flops(fn: Callable[[], object]) -> int:
+    """Flops (2 x multiply-adds) of the matrix products, convolutions and attention kernels ``fn`` runs (what a
+    path executes, not the paper's count), as torch's FlopCounterMode counts them, plus what it leaves out, counted
+    by its own formulas: the in-place products on torch 2.4 to 2.15 (``baddbmm_``: every chunk of the chunked
+    paths after the first accumulates the key and value gradients with it; ``addmm_`` for completeness) and,
+    before torch 2.15, SDPA's CPU kernel forward and backward (counted as the CUDA flash kernel is). Runs on real
+    or fake tensors."""
+    aten = torch.ops.aten
+    extra = {aten.baddbmm_: _torch_formula(aten.baddbmm), aten.addmm_: _torch_formula(aten.addmm),
+             aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(aten._scaled_dot_product_flash_attention),
+             aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 _torch_formula(aten._scaled_dot_product_flash_attention_backward)}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _torch_formula(op: Any) -> Callable[..., int]:
+    """torch's own flop formula for ``op``, to count another op by: the registry's formulas take tensors, and the
+    shapes that ``custom_mapping`` passes them they take as they are (the output's shape is not needed)."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[op]
+    return lambda *args, out_shape=None, **kwargs: formula(*args, **kwargs)
