@@ -4,15 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 from .layers import NonLocal1d, NonLocal2d, NonLocal3d, NonLocalBlock
-from .models.cost import estimate_cost
 
 __version__ = "0.1.0"
 __all__ = ["NonLocalBlock", "NonLocal1d", "NonLocal2d", "NonLocal3d", "add_nonlocal", "swap_nonlocal",
            "estimate_cost", "__version__"]
 
-# model surgery lives in nonlocalnet.models, which imports the model zoo: loaded on first use, so that
+# model surgery and cost estimates live in nonlocalnet.models, which imports the model zoo: loaded on first use, so that
 # ``import nonlocalnet`` stays as light as the layers
-_LAZY = {"add_nonlocal": "nonlocalnet.models.insert", "swap_nonlocal": "nonlocalnet.models.swap"}
+_LAZY = {"add_nonlocal": "nonlocalnet.models.insert", "swap_nonlocal": "nonlocalnet.models.swap",
+         "estimate_cost": "nonlocalnet.models.cost"}
 
 
 def __getattr__(name: str) -> Any:
