@@ -708,3 +708,31 @@ def test_tiny_maskrcnn_learns_the_builtin_shapes_well_above_chance():
     summary = train_main(config, device="cpu", evaluate_every=2)
     assert summary["bbox"]["AP50"] > 0.10, summary
     assert summary["segm"]["AP50"] > 0.10, summary
+
+
+# The metrics of a fixed-seed tiny run, pinned when detection trained through its own epoch loop
+# (nonlocalnet.detection.train.main before the one engine loop): the loop it trains through now must reproduce them.
+PINNED_EPOCH_LOSSES = [
+    {"loss": 3.384331146876017, "loss_box_reg": 0.17966842899719873, "loss_classifier": 1.396774172782898,
+     "loss_mask": 1.0737103422482808, "loss_objectness": 0.6906811594963074, "loss_rpn_box_reg": 0.04349701479077339},
+    {"loss": 3.9130053520202637, "loss_box_reg": 0.7791483302911123, "loss_classifier": 1.6013327439626057,
+     "loss_mask": 0.8212178349494934, "loss_objectness": 0.6670117378234863, "loss_rpn_box_reg": 0.04429472362001737},
+]
+PINNED_BOX = {"AP": 0.0016228649892016226, "AP50": 0.00748993818300749, "AP75": 0.0, "APs": 0.0024226598484024227,
+              "AR10": 0.013333333333333334, "AR100": 0.04000000000000001}
+PINNED_WEIGHT_SUM = 6573.679347718571
+
+
+def test_a_fixed_seed_tiny_detection_run_gives_its_pinned_losses_ap_and_weights(tmp_path):
+    config = _tiny_config("shapes", "mask", mask_head_channels=16)
+    config["train"]["epochs"] = 2
+    config["train"]["lr_steps"] = [1]  # warm-up over 2 iterations, then a step after epoch 0 (iteration 3)
+    summary = train_main(config, output_dir=tmp_path, max_iters_per_epoch=3, device="cpu")
+    for key, value in PINNED_BOX.items():
+        assert summary["bbox"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    rows = [json.loads(line)["losses"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for row, pinned in zip(rows, PINNED_EPOCH_LOSSES, strict=True):
+        assert row == pytest.approx(pinned, rel=1e-6)
+    weights = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    assert sum(float(v.double().sum()) for v in weights.values() if v.is_floating_point()) == pytest.approx(
+        PINNED_WEIGHT_SUM, rel=1e-9)
