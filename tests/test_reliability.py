@@ -505,15 +505,15 @@ def test_resuming_a_run_killed_after_its_last_checkpoint_measures_the_same_preci
     longer = ("train.iterations=20", "train.checkpoint_every=10")  # 16 steps an epoch: the last one is in epoch 1
     train(_cfg(tmp_path / "straight", *longer))
     out = tmp_path / "run"
-    real = trainer._precise
+    real = trainer.precise_bn_copy
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # a kill right after the step-20 checkpoint
 
-    monkeypatch.setattr(trainer, "_precise", killed)
+    monkeypatch.setattr(trainer, "precise_bn_copy", killed)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(out, *longer))
-    monkeypatch.setattr(trainer, "_precise", real)
+    monkeypatch.setattr(trainer, "precise_bn_copy", real)
     assert (out / "checkpoints" / "checkpoint_000000020.pt").is_file()
     assert not (out / "model_final.safetensors").exists()
     train(_cfg(out, *longer), resume=True)

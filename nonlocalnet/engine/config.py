@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "bn_weight_decay": 0.0,
         "clip_grad_norm": None,
         # mixed precision: false, bf16, fp16, or true = bf16 where the device computes it (CPUs; CUDA GPUs from
-        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.trainer.amp_dtype)
+        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.precision.amp_dtype)
         "amp": False,
         "freeze_bn": False,
         "sync_bn": False,
@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "fully_convolutional": False,
         "checkpoint": None,
+        "at_end": True,           # test the final model when training ends (false: stop after model_final)
     },
     "device": "auto",
     "progress": True,
