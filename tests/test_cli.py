@@ -19,8 +19,8 @@ END_TO_END = {
     "convert-caffe2": ("tests.test_caffe2", "convert"),
     "visualize": ("tests.test_viz", "test_visualize_command_end_to_end"),
     "feature-bank-demo": ("tests.test_feature_bank", "test_demo_command_runs_and_reports_bad_sizes"),
-    "detect-train": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
-    "detect-test": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
+    "detect-train": ("tests.test_detection", "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
+    "detect-test": ("tests.test_detection", "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
     "prepare-videos": ("tests.test_prepare_videos",
                        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
 }
@@ -60,7 +60,7 @@ def test_usage_lists_the_commands_and_unknown_is_named(capsys):
 
 # the commands that take overrides, with the arguments they need besides
 OVERRIDES = {
-    "train": [], "test": [], "compare": [], "detect-train": [], "detect-test": ["checkpoint.pth"],
+    "train": [], "test": [], "compare": [], "detect-train": [], "detect-test": ["--checkpoint", "model_final.safetensors"],
     "convert": ["in.pkl", "out.safetensors"], "convert-caffe2": ["in.pkl", "out.safetensors"], "flops": ["c2d_r50"],
     "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
 }

@@ -61,10 +61,9 @@ def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tm
           "train.iterations=1", "data.train_size=8", "data.test_size=4", "train.batch_size=4",
           "train.precise_bn_batches=1"], run)
     assert (run / "tiny" / "model_final.safetensors").is_file()
-    done = _run([cli, "detect-train", "--config", "tiny_shapes", "--output-dir", "det", "--device", "cpu",
-                 "--max-iters-per-epoch", "1", "--set", "train.epochs=1", "--set", "data.num_train=4",
-                 "--set", "data.num_val=2"], run)
-    assert (run / "det" / "checkpoint.pth").is_file(), done.stdout[-2000:]
+    done = _run([cli, "detect-train", "--config", "tiny_shapes", "output_dir=det", "device=cpu",
+                 "train.max_iters_per_epoch=1", "train.epochs=1", "data.num_train=4", "data.num_val=2"], run)
+    assert (run / "det" / "model_final.safetensors").is_file(), done.stdout[-2000:]
 
 
 def test_shipped_configs_are_found_by_checkout_path_relative_path_or_stem(tmp_path, monkeypatch):

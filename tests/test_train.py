@@ -246,6 +246,68 @@ def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
     assert "views                          32 (1 per video)" in printed
 
 
+def test_no_progress_training_prints_a_log_line_every_log_every_iterations(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.log_every=1", "train.iterations=3",
+                 f"output_dir={out}"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration ")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    assert len(lines) == 3 and len(rows) == 3
+    for i, (line, row) in enumerate(zip(lines, rows), start=1):
+        fields = line.split("  ")  # iteration i/total, loss, lr, speed, data time, time left, memory
+        assert fields[:3] == [f"iteration {i}/3", f"loss {row['loss']:.4f}", f"lr {row['lr']:.4g}"]
+        assert fields[3].endswith(" clips/s") and fields[4].startswith("data ") and fields[4].endswith("s/it")
+        assert fields[5].startswith("left 0:00:") and fields[6].startswith("memory ") and fields[6].endswith(" GiB")
+    assert lines[-1].split("  ")[5] == "left 0:00:00"
+
+
+def test_test_at_end_false_stops_after_the_final_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", "test.at_end=false",
+                 f"output_dir={out}"]) == 0
+    assert "no final test (test.at_end=false)" in capsys.readouterr().out
+    assert (out / "model_final.safetensors").is_file() and not (out / "test_metrics.json").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["train"]
+
+
+def test_the_test_command_writes_beside_the_runs_report_never_over_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", f"output_dir={out}"]) == 0
+    trained = (out / "test_metrics.json").read_text()
+    checkpoint = out / "checkpoints" / "checkpoint_000000002.pt"
+    assert main(["test", "--config", str(out / "config.yaml"), "--checkpoint", str(checkpoint), "--no-progress"]) == 0
+    assert (out / "test_metrics.json").read_text() == trained
+    assert json.loads((out / "test_metrics_checkpoint_000000002.json").read_text())["checkpoint"] == str(checkpoint)
+
+
+def test_test_metrics_json_is_strict_json_when_a_class_has_no_test_video(tmp_path):
+    # 5 classes, 4 test clips: at least one class has no video, hence no accuracy (NaN in memory, null in the file)
+    out = tmp_path / "run"
+    report = train(load_config(TINY, QUICK + ["train.iterations=2", "data.num_classes=5", "data.test_size=4",
+                                              f"output_dir={out}"]))
+    assert any(math.isnan(v) for v in report["per_class_accuracy"])
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    saved = json.loads((out / "test_metrics.json").read_text(), parse_constant=refuse)
+    assert [v is None for v in saved["per_class_accuracy"]] == [math.isnan(v) for v in report["per_class_accuracy"]]
+
+
+def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_numbers(tmp_path, video_root, capsys):
+    run = _video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
+    assert main(["train", *run, "data.num_classes=400"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list {video_root / 'train.txt'} has 3 classes "
+                    f"(labels 0 to 2); set data.num_classes=3, or data.num_classes=null to take it from the list")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert main(["train", *run, "data.num_classes=null"]) == 0
+    assert load_config(tmp_path / "run" / "config.yaml")["data"]["num_classes"] == 3
+    assert load_file(tmp_path / "run" / "model_final.safetensors")["head.fc.weight"].shape[0] == 3
+
+
 def test_sync_bn_on_cpu_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="train.sync_bn needs CUDA"):
         train(load_config(TINY, QUICK + ["train.sync_bn=true", "device=cpu", f"output_dir={tmp_path}"]))

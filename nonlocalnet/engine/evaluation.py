@@ -21,6 +21,7 @@ from ..models.batchnorm import freeze_batchnorm
 from ..models.weights import load_model
 from . import metrics
 from .checkpoint import CheckpointError
+from .classes import resolve_num_classes
 from .distributed import DistInfo, all_gather_cat, init_distributed, resolve_device, unwrap_model
 from .loop import union, write_json
 from .precision import autocast
@@ -118,6 +119,7 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     The report goes to ``output``, by default ``test_metrics_<checkpoint's stem>.json`` in ``output_dir``: beside
     the ``test_metrics.json`` of the training run's own final test, which it never replaces.
     """
+    cfg = resolve_num_classes(cfg)
     device = resolve_device(cfg["device"])
     info = init_distributed(device)
     path = Path(checkpoint or cfg["test"]["checkpoint"] or Path(cfg["output_dir"]) / "model_final.safetensors")

@@ -31,17 +31,19 @@ from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
 from ..models.weights import save_weights
 from .checkpoint import CheckpointError
+from .classes import check_num_classes, resolve_num_classes
 from .config import to_plain
 from .distributed import DistInfo, all_reduce_mean, init_distributed, resolve_device, unwrap_model
 from .evaluation import device_clips, evaluate, make_loader, model_options, skipped_ids, test
-from .loop import LoopSettings, RunContext, TrainingDiverged, process_seed, train_loop
+from .loop import LoopSettings, RunContext, TrainingDiverged, train_loop
 from .optim import build_optimizer
 from .precise_bn import update_bn_stats
 from .precision import amp_dtype, autocast
+from .resume import process_seed
 from .rundir import RESUMABLE_KEYS
 
 __all__ = ["TrainingDiverged", "VideoClassification", "amp_dtype", "build_model", "evaluate", "precise_bn_copy",
-           "seed_everything", "test", "train", "training_data"]
+           "resolve_num_classes", "seed_everything", "test", "train", "training_data"]
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
@@ -69,6 +71,7 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
         The test report of :func:`evaluate` plus ``train_seconds`` and ``skipped_videos_train``, or
         ``{"stopped_at": iteration}``.
     """
+    cfg = resolve_num_classes(cfg)
     device = resolve_device(cfg["device"])
     ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]))
     return train_loop(VideoClassification(ctx), ctx, resume=resume, stop_after=stop_after,
@@ -179,6 +182,7 @@ class VideoClassification:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(model, cfg["train"])
         self.data = training_data(cfg, info)
+        check_num_classes(cfg)  # after the list's own errors (a missing video, a bad line)
         # each process its own dropout stream (the data order is per rank already, through the sampler); process 0
         # goes on with the stream the initialisation left, as a single-process run does
         if info.rank:
