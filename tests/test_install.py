@@ -24,7 +24,7 @@ def _run(cmd: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
-def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tmp_path):
+def test_a_real_install_finds_its_configs_and_runs_the_demo_and_detection(tmp_path):
     # a copy of what the wheel is built from, so nothing of the checkout is importable from the run folder
     source = tmp_path / "source"
     shutil.copytree(REPO / "nonlocalnet", source / "nonlocalnet", ignore=shutil.ignore_patterns("__pycache__"))
@@ -50,10 +50,10 @@ def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tm
 
     run = tmp_path / "run"
     run.mkdir()
-    _run([cli, "compare", "--out", "compare", "--iterations", "2", "--variants", "baseline", "dot_product",
+    _run([cli, "demo", "--out", "demo", "--iterations", "2", "--variants", "baseline", "dot_product",
           "--no-progress", "data.test_size=8", "data.train_size=32", "train.batch_size=8",
           "train.precise_bn_batches=1"], run)
-    result = json.loads((run / "compare" / "results.json").read_text())
+    result = json.loads((run / "demo" / "results.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["baseline", "dot_product"]
     assert result["config"] == "synthetic/nl_c2d_tiny.yaml"
     # a checkout's config path works from the installed package too

@@ -143,15 +143,15 @@ def test_resume_from_an_earlier_checkpoint_into_a_run_that_went_further_refuses(
         train(_cfg(out), resume=out / "checkpoints" / "checkpoint_000000006.pt")
 
 
-def test_the_comparison_replaces_its_own_runs_when_rerun(tmp_path):
-    from nonlocalnet.engine.compare import run_comparison
+def test_the_demo_replaces_its_own_runs_when_rerun(tmp_path):
+    from nonlocalnet.engine.demo import run_demo
 
     args = dict(variants=["baseline"], overrides=QUICK[:-2] + ["train.iterations=2", "data.test_size=8"],
                 jobs=1, pictures=False, echo=lambda *a: None)
-    first = run_comparison(tmp_path, **args)
+    first = run_demo(tmp_path, **args)
     messages = []
-    second = run_comparison(tmp_path, **{**args, "echo": messages.append})
-    assert any("replacing the previous comparison's run" in m for m in messages)
+    second = run_demo(tmp_path, **{**args, "echo": messages.append})
+    assert any("replacing the previous demo's run" in m for m in messages)
     assert first["rows"][0]["top1"] == second["rows"][0]["top1"]
 
 

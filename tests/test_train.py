@@ -1,4 +1,4 @@
-"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the main job."""
+"""End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the demo."""
 from __future__ import annotations
 
 import json
@@ -300,8 +300,9 @@ def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_num
     run = _video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
     assert main(["train", *run, "data.num_classes=400"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list {video_root / 'train.txt'} has 3 classes "
-                    f"(labels 0 to 2); set data.num_classes=3, or data.num_classes=null to take it from the list")
+    assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list "
+                    f"{video_root / 'train.txt'} has 3 classes (labels 0 to 2); set data.num_classes=3, or "
+                    f"data.num_classes=null to take it from the list")
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert main(["train", *run, "data.num_classes=null"]) == 0
     assert load_config(tmp_path / "run" / "config.yaml")["data"]["num_classes"] == 3
@@ -320,7 +321,7 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-# --- many processes and the main job (slow) --------------------------------------------------------------------
+# --- many processes and the demo (slow) -------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.distributed
@@ -355,9 +356,9 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
-    out = tmp_path / "compare"
-    assert main(["compare", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
+def test_demo_compares_all_variants_and_writes_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
                  "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["baseline", "gaussian", "embedded_gaussian", "dot_product",
@@ -374,11 +375,11 @@ def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
+def test_demo_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
     tiny = ["--iterations", "5", "--no-progress", "data.test_size=16", "data.train_size=64", "train.batch_size=8",
             "train.precise_bn_batches=1", "--variants", "baseline", "concatenation", "embedded_gaussian"]
-    assert main(["compare", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
-    assert main(["compare", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
     parallel, serial = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("parallel", "serial"))
     assert (parallel["jobs"], serial["jobs"]) == (2, 1)
     for a, b in zip(parallel["rows"], serial["rows"]):
@@ -387,7 +388,7 @@ def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
         weights = [load_file(tmp_path / d / a["variant"] / "model_final.safetensors") for d in ("parallel", "serial")]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), a["variant"]
     # and the seed matters, so the equality above could fail
-    assert main(["compare", "--out", str(tmp_path / "seed1"), "--jobs", "2", "--seed", "1", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "seed1"), "--jobs", "2", "--seed", "1", *tiny]) == 0
     other = load_file(tmp_path / "seed1" / "concatenation" / "model_final.safetensors")
     first = load_file(tmp_path / "serial" / "concatenation" / "model_final.safetensors")
     assert not torch.equal(other["res3.nl0.theta.weight"], first["res3.nl0.theta.weight"])
@@ -452,11 +453,11 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_failing_network_stops_the_main_job_at_once_with_one_error_line(tmp_path, capsys):
+def test_a_failing_network_stops_the_demo_at_once_with_one_error_line(tmp_path, capsys):
     # the sorted path computes only the concatenation: the gaussian network fails as it is built, while the
     # baseline (no block) would train for minutes and concatenation waits for a free process
-    out = tmp_path / "compare"
-    code = main(["compare", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
                  "data.test_size=16", "data.train_size=64", "train.batch_size=8",
                  "model.options.nonlocal_options.impl=sorted", "--variants", "baseline", "gaussian", "concatenation"])
     assert code == 2

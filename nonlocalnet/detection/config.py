@@ -5,8 +5,8 @@ A config has the sections ``model``, ``data``, ``train`` and ``test`` and, as a 
 :func:`~nonlocalnet.detection.builders.build_detector` (checked when the detector is built; ``model.task`` here;
 ``model.backbone_weights`` a local torchvision ResNet state dict to start from); ``data``, ``train`` and ``test``
 hold the keys of :data:`DATA_DEFAULTS`, :data:`TRAIN_DEFAULTS` and :data:`TEST_DEFAULTS` (an unknown key, or a
-value of another type, is an error that names it). Files live in ``configs/coco/``; a config is named by path or by file stem (``tiny_shapes``), may extend another
-with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
+value of another type, is an error that names it). Files live in ``configs/coco/``; a config is named by path or
+by file stem (``tiny_shapes``), may extend another with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
 model.backbone_nonlocal=null``, values read as YAML).
 """
 from __future__ import annotations

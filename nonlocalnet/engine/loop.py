@@ -85,6 +85,8 @@ class RunContext:
         info: this process's place among the run's processes.
         out: the run folder.
         progress: show progress bars (the log line is printed either way).
+        log_lines: print the plain log line every ``log_every`` iterations (main process; off for a caller that
+            shows the run's progress itself, as the demo does for its networks trained side by side).
     """
 
     cfg: Mapping[str, Any]
@@ -92,6 +94,7 @@ class RunContext:
     info: DistInfo = field(default_factory=DistInfo)
     out: Path = Path(".")
     progress: bool = True
+    log_lines: bool = True
 
     def autocast(self):
         """The run's autocast context (``train.amp`` on this device)."""
@@ -305,7 +308,7 @@ class _Loop:
                 row = self.row(window, lr, time.perf_counter() - began)
                 self.logger.log(iteration, row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.3g}")
-                if ctx.info.is_main:
+                if ctx.info.is_main and ctx.log_lines:
                     done = iteration - start
                     left = (end - iteration) * (time.perf_counter() - began) / done
                     tqdm.write(log_line(iteration, s.iterations, row, lr, window, task.unit, left, ctx.device),

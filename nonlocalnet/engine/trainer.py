@@ -60,12 +60,13 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
 
 def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
           stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False, log_lines: bool = True) -> dict[str, Any]:
     """Trains the config's model and tests it; returns the test report (the main process's copy).
 
     Args:
         cfg: a resolved config (:func:`~nonlocalnet.engine.config.load_config`).
         resume, stop_after, on_iteration, allow_config_change: as :func:`~nonlocalnet.engine.loop.train_loop`.
+        log_lines: print the log line every ``train.log_every`` iterations (:class:`~.loop.RunContext`).
 
     Returns:
         The test report of :func:`evaluate` plus ``train_seconds`` and ``skipped_videos_train``, or
@@ -73,7 +74,8 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     """
     cfg = resolve_num_classes(cfg)
     device = resolve_device(cfg["device"])
-    ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]))
+    ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]),
+                     log_lines)
     return train_loop(VideoClassification(ctx), ctx, resume=resume, stop_after=stop_after,
                       on_iteration=on_iteration, allow_config_change=allow_config_change)
 

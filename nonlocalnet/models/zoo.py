@@ -39,7 +39,7 @@ FROZEN_128 = {"clip": "128x1", "norm": "frozen", "nonlocal_options": {**NL, "nor
 # mmaction2's configs/recognition/i3d: mmcv's NonLocal3d (sub_sample: max-pool after the φ/g convs;
 # use_scale=False; BN after W_z)
 MMACTION2_NL = {"subsample": (1, 2, 2), "subsample_position": "projection", "scale": None, "norm": "batch"}
-# tiny networks for the built-in long-range data (the main job, tests)
+# tiny networks for the built-in long-range data (the demo, tests)
 TINY = {"layers": (1, 1, 1, 1), "width": 8, "arch": "c2d", "clip": "8x8", "num_classes": 2, "dropout": 0.0}
 
 
@@ -183,8 +183,8 @@ _register("mmaction2_nl_i3d_r50_gaussian", "mmaction2's NL I3D R50 32x2, gaussia
           layers=R50, arch="i3d", clip="32x2_mmaction2", nonlocal_locations=P.NL5_R50,
           nonlocal_options={**MMACTION2_NL, "mode": "gaussian"})
 
-# --- tiny networks for the built-in long-range data (the main job, tests) -----------------------------------
-_register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the main job's baseline", **TINY)
+# --- tiny networks for the built-in long-range data (the demo, tests) -----------------------------------
+_register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the demo's baseline", **TINY)
 # the paper's block (no scaling of f) with PyTorch's init of θ/φ/g, as the network trains from scratch
 _register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (trained from scratch)",
           **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "scale": None, "init": "pytorch"})
