@@ -301,17 +301,14 @@ def test_a_bad_override_is_one_error_line_naming_it_in_every_command(tmp_path, c
     assert message in _error_line(capsys, argv, command)
 
 
-def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch():
+def test_detection_sampler_orders_differ_by_epoch_repeat_for_the_same_epoch_and_skip_what_was_read():
     from nonlocalnet.detection.loaders import make_loader
 
-    sampler = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
-    sampler.set_epoch(0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    second = list(sampler)
-    again = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
-    again.set_epoch(1)
-    assert first != second and list(again) == second and sorted(second) == list(range(20))
+    first = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=0).sampler)
+    second = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1).sampler)
+    again = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1).sampler)
+    later = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1, skip=6).sampler)
+    assert first != second and again == second and sorted(second) == list(range(20)) and later == second[6:]
 
 
 # --- corrupt data: counted once per video, never fatal while one video decodes ---------------------------------

@@ -309,6 +309,15 @@ def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_num
     assert load_file(tmp_path / "run" / "model_final.safetensors")["head.fc.weight"].shape[0] == 3
 
 
+def test_loader_workers_are_capped_by_the_cores_this_process_may_run_on():
+    from nonlocalnet.data import ShardedSampler
+    from nonlocalnet.engine.evaluation import make_loader
+
+    loader = make_loader(list(range(8)), ShardedSampler(8), 2, workers=1000, drop_last=False, seed=0)
+    assert loader.num_workers == len(os.sched_getaffinity(0))
+    assert make_loader(list(range(8)), ShardedSampler(8), 2, workers=0, drop_last=False, seed=0).num_workers == 0
+
+
 def test_sync_bn_on_cpu_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="train.sync_bn needs CUDA"):
         train(load_config(TINY, QUICK + ["train.sync_bn=true", "device=cpu", f"output_dir={tmp_path}"]))
@@ -340,6 +349,9 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "test_metrics.json").read_text())
     assert report["videos"] == 32 and report["views"] == 32  # each process scored half, gathered once
+    # the log lines and the results, printed once for the job (by rank 0), not once per process
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("iteration ")] == ["2/4", "4/4"]
+    assert done.stdout.count("top-1 (video: views averaged)") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]  # only rank 0 logs
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -64,14 +64,15 @@ class SkipFirst(Sampler[int]):
 
 
 def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0,
-                skip: int = 0) -> DataLoader:
-    """Training order from (seed, epoch) alone, in one process as in many (``set_epoch`` on the sampler), so a
-    resumed run continues with the interrupted epoch's order; ``skip``: leave out the epoch's first items. At most
-    as many workers as the cores this process may run on."""
+                epoch: int = 0, skip: int = 0) -> DataLoader:
+    """A loader of ``dataset``: in training, epoch ``epoch``'s order, drawn from (seed, epoch) alone, in one process
+    as in many, so a resumed run continues with the interrupted epoch's order; ``skip``: leave out this process's
+    first items of the epoch. At most as many workers as the cores this process may run on."""
     group = process_group_info()
     if train or group.enabled:
         sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=train,
                                      seed=seed)
+        sampler.set_epoch(epoch)
     else:
         sampler = SequentialSampler(dataset)
     workers = min(workers, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else workers

@@ -14,6 +14,7 @@ checkpoint is written at the end of every epoch.
 from __future__ import annotations
 
 import json
+import math
 import os
 from itertools import islice
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from ..engine.checkpoint import CheckpointError, load_checkpoint
 from ..engine.config import to_plain
@@ -90,7 +90,8 @@ class Detection:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
         self.train_set, self.val_set = train_set, val_set
-        whole = len(make_loader(train_set, t["batch_size"], 0, train=True, seed=t["seed"]))
+        # batches of this process's share of an epoch (DistributedSampler pads the share to ceil(N / processes))
+        whole = math.ceil(math.ceil(len(train_set) / info.world_size) / t["batch_size"])
         cut = t["max_iters_per_epoch"]
         self.iterations_per_epoch = whole if cut is None else min(cut, whole)
         self.val_loader = make_loader(val_set, t["batch_size"], t["workers"], train=False)
@@ -118,10 +119,7 @@ class Detection:
         epoch, offset = divmod(start, per_epoch)
         while True:
             loader = make_loader(self.train_set, t["batch_size"], t["workers"], train=True, seed=t["seed"],
-                                 skip=offset * t["batch_size"])
-            sampler = loader.sampler.sampler if offset else loader.sampler
-            assert isinstance(sampler, DistributedSampler)
-            sampler.set_epoch(epoch)
+                                 epoch=epoch, skip=offset * t["batch_size"])
             # no batch is drawn past the cut: its flips would shift the random stream of the steps after it
             yield from islice(loader, per_epoch - offset)
             epoch, offset = epoch + 1, 0
