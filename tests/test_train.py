@@ -262,6 +262,18 @@ def test_no_progress_training_prints_a_log_line_every_log_every_iterations(tmp_p
     assert lines[-1].split("  ")[5] == "left 0:00:00"
 
 
+def test_resuming_a_finished_run_says_so_and_redoes_the_final_test(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    run = ["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", f"output_dir={out}"]
+    assert main(run) == 0
+    first = json.loads((out / "test_metrics.json").read_text())
+    caplog.set_level("INFO", logger="nonlocalnet")
+    assert main(run + ["--resume"]) == 0
+    assert f"the run in {out} had finished its 2 iterations; its final steps run again" in caplog.text
+    assert "top-1" in capsys.readouterr().out
+    assert json.loads((out / "test_metrics.json").read_text())["top1"] == first["top1"]
+
+
 def test_test_at_end_false_stops_after_the_final_weights(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", "test.at_end=false",

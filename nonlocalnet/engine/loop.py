@@ -218,7 +218,8 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
     logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None)
     total = settings.iterations
     if start >= total and info.is_main:
-        log.info("the run in %s had finished its %d iterations; testing its last checkpoint again", out, total)
+        log.info("the run in %s had finished its %d iterations; its final steps run again from its last checkpoint "
+                 "(%s)", out, total, "final weights and test" if settings.test_at_end else "final weights")
     end = total if stop_after is None else min(total, stop_after)
     loop = _Loop(task, ctx, settings, ddp, optimizer, scaler, logger, skipped, on_iteration)
     iteration, train_seconds = loop.run(start, end)
