@@ -653,12 +653,8 @@ def test_tiny_keypointrcnn_trains_a_few_steps_and_evaluates(tmp_path):
 
 
 def _command(name: str) -> list[str]:
-    """The command line of a detect-* command. Through ``python -m nonlocalnet.cli`` once it lists the command;
-    until then through the command's own module, which takes the same arguments."""
-    from nonlocalnet.cli import COMMANDS
-    if name in COMMANDS:
-        return [sys.executable, "-m", "nonlocalnet.cli", name]
-    return [sys.executable, "-m", f"nonlocalnet.commands.{name.replace('-', '_')}"]
+    """The command line of a ``nonlocalnet`` command, run as a module (as under torchrun)."""
+    return [sys.executable, "-m", "nonlocalnet.cli", name]
 
 
 def _run(cmd, cwd):

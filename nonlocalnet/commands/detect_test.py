@@ -3,9 +3,7 @@ detect-train run's weights, with the conventions of ``test``."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Sequence
 
 from . import add_override_arguments, overrides_of
 
@@ -34,14 +32,3 @@ def run(args: argparse.Namespace) -> int:
         cleanup()
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_test``: the same command and error handling
-    without the ``nonlocalnet`` front."""
-    from nonlocalnet.cli import main as cli_main
-
-    return cli_main(["detect-test", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from typing import Sequence
 
 from . import add_override_arguments, overrides_of
 
@@ -45,14 +43,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"run directory: {config['output_dir']}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_train``: the same command and error handling
-    without the ``nonlocalnet`` front."""
-    from nonlocalnet.cli import main as cli_main
-
-    return cli_main(["detect-train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
