@@ -319,6 +319,10 @@ def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_num
     assert main(["train", *run, "data.num_classes=null"]) == 0
     assert load_config(tmp_path / "run" / "config.yaml")["data"]["num_classes"] == 3
     assert load_file(tmp_path / "run" / "model_final.safetensors")["head.fc.weight"].shape[0] == 3
+    with pytest.raises(ValueError, match="the built-in synthetic data has none: set 2 to 6"):
+        load_config(TINY, ["data.num_classes=null"])
+    with pytest.raises(ValueError, match="data.num_classes must be a positive integer, or null .*; got 0"):
+        load_config(None, _video_overrides(video_root, tmp_path / "other") + ["data.num_classes=0"])
 
 
 def test_loader_workers_are_capped_by_the_cores_this_process_may_run_on():
