@@ -71,7 +71,11 @@ class Detection:
         self.cfg = ctx.cfg
         self.kind = ctx.cfg["model"].get("task")
         self.name = f"{self.kind} {ctx.cfg['model'].get('arch', '')}".strip()
+        # set by setup(), from the data
         self.iterations_per_epoch = 0
+        self.lr = 0.0
+        self.train_set = self.val_set = self.val_loader = None
+        self.meta: dict[str, Any] = {}
 
     def setup(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         cfg, info, device = self.cfg, self.ctx.info, self.ctx.device
