@@ -760,7 +760,9 @@ def test_a_fixed_seed_tiny_detection_run_gives_its_pinned_losses_ap_and_weights(
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rows = [{k: row[k] for k in PINNED_EPOCH_LOSSES[0]} for row in rows if row["split"] == "train"]
     for row, pinned in zip(rows, PINNED_EPOCH_LOSSES, strict=True):
-        assert row == pytest.approx(pinned, rel=1e-6)
+        assert row == pytest.approx(pinned, rel=1e-6)  # the log rows' means are float32
     weights = torch.load(tmp_path / "checkpoints" / "checkpoint_000000006.pt", weights_only=True)["model"]
+    # equal to the last digit on torch 2.14 and 2.15 CPU; the margin is for other CPUs' kernels (a schedule, data
+    # order or random-stream change moves it by 1e-3 of itself)
     assert sum(float(v.double().sum()) for v in weights.values() if v.is_floating_point()) == pytest.approx(
-        PINNED_WEIGHT_SUM, rel=1e-9)
+        PINNED_WEIGHT_SUM, rel=1e-6)
