@@ -644,6 +644,22 @@ def test_tiny_maskrcnn_trains_a_few_steps_evaluates_and_reloads(tmp_path):
     assert train_test(tmp_path / "checkpoints" / "checkpoint_000000003.pt") == summary
 
 
+def test_mixed_precision_trains_a_detector_on_the_cpu_too(tmp_path, caplog):
+    # the precision policy of every task: bfloat16 autocast where the device computes it, CPUs included
+    def first_loss(amp, out):
+        config = _tiny_config("shapes", "mask", out, mask_head_channels=16)
+        config["train"].update(max_iters_per_epoch=1, amp=amp, log_every=1)
+        config["test"]["at_end"] = False
+        assert train_detector(config)["finished"]
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    caplog.set_level("INFO", logger="nonlocalnet")
+    mixed = first_loss(True, tmp_path / "bf16")
+    assert "mixed precision: torch.bfloat16 autocast" in caplog.text
+    exact = first_loss(False, tmp_path / "fp32")
+    assert mixed != exact and abs(mixed - exact) <= 0.05 * exact  # same weights and images, bfloat16 rounding
+
+
 def test_tiny_keypointrcnn_trains_a_few_steps_and_evaluates(tmp_path):
     config = _tiny_config("figures", "keypoint", tmp_path, keypoint_head_channels=16)
     config["train"]["max_iters_per_epoch"] = 2
