@@ -146,7 +146,8 @@ class Task(Protocol):
         ``items`` items (reduced over the processes here)."""
 
     def evaluate(self, model: nn.Module, iteration: int) -> dict[str, Any]:
-        """An evaluation during training at ``iteration`` (the model is not changed)."""
+        """An evaluation during training at ``iteration`` (the weights are not changed; the loop puts the model back
+        in training mode and restores the random stream after it)."""
 
     def final_model(self, model: nn.Module, iteration: int) -> nn.Module:
         """The model the run keeps after its last step (a copy with precise BN statistics, or itself)."""
@@ -155,7 +156,8 @@ class Task(Protocol):
         """Writes ``model``'s weights as safetensors with what rebuilds it (main process)."""
 
     def test(self, model: nn.Module) -> dict[str, Any]:
-        """The final test's report (every process takes part; JSON-able, no NaN)."""
+        """The final test's report (every process takes part; JSON-able, NaN where a number is undefined, which
+        ``test_metrics.json`` writes as null)."""
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """What the task adds to a checkpoint (the model's name and options, the data's categories)."""
