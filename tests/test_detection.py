@@ -694,8 +694,9 @@ def test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_te
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
                                                      "model_final.safetensors", "tensorboard", "test_metrics.json"]
     done = _run(_command("detect-test") + ["--checkpoint", str(out / "model_final.safetensors"),
-                                           "--results", str(tmp_path / "results.json")], tmp_path)
+                                           "--results", str(tmp_path / "results.json"), "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "evaluate:" not in done.stderr  # no progress bar
     assert "keypoint AP" in done.stdout and "IoU metric: keypoints" in done.stdout
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"bbox", "keypoints"}
     # the weights score as they did at the end of training (same weights, same drawn val set)

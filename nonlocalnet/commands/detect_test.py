@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate with this config instead of the one the weights recorded")
     add_override_arguments(parser, "config", "data.num_val=200 device=cpu")
     parser.add_argument("--results", default=None, help="also write the detections (COCO results json) here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     # the overrides change --config, or else the config the weights recorded
     config = load_config(args.config) if args.config is not None else None
     try:
-        test(Path(args.checkpoint), config=config, overrides=overrides_of(args), results_file=args.results)
+        overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
+        test(Path(args.checkpoint), config=config, overrides=overrides, results_file=args.results)
     finally:
         cleanup()
     return 0

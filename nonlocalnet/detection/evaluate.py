@@ -183,8 +183,8 @@ def gather_results(results: dict[str, list[dict[str, Any]]],
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_types: Iterable[str], *,
-             kpt_oks_sigmas: Iterable[float] | None = None,
-             results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
+             kpt_oks_sigmas: Iterable[float] | None = None, results_file: str | Path | None = None,
+             progress: bool = True) -> dict[str, dict[str, float]]:
     """Run the detector over ``loader`` and score it with COCOeval (printed by the main process).
 
     Args:
@@ -193,6 +193,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_typ
         iou_types: e.g. ("bbox", "segm") or ("bbox", "keypoints").
         kpt_oks_sigmas: OKS sigmas when the data has other than COCO's 17 keypoints.
         results_file: also write the detections (COCO results format) as json, {iou_type: [...]}.
+        progress: show a progress bar (main process).
 
     Returns:
         {iou_type: {"AP": ..., "AP50": ..., ...}} on every process.
@@ -202,7 +203,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_typ
     iou_types = tuple(iou_types)
     results: dict[str, list[dict[str, Any]]] = {t: [] for t in iou_types}
     seen: list[int] = []
-    for images, targets in tqdm(loader, desc="evaluate", disable=not is_main_process(), leave=False):
+    for images, targets in tqdm(loader, desc="evaluate", disable=not (is_main_process() and progress), leave=False):
         images = [im.to(device, non_blocking=True) for im in images]
         outputs = model(images)
         ids = [int(t["image_id"]) for t in targets]

@@ -153,7 +153,7 @@ class Detection:
 
     def evaluate(self, model: nn.Module, iteration: int) -> dict[str, Any]:
         summary = evaluate(model, self.val_loader, self.ctx.device, iou_types_for(self.kind),
-                           kpt_oks_sigmas=self.cfg["data"]["kpt_oks_sigmas"])
+                           kpt_oks_sigmas=self.cfg["data"]["kpt_oks_sigmas"], progress=self.ctx.progress)
         if self.ctx.info.is_main:
             print(f"epoch {iteration // self.iterations_per_epoch - 1}\n{format_summary(summary)}", flush=True)
         return summary
@@ -204,7 +204,7 @@ def test(checkpoint: str | os.PathLike, *, config: Mapping[str, Any] | None = No
     model.to(device)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
     summary = evaluate(model, loader, device, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
-                       results_file=results_file)
+                       results_file=results_file, progress=config["progress"])
     if is_main_process():
         print(format_summary(summary))
     return summary
