@@ -733,6 +733,7 @@ def test_detect_train_runs_under_torchrun_with_gloo(tmp_path):
     assert "2 process(es)" in done.stdout
     # one log line per iteration for the job, not one per process
     assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("iteration ")] == ["1/2", "2/2"]
+    assert done.stdout.count("run directory: ") == 1
     assert set(json.loads((out / "test_metrics.json").read_text())) == {"bbox", "segm", "train_seconds"}
     # COCOeval ran once, on the main process, over the detections gathered from both
     assert done.stdout.count("IoU metric: segm") == 1

@@ -31,15 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nonlocalnet.detection.config import load_config
     from nonlocalnet.detection.train import train
-    from nonlocalnet.engine.distributed import cleanup
+    from nonlocalnet.engine.distributed import cleanup, is_main_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     config = load_config(args.config, overrides)
     try:
         train(config, resume=args.resume, allow_config_change=args.allow_config_change)
+        main_process = is_main_process()  # said once per job, not once per process
     finally:
         cleanup()
-    print(f"run directory: {config['output_dir']}")
+    if main_process:
+        print(f"run directory: {config['output_dir']}")
     return 0
 
