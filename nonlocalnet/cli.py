@@ -14,8 +14,8 @@ from typing import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "compare": ("nonlocalnet.commands.compare",
-                "the main job: train a C2D baseline and NL C2Ds of all four modes on built-in data, compare them"),
+    "demo": ("nonlocalnet.commands.demo",
+             "a C2D baseline and NL C2Ds of all four modes trained on built-in data, side by side"),
     "train": ("nonlocalnet.commands.train", "train a video classifier from a YAML config (torchrun for many processes)"),
     "test": ("nonlocalnet.commands.test", "multi-view test of a trained model: top-1/top-5 or mAP, table and JSON"),
     "predict": ("nonlocalnet.commands.predict", "top-k classes of video files, multi-view as at test time; JSON out"),
@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                           "long-term feature bank on the built-in long-video task: clip-only vs bank table"),
     "detect-train": ("nonlocalnet.commands.detect_train",
                      "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"),
-    "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
+    "detect-test": ("nonlocalnet.commands.detect_test",
+                    "COCO box / mask / keypoint AP of a detect-train run's weights"),
     "prepare-videos": ("nonlocalnet.commands.prepare_videos",
                        "re-encode a video list for fast training: short side 256, a key frame every 16 frames"),
 }

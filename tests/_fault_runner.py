@@ -80,14 +80,14 @@ def _nan_at(rank: int, step: int) -> None:
 
 
 def _dump_final(directory: str) -> None:
-    real_precise = trainer._precise
+    real_precise = trainer.precise_bn_copy
 
     def precise(*args, **kwargs):
         model = real_precise(*args, **kwargs)
         torch.save(model.state_dict(), os.path.join(directory, f"rank{os.environ.get('RANK', 0)}.pt"))
         return model
 
-    trainer._precise = precise
+    trainer.precise_bn_copy = precise
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from nonlocalnet.cli import COMMANDS, main
 
 # where each command runs on tiny inputs and its promised output (exit status, file, table) is checked
 END_TO_END = {
-    "compare": ("tests.test_train", "test_main_job_compares_all_variants_and_writes_table"),
+    "demo": ("tests.test_train", "test_demo_compares_all_variants_and_writes_table"),
     "train": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "test": ("tests.test_train", "test_cli_train_then_test_prints_and_writes_json"),
     "flops": ("tests.test_flops", "test_cli_prints_table_and_totals_for_an_8_frame_clip"),
@@ -21,8 +21,10 @@ END_TO_END = {
     "convert-caffe2": ("tests.test_caffe2", "convert"),
     "visualize": ("tests.test_viz", "test_visualize_command_end_to_end"),
     "feature-bank-demo": ("tests.test_feature_bank", "test_demo_command_runs_and_reports_bad_sizes"),
-    "detect-train": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
-    "detect-test": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
+    "detect-train": ("tests.test_detection",
+                     "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
+    "detect-test": ("tests.test_detection",
+                    "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
     "prepare-videos": ("tests.test_prepare_videos",
                        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
     "predict": ("tests.test_predict", "test_multi_view_scores_are_the_mean_of_the_views_computed_by_hand"),
@@ -64,7 +66,7 @@ def test_usage_lists_the_commands_and_unknown_is_named(capsys):
 
 # the commands that take overrides, with the arguments they need besides
 OVERRIDES = {
-    "train": [], "test": [], "compare": [], "detect-train": [], "detect-test": ["checkpoint.pth"],
+    "train": [], "test": [], "demo": [], "detect-train": [], "detect-test": ["--checkpoint", "model_final.safetensors"],
     "convert": ["in.pkl", "out.safetensors"], "convert-caffe2": ["in.pkl", "out.safetensors"], "flops": ["c2d_r50"],
     "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
     "predict": ["v.mp4", "--checkpoint", "w.safetensors"],

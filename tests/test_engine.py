@@ -494,14 +494,15 @@ def test_precise_bn_reads_each_processes_own_shard():
     from nonlocalnet.data import build_dataset
     from nonlocalnet.engine import build_model, load_config
     from nonlocalnet.engine.distributed import DistInfo
-    from nonlocalnet.engine.trainer import _precise
+    from nonlocalnet.engine.loop import RunContext
+    from nonlocalnet.engine.trainer import precise_bn_copy
 
     cfg = load_config("configs/synthetic/c2d_tiny.yaml", ["progress=false", "data.train_size=64",
                                                           "train.batch_size=8", "train.precise_bn_batches=2"])
     model = build_model(cfg)
     dataset = build_dataset(cfg["data"], "train", cfg["seed"])
-    stats = [_precise(model, dataset, cfg, torch.device("cpu"), DistInfo(rank=r, world_size=2)).bn1.running_mean
-             for r in (0, 1)]
-    alone = _precise(model, dataset, cfg, torch.device("cpu")).bn1.running_mean
+    stats = [precise_bn_copy(model, dataset, RunContext(cfg, torch.device("cpu"), DistInfo(rank=r, world_size=2))
+                             ).bn1.running_mean for r in (0, 1)]
+    alone = precise_bn_copy(model, dataset, RunContext(cfg, torch.device("cpu"))).bn1.running_mean
     assert not torch.equal(stats[0], stats[1])
     assert not torch.equal(stats[1], alone)  # rank 1 does not measure the single process's batches either

@@ -26,7 +26,7 @@ def _run(cmd: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
-def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tmp_path):
+def test_a_real_install_finds_its_configs_and_runs_the_demo_and_detection(tmp_path):
     # a copy of what the wheel is built from, so nothing of the checkout is importable from the run folder
     source = tmp_path / "source"
     shutil.copytree(REPO / "nonlocalnet", source / "nonlocalnet", ignore=shutil.ignore_patterns("__pycache__"))
@@ -52,10 +52,10 @@ def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tm
 
     run = tmp_path / "run"
     run.mkdir()
-    _run([cli, "compare", "--out", "compare", "--iterations", "2", "--variants", "baseline", "dot_product",
+    _run([cli, "demo", "--out", "demo", "--iterations", "2", "--variants", "baseline", "dot_product",
           "--no-progress", "data.test_size=8", "data.train_size=32", "train.batch_size=8",
           "train.precise_bn_batches=1"], run)
-    result = json.loads((run / "compare" / "results.json").read_text())
+    result = json.loads((run / "demo" / "results.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["baseline", "dot_product"]
     assert result["config"] == "synthetic/nl_c2d_tiny.yaml"
     # a checkout's config path works from the installed package too
@@ -63,10 +63,9 @@ def test_a_real_install_finds_its_configs_and_runs_the_main_job_and_detection(tm
           "train.iterations=1", "data.train_size=8", "data.test_size=4", "train.batch_size=4",
           "train.precise_bn_batches=1"], run)
     assert (run / "tiny" / "model_final.safetensors").is_file()
-    done = _run([cli, "detect-train", "--config", "tiny_shapes", "--output-dir", "det", "--device", "cpu",
-                 "--max-iters-per-epoch", "1", "--set", "train.epochs=1", "--set", "data.num_train=4",
-                 "--set", "data.num_val=2"], run)
-    assert (run / "det" / "checkpoint.pth").is_file(), done.stdout[-2000:]
+    done = _run([cli, "detect-train", "--config", "tiny_shapes", "output_dir=det", "device=cpu",
+                 "train.max_iters_per_epoch=1", "train.epochs=1", "data.num_train=4", "data.num_val=2"], run)
+    assert (run / "det" / "model_final.safetensors").is_file(), done.stdout[-2000:]
 
 
 def test_shipped_configs_are_found_by_checkout_path_relative_path_or_stem(tmp_path, monkeypatch):

@@ -23,7 +23,9 @@ from nonlocalnet.models.weights import read_metadata
 from nonlocalnet.viz.loading import read_video
 
 from .test_caffe2 import I3D_TEMP, NL5, convert, official_blobs
-from .test_video_data import _write_video
+from .helpers import write_video
+
+_video = functools.partial(write_video, gop=5, lossless=True)  # pixel codes survive up to RGB <-> YUV rounding
 
 HEIGHT, WIDTH = 40, 56  # landscape: the 3 test crops lie along the width
 SMALL = ["--set", "data.test_scale=32", "--set", "data.crop_size=32", "--no-progress"]
@@ -34,8 +36,8 @@ NAMES = ["cat", "dog", "eel", "fox"]
 def videos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("predict")
     rng = np.random.default_rng(0)
-    _write_video(root / "a.mp4", rng.integers(0, 256, (20, HEIGHT, WIDTH, 3), np.uint8))
-    _write_video(root / "b b.mp4", rng.integers(0, 256, (13, HEIGHT, WIDTH, 3), np.uint8))  # a space in the name
+    _video(root / "a.mp4", rng.integers(0, 256, (20, HEIGHT, WIDTH, 3), np.uint8))
+    _video(root / "b b.mp4", rng.integers(0, 256, (13, HEIGHT, WIDTH, 3), np.uint8))  # a space in the name
     (root / "broken.mp4").write_bytes(rng.integers(0, 256, 2048, np.uint8).tobytes())
     (root / "names.txt").write_text("\n".join(NAMES) + "\n")
     return root

@@ -2,7 +2,8 @@
 
 ImageNet (a torchvision-layout ResNet-50 state dict) -> inflated 32x2 / 8x8 baselines and NL models -> the
 128-frame frozen-BN NL I3D from the 32x2 I3D (as the official run script) or from the 32x2 NL I3D -> Charades
-from the Kinetics models. Only sizes, iterations, worker counts and a gradient-norm clip are overridden; every
+from the Kinetics models. Only sizes, iterations, worker counts, a gradient-norm clip and the class count (from the
+tiny lists: ``data.num_classes=null``) are overridden; every
 ``model.pretrained`` is the config's own, so a recipe that names a file its predecessor does not write fails here.
 
 Random weights on random pixels at 32² (BN over a few values at res5) give gradients of 1e9 at conv1, and which
@@ -30,7 +31,8 @@ KINETICS = ["i3d_r50_32x2", "i3d_r50_8x8", "c2d_r50_32x2", "c2d_r50_8x8", "nl_c2
             "nl_i3d_r50_32x2", "nl_i3d_r50_8x8"]  # the ones that start from ImageNet
 TINY = ["--no-progress", "train.iterations=2", "train.batch_size=2", "train.precise_bn_batches=1",
         "train.log_every=1", "data.workers=0", "data.crop_size=32", "data.train_scale=[32,40]", "data.test_scale=32",
-        "data.test_clips=2", "data.test_crops=1", "test.batch_size=2", "train.clip_grad_norm=1.0"]
+        "data.test_clips=2", "data.test_crops=1", "test.batch_size=2", "train.clip_grad_norm=1.0",
+        "data.num_classes=null"]
 
 
 def _frames(cfg: str) -> list[str]:
@@ -92,8 +94,11 @@ def test_the_builtin_data_configs_train_and_test(tmp_path, monkeypatch, name):
     assert main(["train", "--config", f"configs/synthetic/{name}.yaml", "--no-progress", "train.iterations=2",
                  "train.batch_size=4", "data.train_size=8", "data.test_size=4", "train.precise_bn_batches=1"]) == 0
     run = tmp_path / "runs" / "synthetic" / name  # the config's own output_dir
+    trained = (run / "test_metrics.json").read_text()
     assert main(["test", "--config", str(run / "config.yaml"), "--no-progress"]) == 0
-    assert json.loads((run / "test_metrics.json").read_text())["videos"] == 4
+    # the test command writes beside the run's own report, never over it
+    assert json.loads((run / "test_metrics_model_final.json").read_text())["videos"] == 4
+    assert (run / "test_metrics.json").read_text() == trained
 
 
 @pytest.mark.slow
@@ -113,8 +118,8 @@ def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(tmp_
         ann.rename(coco / "annotations" / f"{annotations}_{split}.json")
     sizes = ["--set", "train.epochs=1", "--set", "train.batch_size=1", "--set", "train.workers=0",
              "--set", "train.warmup_iters=1", "--set", "model.min_size=64", "--set", "model.max_size=64"]
-    assert main(["detect-train", "--config", name, "--output-dir", "run", "--device", "cpu",
-                 "--max-iters-per-epoch", "1", *sizes]) == 0
-    assert main(["detect-test", "run/checkpoint.pth", "--device", "cpu", "--results", "results.json"]) == 0
+    assert main(["detect-train", "--config", name, "output_dir=run", "device=cpu", "train.max_iters_per_epoch=1",
+                 *sizes]) == 0
+    assert main(["detect-test", "--checkpoint", "run/model_final.safetensors", "--results", "results.json"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == ({"bbox", "segm"} if kind == "shapes" else {"bbox", "keypoints"})

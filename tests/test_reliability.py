@@ -143,15 +143,15 @@ def test_resume_from_an_earlier_checkpoint_into_a_run_that_went_further_refuses(
         train(_cfg(out), resume=out / "checkpoints" / "checkpoint_000000006.pt")
 
 
-def test_the_comparison_replaces_its_own_runs_when_rerun(tmp_path):
-    from nonlocalnet.engine.compare import run_comparison
+def test_the_demo_replaces_its_own_runs_when_rerun(tmp_path):
+    from nonlocalnet.engine.demo import run_demo
 
     args = dict(variants=["baseline"], overrides=QUICK[:-2] + ["train.iterations=2", "data.test_size=8"],
                 jobs=1, pictures=False, echo=lambda *a: None)
-    first = run_comparison(tmp_path, **args)
+    first = run_demo(tmp_path, **args)
     messages = []
-    second = run_comparison(tmp_path, **{**args, "echo": messages.append})
-    assert any("replacing the previous comparison's run" in m for m in messages)
+    second = run_demo(tmp_path, **{**args, "echo": messages.append})
+    assert any("replacing the previous demo's run" in m for m in messages)
     assert first["rows"][0]["top1"] == second["rows"][0]["top1"]
 
 
@@ -184,9 +184,9 @@ def test_no_file_we_load_runs_code(tmp_path, capsys, command):
         "test-checkpoint": ["test", "--config", TINY, *QUICK, f"output_dir={out}", "--checkpoint", str(evil)],
         "pretrained": ["train", "--config", TINY, *QUICK, f"output_dir={out}", f"model.pretrained={evil}"],
         "convert-caffe2": ["convert-caffe2", str(evil), str(tmp_path / "out.safetensors"), "--model", "nl_c2d_tiny"],
-        "detect-train-resume": ["detect-train", "--output-dir", str(out), "--resume", str(evil),
-                                "--set", "data.num_train=2", "--set", "data.num_val=2", "--device", "cpu"],
-        "detect-test": ["detect-test", str(evil), "--device", "cpu"],
+        "detect-train-resume": ["detect-train", f"output_dir={out}", "--resume", str(evil),
+                                "data.num_train=2", "data.num_val=2", "device=cpu"],
+        "detect-test": ["detect-test", "--checkpoint", str(evil), "device=cpu"],
     }[command]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -197,11 +197,11 @@ def test_no_file_we_load_runs_code(tmp_path, capsys, command):
 
 # --- detection: the same guarantees ----------------------------------------------------------------------------
 
-def _detection_config():
+def _detection_config(output_dir):
     from tests.test_detection import _tiny_config
 
-    config = _tiny_config("shapes", "mask", mask_head_channels=16)
-    config["train"]["epochs"] = 2
+    config = _tiny_config("shapes", "mask", output_dir, mask_head_channels=16)
+    config["train"].update(epochs=2, max_iters_per_epoch=3, eval_every=2, log_every=3)  # a log row per epoch
     config["train"]["hflip"] = 0.5  # a random transform: the resumed run must draw the same flips
     return config
 
@@ -210,36 +210,37 @@ def test_detection_resume_continues_the_epoch_order_and_ends_where_an_uninterrup
                                                                                              monkeypatch):
     import nonlocalnet.detection.train as detection
 
-    kwargs = dict(max_iters_per_epoch=3, device="cpu", evaluate_every=2)
-    detection.main(_detection_config(), output_dir=tmp_path / "a", **kwargs)
+    detection.train(_detection_config(tmp_path / "a"))
     with pytest.raises(RunDirectoryError, match="already holds a run"):  # one run per directory here too
-        detection.main(_detection_config(), output_dir=tmp_path / "a", **kwargs)
+        detection.train(_detection_config(tmp_path / "a"))
 
-    real = detection.train_one_epoch
+    real = detection.Detection.forward
+    calls = []
 
-    def crash_in_epoch_1(*args, **kw):
-        if args[4] == 1:
+    def crash_in_epoch_1(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
             raise KeyboardInterrupt  # killed while training the second epoch
-        return real(*args, **kw)
+        return real(self, *args)
 
-    monkeypatch.setattr(detection, "train_one_epoch", crash_in_epoch_1)
+    monkeypatch.setattr(detection.Detection, "forward", crash_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        detection.main(_detection_config(), output_dir=tmp_path / "b", **kwargs)
-    monkeypatch.setattr(detection, "train_one_epoch", real)
-    changed = _detection_config()
+        detection.train(_detection_config(tmp_path / "b"))
+    monkeypatch.setattr(detection.Detection, "forward", real)
+    changed = _detection_config(tmp_path / "b")
     changed["train"]["lr"] = 0.05
     with pytest.raises(RunDirectoryError, match=r"train.lr: 0.02 -> 0.05"):
-        detection.main(changed, output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
-    debris = tmp_path / "b" / ".checkpoint.pth.x1y2.tmp"  # what a kill during a checkpoint write leaves
+        detection.train(changed, resume=True)
+    debris = tmp_path / "b" / "checkpoints" / ".checkpoint_000000003.pt.x1y2.tmp"  # a kill during a write
     debris.write_bytes(b"half")
-    detection.main(_detection_config(), output_dir=tmp_path / "b", resume=tmp_path / "b" / "checkpoint.pth", **kwargs)
+    detection.train(_detection_config(tmp_path / "b"), resume=True)
     assert not debris.exists()
-    a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["model"]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "checkpoint_000000006.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "checkpoint_000000006.pt", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key  # epoch 1 saw epoch 1's images and flips, not epoch 0's again
-    rows = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert rows == [0, 1]
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")  # one row per epoch and the test, as uninterrupted
+    assert [(r["step"], r["split"]) for r in _rows(tmp_path / "b")] == [(3, "train"), (6, "train"), (6, "test")]
 
 
 def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -255,36 +256,40 @@ def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_
         return real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk_at_the_second_write)
+    config = _detection_config(tmp_path)
+    config["train"]["max_iters_per_epoch"] = 1
     with pytest.raises(OSError, match="disk full"):
-        detection.main(_detection_config(), output_dir=tmp_path, max_iters_per_epoch=1, device="cpu",
-                       evaluate_every=2)
+        detection.train(config)
     monkeypatch.undo()
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "log.jsonl"]
+    assert torch.load(tmp_path / "checkpoints" / "checkpoint_000000001.pt", weights_only=True)["iteration"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_000000001.pt"]
 
 
 def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "log.jsonl").write_text('{"epoch": 0}\n')
-    argv = ["detect-train", "--output-dir", str(out), "--device", "cpu", "--set", "data.num_train=2"]
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    argv = ["detect-train", f"output_dir={out}", "device=cpu", "data.num_train=2"]
     line = _error_line(capsys, argv, "detect-train")
-    assert f"output_dir {out} already holds a run (log.jsonl); continue it with --resume" in line
-    assert [p.name for p in out.iterdir()] == ["log.jsonl"] and (out / "log.jsonl").read_text() == '{"epoch": 0}\n'
+    assert f"output_dir {out} already holds a run (metrics.jsonl); continue it with --resume" in line
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == \
+        '{"step": 1}\n'
 
 
 def _detection_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "checkpoint.pth"
-    torch.save({"model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}}, path)
+    torch.save({"task": "detection", "model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}},
+               path)
     return path
 
 
 @pytest.mark.parametrize("command", ["detect-train", "detect-test", "train", "convert", "flops", "visualize"])
 def test_a_bad_override_is_one_error_line_naming_it_in_every_command(tmp_path, capsys, command):
     argv, message = {
-        "detect-train": (["detect-train", "--device", "cpu", "--set", "train.epoch=2"],
+        "detect-train": (["detect-train", "device=cpu", "--set", "train.epoch=2"],
                          "unknown config key 'train.epoch'; known keys of 'train': amp, batch_size"),
-        "detect-test": (["detect-test", str(_detection_checkpoint(tmp_path)), "--device", "cpu", "data.num_vall=3"],
+        "detect-test": (["detect-test", "--checkpoint", str(_detection_checkpoint(tmp_path)), "device=cpu",
+                         "data.num_vall=3"],
                         "unknown config key 'data.num_vall'"),
         "train": (["train", "--config", TINY, "--set", "train.lr=fast"], "train.lr must be a finite number"),
         "convert": (["convert", str(tmp_path / "in.pkl"), str(tmp_path / "out.safetensors"), "--set", "layers"],
@@ -296,17 +301,14 @@ def test_a_bad_override_is_one_error_line_naming_it_in_every_command(tmp_path, c
     assert message in _error_line(capsys, argv, command)
 
 
-def test_detection_sampler_orders_differ_by_epoch_and_repeat_for_the_same_epoch():
-    from nonlocalnet.detection.train import make_loader
+def test_detection_sampler_orders_differ_by_epoch_repeat_for_the_same_epoch_and_skip_what_was_read():
+    from nonlocalnet.detection.loaders import make_loader
 
-    sampler = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
-    sampler.set_epoch(0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    second = list(sampler)
-    again = make_loader(list(range(20)), 2, 0, train=True, seed=3).sampler
-    again.set_epoch(1)
-    assert first != second and list(again) == second and sorted(second) == list(range(20))
+    first = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=0).sampler)
+    second = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1).sampler)
+    again = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1).sampler)
+    later = list(make_loader(list(range(20)), 2, 0, train=True, seed=3, epoch=1, skip=6).sampler)
+    assert first != second and again == second and sorted(second) == list(range(20)) and later == second[6:]
 
 
 # --- corrupt data: counted once per video, never fatal while one video decodes ---------------------------------
@@ -390,8 +392,8 @@ def test_detect_commands_turn_broken_inputs_into_one_error_line(tmp_path, coco_f
     (tmp_path / "bad.json").write_text(json.dumps(_break(data, "unknown category_id")))
     (tmp_path / "empty.json").write_text(json.dumps({**data, "annotations": []}))
     common = ["--set", f"data.train_images={images}", "--set", f"data.val_images={images}",
-              "--set", "data.builtin=null",
-              "--device", "cpu", "--max-iters-per-epoch", "1"]
+              "--set", "data.builtin=null", f"output_dir={tmp_path / 'run'}",
+              "device=cpu", "train.max_iters_per_epoch=1"]
     assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
                  "--set", f"data.val_annotations={tmp_path / 'bad.json'}"]) == 2
     err = capsys.readouterr().err
@@ -505,15 +507,15 @@ def test_resuming_a_run_killed_after_its_last_checkpoint_measures_the_same_preci
     longer = ("train.iterations=20", "train.checkpoint_every=10")  # 16 steps an epoch: the last one is in epoch 1
     train(_cfg(tmp_path / "straight", *longer))
     out = tmp_path / "run"
-    real = trainer._precise
+    real = trainer.precise_bn_copy
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # a kill right after the step-20 checkpoint
 
-    monkeypatch.setattr(trainer, "_precise", killed)
+    monkeypatch.setattr(trainer, "precise_bn_copy", killed)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(out, *longer))
-    monkeypatch.setattr(trainer, "_precise", real)
+    monkeypatch.setattr(trainer, "precise_bn_copy", real)
     assert (out / "checkpoints" / "checkpoint_000000020.pt").is_file()
     assert not (out / "model_final.safetensors").exists()
     train(_cfg(out, *longer), resume=True)

@@ -226,6 +226,94 @@ def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
     assert "views                          32 (1 per video)" in printed
 
 
+def test_no_progress_training_prints_a_log_line_every_log_every_iterations(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.log_every=1", "train.iterations=3",
+                 f"output_dir={out}"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration ")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    assert len(lines) == 3 and len(rows) == 3
+    for i, (line, row) in enumerate(zip(lines, rows), start=1):
+        fields = line.split("  ")  # iteration i/total, loss, lr, speed, data time, time left, memory
+        assert fields[:3] == [f"iteration {i}/3", f"loss {row['loss']:.4f}", f"lr {row['lr']:.4g}"]
+        assert fields[3].endswith(" clips/s") and fields[4].startswith("data ") and fields[4].endswith("s/it")
+        assert fields[5].startswith("left 0:00:") and fields[6].startswith("memory ") and fields[6].endswith(" GiB")
+    assert lines[-1].split("  ")[5] == "left 0:00:00"
+
+
+def test_resuming_a_finished_run_says_so_and_redoes_the_final_test(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    run = ["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", f"output_dir={out}"]
+    assert main(run) == 0
+    first = json.loads((out / "test_metrics.json").read_text())
+    caplog.set_level("INFO", logger="nonlocalnet")
+    assert main(run + ["--resume"]) == 0
+    assert f"the run in {out} had finished its 2 iterations; its final steps run again" in caplog.text
+    assert "top-1" in capsys.readouterr().out
+    assert json.loads((out / "test_metrics.json").read_text())["top1"] == first["top1"]
+
+
+def test_test_at_end_false_stops_after_the_final_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", "test.at_end=false",
+                 f"output_dir={out}"]) == 0
+    assert "no final test (test.at_end=false)" in capsys.readouterr().out
+    assert (out / "model_final.safetensors").is_file() and not (out / "test_metrics.json").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["train"]
+
+
+def test_the_test_command_writes_beside_the_runs_report_never_over_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", f"output_dir={out}"]) == 0
+    trained = (out / "test_metrics.json").read_text()
+    checkpoint = out / "checkpoints" / "checkpoint_000000002.pt"
+    assert main(["test", "--config", str(out / "config.yaml"), "--checkpoint", str(checkpoint), "--no-progress"]) == 0
+    assert (out / "test_metrics.json").read_text() == trained
+    assert json.loads((out / "test_metrics_checkpoint_000000002.json").read_text())["checkpoint"] == str(checkpoint)
+
+
+def test_test_metrics_json_is_strict_json_when_a_class_has_no_test_video(tmp_path):
+    # 5 classes, 4 test clips: at least one class has no video, hence no accuracy (NaN in memory, null in the file)
+    out = tmp_path / "run"
+    report = train(load_config(TINY, QUICK + ["train.iterations=2", "data.num_classes=5", "data.test_size=4",
+                                              f"output_dir={out}"]))
+    assert any(math.isnan(v) for v in report["per_class_accuracy"])
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    saved = json.loads((out / "test_metrics.json").read_text(), parse_constant=refuse)
+    assert [v is None for v in saved["per_class_accuracy"]] == [math.isnan(v) for v in report["per_class_accuracy"]]
+
+
+def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_numbers(tmp_path, video_root, capsys):
+    run = _video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
+    assert main(["train", *run, "data.num_classes=400"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list "
+                    f"{video_root / 'train.txt'} has 3 classes (labels 0 to 2); set data.num_classes=3, or "
+                    f"data.num_classes=null to take it from the list")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert main(["train", *run, "data.num_classes=null"]) == 0
+    assert load_config(tmp_path / "run" / "config.yaml")["data"]["num_classes"] == 3
+    assert load_file(tmp_path / "run" / "model_final.safetensors")["head.fc.weight"].shape[0] == 3
+    with pytest.raises(ValueError, match="the built-in synthetic data has none: set 2 to 6"):
+        load_config(TINY, ["data.num_classes=null"])
+    with pytest.raises(ValueError, match="data.num_classes must be a positive integer, or null .*; got 0"):
+        load_config(None, _video_overrides(video_root, tmp_path / "other") + ["data.num_classes=0"])
+
+
+def test_loader_workers_are_capped_by_the_cores_this_process_may_run_on():
+    from nonlocalnet.data import ShardedSampler
+    from nonlocalnet.engine.evaluation import make_loader
+
+    loader = make_loader(list(range(8)), ShardedSampler(8), 2, workers=1000, drop_last=False, seed=0)
+    assert loader.num_workers == len(os.sched_getaffinity(0))
+    assert make_loader(list(range(8)), ShardedSampler(8), 2, workers=0, drop_last=False, seed=0).num_workers == 0
+
+
 def test_sync_bn_on_cpu_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="train.sync_bn needs CUDA"):
         train(load_config(TINY, QUICK + ["train.sync_bn=true", "device=cpu", f"output_dir={tmp_path}"]))
@@ -257,6 +345,9 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "test_metrics.json").read_text())
     assert report["videos"] == 32 and report["views"] == 32  # each process scored half, gathered once
+    # the log lines and the results, printed once for the job (by rank 0), not once per process
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("iteration ")] == ["2/4", "4/4"]
+    assert done.stdout.count("top-1 (video: views averaged)") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]  # only rank 0 logs
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -273,9 +364,9 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
-    out = tmp_path / "compare"
-    assert main(["compare", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
+def test_demo_compares_all_variants_and_writes_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
                  "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in result["rows"]] == ["baseline", "gaussian", "embedded_gaussian", "dot_product",
@@ -292,11 +383,11 @@ def test_main_job_compares_all_variants_and_writes_table(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
+def test_demo_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
     tiny = ["--iterations", "5", "--no-progress", "data.test_size=16", "data.train_size=64", "train.batch_size=8",
             "train.precise_bn_batches=1", "--variants", "baseline", "concatenation", "embedded_gaussian"]
-    assert main(["compare", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
-    assert main(["compare", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
     parallel, serial = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("parallel", "serial"))
     assert (parallel["jobs"], serial["jobs"]) == (2, 1)
     for a, b in zip(parallel["rows"], serial["rows"]):
@@ -305,7 +396,7 @@ def test_main_job_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
         weights = [load_file(tmp_path / d / a["variant"] / "model_final.safetensors") for d in ("parallel", "serial")]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), a["variant"]
     # and the seed matters, so the equality above could fail
-    assert main(["compare", "--out", str(tmp_path / "seed1"), "--jobs", "2", "--seed", "1", *tiny]) == 0
+    assert main(["demo", "--out", str(tmp_path / "seed1"), "--jobs", "2", "--seed", "1", *tiny]) == 0
     other = load_file(tmp_path / "seed1" / "concatenation" / "model_final.safetensors")
     first = load_file(tmp_path / "serial" / "concatenation" / "model_final.safetensors")
     assert not torch.equal(other["res3.nl0.theta.weight"], first["res3.nl0.theta.weight"])
@@ -370,11 +461,11 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_failing_network_stops_the_main_job_at_once_with_one_error_line(tmp_path, capsys):
+def test_a_failing_network_stops_the_demo_at_once_with_one_error_line(tmp_path, capsys):
     # the sorted path computes only the concatenation: the gaussian network fails as it is built, while the
     # baseline (no block) would train for minutes and concatenation waits for a free process
-    out = tmp_path / "compare"
-    code = main(["compare", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
                  "data.test_size=16", "data.train_size=64", "train.batch_size=8",
                  "model.options.nonlocal_options.impl=sorted", "--variants", "baseline", "gaussian", "concatenation"])
     assert code == 2

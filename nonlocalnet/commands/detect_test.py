@@ -1,45 +1,36 @@
-"""``nonlocalnet detect-test``: COCO box / mask / keypoint AP of a detect-train checkpoint."""
+"""``nonlocalnet detect-test --checkpoint runs/shapes/model_final.safetensors``: COCO box / mask / keypoint AP of a
+detect-train run's weights, with the conventions of ``test``."""
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Sequence
+from pathlib import Path
 
 from . import add_override_arguments, overrides_of
 
-HELP = "COCO box / mask / keypoint AP of a detect-train checkpoint"
+HELP = "COCO box / mask / keypoint AP of a detect-train run's weights"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint.pth written by detect-train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the run's model_final.safetensors or one of its checkpoints/checkpoint_<iteration>.pt")
     parser.add_argument("--config", default=None,
-                        help="evaluate with this config instead of the one stored in the checkpoint")
-    add_override_arguments(parser, "config", "data.num_val=200")
-    parser.add_argument("--data-root", default=None, help="folder the config's relative data paths are under")
+                        help="evaluate with this config instead of the one the weights recorded")
+    add_override_arguments(parser, "config", "data.num_val=200 device=cpu")
     parser.add_argument("--results", default=None, help="also write the detections (COCO results json) here")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from nonlocalnet.detection.config import load_config
     from nonlocalnet.detection.train import test
+    from nonlocalnet.engine.distributed import cleanup
 
-    overrides = overrides_of(args)
-    if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root}")
-    # the overrides change --config, or else the config the checkpoint recorded
+    # the overrides change --config, or else the config the weights recorded
     config = load_config(args.config) if args.config is not None else None
-    test(args.checkpoint, config=config, overrides=overrides, device=args.device, results_file=args.results)
+    try:
+        overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
+        test(Path(args.checkpoint), config=config, overrides=overrides, results_file=args.results)
+    finally:
+        cleanup()
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nonlocalnet.commands.detect_test``: the same command and error handling
-    without the ``nonlocalnet`` front."""
-    from nonlocalnet.cli import main as cli_main
-
-    return cli_main(["detect-test", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

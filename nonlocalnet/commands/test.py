@@ -1,4 +1,7 @@
-"""``nonlocalnet test --config ... --checkpoint run/model_final.safetensors``: multi-view test, table and JSON."""
+"""``nonlocalnet test --config ... --checkpoint run/model_final.safetensors``: multi-view test, table and JSON.
+
+The report goes to ``<output_dir>/test_metrics_<checkpoint name>.json`` (or ``--output``): the training run's own
+``test_metrics.json`` is never replaced."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="weights: a .safetensors file or a training checkpoint (.pt); default: "
                              "<output_dir>/model_final.safetensors")
-    parser.add_argument("--output", default=None, help="JSON report path (default: <output_dir>/test_metrics.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON report path (default: <output_dir>/test_metrics_<checkpoint name>.json, beside "
+                             "the training run's own test_metrics.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_override_arguments(parser, "config", "data.test_clips=10 data.test_crops=3 test.fully_convolutional=true")
 
@@ -46,14 +51,16 @@ def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine import load_config, test
-    from ..engine.distributed import cleanup
+    from ..engine.distributed import cleanup, is_main_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
         report = test(cfg, checkpoint=args.checkpoint, output=args.output)
+        main_process = is_main_process()  # the results are printed once per job, not once per process
     finally:
         cleanup()
-    print_report(report, cfg)
+    if main_process:
+        print_report(report, cfg)
     return 0

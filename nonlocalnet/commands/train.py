@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even when the config differs from the checkpoint's (the changed keys are "
                              "listed; the result is then no longer the uninterrupted run's)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, for log files (the log line every train.log_every iterations stays)")
     add_override_arguments(parser, "config", "train.lr=0.02 output_dir=runs/x data.workers=8")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine import load_config, train
-    from ..engine.distributed import cleanup
+    from ..engine.distributed import cleanup, is_main_process
     from .test import print_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -34,9 +35,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     try:
         report = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        main_process = is_main_process()  # the results are printed once per job, not once per process
     finally:
         cleanup()
-    if "stopped_at" not in report:
-        print_report(report, cfg)
+    if main_process and "stopped_at" not in report:
+        if "finished" in report:
+            print("training finished; no final test (test.at_end=false)")
+        else:
+            print_report(report, cfg)
         print(f"run directory: {cfg['output_dir']}")
     return 0

@@ -7,8 +7,8 @@
 * :mod:`.data`: COCO-format datasets (pycocotools) and the built-in drawn dataset;
 * :mod:`.evaluate`: COCOeval box / mask / keypoint AP;
 * :mod:`.config`: the detection config schema (read by :mod:`nonlocalnet.engine.config`);
-* :mod:`.train`: ``train_one_epoch`` / ``evaluate`` / ``main`` / ``test`` over the engine's processes, checkpoints,
-  run directories and log.
+* :mod:`.loaders`: the datasets and loaders of a config;
+* :mod:`.train`: detection as a task of the engine's one training loop (``train``), and ``test``.
 """
 from .builders import ARCHS, NonLocalOptions, build_detector, keypointrcnn, maskrcnn, resnet_fpn_backbone
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, add_nonlocal_to_head, keypoint_head

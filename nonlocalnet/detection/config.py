@@ -1,10 +1,12 @@
 """Detection run configs: the schema that :mod:`nonlocalnet.engine.config`, the one config loader, reads them with.
 
-A config has three sections. ``model`` holds the arguments of :func:`~nonlocalnet.detection.builders.build_detector`
-(checked when the detector is built; ``model.task`` here); ``data`` and ``train`` hold the keys of
-:data:`DATA_DEFAULTS` and :data:`TRAIN_DEFAULTS` (an unknown key, or a value of another type, is an error that names
-it). Files live in ``configs/coco/``; a config is named by path or by file stem (``tiny_shapes``), may extend another
-with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
+A config has the sections ``model``, ``data``, ``train`` and ``test`` and, as a video config, the top-level
+``output_dir`` (the run folder), ``device`` and ``progress``. ``model`` holds the arguments of
+:func:`~nonlocalnet.detection.builders.build_detector` (checked when the detector is built; ``model.task`` here;
+``model.backbone_weights`` a local torchvision ResNet state dict to start from); ``data``, ``train`` and ``test``
+hold the keys of :data:`DATA_DEFAULTS`, :data:`TRAIN_DEFAULTS` and :data:`TEST_DEFAULTS` (an unknown key, or a
+value of another type, is an error that names it). Files live in ``configs/coco/``; a config is named by path or
+by file stem (``tiny_shapes``), may extend another with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
 model.backbone_nonlocal=null``, values read as YAML).
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from ..engine.config import ConfigError, ConfigSchema, build_config, check_steps
+from ..engine.config import AMP_CHOICES, ConfigError, ConfigSchema, build_config, check_steps
 from ..engine.config import load_config as _load_config
 from .builders import TASKS
 from .data import BUILTIN_KINDS
@@ -47,10 +49,18 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup_factor": 0.001,
     "hflip": 0.5,
     "workers": 4,
-    "print_freq": 20,
-    "amp": False,  # mixed precision (CUDA only)
+    "log_every": 20,  # iterations between log rows and log lines
+    "eval_every": 1,  # epochs between evaluations on the val set (and always at the end)
+    "keep_checkpoints": 3,  # checkpoints are written at the end of every epoch; this many are kept (0: all)
+    "max_iters_per_epoch": None,  # cut every epoch to this many iterations (a short first run)
+    # mixed precision: false, bf16, fp16, or true (the policy of nonlocalnet.engine.precision, CPUs included)
+    "amp": False,
     "sync_bn": False,  # SyncBatchNorm for NL blocks with norm "batch" under DDP
     "seed": 0,
+}
+
+TEST_DEFAULTS: dict[str, Any] = {
+    "at_end": True,  # evaluate the final model when training ends (false: stop after model_final)
 }
 
 
@@ -64,18 +74,26 @@ def _check(cfg: Mapping[str, Any]) -> None:
     if data["builtin"] is None and not (data["val_annotations"] and data["val_images"]):
         raise ConfigError("data needs either 'builtin' or val_images + val_annotations (and for training "
                           "train_images + train_annotations)")
+    if cfg["train"]["amp"] not in AMP_CHOICES or isinstance(cfg["train"]["amp"], (int, float)) \
+            and not isinstance(cfg["train"]["amp"], bool):
+        raise ConfigError(f"train.amp must be false, bf16, fp16 or true; got {cfg['train']['amp']!r}")
+    cut = cfg["train"]["max_iters_per_epoch"]
+    if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
+        raise ConfigError(f"train.max_iters_per_epoch must be a positive integer or null; got {cut!r}")
     if not 0 <= cfg["train"]["hflip"] <= 1:
         raise ConfigError(f"train.hflip is a probability (0..1); got {cfg['train']['hflip']!r}")
     check_steps(cfg, "train.lr_steps", "epochs")
 
 
 SCHEMA = ConfigSchema(
-    {"model": {}, "data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS},
+    {"output_dir": "runs/detection", "model": {}, "data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS,
+     "test": TEST_DEFAULTS, "device": "auto", "progress": True},
     free=("model",),
+    untyped=("train.amp", "train.max_iters_per_epoch"),
     positive=("data.num_train", "data.num_val", "data.image_size", "train.epochs", "train.lr_reference_batch",
-              "train.batch_size"),
+              "train.batch_size", "train.log_every"),
     non_negative=("train.lr", "train.lr_gamma", "train.momentum", "train.weight_decay", "train.warmup_iters",
-                  "train.warmup_factor", "train.workers", "train.print_freq"),
+                  "train.warmup_factor", "train.workers", "train.eval_every", "train.keep_checkpoints"),
     check=_check,
     folder="coco",
 )

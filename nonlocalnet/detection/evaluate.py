@@ -3,19 +3,25 @@
 :func:`to_coco_results` turns a detector's outputs into COCO result entries (boxes as xywh, masks as RLE,
 keypoints as flat (x, y, v) lists, category ids of the annotation file); :func:`coco_evaluate` runs COCOeval
 per IoU type and prints its summary exactly as the COCO tools do, returning the twelve (boxes / masks) or ten
-(keypoints) summary numbers by name.
+(keypoints) summary numbers by name; :func:`evaluate` runs a detector over a loader and scores it so.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from ..engine.distributed import all_gather_objects, process_group_info
+from ..engine.distributed import all_gather_objects, broadcast_from_main, is_main_process, process_group_info
+from ..io import write_text_atomic
 
 IOU_TYPES = ("bbox", "segm", "keypoints")
 
@@ -173,3 +179,47 @@ def gather_results(results: dict[str, list[dict[str, Any]]],
         for t, entries in part_results.items():
             merged[t].extend(e for e in entries if e["image_id"] in mine)
     return merged, sorted(seen)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_types: Iterable[str], *,
+             kpt_oks_sigmas: Iterable[float] | None = None, results_file: str | Path | None = None,
+             progress: bool = True) -> dict[str, dict[str, float]]:
+    """Run the detector over ``loader`` and score it with COCOeval (printed by the main process).
+
+    Args:
+        model: the detector (DDP-wrapped or not).
+        loader: over a :class:`~nonlocalnet.detection.data.CocoDetection`.
+        iou_types: e.g. ("bbox", "segm") or ("bbox", "keypoints").
+        kpt_oks_sigmas: OKS sigmas when the data has other than COCO's 17 keypoints.
+        results_file: also write the detections (COCO results format) as json, {iou_type: [...]}.
+        progress: show a progress bar (main process).
+
+    Returns:
+        {iou_type: {"AP": ..., "AP50": ..., ...}} on every process.
+    """
+    model.eval()
+    dataset = loader.dataset
+    iou_types = tuple(iou_types)
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in iou_types}
+    seen: list[int] = []
+    for images, targets in tqdm(loader, desc="evaluate", disable=not (is_main_process() and progress), leave=False):
+        images = [im.to(device, non_blocking=True) for im in images]
+        outputs = model(images)
+        ids = [int(t["image_id"]) for t in targets]
+        seen += ids
+        for t, entries in to_coco_results(outputs, ids, dataset.category_ids, iou_types).items():
+            results[t].extend(entries)
+    results, evaluated = gather_results(results, seen)
+    summary = None
+    if is_main_process():
+        if results_file is not None:
+            write_text_atomic(results_file, json.dumps(results))
+        sigmas = list(kpt_oks_sigmas) if kpt_oks_sigmas is not None else None
+        summary = coco_evaluate(dataset.coco, results, kpt_oks_sigmas=sigmas, image_ids=evaluated)
+    return broadcast_from_main(summary)
+
+
+def iou_types_for(task: str) -> tuple[str, ...]:
+    """The COCOeval IoU types of a detector task: boxes and masks, or boxes and keypoints."""
+    return ("bbox", "segm") if task == "mask" else ("bbox", "keypoints")

@@ -1,367 +1,230 @@
-"""Training and evaluation of torchvision's detectors with NL blocks: plain functions over the engine's layers.
+"""Training and testing torchvision's detectors with NL blocks: detection as a task of the one training loop.
 
-``main(config)`` builds the data (COCO files or the built-in dataset), the detector, SGD with linear warmup and
-step decay, and runs ``train_one_epoch`` / ``evaluate`` per epoch, writing ``checkpoint.pth`` and ``log.jsonl`` to
-the output folder. What a run relies on is the video trainer's: processes and devices from
-:mod:`nonlocalnet.engine.distributed` (``torchrun --nproc_per_node N``: NCCL on GPUs, gloo on CPUs; each process
-trains on its shard and the COCO evaluation gathers every process's detections), checkpoints written atomically and
-read without running code (:mod:`~nonlocalnet.engine.checkpoint`), one run per directory and resumes that refuse
-another config (:mod:`~nonlocalnet.engine.rundir`), the log through :class:`~nonlocalnet.engine.logger.MetricLogger`,
-and configs through :mod:`nonlocalnet.engine.config` (:mod:`.config` is the detection schema).
+    report = train(load_config("tiny_shapes", ["output_dir=runs/shapes"]))
+    summary = test("runs/shapes/model_final.safetensors")
+
+:class:`Detection` supplies the detector, the COCO (or built-in) data, the sum of torchvision's losses and the
+COCOeval evaluation to :func:`~nonlocalnet.engine.loop.train_loop`, which owns what every run shares with video
+training: the step schedule, the precision policy, the non-finite-loss rule, the run folder (``config.yaml``,
+``metrics.jsonl``, ``checkpoints/checkpoint_<iteration>.pt``, ``model_final.safetensors``, ``test_metrics.json``),
+resume and the log line. Epochs only count iterations here: an epoch is one pass over the training images (or
+``train.max_iters_per_epoch`` steps of it), ``train.lr_steps`` and ``train.eval_every`` count epochs, and a
+checkpoint is written at the end of every epoch.
 """
 from __future__ import annotations
 
-import atexit
-import bisect
 import json
 import math
-import shutil
-import tempfile
-import time
+import os
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
-from tqdm import tqdm
 
-from ..engine.checkpoint import CheckpointError, load_checkpoint, remove_debris, restore_training_state, \
-    write_checkpoint
+from ..engine.checkpoint import CheckpointError, load_checkpoint
 from ..engine.config import to_plain
-from ..engine.distributed import all_reduce_mean, barrier, broadcast_from_main, gather_rng_states, \
-    init_distributed, is_main_process, process_group_info, resolve_device, unwrap_model
-from ..engine.logger import MetricLogger
-from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
-from ..models.weights import load_state_dict_or_raise
+from ..engine.distributed import all_reduce_mean, init_distributed, is_main_process, resolve_device
+from ..engine.loop import LoopSettings, RunContext, train_loop
+from ..engine.rundir import RESUMABLE_KEYS
+from ..io import atomic_path
+from ..models.weights import load_state_dict_or_raise, read_state_dict, save_weights
 from .builders import build_detector
 from .config import complete_config
-from .data import CocoDetection, RandomHorizontalFlip, collate, make_builtin_coco
-from .evaluate import coco_evaluate, format_summary, gather_results, to_coco_results
+from .data import RandomHorizontalFlip
+from .evaluate import evaluate, format_summary, iou_types_for
+from .loaders import build_datasets, make_loader
 
-CHECKPOINT_NAME = "checkpoint.pth"
-LOG_NAME = "log.jsonl"
-# what a resume needs from a checkpoint
-TRAINING_STATE = ("model", "optimizer", "lr_scheduler", "epoch")
-# config keys a resumed run may change: where data and output are, how many loader processes, how much is printed
-RESUMABLE_DETECTION_KEYS = ("data.root", "train.workers", "train.print_freq", "output_dir")
+# config keys a resumed run may change: those of a video run, where the data are, how many loader processes
+RESUMABLE_DETECTION_KEYS = (*RESUMABLE_KEYS, "data.root", "train.workers")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------
+def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False, stop_after: int | None = None,
+          allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains a detector as the config says into ``cfg["output_dir"]`` and evaluates it on the val set; returns
+    the final evaluation ({iou_type: {"AP": ...}}) and ``train_seconds``.
 
-def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
-                   ) -> tuple[CocoDetection | None, CocoDetection]:
-    """The (train, val) datasets of a config's ``data`` section; the built-in one is drawn into a temp folder
-    (removed at exit). ``train=False`` builds only the validation set."""
-    keypoints = task == "keypoint"
-    if data["builtin"] is not None:
-        root = Path(tempfile.mkdtemp(prefix=f"nonlocalnet-{data['builtin']}-"))
-        atexit.register(shutil.rmtree, root, True)
-        size, seed = data["image_size"], data["seed"]
-        val_files = make_builtin_coco(data["builtin"], root, num_images=data["num_val"], image_size=size,
-                                      seed=seed + 1, split="val")
-        train_files = (make_builtin_coco(data["builtin"], root, num_images=data["num_train"], image_size=size,
-                                         seed=seed, split="train") if train else None)
-    else:
-        base = Path(data["root"]) if data["root"] else Path(".")
-        val_files = (base / data["val_images"], base / data["val_annotations"])
-        train_files = None
-        if train:
-            if not (data["train_images"] and data["train_annotations"]):
-                raise ValueError("training needs data.train_images and data.train_annotations")
-            train_files = (base / data["train_images"], base / data["train_annotations"])
-    masks = task == "mask"
-    val = CocoDetection(*val_files, masks=masks, keypoints=keypoints)
-    if not val.coco.dataset["annotations"]:
-        raise ValueError(f"{val.annotations} has no annotations: there is nothing to score AP against (COCOeval "
-                         f"would report -1)")
-    train_set = None
-    if train_files is not None:
-        train_set = CocoDetection(*train_files, masks=masks, keypoints=keypoints, train=True)
-        if train_set.category_ids != val.category_ids:
-            raise ValueError(f"train and val list different categories: {train_set.category_ids} vs "
-                             f"{val.category_ids}")
-    return train_set, val
-
-
-def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0
-                ) -> DataLoader:
-    """Training order from (seed, epoch) alone, in one process as in many (``set_epoch``), so a resumed run
-    continues with the interrupted epoch's order instead of replaying epoch 0's."""
-    group = process_group_info()
-    if train or group.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=train,
-                                     seed=seed)
-    else:
-        sampler = SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      drop_last=False, persistent_workers=False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------------------------------
-
-def make_lr_lambda(iters_per_epoch: int, lr_steps: Iterable[int], gamma: float, warmup_iters: int,
-                   warmup_factor: float):
-    """lr multiplier at iteration ``it``: linear warmup from ``warmup_factor`` over ``warmup_iters``, times
-    ``gamma`` for every step epoch passed."""
-    step_iters = sorted(int(s) * iters_per_epoch for s in lr_steps)
-
-    def factor(it: int) -> float:
-        warm = 1.0
-        if it < warmup_iters:
-            warm = warmup_factor + (1.0 - warmup_factor) * it / warmup_iters
-        return warm * gamma ** bisect.bisect_right(step_iters, it)
-
-    return factor
-
-
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, device: torch.device,
-                    epoch: int, lr_scheduler: torch.optim.lr_scheduler.LRScheduler, *,
-                    scaler: torch.amp.GradScaler | None = None, print_freq: int = 20,
-                    max_iters: int | None = None) -> dict[str, float]:
-    """One pass over ``loader``; the lr scheduler steps every iteration.
-
-    Returns:
-        the mean of each loss (and of their sum, "loss") over the epoch, averaged across processes.
+    Args:
+        cfg: a complete config (:func:`~nonlocalnet.detection.config.load_config`).
+        resume, stop_after, allow_config_change: as :func:`~nonlocalnet.engine.loop.train_loop` (True: the run
+            folder's newest readable checkpoint; a path: that checkpoint).
     """
-    model.train()
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    sums: dict[str, float] = {}
-    count = 0
-    total = len(loader) if max_iters is None else min(max_iters, len(loader))
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False)
-    start = time.time()
-    for it, (images, targets) in enumerate(bar):
-        if it >= total:
-            break
+    device = resolve_device(cfg["device"])
+    ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]))
+    return train_loop(Detection(ctx), ctx, resume=resume, stop_after=stop_after,
+                      allow_config_change=allow_config_change)
+
+
+class Detection:
+    """Detection as a task of :func:`~nonlocalnet.engine.loop.train_loop`: torchvision's Mask R-CNN / Keypoint
+    R-CNN with NL blocks, SGD at ``train.lr`` scaled linearly with the global batch, the sum of the detector's
+    losses, COCOeval on the val set."""
+
+    unit = "images"
+    resumable_keys = RESUMABLE_DETECTION_KEYS
+    skipped_name = None
+    report_sections = True
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.kind = ctx.cfg["model"].get("task")
+        self.name = f"{self.kind} {ctx.cfg['model'].get('arch', '')}".strip()
+        # set by setup(), from the data
+        self.iterations_per_epoch = 0
+        self.lr = 0.0
+        self.train_set = self.val_set = self.val_loader = None
+        self.meta: dict[str, Any] = {}
+
+    def setup(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        cfg, info, device = self.cfg, self.ctx.info, self.ctx.device
+        t = cfg["train"]
+        torch.manual_seed(t["seed"] + info.rank)
+        train_set, val_set = build_datasets(cfg["data"], self.kind)
+        if t["hflip"]:
+            perm = train_set.flip_permutation() if self.kind == "keypoint" else None
+            train_set.transform = RandomHorizontalFlip(t["hflip"], keypoint_permutation=perm)
+        model = build_detector(cfg["model"], num_classes=train_set.num_classes,
+                               num_keypoints=train_set.num_keypoints or None)
+        model.to(device)
+        if t["sync_bn"] and info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.lr = t["lr"] * t["batch_size"] * info.world_size / t["lr_reference_batch"]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
+        self.train_set, self.val_set = train_set, val_set
+        # batches of this process's share of an epoch (DistributedSampler pads the share to ceil(N / processes))
+        whole = math.ceil(math.ceil(len(train_set) / info.world_size) / t["batch_size"])
+        cut = t["max_iters_per_epoch"]
+        self.iterations_per_epoch = whole if cut is None else min(cut, whole)
+        self.val_loader = make_loader(val_set, t["batch_size"], t["workers"], train=False)
+        self.meta = {"category_ids": train_set.category_ids, "num_classes": train_set.num_classes,
+                     "keypoint_names": list(train_set.keypoint_names)}
+        if info.is_main:
+            print(f"detector: {self.name} on {len(train_set)} train / {len(val_set)} val images, "
+                  f"{info.world_size} process(es) x {t['batch_size']} images, lr {self.lr:g}, {t['epochs']} epochs "
+                  f"of {self.iterations_per_epoch} iterations, device {device}", flush=True)
+        return model, optimizer
+
+    def settings(self) -> LoopSettings:
+        t, per_epoch = self.cfg["train"], self.iterations_per_epoch
+        return LoopSettings(iterations=t["epochs"] * per_epoch, lr=self.lr,
+                            lr_steps=tuple(int(s) * per_epoch for s in t["lr_steps"]), lr_gamma=t["lr_gamma"],
+                            warmup_iterations=t["warmup_iters"], warmup_factor=t["warmup_factor"], amp=t["amp"],
+                            clip_grad_norm=None, log_every=t["log_every"], checkpoint_every=per_epoch,
+                            keep_checkpoints=t["keep_checkpoints"], eval_every=t["eval_every"] * per_epoch,
+                            test_at_end=self.cfg["test"]["at_end"])
+
+    def batches(self, start: int) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+        """Epoch after epoch from iteration ``start``: each epoch's order from (seed, epoch) alone, cut to
+        ``iterations_per_epoch`` steps."""
+        t, per_epoch = self.cfg["train"], self.iterations_per_epoch
+        epoch, offset = divmod(start, per_epoch)
+        while True:
+            loader = make_loader(self.train_set, t["batch_size"], t["workers"], train=True, seed=t["seed"],
+                                 epoch=epoch, skip=offset * t["batch_size"])
+            # no batch is drawn past the cut: its flips would shift the random stream of the steps after it
+            yield from islice(loader, per_epoch - offset)
+            epoch, offset = epoch + 1, 0
+
+    def forward(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        device = self.ctx.device
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, enabled=scaler is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        logged = _mean_over_processes({**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()})
-        if not math.isfinite(logged["loss"]):
-            raise FloatingPointError(f"loss is {logged['loss']} at epoch {epoch} iteration {it}: {logged}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        lr_scheduler.step()
-        for k, v in logged.items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.2e}")
-        if print_freq and (it % print_freq == 0 or it == total - 1) and is_main_process():
-            parts = " ".join(f"{k} {v:.4f}" for k, v in logged.items())
-            tqdm.write(f"epoch {epoch} [{it + 1}/{total}] lr {lr:.2e} {parts} ({time.time() - start:.0f}s)")
-    return {k: v / max(count, 1) for k, v in sums.items()}
+        return model(images, targets)
+
+    def loss(self, losses: Mapping[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+    def items(self, batch: Any) -> int:
+        return len(batch[0])
+
+    def skipped_ids(self, batch: Any) -> list[int]:
+        return []
+
+    def window_values(self, sums: Mapping[str, float], steps: int, items: int) -> dict[str, float]:
+        names = sorted(sums)
+        if not names:
+            return {}
+        means = all_reduce_mean(torch.tensor([sums[k] / steps for k in names], device=self.ctx.device))
+        return dict(zip(names, means.tolist()))
+
+    def evaluate(self, model: nn.Module, iteration: int) -> dict[str, Any]:
+        summary = evaluate(model, self.val_loader, self.ctx.device, iou_types_for(self.kind),
+                           kpt_oks_sigmas=self.cfg["data"]["kpt_oks_sigmas"], progress=self.ctx.progress)
+        if self.ctx.info.is_main:
+            print(f"epoch {iteration // self.iterations_per_epoch - 1}\n{format_summary(summary)}", flush=True)
+        return summary
+
+    def final_model(self, model: nn.Module, iteration: int) -> nn.Module:
+        return model
+
+    def save_weights(self, model: nn.Module, path: Path) -> None:
+        # what `nonlocalnet detect-test --checkpoint` needs to rebuild the detector and read its categories
+        with atomic_path(path) as tmp:
+            save_weights(model, tmp, metadata={"task": "detection", "config": json.dumps(to_plain(self.cfg)),
+                                               "meta": json.dumps(self.meta)})
+
+    def test(self, model: nn.Module) -> dict[str, Any]:
+        return self.evaluate(model, self.cfg["train"]["epochs"] * self.iterations_per_epoch)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"task": "detection", "meta": self.meta}
+
+    def check_checkpoint(self, state: Mapping[str, Any], source: Path) -> None:
+        if state.get("task") != "detection":
+            raise CheckpointError(f"{source} is not a checkpoint of `nonlocalnet detect-train`")
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_types: Iterable[str], *,
-             kpt_oks_sigmas: Iterable[float] | None = None,
-             results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Run the detector over ``loader`` and score it with COCOeval (printed by the main process).
-
-    Args:
-        model: the detector (DDP-wrapped or not).
-        loader: over a :class:`CocoDetection`.
-        iou_types: e.g. ("bbox", "segm") or ("bbox", "keypoints").
-        kpt_oks_sigmas: OKS sigmas when the data has other than COCO's 17 keypoints.
-        results_file: also write the detections (COCO results format) as json, {iou_type: [...]}.
-
-    Returns:
-        {iou_type: {"AP": ..., "AP50": ..., ...}} on every process.
-    """
-    model.eval()
-    dataset: CocoDetection = loader.dataset
-    iou_types = tuple(iou_types)
-    results: dict[str, list[dict[str, Any]]] = {t: [] for t in iou_types}
-    seen: list[int] = []
-    for images, targets in tqdm(loader, desc="evaluate", disable=not is_main_process(), leave=False):
-        images = [im.to(device, non_blocking=True) for im in images]
-        outputs = model(images)
-        ids = [int(t["image_id"]) for t in targets]
-        seen += ids
-        for t, entries in to_coco_results(outputs, ids, dataset.category_ids, iou_types).items():
-            results[t].extend(entries)
-    results, evaluated = gather_results(results, seen)
-    summary = None
-    if is_main_process():
-        if results_file is not None:
-            Path(results_file).write_text(json.dumps(results))
-        sigmas = list(kpt_oks_sigmas) if kpt_oks_sigmas is not None else None
-        summary = coco_evaluate(dataset.coco, results, kpt_oks_sigmas=sigmas, image_ids=evaluated)
-    return broadcast_from_main(summary)
-
-
-def iou_types_for(task: str) -> tuple[str, ...]:
-    return ("bbox", "segm") if task == "mask" else ("bbox", "keypoints")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------------
-
-def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, resume: str | Path | None = None,
-         backbone_weights: str | Path | None = None, device: str | None = None,
-         max_iters_per_epoch: int | None = None, evaluate_every: int = 1, allow_config_change: bool = False
-         ) -> dict[str, dict[str, float]]:
-    """Train a detector as the config says, evaluating on the val set; returns the last evaluation.
+def test(checkpoint: str | os.PathLike, *, config: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
+         results_file: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """Evaluates a detect-train run's weights on the val set of its config (or of ``config``).
 
     Args:
-        config: a complete config (:func:`~nonlocalnet.detection.config.load_config`).
-        output_dir: where ``checkpoint.pth`` and ``log.jsonl`` go (None: nowhere).
-        resume: a checkpoint to continue from (model, optimizer, lr schedule, epoch, random state); its config
-            must be this one (unless ``allow_config_change``). Without it, ``output_dir`` must not hold a run.
-        backbone_weights: a local torchvision ResNet state dict to start the backbone from.
-        device: "cpu", "cuda" or None (CUDA when available).
-        max_iters_per_epoch: cut epochs short (smoke tests).
-        evaluate_every: evaluate after every this many epochs (and always after the last).
-        allow_config_change: resume even when the config differs from the checkpoint's (the changes are printed).
-    """
-    device_ = resolve_device(device or "auto")
-    info = init_distributed(device_)
-    out = Path(output_dir) if output_dir is not None else None
-    state = _resume_state(resume, config, allow_config_change) if resume is not None else None
-    if out is not None and state is None:
-        check_unused(out, (CHECKPOINT_NAME, LOG_NAME))
-    model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
-    task = model_cfg.get("task")
-    torch.manual_seed(train_cfg["seed"] + info.rank)
-    train_set, val_set = build_datasets(data_cfg, task)
-    assert train_set is not None
-    if train_cfg["hflip"]:
-        perm = train_set.flip_permutation() if task == "keypoint" else None
-        train_set.transform = RandomHorizontalFlip(train_cfg["hflip"], keypoint_permutation=perm)
-    model = build_detector(model_cfg, num_classes=train_set.num_classes,
-                           num_keypoints=train_set.num_keypoints or None, backbone_weights=backbone_weights)
-    model.to(device_)
-    if train_cfg["sync_bn"] and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device_.index] if device_.type == "cuda" else None)
-
-    batch = train_cfg["batch_size"]
-    lr = train_cfg["lr"] * batch * info.world_size / train_cfg["lr_reference_batch"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=train_cfg["momentum"],
-                                weight_decay=train_cfg["weight_decay"])
-    train_loader = make_loader(train_set, batch, train_cfg["workers"], train=True, seed=train_cfg["seed"])
-    val_loader = make_loader(val_set, batch, train_cfg["workers"], train=False)
-    iters = len(train_loader) if max_iters_per_epoch is None else min(max_iters_per_epoch, len(train_loader))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(
-        iters, train_cfg["lr_steps"], train_cfg["lr_gamma"], train_cfg["warmup_iters"], train_cfg["warmup_factor"]))
-    scaler = None
-    if train_cfg["amp"]:
-        if device_.type != "cuda":
-            raise ValueError("train.amp needs a CUDA device")
-        scaler = torch.amp.GradScaler("cuda")
-    meta = {"category_ids": train_set.category_ids, "num_classes": train_set.num_classes,
-            "keypoint_names": list(train_set.keypoint_names)}
-
-    start_epoch = 0
-    if state is not None:
-        restore_training_state(state, resume, unwrap_model(model), optimizer, device_, info, scaler=scaler,
-                               lr_scheduler=lr_scheduler, mismatch="holds weights of another detector")
-        start_epoch = state["epoch"] + 1
-    if out is not None and info.is_main:  # every check passed: the directory is this run's
-        remove_debris(out)
-        if state is not None:
-            truncate_jsonl(out / LOG_NAME, lambda row: row.get("epoch", -1) < start_epoch)
-    logger = MetricLogger(out, enabled=info.is_main, tensorboard=False, filename=LOG_NAME)
-
-    if info.is_main:
-        print(f"detector: {task} {model_cfg.get('arch')} on {len(train_set)} train / {len(val_set)} val images, "
-              f"{info.world_size} process(es) x {batch} images, lr {lr:g}, {train_cfg['epochs']} epochs of {iters} "
-              f"iterations, device {device_}")
-    summary: dict[str, dict[str, float]] = {}
-    epochs = train_cfg["epochs"]
-    for epoch in range(start_epoch, epochs):
-        losses = train_one_epoch(model, optimizer, train_loader, device_, epoch, lr_scheduler, scaler=scaler,
-                                 print_freq=train_cfg["print_freq"], max_iters=max_iters_per_epoch)
-        last = epoch == epochs - 1
-        if last or (epoch + 1) % evaluate_every == 0:
-            summary = evaluate(model, val_loader, device_, iou_types_for(task),
-                               kpt_oks_sigmas=data_cfg["kpt_oks_sigmas"])
-            if info.is_main:
-                print(f"epoch {epoch}\n{format_summary(summary)}")
-        rng = gather_rng_states(device_) if out is not None else None  # a collective: every process takes part
-        if out is not None and info.is_main:
-            write_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                              "lr_scheduler": lr_scheduler.state_dict(),
-                              "scaler": scaler.state_dict() if scaler is not None else None,
-                              "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng},
-                             out / CHECKPOINT_NAME)
-        logger.write({"epoch": epoch, "losses": losses, "eval": summary if summary else None})
-    logger.close()
-    barrier()
-    return summary
-
-
-def _resume_state(resume: str | Path, config: Mapping[str, Any], allow_change: bool) -> dict[str, Any]:
-    """The checkpoint to resume from, read without running code and checked: a detect-train checkpoint of this
-    config (or, with ``allow_change``, of another, the changes printed)."""
-    state = load_checkpoint(resume)
-    if not set(TRAINING_STATE) <= set(state):
-        raise CheckpointError(f"{resume} is not a detect-train checkpoint (needs {', '.join(TRAINING_STATE)})")
-    check_resume_config(state.get("config"), config, resume, allow_change=allow_change,
-                        warn=lambda message: print(f"warning: {message}", flush=True),
-                        allowed=RESUMABLE_DETECTION_KEYS)
-    return state
-
-
-def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-         device: str | None = None, results_file: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate a checkpoint written by :func:`main` on the val set of its config (or of ``config``).
-
-    Args:
-        checkpoint: ``checkpoint.pth`` of a detect-train run.
-        config: the config to evaluate with; None: the one the checkpoint recorded.
+        checkpoint: the run's ``model_final.safetensors`` or one of its ``checkpoints/checkpoint_<iteration>.pt``.
+        config: the config to evaluate with; None: the one the file recorded.
         overrides: ``key=value`` changes of that config (e.g. ``data.num_val=200``).
-        device: "cpu", "cuda" or None (CUDA when available).
         results_file: also write the detections (COCO results format) as json.
     """
-    device_ = resolve_device(device or "auto")
-    init_distributed(device_)
-    state = load_checkpoint(checkpoint)
-    if "model" not in state or "config" not in state:
-        raise CheckpointError(f"{checkpoint} is not a detection checkpoint written by detect-train "
-                              "(needs 'model' and 'config')")
-    config = complete_config(config if config is not None else state["config"], overrides)
+    weights, recorded, meta = _read_detection_weights(Path(checkpoint))
+    config = complete_config(config if config is not None else recorded, overrides)
+    device = resolve_device(config["device"])
+    init_distributed(device)
     task = config["model"].get("task")
     _, val_set = build_datasets(config["data"], task, train=False)
-    meta = state.get("meta", {})
     if meta.get("category_ids") and list(meta["category_ids"]) != val_set.category_ids:
         raise ValueError(f"the checkpoint was trained on categories {meta['category_ids']}; the val set lists "
                          f"{val_set.category_ids}")
     model_cfg = {k: v for k, v in config["model"].items() if k != "backbone_weights"}  # the checkpoint has them
     model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
                            num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
-    load_state_dict_or_raise(model, state["model"], f"{checkpoint} does not fit the config's detector",
-                             CheckpointError)
-    model.to(device_)
+    load_state_dict_or_raise(model, weights, f"{checkpoint} does not fit the config's detector", CheckpointError)
+    model.to(device)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
-    summary = evaluate(model, loader, device_, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
-                       results_file=results_file)
+    summary = evaluate(model, loader, device, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
+                       results_file=results_file, progress=config["progress"])
     if is_main_process():
         print(format_summary(summary))
     return summary
 
 
-def _mean_over_processes(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Each scalar tensor's mean over the processes, as floats (one all-reduce for all of them)."""
-    names = sorted(values)
-    stacked = all_reduce_mean(torch.stack([values[k].float() for k in names]))
-    return dict(zip(names, stacked.tolist()))
+def _read_detection_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, the config they were trained with, their categories) of a detect-train file."""
+    if path.suffix == ".safetensors":
+        from ..models.weights import read_metadata
+
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        metadata = read_metadata(path)
+        if metadata.get("task") != "detection" or "config" not in metadata:
+            raise CheckpointError(f"{path} is not the weights of a detect-train run (its metadata names no "
+                                  f"detection config)")
+        weights, _ = read_state_dict(path)
+        return weights, json.loads(metadata["config"]), json.loads(metadata.get("meta", "{}"))
+    state = load_checkpoint(path)
+    if state.get("task") != "detection" or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of `nonlocalnet detect-train` (needs 'model' and "
+                              f"'config')")
+    return state["model"], state["config"], state.get("meta", {})

@@ -1,9 +1,9 @@
 """Training checkpoints: written atomically (temporary file, then rename), the last k kept, read without running
 code (``torch.load(weights_only=True)``), and on resume the newest *readable* one is used.
 
-Both trainers write and read theirs here: video runs keep ``checkpoints/checkpoint_<iteration>.pt``
-(:func:`save_checkpoint`), detection runs one ``checkpoint.pth`` (:func:`write_checkpoint`); a resume loads its
-state back with :func:`restore_training_state`."""
+The training loop (:mod:`~nonlocalnet.engine.loop`) writes every task's here, as
+``checkpoints/checkpoint_<iteration>.pt`` (:func:`save_checkpoint`); a resume loads its state back with
+:func:`restore_training_state`."""
 from __future__ import annotations
 
 import logging

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "data": {
         "type": "synthetic",      # "synthetic" (built in), "kinetics" (path label lists), "charades" (multi-label)
-        "num_classes": 2,
+        "num_classes": 2,         # null: from the training list (its largest label + 1); a number must match it
         "root": None,
         "train_list": None,
         "test_list": None,
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "bn_weight_decay": 0.0,
         "clip_grad_norm": None,
         # mixed precision: false, bf16, fp16, or true = bf16 where the device computes it (CPUs; CUDA GPUs from
-        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.trainer.amp_dtype)
+        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.precision.amp_dtype)
         "amp": False,
         "freeze_bn": False,
         "sync_bn": False,
@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "fully_convolutional": False,
         "checkpoint": None,
+        "at_end": True,           # test the final model when training ends (false: stop after model_final)
     },
     "device": "auto",
     "progress": True,
@@ -328,6 +329,13 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
                              or not math.isfinite(clip)):
         raise ConfigError(f"train.clip_grad_norm must be a positive number or null; got {clip!r}")
     data = cfg["data"]
+    classes = data["num_classes"]
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise ConfigError(f"data.num_classes must be a positive integer, or null to take it from the training "
+                          f"list; got {classes!r}")
+    if classes is None and data["type"] == "synthetic":
+        raise ConfigError("data.num_classes=null takes the number from a video list; the built-in synthetic data "
+                          "has none: set 2 to 6")
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
     if data["decoder"] not in DECODERS:
@@ -342,10 +350,10 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
 VIDEO = ConfigSchema(
     DEFAULTS,
     free=("model.options",),
-    untyped=("train.amp",),  # a bool or a name, checked by _check_video
+    untyped=("train.amp", "data.num_classes"),  # checked by _check_video
     positive=("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every",
               "test.batch_size", "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips",
-              "data.test_crops", "data.num_classes", "data.image_size", "data.train_size", "data.test_size"),
+              "data.test_crops", "data.image_size", "data.train_size", "data.test_size"),
     non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
                   "train.check_blocks_after", "train.warmup_iterations", "data.workers", "train.lr",
                   "train.weight_decay", "train.momentum"),

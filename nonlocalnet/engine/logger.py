@@ -15,8 +15,8 @@ class MetricLogger:
         enabled: False in non-main processes (then every call is a no-op).
         tensorboard: also write TensorBoard event files under ``directory/tensorboard``.
         purge_step: a resumed run's first step: TensorBoard hides the events an interrupted attempt logged from
-            this step on (the JSON-lines file is cut by the trainer itself).
-        filename: the JSON-lines file in ``directory`` (the detection trainer's is ``log.jsonl``).
+            this step on (the JSON-lines file is cut by the training loop itself).
+        filename: the JSON-lines file in ``directory``.
     """
 
     def __init__(self, directory: str | os.PathLike | None, enabled: bool = True, tensorboard: bool = True,

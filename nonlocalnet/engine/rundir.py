@@ -1,7 +1,7 @@
 """A run directory belongs to one run: a fresh start refuses a used one, a resume refuses a changed config, and
 what a resumed run replays is cut from its logs first.
 
-Used by both trainers (video: :mod:`nonlocalnet.engine.trainer`, detection: :mod:`nonlocalnet.detection.train`).
+Used by the training loop (:mod:`nonlocalnet.engine.loop`) for every task.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class RunDirectoryError(ValueError):
     all_processes = True  # raised alike by every process of a torchrun job: the CLI says it once
 
 
-# The files that mark a directory as holding a run (of either trainer).
+# The files that mark a directory as holding a run.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "model_final.safetensors", "test_metrics.json", "checkpoint.pth",
              "log.jsonl")
 

@@ -1,4 +1,4 @@
-"""The main job: a miniature of the paper's Table 2(a) on the built-in long-range data.
+"""The demo: a miniature of the paper's Table 2(a) on the built-in long-range data.
 
 A C2D baseline and the same network with one non-local block of each instantiation are trained with the same
 recipe and seed, tested on the same held-out clips and compared: top-1, parameters, multiply-adds and training
@@ -49,7 +49,7 @@ def default_jobs(variants: int, threads: int = 1) -> int:
     return max(1, min(variants, cores // threads))
 
 
-def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
+def run_demo(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
                    variants: Sequence[str] = VARIANTS, overrides: Sequence[str] = (), attention_clips: int = 256,
                    pictures: bool = True, jobs: int | None = None, threads: int = 1, echo=print) -> dict[str, Any]:
     """Trains and tests every variant; writes ``results.md``, ``results.json`` and attention pictures to ``out``.
@@ -72,7 +72,7 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
     jobs = min(jobs, len(variants))
     cfg = variant_config(config, variants[-1], out, overrides)
     _clear_previous_runs(out, variants, echo)
-    echo(f"[compare] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
+    echo(f"[demo] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
          f"(seed {cfg['seed']}), {jobs} at a time, {threads} thread(s) each")
     began = time.perf_counter()
     task = dict(config=config, out=out, overrides=list(overrides), attention_clips=attention_clips,
@@ -101,9 +101,9 @@ def run_comparison(out: str | os.PathLike, *, config: str | os.PathLike | None =
 
 
 def _clear_previous_runs(out: Path, variants: Sequence[str], echo) -> None:
-    """A comparison owns its networks' run directories: a rerun replaces them (saying so), the table with them.
+    """The demo owns its networks' run directories: a rerun replaces them (saying so), the table with them.
 
-    (``nonlocalnet train`` itself never reuses a directory; the comparison's runs are reproducible from the seed.)
+    (``nonlocalnet train`` itself never reuses a directory; the demo's runs are reproducible from the seed.)
     """
     import shutil
 
@@ -112,7 +112,7 @@ def _clear_previous_runs(out: Path, variants: Sequence[str], echo) -> None:
     for variant in variants:
         run = out / variant
         if run.is_dir() and any((run / name).exists() for name in (*RUN_FILES, "config.yaml")):
-            echo(f"[compare] replacing the previous comparison's run in {run}")
+            echo(f"[demo] replacing the previous demo's run in {run}")
             shutil.rmtree(run)
 
 
@@ -127,7 +127,7 @@ def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, ov
     from .trainer import build_model, train
 
     cfg = variant_config(config, variant, out, overrides)
-    report = train(cfg, on_iteration=on_iteration)
+    report = train(cfg, on_iteration=on_iteration, log_lines=False)  # the demo shows each network's progress
     model = build_model(cfg)
     model.load_state_dict(load_file(os.fspath(Path(cfg["output_dir"]) / "model_final.safetensors")))
     model.eval()
@@ -153,7 +153,7 @@ def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, ov
 
 
 def _report_row(row: dict[str, Any], echo) -> None:
-    echo(f"[compare] {row['variant']}: top-1 {100 * row['top1']:.1f}% in {row['train_seconds']:.0f} s of training")
+    echo(f"[demo] {row['variant']}: top-1 {100 * row['top1']:.1f}% in {row['train_seconds']:.0f} s of training")
 
 
 # --- one process per network ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``nonlocalnet compare``: the main job. C2D baseline vs one NL block of each instantiation, on built-in data."""
+"""``nonlocalnet demo``: a miniature of the paper's Table 2(a). A C2D baseline vs one NL block of each instantiation,
+trained and tested on the built-in long-range data."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +8,12 @@ from . import add_override_arguments, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..engine.compare import VARIANTS
+    from ..engine.demo import VARIANTS
 
     parser.add_argument("--config", default=None,
                         help="the NL network's config (default: configs/synthetic/nl_c2d_tiny.yaml); the baseline "
                              "is the same network without its non-local blocks")
-    parser.add_argument("--out", default="outputs/compare", help="where the table, JSON, pictures and runs go")
+    parser.add_argument("--out", default="outputs/demo", help="where the table, JSON, pictures and runs go")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="which networks to train (default: all five)")
     parser.add_argument("--seed", type=int, default=None, help="the seed of data, init and order (default: config's)")
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.compare import run_comparison
+    from ..engine.demo import run_demo
 
     overrides = overrides_of(args)
     if args.seed is not None:
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.iterations={args.iterations}")
     if args.no_progress:
         overrides.append("progress=false")
-    result = run_comparison(args.out, config=args.config, variants=args.variants, overrides=overrides,
-                            jobs=args.jobs, threads=args.threads)
+    result = run_demo(args.out, config=args.config, variants=args.variants, overrides=overrides,
+                      jobs=args.jobs, threads=args.threads)
     print()
     print(result["markdown"])
     each = ", ".join(f"{r['variant']} {r['train_seconds']:.0f} s" for r in result["rows"])
