@@ -289,7 +289,7 @@ def test_test_metrics_json_is_strict_json_when_a_class_has_no_test_video(tmp_pat
 
 
 def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_numbers(tmp_path, video_root, capsys):
-    run = _video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
+    run = video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
     assert main(["train", *run, "data.num_classes=400"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list "
@@ -302,7 +302,7 @@ def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_num
     with pytest.raises(ValueError, match="the built-in synthetic data has none: set 2 to 6"):
         load_config(TINY, ["data.num_classes=null"])
     with pytest.raises(ValueError, match="data.num_classes must be a positive integer, or null .*; got 0"):
-        load_config(None, _video_overrides(video_root, tmp_path / "other") + ["data.num_classes=0"])
+        load_config(None, video_overrides(video_root, tmp_path / "other") + ["data.num_classes=0"])
 
 
 def test_loader_workers_are_capped_by_the_cores_this_process_may_run_on():
