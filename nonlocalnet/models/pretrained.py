@@ -78,9 +78,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
             inflation = inflate_2d_weights(model, state)
         except ValueError as e:
             raise PretrainedMismatch(f"{path}: {e}") from None
-        report = PretrainedReport("2D inflated", loaded=list(inflation.inflated) + list(inflation.kept),
-                                  fresh=[k for k in model.state_dict() if k not in inflation.inflated
-                                         and k not in inflation.kept])
+        # loaded: every tensor taken from the file, inflated over time or copied as it is (BN, 1-frame convs);
+        # fresh: the model's own tensors the file has no counterpart for (non-local blocks, a skipped classifier)
+        loaded = set(inflation.inflated) | set(inflation.copied)
+        report = PretrainedReport("2D inflated", loaded=[k for k in model.state_dict() if k in loaded],
+                                  fresh=[k for k in inflation.kept if not k.endswith("num_batches_tracked")])
         _log(path, report)
         return report
 
@@ -186,9 +188,20 @@ def _summary(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _modules(keys: list[str]) -> list[str]:
+    """The modules owning ``keys``, in order (``res3.nl1.theta.weight`` -> ``res3.nl1``, ``head.fc.bias`` ->
+    ``head.fc``): a non-local block's tensors are named once, as the block."""
+    names: dict[str, None] = {}
+    for key in keys:
+        m = re.match(r"^(.*?\.nl\d+)\.", key)
+        names[m.group(1) if m else key.rsplit(".", 1)[0]] = None
+    return list(names)
+
+
 def _log(path: Path, report: PretrainedReport) -> None:
-    log.info("pretrained %s (%s): %d tensors loaded", path, report.kind, len(report.loaded))
+    log.info("pretrained %s (%s): %d tensors loaded, %d initialised fresh", path, report.kind, len(report.loaded),
+             len(report.fresh))
     if report.fresh:
-        log.info("pretrained: initialised fresh: %s", _summary(report.fresh, 8))
+        log.info("pretrained: initialised fresh (not in the file): %s", _summary(_modules(report.fresh), 8))
     if report.folded:
         log.info("pretrained: BN folded into W_z of %s", ", ".join(report.folded))
