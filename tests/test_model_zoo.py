@@ -146,3 +146,18 @@ def test_the_registry_imports_no_model_and_the_zoo_imports_the_registry():
 
     assert not imported("registry") & {"zoo", "resnet3d", "placements"}
     assert "registry" in imported("zoo")
+
+
+def test_a_network_built_by_hand_with_a_placement_has_the_registered_networks_blocks():
+    # ResNet3d applies the paper's video options itself: scale "auto", keys/values pooled 1x2x2 before φ and g
+    small = dict(layers=(1, 4, 6, 1), width=4, num_classes=3)
+    registered = create_model("nl_i3d_r50_8x8", **small)
+    by_hand = ResNet3d(arch="i3d", clip="8x8", nonlocal_locations={"res3": (1, 3), "res4": (1, 3, 5)}, **small)
+    blocks = {n: m for n, m in registered.named_modules() if type(m).__name__ == "NonLocalBlock"}
+    hand_blocks = {n: m for n, m in by_hand.named_modules() if type(m).__name__ == "NonLocalBlock"}
+    assert list(blocks) == list(hand_blocks) == ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5"]
+    for name, block in blocks.items():
+        assert block.extra_repr() == hand_blocks[name].extra_repr()
+        assert block.scale == pytest.approx(block.inter_channels ** -0.5) and block.subsample == (1, 2, 2)
+        assert {k: v.shape for k, v in block.state_dict().items()} == \
+            {k: v.shape for k, v in hand_blocks[name].state_dict().items()}

@@ -32,7 +32,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..layers import find_nonlocal_blocks
+from ..layers import BLOCK_DEFAULTS, find_nonlocal_blocks
 from ..models.placements import before_last_block
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
 from .nonlocal_resnet import STAGES, add_nonlocal, block_out_channels, load_resnet_state_dict, residual_blocks, \
@@ -55,12 +55,12 @@ class NonLocalOptions:
     images per GPU make a poor batch to normalise over.
     """
 
-    mode: str = "embedded_gaussian"
-    inter_channels: int | None = None
-    subsample: int | tuple[int, int] | None = None
-    scale: float | str | None = None
-    norm: str | None = None
-    impl: str = "auto"
+    mode: str = BLOCK_DEFAULTS["mode"]
+    inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"]
+    subsample: int | tuple[int, int] | None = BLOCK_DEFAULTS["subsample"]
+    scale: float | str | None = BLOCK_DEFAULTS["scale"]
+    norm: str | None = None  # detection's own choice (see above)
+    impl: str = BLOCK_DEFAULTS["impl"]
 
     def as_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

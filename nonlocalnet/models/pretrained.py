@@ -7,6 +7,9 @@
 - a 2D torchvision ResNet state dict, inflated over time (:func:`~nonlocalnet.models.inflate_2d_weights`);
 - a checkpoint of the same network without non-local blocks (the paper's NL models start from their baseline):
   the blocks keep their identity init;
+
+in both of which the new blocks built with ``init="auto"`` (the default) are given the official init, as the
+paper's recipes insert them into a pretrained network;
 - a checkpoint whose blocks have BN into a model whose blocks have none (the 128-frame models, every BN frozen):
   each trained BN, an affine map in eval, is folded into W_z, so the block computes exactly what it did.
 
@@ -25,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..layers import find_nonlocal_blocks
+from ..layers import find_nonlocal_blocks, init_inserted_blocks
 from .inflate import inflate_2d_weights
 from .weights import read_state_dict
 
@@ -81,6 +84,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         # loaded: every tensor taken from the file, inflated over time or copied as it is (BN, 1-frame convs);
         # fresh: the model's own tensors the file has no counterpart for (non-local blocks, a skipped classifier)
         loaded = set(inflation.inflated) | set(inflation.copied)
+        init_inserted_blocks(model)  # every block is new to the pretrained network: the official init
         report = PretrainedReport("2D inflated", loaded=[k for k in model.state_dict() if k in loaded],
                                   fresh=[k for k in inflation.kept if not k.endswith("num_batches_tracked")])
         _log(path, report)
@@ -123,6 +127,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         raise PretrainedMismatch(f"{path} lacks {len(other)} tensor(s) of the model: {_summary(other)}")
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
+    init_inserted_blocks(model, fresh_blocks)  # blocks new to the pretrained network: the official init
     kind = "non-local BN folded" if folded else "without non-local blocks" if fresh_blocks else "same model"
     report = PretrainedReport(kind, loaded=sorted(state), fresh=sorted(block_keys) + head, folded=folded)
     _log(path, report)

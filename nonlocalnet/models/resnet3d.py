@@ -37,16 +37,17 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import NonLocalBlock
+from ..layers import PAPER_VIDEO_OPTIONS, NonLocalBlock
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
 
 ARCHS = ("c2d", "i3d", "i3d_3x3x3", "slow")
-NORMS = ("batch", "frozen")
+BACKBONE_NORMS = ("batch", "frozen")  # the backbone's norm (the blocks' own norms are layers.nonlocal_block.NORMS)
 SCORE_ACTIVATIONS = ("softmax", "sigmoid", None)
 
-# what the networks of the paper use unless told otherwise: embedded gaussian, keys/values max-pooled 1x2x2
-NONLOCAL_DEFAULTS: dict[str, Any] = {"mode": "embedded_gaussian", "subsample": (1, 2, 2)}
+# what the networks of the paper use unless told otherwise: the block's defaults (embedded gaussian, init "auto")
+# with the official code's video options (keys/values max-pooled 1x2x2, θᵀφ scaled by C'^-0.5)
+NONLOCAL_DEFAULTS: Mapping[str, Any] = PAPER_VIDEO_OPTIONS
 _NONLOCAL_OPTIONS = tuple(name for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
                           if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "dim")
 
@@ -339,7 +340,9 @@ class ResNet3d(nn.Module):
         nonlocal_locations: stage -> indices of the residual blocks that a non-local block follows, e.g.
             ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (see :mod:`nonlocalnet.models.placements`).
         nonlocal_options: keyword arguments of every :class:`~nonlocalnet.layers.NonLocalBlock`, on top of
-            :data:`NONLOCAL_DEFAULTS` (embedded gaussian, subsample (1, 2, 2)); e.g. ``dict(mode="dot_product")``.
+            :data:`NONLOCAL_DEFAULTS` (the block's defaults, embedded gaussian, with the official code's video
+            options: subsample (1, 2, 2), scale "auto"); e.g. ``dict(mode="dot_product")``. A network with the
+            same placement built by hand or by name has the same blocks.
         nonlocal_stage_options: stage -> options overriding ``nonlocal_options`` in that stage, e.g.
             ``{"res3": {"temporal_groups": 4}}``.
         inflated_blocks: stage -> indices of the blocks with a temporal kernel, overriding the I3D pattern
@@ -365,7 +368,7 @@ class ResNet3d(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-        if norm not in NORMS:
+        if norm not in BACKBONE_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected 'batch' or 'frozen'")
         if score_activation not in SCORE_ACTIVATIONS:
             raise ValueError(f"unknown score_activation {score_activation!r}; expected 'softmax', 'sigmoid' or None")

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import placements as P
 from .registry import register_model
-from .resnet3d import ResNet3d
+from .resnet3d import NONLOCAL_DEFAULTS, ResNet3d
 
 _RESNET3D_OPTIONS = tuple(inspect.signature(ResNet3d.__init__).parameters)[1:]
 _MERGED = ("nonlocal_options", "nonlocal_stage_options")
@@ -32,7 +32,7 @@ _MERGED = ("nonlocal_options", "nonlocal_stage_options")
 R50 = P.R50_LAYERS
 R101 = P.R101_LAYERS
 # the official code's non-local block in these networks
-NL = {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"}
+NL = dict(NONLOCAL_DEFAULTS)  # the one definition, as ResNet3d applies it: a network built by hand gets the same
 # 128-frame models: frozen backbone BN; blocks without norm, W_z zero-init; res3 attends within 4 temporal groups
 FROZEN_128 = {"clip": "128x1", "norm": "frozen", "nonlocal_options": {**NL, "norm": None},
               "nonlocal_stage_options": {"res3": {"temporal_groups": 4}}}  # 4 frames per group
