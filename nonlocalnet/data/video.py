@@ -660,7 +660,8 @@ class VideoListDataset(Dataset):
             raise ValueError(f"train_scale must be (low, high) with 1 <= low <= high; got {train_scale}")
         if crop_size is None:
             if split == "train":
-                raise ValueError("crop_size=None (full frames) is for the test split only")
+                raise ValueError("crop_size=None (data.crop_size=null: full frames) is for testing only; training "
+                                 "needs a crop size (data.crop_size=224), and `nonlocalnet test` takes the null")
             if test_crops != 1:
                 raise ValueError(f"crop_size=None (full frames) takes test_crops=1; got {test_crops}")
         elif crop_size < 1:

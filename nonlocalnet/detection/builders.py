@@ -2,7 +2,7 @@
 
 The detectors are torchvision's own (``MaskRCNN``, ``KeypointRCNN``); this module only builds their backbone
 (a torchvision ResNet with frozen BN, NL blocks inserted by :func:`add_nonlocal`, an FPN on top) and their heads
-at the sizes asked for. Where the paper puts the NL blocks (section 4 of PAPER.md):
+at the sizes asked for. Where the paper puts the NL blocks in its COCO experiments:
 
 * Mask R-CNN: one block right before the last residual block of res4 (``backbone_nonlocal="paper"``: after
   block 4 of 6 in R50, after block 21 of 23 in R101);

@@ -43,7 +43,7 @@ FORMATS = ("caffe2", "pytorchvideo", "mmaction2")
 _LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # the windowed average of PyTorchVideo's hub heads (head_pool_kernel_size of pytorchvideo/models/hub/resnet.py)
 PYTORCHVIDEO_HEAD_POOL = {"c2d_r50_8x8": (4, 7, 7), "i3d_r50_8x8": (4, 7, 7), "slow_r50_8x8": (8, 7, 7)}
-# the Kinetics-400 top-1 each zoo reports for its checkpoints (PAPER.md; README table)
+# the Kinetics-400 top-1 each zoo reports for its checkpoints (the zoos' own model pages; README table)
 ZOO_TOP1 = {"caffe2": {"c2d_r50": 72.0, "nl_c2d_r50": 73.9, "i3d_r50": 73.6, "nl_i3d_r50": 74.9,
                        "i3d_r50_128x1": 75.2, "nl_i3d_r50_128x1": 76.5, "c2d_r50_8x8": 71.9, "nl_c2d_r50_8x8": 74.4,
                        "i3d_r50_8x8": 73.4, "nl_i3d_r50_8x8": 74.7},
