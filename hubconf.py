@@ -1,4 +1,8 @@
-"""torch.hub entry points: one per registered model of nonlocalnet (``torch.hub.list`` shows them).
+"""torch.hub entry points: one per registered model of nonlocalnet.
+
+``torch.hub.list("OWNER/nonlocalnet")`` shows them for a GitHub repository; for a local folder torch (up to 2.15)
+has no ``source="local"`` in ``torch.hub.list``, only in ``torch.hub.load``: list the same names with
+``nonlocalnet models`` (or ``nonlocalnet.models.list_models()``).
 
     model = torch.hub.load("path/to/nonlocalnet", "nl_i3d_r50", source="local", num_classes=400)
     model = torch.hub.load("path/to/nonlocalnet", "nl_i3d_r50", source="local",

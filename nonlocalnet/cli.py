@@ -15,7 +15,7 @@ from typing import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nonlocalnet.commands.compare",
-                "the main job: train a C2D baseline and NL C2Ds of all four modes on built-in data, compare them"),
+                "the demo: train a C2D baseline and NL C2Ds of all four modes on built-in data, compare them"),
     "train": ("nonlocalnet.commands.train", "train a video classifier from a YAML config (torchrun for many processes)"),
     "test": ("nonlocalnet.commands.test", "multi-view test of a trained model: top-1/top-5 or mAP, table and JSON"),
     "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
@@ -31,12 +31,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect-test": ("nonlocalnet.commands.detect_test", "COCO box / mask / keypoint AP of a detect-train checkpoint"),
     "prepare-videos": ("nonlocalnet.commands.prepare_videos",
                        "re-encode a video list for fast training: short side 256, a key frame every 16 frames"),
+    "models": ("nonlocalnet.commands.models", "list the model names with parameters, clip and non-local blocks"),
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: nonlocalnet COMMAND [options]", "", "commands:"]
+    lines = ["usage: nonlocalnet COMMAND [options]   (nonlocalnet --version: the installed version)", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'nonlocalnet COMMAND --help' for the options of one command."]
     return "\n".join(lines)
@@ -46,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"nonlocalnet {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

@@ -21,6 +21,7 @@ END_TO_END = {
     "feature-bank-demo": ("tests.test_feature_bank", "test_demo_command_runs_and_reports_bad_sizes"),
     "detect-train": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
     "detect-test": ("tests.test_detection", "test_cli_detect_train_and_detect_test_run_end_to_end"),
+    "models": ("tests.test_first_steps", "test_models_command_lists_names_with_parameters_clip_and_blocks"),
     "prepare-videos": ("tests.test_prepare_videos",
                        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
 }

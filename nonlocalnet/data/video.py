@@ -689,7 +689,8 @@ class VideoListDataset(Dataset):
             message = (f"{len(missing)} of {len(paths)} videos listed in {self.list_file} are missing "
                        f"(root {self.root}):\n  {shown}{more}")
             if not skip_missing:
-                raise FileNotFoundError(message + "\n(pass skip_missing=True to drop them)")
+                raise FileNotFoundError(message + "\n(to drop them: data.skip_missing=true in a config or on the "
+                                                  "command line, skip_missing=True in Python)")
             logger.warning("%s\ndropping them (skip_missing=True)", message)
             gone = set(missing)
             entries = [e for i, e in enumerate(entries) if i not in gone]

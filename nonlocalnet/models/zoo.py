@@ -1,9 +1,12 @@
 """The paper's networks by name: one ``_register`` line per name, with the options it stands for.
 
-Naming: ``[nl{k}_]{c2d|i3d|i3d3x3x3}_r{50|101}[_{variant}][_{clip}]``.
+Naming: ``[nl{k}_]{c2d|i3d|i3d3x3x3}_r{50|101}[_{variant}][_{clip}]``, for the combinations the paper trained;
+not every combination exists. :func:`~nonlocalnet.models.list_models` (``nonlocalnet models``) is the list, and
+:func:`~nonlocalnet.models.catalog.models_markdown` renders it as a table.
 - ``nl_`` is the 5-block layout, ``nl1_`` one block, ``nl10_`` ten blocks (Table 2c); see
   :mod:`nonlocalnet.models.placements`.
-- No clip suffix is the 32x2 clip (32 frames, every other one, Table 1); ``_8x8`` the 8-frame layout;
+- No clip suffix is the 32x2 clip (32 frames, every other one, Table 1), also named with ``_32x2`` (an alias:
+  ``nl_i3d_r50_32x2`` builds ``nl_i3d_r50``, as the configs name it); ``_8x8`` the 8-frame layout;
   ``_128x1`` the 128-frame models of Table 2(g), whose backbone BN is frozen, whose non-local blocks have no
   norm (W_z zero at init) and attend within 4 temporal groups in res3, as the official code trains them.
 - Table 2(a) instantiations: ``nl1_c2d_r50_{gaussian,embedded_gaussian,dot_product,concatenation}``;
@@ -23,7 +26,7 @@ import inspect
 from typing import Any
 
 from . import placements as P
-from .registry import register_model
+from .registry import list_models, model_defaults, register_alias, register_model
 from .resnet3d import NONLOCAL_DEFAULTS, ResNet3d
 
 _RESNET3D_OPTIONS = tuple(inspect.signature(ResNet3d.__init__).parameters)[1:]
@@ -39,7 +42,7 @@ FROZEN_128 = {"clip": "128x1", "norm": "frozen", "nonlocal_options": {**NL, "nor
 # mmaction2's configs/recognition/i3d: mmcv's NonLocal3d (sub_sample: max-pool after the φ/g convs;
 # use_scale=False; BN after W_z)
 MMACTION2_NL = {"subsample": (1, 2, 2), "subsample_position": "projection", "scale": None, "norm": "batch"}
-# tiny networks for the built-in long-range data (the main job, tests)
+# tiny networks for the built-in long-range data (the demo, tests)
 TINY = {"layers": (1, 1, 1, 1), "width": 8, "arch": "c2d", "clip": "8x8", "num_classes": 2, "dropout": 0.0}
 
 
@@ -183,8 +186,13 @@ _register("mmaction2_nl_i3d_r50_gaussian", "mmaction2's NL I3D R50 32x2, gaussia
           layers=R50, arch="i3d", clip="32x2_mmaction2", nonlocal_locations=P.NL5_R50,
           nonlocal_options={**MMACTION2_NL, "mode": "gaussian"})
 
-# --- tiny networks for the built-in long-range data (the main job, tests) -----------------------------------
-_register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the main job's baseline", **TINY)
+# --- tiny networks for the built-in long-range data (the demo, tests) ----------------------------------------
+_register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layout: the demo's baseline", **TINY)
 # the paper's block (no scaling of f) with PyTorch's init of θ/φ/g, as the network trains from scratch
 _register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (trained from scratch)",
           **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "scale": None, "init": "pytorch"})
+
+# --- aliases: the 32x2 clip, the names' default, spelled out as the configs name it (kinetics/nl_i3d_r50_32x2) ---
+for _name in list_models():
+    if model_defaults(_name).get("clip") == "32x2":
+        register_alias(f"{_name}_32x2", _name)
