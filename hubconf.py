@@ -22,6 +22,7 @@ dependencies = ["torch", "safetensors"]
 
 from nonlocalnet.models import create_model as _create_model  # noqa: E402
 from nonlocalnet.models import get_model_entry as _get_model_entry  # noqa: E402
+from nonlocalnet.models import list_aliases as _list_aliases  # noqa: E402
 from nonlocalnet.models import list_models as _list_models  # noqa: E402
 from nonlocalnet.models import load_model as _load_model  # noqa: E402
 
@@ -49,5 +50,5 @@ def _entry_point(name: str) -> _Callable[..., _Any]:
     return entry
 
 
-for _name in _list_models():
+for _name in [*_list_models(), *_list_aliases()]:  # aliases too: the configs' names (nl_i3d_r50_32x2)
     globals()[_name] = _entry_point(_name)

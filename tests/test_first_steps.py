@@ -149,6 +149,16 @@ def test_create_model_takes_a_pretrained_file_and_num_classes_as_timm_does(tmp_p
     assert create_model("nl_i3d_r50_32x2", num_classes=7, layers=(1, 4, 6, 1), width=4).num_classes == 7
 
 
+def test_torch_hub_builds_and_loads_a_model_by_its_alias(tmp_path):
+    repo = str(Path(__file__).resolve().parents[1])
+    small = dict(layers=(1, 4, 6, 1), width=4, num_classes=3)
+    model = torch.hub.load(repo, "nl_i3d_r50_32x2", source="local", **small)
+    save_weights(model, tmp_path / "w.safetensors", metadata={"model": "nl_i3d_r50"})
+    loaded = torch.hub.load(repo, "nl_i3d_r50_32x2", source="local", pretrained=str(tmp_path / "w.safetensors"),
+                            **small)
+    assert torch.equal(loaded.res4.nl1.theta.weight, model.res4.nl1.theta.weight)
+
+
 def test_create_model_with_a_name_to_download_says_how_to_make_the_file(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nonlocalnet downloads no weights. Convert a checkpoint with "
                                                 "`nonlocalnet convert IN OUT.safetensors`"):
