@@ -68,7 +68,8 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
 def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
                   nonlocal_after: Sequence[int] = (), mode: str = BLOCK_DEFAULTS["mode"],
                   inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
-                  scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None, impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
+                  scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
+                  impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
     """torchvision's keypoint head (``num_convs`` 3x3 convs of ``channels``) with NL blocks after some convs.
 
     Args:

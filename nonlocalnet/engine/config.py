@@ -4,8 +4,9 @@ on top of a schema's defaults, overridable with ``key=value``.
 One loader serves every kind of run; a :class:`ConfigSchema` says what a kind's config holds. :data:`VIDEO` (the
 default) has the sections ``model``, ``data``, ``train``, ``test`` and the top-level ``output_dir`` and ``seed``;
 the detection schema is :data:`nonlocalnet.detection.config.SCHEMA`. A YAML file may name a ``base`` file that it
-extends: a path relative to itself, else a shipped config named as ``--config`` names one. Overrides use dotted keys and YAML values, read by :func:`parse_override`
-for every command of the CLI: ``train.lr=0.02 train.lr_steps=[100,200] model.name=nl_i3d_r50``.
+extends: a path relative to itself, else a shipped config named as ``--config`` names one. Overrides use dotted
+keys and YAML values, read by :func:`parse_override` for every command of the CLI: ``train.lr=0.02
+train.lr_steps=[100,200] model.name=nl_i3d_r50``.
 """
 from __future__ import annotations
 
