@@ -161,3 +161,17 @@ def test_a_network_built_by_hand_with_a_placement_has_the_registered_networks_bl
         assert block.scale == pytest.approx(block.inter_channels ** -0.5) and block.subsample == (1, 2, 2)
         assert {k: v.shape for k, v in block.state_dict().items()} == \
             {k: v.shape for k, v in hand_blocks[name].state_dict().items()}
+
+
+def test_each_module_level_name_of_choices_has_one_meaning_across_the_package():
+    # NORMS meant the block's norms in layers/ and the backbone's in models/: now NORMS and BACKBONE_NORMS
+    defined: dict[str, list[str]] = {}
+    for path in sorted((MODELS.parent).rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.endswith("NORMS"):
+                    defined.setdefault(target.id, []).append(path.relative_to(MODELS.parent).as_posix())
+    assert defined["NORMS"] == ["layers/nonlocal_block.py"]
+    assert defined["BACKBONE_NORMS"] == ["models/resnet3d.py"]
