@@ -163,6 +163,15 @@ def test_a_network_built_by_hand_with_a_placement_has_the_registered_networks_bl
             {k: v.shape for k, v in hand_blocks[name].state_dict().items()}
 
 
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
+def test_a_hand_built_block_of_each_mode_is_the_registered_table_2a_block(mode):
+    small = dict(layers=(1, 1, 6, 1), width=4, num_classes=3)
+    registered = create_model(f"nl1_c2d_r50_{mode}", **small)
+    by_hand = ResNet3d(nonlocal_locations={"res4": (4,)}, nonlocal_options={"mode": mode}, **small)
+    assert by_hand.res4.nl4.extra_repr() == registered.res4.nl4.extra_repr()
+    assert by_hand.res4.nl4.scale == (1.0 if mode in ("dot_product", "concatenation") else 32 ** -0.5)
+
+
 def test_each_module_level_name_of_choices_has_one_meaning_across_the_package():
     # NORMS meant the block's norms in layers/ and the backbone's in models/: now NORMS and BACKBONE_NORMS
     defined: dict[str, list[str]] = {}

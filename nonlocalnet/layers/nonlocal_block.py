@@ -489,10 +489,13 @@ def _keyword_defaults() -> dict[str, Any]:
 BLOCK_DEFAULTS: Mapping[str, Any] = MappingProxyType(_keyword_defaults())
 # The official code's block in the paper's video networks (the paper's facts, stated here even where they equal a
 # block default): embedded gaussian, keys/values max-pooled 1x2x2 before φ and g, θᵀφ scaled by C'^-0.5 (the
-# paper has no scale). ResNet3d builds its blocks with these under a network's own options
+# paper has no scale; the official code scales only the softmax modes, SCALED_MODES). ResNet3d builds its blocks
+# with these under a network's own options
 # (``resnet3d.NONLOCAL_DEFAULTS`` is this mapping) and the zoo registers them (``zoo.NL``).
 PAPER_VIDEO_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"})
+# the modes whose θᵀφ the official code scales (the logits of a softmax); the others keep scale None
+SCALED_MODES = ("gaussian", "embedded_gaussian")
 
 
 def _parse_subsample(subsample: int | Sequence[int] | None, dim: int) -> tuple[int, ...] | None:

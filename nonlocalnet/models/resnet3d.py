@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import PAPER_VIDEO_OPTIONS, NonLocalBlock
+from ..layers.nonlocal_block import SCALED_MODES
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
 
@@ -351,8 +352,9 @@ class ResNet3d(nn.Module):
             ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (see :mod:`nonlocalnet.models.placements`).
         nonlocal_options: keyword arguments of every :class:`~nonlocalnet.layers.NonLocalBlock`, on top of
             :data:`NONLOCAL_DEFAULTS` (the block's defaults, embedded gaussian, with the official code's video
-            options: subsample (1, 2, 2), scale "auto"); e.g. ``dict(mode="dot_product")``. A network with the
-            same placement built by hand or by name has the same blocks.
+            options: subsample (1, 2, 2), scale "auto" for the softmax modes, None for the others); e.g.
+            ``dict(mode="dot_product")``. A network with the same placement built by hand or by name has the same
+            blocks.
         nonlocal_stage_options: stage -> options overriding ``nonlocal_options`` in that stage, e.g.
             ``{"res3": {"temporal_groups": 4}}``.
         inflated_blocks: stage -> indices of the blocks with a temporal kernel, overriding the I3D pattern
@@ -527,9 +529,14 @@ def _nonlocal_stage_options(options: Mapping[str, Any] | None,
     for stage in stage_options:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r} in nonlocal_stage_options; stages are {', '.join(STAGES)}")
-    return {stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}),
-                                                      f"nonlocal_stage_options[{stage!r}]")}
-            for stage in STAGES}
+    chosen = {stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}),
+                                                        f"nonlocal_stage_options[{stage!r}]")}
+              for stage in STAGES}
+    for stage, stage_chosen in chosen.items():  # the default scale is the softmax modes' (the official code's)
+        asked = "scale" in (options or {}) or "scale" in stage_options.get(stage, {})
+        if not asked and stage_chosen["mode"] not in SCALED_MODES:
+            stage_chosen["scale"] = None
+    return chosen
 
 
 def _check_nonlocal_options(options: Mapping[str, Any], what: str) -> dict[str, Any]:
