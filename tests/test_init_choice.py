@@ -8,7 +8,8 @@ label (a + b) mod 2, which no C2D network can solve) with the demo's tiny networ
 A block with the official init (θ, φ, g ~ N(0, 0.01²)) sits at a saddle: the dot product θᵀφ is bilinear, its
 gradients as small as its factors. With the default init ("auto": PyTorch's conv init for a block no pretrained
 weights surround) the block learns the task; with the official one the dot-product block stays at chance, as the
-baseline does.
+baseline does. (With this recipe the embedded gaussian learns from the official init too; the test pins that the
+default learns it.)
 """
 from __future__ import annotations
 
@@ -67,4 +68,4 @@ def test_a_block_trained_from_scratch_learns_with_the_default_init_where_the_off
           f"{official:.3f}, embedded gaussian default {embedded_gaussian:.3f}")
     assert baseline < 0.65  # no C2D solves the task: chance is 0.5
     assert official < 0.65  # the official init's saddle: the block stays the identity
-    assert default > 0.9 and embedded_gaussian > 0.9
+    assert default > 0.9 and embedded_gaussian > 0.85  # measured: 0.994 / 0.998 and 0.936 / 0.998 (seeds 0 / 1)
