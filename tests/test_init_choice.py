@@ -68,4 +68,4 @@ def test_a_block_trained_from_scratch_learns_with_the_default_init_where_the_off
           f"{official:.3f}, embedded gaussian default {embedded_gaussian:.3f}")
     assert baseline < 0.65  # no C2D solves the task: chance is 0.5
     assert official < 0.65  # the official init's saddle: the block stays the identity
-    assert default > 0.9 and embedded_gaussian > 0.85  # measured: 0.994 / 0.998 and 0.936 / 0.998 (seeds 0 / 1)
+    assert default > 0.9 and embedded_gaussian > 0.85  # learnt: far above chance and the baseline
