@@ -1,4 +1,8 @@
-"""torch.hub entry points: one per registered model of nonlocalnet (``torch.hub.list`` shows them).
+"""torch.hub entry points: one per registered model of nonlocalnet.
+
+``torch.hub.list("OWNER/nonlocalnet")`` shows them for a GitHub repository; for a local folder torch (up to 2.15)
+has no ``source="local"`` in ``torch.hub.list``, only in ``torch.hub.load``: list the same names with
+``nonlocalnet models`` (or ``nonlocalnet.models.list_models()``).
 
     model = torch.hub.load("path/to/nonlocalnet", "nl_i3d_r50", source="local", num_classes=400)
     model = torch.hub.load("path/to/nonlocalnet", "nl_i3d_r50", source="local",
@@ -18,6 +22,7 @@ dependencies = ["torch", "safetensors"]
 
 from nonlocalnet.models import create_model as _create_model  # noqa: E402
 from nonlocalnet.models import get_model_entry as _get_model_entry  # noqa: E402
+from nonlocalnet.models import list_aliases as _list_aliases  # noqa: E402
 from nonlocalnet.models import list_models as _list_models  # noqa: E402
 from nonlocalnet.models import load_model as _load_model  # noqa: E402
 
@@ -45,5 +50,5 @@ def _entry_point(name: str) -> _Callable[..., _Any]:
     return entry
 
 
-for _name in _list_models():
+for _name in [*_list_models(), *_list_aliases()]:  # aliases too: the configs' names (nl_i3d_r50_32x2)
     globals()[_name] = _entry_point(_name)

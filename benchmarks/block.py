@@ -13,6 +13,13 @@ rise of the resident set size over a forward+backward, measured in a fresh child
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
 import argparse
 import contextlib
 import json

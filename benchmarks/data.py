@@ -29,6 +29,13 @@ items per second through a DataLoader with 1 and 2 workers.
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
 import argparse
 import importlib.util
 import json

@@ -38,12 +38,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "COCO box / mask / keypoint AP of a detect-train run's weights"),
     "prepare-videos": ("nonlocalnet.commands.prepare_videos",
                        "re-encode a video list for fast training: short side 256, a key frame every 16 frames"),
+    "models": ("nonlocalnet.commands.models", "list the model names with parameters, clip and non-local blocks"),
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: nonlocalnet COMMAND [options]", "", "commands:"]
+    lines = ["usage: nonlocalnet COMMAND [options]   (nonlocalnet --version: the installed version)", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'nonlocalnet COMMAND --help' for the options of one command."]
     return "\n".join(lines)
@@ -53,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"nonlocalnet {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

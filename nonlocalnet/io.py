@@ -84,6 +84,14 @@ def packaged_configs() -> Path:
     return Path(os.fspath(importlib.resources.files("nonlocalnet") / "configs"))
 
 
+def shipped_configs(folder: str | None = None) -> list[str]:
+    """The names of the shipped configs, as ``--config`` takes them ("synthetic/nl_c2d_tiny"), sorted; the files
+    other configs extend (``base.yaml``) left out."""
+    root = packaged_configs()
+    pool = sorted((root / folder if folder else root).rglob("*.yaml"))
+    return [p.relative_to(root).with_suffix("").as_posix() for p in pool if p.stem != "base"]
+
+
 def find_config(name: str | os.PathLike, folder: str | None = None) -> Path:
     """A config file: ``name`` itself if it is a file, else the shipped config it names.
 

@@ -524,11 +524,24 @@ def test_sdpa_path_runs_on_the_flash_kernel(mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("norm", ["batch", None])
 def test_pytorch_init_keeps_identity_at_init_but_larger_projections(mode, norm):
-    official = NonLocal3d(16, mode=mode, norm=norm)
+    official = NonLocal3d(16, mode=mode, norm=norm, init="official")
     block = NonLocal3d(16, mode=mode, norm=norm, init="pytorch")
     x = torch.randn(2, 16, 2, 3, 3)
     torch.testing.assert_close(block.eval()(x), x)
     assert block.g.weight.std() > 5 * official.g.weight.std()
+
+
+def test_a_new_block_starts_with_pytorchs_init_and_the_official_one_once_placed_in_a_pretrained_network():
+    from nonlocalnet.layers import init_inserted_blocks
+
+    torch.manual_seed(0)
+    pytorch = NonLocal3d(16, init="pytorch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(NonLocal3d(16), NonLocal3d(16, init="pytorch"))  # "auto": PyTorch's init when built
+    assert torch.equal(net[0].theta.weight, pytorch.theta.weight)
+    assert init_inserted_blocks(net) == ["0"]  # the explicit "pytorch" is kept
+    assert net[0].theta.weight.std().item() == pytest.approx(0.01, rel=0.2) and net[0].init == "auto"
+    assert net[1].theta.weight.std().item() > 5 * 0.01
 
 
 def test_unknown_init_is_named():

@@ -25,6 +25,7 @@ END_TO_END = {
                      "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
     "detect-test": ("tests.test_detection",
                     "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
+    "models": ("tests.test_first_steps", "test_models_command_lists_names_with_parameters_clip_and_blocks"),
     "prepare-videos": ("tests.test_prepare_videos",
                        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
     "predict": ("tests.test_predict", "test_multi_view_scores_are_the_mean_of_the_views_computed_by_hand"),

@@ -146,3 +146,41 @@ def test_the_registry_imports_no_model_and_the_zoo_imports_the_registry():
 
     assert not imported("registry") & {"zoo", "resnet3d", "placements"}
     assert "registry" in imported("zoo")
+
+
+def test_a_network_built_by_hand_with_a_placement_has_the_registered_networks_blocks():
+    # ResNet3d applies the paper's video options itself: scale "auto", keys/values pooled 1x2x2 before φ and g
+    small = dict(layers=(1, 4, 6, 1), width=4, num_classes=3)
+    registered = create_model("nl_i3d_r50_8x8", **small)
+    by_hand = ResNet3d(arch="i3d", clip="8x8", nonlocal_locations={"res3": (1, 3), "res4": (1, 3, 5)}, **small)
+    blocks = {n: m for n, m in registered.named_modules() if type(m).__name__ == "NonLocalBlock"}
+    hand_blocks = {n: m for n, m in by_hand.named_modules() if type(m).__name__ == "NonLocalBlock"}
+    assert list(blocks) == list(hand_blocks) == ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5"]
+    for name, block in blocks.items():
+        assert block.extra_repr() == hand_blocks[name].extra_repr()
+        assert block.scale == pytest.approx(block.inter_channels ** -0.5) and block.subsample == (1, 2, 2)
+        assert {k: v.shape for k, v in block.state_dict().items()} == \
+            {k: v.shape for k, v in hand_blocks[name].state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian", "dot_product", "concatenation"])
+def test_a_hand_built_block_of_each_mode_is_the_registered_table_2a_block(mode):
+    small = dict(layers=(1, 1, 6, 1), width=4, num_classes=3)
+    registered = create_model(f"nl1_c2d_r50_{mode}", **small)
+    by_hand = ResNet3d(nonlocal_locations={"res4": (4,)}, nonlocal_options={"mode": mode}, **small)
+    assert by_hand.res4.nl4.extra_repr() == registered.res4.nl4.extra_repr()
+    assert by_hand.res4.nl4.scale == (1.0 if mode in ("dot_product", "concatenation") else 32 ** -0.5)
+
+
+def test_each_module_level_name_of_choices_has_one_meaning_across_the_package():
+    # NORMS meant the block's norms in layers/ and the backbone's in models/: now NORMS and BACKBONE_NORMS
+    defined: dict[str, list[str]] = {}
+    for path in sorted((MODELS.parent).rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.endswith("NORMS"):
+                    defined.setdefault(target.id, []).append(path.relative_to(MODELS.parent).as_posix())
+    assert defined["NORMS"] == ["layers/nonlocal_block.py"]
+    assert defined["BACKBONE_NORMS"] == ["models/resnet3d.py"]

@@ -304,7 +304,7 @@ def test_head_is_initialised_as_the_paper_says():
     assert model.get_classifier().weight.std().item() == pytest.approx(0.01, rel=0.1)
 
 
-def test_fully_convolutional_mode_averages_per_position_scores():
+def test_fully_convolutional_mode_gives_the_logits_of_the_averaged_per_position_scores():
     model = tiny("nl_i3d_r50").eval()
     x = torch.randn(2, 3, 32, 64, 96)  # not square: the full-frame test
     with torch.no_grad():
@@ -312,12 +312,16 @@ def test_fully_convolutional_mode_averages_per_position_scores():
         feats = model.forward_features(x)
         score_map = model.head.score_map(feats)
         model.fully_convolutional = True
-        probs = model(x)
+        fully_conv = model(x)
+        model.score_activation = "sigmoid"
+        multi_label = model(x)
         model.score_activation = None
         mean_logits = model(x)
     assert score_map.shape == (2, 5, 4, 2, 3)
+    probs = fully_conv.softmax(dim=1)  # logits still: the softmax a caller applies gives the averaged scores
     torch.testing.assert_close(probs, score_map.softmax(dim=1).mean(dim=(2, 3, 4)))
-    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+    torch.testing.assert_close(fully_conv.logsumexp(dim=1), torch.zeros(2))  # log-probabilities, normalised
+    torch.testing.assert_close(multi_label.sigmoid(), score_map.sigmoid().mean(dim=(2, 3, 4)))
     # the fc is linear, so averaged logits equal the pooled path's logits
     torch.testing.assert_close(mean_logits, logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(probs, logits.softmax(dim=1))  # averaging probabilities is not averaging logits

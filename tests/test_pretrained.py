@@ -148,3 +148,25 @@ def test_a_file_without_classifier_and_a_frozen_bn_file_start_a_model(tmp_path):
     model = create_model("i3d_r50", **SMALL)
     assert load_pretrained(model, tmp_path / "frozen.safetensors").kind == "same model"
     assert torch.equal(model.bn1.running_var, source.bn1.running_var)  # the same trained_like values
+
+
+@pytest.mark.parametrize("name, fresh_modules", [
+    ("c2d_r50_8x8", ["head.fc"]),
+    ("nl_i3d_r50_8x8", ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5", "head.fc"]),
+])
+def test_the_imagenet_start_reports_every_backbone_tensor_loaded_and_only_new_ones_fresh(tmp_path, caplog, name,
+                                                                                          fresh_modules):
+    # torchvision's ResNet-50 has 320 entries: 318 without its 1000-class fc. All 318 reach the model, the 1x1
+    # convs and BNs copied as they are, the temporal kernels inflated; fresh are only the 400-class fc (2 tensors)
+    # and each non-local block's 12 (θ, φ, g, W_z weights and biases, BN weight, bias, mean, var).
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "resnet50_torchvision.pth")
+    model = create_model(name)
+    with caplog.at_level(logging.INFO, logger="nonlocalnet"):
+        report = load_pretrained(model, tmp_path / "resnet50_torchvision.pth")
+    assert report.kind == "2D inflated"
+    assert len(report.loaded) == 318
+    assert len(report.fresh) == 2 + 12 * (len(fresh_modules) - 1)
+    assert set(report.loaded) | set(report.fresh) == {k for k in model.state_dict()
+                                                      if not (".nl" in k and k.endswith("num_batches_tracked"))}
+    assert f"318 tensors loaded, {len(report.fresh)} initialised fresh" in caplog.text
+    assert f"initialised fresh (not in the file): {', '.join(fresh_modules)}" in caplog.text

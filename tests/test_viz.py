@@ -319,7 +319,12 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out.splitlines()
     # res4 of 8 frames of 64x64: a 4x4x4 grid of cells of 2 frames x 16 x 16 pixels; pixel (2, 20, 20) is in cell
     # (1, 1, 1), query 1*16 + 1*4 + 1 = 21
-    assert printed[0].startswith(f"res4.nl0: wrote {tmp_path / 'one.png'}; query 21 at (t, y, x) = (2.5, 23.5, 23.5)")
+    assert printed[0].startswith(f"res4.nl0: wrote {tmp_path / 'one.png'}; query at (t, y, x) = (2.5, 23.5, 23.5); "
+                                 "strongest pairs, query (t, y, x) -> key (t, y, x) weight: (2.5, 23.5, 23.5)->(")
+    import re
+
+    pairs = printed[0].split("weight: ")[1].split(", (")  # key pairs as coordinates, not flat indices
+    assert all(re.fullmatch(r"\(?[\d.]+, [\d.]+, [\d.]+\)->\([\d.]+, [\d.]+, [\d.]+\) [-\d.e]+", p) for p in pairs)
     assert json.loads(printed[-1])["blocks"] == ["res4.nl0"] and json.loads(printed[-1])["clip"] == [3, 8, 64, 64]
     assert main(base + ["--block", "all", "--out", str(tmp_path / "all.png")]) == 0
     assert (tmp_path / "all_res3_nl0.png").is_file() and (tmp_path / "all_res4_nl0.png").is_file()
@@ -332,6 +337,31 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "no video at" in err and "cannot decode" in err and "not a non-local block" in err
     assert "error: position (t, y, x) = (99, 10, 10) lies outside the clip (8 frames of 64 x 64 pixels)" in err
+
+
+def test_wide_footage_gets_wide_panels_and_a_one_hot_weight_is_outlined(tmp_path):
+    import dataclasses
+
+    from PIL import Image
+
+    clip = torch.zeros(1, 3, 8, 16, 64)  # 4:1 footage, black
+    att = capture_attention(StemAndBlock(), clip)["block"]
+    tk, hk, wk = att.key_grid  # (4, 2, 8): key cells of 2 frames x 8 x 8 pixels
+    weights = torch.zeros_like(att.weights)
+    weights[..., (1 * hk + 1) * wk + 6] = 1.0  # one-hot: every query on key cell (1, 1, 6)
+    out = tmp_path / "wide.png"
+    summary = render_attention(clip, dataclasses.replace(att, weights=weights), out, query=(3, 10, 5), top_k=1,
+                               max_panels=2, title="")
+    assert summary["strongest_key"] == (2.5, 11.5, 51.5)  # the cell's centre: frames 2-3, rows 8-15, columns 48-55
+    width, height = Image.open(out).size
+    assert width / height > 2 * 4 * 0.8  # two panels of the frames' 4:1 aspect (square panels gave 2:1)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    rows, cols = np.nonzero((r < 60) & (g > 150) & (g < 230) & (b > 220))  # the deep sky blue dashed outline
+    assert len(rows) > 10
+    # a small square around the cell, on the right-hand panel (frames 2-3), in its right part (columns 48-55 of 64)
+    assert summary["panels"][-1] in (2, 3) and np.ptp(rows) < height / 2 and np.ptp(cols) < width / 8
+    assert cols.mean() > 0.7 * width  # the right panel spans about 0.5-0.95 of the picture; the cell 75-86% of it
 
 
 # --- does the block look at the other object? ------------------------------------------------------------------

@@ -476,3 +476,17 @@ def test_pytorchvideo_networks_that_are_not_its_resnets_are_named(tmp_path):
     torch.save({"model_state": hub.x3d_s(pretrained=False).state_dict()}, src)
     with pytest.raises(ConversionError, match="a PyTorchVideo network that is not one of its ResNets.*X3D"):
         convert_checkpoint(src)
+
+
+def test_an_unscaled_mmaction2_embedded_gaussian_warns_once_that_float32_comparisons_differ(tmp_path, caplog):
+    import logging
+
+    from nonlocalnet.models import convert as convert_module
+
+    config = "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb"
+    _, src = _mmaction2_checkpoint(config, tmp_path, base_channels=8)
+    convert_module._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
+        first, second = convert_checkpoint(src), convert_checkpoint(src)
+    assert convert_module.UNSCALED_NOTE in first.notes and convert_module.UNSCALED_NOTE in second.notes
+    assert caplog.text.count("compare them in float64 (model.double())") == 1

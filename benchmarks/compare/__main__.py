@@ -39,6 +39,13 @@ than the peers' large matrix multiplies do, which makes the comparison about the
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.compare"
+
 import argparse
 import json
 import sys

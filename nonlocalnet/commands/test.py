@@ -13,7 +13,9 @@ from . import add_override_arguments, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="the run's YAML config (its config.yaml works)")
+    parser.add_argument("--config", default=None,
+                        help="the run's YAML config (its config.yaml works); without it, the model the checkpoint "
+                             "records on the built-in defaults and the overrides")
     parser.add_argument("--checkpoint", default=None,
                         help="weights: a .safetensors file or a training checkpoint (.pt); default: "
                              "<output_dir>/model_final.safetensors")
@@ -49,12 +51,23 @@ def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
         print(f"  per class ({'AP' if 'mAP' in report else 'accuracy'}): {cells}")
 
 
+def _recorded_model(checkpoint: str) -> list[str]:
+    """``model.name=...``, the model a weights file records (its options are read where it is loaded), for a test
+    without ``--config``; nothing when the file names none."""
+    from ..models.weights import read_state_dict
+
+    name = read_state_dict(checkpoint)[1].get("model_name")
+    return [f"model.name={name}"] if name else []
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine import load_config, test
     from ..engine.distributed import cleanup, is_main_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
+    if args.config is None and args.checkpoint and not any(o.startswith("model.name=") for o in overrides):
+        overrides = _recorded_model(args.checkpoint) + overrides
     cfg = load_config(args.config, overrides)
     try:
         report = test(cfg, checkpoint=args.checkpoint, output=args.output)

@@ -13,7 +13,8 @@ from . import add_override_arguments, overrides_of
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
-                        help="a YAML config (see configs/); default: the built-in defaults (synthetic data)")
+                        help="a YAML config: a shipped one (synthetic/nl_c2d_tiny, kinetics/nl_i3d_r50_8x8, ...) "
+                             "or a file; without it, key=value overrides on the built-in defaults")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
                              "(without --resume, output_dir must not hold another run)")
@@ -27,10 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine import load_config, train
+    from ..engine.config import ConfigError
     from ..engine.distributed import cleanup, is_main_process
+    from ..io import shipped_configs
     from .test import print_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.config is None and not overrides_of(args) and args.resume is False:
+        video = ", ".join(name for name in shipped_configs() if not name.startswith("coco/"))
+        raise ConfigError(f"pass --config: a shipped config ({video}) or your own YAML file (without one, nothing "
+                          f"says what to train on, and the built-in defaults are the paper's 400,000 iterations)")
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:

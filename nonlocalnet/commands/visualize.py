@@ -79,9 +79,15 @@ def run(args: argparse.Namespace) -> int:
         path = out if len(names) == 1 else out.with_name(f"{out.stem}_{name.replace('.', '_')}{out.suffix}")
         summary = render_attention(raw, attention[name], path, query=args.query, top_k=args.top_k,
                                    max_panels=args.max_panels)
-        pairs = ", ".join(f"{q}->{k} ({w:.3g})" for q, k, w in summary["pairs"][:5])
-        print(f"{name}: wrote {path}; query {summary['query']} at (t, y, x) = "
-              f"{tuple(round(c, 1) for c in summary['query_coords'])}; strongest pairs: {pairs}")
+        att = attention[name]
+
+        def at(coords) -> str:  # a cell centre in input pixels
+            return "(" + ", ".join(f"{c:g}" for c in coords.tolist()) + ")"
+
+        pairs = ", ".join(f"{at(att.query_coords[q])}->{at(att.key_coords[k])} {w:.3g}"
+                          for q, k, w in summary["pairs"][:5])
+        print(f"{name}: wrote {path}; query at (t, y, x) = {at(att.query_coords[summary['query']])}; "
+              f"strongest pairs, query (t, y, x) -> key (t, y, x) weight: {pairs}")
     print(json.dumps({"model": info["model"], "checkpoint": str(args.checkpoint), "video": str(args.video),
                       "clip": list(clip.shape), "blocks": names}))
     return 0

@@ -662,7 +662,8 @@ class VideoListDataset(Dataset):
             raise ValueError(f"train_scale must be (low, high) with 1 <= low <= high; got {train_scale}")
         if crop_size is None:
             if split == "train":
-                raise ValueError("crop_size=None (full frames) is for the test split only")
+                raise ValueError("crop_size=None (data.crop_size=null: full frames) is for testing only; training "
+                                 "needs a crop size (data.crop_size=224), and `nonlocalnet test` takes the null")
             if test_crops != 1:
                 raise ValueError(f"crop_size=None (full frames) takes test_crops=1; got {test_crops}")
         elif crop_size < 1:
@@ -695,7 +696,8 @@ class VideoListDataset(Dataset):
             message = (f"{len(missing)} of {len(paths)} videos listed in {self.list_file} are missing "
                        f"(root {self.root}):\n  {shown}{more}")
             if not skip_missing:
-                raise FileNotFoundError(message + "\n(pass skip_missing=True to drop them)")
+                raise FileNotFoundError(message + "\n(to drop them: data.skip_missing=true in a config or on the "
+                                                  "command line, skip_missing=True in Python)")
             logger.warning("%s\ndropping them (skip_missing=True)", message)
             gone = set(missing)
             entries = [e for i, e in enumerate(entries) if i not in gone]

@@ -2,7 +2,7 @@
 
 The detectors are torchvision's own (``MaskRCNN``, ``KeypointRCNN``); this module only builds their backbone
 (a torchvision ResNet with frozen BN, NL blocks inserted by :func:`add_nonlocal`, an FPN on top) and their heads
-at the sizes asked for. Where the paper puts the NL blocks (section 4 of PAPER.md):
+at the sizes asked for. Where the paper puts the NL blocks in its COCO experiments:
 
 * Mask R-CNN: one block right before the last residual block of res4 (``backbone_nonlocal="paper"``: after
   block 4 of 6 in R50, after block 21 of 23 in R101);
@@ -32,7 +32,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..layers import find_nonlocal_blocks
+from ..layers import BLOCK_DEFAULTS, find_nonlocal_blocks
 from ..models.placements import before_last_block
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
 from .nonlocal_resnet import STAGES, add_resnet_nonlocal, block_out_channels, load_resnet_state_dict, \
@@ -55,12 +55,13 @@ class NonLocalOptions:
     images per GPU make a poor batch to normalise over.
     """
 
-    mode: str = "embedded_gaussian"
-    inter_channels: int | None = None
-    subsample: int | tuple[int, int] | None = None
-    scale: float | str | None = None
-    norm: str | None = None
-    impl: str = "auto"
+    mode: str = BLOCK_DEFAULTS["mode"]
+    inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"]
+    subsample: int | tuple[int, int] | None = BLOCK_DEFAULTS["subsample"]
+    scale: float | str | None = BLOCK_DEFAULTS["scale"]
+    norm: str | None = None  # detection's own choice (see above)
+    impl: str = BLOCK_DEFAULTS["impl"]
+    init: str = BLOCK_DEFAULTS["init"]  # "auto": the official init once backbone weights are loaded around the block
 
     def as_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

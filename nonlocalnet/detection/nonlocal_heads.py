@@ -13,17 +13,18 @@ from typing import Sequence
 from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 
-from ..layers import NonLocalBlock
+from ..layers import BLOCK_DEFAULTS, NonLocalBlock
 from .nonlocal_resnet import NL_PREFIX
 
 # After convs 2, 4, 6 and 8 (1-based) of the 8-conv head.
 PAPER_KEYPOINT_HEAD_NONLOCAL = (1, 3, 5, 7)
 
 
-def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str = "embedded_gaussian",
-                         inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
-                         scale: None | float | str = None, norm: str | None = None,
-                         impl: str = "auto") -> nn.Sequential:
+def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str = BLOCK_DEFAULTS["mode"],
+                         inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
+                         subsample: int | Sequence[int] | None = BLOCK_DEFAULTS["subsample"],
+                         scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
+                         impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
     """A copy of a conv head (``nn.Sequential`` of Conv2d, activations) with 2D NL blocks after some convs.
 
     The head's modules keep their names, so its state dict still loads; each NL block, named ``nl<i>``, comes
@@ -65,9 +66,10 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
 
 
 def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
-                  nonlocal_after: Sequence[int] = (), mode: str = "embedded_gaussian",
-                  inter_channels: int | None = None, scale: None | float | str = None, norm: str | None = None,
-                  impl: str = "auto") -> nn.Sequential:
+                  nonlocal_after: Sequence[int] = (), mode: str = BLOCK_DEFAULTS["mode"],
+                  inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
+                  scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
+                  impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
     """torchvision's keypoint head (``num_convs`` 3x3 convs of ``channels``) with NL blocks after some convs.
 
     Args:

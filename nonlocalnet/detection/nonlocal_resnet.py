@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
+from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks, init_inserted_blocks
 from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
 from nonlocalnet.models.insert import SIBLING_PREFIX, add_nonlocal
 
@@ -86,7 +86,8 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     """Load a plain (non-NL) ResNet's weights into an NL ResNet or detection backbone body.
 
     Every weight of the plain network must find its place; only the NL blocks' own weights may be missing
-    (they keep their identity init). The classifier (``fc.*``) is ignored when ``model`` has none (a
+    (they keep their identity init; those built with ``init="auto"`` get the official one, as blocks inserted into
+    a pretrained network). The classifier (``fc.*``) is ignored when ``model`` has none (a
     detection body).
 
     Args:
@@ -106,6 +107,9 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         raise ValueError(f"the state dict does not fit this ResNet: missing {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
                          f"{' ...' if len(result.unexpected_keys) > 8 else ''}")
+    fresh = [name for name in find_nonlocal_blocks(model)
+             if any(k.startswith(f"{name}.") for k in result.missing_keys)]
+    init_inserted_blocks(model, fresh)  # blocks new to the pretrained backbone: the official init
 
 
 def _stage(model: nn.Module, name: str) -> nn.Module:

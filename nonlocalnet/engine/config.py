@@ -3,9 +3,10 @@ on top of a schema's defaults, overridable with ``key=value``.
 
 One loader serves every kind of run; a :class:`ConfigSchema` says what a kind's config holds. :data:`VIDEO` (the
 default) has the sections ``model``, ``data``, ``train``, ``test`` and the top-level ``output_dir`` and ``seed``;
-the detection schema is :data:`nonlocalnet.detection.config.SCHEMA`. A YAML file may name a ``base`` file
-(relative to itself) that it extends. Overrides use dotted keys and YAML values, read by :func:`parse_override`
-for every command of the CLI: ``train.lr=0.02 train.lr_steps=[100,200] model.name=nl_i3d_r50``.
+the detection schema is :data:`nonlocalnet.detection.config.SCHEMA`. A YAML file may name a ``base`` file that it
+extends: a path relative to itself, else a shipped config named as ``--config`` names one. Overrides use dotted
+keys and YAML values, read by :func:`parse_override` for every command of the CLI: ``train.lr=0.02
+train.lr_steps=[100,200] model.name=nl_i3d_r50``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from ..data.video import DECODERS
-from ..io import find_config, write_text_atomic
+from ..io import find_config, packaged_configs, write_text_atomic
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "frames": 8,
         "sampling_rate": 8,
         "train_scale": [256, 320],
-        "crop_size": 224,
+        "crop_size": 224,         # null: full frames at test time (the paper's fully-convolutional test; test_crops 1)
         "test_scale": 256,
         "test_clips": 10,
         "test_crops": 3,
@@ -166,9 +167,31 @@ def _read_yaml_chain(path: Path, schema: ConfigSchema, seen: tuple[Path, ...] = 
     base = data.pop("base", None)
     if base is None:
         return data
-    out = _read_yaml_chain(path.parent / base, schema, seen + (path.resolve(),))
+    out = _read_yaml_chain(_find_base(base, path, schema), schema, seen + (path.resolve(),))
     merge(out, data, strict=False, schema=schema)  # keys are checked against the defaults once the chain is resolved
     return out
+
+
+def _find_base(base: Any, path: Path, schema: ConfigSchema) -> Path:
+    """The file a config's ``base:`` names: relative to the including file first (as written, then with
+    ``.yaml``), then a shipped config as ``--config`` finds one (``kinetics/nl_c2d_r50_8x8``,
+    ``configs/kinetics/nl_c2d_r50_8x8.yaml``, a stem).
+
+    Raises:
+        ConfigError: no such file; the message names every place looked.
+    """
+    if not isinstance(base, (str, os.PathLike)) or not os.fspath(base):
+        raise ConfigError(f"config {path}: base must be a file name; got {base!r}")
+    near = [path.parent / base, (path.parent / base).with_suffix(".yaml")]
+    for candidate in near:
+        if candidate.is_file():
+            return candidate
+    try:
+        return find_config(base, folder=schema.folder)
+    except FileNotFoundError as e:
+        looked = ", ".join(dict.fromkeys(os.fspath(p) for p in near))
+        raise ConfigError(f"config {path}: base {os.fspath(base)!r} not found; looked at {looked}, then in the "
+                          f"shipped configs under {packaged_configs()} ({e})") from None
 
 
 def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", strict: bool = True,
@@ -336,6 +359,13 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
     if classes is None and data["type"] == "synthetic":
         raise ConfigError("data.num_classes=null takes the number from a video list; the built-in synthetic data "
                           "has none: set 2 to 6")
+    crop = data["crop_size"]
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
+        raise ConfigError(f"data.crop_size must be a positive integer, or null for full frames at test time; "
+                          f"got {crop!r}")
+    if crop is None and data["test_crops"] != 1:
+        raise ConfigError(f"data.crop_size=null (full frames at test time) takes data.test_crops=1; got "
+                          f"{data['test_crops']}")
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
     if data["decoder"] not in DECODERS:
@@ -350,9 +380,9 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
 VIDEO = ConfigSchema(
     DEFAULTS,
     free=("model.options",),
-    untyped=("train.amp", "data.num_classes"),  # checked by _check_video
+    untyped=("train.amp", "data.num_classes", "data.crop_size"),  # checked by _check_video
     positive=("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every",
-              "test.batch_size", "data.frames", "data.sampling_rate", "data.crop_size", "data.test_clips",
+              "test.batch_size", "data.frames", "data.sampling_rate", "data.test_clips",
               "data.test_crops", "data.image_size", "data.train_size", "data.test_size"),
     non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
                   "train.check_blocks_after", "train.warmup_iterations", "data.workers", "train.lr",

@@ -94,8 +94,8 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
         with autocast(device, cfg["train"]["amp"]):
             out = net(device_clips(batch, device))
         out = out.float()
-        if not fully_conv:
-            out = out.sigmoid() if multi_label else out.softmax(dim=1)
+        # logits in either mode (fully-convolutional: those of the positions' averaged scores)
+        out = out.sigmoid() if multi_label else out.softmax(dim=1)
         all_scores.append(out.cpu())
         all_videos.append(batch["video"])
         all_labels.append(batch["label"])

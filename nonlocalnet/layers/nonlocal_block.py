@@ -8,8 +8,10 @@ folding that restricts which keys each query sees.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Sequence
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,7 @@ _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
 INIT_STD = 0.01  # the official code's init of θ, φ, g and W_z
-INITS = ("official", "pytorch")
+INITS = ("auto", "official", "pytorch")
 
 
 class ChannelLayerNorm(nn.Module):
@@ -68,15 +70,18 @@ class NonLocalBlock(nn.Module):
             None = same as ``in_channels``.
         impl: which exact path computes the pairwise step: "auto", "dense", "sdpa", "chunked" (softmax modes),
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
-        init: "official" (N(0, 0.01²) projections, for pretrained networks) or "pytorch" (PyTorch's default
-            conv init, for small networks trained from scratch); see :meth:`reset_parameters`.
+        init: "auto" (the default: PyTorch's conv init, which a block trained from scratch needs, until weights
+            of a pretrained network are loaded around the block, whose loaders then give it the official init;
+            see :func:`init_inserted_blocks`), "official" (N(0, 0.01²) projections, the official code's, made for
+            blocks inserted into a pretrained network) or "pytorch" (always PyTorch's default conv init). See
+            :meth:`reset_parameters`.
     """
 
     def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
                  inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
                  subsample_position: str = "input", scale: None | float | str = None, norm: str | None = "batch",
                  extent: str = "spacetime", temporal_groups: int = 1, memory_channels: int | None = None,
-                 impl: str = "auto", init: str = "official") -> None:
+                 impl: str = "auto", init: str = "auto") -> None:
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim must be 1, 2 or 3 (sequences, images, videos); got {dim!r}")
@@ -138,20 +143,30 @@ class NonLocalBlock(nn.Module):
         self.pool = WindowMaxPool(self.subsample) if self.subsample is not None else None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init: str | None = None) -> None:
         """Initialises the block so that it starts as the identity.
 
-        ``init="official"``: θ, φ, g, W_z (and w_f) ~ N(0, 0.01²), biases 0, as the official code, made for
-        inserting blocks into a pretrained network. ``init="pytorch"``: PyTorch's default conv init (as
-        AlexHex7's port), whose larger θ/φ/g let a small network trained from scratch find the pairwise
-        interactions quickly; the official init's tiny products stall the dot-product and concatenation modes.
-        Either way the output starts at zero (γ = 0, or W_z = 0 without a norm).
+        ``"official"``: θ, φ, g, W_z (and w_f) ~ N(0, 0.01²), biases 0, as the official code, made for inserting
+        blocks into a pretrained network, whose features already carry the signal the block learns to combine.
+        ``"pytorch"``: PyTorch's default conv init (as AlexHex7's port). A block trained from scratch needs it:
+        the pairwise term θᵀφ is bilinear, and with both factors ~0.01 it starts at a saddle whose gradients are
+        as tiny as the factors, so the block stays the identity (the long-range task of the demo stays at chance
+        with the official init; ``tests/test_init_choice.py``). Either way the output starts at zero (γ = 0, or
+        W_z = 0 without a norm).
+
+        Args:
+            init: the init to use now; default the block's ``init``, "auto" meaning "pytorch" (a block that has
+                not been placed in a pretrained network, or a whole network re-initialised).
         """
+        init = self.init if init is None else init
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {', '.join(map(repr, INITS))}")
+        init = "pytorch" if init == "auto" else init
         projections = [self.g, self.out] + ([] if self.mode == "gaussian" else [self.theta, self.phi])
         if self.mode == "concatenation":
             projections.append(self.concat_project[0])
         for conv in projections:
-            if self.init == "official":
+            if init == "official":
                 nn.init.normal_(conv.weight, std=INIT_STD)
                 if conv.bias is not None:
                     nn.init.zeros_(conv.bias)
@@ -361,6 +376,46 @@ class NonLocal3d(NonLocalBlock):
 def find_nonlocal_blocks(model: nn.Module) -> dict[str, NonLocalBlock]:
     """Every :class:`NonLocalBlock` in ``model``, by module name, in definition order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NonLocalBlock)}
+
+
+def init_inserted_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Gives the official init to the blocks of ``model`` that sit in a pretrained network and chose ``init="auto"``.
+
+    Loaders that fill a network's other weights from a file and leave its blocks fresh (``load_pretrained``, the
+    detection backbone's loader) call this: a block inserted into a pretrained network starts as the official code
+    starts it. Blocks with an explicit ``init`` keep theirs.
+
+    Args:
+        model: the network.
+        names: the module names of the fresh blocks; default every block of ``model``.
+
+    Returns:
+        The names of the blocks re-initialised.
+    """
+    blocks = find_nonlocal_blocks(model)
+    chosen = list(blocks) if names is None else list(names)
+    done = [name for name in chosen if blocks[name].init == "auto"]
+    for name in done:
+        blocks[name].reset_parameters("official")
+    return done
+
+
+def _keyword_defaults() -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+# The block's options and their defaults, read from its signature: the one definition every builder reads.
+BLOCK_DEFAULTS: Mapping[str, Any] = MappingProxyType(_keyword_defaults())
+# The official code's block in the paper's video networks (the paper's facts, stated here even where they equal a
+# block default): embedded gaussian, keys/values max-pooled 1x2x2 before φ and g, θᵀφ scaled by C'^-0.5 (the
+# paper has no scale; the official code scales only the softmax modes, SCALED_MODES). ResNet3d builds its blocks
+# with these under a network's own options
+# (``resnet3d.NONLOCAL_DEFAULTS`` is this mapping) and the zoo registers them (``zoo.NL``).
+PAPER_VIDEO_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"})
+# the modes whose θᵀφ the official code scales (the logits of a softmax); the others keep scale None
+SCALED_MODES = ("gaussian", "embedded_gaussian")
 
 
 def _parse_subsample(subsample: int | Sequence[int] | None, dim: int) -> tuple[int, ...] | None:

@@ -12,7 +12,8 @@ from .flops import CostReport, count_cost, model_cost
 from .inflate import inflate_2d_weights
 from .placements import check_locations
 from .pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
-from .registry import ModelEntry, create_model, get_model_entry, list_models, model_defaults, register_model
+from .registry import (ModelEntry, create_model, get_model_entry, list_aliases, list_models, model_defaults,
+                       register_alias, register_model)
 from . import zoo  # noqa: F401  (registers the paper's networks)
 from .resnet3d import (ARCHS, CLIP_LAYOUTS, PAPER_32X2, Bottleneck3d, ClipLayout, ResNet3d, ResStage,
                        VideoClassifierHead, i3d_inflated_blocks)
@@ -27,5 +28,5 @@ __all__ = [
     "convert_checkpoint", "detect_format",
     "count_cost", "create_model", "freeze_batchnorm", "get_model_entry", "i3d_inflated_blocks", "inflate_2d_weights",
     "list_models", "load_caffe2_pickle", "load_model", "load_pretrained", "load_weights", "model_cost", "model_defaults",
-    "register_model", "save_weights",
+    "register_model", "save_weights", "list_aliases", "register_alias",
 ]

@@ -22,6 +22,7 @@ gaussian (the same tensors again). Torch files are read with ``weights_only=True
 from __future__ import annotations
 
 import os
+import logging
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -50,6 +51,16 @@ ZOO_TOP1 = {"caffe2": {"c2d_r50": 72.0, "nl_c2d_r50": 73.9, "i3d_r50": 73.6, "nl
             "pytorchvideo": {"c2d_r50_8x8": 71.46, "i3d_r50_8x8": 73.27, "slow_r50_8x8": 74.58},
             "mmaction2": {"mmaction2_i3d_r50": 73.47, "mmaction2_nl_i3d_r50_dot_product": 74.80,
                           "mmaction2_nl_i3d_r50_embedded_gaussian": 74.73, "mmaction2_nl_i3d_r50_gaussian": 73.97}}
+
+
+# mmaction2's softmax blocks leave θᵀφ unscaled (mmcv's NonLocal3d, use_scale=False): large logits, whose
+# exponentials turn float32 rounding of the two implementations into visible differences
+UNSCALED_SOFTMAX = ("mmaction2_nl_i3d_r50_embedded_gaussian", "mmaction2_nl_i3d_r50_gaussian")
+UNSCALED_NOTE = ("its non-local blocks do not scale θᵀφ (mmaction2's use_scale=False), so in float32 this model and "
+                 "mmaction2 differ by rounding that the large softmax logits amplify; compare them in float64 "
+                 "(model.double()), where they agree to rounding")
+_warned: list[str] = []  # the warning is given once a process
+log = logging.getLogger("nonlocalnet")
 
 
 class ConversionError(ValueError):
@@ -142,6 +153,11 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
     net = _build(path, name, options)
     state, notes = _map(path, found, payload, net, name, source)
     net.load_state_dict(state)
+    if found == "mmaction2" and name in UNSCALED_SOFTMAX:
+        notes.append(UNSCALED_NOTE)
+        if not _warned:
+            _warned.append(name)
+            log.warning("%s: %s", path, UNSCALED_NOTE)
     return Conversion(found, name, options, net.eval(), state, notes)
 
 

@@ -7,6 +7,9 @@
 - a 2D torchvision ResNet state dict, inflated over time (:func:`~nonlocalnet.models.inflate_2d_weights`);
 - a checkpoint of the same network without non-local blocks (the paper's NL models start from their baseline):
   the blocks keep their identity init;
+
+in both of which the new blocks built with ``init="auto"`` (the default) are given the official init, as the
+paper's recipes insert them into a pretrained network;
 - a checkpoint whose blocks have BN into a model whose blocks have none (the 128-frame models, every BN frozen):
   each trained BN, an affine map in eval, is folded into W_z, so the block computes exactly what it did.
 
@@ -25,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..layers import find_nonlocal_blocks
+from ..layers import find_nonlocal_blocks, init_inserted_blocks
 from .inflate import inflate_2d_weights
 from .weights import read_state_dict
 
@@ -78,9 +81,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
             inflation = inflate_2d_weights(model, state)
         except ValueError as e:
             raise PretrainedMismatch(f"{path}: {e}") from None
-        report = PretrainedReport("2D inflated", loaded=list(inflation.inflated) + list(inflation.kept),
-                                  fresh=[k for k in model.state_dict() if k not in inflation.inflated
-                                         and k not in inflation.kept])
+        # loaded: every tensor taken from the file, inflated over time or copied as it is (BN, 1-frame convs);
+        # fresh: the model's own tensors the file has no counterpart for (non-local blocks, a skipped classifier)
+        loaded = set(inflation.inflated) | set(inflation.copied)
+        init_inserted_blocks(model)  # every block is new to the pretrained network: the official init
+        report = PretrainedReport("2D inflated", loaded=[k for k in model.state_dict() if k in loaded],
+                                  fresh=[k for k in inflation.kept if not k.endswith("num_batches_tracked")])
         _log(path, report)
         return report
 
@@ -121,6 +127,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         raise PretrainedMismatch(f"{path} lacks {len(other)} tensor(s) of the model: {_summary(other)}")
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
+    init_inserted_blocks(model, fresh_blocks)  # blocks new to the pretrained network: the official init
     kind = "non-local BN folded" if folded else "without non-local blocks" if fresh_blocks else "same model"
     report = PretrainedReport(kind, loaded=sorted(state), fresh=sorted(block_keys) + head, folded=folded)
     _log(path, report)
@@ -186,9 +193,20 @@ def _summary(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _modules(keys: list[str]) -> list[str]:
+    """The modules owning ``keys``, in order (``res3.nl1.theta.weight`` -> ``res3.nl1``, ``head.fc.bias`` ->
+    ``head.fc``): a non-local block's tensors are named once, as the block."""
+    names: dict[str, None] = {}
+    for key in keys:
+        m = re.match(r"^(.*?\.nl\d+)\.", key)
+        names[m.group(1) if m else key.rsplit(".", 1)[0]] = None
+    return list(names)
+
+
 def _log(path: Path, report: PretrainedReport) -> None:
-    log.info("pretrained %s (%s): %d tensors loaded", path, report.kind, len(report.loaded))
+    log.info("pretrained %s (%s): %d tensors loaded, %d initialised fresh", path, report.kind, len(report.loaded),
+             len(report.fresh))
     if report.fresh:
-        log.info("pretrained: initialised fresh: %s", _summary(report.fresh, 8))
+        log.info("pretrained: initialised fresh (not in the file): %s", _summary(_modules(report.fresh), 8))
     if report.folded:
         log.info("pretrained: BN folded into W_z of %s", ", ".join(report.folded))

@@ -40,6 +40,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}  # another name -> the registered name it builds
 
 
 def register_model(fn: Builder | None = None, *, name: str | None = None,
@@ -62,6 +63,8 @@ def register_model(fn: Builder | None = None, *, name: str | None = None,
 
     def register(builder: Builder) -> Builder:
         key = name or builder.__name__
+        if key in _ALIASES:
+            raise ValueError(f"{key!r} is already an alias of {_ALIASES[key]!r}")
         if key in _REGISTRY:
             raise ValueError(f"a model named {key!r} is already registered ({_REGISTRY[key].builder!r})")
         summary = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
@@ -69,6 +72,26 @@ def register_model(fn: Builder | None = None, *, name: str | None = None,
         return builder
 
     return register if fn is None else register(fn)
+
+
+def register_alias(alias: str, name: str) -> None:
+    """Makes ``alias`` build the registered ``name`` (e.g. a config's name, ``nl_i3d_r50_32x2`` for ``nl_i3d_r50``).
+
+    :func:`list_models` lists registered names only; :func:`list_aliases` the aliases.
+
+    Raises:
+        ValueError: ``alias`` is taken (a name or an alias) or ``name`` is not registered.
+    """
+    if alias in _REGISTRY or alias in _ALIASES:
+        raise ValueError(f"{alias!r} is already a model name or an alias")
+    if name not in _REGISTRY:
+        raise ValueError(f"cannot alias {alias!r} to {name!r}: no model of that name")
+    _ALIASES[alias] = name
+
+
+def list_aliases(pattern: str | None = None) -> dict[str, str]:
+    """Aliases (optionally those matching a glob) -> the registered names they build, sorted by alias."""
+    return {a: n for a, n in sorted(_ALIASES.items()) if pattern is None or fnmatch.fnmatchcase(a, pattern)}
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -83,6 +106,7 @@ def get_model_entry(name: str) -> ModelEntry:
     Raises:
         UnknownModel: unknown name (a KeyError and a ValueError; the message lists the closest names).
     """
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         close = closest_names(str(name), sorted(_REGISTRY))
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -115,12 +139,47 @@ def model_defaults(name: str) -> dict[str, Any]:
     return copy.deepcopy(dict(get_model_entry(name).defaults))
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None,
+                 **overrides: Any) -> nn.Module:
     """Builds a registered model, e.g. ``create_model("nl_i3d_r50", num_classes=157)``.
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models` or an alias (:func:`list_aliases`).
+        pretrained: a weights file to start from, loaded by :func:`~nonlocalnet.models.load_pretrained` (a
+            checkpoint of this or of its baseline network, a converted zoo file, a torchvision ImageNet ResNet,
+            inflated); None for the initialisation. Nothing is downloaded: a name that is no file is refused
+            with how to make one.
+        num_classes: classifier outputs; default the registered one (400, the tiny networks' 2).
         **overrides: keyword arguments replacing the registered defaults (e.g. ``layers=(1, 1, 1, 1), width=8``
             for a tiny copy); an unknown one is an error that names it.
+
+    Raises:
+        UnknownModel: no such name.
+        FileNotFoundError: ``pretrained`` is no file (the message says how to make one).
+        ValueError: the file does not fit the model (``PretrainedMismatch``).
     """
-    return get_model_entry(name).builder(**overrides)
+    entry = get_model_entry(name)
+    if pretrained is not None:
+        _check_pretrained(pretrained)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    model = entry.builder(**overrides)
+    if pretrained is not None:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def _check_pretrained(pretrained: Any) -> None:
+    """Refuses a ``pretrained`` that is no file before a model is built: nonlocalnet downloads no weights."""
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
+        raise ValueError(f"pretrained must be the path of a weights file; got {pretrained!r} (nonlocalnet "
+                         f"downloads nothing: see docs/models.md, 'Starting weights')")
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(
+            2, f"pretrained={os.fspath(pretrained)!r} is no file; nonlocalnet downloads no weights. Convert a "
+               f"checkpoint with `nonlocalnet convert IN OUT.safetensors` (the official Caffe2 code's, "
+               f"PyTorchVideo's, mmaction2's) or save torchvision's ImageNet ResNet "
+               f"(torch.save(torchvision.models.resnet50(weights=\"IMAGENET1K_V1\").state_dict(), PATH)), then "
+               f"pass its path", os.fspath(pretrained))

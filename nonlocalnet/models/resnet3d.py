@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -37,16 +38,18 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import NonLocalBlock
+from ..layers import PAPER_VIDEO_OPTIONS, NonLocalBlock
+from ..layers.nonlocal_block import SCALED_MODES
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
 
 ARCHS = ("c2d", "i3d", "i3d_3x3x3", "slow")
-NORMS = ("batch", "frozen")
+BACKBONE_NORMS = ("batch", "frozen")  # the backbone's norm (the blocks' own norms are layers.nonlocal_block.NORMS)
 SCORE_ACTIVATIONS = ("softmax", "sigmoid", None)
 
-# what the networks of the paper use unless told otherwise: embedded gaussian, keys/values max-pooled 1x2x2
-NONLOCAL_DEFAULTS: dict[str, Any] = {"mode": "embedded_gaussian", "subsample": (1, 2, 2)}
+# what the networks of the paper use unless told otherwise: the block's defaults (embedded gaussian, init "auto")
+# with the official code's video options (keys/values max-pooled 1x2x2, θᵀφ scaled by C'^-0.5)
+NONLOCAL_DEFAULTS: Mapping[str, Any] = PAPER_VIDEO_OPTIONS
 _NONLOCAL_OPTIONS = tuple(name for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
                           if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "dim")
 
@@ -301,22 +304,31 @@ class VideoClassifierHead(nn.Module):
         return torch.einsum("bcthw,kc->bkthw", x, self.fc.weight) + self.fc.bias.view(1, -1, 1, 1, 1)
 
     def fully_convolutional(self, x: Tensor, activation: str | None = "softmax") -> Tensor:
-        """The official test: per-position scores, each through ``activation``, averaged over positions.
+        """The official test as logits: per-position scores, each through ``activation``, averaged over positions,
+        returned as the logits whose ``activation`` gives that average.
+
+        A model's output stays logits in either mode, so whoever scores it applies the same softmax or sigmoid:
+        ``softmax(out)`` is the positions' averaged softmax (``out = log mean softmax``), ``sigmoid(out)`` their
+        averaged sigmoid (``out = logit(mean sigmoid)``); both computed in log space, so a confident position does
+        not round to log 0.
 
         Args:
             x: the res5 map (B, C, T, H, W), of any T, H, W.
             activation: "softmax" (single-label, the official Kinetics test), "sigmoid" (multi-label) or None
-                (raw logits, whose average equals the pooled path's logits).
+                (the positions' raw logits averaged, which equals the pooled path's logits).
 
         Returns:
-            (B, num_classes) averaged scores.
+            (B, num_classes) logits.
         """
-        scores = self.score_map(x)  # (B, K, T, H, W)
-        if activation == "softmax":
-            scores = scores.softmax(dim=1)
-        elif activation == "sigmoid":
-            scores = scores.sigmoid()
-        return scores.flatten(2).mean(dim=2)  # (B, K, T*H*W) -> (B, K)
+        scores = self.score_map(x).flatten(2)  # (B, K, T, H, W) -> (B, K, P)
+        log_positions = math.log(scores.shape[2])
+        if activation == "softmax":  # log(mean_p softmax) = logsumexp_p(log_softmax) - log P
+            return scores.log_softmax(dim=1).logsumexp(dim=2) - log_positions
+        if activation == "sigmoid":  # logit(q) = log q - log(1 - q), q the mean sigmoid
+            log_q = nn.functional.logsigmoid(scores).logsumexp(dim=2) - log_positions
+            log_not_q = nn.functional.logsigmoid(-scores).logsumexp(dim=2) - log_positions
+            return log_q - log_not_q
+        return scores.mean(dim=2)  # (B, K, P) -> (B, K)
 
 
 class ResNet3d(nn.Module):
@@ -339,14 +351,19 @@ class ResNet3d(nn.Module):
         nonlocal_locations: stage -> indices of the residual blocks that a non-local block follows, e.g.
             ``{"res3": (1, 3), "res4": (1, 3, 5)}`` (see :mod:`nonlocalnet.models.placements`).
         nonlocal_options: keyword arguments of every :class:`~nonlocalnet.layers.NonLocalBlock`, on top of
-            :data:`NONLOCAL_DEFAULTS` (embedded gaussian, subsample (1, 2, 2)); e.g. ``dict(mode="dot_product")``.
+            :data:`NONLOCAL_DEFAULTS` (the block's defaults, embedded gaussian, with the official code's video
+            options: subsample (1, 2, 2), scale "auto" for the softmax modes, None for the others); e.g.
+            ``dict(mode="dot_product")``. A network with the same placement built by hand or by name has the same
+            blocks.
         nonlocal_stage_options: stage -> options overriding ``nonlocal_options`` in that stage, e.g.
             ``{"res3": {"temporal_groups": 4}}``.
         inflated_blocks: stage -> indices of the blocks with a temporal kernel, overriding the I3D pattern
             (only for the i3d archs).
         fully_convolutional: test mode: the fc is applied at every res5 position and the scores (through
-            ``score_activation``) are averaged, as in the official test; the model then returns scores, not
-            logits. Also settable later as ``model.fully_convolutional = True``.
+            ``score_activation``) are averaged, as in the official test; the model still returns logits, those
+            whose ``score_activation`` gives the averaged scores (see
+            :meth:`VideoClassifierHead.fully_convolutional`). Also settable later as
+            ``model.fully_convolutional = True``.
         score_activation: "softmax", "sigmoid" or None: what each position's logits go through in the
             fully-convolutional mode.
         conv1_temporal_kernel: temporal kernel of conv1; default 1 for c2d and slow, 5 for the i3d archs.
@@ -365,7 +382,7 @@ class ResNet3d(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-        if norm not in NORMS:
+        if norm not in BACKBONE_NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected 'batch' or 'frozen'")
         if score_activation not in SCORE_ACTIVATIONS:
             raise ValueError(f"unknown score_activation {score_activation!r}; expected 'softmax', 'sigmoid' or None")
@@ -471,15 +488,15 @@ class ResNet3d(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Logits (B, num_classes) from the res5 map; pooled features (B, num_features) if ``pre_logits``.
 
-        In the fully-convolutional mode the result is the average over positions of each position's scores
-        (through ``score_activation``).
+        In the fully-convolutional mode the result is the logits whose ``score_activation`` is the average over
+        positions of each position's scores.
         """
         if self.fully_convolutional and not pre_logits:
             return self.head.fully_convolutional(x, self.score_activation)
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits (B, num_classes) of a clip (B, in_channels, T, H, W); scores in fully-convolutional mode."""
+        """Class logits (B, num_classes) of a clip (B, in_channels, T, H, W), in either mode."""
         return self.forward_head(self.forward_features(x))
 
     def _check_input(self, x: Tensor) -> None:
@@ -512,9 +529,14 @@ def _nonlocal_stage_options(options: Mapping[str, Any] | None,
     for stage in stage_options:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r} in nonlocal_stage_options; stages are {', '.join(STAGES)}")
-    return {stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}),
-                                                      f"nonlocal_stage_options[{stage!r}]")}
-            for stage in STAGES}
+    chosen = {stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}),
+                                                        f"nonlocal_stage_options[{stage!r}]")}
+              for stage in STAGES}
+    for stage, stage_chosen in chosen.items():  # the default scale is the softmax modes' (the official code's)
+        asked = "scale" in (options or {}) or "scale" in stage_options.get(stage, {})
+        if not asked and stage_chosen["mode"] not in SCALED_MODES:
+            stage_chosen["scale"] = None
+    return chosen
 
 
 def _check_nonlocal_options(options: Mapping[str, Any], what: str) -> dict[str, Any]:

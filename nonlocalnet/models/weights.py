@@ -148,11 +148,12 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
         ValueError: no model named anywhere, another model than ``name``, an option the model does not take, or
             weights that do not fit (names or shapes); the message names the file.
     """
-    from .registry import create_model
+    from .registry import create_model, get_model_entry
 
     state, meta = read_state_dict(path)
     what = os.fspath(path)
     recorded = meta.get("model_name")
+    name = get_model_entry(name).name if name else name  # an alias is the name it builds
     if name and recorded and recorded != name:
         raise ValueError(f"{what} holds weights of {recorded} (recorded in the file), not {name}: set the model "
                          f"name to {recorded}")

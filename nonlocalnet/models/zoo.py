@@ -1,9 +1,12 @@
 """The paper's networks by name: one ``_register`` line per name, with the options it stands for.
 
-Naming: ``[nl{k}_]{c2d|i3d|i3d3x3x3}_r{50|101}[_{variant}][_{clip}]``.
+Naming: ``[nl{k}_]{c2d|i3d|i3d3x3x3}_r{50|101}[_{variant}][_{clip}]``, for the combinations the paper trained;
+not every combination exists. :func:`~nonlocalnet.models.list_models` (``nonlocalnet models``) is the list, and
+:func:`~nonlocalnet.models.catalog.models_markdown` renders it as a table.
 - ``nl_`` is the 5-block layout, ``nl1_`` one block, ``nl10_`` ten blocks (Table 2c); see
   :mod:`nonlocalnet.models.placements`.
-- No clip suffix is the 32x2 clip (32 frames, every other one, Table 1); ``_8x8`` the 8-frame layout;
+- No clip suffix is the 32x2 clip (32 frames, every other one, Table 1), also named with ``_32x2`` (an alias:
+  ``nl_i3d_r50_32x2`` builds ``nl_i3d_r50``, as the configs name it); ``_8x8`` the 8-frame layout;
   ``_128x1`` the 128-frame models of Table 2(g), whose backbone BN is frozen, whose non-local blocks have no
   norm (W_z zero at init) and attend within 4 temporal groups in res3, as the official code trains them.
 - Table 2(a) instantiations: ``nl1_c2d_r50_{gaussian,embedded_gaussian,dot_product,concatenation}``;
@@ -24,8 +27,8 @@ from typing import Any
 
 from .placements import (NL1_R50, NL1_R101, NL5_R50, NL5_R101, NL10_R50, R50_LAYERS, R101_LAYERS,
                          STAGE_ABLATION_R50)
-from .registry import register_model
-from .resnet3d import ResNet3d
+from .registry import list_models, model_defaults, register_alias, register_model
+from .resnet3d import NONLOCAL_DEFAULTS, ResNet3d
 
 _RESNET3D_OPTIONS = tuple(inspect.signature(ResNet3d.__init__).parameters)[1:]
 _MERGED = ("nonlocal_options", "nonlocal_stage_options")
@@ -33,7 +36,7 @@ _MERGED = ("nonlocal_options", "nonlocal_stage_options")
 R50 = R50_LAYERS
 R101 = R101_LAYERS
 # the official code's non-local block in these networks
-NL = {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"}
+NL = dict(NONLOCAL_DEFAULTS)  # the one definition, as ResNet3d applies it: a network built by hand gets the same
 # 128-frame models: frozen backbone BN; blocks without norm, W_z zero-init; res3 attends within 4 temporal groups
 FROZEN_128 = {"clip": "128x1", "norm": "frozen", "nonlocal_options": {**NL, "norm": None},
               "nonlocal_stage_options": {"res3": {"temporal_groups": 4}}}  # 4 frames per group
@@ -189,3 +192,8 @@ _register("c2d_tiny", "C2D with one bottleneck per stage, width 8, 8x8 clip layo
 # the paper's block (no scaling of f) with PyTorch's init of θ/φ/g, as the network trains from scratch
 _register("nl_c2d_tiny", "c2d_tiny + 1 non-local block after res3's block (trained from scratch)",
           **TINY, nonlocal_locations={"res3": (0,)}, nonlocal_options={**NL, "scale": None, "init": "pytorch"})
+
+# --- aliases: the 32x2 clip, the names' default, spelled out as the configs name it (kinetics/nl_i3d_r50_32x2) ---
+for _name in list_models():
+    if model_defaults(_name).get("clip") == "32x2":
+        register_alias(f"{_name}_32x2", _name)

@@ -22,6 +22,8 @@ SEQUENTIAL_CMAP = "inferno"
 DIVERGING_CMAP = "RdBu_r"
 BOX_COLOURS = ("cyan", "yellow", "magenta", "white")  # object boxes, in turn
 QUERY_COLOUR = "lime"  # the ring around the query
+KEY_COLOUR = "deepskyblue"  # the dashed outline of the query's strongest key cell
+PANEL_HEIGHT = 2.6  # inches
 
 
 def frames_for_display(clip: Tensor | np.ndarray) -> np.ndarray:
@@ -83,7 +85,9 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
 
     Returns:
         A summary: ``{"path", "query" (index), "query_coords" (t, y, x), "pairs": [(query, key, weight), ...],
-        "panels": [frame index, ...], "cmap": the colour map's name, "boxes": the boxes drawn}``.
+        "panels": [frame index, ...], "cmap": the colour map's name, "boxes": the boxes drawn,
+        "strongest_key": the (t, y, x) centre of the query's strongest key cell if its panel is drawn (outlined
+        dashed, so a weight on one key cell, a spot the heat map alone can hide, shows), else None}``.
     """
     frames = _frames_to_draw(clip, attention)
     q, pairs = _query_and_pairs(attention, query, batch, top_k)
@@ -98,6 +102,7 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
     plt = _pyplot()
     fig, ax_of, image = _draw_heat_maps(plt, frames, heat, panel_frame, attention, norm, cmap)
     drawn = _outline_boxes(ax_of, panel_frame, box_list, labels, attention)
+    strongest = _outline_strongest_key(ax_of, heat, attention)
     _draw_arrows(fig, ax_of, attention, pairs, signed)
     _mark_query(ax_of[_key_cell(attention, q_coords[0])], q_coords)
     fig.suptitle(_default_title(attention, query, q_coords, pairs) if title is None else title, fontsize=10)
@@ -108,7 +113,7 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return {"path": str(out), "query": q, "query_coords": tuple(q_coords), "pairs": pairs,
-            "panels": list(panel_frame.values()), "cmap": cmap, "boxes": drawn}
+            "panels": list(panel_frame.values()), "cmap": cmap, "boxes": drawn, "strongest_key": strongest}
 
 
 # --- what to draw ---------------------------------------------------------------------------------------------
@@ -201,7 +206,9 @@ def _draw_heat_maps(plt, frames: np.ndarray, heat: np.ndarray, panel_frame: dict
     sy, sx = attention.key_stride[1:]
     extent = (-0.5, wk * sx - 0.5, hk * sy - 0.5, -0.5)  # key cells placed over the pixels they cover
     count = len(panel_frame)
-    fig, axes = plt.subplots(1, count, figsize=(2.6 * count + 0.8, 2.9), squeeze=False)
+    # panels keep the frames' aspect at a readable height: wide footage gets wide panels, not thin strips
+    panel_width = PANEL_HEIGHT * min(max(w / h, 0.5), 4.0)
+    fig, axes = plt.subplots(1, count, figsize=(panel_width * count + 0.8, PANEL_HEIGHT + 0.3), squeeze=False)
     ax_of = {}
     image = None
     for ax, (cell, frame) in zip(axes[0], panel_frame.items()):
@@ -234,6 +241,22 @@ def _outline_boxes(ax_of: dict, panel_frame: dict[int, int], box_list: Sequence[
         ax.text(x0 - 0.5, y0 - 1.0, label, color=colour, fontsize=8, va="bottom")
         drawn.append(box)
     return drawn
+
+
+def _outline_strongest_key(ax_of: dict, heat: np.ndarray, attention: BlockAttention) -> tuple[float, ...] | None:
+    """A dashed outline around the query's strongest key cell (largest |weight|) on its panel; its centre, or None
+    when that panel is not drawn."""
+    from matplotlib.patches import Rectangle
+
+    t, y, x = np.unravel_index(int(np.abs(heat).argmax()), heat.shape)  # heat: (Tk, Hk, Wk)
+    ax = ax_of.get(int(t))
+    if ax is None:
+        return None
+    sy, sx = attention.key_stride[1:]
+    ax.add_patch(Rectangle((x * sx - 0.5, y * sy - 0.5), sx, sy, fill=False, edgecolor=KEY_COLOUR, linewidth=1.5,
+                           linestyle="--"))
+    index = (int(t) * heat.shape[1] + int(y)) * heat.shape[2] + int(x)
+    return tuple(attention.key_coords[index].tolist())
 
 
 def _draw_arrows(fig, ax_of: dict, attention: BlockAttention, pairs: Sequence[tuple[int, int, float]],
