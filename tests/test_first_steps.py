@@ -10,7 +10,8 @@ import torch
 
 from nonlocalnet.cli import main
 from nonlocalnet.models import create_model, save_weights
-from tests.test_train import _video_overrides, video_root  # noqa: F401  (video_root is a fixture)
+from tests.helpers import video_overrides
+from tests.test_train import video_root  # noqa: F401  (a fixture)
 
 TINY_OPTIONS = ["model.name=nl_c2d_tiny"]
 
@@ -72,7 +73,7 @@ def test_full_frame_test_with_crop_size_null_runs_and_training_with_it_is_refuse
     torch.manual_seed(0)
     save_weights(create_model("nl_c2d_tiny", num_classes=3), tmp_path / "w.safetensors",
                  metadata={"model": "nl_c2d_tiny"})
-    overrides = _video_overrides(video_root, tmp_path / "run")
+    overrides = video_overrides(video_root, tmp_path / "run")
     full = ["data.crop_size=null", "data.test_crops=1", "test.batch_size=1", "test.fully_convolutional=true"]
     assert main(["test", "--checkpoint", str(tmp_path / "w.safetensors"), *overrides, *full,
                  "--output", str(tmp_path / "full.json")]) == 0
@@ -169,7 +170,7 @@ def test_create_model_with_a_name_to_download_says_how_to_make_the_file(tmp_path
 
 def test_missing_videos_hint_names_the_cli_key(tmp_path, capsys, video_root):
     (tmp_path / "list.txt").write_text("gone.mp4 0\nv0.mp4 1\n")
-    overrides = _video_overrides(video_root, tmp_path / "run") + [f"data.train_list={tmp_path / 'list.txt'}"]
+    overrides = video_overrides(video_root, tmp_path / "run") + [f"data.train_list={tmp_path / 'list.txt'}"]
     assert main(["train", *overrides]) == 2
     err = capsys.readouterr().err
     assert "1 of 2 videos listed in" in err and "gone.mp4" in err

@@ -24,7 +24,7 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
                          inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
                          subsample: int | Sequence[int] | None = BLOCK_DEFAULTS["subsample"],
                          scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
-                         impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
+                         impl: str = BLOCK_DEFAULTS["impl"], init: str = BLOCK_DEFAULTS["init"]) -> nn.Sequential:
     """A copy of a conv head (``nn.Sequential`` of Conv2d, activations) with 2D NL blocks after some convs.
 
     The head's modules keep their names, so its state dict still loads; each NL block, named ``nl<i>``, comes
@@ -33,7 +33,7 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
     Args:
         head: e.g. torchvision's ``KeypointRCNNHeads``.
         after: indices of the convs to follow with an NL block.
-        mode, inter_channels, subsample, scale, norm, impl: the NL block's options (see
+        mode, inter_channels, subsample, scale, norm, impl, init: the NL block's options (see
             :func:`nonlocalnet.add_nonlocal`); norm None (W_z = 0 at init) by
             default, as the head has no norm of its own.
 
@@ -58,7 +58,7 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
             conv = named[convs[index]][1]
             children[f"{NL_PREFIX}{index}"] = NonLocalBlock(
                 conv.out_channels, dim=2, mode=mode, inter_channels=inter_channels, subsample=subsample,
-                scale=scale, norm=norm, impl=impl).to(conv.weight.device)
+                scale=scale, norm=norm, impl=impl, init=init).to(conv.weight.device)
         if position < len(named):
             name, module = named[position]
             children[name] = module
@@ -69,7 +69,7 @@ def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
                   nonlocal_after: Sequence[int] = (), mode: str = BLOCK_DEFAULTS["mode"],
                   inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
                   scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
-                  impl: str = BLOCK_DEFAULTS["impl"]) -> nn.Sequential:
+                  impl: str = BLOCK_DEFAULTS["impl"], init: str = BLOCK_DEFAULTS["init"]) -> nn.Sequential:
     """torchvision's keypoint head (``num_convs`` 3x3 convs of ``channels``) with NL blocks after some convs.
 
     Args:
@@ -78,10 +78,10 @@ def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
         num_convs: number of convs (8 in the paper and torchvision).
         nonlocal_after: 0-based conv indices to follow with an NL block; the paper's is
             :data:`PAPER_KEYPOINT_HEAD_NONLOCAL`.
-        mode, inter_channels, scale, norm, impl: the NL block's options.
+        mode, inter_channels, scale, norm, impl, init: the NL block's options.
     """
     head = KeypointRCNNHeads(in_channels, [channels] * num_convs)
     if not nonlocal_after:
         return head
     return add_nonlocal_to_head(head, nonlocal_after, mode=mode, inter_channels=inter_channels, scale=scale,
-                                norm=norm, impl=impl)
+                                norm=norm, impl=impl, init=init)
