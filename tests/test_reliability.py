@@ -40,7 +40,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 def _rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "run")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,12 @@ def straight(tmp_path_factory) -> Path:
 def test_a_fresh_run_into_a_used_directory_refuses_and_touches_nothing(tmp_path, straight):
     out = tmp_path / "run"
     train(_cfg(out))
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # (the lock file records whichever process held the directory last, the refused one too)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl.*--resume.*"
                                                 r"another directory \(output_dir=\.\.\.\)"):
         train(_cfg(out, "train.lr=0.02"))
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
 
 

@@ -350,7 +350,7 @@ def test(checkpoint: str | Path, *, config: Mapping[str, Any] | None = None, ove
     model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
                            num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
     load_state_dict_or_raise(model, state["model"], f"{checkpoint} does not fit the config's detector",
-                             CheckpointError)
+                             CheckpointError, source=str(checkpoint))
     model.to(device_)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
     summary = evaluate(model, loader, device_, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],

@@ -146,6 +146,29 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def check_same_config(cfg: Any) -> None:
+    """Under torchrun, raises :class:`~nonlocalnet.engine.config.ConfigError` in every process when any process's
+    config differs from process 0's, naming the differing keys and each one's values: processes started with
+    different configs (a node given another ``train.lr``) would train together on a mix. A single process passes.
+    """
+    if process_group_info().world_size == 1:
+        return
+    from .config import ConfigError, to_plain
+    from .rundir import flatten  # the config's dotted keys
+
+    flat = {k: repr(v) for k, v in flatten(to_plain(cfg)).items()}
+    configs = all_gather_objects(flat)
+    differing = []
+    for key in sorted(set().union(*configs)):
+        values = [c.get(key, "(unset)") for c in configs]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+            differing.append(f"{key} ({shown})")
+    if differing:
+        raise ConfigError(f"the processes of this job were started with different configs: {'; '.join(differing)}; "
+                          f"start every process with the same config and overrides")
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

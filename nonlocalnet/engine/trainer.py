@@ -36,16 +36,17 @@ from ..models.batchnorm import freeze_batchnorm
 from ..models.pretrained import load_pretrained
 from ..models.weights import load_model, save_weights
 from . import metrics as M
-from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, load_checkpoint,
-                         newest_readable_checkpoint, remove_debris, restore_training_state, save_checkpoint,
-                         set_aside)
+from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, newest_readable_checkpoint, remove_debris, restore_training_state,
+                         save_checkpoint, set_aside)
 from .config import save_config, to_plain
-from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, barrier, gather_rng_states,
-                          init_distributed, resolve_device, unwrap_model)
+from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, barrier, check_same_config,
+                          gather_rng_states, init_distributed, resolve_device, unwrap_model)
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
 from .precise_bn import update_bn_stats
-from .rundir import RunDirectoryError, check_resume_config, check_unused, truncate_jsonl
+from .rundir import (RunDirectoryError, RunIdentity, check_resume_config, check_unused, claim_run,
+                     lock_run_directory, record_run, truncate_jsonl)
 
 log = logging.getLogger("nonlocalnet")
 
@@ -96,12 +97,29 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     """
     device = resolve_device(cfg["device"])
     info = init_distributed(device)
+    check_same_config(cfg)  # every process of a torchrun job trains one config
+    lock = lock_run_directory(cfg["output_dir"]) if info.is_main else None  # one run at a time in the directory
+    try:
+        return _train(cfg, device, info, resume, stop_after, on_iteration, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Mapping[str, Any], device: torch.device, info: DistInfo, resume: bool | str | os.PathLike,
+           stop_after: int | None, on_iteration: Callable[[int], None] | None, allow_config_change: bool
+           ) -> dict[str, Any]:
+    """:func:`train` once the run directory is this process's."""
     out = Path(cfg["output_dir"])
     if not resume:
         check_unused(out)
     source, state, unreadable = _resume_source(resume, out / "checkpoints")
     if state is not None:
         _check_resumable(state, source, cfg, info, allow_config_change)
+    run = None
+    if info.is_main:  # which run this is: the directory's own, or a new one (refusing to mix two)
+        run = claim_run(out, cfg, state, source, has_checkpoints=bool(list_checkpoints(out / "checkpoints")),
+                        explicit=resume is not True and bool(resume), say=log.warning)
 
     seed_everything(cfg["seed"])  # the same initial weights in every process
     model = _training_model(cfg, device, info)
@@ -119,15 +137,17 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     barrier()  # every process has read what it needs before the main process changes the directory
     if info.is_main:
         _prepare_directory(out, cfg, start, unreadable, resumed=state is not None)
+        record_run(out, run)
         if state is not None:
             log.info("resumed from %s at iteration %d", source, start)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
-    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None)
+    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None,
+                          run_id=run.run_id if run else None)
     total = cfg["train"]["iterations"]
     end = total if stop_after is None else min(total, stop_after)
     iteration, skipped_all, train_seconds = train_iterations(ddp, optimizer, scaler, data, cfg, device, info,
-                                                             logger, start, end, skipped, on_iteration)
+                                                             logger, start, end, skipped, on_iteration, run)
     if iteration < total:
         logger.close()
         return {"stopped_at": iteration}
@@ -284,7 +304,8 @@ def _train_batches(data: TrainingData, cfg: Mapping[str, Any], start: int) -> It
 def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                      data: TrainingData, cfg: Mapping[str, Any], device: torch.device, info: DistInfo,
                      logger: MetricLogger, start: int, end: int, skipped: set[int],
-                     on_iteration: Callable[[int], None] | None = None) -> tuple[int, list[int], float]:
+                     on_iteration: Callable[[int], None] | None = None, run: RunIdentity | None = None
+                     ) -> tuple[int, list[int], float]:
     """Trains from iteration ``start`` to ``end``: logs every ``train.log_every`` steps, checkpoints every
     ``train.checkpoint_every`` steps, both at ``end`` too, and evaluates (with precise BN) every
     ``train.eval_every`` steps before the last.
@@ -293,6 +314,7 @@ def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
         ddp: the model, in DistributedDataParallel under several processes.
         skipped: the corrupt videos this process passed over before ``start``; updated in place.
         on_iteration: called with the iteration count after every step.
+        run: the run's identity, written into every checkpoint (main process).
 
     Returns:
         The iteration reached; the corrupt videos all processes passed over in the whole run, as of the last log
@@ -331,7 +353,7 @@ def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
             window = _Window()
         if checkpoint_now:
             save_training_state(model, optimizer, scaler, iteration, device, Path(cfg["output_dir"]) / "checkpoints",
-                                cfg, info, skipped_videos=skipped_all)
+                                cfg, info, skipped_videos=skipped_all, run=run)
         if train_cfg["eval_every"] and iteration % train_cfg["eval_every"] == 0 and iteration < train_cfg["iterations"]:
             report = evaluate(_precise(model, data.dataset, cfg, device, info, data.epoch_of_step(iteration)),
                               cfg, device=device, info=info)
@@ -428,9 +450,10 @@ class _Window:
 
 def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         iteration: int, device: torch.device, directory: Path, cfg: Mapping[str, Any],
-                        info: DistInfo, skipped_videos: list[int] = ()) -> None:
+                        info: DistInfo, skipped_videos: list[int] = (), run: RunIdentity | None = None) -> None:
     """Writes ``checkpoint_<iteration>.pt`` (main process), keeping the last ``train.keep_checkpoints``: what a
-    resumed run needs to go on exactly as an uninterrupted one, every process's random state included."""
+    resumed run needs to go on exactly as an uninterrupted one, every process's random state included, and the
+    run's identity (``run``), by which a resume tells the directory's own checkpoints from another run's."""
     rng = gather_rng_states(device)  # a collective: every process takes part
     if info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -438,7 +461,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scal
                  "skipped_video_ids": list(skipped_videos), "config": to_plain(cfg),
                  "world_size": info.world_size,
                  "model_name": cfg["model"]["name"], "model_options": to_plain(cfg["model"]["options"]),
-                 "rng": rng[0], "rng_per_rank": rng}
+                 "rng": rng[0], "rng_per_rank": rng, "run": run.as_dict() if run else None}
         save_checkpoint(state, directory, iteration, keep=cfg["train"]["keep_checkpoints"])
     barrier()
 
