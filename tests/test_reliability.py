@@ -261,7 +261,7 @@ def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_
                        evaluate_every=2)
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoint.pth", "log.jsonl", "run.json"]
 
 
 def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_nothing(tmp_path, capsys):
@@ -271,7 +271,8 @@ def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_n
     argv = ["detect-train", "--output-dir", str(out), "--device", "cpu", "--set", "data.num_train=2"]
     line = _error_line(capsys, argv, "detect-train")
     assert f"output_dir {out} already holds a run (log.jsonl); continue it with --resume" in line
-    assert [p.name for p in out.iterdir()] == ["log.jsonl"] and (out / "log.jsonl").read_text() == '{"epoch": 0}\n'
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "log.jsonl"]  # the lock file of the refused start
+    assert (out / "log.jsonl").read_text() == '{"epoch": 0}\n'
 
 
 def _detection_checkpoint(tmp_path: Path) -> Path:

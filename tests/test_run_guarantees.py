@@ -225,3 +225,39 @@ def test_weights_written_by_training_carry_their_checksum(tmp_path):
     from safetensors import safe_open
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         assert len(f.metadata()["checksum"]) == 64
+
+
+# --- 4: detection runs follow the same rules -------------------------------------------------------------------
+
+def _detection(out: Path, **kwargs) -> None:
+    import nonlocalnet.detection.train as detection
+    from tests.test_detection import _tiny_config
+
+    config = _tiny_config("shapes", "mask", mask_head_channels=16)
+    config["train"]["epochs"] = 1
+    detection.main(config, output_dir=out, max_iters_per_epoch=1, device="cpu", **kwargs)
+
+
+def test_detect_train_into_a_finished_video_run_refuses_and_writes_nothing(finished):
+    from nonlocalnet.engine.rundir import RunDirectoryError
+
+    before = _files(finished)
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl, "
+                                                r"model_final.safetensors, test_metrics.json\)"):
+        _detection(finished)
+    assert _files(finished) == before
+
+
+def test_detect_train_resume_of_another_runs_checkpoint_into_a_detection_run_refuses(tmp_path):
+    from nonlocalnet.engine.rundir import RunDirectoryError
+
+    _detection(tmp_path / "a")
+    _detection(tmp_path / "b")
+    before = _files(tmp_path / "b")
+    with pytest.raises(RunDirectoryError, match=f"belongs to run {read_identity(tmp_path / 'a').run_id}, and "
+                                                f"output_dir {tmp_path / 'b'} holds run "
+                                                f"{read_identity(tmp_path / 'b').run_id}"):
+        _detection(tmp_path / "b", resume=tmp_path / "a" / "checkpoint.pth")
+    assert _files(tmp_path / "b") == before
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [row["run"] for row in rows] == [read_identity(tmp_path / "b").run_id]

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from ..engine.checkpoint import CheckpointError, load_checkpoint, remove_debris, restore_training_state, \
     write_checkpoint
 from ..engine.config import to_plain
-from ..engine.distributed import all_reduce_mean, barrier, broadcast_from_main, gather_rng_states, \
-    init_distributed, is_main_process, process_group_info, resolve_device, unwrap_model
+from ..engine.distributed import DistInfo, all_reduce_mean, barrier, broadcast_from_main, check_same_config, \
+    gather_rng_states, init_distributed, is_main_process, process_group_info, resolve_device, unwrap_model
 from ..engine.logger import MetricLogger
-from ..engine.rundir import check_resume_config, check_unused, truncate_jsonl
+from ..engine.rundir import check_resume_config, check_unused, claim_run, lock_run_directory, record_run, \
+    truncate_jsonl
 from ..models.weights import load_state_dict_or_raise
 from .builders import build_detector
 from .config import complete_config
@@ -232,10 +233,29 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
     """
     device_ = resolve_device(device or "auto")
     info = init_distributed(device_)
+    check_same_config(config)
     out = Path(output_dir) if output_dir is not None else None
+    lock = lock_run_directory(out) if out is not None and info.is_main else None  # one run at a time in ``out``
+    try:
+        return _main(config, out, resume, backbone_weights, device_, info, max_iters_per_epoch, evaluate_every,
+                     allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _main(config: Mapping[str, Any], out: Path | None, resume: str | Path | None, backbone_weights: str | Path | None,
+          device_: torch.device, info: DistInfo, max_iters_per_epoch: int | None, evaluate_every: int,
+          allow_config_change: bool) -> dict[str, dict[str, float]]:
+    """:func:`main` once the run directory is this process's."""
     state = _resume_state(resume, config, allow_config_change) if resume is not None else None
     if out is not None and state is None:
-        check_unused(out, (CHECKPOINT_NAME, LOG_NAME))
+        check_unused(out)  # a directory of any run, video or detection
+    run = None
+    if out is not None and info.is_main:  # which run this is: the directory's own, or a new one (never a mix)
+        run = claim_run(out, config, state, resume, has_checkpoints=(out / CHECKPOINT_NAME).exists(),
+                        explicit=True, allowed=RESUMABLE_DETECTION_KEYS,
+                        say=lambda message: print(f"warning: {message}", flush=True))
     model_cfg, data_cfg, train_cfg = config["model"], config["data"], config["train"]
     task = model_cfg.get("task")
     torch.manual_seed(train_cfg["seed"] + info.rank)
@@ -277,10 +297,12 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
                                lr_scheduler=lr_scheduler, mismatch="holds weights of another detector")
         start_epoch = state["epoch"] + 1
     if out is not None and info.is_main:  # every check passed: the directory is this run's
+        record_run(out, run)
         remove_debris(out)
         if state is not None:
             truncate_jsonl(out / LOG_NAME, lambda row: row.get("epoch", -1) < start_epoch)
-    logger = MetricLogger(out, enabled=info.is_main, tensorboard=False, filename=LOG_NAME)
+    logger = MetricLogger(out, enabled=info.is_main, tensorboard=False, filename=LOG_NAME,
+                          run_id=run.run_id if run else None)
 
     if info.is_main:
         print(f"detector: {task} {model_cfg.get('arch')} on {len(train_set)} train / {len(val_set)} val images, "
@@ -302,7 +324,8 @@ def main(config: Mapping[str, Any], *, output_dir: str | Path | None = None, res
             write_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                               "lr_scheduler": lr_scheduler.state_dict(),
                               "scaler": scaler.state_dict() if scaler is not None else None,
-                              "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng},
+                              "epoch": epoch, "config": to_plain(config), "meta": meta, "rng_per_rank": rng,
+                              "run": run.as_dict() if run else None},
                              out / CHECKPOINT_NAME)
         logger.write({"epoch": epoch, "losses": losses, "eval": summary if summary else None})
     logger.close()
