@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from ..engine.config import ConfigError, ConfigSchema, build_config, check_steps
+from ..engine.config import ConfigError, ConfigSchema, Items, Range, build_config, check_steps
 from ..engine.config import load_config as _load_config
 from .builders import TASKS
 from .data import BUILTIN_KINDS
@@ -64,8 +64,6 @@ def _check(cfg: Mapping[str, Any]) -> None:
     if data["builtin"] is None and not (data["val_annotations"] and data["val_images"]):
         raise ConfigError("data needs either 'builtin' or val_images + val_annotations (and for training "
                           "train_images + train_annotations)")
-    if not 0 <= cfg["train"]["hflip"] <= 1:
-        raise ConfigError(f"train.hflip is a probability (0..1); got {cfg['train']['hflip']!r}")
     check_steps(cfg, "train.lr_steps", "epochs")
 
 
@@ -78,6 +76,13 @@ SCHEMA = ConfigSchema(
                   "train.warmup_factor", "train.workers", "train.print_freq"),
     check=_check,
     folder="coco",
+    ranges={"train.lr_gamma": Range(0, 1, low_open=True), "train.warmup_factor": Range(0, 1),
+            "train.momentum": Range(0, 1), "train.hflip": Range(0, 1), "train.seed": Range(0, 2 ** 63 - 1),
+            "data.seed": Range(0, 2 ** 63 - 1), "train.workers": Range(0, 1024)},
+    items={"train.lr_steps": Items("int", Range(0)), "data.kpt_oks_sigmas": Items("number", Range(0, low_open=True),
+                                                                                    1)},
+    optional={"data.builtin": (str,), "data.root": (str,), "data.train_images": (str,),
+              "data.train_annotations": (str,), "data.val_images": (str,), "data.val_annotations": (str,)},
 )
 
 
