@@ -30,3 +30,14 @@ def add_override_arguments(parser: argparse.ArgumentParser, what: str, examples:
 def overrides_of(args: argparse.Namespace) -> list[str]:
     """A command's overrides in the order they apply: the bare words, then the ``--set`` ones."""
     return [*getattr(args, "overrides", ()), *args.set_overrides]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count: a batch, arrows, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value

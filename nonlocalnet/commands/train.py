@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from . import add_override_arguments, overrides_of
 
@@ -30,10 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from .test import print_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume train.lr=0.5`: argparse took the override for the checkpoint --resume may name
+        args.overrides.insert(0, resume)
+        resume = True
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
-        report = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        report = train(cfg, resume=resume, allow_config_change=args.allow_config_change)
     finally:
         cleanup()
     if "stopped_at" not in report:

@@ -31,6 +31,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: missing, truncated, corrupt (checksum), foreign, or a pickle that would
     run code."""
 
+    all_processes = True  # every process of a torchrun job reads the same checkpoint: the CLI says it once
+
 
 def verify_checksum(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Raises :class:`CheckpointError` when ``state`` carries a checksum that its content does not match (a

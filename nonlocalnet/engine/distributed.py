@@ -45,16 +45,27 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> this process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else the CPU; "cuda" -> this
-    process's GPU; any other name (``cuda:1``, ``cpu``) as it is."""
+    process's GPU; any other name (``cuda:1``, ``cpu``) as it is.
+
+    Raises:
+        ValueError: a name that is no device, or a GPU this machine does not have (naming it).
+    """
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is no device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
     return device
 
 

@@ -124,7 +124,14 @@ def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], boo
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RunDirectoryError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); the run's log is "
+                                f"damaged: repair or remove that line to resume") from None
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
