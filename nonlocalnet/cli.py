@@ -60,11 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         print(f"nonlocalnet {name}: error: {e} (see nonlocalnet {name} --help)", file=sys.stderr)
         return 2
+    from .engine.signals import handled
+
     try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"nonlocalnet {name}: interrupted", file=sys.stderr)
-        return 130
+        with handled():  # SIGINT / SIGTERM: exit 130 / 143, checked at every training step too
+            return int(module.run(args) or 0)
+    except KeyboardInterrupt as e:
+        print(f"nonlocalnet {name}: interrupted ({e or 'SIGINT'})", file=sys.stderr)
+        return getattr(e, "exit_status", 130)
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised
         message = user_error(e)
         if message is None or os.environ.get("NONLOCALNET_DEBUG"):

@@ -32,6 +32,7 @@ from ..engine.config import to_plain
 from ..engine.distributed import DistInfo, all_reduce_mean, barrier, broadcast_from_main, check_same_config, \
     gather_rng_states, init_distributed, is_main_process, process_group_info, resolve_device, unwrap_model
 from ..engine.logger import MetricLogger
+from ..engine.signals import check_interrupted
 from ..engine.rundir import check_resume_config, check_unused, claim_run, lock_run_directory, record_run, \
     truncate_jsonl
 from ..models.weights import load_state_dict_or_raise
@@ -138,6 +139,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not is_main_process(), leave=False)
     start = time.time()
     for it, (images, targets) in enumerate(bar):
+        check_interrupted()  # also at every step: the loader workers' start swallows a signal's exception
         if it >= total:
             break
         images = [im.to(device, non_blocking=True) for im in images]
@@ -311,6 +313,7 @@ def _main(config: Mapping[str, Any], out: Path | None, resume: str | Path | None
     summary: dict[str, dict[str, float]] = {}
     epochs = train_cfg["epochs"]
     for epoch in range(start_epoch, epochs):
+        check_interrupted()  # a SIGINT / SIGTERM whose exception was swallowed (see engine.signals)
         losses = train_one_epoch(model, optimizer, train_loader, device_, epoch, lr_scheduler, scaler=scaler,
                                  print_freq=train_cfg["print_freq"], max_iters=max_iters_per_epoch)
         last = epoch == epochs - 1

@@ -45,6 +45,7 @@ from .distributed import (DistInfo, all_gather_cat, all_reduce_mean, barrier, ch
 from .logger import MetricLogger
 from .optim import build_optimizer, set_lr, step_lr
 from .precise_bn import update_bn_stats
+from .signals import check_interrupted
 from .rundir import (RunDirectoryError, RunIdentity, check_resume_config, check_unused, claim_run,
                      lock_run_directory, record_run, truncate_jsonl)
 
@@ -293,6 +294,7 @@ def _train_batches(data: TrainingData, cfg: Mapping[str, Any], start: int) -> It
             data.dataset.set_epoch(epoch)
         loader = _loader(data.dataset, data.sampler, batch_size, cfg["data"]["workers"], True, cfg["seed"] + epoch)
         for batch in loader:
+            check_interrupted()  # the workers' start is where a signal's exception gets swallowed
             yield batch
             iteration += 1
             if iteration % data.iterations_per_epoch == 0:
@@ -331,6 +333,7 @@ def train_iterations(ddp: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     iteration = start
     batches = _train_batches(data, cfg, start)
     while iteration < end:
+        check_interrupted()  # a SIGINT / SIGTERM whose exception was swallowed (see engine.signals)
         batch = next(batches)
         lr = step_lr(iteration, train_cfg["lr"], train_cfg["lr_steps"], train_cfg["lr_gamma"],
                      train_cfg["warmup_iterations"], train_cfg["warmup_factor"])
