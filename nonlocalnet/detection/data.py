@@ -212,7 +212,11 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
     bad = [c["id"] for c in data["categories"] if not _is_id(c["id"])]
     bad += [i["id"] for i in data["images"] if not _is_id(i["id"]) or not isinstance(i["file_name"], str)]
     if bad:
-        fail("ids that are not integers or strings, or a 'file_name' that is no string", bad)
+        fail("ids that are not integers, or a 'file_name' that is no string", bad)
+    bad = [i["id"] for i in data["images"] if not all(_is_id(i.get(side)) and i[side] > 0 for side in ("height",
+                                                                                                        "width"))]
+    if bad:
+        fail("images whose 'height' or 'width' is not a positive integer (ids)", bad)
     categories = {c["id"] for c in data["categories"]}
     images = {i["id"] for i in data["images"]}
     anns = data["annotations"]
@@ -223,7 +227,11 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
     bad = [a["id"] for a in anns if not _is_id(a["id"]) or not _is_id(a["image_id"])
            or not _is_id(a.get("category_id", 0))]
     if bad:
-        fail("annotations whose 'id', 'image_id' or 'category_id' is not an integer or a string", bad)
+        fail("annotations whose 'id', 'image_id' or 'category_id' is not an integer", bad)
+    bad = [a["id"] for a in anns if "num_keypoints" in a and not (_is_id(a["num_keypoints"])
+                                                                  and a["num_keypoints"] >= 0)]
+    if bad:
+        fail("annotations whose 'num_keypoints' is not a non-negative integer (ids)", bad)
     bad = [a["id"] for a in anns if "area" in a and not _is_number(a["area"])]
     if bad:
         fail("annotations whose 'area' is not a number (ids)", bad)
@@ -262,7 +270,7 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
