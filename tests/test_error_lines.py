@@ -126,3 +126,20 @@ def test_a_zero_dimensional_classifier_weight_is_one_error_naming_the_tensor(tmp
     with pytest.raises(ValueError, match=r"w.safetensors: tensor 'head.fc.weight' must be 2-D \(classes x features\); "
                                          r"got shape \[\]"):
         load_model(path)  # (before: IndexError from shape[0], a traceback in `visualize`)
+
+
+@pytest.mark.parametrize("blob", ["conv1_w", "res2_0_branch2b_w"])
+def test_convert_of_a_caffe2_file_with_a_2d_stem_or_branch_is_one_error_line(capsys, tmp_path, blob):
+    import numpy as np
+
+    from tests.test_caffe2 import official_blobs, write_pickle
+
+    r50 = {2: [1, 0, 1], 3: [1, 0, 1, 0], 4: [1, 0, 1, 0, 1, 0], 5: [0, 1, 0]}
+    blobs = official_blobs(r50, {})
+    blobs[blob] = np.zeros((4, 3), dtype=np.float32)
+    path = write_pickle(tmp_path / "i3d_baseline_32x2.pkl", blobs)
+    err = _one_line(capsys, ["convert", str(path), str(tmp_path / "out.safetensors")])
+    message = {"conv1_w": "no 5-D conv1_w blob",
+               "res2_0_branch2b_w": "res2_0_branch2b_w must be a 5-D convolution weight (out, in, t, h, w); got "
+                                    "shape [4, 3]"}[blob]
+    assert message in err
