@@ -261,3 +261,27 @@ def test_detect_train_resume_of_another_runs_checkpoint_into_a_detection_run_ref
     assert _files(tmp_path / "b") == before
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [row["run"] for row in rows] == [read_identity(tmp_path / "b").run_id]
+
+
+@pytest.mark.slow
+def test_two_train_commands_started_together_on_one_directory_one_runs_the_other_refuses(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "nonlocalnet.cli", "train", "--config", TINY, *QUICK,
+                               f"train.lr={lr}", f"output_dir={out}"], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for lr in (0.01, 0.02)]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert f"output_dir {out} is in use by another run (pid " in refused or "already holds a run" in refused
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (4, "test")]  # each step once
+    winner = read_identity(out)
+    assert {r["run"] for r in rows} == {winner.run_id} and load_checkpoint(_ckpt(out, 4))["run"] == \
+        winner.as_dict()
+    lr = (0.01, 0.02)[[code for code, _ in results].index(0)]
+    assert load_config(out / "config.yaml")["train"]["lr"] == lr  # the config of the weights that are there
