@@ -44,3 +44,22 @@ def test_processes_started_with_different_configs_refuse_naming_the_keys(lrs):
     expected = ("the processes of this job were started with different configs: train.lr (rank 0: 0.01, rank 1: "
                 "0.5); start every process with the same config and overrides")
     assert dict(results) == {0: expected, 1: expected}  # every process raises the same: the CLI says it once
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "nonlocalnet.cli", "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml", "train.lr_gamma=-1",
+         f"output_dir={tmp_path / 'run'}"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert lines == ["nonlocalnet train: error: train.lr_gamma must be greater than 0 and at most 1; got -1"]
