@@ -47,6 +47,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 class UnreadableFile(ValueError):
     """A file that cannot be loaded: truncated, foreign, or a pickle that would run code."""
 
+    all_processes = True  # every process of a torchrun job reads the same files: the CLI says it once
+
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         super().__init__(f"cannot read {os.fspath(path)}: {reason}")
         self.path, self.reason = Path(path), reason

@@ -48,7 +48,11 @@ def test_processes_started_with_different_configs_refuse_naming_the_keys(lrs):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_gamma=-1", "train.lr_gamma must be greater than 0 and at most 1; got -1"),
+    ("model.pretrained=/nonexistent/w.safetensors", "model.pretrained: no file at /nonexistent/w.safetensors"),
+])
+def test_a_user_error_every_process_meets_under_torchrun_is_printed_once(tmp_path, override, message):
     import subprocess
     import sys
     from pathlib import Path
@@ -56,10 +60,10 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "nonlocalnet.cli", "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml", "train.lr_gamma=-1",
+         "nonlocalnet.cli", "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml", override,
          f"output_dir={tmp_path / 'run'}"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, capture_output=True,
         text=True, timeout=300)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if "error:" in line]
-    assert lines == ["nonlocalnet train: error: train.lr_gamma must be greater than 0 and at most 1; got -1"]
+    assert lines == [f"nonlocalnet train: error: {message}"]

@@ -35,25 +35,31 @@ def save_weights(weights: nn.Module | Mapping[str, Tensor], path: str | os.PathL
     save_file(tensors, os.fspath(path), metadata={**dict(metadata or {}), CHECKSUM_KEY: state_checksum(tensors)})
 
 
+class BadWeights(ValueError):
+    """Weights of a dtype that is not floating point, or not finite (:func:`check_weights`)."""
+
+    all_processes = True  # every process of a torchrun job reads the same file: the CLI says it once
+
+
 # buffers that hold counts, not weights: the one integer tensor a state dict of ours may hold
 INTEGER_BUFFERS = ("num_batches_tracked",)
 
 
 def check_weights(state: Mapping[str, Tensor], what: str, model: nn.Module | None = None) -> None:
-    """Raises ValueError naming ``what`` (the file) and the first offending tensor: a dtype that is not floating
-    (int8, bool: weights of another kind of file, which torch would silently cast), except where ``model`` keeps
-    that dtype itself or for a BN step counter, or a value that is NaN or infinite."""
+    """Raises :class:`BadWeights` naming ``what`` (the file) and the first offending tensor: a dtype that is not
+    floating (int8, bool: weights of another kind of file, which torch would silently cast), except where ``model``
+    keeps that dtype itself or for a BN step counter, or a value that is NaN or infinite."""
     own = model.state_dict() if model is not None else {}
     for name, tensor in state.items():
         recorded = own.get(name)
         allowed = tensor.is_floating_point() or (recorded is not None and tensor.dtype == recorded.dtype) or (
             recorded is None and name.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not tensor.dtype == torch.bool)
         if not allowed:
-            raise ValueError(f"{what}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not "
+            raise BadWeights(f"{what}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not "
                              f"floating-point weights")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
-            raise ValueError(f"{what}: tensor {name!r} holds {kind}; the weights are broken (a diverged run, a bad "
+            raise BadWeights(f"{what}: tensor {name!r} holds {kind}; the weights are broken (a diverged run, a bad "
                              f"conversion or copy)")
 
 
