@@ -143,3 +143,25 @@ def test_convert_of_a_caffe2_file_with_a_2d_stem_or_branch_is_one_error_line(cap
                "res2_0_branch2b_w": "res2_0_branch2b_w must be a 5-D convolution weight (out, in, t, h, w); got "
                                     "shape [4, 3]"}[blob]
     assert message in err
+
+
+def test_a_full_disk_while_writing_config_yaml_or_model_final_names_the_file_and_keeps_the_old_one(tmp_path,
+                                                                                                   monkeypatch):
+    from pathlib import Path
+
+    from nonlocalnet.cli import user_error
+    from nonlocalnet.io import write_text_atomic
+
+    target = tmp_path / "config.yaml"
+    target.write_text("seed: 1\n")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as caught:
+        write_text_atomic(target, "seed: 2\n")
+    monkeypatch.undo()
+    assert user_error(caught.value) == (f"no space left on the device while writing {target}; the files written "
+                                        f"before are intact: free space and rerun")
+    assert target.read_text() == "seed: 1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
