@@ -555,7 +555,7 @@ def test_a_detection_config_extends_its_base_like_a_video_config(tmp_path):
     ("train.epochs=two", "train.epochs must be an integer; got 'two'"),
     ("train.epochs=0", "train.epochs must be at least 1"),
     ("train.lr=-0.1", "train.lr must not be negative"),
-    ("train.hflip=1.5", "train.hflip is a probability"),
+    ("train.hflip=1.5", "train.hflip must be at least 0 and at most 1; got 1.5"),
     ("train.lr_steps=[11, 8]", "train.lr_steps must be increasing"),
     ("train.amp=maybe", "train.amp must be false, bf16, fp16 or true"),
     ("data.builtin=circles", "data.builtin must be one of shapes, figures or null"),
