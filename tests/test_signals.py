@@ -60,3 +60,53 @@ def test_a_signal_at_a_random_moment_with_loader_workers_stops_the_run_with_its_
         assert proc.returncode == status, err.decode()[-2000:]
         newest = list_checkpoints(out / "checkpoints")[-1]
         assert load_checkpoint(newest)["iteration"] >= 1  # it reads, its checksum holds
+
+
+def _swallow_a_signal(signum: int = signal.SIGTERM) -> None:
+    """A stop signal whose exception is swallowed where it lands (as an at-fork handler does)."""
+    try:
+        os.kill(os.getpid(), signum)
+        time.sleep(1)  # (the handler raises here, ending the sleep)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_the_training_loop_stops_a_video_run_at_the_step_after_a_swallowed_signal_and_frees_its_folder(tmp_path):
+    from nonlocalnet.engine import load_config, train
+    from nonlocalnet.engine.rundir import lock_run_directory
+
+    out = tmp_path / "run"
+    cfg = load_config("configs/synthetic/nl_c2d_tiny.yaml",
+                      ["progress=false", "data.test_size=8", "data.train_size=32", "train.batch_size=8",
+                       "train.iterations=4", "train.checkpoint_every=2", "train.lr_steps=[]", f"output_dir={out}"])
+    steps = []
+
+    def step_done(iteration: int) -> None:
+        steps.append(iteration)
+        if iteration == 1:
+            _swallow_a_signal()
+
+    with handled(), pytest.raises(Interrupted) as caught:
+        train(cfg, on_iteration=step_done)
+    assert caught.value.exit_status == 143 and steps == [1]  # no second step
+    lock_run_directory(out).release()  # the interrupted run released its folder
+
+
+def test_the_training_loop_stops_a_detection_run_at_the_step_after_a_swallowed_signal(tmp_path, monkeypatch):
+    import nonlocalnet.detection.train as detection
+    from tests.test_detection import _tiny_config
+
+    config = _tiny_config("shapes", "mask", tmp_path / "run", mask_head_channels=16)
+    config["train"]["max_iters_per_epoch"] = 3
+    steps = []
+
+    def items(self, batch):
+        steps.append(len(batch[0]))
+        if len(steps) == 1:
+            _swallow_a_signal(signal.SIGINT)
+        return len(batch[0])
+
+    monkeypatch.setattr(detection.Detection, "items", items)
+    with handled(), pytest.raises(Interrupted) as caught:
+        detection.train(config)
+    assert caught.value.exit_status == 130 and steps == [2]  # one step of two images, no second
