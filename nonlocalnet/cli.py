@@ -67,14 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"nonlocalnet {name}", description=help_)
+    parser = _Parser(prog=f"nonlocalnet {name}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_intermixed_args(argv[1:])  # overrides may come before, between or after options
     try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"nonlocalnet {name}: interrupted", file=sys.stderr)
-        return 130
+        args = parser.parse_intermixed_args(argv[1:])  # overrides may come before, between or after options
+    except _UsageError as e:
+        print(f"nonlocalnet {name}: error: {e} (see nonlocalnet {name} --help)", file=sys.stderr)
+        return 2
+    from .engine.signals import handled
+
+    try:
+        with handled():  # SIGINT / SIGTERM: exit 130 / 143, checked at every training step too
+            return int(module.run(args) or 0)
+    except KeyboardInterrupt as e:
+        print(f"nonlocalnet {name}: interrupted ({e or 'SIGINT'})", file=sys.stderr)
+        return getattr(e, "exit_status", 130)
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is re-raised
         message = user_error(e)
         if message is None or os.environ.get("NONLOCALNET_DEBUG"):
@@ -86,13 +93,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+class _UsageError(Exception):
+    """A command line argparse refused (an unknown option, a value of the wrong type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors one ``error:`` line like every other user error (not usage text and a second line)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+# errno values of a full disk or an exhausted quota
+_DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
+
+
 def user_error(e: BaseException) -> str | None:
     """The one-line message of an error in what the user gave (a config, a file, data, a model name), or None
     for an error of the program itself, which keeps its traceback.
 
-    User errors are ValueErrors (ConfigError, CheckpointError, UnknownModel, ... all are) and OS errors about a
-    named file (missing, a directory, no permission).
+    User errors are ValueErrors (ConfigError, CheckpointError, UnknownModel, ... all are), OS errors about a
+    named file (missing, a directory, no permission), a full disk, and memory that ran out (what the user asked
+    for does not fit this machine).
     """
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: a GPU's
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "an allocation failed"
+        return (f"out of memory ({first}); lower train.batch_size / test.batch_size, data.frames or the clip size, "
+                f"or data.workers")
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        where = f" while writing {e.filename}" if e.filename is not None else ""
+        return f"no space left on the device{where}; the files written before are intact: free space and rerun"
     if isinstance(e, OSError) and (e.filename is not None or isinstance(e, FileNotFoundError)):
         if e.filename is None:
             return str(e)

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path``; write it inside the block and it replaces ``path`` when the block ends.
 
-    If the block raises, ``path`` keeps its old content (or stays absent) and the temporary file is removed.
+    If the block raises, ``path`` keeps its old content (or stays absent) and the temporary file is removed; an
+    OS error without a file name (a full disk while writing) is raised naming ``path``.
     The result gets the usual permissions (0666 minus the umask), not the temporary file's private 0600.
     """
     path = Path(path)
@@ -28,6 +29,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write into the file object (a full disk): the error names the file it was for
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -41,6 +46,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 class UnreadableFile(ValueError):
     """A file that cannot be loaded: truncated, foreign, or a pickle that would run code."""
+
+    all_processes = True  # every process of a torchrun job reads the same files: the CLI says it once
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         super().__init__(f"cannot read {os.fspath(path)}: {reason}")

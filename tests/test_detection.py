@@ -555,7 +555,7 @@ def test_a_detection_config_extends_its_base_like_a_video_config(tmp_path):
     ("train.epochs=two", "train.epochs must be an integer; got 'two'"),
     ("train.epochs=0", "train.epochs must be at least 1"),
     ("train.lr=-0.1", "train.lr must not be negative"),
-    ("train.hflip=1.5", "train.hflip is a probability"),
+    ("train.hflip=1.5", "train.hflip must be at least 0 and at most 1; got 1.5"),
     ("train.lr_steps=[11, 8]", "train.lr_steps must be increasing"),
     ("train.amp=maybe", "train.amp must be false, bf16, fp16 or true"),
     ("data.builtin=circles", "data.builtin must be one of shapes, figures or null"),
@@ -692,8 +692,9 @@ def test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_te
     # the log line of every iteration, printed without progress bars
     lines = [line for line in trained.stdout.splitlines() if line.startswith("iteration ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and " images/s " in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "model_final.safetensors", "tensorboard", "test_metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model_final.safetensors", "run.json", "tensorboard",
+                                                     "test_metrics.json"]
     done = _run(_command("detect-test") + ["--checkpoint", str(out / "model_final.safetensors"),
                                            "--results", str(tmp_path / "results.json"), "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -50,7 +50,7 @@ def test_config_extends_its_base_and_takes_overrides():
     ("train.clip_grad_norm=-1", "train.clip_grad_norm must be a positive number or null; got -1"),
     ("data.workers=-1", "data.workers must not be negative"),
     ("data.train_scale=256", "data.train_scale must be a list; got 256"),
-    ("train.lr_steps=[a]", "train.lr_steps must be a list of iterations"),
+    ("train.lr_steps=[a]", r"train.lr_steps\[0\] must be an integer; got 'a'"),
     ("train=5", "config section 'train' must be a mapping of keys"),
     ("train.lr_steps=[9, 5]", "increasing"),
     ("data.type=kinetics", "needs data.root"),

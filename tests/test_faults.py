@@ -44,7 +44,7 @@ def _finished(out: Path) -> dict:
     """What a finished run leaves, minus wall-clock times."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((out / "test_metrics.json").read_text())
-    drop = ("seconds", "train_seconds")
+    drop = ("seconds", "train_seconds", "run")  # the run id is drawn anew per run
     # tensors and metadata, not the file's bytes: safetensors writes its metadata map in no fixed order
     with safe_open(out / "model_final.safetensors", "pt") as f:
         weights = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}

@@ -82,9 +82,13 @@ def test_target_size_scales_the_short_side_keeps_the_aspect_and_never_upscales()
 def test_list_lines_split_path_from_labels_as_the_dataset_does(tmp_path):
     listing = tmp_path / "l.txt"
     listing.write_text("a b/c d.avi 3\n# note\nx.mkv 3,17,42\n")
-    lines = read_list_lines(listing)
-    assert [(ln.number, ln.path, ln.rest) for ln in lines] == [(1, "a b/c d.avi", " 3"), (2, None, ""),
-                                                                (3, "x.mkv", " 3,17,42")]
+    with pytest.raises(ValueError, match="line 3: several labels '3,17,42' in a single-label list"):
+        read_list_lines(listing)  # the dataset's rule: a single-label list holds one label a line
+    listing.write_text("# note\nx.mkv 3,17,42\n")
+    lines = read_list_lines(listing, multi_label=True)
+    assert [(ln.number, ln.path, ln.rest) for ln in lines] == [(1, None, ""), (2, "x.mkv", " 3,17,42")]
+    listing.write_text("a b/c d.avi 3\n")
+    assert [(ln.path, ln.rest) for ln in read_list_lines(listing)] == [("a b/c d.avi", " 3")]
     listing.write_text("x.mkv 3 17  42\n")
     assert read_list_lines(listing, multi_label=True)[0].rest == " 3 17  42"  # kept as written
     assert read_list_lines(listing)[0].path == "x.mkv 3 17"  # single-label: the last field is the label

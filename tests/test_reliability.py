@@ -40,7 +40,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 def _rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds", "run")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,12 @@ def straight(tmp_path_factory) -> Path:
 def test_a_fresh_run_into_a_used_directory_refuses_and_touches_nothing(tmp_path, straight):
     out = tmp_path / "run"
     train(_cfg(out))
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # (the lock file records whichever process held the directory last, the refused one too)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl.*--resume.*"
                                                 r"another directory \(output_dir=\.\.\.\)"):
         train(_cfg(out, "train.lr=0.02"))
-    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
 
 
@@ -263,6 +264,8 @@ def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoints" / "checkpoint_000000001.pt", weights_only=True)["iteration"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_000000001.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                          "run.json", "tensorboard"]  # no .tmp debris
 
 
 def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_nothing(tmp_path, capsys):
@@ -272,8 +275,8 @@ def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_n
     argv = ["detect-train", f"output_dir={out}", "device=cpu", "data.num_train=2"]
     line = _error_line(capsys, argv, "detect-train")
     assert f"output_dir {out} already holds a run (metrics.jsonl); continue it with --resume" in line
-    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == \
-        '{"step": 1}\n'
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl"]  # the lock file of the refused start
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
 
 
 def _detection_checkpoint(tmp_path: Path) -> Path:

@@ -62,9 +62,9 @@ def test_run_directory_has_config_metrics_and_final_weights(tmp_path):
     assert [s for s, _ in losses] == [2, 4] and [v for _, v in losses] == pytest.approx([v for _, v in expected])
 
 
-TRAIN_ROW = ["step", "split", "loss", "lr", "skipped_videos", "seconds", "train_accuracy"]
+TRAIN_ROW = ["step", "split", "loss", "lr", "skipped_videos", "seconds", "train_accuracy", "run"]
 CHECKPOINT_KEYS = ["model", "optimizer", "scaler", "iteration", "skipped_videos", "skipped_video_ids", "config",
-                   "world_size", "model_name", "model_options", "rng", "rng_per_rank"]
+                   "world_size", "model_name", "model_options", "rng", "rng_per_rank", "run", "checksum"]
 
 
 def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(tmp_path, caplog):
@@ -99,8 +99,9 @@ def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(t
         (6, 1, 0, [])
     assert (state["model_name"], state["model_options"]) == ("nl_c2d_tiny", {"dropout": 0.5})
     assert state["config"]["output_dir"] == str(out) and state["rng_per_rank"] == [state["rng"]]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "model_final.safetensors", "tensorboard", "test_metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model_final.safetensors", "run.json", "tensorboard",
+                                                     "test_metrics.json"]
 
 
 # --- real videos -----------------------------------------------------------------------------------------------

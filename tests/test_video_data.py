@@ -159,7 +159,7 @@ def test_list_files_single_and_multi_label(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("k/b.mp4 7", "line 2: label 7 out of range"),
-    ("k/b.mp4 x", "line 2: label 'x' is not an integer"),
+    ("k/b.mp4 x", "line 2: label 'x' is not a non-negative integer"),
     ("k/b.mp4", "line 2: expected 'path label'"),
     ("k/b.mp4 1,2", "line 2: several labels"),
 ])

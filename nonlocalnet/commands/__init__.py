@@ -7,6 +7,7 @@ that run a config, also as bare words (``nonlocalnet train --config ... train.lr
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_override_arguments(parser: argparse.ArgumentParser, what: str, examples: str, words: bool = True) -> None:
@@ -30,3 +31,24 @@ def add_override_arguments(parser: argparse.ArgumentParser, what: str, examples:
 def overrides_of(args: argparse.Namespace) -> list[str]:
     """A command's overrides in the order they apply: the bare words, then the ``--set`` ones."""
     return [*getattr(args, "overrides", ()), *args.set_overrides]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count: a batch, arrows, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
+def resume_of(args: argparse.Namespace) -> bool | str:
+    """A training command's ``--resume`` (False, True or a checkpoint's path), taking back an override argparse gave
+    it: in ``--resume train.lr=0.5`` the word is an override (put first among ``args.overrides``), not a file."""
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        args.overrides.insert(0, resume)
+        return True
+    return resume

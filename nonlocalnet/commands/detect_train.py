@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import add_override_arguments, overrides_of
+from . import add_override_arguments, overrides_of, resume_of
 
 HELP = "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"
 
@@ -34,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from nonlocalnet.engine.distributed import cleanup, is_main_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    resume = resume_of(args)
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     config = load_config(args.config, overrides)
     try:
-        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
+        train(config, resume=resume, allow_config_change=args.allow_config_change)
         main_process = is_main_process()  # said once per job, not once per process
     finally:
         cleanup()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
+from . import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..bank.demo import DemoConfig
@@ -20,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(DemoConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=None,
                             help=f"(default {getattr(defaults, f.name)}; --quick changes some)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_override_arguments, overrides_of
+from . import add_override_arguments, overrides_of, positive_int
 
 
 def parse_clip(text: str) -> tuple[int, int, int]:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of another layout (8 frames -> 8x8, 32 -> 32x2, 128 -> 128x1)")
     parser.add_argument("--depth", type=int, default=2,
                         help="table rows: modules this many levels down (1: stages, 2: blocks, 3: convs)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of the counted input")
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size of the counted input")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
     add_override_arguments(parser, "model option", "width=32", words=False)
     parser.add_argument("--real", action="store_true",

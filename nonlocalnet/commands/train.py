@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import add_override_arguments, overrides_of
+from . import add_override_arguments, overrides_of, resume_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,14 +34,15 @@ def run(args: argparse.Namespace) -> int:
     from .test import print_report
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.config is None and not overrides_of(args) and args.resume is False:
+    resume = resume_of(args)
+    if args.config is None and not overrides_of(args) and resume is False:
         video = ", ".join(name for name in shipped_configs() if not name.startswith("coco/"))
         raise ConfigError(f"pass --config: a shipped config ({video}) or your own YAML file (without one, nothing "
                           f"says what to train on, and the built-in defaults are the paper's 400,000 iterations)")
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:
-        report = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        report = train(cfg, resume=resume, allow_config_change=args.allow_config_change)
         main_process = is_main_process()  # the results are printed once per job, not once per process
     finally:
         cleanup()

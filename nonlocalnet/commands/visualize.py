@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from . import add_override_arguments, overrides_of
+from . import add_override_arguments, overrides_of, positive_int
 
 
 def parse_query(text: str) -> tuple[float, float, float]:
@@ -24,6 +25,15 @@ def parse_query(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"--query must be t,y,x (frame in the clip, row, column); got {text!r}") \
             from None
     return t, y, x
+
+
+def output_path(out: str) -> Path:
+    """The PNG ``--out`` names: inside it when it is a folder (an existing one, or a name ending in a slash), with
+    ``.png`` added when it has no suffix; what is printed is the file written."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / "attention.png"
+    return path if path.suffix else path.with_name(path.name + ".png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep one frame every this many (default: the model's clip layout)")
     parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
     parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
-    parser.add_argument("--top-k", type=int, default=10, help="arrows to draw")
-    parser.add_argument("--max-panels", type=int, default=8, help="at most this many frames in the row")
+    parser.add_argument("--top-k", type=positive_int, default=10, help="arrows to draw")
+    parser.add_argument("--max-panels", type=positive_int, default=8, help="at most this many frames in the row")
     parser.add_argument("--device", default="cpu", help="torch device to run the model on")
 
 
@@ -57,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..engine.config import options_from_overrides
+    from ..engine.distributed import resolve_device
     from ..viz import capture_attention, find_nonlocal_blocks, render_attention
     from ..viz.capture import resolve_block_names
     from ..viz.loading import load_model, read_clip
@@ -71,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     raw, clip = read_clip(args.video, frames=frames, sampling_rate=rate, start=args.start, size=args.size,
                           crop=args.crop)
     names = resolve_block_names(model, args.block)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     model.to(device)
     attention = capture_attention(model, clip.unsqueeze(0).to(device), blocks=names)
-    out = Path(args.out)
+    out = output_path(args.out)
     for name in names:
         path = out if len(names) == 1 else out.with_name(f"{out.stem}_{name.replace('.', '_')}{out.suffix}")
         summary = render_attention(raw, attention[name], path, query=args.query, top_k=args.top_k,

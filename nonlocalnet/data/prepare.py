@@ -51,6 +51,7 @@ import av
 
 from ..io import atomic_path, write_text_atomic
 from .video import VideoDecodeError
+from .video_list import parse_list_line, read_list_text
 
 DEFAULT_SHORT_SIDE = 256
 DEFAULT_GOP = 16
@@ -99,34 +100,15 @@ def read_list_lines(list_file: str | os.PathLike, *, multi_label: bool = False) 
             that leaves its root (``..``), naming the file and the line number.
     """
     list_file = Path(list_file)
-    if list_file.is_dir():
-        raise ValueError(f"video list {list_file} is a directory, not a list file of 'path label' lines")
-    if not list_file.is_file():
-        raise FileNotFoundError(2, "no such list file", str(list_file))
     lines: list[ListLine] = []
-    with open(list_file, encoding="utf-8-sig") as f:
-        for number, raw in enumerate(f, start=1):
-            text = raw.rstrip("\r\n")
-            line = text.strip()
-            if not line or line.startswith("#"):
-                lines.append(ListLine(number, text))
-                continue
-            where = f"{list_file}, line {number}"
-            fields = line.split() if multi_label else line.rsplit(maxsplit=1)
-            if len(fields) < 2:
-                raise ValueError(f"{where}: expected 'path label', got {line!r}")
-            path = fields[0]
-            labels = [t for field in fields[1:] for t in field.split(",") if t != ""]
-            if not labels:
-                raise ValueError(f"{where}: no label in {line!r}")
-            for label in labels:
-                if not label.isdigit():
-                    raise ValueError(f"{where}: label {label!r} is not a non-negative integer")
-            relative = PurePosixPath(path)
-            if relative.is_absolute() or ".." in relative.parts:
-                raise ValueError(f"{where}: the path {path!r} must be relative to the source root and stay in it "
-                                 f"(the output keeps it under the output root)")
-            lines.append(ListLine(number, text, path, line[len(path):]))
+    for number, text in enumerate(read_list_text(list_file), start=1):
+        parsed = parse_list_line(text, f"{list_file}, line {number}", multi_label)
+        if parsed is None:
+            lines.append(ListLine(number, text))
+            continue
+        line = text.strip()
+        path = parsed[0]
+        lines.append(ListLine(number, text, path, line[len(path):]))
     if not any(line.path is not None for line in lines):
         raise ValueError(f"{list_file} lists no video")
     return lines

@@ -73,6 +73,8 @@ from torch.utils.data import Dataset
 
 from nonlocalnet.data import transforms
 
+from .video_list import parse_list_line, read_list_text
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
@@ -98,7 +100,8 @@ class CorruptData(ValueError):
 
 def read_video_list(list_file: str | Path, *, num_classes: int,
                     multi_label: bool = False) -> list[tuple[str, int | tuple[int, ...]]]:
-    """Parse a Kinetics-style (``path label``) or Charades-style (``path 3,17,42``) list file.
+    """Parse a Kinetics-style (``path label``) or Charades-style (``path 3,17,42``) list file (the one format
+    of :mod:`nonlocalnet.data.video_list`, which ``prepare-videos`` reads too).
 
     Args:
         list_file: the text file.
@@ -110,50 +113,25 @@ def read_video_list(list_file: str | Path, *, num_classes: int,
         ints when ``multi_label``.
 
     Raises:
-        ValueError: a malformed line or a label out of range, naming the file and the line number.
+        FileNotFoundError: no such list file.
+        ValueError: a malformed line, a label out of range, a path outside the root, or bytes that are not UTF-8,
+            naming the file and the line number.
     """
     list_file = Path(list_file)
     entries: list[tuple[str, int | tuple[int, ...]]] = []
-    if list_file.is_dir():
-        raise ValueError(f"video list {list_file} is a directory, not a list file of 'path label' lines")
-    with open(list_file, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of a path
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_file}, line {number}"
-            if multi_label:
-                fields = line.split()
-                if len(fields) < 2:
-                    raise ValueError(f"{where}: expected 'path label,label,...', got {line!r}")
-                path, text = fields[0], ",".join(fields[1:])
-                tokens = [t for t in text.split(",") if t != ""]
-                if not tokens:
-                    raise ValueError(f"{where}: no label in {line!r}")
-                labels = tuple(sorted({_parse_label(t, num_classes, where) for t in tokens}))
-                entries.append((path, labels))
-            else:
-                fields = line.rsplit(maxsplit=1)
-                if len(fields) != 2:
-                    raise ValueError(f"{where}: expected 'path label', got {line!r}")
-                path, text = fields
-                if "," in text:
-                    raise ValueError(f"{where}: several labels {text!r} in a single-label list "
-                                     "(pass multi_label=True for Charades-style lists)")
-                entries.append((path, _parse_label(text, num_classes, where)))
+    for number, line in enumerate(read_list_text(list_file), start=1):
+        where = f"{list_file}, line {number}"
+        parsed = parse_list_line(line, where, multi_label)
+        if parsed is None:
+            continue
+        path, labels = parsed
+        for label in labels:
+            if label >= num_classes:
+                raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
+        entries.append((path, tuple(sorted(set(labels))) if multi_label else labels[0]))
     if not entries:
         raise ValueError(f"{list_file} lists no video")
     return entries
-
-
-def _parse_label(text: str, num_classes: int, where: str) -> int:
-    try:
-        label = int(text)
-    except ValueError:
-        raise ValueError(f"{where}: label {text!r} is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
-    return label
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
-from ..engine.config import AMP_CHOICES, ConfigError, ConfigSchema, build_config, check_steps
+from ..engine.config import AMP_CHOICES, ConfigError, ConfigSchema, Items, Range, build_config, check_steps
 from ..engine.config import load_config as _load_config
 from .builders import TASKS
 from .data import BUILTIN_KINDS
@@ -80,8 +80,6 @@ def _check(cfg: Mapping[str, Any]) -> None:
     cut = cfg["train"]["max_iters_per_epoch"]
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
         raise ConfigError(f"train.max_iters_per_epoch must be a positive integer or null; got {cut!r}")
-    if not 0 <= cfg["train"]["hflip"] <= 1:
-        raise ConfigError(f"train.hflip is a probability (0..1); got {cfg['train']['hflip']!r}")
     check_steps(cfg, "train.lr_steps", "epochs")
 
 
@@ -96,6 +94,13 @@ SCHEMA = ConfigSchema(
                   "train.warmup_factor", "train.workers", "train.eval_every", "train.keep_checkpoints"),
     check=_check,
     folder="coco",
+    ranges={"train.lr_gamma": Range(0, 1, low_open=True), "train.warmup_factor": Range(0, 1),
+            "train.momentum": Range(0, 1), "train.hflip": Range(0, 1), "train.seed": Range(0, 2 ** 63 - 1),
+            "data.seed": Range(0, 2 ** 63 - 1), "train.workers": Range(0, 1024)},
+    items={"train.lr_steps": Items("int", Range(0)), "data.kpt_oks_sigmas": Items("number", Range(0, low_open=True),
+                                                                                    1)},
+    optional={"data.builtin": (str,), "data.root": (str,), "data.train_images": (str,),
+              "data.train_annotations": (str,), "data.val_images": (str,), "data.val_annotations": (str,)},
 )
 
 

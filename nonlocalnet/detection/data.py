@@ -85,6 +85,14 @@ class CocoDetection(Dataset):
         self.keypoint_names: tuple[str, ...] = ()
         if keypoints:
             self.keypoint_names = _keypoint_names(self.coco, self.annotations)
+            count = 3 * len(self.keypoint_names)
+            bad = [a["id"] for a in self.coco.dataset["annotations"] if a.get("keypoints") is not None and not (
+                isinstance(a["keypoints"], list) and len(a["keypoints"]) == count and all(
+                    _is_number(v) for v in a["keypoints"]))]
+            if bad:
+                raise CocoFormatError(f"{self.annotations}: annotations whose 'keypoints' are not {count} numbers "
+                                      f"(x, y, visibility for each of the {count // 3} keypoints) (ids): "
+                                      f"{', '.join(map(str, bad[:3]))}")
         ids = sorted(self.coco.getImgIds())
         if train:
             ids = [i for i in ids if self._usable(self.coco.loadAnns(self.coco.getAnnIds(imgIds=i)))]
@@ -124,8 +132,12 @@ class CocoDetection(Dataset):
         path = self.images / info["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"image {info['file_name']!r} (id {image_id}) not found in {self.images}")
-        with Image.open(path) as img:
-            image = pil_to_tensor(img.convert("RGB")).float().div_(255)  # (3, H, W)
+        try:
+            with Image.open(path) as img:
+                image = pil_to_tensor(img.convert("RGB")).float().div_(255)  # (3, H, W)
+        except (OSError, Image.DecompressionBombError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"image {info['file_name']!r} (id {image_id}) in {self.images} is not a readable "
+                             f"image: {' '.join(str(e).split())[:160]}") from None
         height, width = image.shape[1:]
         anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xywh
@@ -197,6 +209,14 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
            if not isinstance(i, dict) or "id" not in i or "file_name" not in i]
     if bad:
         fail("images without 'id' or 'file_name'", bad)
+    bad = [c["id"] for c in data["categories"] if not _is_id(c["id"])]
+    bad += [i["id"] for i in data["images"] if not _is_id(i["id"]) or not isinstance(i["file_name"], str)]
+    if bad:
+        fail("ids that are not integers, or a 'file_name' that is no string", bad)
+    bad = [i["id"] for i in data["images"] if not all(_is_id(i.get(side)) and i[side] > 0 for side in ("height",
+                                                                                                        "width"))]
+    if bad:
+        fail("images whose 'height' or 'width' is not a positive integer (ids)", bad)
     categories = {c["id"] for c in data["categories"]}
     images = {i["id"] for i in data["images"]}
     anns = data["annotations"]
@@ -204,12 +224,31 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
            if not isinstance(a, dict) or "id" not in a or "image_id" not in a]
     if bad:
         fail("annotations without 'id' or 'image_id'", bad)
+    bad = [a["id"] for a in anns if not _is_id(a["id"]) or not _is_id(a["image_id"])
+           or not _is_id(a.get("category_id", 0))]
+    if bad:
+        fail("annotations whose 'id', 'image_id' or 'category_id' is not an integer", bad)
+    bad = [a["id"] for a in anns if "num_keypoints" in a and not (_is_id(a["num_keypoints"])
+                                                                  and a["num_keypoints"] >= 0)]
+    if bad:
+        fail("annotations whose 'num_keypoints' is not a non-negative integer (ids)", bad)
+    bad = [a["id"] for a in anns if "area" in a and not _is_number(a["area"])]
+    if bad:
+        fail("annotations whose 'area' is not a number (ids)", bad)
+    bad = [a["id"] for a in anns if "iscrowd" in a and a["iscrowd"] not in (0, 1)]
+    if bad:
+        fail("annotations whose 'iscrowd' is not 0 or 1 (ids)", bad)
+    bad = [a["id"] for a in anns if "segmentation" in a and a["segmentation"] is not None
+           and not _valid_segmentation(a["segmentation"])]
+    if bad:
+        fail("annotations whose 'segmentation' is neither polygons (lists of numbers) nor an RLE ({'size': [h, w], "
+             "'counts': ...}) (ids)", bad)
     for field in ("bbox", "category_id"):
         bad = [a["id"] for a in anns if field not in a]
         if bad:
             fail(f"annotations without {field!r} (ids)", bad)
     bad = [a["id"] for a in anns if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4
-                                         and all(isinstance(v, (int, float)) for v in a["bbox"]))]
+                                         and all(_is_number(v) for v in a["bbox"]))]
     if bad:
         fail("annotations whose 'bbox' is not [x, y, width, height] (ids)", bad)
     bad = [f"{a['id']} (category_id {a['category_id']})" for a in anns if a["category_id"] not in categories]
@@ -228,6 +267,61 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
         coco.createIndex()
     return coco
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_segmentation(segmentation: Any) -> bool:
+    """Polygons (lists of an even number of numbers), or an RLE whose size is two non-negative integers and whose
+    counts are run lengths (non-negative integers summing to h x w) or pycocotools' compressed string (characters
+    48..111)."""
+    if isinstance(segmentation, list):
+        return all(isinstance(p, list) and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in segmentation)
+    if not isinstance(segmentation, dict):
+        return False
+    size, counts = segmentation.get("size"), segmentation.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_id(v) and not isinstance(v, str) and v >= 0
+                                                               for v in size)):
+        return False
+    if isinstance(counts, list):
+        return all(_is_id(v) and not isinstance(v, str) and v >= 0 for v in counts) and sum(counts) == size[0] * size[1]
+    if not (isinstance(counts, str) and all(48 <= ord(c) <= 111 for c in counts)):
+        return False
+    runs = _rle_string_counts(counts)
+    return runs is not None and all(r >= 0 for r in runs) and sum(runs) == size[0] * size[1]
+
+
+def _rle_string_counts(text: str) -> list[int] | None:
+    """The run lengths of pycocotools' compressed RLE string (None: it ends inside a number).
+
+    Each number is written in 5-bit groups, least significant first, as characters 48 + group, 0x20 set on every
+    group but the last, 0x10 of the last one its sign; from the third number on, each is stored as the difference
+    to the number two before it.
+    """
+    runs: list[int] = []
+    at = 0
+    while at < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if at >= len(text):
+                return None
+            group = ord(text[at]) - 48
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            at += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _has_mask(segmentation: Any) -> bool:

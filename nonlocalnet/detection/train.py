@@ -200,7 +200,8 @@ def test(checkpoint: str | os.PathLike, *, config: Mapping[str, Any] | None = No
     model_cfg = {k: v for k, v in config["model"].items() if k != "backbone_weights"}  # the checkpoint has them
     model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
                            num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
-    load_state_dict_or_raise(model, weights, f"{checkpoint} does not fit the config's detector", CheckpointError)
+    load_state_dict_or_raise(model, weights, f"{checkpoint} does not fit the config's detector", CheckpointError,
+                             source=str(checkpoint))
     model.to(device)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
     summary = evaluate(model, loader, device, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],

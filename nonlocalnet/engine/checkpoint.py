@@ -1,5 +1,6 @@
 """Training checkpoints: written atomically (temporary file, then rename), the last k kept, read without running
-code (``torch.load(weights_only=True)``), and on resume the newest *readable* one is used.
+code (``torch.load(weights_only=True)``), verified against the checksum written inside them
+(:func:`state_checksum`), and on resume the newest *readable* one is used.
 
 The training loop (:mod:`~nonlocalnet.engine.loop`) writes every task's here, as
 ``checkpoints/checkpoint_<iteration>.pt`` (:func:`save_checkpoint`); a resume loads its state back with
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..checksum import CHECKSUM_KEY, state_checksum
 from ..io import UnreadableFile, atomic_path, load_torch_file
 from ..models.weights import load_state_dict_or_raise
 from .distributed import DistInfo, set_rng_state
@@ -26,7 +28,22 @@ UNREADABLE_SUFFIX = ".unreadable"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: missing, truncated, foreign, or a pickle that would run code."""
+    """A checkpoint that cannot be read: missing, truncated, corrupt (checksum), foreign, or a pickle that would
+    run code."""
+
+    all_processes = True  # every process of a torchrun job reads the same checkpoint: the CLI says it once
+
+
+def verify_checksum(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raises :class:`CheckpointError` when ``state`` carries a checksum that its content does not match (a
+    file changed after it was written: a flipped bit, a bad copy). A state without one (written by an older
+    version, or by another tool) passes."""
+    recorded = state.get(CHECKSUM_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or recorded != state_checksum(state):
+        raise CheckpointError(f"checkpoint {os.fspath(path)} is corrupt: its content does not match the checksum "
+                              f"written with it")
 
 
 def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
@@ -44,6 +61,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
+    # every entry of a checkpoint's name counts, a directory or a dangling link too: the reader then reports it
+    # unreadable and falls back over it, instead of silently resuming from an older one
     found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)))
     return [p for _, p in found]
 
@@ -71,9 +90,12 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, iterati
 
 def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed over it: a crash or an error while
-    writing leaves ``path`` as it was (and at most a hidden ``.tmp`` file, see :func:`remove_debris`)."""
+    writing leaves ``path`` as it was (and at most a hidden ``.tmp`` file, see :func:`remove_debris`). The state
+    is written with its checksum (:func:`state_checksum`), verified by :func:`load_checkpoint`."""
+    state = dict(state)
+    state[CHECKSUM_KEY] = state_checksum(state)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(dict(state), f)
+        torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
 
@@ -82,17 +104,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a checkpoint written by :func:`save_checkpoint` (or a bare state dict), with a clear error.
 
     Only tensors and plain containers are read (``weights_only=True``): a file whose pickle would run code is
-    refused, not executed.
+    refused, not executed. A checkpoint whose content does not match its checksum is refused as corrupt.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: ``path`` is a directory, a dangling link, unreadable, truncated, corrupt or foreign.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(f"cannot read checkpoint {path}: a link to {os.readlink(path)}, which does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"cannot read checkpoint {path}: it is a directory")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = load_torch_file(path)
     except UnreadableFile as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.reason}") from None
+    except OSError as e:  # no permission, an I/O error of the disk
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    verify_checksum(state, path)
     return state
 
 
@@ -117,7 +150,8 @@ def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, 
     Returns:
         Whether this process's random state was restored (if not, the caller seeds it).
     """
-    load_state_dict_or_raise(model, state["model"], f"{os.fspath(source)} {mismatch}", CheckpointError)
+    load_state_dict_or_raise(model, state["model"], f"{os.fspath(source)} {mismatch}", CheckpointError,
+                             source=os.fspath(source))
     optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -134,8 +168,9 @@ def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, 
 
 def newest_readable_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None,
                                                                       list[tuple[Path, str]]]:
-    """The newest checkpoint in ``directory`` that reads, skipping unreadable ones (a kill during a write on a
-    file system without atomic rename, a truncated copy, a full disk).
+    """The newest checkpoint in ``directory`` that reads, skipping unreadable ones of every kind: truncated (a
+    kill during a write on a file system without atomic rename, a full disk), corrupt (checksum mismatch), a
+    directory or a dangling link in a checkpoint's name.
 
     Returns:
         (path, state, [(unreadable path, reason), ...]); (None, None, [...]) when none reads.

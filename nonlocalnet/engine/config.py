@@ -11,6 +11,7 @@ train.lr_steps=[100,200] model.name=nl_i3d_r50``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -96,6 +97,63 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes: ``low`` <= value <= ``high`` (None: unbounded on that side; with
+    ``low_open`` the low end itself excluded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        """Raises ConfigError naming ``name`` and ``value`` when the value lies outside the range."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return  # the type check has spoken (or the key is optional and unset)
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if too_low or (self.high is not None and value > self.high):
+            raise ConfigError(f"{name} must be {self.describe()}; got {value!r}")
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:,}"
+        high = None if self.high is None else f"at most {self.high:,}"
+        return " and ".join(part for part in (low, high) if part) or "a number"
+
+
+@dataclass(frozen=True)
+class Items:
+    """What a list-valued key holds: ``kind`` ("int", "number" or "str") elements in ``range``, between
+    ``min_length`` and ``max_length`` of them (None: any number)."""
+
+    kind: str
+    range: Range = Range()
+    min_length: int = 0
+    max_length: int | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        """Raises ConfigError naming ``name``, the element's position and its value."""
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list; got {value!r}")
+        if len(value) < self.min_length or (self.max_length is not None and len(value) > self.max_length):
+            count = (f"{self.min_length}" if self.min_length == self.max_length else
+                     f"{self.min_length} to {self.max_length}" if self.max_length is not None
+                     else f"at least {self.min_length}")
+            raise ConfigError(f"{name} must hold {count} element(s); got {len(value)}: {value!r}")
+        for i, item in enumerate(value):
+            if self.kind == "int":
+                ok, kind = isinstance(item, int) and not isinstance(item, bool), "an integer"
+            elif self.kind == "number":
+                ok = isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
+                kind = "a finite number"
+            else:
+                ok, kind = isinstance(item, str), "a string"
+            if not ok:
+                raise ConfigError(f"{name}[{i}] must be {kind}; got {item!r} (in {value!r})")
+            self.range.check(f"{name}[{i}]", item)
+
+
+@dataclass(frozen=True)
 class ConfigSchema:
     """What one kind of run config holds, and how its values are checked.
 
@@ -109,6 +167,9 @@ class ConfigSchema:
         non_negative: keys that must not be negative.
         check: further checks of a complete config, raising :class:`ConfigError` naming the key.
         folder: the folder of shipped configs in which a bare name ("tiny_shapes") is looked up.
+        ranges: numeric keys' ranges beyond ``positive`` / ``non_negative`` (:class:`Range`).
+        items: list-valued keys, each element checked (:class:`Items`).
+        optional: keys whose default is None and which take null or a value of one of these types.
     """
 
     defaults: Mapping[str, Any]
@@ -118,6 +179,9 @@ class ConfigSchema:
     non_negative: tuple[str, ...] = ()
     check: Callable[[Mapping[str, Any]], None] | None = None
     folder: str | None = None
+    ranges: Mapping[str, Range] = dataclasses.field(default_factory=dict)
+    items: Mapping[str, Items] = dataclasses.field(default_factory=dict)
+    optional: Mapping[str, tuple[type, ...]] = dataclasses.field(default_factory=dict)
 
     def is_free(self, name: str) -> bool:
         """Whether the dotted key ``name`` lies inside a free section."""
@@ -152,16 +216,46 @@ def build_config(data: Mapping[str, Any], overrides: Iterable[str] = (), schema:
     return cfg
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): an alias is expanded into a copy wherever the value is
+    used, so a file of a kilobyte can stand for gigabytes (a "billion laughs" file); configs have no need of them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) is not accepted in a config: "
+                                              f"write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str, what: str) -> Any:
+    """The value of a YAML text (a config file, an override's value) read safely: no tags that build Python
+    objects, no aliases (:class:`_NoAliasLoader`). Raises ConfigError naming ``what`` and the line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = " ".join(part for part in (e.context, e.problem) if part)
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deeply to be a config") from None
+
+
 def _read_yaml_chain(path: Path, schema: ConfigSchema, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config {path} extends itself through its 'base' chain")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config {path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    data = read_yaml(text, f"config {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections; got {type(data).__name__}")
     base = data.pop("base", None)
@@ -180,8 +274,8 @@ def _find_base(base: Any, path: Path, schema: ConfigSchema) -> Path:
     Raises:
         ConfigError: no such file; the message names every place looked.
     """
-    if not isinstance(base, (str, os.PathLike)) or not os.fspath(base):
-        raise ConfigError(f"config {path}: base must be a file name; got {base!r}")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config {path}: base must name one config file (a path relative to it); got {base!r}")
     near = [path.parent / base, (path.parent / base).with_suffix(".yaml")]
     for candidate in near:
         if candidate.is_file():
@@ -233,10 +327,7 @@ def parse_override(item: str, example: str = "train.lr=0.02") -> tuple[str, Any]
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. {example})")
     key, text = item.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    value = read_yaml(text, f"override {item!r}: value") if text else ""
     return key.strip(), value
 
 
@@ -329,13 +420,25 @@ def check_config(cfg: Mapping[str, Any], schema: ConfigSchema | None = None) -> 
     for key in schema.non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key} must not be negative; got {_get(cfg, key)!r}")
+    for key, types in schema.optional.items():
+        value = _get(cfg, key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            names = " or ".join({"str": "a string (a path)", "int": "an integer", "float": "a number"}.get(
+                t.__name__, t.__name__) for t in types)
+            raise ConfigError(f"{key} must be {names} or null; got {value!r}")
+    for key, value_range in schema.ranges.items():
+        value_range.check(key, _get(cfg, key))
+    for key, items in schema.items.items():
+        items.check(key, _get(cfg, key))
     if schema.check is not None:
         schema.check(cfg)
 
 
 def check_steps(cfg: Mapping[str, Any], key: str, unit: str) -> None:
     """Raises ConfigError unless the list at ``key`` holds increasing integers (``unit``: what they count)."""
-    steps = list(_get(cfg, key))
+    steps = _get(cfg, key)
+    if not isinstance(steps, list):
+        raise ConfigError(f"{key} must be a list of {unit} (integers); got {steps!r}")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
         raise ConfigError(f"{key} must be a list of {unit} (integers); got {steps}")
     if steps != sorted(steps):
@@ -375,6 +478,50 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
             if not data[key]:
                 raise ConfigError(f"data.type={data['type']!r} needs data.{key}")
     check_steps(cfg, "train.lr_steps", "iterations")
+    low, high = data["train_scale"]
+    if low > high:
+        raise ConfigError(f"data.train_scale must be [shortest, longest] with shortest <= longest; got "
+                          f"{data['train_scale']!r}")
+    check_memory(cfg)
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: Mapping[str, Any], memory: int | None = None) -> None:
+    """Raises ConfigError naming the keys and the size when one batch of clips, or the classifier, cannot fit in
+    this machine's memory (``memory`` bytes; default its physical memory): refused up front, rather than failing
+    in an allocation after the run directory was written.
+
+    The sizes are lower bounds of what the run holds (float32 clips of one batch; the classifier's weights, their
+    gradient and the optimiser's momentum at the widest ResNet-50 feature, 2048), so nothing that fits is refused.
+    """
+    memory = memory if memory is not None else machine_memory()
+    if memory is None:
+        return
+    data, train, test = cfg["data"], cfg["train"], cfg["test"]
+    # data.crop_size=null (full frames, testing only): a frame's shorter side is data.test_scale
+    crop = data["crop_size"] if data["crop_size"] is not None else data["test_scale"]
+    side = data["image_size"] if data["type"] == "synthetic" else crop
+    test_side = data["image_size"] if data["type"] == "synthetic" else max(crop, data["test_scale"])
+    sizes = {
+        f"one training batch (train.batch_size={train['batch_size']} x 3 x data.frames={data['frames']} x "
+        f"{side} x {side})": 4 * train["batch_size"] * 3 * data["frames"] * side * side,
+        f"one test batch (test.batch_size={test['batch_size']} x 3 x data.frames={data['frames']} x {test_side} x "
+        f"{test_side})": 4 * test["batch_size"] * 3 * data["frames"] * test_side * test_side,
+    }
+    if data["num_classes"] is not None:  # null: taken from the training list when the run starts
+        sizes[f"the classifier (data.num_classes={data['num_classes']} x 2048 features, with its gradient and "
+              f"momentum)"] = 3 * 4 * data["num_classes"] * 2048
+    for what, size in sizes.items():
+        if size > memory:
+            raise ConfigError(f"{what} needs {size / 2 ** 30:,.1f} GiB, more than this machine's memory "
+                              f"({memory / 2 ** 30:,.1f} GiB); lower them")
 
 
 VIDEO = ConfigSchema(
@@ -386,8 +533,15 @@ VIDEO = ConfigSchema(
               "data.test_crops", "data.image_size", "data.train_size", "data.test_size"),
     non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
                   "train.check_blocks_after", "train.warmup_iterations", "data.workers", "train.lr",
-                  "train.weight_decay", "train.momentum"),
+                  "train.weight_decay", "train.momentum", "train.bn_weight_decay"),
     check=_check_video,
+    # every other numeric key's range (the sizes' upper bound is the machine's memory: check_memory)
+    ranges={"seed": Range(0, 2 ** 63 - 1), "train.lr_gamma": Range(0, 1, low_open=True),
+            "train.warmup_factor": Range(0, 1), "train.momentum": Range(0, 1), "data.test_scale": Range(1),
+            "data.workers": Range(0, 1024)},
+    items={"train.lr_steps": Items("int", Range(0)), "data.train_scale": Items("int", Range(1), 2, 2)},
+    optional={"model.pretrained": (str,), "test.checkpoint": (str,), "data.root": (str,),
+              "data.train_list": (str,), "data.test_list": (str,)},
 )
 
 

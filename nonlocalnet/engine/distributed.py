@@ -45,16 +45,27 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> this process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else the CPU; "cuda" -> this
-    process's GPU; any other name (``cuda:1``, ``cpu``) as it is."""
+    process's GPU; any other name (``cuda:1``, ``cpu``) as it is.
+
+    Raises:
+        ValueError: a name that is no device, or a GPU this machine does not have (naming it).
+    """
     if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
     if name in ("auto", "cuda") and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is no device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
     return device
 
 
@@ -144,6 +155,29 @@ def set_rng_state(state: dict[str, torch.Tensor | None], device: torch.device) -
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_same_config(cfg: Any) -> None:
+    """Under torchrun, raises :class:`~nonlocalnet.engine.config.ConfigError` in every process when any process's
+    config differs from process 0's, naming the differing keys and each one's values: processes started with
+    different configs (a node given another ``train.lr``) would train together on a mix. A single process passes.
+    """
+    if process_group_info().world_size == 1:
+        return
+    from .config import ConfigError, to_plain
+    from .rundir import flatten  # the config's dotted keys
+
+    flat = {k: repr(v) for k, v in flatten(to_plain(cfg)).items()}
+    configs = all_gather_objects(flat)
+    differing = []
+    for key in sorted(set().union(*configs)):
+        values = [c.get(key, "(unset)") for c in configs]
+        if len(set(values)) > 1:
+            shown = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+            differing.append(f"{key} ({shown})")
+    if differing:
+        raise ConfigError(f"the processes of this job were started with different configs: {'; '.join(differing)}; "
+                          f"start every process with the same config and overrides")
 
 
 def cleanup() -> None:

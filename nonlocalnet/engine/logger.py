@@ -17,11 +17,14 @@ class MetricLogger:
         purge_step: a resumed run's first step: TensorBoard hides the events an interrupted attempt logged from
             this step on (the JSON-lines file is cut by the training loop itself).
         filename: the JSON-lines file in ``directory``.
+        run_id: the run's identity (:class:`~nonlocalnet.engine.rundir.RunIdentity`), written into every row as
+            ``run`` (None: rows without it).
     """
 
     def __init__(self, directory: str | os.PathLike | None, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None, filename: str = "metrics.jsonl") -> None:
+                 purge_step: int | None = None, filename: str = "metrics.jsonl", run_id: str | None = None) -> None:
         self.enabled = enabled and directory is not None
+        self.run_id = run_id
         self.path = Path(directory) / filename if directory is not None else None
         self.writer = None
         if not self.enabled:
@@ -49,7 +52,9 @@ class MetricLogger:
         """One row as it is (nothing added, nothing mirrored to TensorBoard)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        if self.run_id is not None:
+            record = {**record, "run": self.run_id}
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:

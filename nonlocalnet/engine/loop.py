@@ -5,8 +5,10 @@ evaluation (:class:`Task`); the loop owns everything a run guarantees.
 
 What the loop owns, for every task alike: the learning-rate schedule (:func:`~nonlocalnet.engine.optim.step_lr`,
 set before every step), the precision policy (:mod:`~nonlocalnet.engine.precision`), the non-finite-loss rule
-(:class:`TrainingDiverged` in every process), the run folder (one run per folder, resume from the newest readable
-checkpoint or a named one, a config change refused, :mod:`~nonlocalnet.engine.rundir`), the checkpoints
+(:class:`TrainingDiverged` in every process), the run folder (one run per folder, locked while it runs, its identity
+in ``run.json``, every checkpoint and log row, resume from the newest readable checkpoint or a named one, a config
+change or another run's checkpoint refused, :mod:`~nonlocalnet.engine.rundir`), one config in every process of a
+torchrun job, a SIGINT / SIGTERM honoured at every step (:mod:`~nonlocalnet.engine.signals`), the checkpoints
 (``checkpoints/checkpoint_<iteration>.pt``, the last ``keep_checkpoints``), ``metrics.jsonl`` and TensorBoard, the
 plain log line every ``log_every`` iterations, and the end of a run: ``model_final.safetensors``, the final test,
 ``test_metrics.json``. Evaluations during training leave training's random stream as it was, so a run's trajectory
@@ -30,12 +32,14 @@ from torch import nn
 from tqdm import tqdm
 
 from ..io import write_text_atomic
-from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, unwrap_model
+from .checkpoint import list_checkpoints
+from .distributed import DistInfo, all_gather_cat, all_reduce_mean, barrier, check_same_config, unwrap_model
 from .logger import MetricLogger
 from .optim import set_lr, step_lr
 from .precision import autocast, grad_scaler
 from .resume import check_resumable, load_training_state, prepare_directory, resume_source, save_training_state
-from .rundir import check_unused
+from .rundir import RunIdentity, check_unused, claim_run, lock_run_directory
+from .signals import check_interrupted
 
 log = logging.getLogger("nonlocalnet")
 
@@ -186,8 +190,12 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
                ) -> dict[str, Any]:
     """Trains ``task`` in ``ctx.out`` and tests the result; returns the test report (the main process's copy).
 
-    A run folder belongs to one run: a fresh start into a folder that holds a run's files refuses, and a resume
-    refuses a config other than the checkpoint's. The config is written only once everything has been checked.
+    A run folder belongs to one run: the main process locks it for the life of the run (a second run into it
+    refuses at once), a fresh start into a folder that holds a run's files refuses, a resume refuses a config other
+    than the checkpoint's and another run's checkpoint, and every process of a torchrun job must have been given
+    one config. The config and the run's identity (``run.json``, also in every checkpoint and log row) are written
+    only once everything has been checked. A SIGINT / SIGTERM stops the run at the next step
+    (:mod:`~nonlocalnet.engine.signals`).
 
     Args:
         task: what is trained.
@@ -202,6 +210,18 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
         The final test report plus ``train_seconds``; ``{"stopped_at": iteration}`` when stopped early;
         ``{"finished": True}`` without a final test (``test_at_end`` off).
     """
+    check_same_config(ctx.cfg)  # every process of a torchrun job trains one config (the caller started them)
+    lock = lock_run_directory(ctx.out) if ctx.info.is_main else None  # one run at a time in the folder
+    try:
+        return _train(task, ctx, resume, stop_after, on_iteration, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(task: Task, ctx: RunContext, resume: bool | str | os.PathLike, stop_after: int | None,
+           on_iteration: Callable[[int], None] | None, allow_config_change: bool) -> dict[str, Any]:
+    """:func:`train_loop` once the run folder is this run's."""
     out, info = ctx.out, ctx.info
     if not resume:
         check_unused(out)
@@ -209,6 +229,11 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
     if state is not None:
         task.check_checkpoint(state, source)
         check_resumable(state, source, ctx, task.resumable_keys, allow_config_change)
+    run = None
+    if info.is_main:  # which run this is: the folder's own, or a new one (refusing to mix two)
+        run = claim_run(out, ctx.cfg, state, source, has_checkpoints=bool(list_checkpoints(out / "checkpoints")),
+                        explicit=resume is not True and bool(resume), allowed=task.resumable_keys,
+                        say=log.warning)
 
     model, optimizer = task.setup()
     settings = task.settings()
@@ -219,18 +244,19 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
 
     barrier()  # every process has read what it needs before the main process changes the folder
     if info.is_main:
-        prepare_directory(ctx, settings.iterations, start, unreadable, resumed=state is not None)
+        prepare_directory(ctx, settings.iterations, start, unreadable, resumed=state is not None, run=run)
         if state is not None:
             log.info("resumed from %s at iteration %d", source, start)
     ddp = nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if info.enabled else model
-    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None)
+    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None,
+                          run_id=run.run_id if run else None)
     total = settings.iterations
     if start >= total and info.is_main:
         log.info("the run in %s had finished its %d iterations; its final steps run again from its last checkpoint "
                  "(%s)", out, total, "final weights and test" if settings.test_at_end else "final weights")
     end = total if stop_after is None else min(total, stop_after)
-    loop = _Loop(task, ctx, settings, ddp, optimizer, scaler, logger, skipped, on_iteration)
+    loop = _Loop(task, ctx, settings, ddp, optimizer, scaler, logger, skipped, on_iteration, run)
     iteration, train_seconds = loop.run(start, end)
     if iteration < total:
         logger.close()
@@ -280,12 +306,13 @@ class _Loop:
 
     def __init__(self, task: Task, ctx: RunContext, settings: LoopSettings, ddp: nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger: MetricLogger,
-                 skipped: set[int], on_iteration: Callable[[int], None] | None) -> None:
+                 skipped: set[int], on_iteration: Callable[[int], None] | None, run: RunIdentity | None) -> None:
         self.task, self.ctx, self.settings, self.ddp = task, ctx, settings, ddp
         self.optimizer, self.scaler, self.logger = optimizer, scaler, logger
         self.skipped = skipped
         self.skipped_all = sorted(skipped)
         self.on_iteration = on_iteration
+        self.run_identity = run  # written into every checkpoint (main process; None in the others)
 
     def run(self, start: int, end: int) -> tuple[int, float]:
         """Trains from iteration ``start`` to ``end``; returns the iteration reached and the seconds it took."""
@@ -298,8 +325,10 @@ class _Loop:
         iteration = start
         batches = task.batches(start)
         while iteration < end:
+            check_interrupted()  # a SIGINT / SIGTERM whose exception was swallowed (see engine.signals)
             fetched = time.perf_counter()
             batch = next(batches)
+            check_interrupted()  # a task's loader may have started its workers here, where a signal gets swallowed
             data_seconds = time.perf_counter() - fetched
             lr = s.lr_at(iteration)
             loss, values = self.step(batch, lr, iteration)
@@ -329,7 +358,7 @@ class _Loop:
                 window = _Window()
             if checkpoint_now:
                 save_training_state(self.ddp, self.optimizer, self.scaler, iteration, ctx, s.keep_checkpoints,
-                                    task.checkpoint_extra(), self.skipped_all)
+                                    task.checkpoint_extra(), self.skipped_all, self.run_identity)
             if s.eval_every and iteration % s.eval_every == 0 and iteration < s.iterations:
                 rng = _rng_state(ctx.device)  # training's random stream must not depend on evaluations
                 report = task.evaluate(unwrap_model(self.ddp), iteration)

@@ -15,7 +15,7 @@ from .checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoin
                          set_aside)
 from .config import save_config, to_plain
 from .distributed import barrier, gather_rng_states, unwrap_model
-from .rundir import RunDirectoryError, check_resume_config, truncate_jsonl
+from .rundir import RunDirectoryError, RunIdentity, check_resume_config, record_run, truncate_jsonl
 
 if TYPE_CHECKING:
     from .loop import RunContext
@@ -31,15 +31,16 @@ def process_seed(seed: int, rank: int) -> int:
 
 def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         iteration: int, ctx: RunContext, keep: int, extra: Mapping[str, Any],
-                        skipped: list[int] = ()) -> None:
+                        skipped: list[int] = (), run: RunIdentity | None = None) -> None:
     """Writes ``checkpoints/checkpoint_<iteration>.pt`` (main process), keeping the last ``keep``: what a resumed
-    run needs to go on exactly as an uninterrupted one, every process's random state included."""
+    run needs to go on exactly as an uninterrupted one, every process's random state included, and the run's
+    identity (``run``), by which a resume tells the folder's own checkpoints from another run's."""
     rng = gather_rng_states(ctx.device)  # a collective: every process takes part
     if ctx.info.is_main:
         state = {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "iteration": iteration, "skipped_videos": len(skipped),
                  "skipped_video_ids": list(skipped), "config": to_plain(ctx.cfg), "world_size": ctx.info.world_size,
-                 **extra, "rng": rng[0], "rng_per_rank": rng}
+                 **extra, "rng": rng[0], "rng_per_rank": rng, "run": run.as_dict() if run else None}
         save_checkpoint(state, ctx.out / "checkpoints", iteration, keep=keep)
     barrier()
 
@@ -102,9 +103,9 @@ def check_resumable(state: Mapping[str, Any], source: Path, ctx: RunContext, all
 
 
 def prepare_directory(ctx: RunContext, total: int, start: int, unreadable: list[tuple[Path, str]],
-                      resumed: bool) -> None:
+                      resumed: bool, run: RunIdentity) -> None:
     """Main process, after every check passed: clear debris, set unreadable checkpoints aside, cut the replayed
-    steps from the metrics, write the config."""
+    steps from the metrics, write the config and the run's identity (``run.json``)."""
     out = ctx.out
     for directory in (out, out / "checkpoints"):
         for path in remove_debris(directory):
@@ -119,3 +120,4 @@ def prepare_directory(ctx: RunContext, total: int, start: int, unreadable: list[
         log.info("metrics.jsonl: dropped %d row(s) logged after iteration %d (replayed now)", dropped, start)
     out.mkdir(parents=True, exist_ok=True)
     save_config(ctx.cfg, out / "config.yaml")
+    record_run(out, run)

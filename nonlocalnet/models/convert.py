@@ -242,10 +242,20 @@ def _depth_name(layers: tuple[int, ...], path: Path) -> str:
                           f"NAME and --set layers=...")
 
 
+def _temporal_kernel(state: Mapping[str, Any], key: str, path: Path | None) -> int:
+    """The temporal kernel of the 3D convolution weight ``key`` (out, in, t, h, w); a ConversionError naming the
+    file, the key and its shape for anything else (a 2-D stem or branch: a damaged or foreign file)."""
+    shape = tuple(getattr(state[key], "shape", ()))
+    if len(shape) != 5:
+        raise ConversionError(f"{path}: {key} must be a 5-D convolution weight (out, in, t, h, w); got shape "
+                              f"{list(shape)}")
+    return int(shape[2])
+
+
 def _kernels(state: Mapping[str, Any], layers: tuple[int, ...], pattern: str,
-             stages: tuple[int, ...] = (1, 2, 3, 4)) -> dict[str, tuple[int, ...]]:
+             stages: tuple[int, ...] = (1, 2, 3, 4), path: Path | None = None) -> dict[str, tuple[int, ...]]:
     """stage -> blocks whose ``pattern`` conv has a temporal kernel > 1."""
-    return {name: tuple(i for i in range(n) if state[pattern.format(stage=s, index=i)].shape[2] > 1)
+    return {name: tuple(i for i in range(n) if _temporal_kernel(state, pattern.format(stage=s, index=i), path) > 1)
             for name, s, n in zip(STAGES, stages, layers)}
 
 
@@ -281,8 +291,8 @@ def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], pa
     stages, _ = _pytorchvideo_layout(state, path)
     conv_a = "blocks.{stage}.res_blocks.{index}.branch2.conv_a.weight"
     layers = _depths(state, conv_a, tuple(stages))
-    stem_kt = state["blocks.0.conv.weight"].shape[2]
-    inflated = _kernels(state, layers, conv_a, tuple(stages))
+    stem_kt = _temporal_kernel(state, "blocks.0.conv.weight", path)
+    inflated = _kernels(state, layers, conv_a, tuple(stages), path)
     depth = {R50_LAYERS: "r50", R101_LAYERS: "r101"}.get(layers)
     detected = None
     if depth and stem_kt == 1 and not any(inflated.values()) and stages[1] == stages[0] + 2:  # pool after res2
@@ -313,8 +323,8 @@ def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path:
         raise ConversionError(f"{path}: an mmaction2 ResNet3d with {layers} blocks per stage; nonlocalnet "
                               f"registers its R50 networks: pass --model NAME (with --set layers=...)")
     nl = _nl_locations(state, layers, "backbone.layer{stage}.{index}.non_local_block.g.0.conv.weight")
-    inflated = _kernels(state, layers, "backbone.layer{stage}.{index}.conv1.conv.weight")
-    conv1_kt = int(state["backbone.conv1.conv.weight"].shape[2])
+    inflated = _kernels(state, layers, "backbone.layer{stage}.{index}.conv1.conv.weight", path=path)
+    conv1_kt = _temporal_kernel(state, "backbone.conv1.conv.weight", path)
     cfg = str(meta.get("cfg", ""))
     nl_options: dict[str, Any] = {}
     if model is not None:
@@ -359,8 +369,8 @@ def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path,
         return model, _differs(model, layers=layers, width=int(blobs["conv1_w"].shape[0]))
     depth = _depth_name(layers, path)
     conv1_kt = blobs["conv1_w"].shape[2]
-    inflated_b = any(getattr(blobs.get(f"res{s}_{i}_branch2b_w"), "shape", (0, 0, 1))[2] > 1
-                     for s, n in zip(range(2, 6), layers) for i in range(n))
+    inflated_b = any(_temporal_kernel(blobs, f"res{s}_{i}_branch2b_w", path) > 1
+                     for s, n in zip(range(2, 6), layers) for i in range(n) if f"res{s}_{i}_branch2b_w" in blobs)
     arch = "c2d" if conv1_kt == 1 else ("i3d3x3x3" if inflated_b else "i3d")
     nl = {f"res{s}": tuple(i for i in range(n) if f"nonlocal_conv{s}_{i}_theta_w" in blobs)
           for s, n in zip(range(2, 6), layers)}

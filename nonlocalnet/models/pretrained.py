@@ -38,6 +38,8 @@ log = logging.getLogger("nonlocalnet")
 class PretrainedMismatch(ValueError):
     """A starting-weights file that does not fit the model; the message names the mismatch."""
 
+    all_processes = True  # every process of a torchrun job loads the same file: the CLI says it once
+
 
 @dataclass
 class PretrainedReport:
@@ -66,7 +68,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: no file at {path}")
+        missing = FileNotFoundError(f"model.pretrained: no file at {path}")
+        missing.all_processes = True  # every process of a torchrun job looks for it: the CLI says it once
+        raise missing
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state, meta = read_state_dict(path)
     state = dict(state)

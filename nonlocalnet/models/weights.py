@@ -1,4 +1,5 @@
-"""Model weights in safetensors files: a flat state dict plus string metadata (e.g. the model name)."""
+"""Model weights in safetensors files: a flat state dict plus string metadata (e.g. the model name) and the
+tensors' checksum, verified on read; weights read from any file are checked to be floating and finite."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..checksum import CHECKSUM_KEY, state_checksum
 from ..io import UnreadableFile, load_torch_file
 
 
@@ -21,7 +23,8 @@ def save_weights(weights: nn.Module | Mapping[str, Tensor], path: str | os.PathL
     Args:
         weights: a model, or a state dict.
         path: the file to write.
-        metadata: string key/values stored in the file's header, e.g. ``{"model": "nl_i3d_r50"}``.
+        metadata: string key/values stored in the file's header, e.g. ``{"model": "nl_i3d_r50"}``; the tensors'
+            checksum is added under ``checksum`` (:func:`~nonlocalnet.checksum.state_checksum`).
     """
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     # safetensors wants contiguous tensors that share no memory
@@ -29,7 +32,43 @@ def save_weights(weights: nn.Module | Mapping[str, Tensor], path: str | os.PathL
     bad = {k: v for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))}
     if bad:
         raise ValueError(f"safetensors metadata must map str to str; got {bad!r}")
-    save_file(tensors, os.fspath(path), metadata=dict(metadata or {}))
+    save_file(tensors, os.fspath(path), metadata={**dict(metadata or {}), CHECKSUM_KEY: state_checksum(tensors)})
+
+
+class BadWeights(ValueError):
+    """Weights of a dtype that is not floating point, or not finite (:func:`check_weights`)."""
+
+    all_processes = True  # every process of a torchrun job reads the same file: the CLI says it once
+
+
+# buffers that hold counts, not weights: the one integer tensor a state dict of ours may hold
+INTEGER_BUFFERS = ("num_batches_tracked",)
+
+
+def check_weights(state: Mapping[str, Tensor], what: str, model: nn.Module | None = None) -> None:
+    """Raises :class:`BadWeights` naming ``what`` (the file) and the first offending tensor: a dtype that is not
+    floating (int8, bool: weights of another kind of file, which torch would silently cast), except where ``model``
+    keeps that dtype itself or for a BN step counter, or a value that is NaN or infinite."""
+    own = model.state_dict() if model is not None else {}
+    for name, tensor in state.items():
+        recorded = own.get(name)
+        allowed = tensor.is_floating_point() or (recorded is not None and tensor.dtype == recorded.dtype) or (
+            recorded is None and name.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not tensor.dtype == torch.bool)
+        if not allowed:
+            raise BadWeights(f"{what}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not "
+                             f"floating-point weights")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
+            raise BadWeights(f"{what}: tensor {name!r} holds {kind}; the weights are broken (a diverged run, a bad "
+                             f"conversion or copy)")
+
+
+def verify_safetensors_checksum(path: str | os.PathLike, state: Mapping[str, Tensor], header: Mapping[str, str]
+                                ) -> None:
+    """Raises :class:`~nonlocalnet.io.UnreadableFile` when the file records a checksum its tensors do not match."""
+    recorded = header.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != state_checksum(dict(state)):
+        raise UnreadableFile(path, "corrupt: its tensors do not match the checksum written with them")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -56,14 +95,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {os.fspath(path)!r}")
     state = load_file(os.fspath(path), device="cpu")
+    verify_safetensors_checksum(path, state, read_metadata(path))
+    check_weights(state, os.fspath(path), model)
     with torch.no_grad():
         return model.load_state_dict(state, strict=strict)
 
 
 def load_state_dict_or_raise(model: nn.Module, state: Mapping[str, Tensor], what: str,
-                             error: type[Exception] = ValueError, strict: bool = True):
+                             error: type[Exception] = ValueError, strict: bool = True, source: str | None = None):
     """``model.load_state_dict(state)``, a mismatch (other names or shapes) raised as one line: ``error`` with
-    ``what``, a colon and the first lines of torch's message. Returns torch's ``(missing, unexpected)``."""
+    ``what``, a colon and the first lines of torch's message; weights of a dtype the model does not keep, or not
+    finite, raised likewise naming ``source`` (the file; default ``what``) and the tensor (:func:`check_weights`).
+    Returns torch's ``(missing, unexpected)``."""
+    try:
+        check_weights(state, source or what, model)
+    except ValueError as e:
+        raise error(str(e)) from None
     try:
         return model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
@@ -101,15 +148,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         if path.suffix == ".safetensors":
             header = read_metadata(path)
             state = load_file(os.fspath(path), device="cpu")
+            verify_safetensors_checksum(path, state, header)
             if header.get("model"):
                 meta["model_name"] = header["model"]
             if "model_options" in header:
-                meta["model_options"] = json.loads(header["model_options"])
+                meta["model_options"] = _json_options(header["model_options"], path)
             if header.get("converted_from"):
                 meta["converted_from"] = header["converted_from"]
         else:
             loaded = load_torch_file(path)
             state = loaded
+            if isinstance(loaded, dict) and loaded.get(CHECKSUM_KEY) is not None \
+                    and loaded[CHECKSUM_KEY] != state_checksum(loaded):
+                raise UnreadableFile(path, "corrupt: its content does not match the checksum written with it")
             if isinstance(loaded, dict):
                 state = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
                 meta.update({k: loaded[k] for k in ("model_name", "model_options") if k in loaded})
@@ -122,7 +173,21 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} "
                          f"entries)")
-    return {k.removeprefix("module."): v for k, v in state.items()}, meta
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    check_weights(state, os.fspath(path))
+    return state, meta
+
+
+def _json_options(text: str, path: Path) -> dict[str, Any]:
+    """A safetensors file's ``model_options`` metadata: a JSON object of keyword arguments."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(path, f"its metadata model_options is not JSON ({e.msg}): {text[:80]!r}") from None
+    if not isinstance(options, dict):
+        raise UnreadableFile(path, f"its metadata model_options must be a JSON object of keyword arguments; got "
+                                   f"{text[:80]!r}")
+    return options
 
 
 def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes: int | None = None,
@@ -165,7 +230,11 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
     if num_classes is not None:
         options["num_classes"] = num_classes
     elif "num_classes" not in options:  # the file's classifier rows; a file without classifier: none
-        options["num_classes"] = int(state["head.fc.weight"].shape[0]) if "head.fc.weight" in state else 0
+        fc = state.get("head.fc.weight")
+        if fc is not None and fc.dim() != 2:
+            raise ValueError(f"{what}: tensor 'head.fc.weight' must be 2-D (classes x features); got shape "
+                             f"{list(fc.shape)}")
+        options["num_classes"] = int(fc.shape[0]) if fc is not None else 0
     try:
         model = create_model(name, **options)
     except TypeError as e:  # an option the model does not take
