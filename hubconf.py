@@ -13,10 +13,12 @@ options it records are used, so a converted zoo checkpoint computes what it comp
 Caffe2, PyTorchVideo or mmaction2 checkpoint with ``nonlocalnet convert SRC out.safetensors``, or inflate ImageNet
 weights with ``nonlocalnet.models.inflate.inflate_2d_weights`` and save them with ``nonlocalnet.models.save_weights``.
 """
+
 from __future__ import annotations
 
 import os as _os
-from typing import Any as _Any, Callable as _Callable
+from collections.abc import Callable as _Callable
+from typing import Any as _Any
 
 dependencies = ["torch", "safetensors"]
 
@@ -30,7 +32,8 @@ _NO_DOWNLOAD = (
     "nonlocalnet hosts no weights, so pretrained=True has nothing to download. Pass pretrained='path/to/file."
     "safetensors' instead: convert an official Caffe2, PyTorchVideo or mmaction2 checkpoint with "
     "`nonlocalnet convert SRC out.safetensors`, or inflate ImageNet ResNet weights "
-    "with nonlocalnet.models.inflate.inflate_2d_weights and save them with nonlocalnet.models.save_weights.")
+    "with nonlocalnet.models.inflate.inflate_2d_weights and save them with nonlocalnet.models.save_weights."
+)
 
 
 def _entry_point(name: str) -> _Callable[..., _Any]:
@@ -42,11 +45,13 @@ def _entry_point(name: str) -> _Callable[..., _Any]:
         return _create_model(name, **overrides)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = (f"{_get_model_entry(name).summary}.\n\n"
-                     "Args:\n"
-                     "    pretrained: False, or a local file of this model's weights (True is an error: nothing\n"
-                     "        is downloaded).\n"
-                     "    **overrides: model options, e.g. num_classes=157.\n")
+    entry.__doc__ = (
+        f"{_get_model_entry(name).summary}.\n\n"
+        "Args:\n"
+        "    pretrained: False, or a local file of this model's weights (True is an error: nothing\n"
+        "        is downloaded).\n"
+        "    **overrides: model options, e.g. num_classes=157.\n"
+    )
     return entry
 
 

@@ -18,6 +18,7 @@ installing into, or re-pointing, the same environment at once. ``nox -s SESSION 
 
 Arguments after ``--`` go to pytest (the test sessions) or to the command (``demo``, ``gpu-dry-run``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,13 @@ def newest_release(package: str) -> str | None:
     """The newest release of ``package`` on the registry, past any cap in the pip configuration; None when the
     registry does not answer."""
     env = {**os.environ, "PIP_CONSTRAINT": os.devnull}
-    done = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", package],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(rf"^{re.escape(package)} \(([^)]+)\)$", done.stdout, flags=re.M)
     return found.group(1) if found else None
 
@@ -112,9 +118,11 @@ def _install(session: nox.Session, kind: str) -> None:
     extras, pins, releases = "test", [], ""
     if kind == "lowest":
         if tuple(map(int, python.split("."))) >= (3, 13):
-            session.error(f"the lowest torch ({' '.join(_pins(ROOT / 'requirements' / 'torch-lowest.txt'))}) has "
-                          f"no wheels for Python {python}; run nox with Python 3.12 or older (PYTHON=python3.12 "
-                          "bash scripts/test.sh, or python3.12 -m nox)")
+            session.error(
+                f"the lowest torch ({' '.join(_pins(ROOT / 'requirements' / 'torch-lowest.txt'))}) has "
+                f"no wheels for Python {python}; run nox with Python 3.12 or older (PYTHON=python3.12 "
+                "bash scripts/test.sh, or python3.12 -m nox)"
+            )
         pins = _pins(ROOT / "requirements" / "torch-lowest.txt")
     elif kind == "newest":
         extras = "test,bench"
@@ -150,9 +158,14 @@ def _install(session: nox.Session, kind: str) -> None:
     session.run_install("python", "-c", "import nonlocalnet, torch, torchvision.ops")  # loudly, if it did not work
     stamp.write_text(key + "\n")
     _mark_pointed(venv)
-    session.log(session.run_install("python", "-c", "import torch, torchvision; "
-                            "print(f'torch {torch.__version__}, torchvision {torchvision.__version__}')",
-                            silent=True).strip())
+    session.log(
+        session.run_install(
+            "python",
+            "-c",
+            "import torch, torchvision; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}')",
+            silent=True,
+        ).strip()
+    )
 
 
 def _pointed_key() -> str:
@@ -169,8 +182,19 @@ def _point_at_checkout(session: nox.Session, venv: Path) -> None:
     pointed = venv / ".nonlocalnet-checkout"
     if pointed.is_file() and pointed.read_text() == _pointed_key():
         return
-    session.run_install(str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT),
-                env={"PYTHONWARNINGS": "ignore:Editable installation"}, silent=True, external=True)
+    session.run_install(
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "-e",
+        str(ROOT),
+        env={"PYTHONWARNINGS": "ignore:Editable installation"},
+        silent=True,
+        external=True,
+    )
     _mark_pointed(venv)
 
 
@@ -181,8 +205,19 @@ def _tests_env(session: nox.Session) -> Iterator[str]:
     venv = ENVDIR / "tests"
     stamp = venv / ".nonlocalnet-requirements"
     if not (stamp.is_file() and stamp.read_text().strip() == requirements_key("test", [], _python_version(venv))):
-        session.run(sys.executable, "-m", "nox", "--noxfile", str(ROOT / "noxfile.py"), "--envdir", str(ENVDIR),
-                    "-s", "tests", "--install-only", external=True)
+        session.run(
+            sys.executable,
+            "-m",
+            "nox",
+            "--noxfile",
+            str(ROOT / "noxfile.py"),
+            "--envdir",
+            str(ENVDIR),
+            "-s",
+            "tests",
+            "--install-only",
+            external=True,
+        )
     with _locked("tests"):
         _point_at_checkout(session, venv)
         yield str(venv / "bin" / "python")
@@ -245,8 +280,16 @@ def distributed(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The demo on the built-in data (``nonlocalnet demo --out outputs/demo``; arguments go to the command)."""
     with _tests_env(session) as python:
-        session.run(python, "-m", "nonlocalnet.cli", "demo", "--out", str(ROOT / "outputs" / "demo"), *session.posargs,
-                    external=True)
+        session.run(
+            python,
+            "-m",
+            "nonlocalnet.cli",
+            "demo",
+            "--out",
+            str(ROOT / "outputs" / "demo"),
+            *session.posargs,
+            external=True,
+        )
 
 
 @nox.session(name="gpu-dry-run", venv_backend="none")
@@ -254,8 +297,14 @@ def gpu_dry_run(session: nox.Session) -> None:
     """benchmarks/gpu.sh's steps on the CPU at tiny sizes, no CUDA call (into a temporary folder unless --out)."""
     args = list(session.posargs) or ["--out", tempfile.mkdtemp(prefix="nonlocalnet-gpu-")]
     with _tests_env(session) as python:
-        session.run("bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", *args,
-                    env={"NONLOCALNET_PYTHON": python}, external=True)
+        session.run(
+            "bash",
+            str(ROOT / "benchmarks" / "gpu.sh"),
+            "--dry-run",
+            *args,
+            env={"NONLOCALNET_PYTHON": python},
+            external=True,
+        )
 
 
 @nox.session
@@ -285,5 +334,12 @@ def docs(session: nox.Session) -> None:
         if not (stamp.is_file() and stamp.read_text().strip() == key):
             session.install(*extra)
             stamp.write_text(key + "\n")
-        session.run("mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir",
-                    tempfile.mkdtemp(prefix="nonlocalnet-site-"))
+        session.run(
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            tempfile.mkdtemp(prefix="nonlocalnet-site-"),
+        )

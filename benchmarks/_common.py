@@ -7,6 +7,7 @@ which hides later allocations from the resident set; :data:`MALLOC_ENV` (for a c
 :func:`track_allocations_exactly` (in the running process) maps every tensor fresh and returns it on free, so
 the resident set follows the live tensors.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -81,8 +83,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_round_robin(steps: dict[str, Callable[[], object]], repeats: int, device: str = "cpu",
-                     warmup: bool = True) -> dict[str, float]:
+def time_round_robin(
+    steps: dict[str, Callable[[], object]], repeats: int, device: str = "cpu", warmup: bool = True
+) -> dict[str, float]:
     """Median seconds of each step, the steps interleaved round-robin so that machine drift hits them alike."""
     if warmup:
         for fn in steps.values():
@@ -111,7 +114,7 @@ def matmul_gflops(n: int = 2048, seconds: float = 1.0, device: str = "cpu") -> f
         synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return 2 * n ** 3 * count / elapsed / 1e9
+            return 2 * n**3 * count / elapsed / 1e9
 
 
 def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:
@@ -126,24 +129,31 @@ def fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository: a child imports ``benchmarks`` from here
 
 
-def run_child(target: str, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None
-              ) -> dict[str, Any]:
+def run_child(target: str, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Runs ``target`` ("package.module:function") on ``spec`` in a fresh Python process, so that one
     measurement's allocations cannot hide another's and a crash or an out-of-memory kill is reported instead of
     ending the benchmark. Returns the function's result, or ``status`` saying why there is none (killed, timed
     out, raised) with the ``POINT`` lines the child printed before (``partial``)."""
     module, function = target.split(":")
-    code = (f"import json, sys; from {module} import {function} as f; "
-            "print('RESULT ' + json.dumps(f(json.loads(sys.argv[1]))))")
+    code = (
+        f"import json, sys; from {module} import {function} as f; "
+        "print('RESULT ' + json.dumps(f(json.loads(sys.argv[1]))))"
+    )
     try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT, env=dict(os.environ, **(env or {})))
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=dict(os.environ, **(env or {})),
+        )
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
         return dict(status=f"failed: timed out after {timeout:g} s", partial=_points(stdout))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     if proc.returncode < 0:
         reason = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
     else:
@@ -165,12 +175,19 @@ def provenance(module: str, argv: list[str] | None, device: str = "cpu") -> dict
     """What a benchmark's JSON records beside its rows, for the docs' benchmark page (scripts/gen_docs.py): the
     command that reproduces it, the machine, the torch version and the date (UTC)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return dict(command=" ".join(["python", "-m", module, *args]), machine=machine(device), torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d", time.gmtime()))
+    return dict(
+        command=" ".join(["python", "-m", module, *args]),
+        machine=machine(device),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+    )
 
 
 def machine(device: str = "cpu") -> str:
     """The machine the numbers come from, for the tables' titles."""
-    where = (f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads" if device == "cpu"
-             else torch.cuda.get_device_name(torch.device(device)))
+    where = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+        if device == "cpu"
+        else torch.cuda.get_device_name(torch.device(device))
+    )
     return f"torch {torch.__version__}, {where}"

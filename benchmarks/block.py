@@ -11,6 +11,7 @@ that machine drift hits them alike; the ratio column is dense time / path time. 
 rise of the resident set size over a forward+backward, measured in a fresh child process per configuration
 (so one run's allocations cannot hide another's); on CUDA it is torch.cuda.max_memory_allocated.
 """
+
 from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
@@ -29,8 +30,17 @@ import torch
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES, pairwise_softmax
 
-from ._common import (MALLOC_ENV, fmt, machine, peak_memory_mb, peak_rss_rise_mb, provenance, run_child,
-                      time_round_robin, write_atomic)
+from ._common import (
+    MALLOC_ENV,
+    fmt,
+    machine,
+    peak_memory_mb,
+    peak_rss_rise_mb,
+    provenance,
+    run_child,
+    time_round_robin,
+    write_atomic,
+)
 
 # name -> (input shape (B, C, *spatial), subsample, what it is)
 SHAPES = {
@@ -41,14 +51,18 @@ SHAPES = {
     "res3_128_b8": ((8, 512, 16, 28, 28), (1, 2, 2), "res3 of 128-frame clips, batch 8 (GPU runs)"),
 }
 # --quick: the same kinds of input, small enough for a smoke run of the same code
-SHAPES.update({
-    "tiny_res4": ((1, 64, 2, 7, 7), (1, 2, 2), "res4-like, C=64"),
-    "tiny_res3": ((1, 32, 2, 14, 14), (1, 2, 2), "res3-like, C=32"),
-    "tiny_image": ((1, 32, 16, 16), None, "image map, C=32, no subsampling"),
-})
+SHAPES.update(
+    {
+        "tiny_res4": ((1, 64, 2, 7, 7), (1, 2, 2), "res4-like, C=64"),
+        "tiny_res3": ((1, 32, 2, 14, 14), (1, 2, 2), "res3-like, C=32"),
+        "tiny_image": ((1, 32, 16, 16), None, "image map, C=32, no subsampling"),
+    }
+)
 QUICK_SHAPES = ["tiny_res4", "tiny_res3", "tiny_image"]
-DEFAULT_SHAPES = {"cpu": ["res4", "res3", "res3_128", "image"], "cuda": ["res4", "res3", "res3_128", "image",
-                                                                          "res3_128_b8"]}
+DEFAULT_SHAPES = {
+    "cpu": ["res4", "res3", "res3_128", "image"],
+    "cuda": ["res4", "res3", "res3_128", "image", "res3_128_b8"],
+}
 # The literal concatenation reference builds a (B, N, M, 2C') pair tensor: skip it beyond this many elements.
 DENSE_CONCAT_LIMIT = 1.5e9
 
@@ -70,7 +84,7 @@ def build(shape_name: str, mode: str, impl: str, device: str) -> tuple[NonLocalB
 def step(block: NonLocalBlock, x: torch.Tensor, autocast: str | None = None) -> None:
     """One forward+backward, under ``autocast`` (bf16 / fp16) when given: the precision policy of
     nonlocalnet.layers.pairwise decides what each path runs in."""
-    with (torch.autocast(x.device.type, dtype=AUTOCAST[autocast]) if autocast else contextlib.nullcontext()):
+    with torch.autocast(x.device.type, dtype=AUTOCAST[autocast]) if autocast else contextlib.nullcontext():
         z = block(x)
     z.float().sum().backward()
     x.grad = None
@@ -104,8 +118,14 @@ def peak_memory(shape_name: str, mode: str, impl: str, device: str, autocast: st
         return peak_memory_mb(lambda: step(block, x, autocast), device)
     # glibc keeps freed blocks below its (growing) mmap threshold in the heap, hiding later allocations from
     # the resident set; a fixed small threshold maps every tensor fresh and returns it on free.
-    spec = dict(shape=shape_name, mode=mode, impl=impl, threads=torch.get_num_threads(), autocast=autocast,
-                chunk_elements=pairwise_softmax.CHUNK_ELEMENTS)
+    spec = dict(
+        shape=shape_name,
+        mode=mode,
+        impl=impl,
+        threads=torch.get_num_threads(),
+        autocast=autocast,
+        chunk_elements=pairwise_softmax.CHUNK_ELEMENTS,
+    )
     result = run_child("benchmarks.block:measure_rss", spec, timeout=600, env=MALLOC_ENV)
     if "mb" not in result:
         raise RuntimeError(f"the memory child of {shape_name} {mode} {impl} {result['status']}")
@@ -120,40 +140,57 @@ def measure_rss(spec: dict) -> dict:
     return dict(mb=peak_rss_rise_mb(lambda: step(block, x, spec["autocast"])))
 
 
-def time_paths(shape_name: str, mode: str, impls: list[str], device: str, repeats: int,
-               autocast: str | None = None) -> dict[str, float]:
+def time_paths(
+    shape_name: str, mode: str, impls: list[str], device: str, repeats: int, autocast: str | None = None
+) -> dict[str, float]:
     runs = {impl: build(shape_name, mode, impl, device) for impl in impls}
-    return time_round_robin({impl: (lambda run=run: step(*run, autocast)) for impl, run in runs.items()},
-                            repeats, device)
+    return time_round_robin(
+        {impl: (lambda run=run: step(*run, autocast)) for impl, run in runs.items()}, repeats, device
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
-                        help="default: " + " ".join(DEFAULT_SHAPES["cpu"]) + " (on CUDA also res3_128_b8)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=list(SHAPES),
+        help="default: " + " ".join(DEFAULT_SHAPES["cpu"]) + " (on CUDA also res3_128_b8)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run of the same code)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-elements", type=int, metavar="N",
-                        help="the chunked path's chunk size in weights (default: nonlocalnet's, per device)")
-    parser.add_argument("--autocast", choices=list(AUTOCAST),
-                        help="run every step under autocast in this dtype (default: float32 throughout)")
+    parser.add_argument(
+        "--chunk-elements",
+        type=int,
+        metavar="N",
+        help="the chunked path's chunk size in weights (default: nonlocalnet's, per device)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=list(AUTOCAST),
+        help="run every step under autocast in this dtype (default: float32 throughout)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     parser.add_argument("--markdown", help="also write the table to this markdown file")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    args.shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES["cuda" if "cuda" in args.device
-                                                                             else "cpu"])
+    args.shapes = args.shapes or (
+        QUICK_SHAPES if args.quick else DEFAULT_SHAPES["cuda" if "cuda" in args.device else "cpu"]
+    )
 
     if args.chunk_elements:
         pairwise_softmax.CHUNK_ELEMENTS = pairwise_softmax.GPU_CHUNK_ELEMENTS = args.chunk_elements
     rows = []
-    header = ("| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n"
-              "|---|---|---|---:|---:|---:|---:|")
+    header = (
+        "| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n|---|---|---|---:|---:|---:|---:|"
+    )
     chunks = pairwise_softmax.default_chunk_elements(torch.device(args.device).type)
-    print(f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}; "
-          f"chunks of {chunks} weights")
+    print(
+        f"{machine(args.device)}; {'autocast ' + args.autocast if args.autocast else 'float32'}; "
+        f"chunks of {chunks} weights"
+    )
     print(header)
     for shape_name in args.shapes:
         for mode in args.modes:
@@ -163,28 +200,44 @@ def main(argv: list[str] | None = None) -> None:
                 if impl not in times:
                     row = dict(shape=shape_name, mode=mode, impl=impl, ms=None, speedup=None, mb=None, mem=None)
                     rows.append(row)
-                    print(f"| {shape_name} | {mode} | {impl} | skipped: the (B, N, M, 2C') pair tensor is too "
-                          f"large | | | |")
+                    print(
+                        f"| {shape_name} | {mode} | {impl} | skipped: the (B, N, M, 2C') pair tensor is too "
+                        f"large | | | |"
+                    )
                     continue
                 mb = None if args.no_memory else peak_memory(shape_name, mode, impl, args.device, args.autocast)
-                rows.append(dict(shape=shape_name, mode=mode, impl=impl, autocast=args.autocast, ms=times[impl] * 1e3,
-                                 mb=mb))
-            dense = next((r for r in rows if r["shape"] == shape_name and r["mode"] == mode
-                          and r["impl"] == "dense" and r["ms"] is not None), None)
+                rows.append(
+                    dict(shape=shape_name, mode=mode, impl=impl, autocast=args.autocast, ms=times[impl] * 1e3, mb=mb)
+                )
+            dense = next(
+                (
+                    r
+                    for r in rows
+                    if r["shape"] == shape_name and r["mode"] == mode and r["impl"] == "dense" and r["ms"] is not None
+                ),
+                None,
+            )
             for r in rows:
                 if r["shape"] != shape_name or r["mode"] != mode or r["ms"] is None:
                     continue
                 r["speedup"] = dense["ms"] / r["ms"] if dense else None
                 r["mem"] = (r["mb"] / dense["mb"]) if dense and r["mb"] and dense["mb"] else None
-                print(f"| {shape_name} | {mode} | {r['impl']} | {r['ms']:.1f} | "
-                      f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |", flush=True)
+                print(
+                    f"| {shape_name} | {mode} | {r['impl']} | {r['ms']:.1f} | "
+                    f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |",
+                    flush=True,
+                )
     if args.markdown:
-        lines = [header] + [f"| {r['shape']} | {r['mode']} | {r['impl']} | {fmt(r['ms'], '')} | "
-                            f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |" for r in rows]
+        lines = [header] + [
+            f"| {r['shape']} | {r['mode']} | {r['impl']} | {fmt(r['ms'], '')} | "
+            f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |"
+            for r in rows
+        ]
         write_atomic(args.markdown, "\n".join(lines) + "\n")
     if args.json:
-        write_atomic(args.json, json.dumps(dict(provenance("benchmarks.block", argv, args.device), rows=rows),
-                                           indent=1))
+        write_atomic(
+            args.json, json.dumps(dict(provenance("benchmarks.block", argv, args.device), rows=rows), indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ no conversion). Every reader takes the frames the dataset's item takes (``VideoL
 are medians per item; ``/ limit`` and ``/ decoded`` are the dataset's time over those. Then the dataset's training
 items per second through a DataLoader with 1 and 2 workers.
 """
+
 from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
@@ -42,17 +43,17 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import numpy as np
 import torch
 
-from nonlocalnet.data.prepare import prepare_videos, target_size
-from nonlocalnet.data.collate import collate
 from nonlocalnet.data import video
+from nonlocalnet.data.collate import collate
+from nonlocalnet.data.prepare import prepare_videos, target_size
 from nonlocalnet.data.video import VideoListDataset, decoder_available
 
 from ._common import fmt, machine, provenance, write_atomic
@@ -86,8 +87,12 @@ def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
     layouts = {"720p gop250": source}
     # as a download is encoded (x264's own choice of B-frames), not as prepare-videos encodes; the same scaler
     width, height = target_size(looped[0].shape[1], looped[0].shape[0], 256)
-    small = [av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
-        width=width, height=height, interpolation="BICUBIC").to_ndarray() for rgb in looped]
+    small = [
+        av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        .reformat(width=width, height=height, interpolation="BICUBIC")
+        .to_ndarray()
+        for rgb in looped
+    ]
     _encode(small, work / "256p_gop250" / "v.mp4", gop=250)
     layouts["256p gop250"] = work / "256p_gop250" / "v.mp4"
     out = {}
@@ -96,8 +101,16 @@ def make_layouts(work: Path) -> dict[str, tuple[Path, Path]]:
         listing.write_text("v.mp4 0\n" * VIDEOS)
         out[name] = (listing, path.parent)
     for name, folder, fast in (("prepared", "prepared", False), ("prepared fast-decode", "prepared_fast", True)):
-        prepare_videos(out["720p gop250"][0], source.parent, work / folder, short_side=256, gop=16, workers=1,
-                       fast_decode=fast, progress=False)
+        prepare_videos(
+            out["720p gop250"][0],
+            source.parent,
+            work / folder,
+            short_side=256,
+            gop=16,
+            workers=1,
+            fast_decode=fast,
+            progress=False,
+        )
         out[name] = (work / folder / "list.txt", work / folder)
     return {name: out[name] for name in LAYOUTS}
 
@@ -121,6 +134,7 @@ def _encode(frames: list[np.ndarray], path: Path, gop: int) -> None:
 
 
 # ---- the readers ---------------------------------------------------------------------------------------------
+
 
 def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int, av.VideoFrame]]:
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
@@ -156,8 +170,12 @@ def dataset_decode(path: Path, index: torch.Tensor) -> None:
     any: after a seek, the limit's frames less the H.264 frames that no frame refers to and the clip does not take
     (see ``video._decode_skipping``); every frame from the start for a clip that starts near it."""
     with video._open_video(path) as container:
-        if video._fill_clip(path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None),
-                        seek=True) is None:
+        if (
+            video._fill_clip(
+                path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None), seek=True
+            )
+            is None
+        ):
             raise RuntimeError(f"{path}: the video ended before frame {int(index.max())}")
 
 
@@ -168,8 +186,9 @@ def slowfast_style(path: Path, index: torch.Tensor, size: int = 256, crop: int =
     clip = torch.from_numpy(np.stack([frames[i] for i in index.tolist()])).permute(0, 3, 1, 2).float()
     height, width = clip.shape[-2:]
     scale = size / min(height, width)
-    clip = torch.nn.functional.interpolate(clip, size=(round(height * scale), round(width * scale)),
-                                           mode="bilinear", align_corners=False)
+    clip = torch.nn.functional.interpolate(
+        clip, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False
+    )
     return ((clip[..., :crop, :crop] - 114.75) / 57.375).permute(1, 0, 2, 3)
 
 
@@ -184,11 +203,13 @@ def _readers(listing: Path, root: Path, clip: str, codec: bool) -> tuple[dict, l
     normalised = VideoListDataset(listing, root, **{**options, "normalize": True})
     datasets = [train, normalised]
     indices = lambda i: train.clip_indices(i % len(train), FRAMES)  # noqa: E731
-    readers = {"limit": lambda i: pure_decode(path, indices(i)),
-               "decoded": lambda i: dataset_decode(path, indices(i)),
-               "slowfast-style": lambda i: slowfast_style(path, indices(i)),
-               "dataset": lambda i: train[i % len(train)],
-               "normalised": lambda i: normalised[i % len(normalised)]}
+    readers = {
+        "limit": lambda i: pure_decode(path, indices(i)),
+        "decoded": lambda i: dataset_decode(path, indices(i)),
+        "slowfast-style": lambda i: slowfast_style(path, indices(i)),
+        "dataset": lambda i: train[i % len(train)],
+        "normalised": lambda i: normalised[i % len(normalised)],
+    }
     if codec:  # the dataset through torchcodec: the same items
         datasets.append(VideoListDataset(listing, root, **options, decoder="torchcodec"))
         readers["torchcodec"] = lambda i: datasets[-1][i % len(train)]
@@ -212,8 +233,11 @@ def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int)
                     read(i)
                     per_item[layout][name].append(time.perf_counter() - start)
         for layout, (_, _, test) in setups.items():
-            row = dict(layout=layout, clip=clip,
-                       **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item[layout].items()})
+            row = dict(
+                layout=layout,
+                clip=clip,
+                **{f"{name}_ms": 1e3 * statistics.median(t) for name, t in per_item[layout].items()},
+            )
             views = min(len(test), 30)  # one video's 10 clips x 3 crops
             start = time.perf_counter()
             for v in range(views):
@@ -228,19 +252,26 @@ def measure(layouts: dict[str, tuple[Path, Path]], clips: list[str], items: int)
 
 def _line(r: dict) -> str:
     codec = fmt(r.get("torchcodec_ms"), "", 1)
-    return (f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['decoded_ms'], '', 1)} | "
-            f"{fmt(r['dataset_ms'], '', 1)} | {fmt(r['over_limit'], 'x')} | {fmt(r['over_decoded'], 'x')} | "
-            f"{fmt(1e3 / r['dataset_ms'], '', 1)} | "
-            f"{fmt(r['normalised_ms'], '', 1)} | "
-            f"{fmt(r['slowfast-style_ms'], '', 1)} | {codec} | {fmt(r['test_view_ms'], '', 1)} |")
+    return (
+        f"| {r['layout']} | {r['clip']} | {fmt(r['limit_ms'], '', 1)} | {fmt(r['decoded_ms'], '', 1)} | "
+        f"{fmt(r['dataset_ms'], '', 1)} | {fmt(r['over_limit'], 'x')} | {fmt(r['over_decoded'], 'x')} | "
+        f"{fmt(1e3 / r['dataset_ms'], '', 1)} | "
+        f"{fmt(r['normalised_ms'], '', 1)} | "
+        f"{fmt(r['slowfast-style_ms'], '', 1)} | {codec} | {fmt(r['test_view_ms'], '', 1)} |"
+    )
 
 
 def loader_rate(listing: Path, root: Path, clip: str, workers: int, items: int) -> float:
     frames, rate = CLIPS[clip]
-    dataset = VideoListDataset(Path(listing), root, split="train", num_classes=1, frames=frames, sampling_rate=rate,
-                               normalize=False)  # as the trainer's loader: uint8 clips, its collate
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(items)]),
-                                         batch_size=1, num_workers=workers, collate_fn=collate)
+    dataset = VideoListDataset(
+        Path(listing), root, split="train", num_classes=1, frames=frames, sampling_rate=rate, normalize=False
+    )  # as the trainer's loader: uint8 clips, its collate
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(items)]),
+        batch_size=1,
+        num_workers=workers,
+        collate_fn=collate,
+    )
     start, seen = None, 0
     for batch in loader:
         if start is None:  # the first item pays for the workers' start
@@ -252,8 +283,13 @@ def loader_rate(listing: Path, root: Path, clip: str, workers: int, items: int) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=30, help="training items per reader and row (medians: with "
-                        "12, one row's ratio to the limit moved by up to 0.2 between runs)")
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=30,
+        help="training items per reader and row (medians: with "
+        "12, one row's ratio to the limit moved by up to 0.2 between runs)",
+    )
     parser.add_argument("--loader-items", type=int, default=24, help="items timed per DataLoader rate")
     parser.add_argument("--quick", action="store_true", help="6 items, the 8x8 clip only")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers to measure")
@@ -265,27 +301,33 @@ def main(argv: list[str] | None = None) -> None:
     items, loader_items = (6, 12) if args.quick else (args.items, args.loader_items)
     with tempfile.TemporaryDirectory() as work:
         layouts = make_layouts(Path(work))
-        header = ("| layout | clip | limit ms | decoded ms | dataset ms | / limit | / decoded | dataset items/s | "
-                  "normalised item ms | slowfast-style ms | torchcodec ms | test view ms |\n"
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        header = (
+            "| layout | clip | limit ms | decoded ms | dataset ms | / limit | / decoded | dataset items/s | "
+            "normalised item ms | slowfast-style ms | torchcodec ms | test view ms |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         print(f"## Video input, one thread ({machine()}; {FRAMES} frames at {FPS} fps)\n\n{header}", flush=True)
         rows = measure(layouts, clips, items)
-        print("\n## Training items/s through a DataLoader (batch 1)\n\n| layout | clip | "
-              + " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers) + " |\n|---|---|"
-              + "---:|" * len(args.workers), flush=True)
+        print(
+            "\n## Training items/s through a DataLoader (batch 1)\n\n| layout | clip | "
+            + " | ".join(f"{w} worker{'s' * (w > 1)}" for w in args.workers)
+            + " |\n|---|---|"
+            + "---:|" * len(args.workers),
+            flush=True,
+        )
         loaders = []
         for layout, (listing, root) in layouts.items():
             for clip in clips:
                 rates = {w: loader_rate(listing, root, clip, w, loader_items + 1) for w in args.workers}
                 loaders.append(dict(layout=layout, clip=clip, rates=rates))
-                print(f"| {layout} | {clip} | " + " | ".join(fmt(r, "", 1) for r in rates.values()) + " |",
-                      flush=True)
+                print(f"| {layout} | {clip} | " + " | ".join(fmt(r, "", 1) for r in rates.values()) + " |", flush=True)
     text = header + "\n" + "\n".join(_line(r) for r in rows) + "\n"
     if args.markdown:
         write_atomic(args.markdown, text)
     if args.json:
-        write_atomic(args.json, json.dumps(dict(provenance("benchmarks.data", argv), rows=rows, loaders=loaders),
-                                           indent=1))
+        write_atomic(
+            args.json, json.dumps(dict(provenance("benchmarks.data", argv), rows=rows, loaders=loaders), indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ table rows it printed):
 ``gpu.md`` gathers the device, the versions and every step's tables. ``--dry-run`` runs the same code on the CPU
 with tiny shapes, one repeat and a tiny network, and makes no CUDA call.
 """
+
 from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
@@ -64,18 +65,50 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
     block = [py, "-m", "benchmarks.block", "--device", device]
     block_bf16 = block + ["--autocast", "bf16", "--json", str(out / "block_bf16.json")]
     block += ["--json", str(out / "block.json")]
-    peers = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "table",
-             "--json", str(out / "peers.json")]
-    models = [py, "-m", "benchmarks.compare", "--device", device, "--sections", "models", "--amp", "--compile",
-              "--case-timeout", "150", "--json", str(out / "models.json")]
+    peers = [
+        py,
+        "-m",
+        "benchmarks.compare",
+        "--device",
+        device,
+        "--sections",
+        "table",
+        "--json",
+        str(out / "peers.json"),
+    ]
+    models = [
+        py,
+        "-m",
+        "benchmarks.compare",
+        "--device",
+        device,
+        "--sections",
+        "models",
+        "--amp",
+        "--compile",
+        "--case-timeout",
+        "150",
+        "--json",
+        str(out / "models.json"),
+    ]
     if dry_run:
         for command in (block, block_bf16):
             command += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
         peers += ["--quick", "--shapes", "res3", "--repeats", "1"]
         models += ["--quick", "--models", "nl_c2d_tiny", "--model-repeats", "1"]
     else:
-        models += ["--batch", "8", "--clip", "8", "224", "224", "--models", "i3d_r50_8x8", "nl_i3d_r50_8x8",
-                   "pytorchvideo:i3d_r50"]
+        models += [
+            "--batch",
+            "8",
+            "--clip",
+            "8",
+            "224",
+            "224",
+            "--models",
+            "i3d_r50_8x8",
+            "nl_i3d_r50_8x8",
+            "pytorchvideo:i3d_r50",
+        ]
     return dict(tests=tests, block=block, block_bf16=block_bf16, peers=peers, models=models)
 
 
@@ -86,8 +119,9 @@ def run_step(name: str, command: list[str], limit_s: float, out: Path) -> dict:
     log = out / f"{name}.log"
     with open(log, "w") as f:
         # its own session: at the limit the step and the children it measures in stop together
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         try:
             code = proc.wait(timeout=limit_s)
             status = "ok" if code == 0 else f"failed (exit status {code})"
@@ -104,23 +138,32 @@ def device_line(dry_run: bool) -> str:
     if dry_run:
         return f"dry run on the CPU ({platform.machine()}, {torch.get_num_threads()} threads): tiny sizes, not figures"
     props = torch.cuda.get_device_properties(0)
-    return (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
-            f"{torch.cuda.device_count()} device(s); CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    return (
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}, "
+        f"{torch.cuda.device_count()} device(s); CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    )
 
 
 def report(results: list[dict], dry_run: bool, total_s: float) -> str:
     """gpu.md: the device and versions, then each step's status and the lines of its output that are tables or
     the test summary."""
-    lines = [f"# nonlocalnet on {'the CPU (dry run)' if dry_run else 'a GPU'}", "",
-             f"- device: {device_line(dry_run)}",
-             f"- torch {torch.__version__}, Python {platform.python_version()}, "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"- command: `bash benchmarks/gpu.sh{' --dry-run' if dry_run else ''}`, {total_s:.0f} s in all", ""]
+    lines = [
+        f"# nonlocalnet on {'the CPU (dry run)' if dry_run else 'a GPU'}",
+        "",
+        f"- device: {device_line(dry_run)}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- command: `bash benchmarks/gpu.sh{' --dry-run' if dry_run else ''}`, {total_s:.0f} s in all",
+        "",
+    ]
     for r in results:
         lines += [f"## {r['name']}: {STEPS[r['name']][1]}", "", f"{r['status']}, {r['seconds']:.0f} s", ""]
-        kept = [line for line in r["output"].splitlines()
-                if line.startswith(("|", "#", "torch ", "FAILED", "ERROR", "SKIPPED"))
-                or any(k in line for k in (" passed", " skipped", " failed", " PASSED", " FAILED", " ERROR"))]
+        kept = [
+            line
+            for line in r["output"].splitlines()
+            if line.startswith(("|", "#", "torch ", "FAILED", "ERROR", "SKIPPED"))
+            or any(k in line for k in (" passed", " skipped", " failed", " PASSED", " FAILED", " ERROR"))
+        ]
         for line, previous in zip(kept, [""] + kept):
             if (line.startswith("|") != previous.startswith("|") or line.startswith("#")) and lines[-1]:
                 lines.append("")  # markdown wants a blank line around tables and headings
@@ -136,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu.sh: error: torch sees no CUDA device here; use --dry-run to run the same steps on the CPU",
-              file=sys.stderr)
+        print(
+            "gpu.sh: error: torch sees no CUDA device here; use --dry-run to run the same steps on the CPU",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {name: command for name, command in commands(args.dry_run, out).items() if name in args.steps}
     for i, (name, command) in enumerate(steps.items()):
         # what a step leaves unused goes to the next: each may run until only the later steps' shares are left
-        later = sum(STEPS[n][0] for n in list(steps)[i + 1:]) * BUDGET_S
+        later = sum(STEPS[n][0] for n in list(steps)[i + 1 :]) * BUDGET_S
         left = BUDGET_S - (time.time() - started)
         results.append(run_step(name, command, max(10.0, left - later), out))
     total = time.time() - started

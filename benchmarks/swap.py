@@ -12,6 +12,7 @@ CPU: the rise of the resident set, every allocation mapped fresh as in benchmark
 step keeps for its backward pass; the largest output difference checks that both compute the same function.
 Needs mmaction2 (with mmcv and mmengine), as CI's environment with peers installs them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,11 @@ from torch import nn
 
 from ._common import fmt, machine, peak_memory_mb, time_round_robin, write_atomic
 
-CONFIGS = {"embedded_gaussian": "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb",
-           "dot_product": "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb",
-           "gaussian": "i3d_imagenet-pretrained-r50-nl-gaussian_8xb8-32x2x1-100e_kinetics400-rgb"}
+CONFIGS = {
+    "embedded_gaussian": "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb",
+    "dot_product": "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb",
+    "gaussian": "i3d_imagenet-pretrained-r50-nl-gaussian_8xb8-32x2x1-100e_kinetics400-rgb",
+}
 
 
 def mmaction2_resnet3d() -> tuple[type, Path]:
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         def run() -> None:
             nn.functional.cross_entropy(model(x), labels).backward()
             model.zero_grad(set_to_none=True)
+
         return run
 
     with torch.no_grad():  # the same function: eval-mode outputs side by side
@@ -128,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, model in names.items():
             peaks[name].append(peak_memory_mb(step(model), args.device))
     saved = {name: saved_for_backward_mb(model, x) for name, model in names.items()}
-    rows = [dict(model=name, step_ms=seconds[name] * 1e3, peak_mb=statistics.median(peaks[name]),
-                 saved_mb=saved[name]) for name in names]
+    rows = [
+        dict(model=name, step_ms=seconds[name] * 1e3, peak_mb=statistics.median(peaks[name]), saved_mb=saved[name])
+        for name in names
+    ]
     clip = ", ".join(map(str, (args.batch, 3, *args.clip)))
     title = f"mmaction2 NL I3D R50 ({args.mode}), one training step on a ({clip}) clip; {machine(args.device)}"
     print(f"\n{title}\n")
@@ -137,15 +143,27 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r['model']} | {fmt(r['step_ms'])} | {fmt(r['peak_mb'])} | {fmt(r['saved_mb'])} |")
     base, new = rows
-    print(f"\nratio after/before: time {new['step_ms'] / base['step_ms']:.2f}, peak "
-          f"{new['peak_mb'] / base['peak_mb']:.2f}; largest eval output difference {difference:.1e} of the largest output; "
-          f"{len(report.swapped)} blocks swapped")
-    result = dict(command="python -m benchmarks.swap " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  machine=machine(args.device), torch=torch.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  mode=args.mode, clip=list(args.clip), batch=args.batch, repeats=args.repeats,
-                  threads=args.threads, device=args.device, rows=rows, max_output_difference_relative=difference,
-                  swapped=report.swapped)
+    print(
+        f"\nratio after/before: time {new['step_ms'] / base['step_ms']:.2f}, peak "
+        f"{new['peak_mb'] / base['peak_mb']:.2f}; largest eval output difference {difference:.1e} of the largest "
+        "output; "
+        f"{len(report.swapped)} blocks swapped"
+    )
+    result = dict(
+        command="python -m benchmarks.swap " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=machine(args.device),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        mode=args.mode,
+        clip=list(args.clip),
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+        device=args.device,
+        rows=rows,
+        max_output_difference_relative=difference,
+        swapped=report.swapped,
+    )
     write_atomic(args.json, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
 

@@ -1,4 +1,7 @@
 """``python -m nonlocalnet COMMAND`` (also what torchrun runs: ``torchrun ... -m nonlocalnet train ...``)."""
+
+from __future__ import annotations
+
 import sys
 
 from .cli import main

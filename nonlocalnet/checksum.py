@@ -1,10 +1,12 @@
 """A checksum of a file's content (tensors, numbers, strings, containers), written inside the file and verified on
 read: training checkpoints (:mod:`nonlocalnet.engine.checkpoint`) and weights files
 (:func:`nonlocalnet.models.weights.save_weights`) carry one."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -4,48 +4,69 @@ Each sub-command lives in its own module under :mod:`nonlocalnet.commands` and e
 ``add_arguments(parser)`` and ``run(args) -> int``. A module is imported only when its command runs, so
 ``nonlocalnet flops`` does not pay for the detection stack's imports.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("nonlocalnet.commands.demo",
-             "a C2D baseline and NL C2Ds of all four modes trained on built-in data, side by side"),
-    "train": ("nonlocalnet.commands.train", "train a video classifier from a YAML config (torchrun for many processes)"),
+    "demo": (
+        "nonlocalnet.commands.demo",
+        "a C2D baseline and NL C2Ds of all four modes trained on built-in data, side by side",
+    ),
+    "train": (
+        "nonlocalnet.commands.train",
+        "train a video classifier from a YAML config (torchrun for many processes)",
+    ),
     "test": ("nonlocalnet.commands.test", "multi-view test of a trained model: top-1/top-5 or mAP, table and JSON"),
     "predict": ("nonlocalnet.commands.predict", "top-k classes of video files, multi-view as at test time; JSON out"),
     "extract": ("nonlocalnet.commands.extract", "per-clip or per-video features of videos into safetensors or .npy"),
     "flops": ("nonlocalnet.commands.flops", "parameters and multiply-adds of a model, per layer and in total"),
-    "cost": ("nonlocalnet.commands.cost",
-             "parameters, multiply-adds and the peak memory of a step, per non-local block and path, estimated"),
-    "convert": ("nonlocalnet.commands.convert",
-                "convert a checkpoint of the official Caffe2 code, PyTorchVideo or mmaction2 into safetensors"),
+    "cost": (
+        "nonlocalnet.commands.cost",
+        "parameters, multiply-adds and the peak memory of a step, per non-local block and path, estimated",
+    ),
+    "convert": (
+        "nonlocalnet.commands.convert",
+        "convert a checkpoint of the official Caffe2 code, PyTorchVideo or mmaction2 into safetensors",
+    ),
     "convert-caffe2": ("nonlocalnet.commands.convert_caffe2", "nonlocalnet convert --from caffe2 (an alias)"),
-    "visualize": ("nonlocalnet.commands.visualize",
-                  "draw what a model's non-local blocks attend to on a video clip (PNG)"),
-    "attention": ("nonlocalnet.commands.attention",
-                  "per non-local block: query dependence, entropy, strongest keys, contribution (table, PNG)"),
-    "feature-bank-demo": ("nonlocalnet.commands.feature_bank_demo",
-                          "long-term feature bank on the built-in long-video task: clip-only vs bank table"),
-    "detect-train": ("nonlocalnet.commands.detect_train",
-                     "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"),
-    "detect-test": ("nonlocalnet.commands.detect_test",
-                    "COCO box / mask / keypoint AP of a detect-train run's weights"),
-    "prepare-videos": ("nonlocalnet.commands.prepare_videos",
-                       "re-encode a video list for fast training: short side 256, a key frame every 16 frames"),
+    "visualize": (
+        "nonlocalnet.commands.visualize",
+        "draw what a model's non-local blocks attend to on a video clip (PNG)",
+    ),
+    "attention": (
+        "nonlocalnet.commands.attention",
+        "per non-local block: query dependence, entropy, strongest keys, contribution (table, PNG)",
+    ),
+    "feature-bank-demo": (
+        "nonlocalnet.commands.feature_bank_demo",
+        "long-term feature bank on the built-in long-video task: clip-only vs bank table",
+    ),
+    "detect-train": (
+        "nonlocalnet.commands.detect_train",
+        "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)",
+    ),
+    "detect-test": (
+        "nonlocalnet.commands.detect_test",
+        "COCO box / mask / keypoint AP of a detect-train run's weights",
+    ),
+    "prepare-videos": (
+        "nonlocalnet.commands.prepare_videos",
+        "re-encode a video list for fast training: short side 256, a key frame every 16 frames",
+    ),
     "models": ("nonlocalnet.commands.models", "list the model names with parameters, clip and non-local blocks"),
 }
 
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: nonlocalnet COMMAND [options]   (nonlocalnet --version: the installed version)", "",
-             "commands:"]
+    lines = ["usage: nonlocalnet COMMAND [options]   (nonlocalnet --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'nonlocalnet COMMAND --help' for the options of one command."]
     return "\n".join(lines)
@@ -118,8 +139,10 @@ def user_error(e: BaseException) -> str | None:
     """
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: a GPU's
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else "an allocation failed"
-        return (f"out of memory ({first}); lower train.batch_size / test.batch_size, data.frames or the clip size, "
-                f"or data.workers")
+        return (
+            f"out of memory ({first}); lower train.batch_size / test.batch_size, data.frames or the clip size, "
+            f"or data.workers"
+        )
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
         where = f" while writing {e.filename}" if e.filename is not None else ""
         return f"no space left on the device{where}; the files written before are intact: free space and rerun"

@@ -1,5 +1,6 @@
 """Files: atomic writes (an error or a crash never leaves a half-written file where a complete one is expected),
 torch files loaded without running code, and the configs shipped inside the package."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import importlib.resources
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -78,8 +80,10 @@ def _unpickling_failure(error: Exception) -> str:
     text = str(error)
     found = re.search(r"unsupported (?:global|class)[: ]+(?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
     if found:
-        return (f"it holds {found.group(1)}, not only tensors and plain containers; loading it could run code, "
-                f"so it is refused")
+        return (
+            f"it holds {found.group(1)}, not only tensors and plain containers; loading it could run code, "
+            f"so it is refused"
+        )
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
     lines = [line.strip() for line in text.replace("WeightsUnpickler error:", "\n").splitlines()]
     lines = [line for line in lines if line and not line.startswith(boilerplate)]
@@ -122,7 +126,9 @@ def find_config(name: str | os.PathLike, folder: str | None = None) -> Path:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise FileNotFoundError(f"config {os.fspath(name)!r} is ambiguous: {len(matches)} shipped configs are called "
-                                f"so ({', '.join(p.relative_to(root).as_posix() for p in matches)}); name its folder")
+        raise FileNotFoundError(
+            f"config {os.fspath(name)!r} is ambiguous: {len(matches)} shipped configs are called "
+            f"so ({', '.join(p.relative_to(root).as_posix() for p in matches)}); name its folder"
+        )
     known = ", ".join((p.stem if folder else p.relative_to(root).as_posix()) for p in pool)
     raise FileNotFoundError(f"config file not found: {os.fspath(name)!r} is no file, nor a shipped config ({known})")

@@ -7,6 +7,7 @@ NONLOCALNET_FAULT_NAN=R:N        process R's training loss is NaN at its N-th st
 NONLOCALNET_DUMP_FINAL=DIR       every process saves the weights it evaluates as DIR/rank<R>.pt (the last
                                  ones written are the final weights), to compare the processes' copies.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,7 +56,7 @@ def _kill_during_write(iteration: int) -> None:
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
             data = buffer.getvalue()
-            f.write(data[:len(data) // 2])
+            f.write(data[: len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
             kill_job(os.getppid())  # the torchrun agent, the other ranks, the loader workers

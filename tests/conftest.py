@@ -17,10 +17,17 @@ transposed heat map fails it, while the older check of the PNG signature passed 
 Markers: ``slow`` (export, compile, end-to-end training: ``nox -s slow``) and ``distributed``
 (several processes: run one at a time, ``nox -s distributed``, one worker).
 """
-import os
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+
+from tests.helpers import write_video
 
 # Two cores on CI: one intra-op thread per test process keeps timings predictable under pytest-xdist.
 torch.set_num_threads(int(os.environ.get("NONLOCALNET_TEST_THREADS", "1")))
@@ -29,3 +36,18 @@ torch.set_num_threads(int(os.environ.get("NONLOCALNET_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory) -> Path:
+    """A folder of tiny H.264 videos (one of them corrupt) with single- and multi-label train / val lists."""
+    root = tmp_path_factory.mktemp("kinetics")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_video(root / f"v{i}.mp4", rng.integers(0, 255, (20, 36, 44, 3), dtype=np.uint8))
+    (root / "broken.mp4").write_bytes(b"\x00" * 2048)
+    (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 2\nv2.mp4 2\n")
+    (root / "val.txt").write_text("v3.mp4 1\nv0.mp4 0\n")
+    (root / "train_ml.txt").write_text("v0.mp4 0,2\nv1.mp4 1\nv2.mp4 2\nv3.mp4 0,1\n")
+    (root / "val_ml.txt").write_text("v3.mp4 0,1\nv1.mp4 1\nv2.mp4 2\n")  # every class: positives and negatives
+    return root

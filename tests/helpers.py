@@ -1,6 +1,7 @@
 """Helpers the test modules share: writing small videos, a non-local block with active weights, the overrides of a
 tiny training run on written videos, and checkpoints in the official Caffe2 code's layout
 (facebookresearch/video-nonlocal-net) at a tiny width."""
+
 from __future__ import annotations
 
 import pickle
@@ -14,8 +15,16 @@ from torch import nn
 from nonlocalnet import NonLocalBlock
 
 
-def write_video(path: Path, frames: np.ndarray, *, codec: str = "libx264", rate: int = 25, gop: int | None = None,
-                lossless: bool = False, audio: bool = False) -> None:
+def write_video(
+    path: Path,
+    frames: np.ndarray,
+    *,
+    codec: str = "libx264",
+    rate: int = 25,
+    gop: int | None = None,
+    lossless: bool = False,
+    audio: bool = False,
+) -> None:
     """Writes (F, H, W, 3) uint8 ``frames`` as a video at ``rate`` fps (folders created).
 
     Args:
@@ -64,12 +73,27 @@ def make_active(block: NonLocalBlock, std: float = 0.5) -> NonLocalBlock:
 def video_overrides(root: Path, out: Path, kind: str = "kinetics") -> list[str]:
     """Config overrides of a tiny run (nl_c2d_tiny, 4 iterations) on the videos and lists under ``root``."""
     suffix = "_ml" if kind == "charades" else ""
-    return ["progress=false", "model.name=nl_c2d_tiny", f"data.type={kind}", "data.num_classes=3",
-            f"data.root={root}", f"data.train_list={root / f'train{suffix}.txt'}",
-            f"data.test_list={root / f'val{suffix}.txt'}", "data.frames=8", "data.sampling_rate=2",
-            "data.train_scale=[36, 44]", "data.crop_size=32", "data.test_scale=36", "data.test_clips=2",
-            "data.test_crops=3", "train.batch_size=2", "train.iterations=4", "train.precise_bn_batches=1",
-            "test.batch_size=4", f"output_dir={out}"]
+    return [
+        "progress=false",
+        "model.name=nl_c2d_tiny",
+        f"data.type={kind}",
+        "data.num_classes=3",
+        f"data.root={root}",
+        f"data.train_list={root / f'train{suffix}.txt'}",
+        f"data.test_list={root / f'val{suffix}.txt'}",
+        "data.frames=8",
+        "data.sampling_rate=2",
+        "data.train_scale=[36, 44]",
+        "data.crop_size=32",
+        "data.test_scale=36",
+        "data.test_clips=2",
+        "data.test_crops=3",
+        "train.batch_size=2",
+        "train.iterations=4",
+        "train.precise_bn_batches=1",
+        "test.batch_size=4",
+        f"output_dir={out}",
+    ]
 
 
 # --- official Caffe2 checkpoints -------------------------------------------------------------------------------------
@@ -82,8 +106,9 @@ C2D_TEMP = {s: [0] * n for s, n in zip((2, 3, 4, 5), CAFFE2_LAYERS)}
 NL5 = {3: (1, 3), 4: (1, 3, 5)}
 
 
-def official_blobs(temp_convs, nonlocal_after, num_classes=7, affine=False, nonlocal_bn=True, seed=0,
-                   training_state=True):
+def official_blobs(
+    temp_convs, nonlocal_after, num_classes=7, affine=False, nonlocal_bn=True, seed=0, training_state=True
+):
     """Blobs named and shaped as the official resnet_video_org.py / resnet_helper.py / nonlocal_helper.py make them."""
     rng = np.random.default_rng(seed)
     blobs = {}
@@ -119,8 +144,12 @@ def official_blobs(temp_convs, nonlocal_after, num_classes=7, affine=False, nonl
             dim_in = dim_out
             if idx in nonlocal_after.get(stage, ()):
                 nl = f"nonlocal_conv{stage}_{idx}"
-                for part, shape in (("theta", (dim_out // 2, dim_out)), ("phi", (dim_out // 2, dim_out)),
-                                    ("g", (dim_out // 2, dim_out)), ("out", (dim_out, dim_out // 2))):
+                for part, shape in (
+                    ("theta", (dim_out // 2, dim_out)),
+                    ("phi", (dim_out // 2, dim_out)),
+                    ("g", (dim_out // 2, dim_out)),
+                    ("out", (dim_out, dim_out // 2)),
+                ):
                     conv(f"{nl}_{part}", shape + (1, 1, 1))
                     blobs[f"{nl}_{part}_b"] = rng.standard_normal(shape[0]).astype(np.float32) * 0.1
                 if nonlocal_bn:
@@ -153,6 +182,7 @@ def write_pickle(path, blobs, wrapped=True):
 
 def check_placed(model, blobs, affine=False):
     """Every model tensor holds its blob, checked through module attributes (not the converter's name table)."""
+
     def same(tensor, name):
         np.testing.assert_array_equal(tensor.detach().numpy().reshape(blobs[name].shape), blobs[name], err_msg=name)
 

@@ -1,5 +1,6 @@
 """The attention diagnostic on blocks built to be query-independent, query-specific and dead, with the values
 computed by hand; the table, the chart, the command, and the training-time warning."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ import torch
 
 from nonlocalnet.cli import main as cli_main
 from nonlocalnet.layers import NonLocalBlock
-from nonlocalnet.viz.diagnostics import (diagnose_attention, diagnosis_table, draw_diagnosis, inactive_blocks,
-                                         warn_inactive_blocks)
+from nonlocalnet.viz.diagnostics import (
+    diagnose_attention,
+    diagnosis_table,
+    draw_diagnosis,
+    inactive_blocks,
+    warn_inactive_blocks,
+)
 
 L = 8  # positions of the sequence; as many channels, so that position i can be the unit vector e_i
 
@@ -114,8 +120,21 @@ def test_attention_command_prints_the_table_draws_and_writes_json(tmp_path, caps
 
     np.save(clip, np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
     out = tmp_path / "diag.png"
-    assert cli_main(["attention", "--checkpoint", str(checkpoint), str(clip), "--out", str(out),
-                     "--json", str(tmp_path / "d.json")]) == 0
+    assert (
+        cli_main(
+            [
+                "attention",
+                "--checkpoint",
+                str(checkpoint),
+                str(clip),
+                "--out",
+                str(out),
+                "--json",
+                str(tmp_path / "d.json"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "res3.nl0" in text and "identity" in text  # a model at init: γ = 0
     assert out.read_bytes()[:4] == b"\x89PNG"
@@ -130,8 +149,22 @@ def test_attention_command_reads_a_video_list_and_refuses_no_input(tmp_path, cap
         np.save(tmp_path / f"{name}.npy", np.zeros((8, 32, 32, 3), dtype=np.uint8))
     (tmp_path / "list.txt").write_text("a.npy 3\nb.npy 1,2\n")
     out = tmp_path / "d.json"
-    assert cli_main(["attention", "--model", "nl_c2d_tiny", "--list", str(tmp_path / "list.txt"),
-                     "--out", str(tmp_path / "d.png"), "--json", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "attention",
+                "--model",
+                "nl_c2d_tiny",
+                "--list",
+                str(tmp_path / "list.txt"),
+                "--out",
+                str(tmp_path / "d.png"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["inputs"] == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]
     assert "on 2 clip(s) of 8x32x32" in capsys.readouterr().out
     assert cli_main(["attention", "--model", "nl_c2d_tiny"]) == 2
@@ -141,18 +174,31 @@ def test_attention_command_reads_a_video_list_and_refuses_no_input(tmp_path, cap
 def test_training_warns_once_about_a_block_still_at_the_identity(tmp_path, caplog):
     from nonlocalnet.engine import load_config, train
 
-    overrides = ["progress=false", "data.test_size=8", "data.train_size=16", "train.batch_size=4",
-                 "train.iterations=3", "train.log_every=1", "train.precise_bn_batches=1", "train.lr=0.0",
-                 "train.check_blocks_after=2", f"output_dir={tmp_path / 'run'}"]
+    overrides = [
+        "progress=false",
+        "data.test_size=8",
+        "data.train_size=16",
+        "train.batch_size=4",
+        "train.iterations=3",
+        "train.log_every=1",
+        "train.precise_bn_batches=1",
+        "train.lr=0.0",
+        "train.check_blocks_after=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
         train(load_config("configs/synthetic/nl_c2d_tiny.yaml", overrides))
     warnings = [r.getMessage() for r in caplog.records if "non-local block" in r.getMessage()]
     # γ = 0 and, with lr 0, still 0; the pytorch init's θ and φ give near-zero logits on these clips: uniform
     assert len(warnings) == 2  # once, at step 2 of 3
-    assert warnings[0].startswith("after 2 steps, non-local block res3.nl0 is still at the identity: its term is 0 "
-                                  "of its input (below 0.01, mean |γ| 0, ‖W_z‖ ")
-    assert warnings[1].startswith("after 2 steps, non-local block res3.nl0 still attends uniformly: normalised "
-                                  "entropy 1.000 (above 0.99; 1 = uniform), query distance 0.0")
+    assert warnings[0].startswith(
+        "after 2 steps, non-local block res3.nl0 is still at the identity: its term is 0 "
+        "of its input (below 0.01, mean |γ| 0, ‖W_z‖ "
+    )
+    assert warnings[1].startswith(
+        "after 2 steps, non-local block res3.nl0 still attends uniformly: normalised "
+        "entropy 1.000 (above 0.99; 1 = uniform), query distance 0.0"
+    )
 
 
 def test_warn_inactive_blocks_says_nothing_of_a_working_block():
@@ -164,8 +210,14 @@ def test_a_check_that_does_not_fit_is_a_warning_not_a_failure(caplog):
     block.attention_budget_bytes = 16  # below the (2, 8, 8) weights
     with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
         assert warn_inactive_blocks(block, unit_vectors(), 5) == []
-    assert caplog.records[-1].getMessage().startswith("after 5 steps, the non-local blocks could not be checked: "
-                                                      "return_attention=True would build a (2, 8, 8) float32")
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .startswith(
+            "after 5 steps, the non-local blocks could not be checked: "
+            "return_attention=True would build a (2, 8, 8) float32"
+        )
+    )
 
 
 def test_a_run_resumes_with_another_check_step_or_none_recorded():

@@ -1,5 +1,8 @@
 """benchmarks/block.py end to end at tiny sizes: the options the GPU script passes (--autocast, --json) and the
 chunk size option, read back from its table and JSON."""
+
+from __future__ import annotations
+
 import json
 
 from benchmarks import block
@@ -10,8 +13,24 @@ def test_block_benchmark_under_autocast_with_a_chunk_size(tmp_path, capsys, monk
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", pairwise_softmax.CHUNK_ELEMENTS)  # restored after
     monkeypatch.setattr(pairwise_softmax, "GPU_CHUNK_ELEMENTS", pairwise_softmax.GPU_CHUNK_ELEMENTS)
     out = tmp_path / "rows.json"
-    block.main(["--quick", "--shapes", "tiny_res3", "--modes", "gaussian", "--repeats", "1", "--no-memory",
-                "--chunk-elements", "64", "--autocast", "bf16", "--json", str(out)])
+    block.main(
+        [
+            "--quick",
+            "--shapes",
+            "tiny_res3",
+            "--modes",
+            "gaussian",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--chunk-elements",
+            "64",
+            "--autocast",
+            "bf16",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "; autocast bf16; chunks of 64 weights" in printed.splitlines()[0]
     assert pairwise_softmax.CHUNK_ELEMENTS == 64  # the chunked rows ran in chunks of 64 weights

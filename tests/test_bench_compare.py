@@ -2,6 +2,7 @@
 
 The peers come with the optional ``bench`` extra (``pip install -e ".[bench]"``); without it their tests skip.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -64,7 +65,7 @@ def test_timm_weights_give_timm_output():
     result = _check("timm", "NonLocalAttn", shape, None)
     _assert_same(result)
     pair = peers.build_pair("timm", "NonLocalAttn", shape, None)
-    assert pair.ours.inter_channels == 8 and pair.ours.scale == pytest.approx(32 ** -0.5)  # C/8, C^-1/2
+    assert pair.ours.inter_channels == 8 and pair.ours.scale == pytest.approx(32**-0.5)  # C/8, C^-1/2
 
 
 def test_timm_has_no_video_or_subsampled_configuration():

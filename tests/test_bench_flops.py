@@ -1,6 +1,7 @@
 """The benchmarks' flop counts: what torch's FlopCounterMode leaves out (in-place products, SDPA's CPU kernel) is
 counted, and the peer table reports each side's flops, so that a time ratio can be read against the arithmetic
 each side does."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def test_sdpa_on_the_cpu_is_counted_forward_and_backward():
     flops = count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
     with _Ops() as ops:  # the kernel counted: SDPA's CPU flash kernel, not its math fallback
         F.scaled_dot_product_attention(q, k, v).sum().backward()
-    assert {"_scaled_dot_product_flash_attention_for_cpu",
-            "_scaled_dot_product_flash_attention_for_cpu_backward"} <= ops.names
+    assert {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    } <= ops.names
     # forward q kᵀ and P v; backward: q kᵀ again, dP = dY vᵀ, dV = Pᵀ dY, dQ = dS k, dK = dSᵀ q (no gradient
     # asked for k and v, but the kernel computes all three)
     assert flops == 2 * b * n * m * (2 * d) + 2 * b * n * m * (5 * d)
@@ -71,6 +74,7 @@ def test_sdpa_on_the_cpu_is_counted_forward_and_backward():
 def test_the_peer_table_counts_mmcv_against_our_chunks(monkeypatch):
     pytest.importorskip("mmcv.cnn")
     from benchmarks.compare import table
+
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 18)  # many chunks, accumulated in place
     b, c, t, h, w = 1, 16, 2, 6, 6
     n, m = t * h * w, t * (h // 2) * (w // 2)
@@ -83,9 +87,26 @@ def test_the_peer_table_counts_mmcv_against_our_chunks(monkeypatch):
 def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     pytest.importorskip("mmcv.cnn")
     from benchmarks.compare.__main__ import QUICK_SHAPES, main
+
     out = tmp_path / "compare.json"
-    main(["--quick", "--sections", "table", "--peers", "mmcv", "--variants", "gaussian", "--shapes", "res3",
-          "--repeats", "1", "--no-memory", "--json", str(out)])
+    main(
+        [
+            "--quick",
+            "--sections",
+            "table",
+            "--peers",
+            "mmcv",
+            "--variants",
+            "gaussian",
+            "--shapes",
+            "res3",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--json",
+            str(out),
+        ]
+    )
     (row,) = json.loads(out.read_text())["table"]
     assert row["status"] == "ok", row
     (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
@@ -99,9 +120,23 @@ def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
 
 def test_the_efficiency_section_counts_what_each_path_computes(tmp_path):
     from benchmarks.compare.__main__ import QUICK_SHAPES, main
+
     out = tmp_path / "efficiency.json"
-    main(["--quick", "--sections", "efficiency", "--efficiency-shape", "res3", "--repeats", "1",
-          "--matmul-n", "256", "--json", str(out)])
+    main(
+        [
+            "--quick",
+            "--sections",
+            "efficiency",
+            "--efficiency-shape",
+            "res3",
+            "--repeats",
+            "1",
+            "--matmul-n",
+            "256",
+            "--json",
+            str(out),
+        ]
+    )
     rows = {(r["mode"], r["impl"]): r for r in json.loads(out.read_text())["efficiency"]["rows"]}
     (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
     n, m, inter = t * h * w, t * (h // 2) * (w // 2), c // 2

@@ -1,6 +1,8 @@
 """The non-local block: fast paths against the dense reference, the reference against the paper's formula,
 identity at init, gradients, errors, and precision."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 from torch import nn
@@ -38,8 +40,7 @@ def assert_same_function(block, x, impl, memory=None, atol=1e-5):
     # query alike) and float32 noise of the size of the others' rounding there: compare at the gradients' scale.
     scale = max(1.0, max(g.abs().max().item() for g in p_ref.values()))
     for name in p_ref:
-        torch.testing.assert_close(p_g[name], p_ref[name], atol=atol * scale, rtol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_g[name], p_ref[name], atol=atol * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 FAST = [(mode, impl) for mode in MODES for impl in IMPLS_BY_MODE[mode] if impl != "dense"]
@@ -49,16 +50,23 @@ FAST = [(mode, impl) for mode in MODES for impl in IMPLS_BY_MODE[mode] if impl !
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("subsample,position", [(None, "input"), (2, "input"), (2, "projection")])
 def test_fast_path_equals_dense_reference(mode, impl, dim, subsample, position):
-    block = make_active(NonLocalBlock(8, dim=dim, mode=mode, subsample=subsample, subsample_position=position,
-                                      scale="auto"))
+    block = make_active(
+        NonLocalBlock(8, dim=dim, mode=mode, subsample=subsample, subsample_position=position, scale="auto")
+    )
     assert_same_function(block, torch.randn(SHAPES[dim]), impl)
 
 
 @pytest.mark.parametrize("mode,impl", FAST)
-@pytest.mark.parametrize("extent,groups,subsample", [
-    ("spacetime", 1, (1, 2, 2)), ("space", 1, (1, 2, 2)), ("time", 1, (2, 1, 1)), ("spacetime", 2, (1, 2, 2)),
-    ("spacetime", 2, (2, 2, 2)),
-])
+@pytest.mark.parametrize(
+    "extent,groups,subsample",
+    [
+        ("spacetime", 1, (1, 2, 2)),
+        ("space", 1, (1, 2, 2)),
+        ("time", 1, (2, 1, 1)),
+        ("spacetime", 2, (1, 2, 2)),
+        ("spacetime", 2, (2, 2, 2)),
+    ],
+)
 def test_fast_path_equals_dense_with_extents_and_groups(mode, impl, extent, groups, subsample):
     block = make_active(NonLocal3d(8, mode=mode, extent=extent, temporal_groups=groups, subsample=subsample))
     assert_same_function(block, torch.randn(2, 8, 4, 6, 5), impl)
@@ -74,11 +82,13 @@ def test_fast_path_equals_dense_with_memory(mode, impl):
 
 def test_chunked_path_splits_queries_and_stays_exact(monkeypatch):
     from nonlocalnet.layers import pairwise_softmax
+
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 64)  # forces many chunks of a few queries
     rows = []
     original = pairwise_softmax._ChunkedSoftmaxAttention.apply
-    monkeypatch.setattr(pairwise_softmax._ChunkedSoftmaxAttention, "apply",
-                        lambda *a: rows.append(a[-1]) or original(*a))
+    monkeypatch.setattr(
+        pairwise_softmax._ChunkedSoftmaxAttention, "apply", lambda *a: rows.append(a[-1]) or original(*a)
+    )
     block = make_active(NonLocal2d(8, mode="embedded_gaussian"))
     assert_same_function(block, torch.randn(2, 8, 7, 9), "chunked")  # forward and every gradient
     assert rows and all(r == 1 for r in rows)  # 64 // (2 * 63) -> one query per chunk: 63 chunks
@@ -90,8 +100,7 @@ def test_chunked_path_keeps_no_weight_matrix_and_needs_no_padding(cq, cv, monkey
     from nonlocalnet.layers.pairwise_dense import softmax_attention_dense
 
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 40 * 7)  # 7 queries per chunk
-    q, k, v = (torch.randn(2, n, c, dtype=torch.float64, requires_grad=True) for n, c in ((30, cq), (40, cq),
-                                                                                        (40, cv)))
+    q, k, v = (torch.randn(2, n, c, dtype=torch.float64, requires_grad=True) for n, c in ((30, cq), (40, cq), (40, cv)))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         y = pairwise_softmax.softmax_attention_chunked(q, k, v, 0.3)
@@ -114,8 +123,11 @@ def test_chunked_path_writes_where_its_operands_lie(layout, monkeypatch):
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 40 * 8)  # 8 rows a chunk: 29 = 8+7+7+7 rows
 
     def make(n, c):
-        t = torch.randn(2, c, n, dtype=torch.float64).transpose(1, 2) if layout == "channels" else \
-            torch.randn(2, n, c, dtype=torch.float64)
+        t = (
+            torch.randn(2, c, n, dtype=torch.float64).transpose(1, 2)
+            if layout == "channels"
+            else torch.randn(2, n, c, dtype=torch.float64)
+        )
         return t.requires_grad_()
 
     q, k, v = make(29, 6), make(40, 6), make(40, 5)
@@ -152,8 +164,9 @@ def test_symmetric_path_equals_dense_and_keeps_no_weight_matrix(scale, n, monkey
     v = torch.randn(2, n, 5, dtype=torch.float64, requires_grad=True)
     calls = []
     original = pairwise_softmax._SymmetricSoftmaxAttention.apply
-    monkeypatch.setattr(pairwise_softmax._SymmetricSoftmaxAttention, "apply",
-                        lambda *a: calls.append(a[-1]) or original(*a))
+    monkeypatch.setattr(
+        pairwise_softmax._SymmetricSoftmaxAttention, "apply", lambda *a: calls.append(a[-1]) or original(*a)
+    )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         y = pairwise_softmax.softmax_attention_chunked(x, x, v, scale)
@@ -173,8 +186,9 @@ def test_block_uses_the_symmetric_path_exactly_when_keys_are_queries(groups, mem
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 5 * 5)
     calls = []
     original = pairwise_softmax._SymmetricSoftmaxAttention.apply
-    monkeypatch.setattr(pairwise_softmax._SymmetricSoftmaxAttention, "apply",
-                        lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(
+        pairwise_softmax._SymmetricSoftmaxAttention, "apply", lambda *a: calls.append(a) or original(*a)
+    )
     options = dict(memory_channels=8) if memory else {}
     block = make_active(NonLocal3d(8, mode="gaussian", temporal_groups=groups, **options))
     x = torch.randn(2, 8, 4, 3, 3)
@@ -252,8 +266,9 @@ def paper_formula(block: NonLocalBlock, x: torch.Tensor) -> torch.Tensor:
             y = sum(terms) / normaliser
             w_y = conv(block.out, y)
             bn = block.norm
-            z[batch, :, i] = (w_y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias \
-                + cols[i]
+            z[batch, :, i] = (
+                (w_y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias + cols[i]
+            )
     return z
 
 
@@ -306,7 +321,7 @@ def test_submodule_names_and_parameter_counts():
 
 def test_scale_options():
     assert NonLocal2d(64).scale == 1.0
-    assert NonLocal2d(64, scale="auto").scale == pytest.approx(32 ** -0.5)
+    assert NonLocal2d(64, scale="auto").scale == pytest.approx(32**-0.5)
     assert NonLocal2d(64, inter_channels=16, scale="auto").scale == pytest.approx(0.25)
     assert NonLocal2d(64, scale=0.3).scale == 0.3
 
@@ -408,15 +423,18 @@ def test_norm_options(norm):
     assert isinstance(none.norm, nn.Identity) and (none.out.weight == 0).all()
 
 
-@pytest.mark.parametrize("build,x,match", [
-    (lambda: NonLocal3d(8), torch.randn(2, 8, 4, 4), r"\(B, C, T, H, W\)"),
-    (lambda: NonLocal2d(8), torch.randn(2, 6, 4, 4), "8 input channels; x has 6"),
-    (lambda: NonLocal2d(8, subsample=4), torch.randn(2, 8, 3, 8), "larger than"),
-    (lambda: NonLocal3d(8, extent="time", subsample=(1, 2, 2)), torch.randn(1, 8, 2, 4, 4), "extent='time'"),
-    (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3 frames"),
-    (lambda: NonLocal3d(8, memory_channels=4), torch.randn(1, 8, 4, 2, 2), "pass memory="),
-    (lambda: NonLocal3d(8), torch.randn(1, 8, 0, 2, 2), r"no positions to attend over \(shape \(1, 8, 0, 2, 2\)\)"),
-])
+@pytest.mark.parametrize(
+    "build,x,match",
+    [
+        (lambda: NonLocal3d(8), torch.randn(2, 8, 4, 4), r"\(B, C, T, H, W\)"),
+        (lambda: NonLocal2d(8), torch.randn(2, 6, 4, 4), "8 input channels; x has 6"),
+        (lambda: NonLocal2d(8, subsample=4), torch.randn(2, 8, 3, 8), "larger than"),
+        (lambda: NonLocal3d(8, extent="time", subsample=(1, 2, 2)), torch.randn(1, 8, 2, 4, 4), "extent='time'"),
+        (lambda: NonLocal3d(8, temporal_groups=3), torch.randn(1, 8, 4, 2, 2), "temporal_groups=3 frames"),
+        (lambda: NonLocal3d(8, memory_channels=4), torch.randn(1, 8, 4, 2, 2), "pass memory="),
+        (lambda: NonLocal3d(8), torch.randn(1, 8, 0, 2, 2), r"no positions to attend over \(shape \(1, 8, 0, 2, 2\)\)"),
+    ],
+)
 def test_bad_input_is_named(build, x, match):
     with pytest.raises(ValueError, match=match):
         build()(x)
@@ -435,8 +453,11 @@ def test_bad_memory_is_named():
 def test_return_attention_refuses_a_matrix_above_its_budget_naming_the_size():
     block = NonLocal2d(4)
     x = torch.randn(1, 4, 256, 256)  # N = M = 65,536: a 17.2 GB weight matrix
-    with pytest.raises(ValueError, match=r"\(1, 65536, 65536\) float32 weight matrix of 17.2 GB, above this "
-                                         r"block's attention_budget_bytes \(2.1 GB\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(1, 65536, 65536\) float32 weight matrix of 17.2 GB, above this "
+        r"block's attention_budget_bytes \(2.1 GB\)",
+    ):
         block(x, return_attention=True)
     small = torch.randn(2, 4, 6, 6)
     block.attention_budget_bytes = 2 * 36 * 36 * 4  # exactly the (2, 36, 36) matrix: allowed
@@ -446,23 +467,26 @@ def test_return_attention_refuses_a_matrix_above_its_budget_naming_the_size():
         block(small, return_attention=True)
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(mode="softmax"), "unknown non-local mode 'softmax'"),
-    (dict(impl="flash"), "unknown non-local impl 'flash'"),
-    (dict(mode="dot_product", impl="sdpa"), "does not compute mode 'dot_product'"),
-    (dict(mode="concatenation", impl="linear"), "does not compute mode 'concatenation'"),
-    (dict(norm="group"), "unknown norm 'group'"),
-    (dict(subsample_position="after"), "unknown subsample_position"),
-    (dict(extent="frame"), "unknown extent 'frame'"),
-    (dict(scale=-1.0), "scale must be"),
-    (dict(scale="sqrt"), "scale must be"),
-    (dict(scale=float("inf")), "positive finite number; got inf"),  # accepted before, gave NaN
-    (dict(subsample=2.0), "subsample must be a positive int"),  # a raw TypeError before
-    (dict(subsample=(1, 2)), "subsample must be"),
-    (dict(dim=4), "dim must be 1, 2 or 3"),
-    (dict(dim=2, extent="time"), "needs video input"),
-    (dict(mode="gaussian", memory_channels=3), "memory_channels"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(mode="softmax"), "unknown non-local mode 'softmax'"),
+        (dict(impl="flash"), "unknown non-local impl 'flash'"),
+        (dict(mode="dot_product", impl="sdpa"), "does not compute mode 'dot_product'"),
+        (dict(mode="concatenation", impl="linear"), "does not compute mode 'concatenation'"),
+        (dict(norm="group"), "unknown norm 'group'"),
+        (dict(subsample_position="after"), "unknown subsample_position"),
+        (dict(extent="frame"), "unknown extent 'frame'"),
+        (dict(scale=-1.0), "scale must be"),
+        (dict(scale="sqrt"), "scale must be"),
+        (dict(scale=float("inf")), "positive finite number; got inf"),  # accepted before, gave NaN
+        (dict(subsample=2.0), "subsample must be a positive int"),  # a raw TypeError before
+        (dict(subsample=(1, 2)), "subsample must be"),
+        (dict(dim=4), "dim must be 1, 2 or 3"),
+        (dict(dim=2, extent="time"), "needs video input"),
+        (dict(mode="gaussian", memory_channels=3), "memory_channels"),
+    ],
+)
 def test_unknown_options_are_named(options, match):
     options = {"dim": 3, **options}
     with pytest.raises(ValueError, match=match):
@@ -508,12 +532,12 @@ def test_traced_block_equals_eager(mode):
     torch.testing.assert_close(traced(other), block(other), atol=1e-5, rtol=1e-4)
 
 
-
 @pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
 def test_sdpa_path_runs_on_the_flash_kernel(mode):
     """Strided inputs or unequal head sizes would silently drop SDPA to its O(N·M) math fallback; with only the
     flash backend allowed, such a fallback raises instead."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl="sdpa")).train()
     x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -617,6 +641,7 @@ def test_hooks_see_wz_y_not_the_residual_sum(norm):
     def remember(name):
         def hook(module, inputs, output):
             seen[name] = (output, output.clone())  # the tensor itself, and its value when the hook ran
+
         return hook
 
     handle = block.out.register_forward_hook(remember("out"))
@@ -625,8 +650,10 @@ def test_hooks_see_wz_y_not_the_residual_sum(norm):
     tensor, value = seen["out"]
     assert torch.equal(tensor, value)  # not mutated afterwards by the residual add
     glob = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: seen.__setitem__(type(m).__name__, (o, o.clone())) if m is block.norm or m is block.out
-        else None)
+        lambda m, i, o: (
+            seen.__setitem__(type(m).__name__, (o, o.clone())) if m is block.norm or m is block.out else None
+        )
+    )
     try:
         z2 = block(x)
     finally:
@@ -642,16 +669,18 @@ def test_hooks_see_wz_y_not_the_residual_sum(norm):
 
 # written out here, not read from the code: what each path must run in under each autocast dtype
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-POLICY = {("embedded_gaussian", "sdpa"): {BF16: BF16, F16: F16},
-          ("embedded_gaussian", "dense"): {BF16: F32, F16: F32},
-          ("embedded_gaussian", "chunked"): {BF16: F32, F16: F32},
-          ("gaussian", "sdpa"): {BF16: F32, F16: F32},
-          ("gaussian", "dense"): {BF16: F32, F16: F32},
-          ("gaussian", "chunked"): {BF16: F32, F16: F32},
-          ("dot_product", "dense"): {BF16: BF16, F16: F32},
-          ("dot_product", "linear"): {BF16: BF16, F16: F32},
-          ("concatenation", "dense"): {BF16: BF16, F16: F32},
-          ("concatenation", "sorted"): {BF16: BF16, F16: F32}}
+POLICY = {
+    ("embedded_gaussian", "sdpa"): {BF16: BF16, F16: F16},
+    ("embedded_gaussian", "dense"): {BF16: F32, F16: F32},
+    ("embedded_gaussian", "chunked"): {BF16: F32, F16: F32},
+    ("gaussian", "sdpa"): {BF16: F32, F16: F32},
+    ("gaussian", "dense"): {BF16: F32, F16: F32},
+    ("gaussian", "chunked"): {BF16: F32, F16: F32},
+    ("dot_product", "dense"): {BF16: BF16, F16: F32},
+    ("dot_product", "linear"): {BF16: BF16, F16: F32},
+    ("concatenation", "dense"): {BF16: BF16, F16: F32},
+    ("concatenation", "sorted"): {BF16: BF16, F16: F32},
+}
 
 
 class _SeenBySdpa(torch.overrides.TorchFunctionMode):
@@ -678,8 +707,9 @@ def test_under_autocast_each_path_runs_in_the_policys_dtype(mode, impl, dtype, m
 
     ran = []
     real = pairwise_module.pairwise
-    monkeypatch.setattr(pairwise_module, "pairwise",
-                        lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw))
+    monkeypatch.setattr(
+        pairwise_module, "pairwise", lambda q, k, v, *a, **kw: ran.append(q.dtype) or real(q, k, v, *a, **kw)
+    )
     block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), impl=impl))
     x = torch.randn(2, 16, 2, 4, 4)
     with torch.no_grad(), _SeenBySdpa() as sdpa, torch.autocast("cpu", dtype=dtype):
@@ -711,8 +741,10 @@ def test_training_calls_of_sdpa_on_cuda_leave_out_cudnn_and_keep_the_users_choic
 
     from nonlocalnet.layers.pairwise_softmax import _sdpa_training_backends
 
-    flags = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in
-             ("flash", "mem_efficient", "math", "cudnn")}
+    flags = {
+        name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+        for name in ("flash", "mem_efficient", "math", "cudnn")
+    }
 
     def enable(**on):
         for name in flags:
@@ -721,8 +753,11 @@ def test_training_calls_of_sdpa_on_cuda_leave_out_cudnn_and_keep_the_users_choic
     try:
         enable(flash=True, mem_efficient=True, math=True, cudnn=True)
         assert _sdpa_training_backends("cpu") is None
-        assert _sdpa_training_backends("cuda") == [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                   SDPBackend.MATH]
+        assert _sdpa_training_backends("cuda") == [
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        ]
         enable(mem_efficient=True, cudnn=True)  # the user turned flash and math off: they stay off
         assert _sdpa_training_backends("cuda") == [SDPBackend.EFFICIENT_ATTENTION]
         enable(flash=True, math=True)  # cuDNN off: nothing to change

@@ -1,4 +1,7 @@
 """The block under torch.compile and exported to ONNX (checked with onnxruntime against eager)."""
+
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
@@ -78,5 +81,9 @@ def test_every_path_of_the_block_traces_to_one_graph(mode, subsample):
 
 def test_the_block_traces_to_one_graph_under_autocast():
     x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
-    assert _graph_breaks(make_active(NonLocal3d(16, subsample=(1, 2, 2))).train(), x,
-                         torch.autocast("cpu", dtype=torch.bfloat16)) == []
+    assert (
+        _graph_breaks(
+            make_active(NonLocal3d(16, subsample=(1, 2, 2))).train(), x, torch.autocast("cpu", dtype=torch.bfloat16)
+        )
+        == []
+    )

@@ -1,4 +1,7 @@
 """The Caffe2 converter on pickles written here in the official layout (facebookresearch/video-nonlocal-net)."""
+
+from __future__ import annotations
+
 import json
 
 import numpy as np
@@ -11,8 +14,17 @@ from nonlocalnet.models import create_model, load_weights
 from nonlocalnet.models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
 from nonlocalnet.models.weights import read_metadata
 
-from .helpers import (C2D_TEMP, CAFFE2_LAYERS, CAFFE2_WIDTH, I3D_TEMP, NL5, check_placed, fold_bn, official_blobs,
-                      write_pickle)
+from .helpers import (
+    C2D_TEMP,
+    CAFFE2_LAYERS,
+    CAFFE2_WIDTH,
+    I3D_TEMP,
+    NL5,
+    check_placed,
+    fold_bn,
+    official_blobs,
+    write_pickle,
+)
 
 
 def tiny(name, **overrides):
@@ -22,8 +34,20 @@ def tiny(name, **overrides):
 def convert(tmp_path, blobs, model, *extra, wrapped=True):
     src = write_pickle(tmp_path / "model.pkl", blobs, wrapped)
     out = tmp_path / "model.safetensors"
-    code = cli_main(["convert-caffe2", str(src), str(out), "--model", model, "--set", f"layers={list(CAFFE2_LAYERS)}",
-                     "--set", f"width={CAFFE2_WIDTH}", *extra])
+    code = cli_main(
+        [
+            "convert-caffe2",
+            str(src),
+            str(out),
+            "--model",
+            model,
+            "--set",
+            f"layers={list(CAFFE2_LAYERS)}",
+            "--set",
+            f"width={CAFFE2_WIDTH}",
+            *extra,
+        ]
+    )
     return code, out
 
 
@@ -117,8 +141,10 @@ def test_a_checkpoint_without_classifier_needs_skip_classifier(tmp_path, capsys)
 
 
 def test_unreadable_files_are_clear_errors(tmp_path, capsys):
-    assert cli_main(["convert-caffe2", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors"),
-                     "--model", "c2d_r50"]) == 2
+    assert (
+        cli_main(["convert-caffe2", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors"), "--model", "c2d_r50"])
+        == 2
+    )
     assert "error: no checkpoint at" in capsys.readouterr().err
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a pickle")

@@ -1,4 +1,5 @@
 """The command line: every command documents its options, and every command is run end to end somewhere."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,19 @@ END_TO_END = {
     "convert-caffe2": ("tests.test_caffe2", "convert"),
     "visualize": ("tests.test_viz", "test_visualize_command_end_to_end"),
     "feature-bank-demo": ("tests.test_feature_bank", "test_demo_command_runs_and_reports_bad_sizes"),
-    "detect-train": ("tests.test_detection",
-                     "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
-    "detect-test": ("tests.test_detection",
-                    "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test"),
+    "detect-train": (
+        "tests.test_detection",
+        "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test",
+    ),
+    "detect-test": (
+        "tests.test_detection",
+        "test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test",
+    ),
     "models": ("tests.test_first_steps", "test_models_command_lists_names_with_parameters_clip_and_blocks"),
-    "prepare-videos": ("tests.test_prepare_videos",
-                       "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list"),
+    "prepare-videos": (
+        "tests.test_prepare_videos",
+        "test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list",
+    ),
     "predict": ("tests.test_predict", "test_multi_view_scores_are_the_mean_of_the_views_computed_by_hand"),
     "extract": ("tests.test_predict", "test_extract_gives_forward_features_of_every_clip"),
 }
@@ -67,12 +74,19 @@ def test_usage_lists_the_commands_and_unknown_is_named(capsys):
 
 # the commands that take overrides, with the arguments they need besides
 OVERRIDES = {
-    "train": [], "test": [], "demo": [], "detect-train": [], "detect-test": ["--checkpoint", "model_final.safetensors"],
-    "convert": ["in.pkl", "out.safetensors"], "convert-caffe2": ["in.pkl", "out.safetensors"], "flops": ["c2d_r50"],
+    "train": [],
+    "test": [],
+    "demo": [],
+    "detect-train": [],
+    "detect-test": ["--checkpoint", "model_final.safetensors"],
+    "convert": ["in.pkl", "out.safetensors"],
+    "convert-caffe2": ["in.pkl", "out.safetensors"],
+    "flops": ["c2d_r50"],
     "visualize": ["--checkpoint", "w.safetensors", "--video", "v.mp4"],
     "predict": ["v.mp4", "--checkpoint", "w.safetensors"],
     "extract": ["v.mp4", "--checkpoint", "w.safetensors", "--out", "f.safetensors"],
-    "cost": ["c2d_r50"], "attention": ["v.mp4"],
+    "cost": ["c2d_r50"],
+    "attention": ["v.mp4"],
 }
 
 
@@ -90,8 +104,25 @@ def test_every_command_takes_overrides_in_one_syntax(name):
 
 
 def test_model_options_are_yaml_values_as_in_a_config(capsys):
-    assert main(["flops", "nl_c2d_r50", "--clip", "8x32x32", "--set", "layers=[1,1,1,1]", "--set", "width=4",
-                 "--set", "nonlocal_locations={res4: [0]}", "--set", "clip=8x8"]) == 0
+    assert (
+        main(
+            [
+                "flops",
+                "nl_c2d_r50",
+                "--clip",
+                "8x32x32",
+                "--set",
+                "layers=[1,1,1,1]",
+                "--set",
+                "width=4",
+                "--set",
+                "nonlocal_locations={res4: [0]}",
+                "--set",
+                "clip=8x8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("nl_c2d_r50: clip layout 8x8") and "res4.nl0" in out
     # the Python-literal dialect is gone: a tuple is no YAML list, and the error says how to write one

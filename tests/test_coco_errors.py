@@ -1,4 +1,5 @@
 """COCO reader errors named with the file and the annotation id, before training starts (issue 31)."""
+
 from __future__ import annotations
 
 import copy
@@ -23,15 +24,22 @@ def _write(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(area="big"), "annotations whose 'area' is not a number (ids): {id}"),
-    (lambda a: a.update(segmentation={"size": [64, 64], "counts": "garbage!!"}),
-     "annotations whose 'segmentation' is neither polygons"),
-    (lambda a: a.update(segmentation={"size": [64, 64], "counts": [10, 20]}),
-     "annotations whose 'segmentation' is neither polygons"),  # runs that do not cover the image
-    (lambda a: a.update(iscrowd=7), "annotations whose 'iscrowd' is not 0 or 1 (ids): {id}"),
-    (lambda a: a.update(image_id=[1]), "annotations whose 'id', 'image_id' or 'category_id' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(area="big"), "annotations whose 'area' is not a number (ids): {id}"),
+        (
+            lambda a: a.update(segmentation={"size": [64, 64], "counts": "garbage!!"}),
+            "annotations whose 'segmentation' is neither polygons",
+        ),
+        (
+            lambda a: a.update(segmentation={"size": [64, 64], "counts": [10, 20]}),
+            "annotations whose 'segmentation' is neither polygons",
+        ),  # runs that do not cover the image
+        (lambda a: a.update(iscrowd=7), "annotations whose 'iscrowd' is not 0 or 1 (ids): {id}"),
+        (lambda a: a.update(image_id=[1]), "annotations whose 'id', 'image_id' or 'category_id' is not an integer"),
+    ],
+)
 def test_a_bad_annotation_field_is_refused_when_the_file_is_read_naming_the_id(tmp_path, figures, change, message):
     images, data = figures
     data = copy.deepcopy(data)
@@ -48,8 +56,10 @@ def test_keypoints_of_48_values_instead_of_51_are_refused_before_training(tmp_pa
     data = copy.deepcopy(data)
     data["annotations"][0]["keypoints"] = data["annotations"][0]["keypoints"][:48]
     path = _write(tmp_path, data)
-    with pytest.raises(CocoFormatError, match=f"annotations whose 'keypoints' are not 51 numbers .* \\(ids\\): "
-                                              f"{data['annotations'][0]['id']}"):
+    with pytest.raises(
+        CocoFormatError,
+        match=f"annotations whose 'keypoints' are not 51 numbers .* \\(ids\\): {data['annotations'][0]['id']}",
+    ):
         CocoDetection(images, path, keypoints=True, train=True)  # (before: a reshape error mid-epoch)
 
 
@@ -61,6 +71,8 @@ def test_an_image_entry_that_is_not_an_image_is_one_error_naming_file_and_id(tmp
     first = data["images"][0]
     (tmp_path / "img" / first["file_name"]).write_text("not a picture")
     dataset = CocoDetection(tmp_path / "img", _write(tmp_path, data), keypoints=True)
-    with pytest.raises(ValueError, match=f"image '{first['file_name']}' \\(id {first['id']}\\) in {tmp_path / 'img'} "
-                                         f"is not a readable image"):
+    with pytest.raises(
+        ValueError,
+        match=f"image '{first['file_name']}' \\(id {first['id']}\\) in {tmp_path / 'img'} is not a readable image",
+    ):
         dataset[dataset.ids.index(first["id"])]

@@ -1,5 +1,6 @@
 """The cost estimate: the simulated allocator's counts by hand, the estimate against the measured peak of real
 steps (CPU resident set in a child process; torch.cuda's peak allocation on a GPU), the command line."""
+
 from __future__ import annotations
 
 import json
@@ -111,8 +112,24 @@ def test_bad_options_are_refused_with_their_value():
 
 def test_cost_command_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "cost.json"
-    assert cli_main(["cost", "nl_c2d_tiny", "--clip", "8x32x32", "--batch", "2", "--train", "--impl", "chunked",
-                     "--json", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "cost",
+                "nl_c2d_tiny",
+                "--clip",
+                "8x32x32",
+                "--batch",
+                "2",
+                "--train",
+                "--impl",
+                "chunked",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "res3.nl0" in text and "chunked" in text
     data = json.loads(out.read_text())
@@ -139,22 +156,40 @@ def test_zoo_rows_give_each_model_its_own_clip():
 MEASURED = {
     "tiny ResNet3d with NL": ("model", {"name": "nl_c2d_tiny"}, [8, 3, 8, 112, 112], True, None),
     "C2D R50 with NL, 8x112x112": ("model", {"name": "nl_c2d_r50_8x8"}, [1, 3, 8, 112, 112], True, None),
-    "C2D R50 with NL, 8x112x112, inference": ("model", {"name": "nl_c2d_r50_8x8"}, [2, 3, 8, 112, 112], False,
-                                              None),
+    "C2D R50 with NL, 8x112x112, inference": ("model", {"name": "nl_c2d_r50_8x8"}, [2, 3, 8, 112, 112], False, None),
     "block dense": ("block", {"mode": "embedded_gaussian", "impl": "dense"}, [2, 256, 8, 28, 28], True, None),
     "block sdpa": ("block", {"mode": "embedded_gaussian", "impl": "sdpa"}, [2, 256, 8, 28, 28], True, None),
     "block chunked": ("block", {"mode": "embedded_gaussian", "impl": "chunked"}, [2, 256, 8, 28, 28], True, None),
     "block gaussian chunked": ("block", {"mode": "gaussian", "impl": "chunked"}, [2, 256, 8, 28, 28], True, None),
-    "block dot product linear": ("block", {"mode": "dot_product", "impl": "linear"}, [2, 256, 8, 28, 28], True,
-                                 None),
-    "block concatenation sorted": ("block", {"mode": "concatenation", "impl": "sorted"}, [2, 256, 8, 28, 28],
-                                   True, None),
-    "block sdpa 16x14x14, no subsampling": ("block", {"mode": "embedded_gaussian", "impl": "sdpa", "subsample": None},
-                                           [4, 512, 16, 14, 14], True, None),
-    "block sdpa, bf16 autocast": ("block", {"mode": "embedded_gaussian", "impl": "sdpa"}, [2, 256, 8, 28, 28], True,
-                                  "bf16"),
-    "block dense, bf16 autocast": ("block", {"mode": "embedded_gaussian", "impl": "dense"}, [2, 256, 8, 28, 28],
-                                   True, "bf16"),
+    "block dot product linear": ("block", {"mode": "dot_product", "impl": "linear"}, [2, 256, 8, 28, 28], True, None),
+    "block concatenation sorted": (
+        "block",
+        {"mode": "concatenation", "impl": "sorted"},
+        [2, 256, 8, 28, 28],
+        True,
+        None,
+    ),
+    "block sdpa 16x14x14, no subsampling": (
+        "block",
+        {"mode": "embedded_gaussian", "impl": "sdpa", "subsample": None},
+        [4, 512, 16, 14, 14],
+        True,
+        None,
+    ),
+    "block sdpa, bf16 autocast": (
+        "block",
+        {"mode": "embedded_gaussian", "impl": "sdpa"},
+        [2, 256, 8, 28, 28],
+        True,
+        "bf16",
+    ),
+    "block dense, bf16 autocast": (
+        "block",
+        {"mode": "embedded_gaussian", "impl": "dense"},
+        [2, 256, 8, 28, 28],
+        True,
+        "bf16",
+    ),
 }
 
 
@@ -162,8 +197,9 @@ def _build(kind: str, options: dict, shape: list[int]) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "model":
         return create_model(options["name"])
-    block = NonLocalBlock(shape[1], subsample=options.get("subsample", (1, 2, 2)), mode=options["mode"],
-                          impl=options["impl"])
+    block = NonLocalBlock(
+        shape[1], subsample=options.get("subsample", (1, 2, 2)), mode=options["mode"], impl=options["impl"]
+    )
     with torch.no_grad():
         block.norm.weight.fill_(1.0)  # a live block: gradients reach every path
     return BlockAsModel(block)
@@ -195,7 +231,7 @@ def measure_peaks(spec: dict) -> dict:
         model = _build(kind, options, shape)
         x = torch.randn(*shape)
         _step(model, x, train, amp)  # warm-up: kernels and allocator in place
-        out[label] = peak_rss_rise_mb(lambda: _step(model, x, train, amp)) * 2**20
+        out[label] = peak_rss_rise_mb(lambda m=model, x=x: _step(m, x, train, amp)) * 2**20
         del model, x
     return out
 
@@ -212,8 +248,9 @@ def test_estimated_peak_matches_the_measured_resident_set_on_cpu():
     from benchmarks._common import MALLOC_ENV, run_child
 
     labels = list(MEASURED)
-    measured = run_child("tests.test_cost:measure_peaks", {"cases": labels}, timeout=900,
-                         env={**MALLOC_ENV, "OMP_NUM_THREADS": "1"})
+    measured = run_child(
+        "tests.test_cost:measure_peaks", {"cases": labels}, timeout=900, env={**MALLOC_ENV, "OMP_NUM_THREADS": "1"}
+    )
     assert "status" not in measured, measured
     ratios = {label: measured[label] / _estimated(label) for label in labels}
     print("\n".join(f"{label}: measured / estimated = {r:.3f}" for label, r in ratios.items()))
@@ -222,8 +259,17 @@ def test_estimated_peak_matches_the_measured_resident_set_on_cpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("label", ["C2D R50 with NL, 8x112x112", "C2D R50 with NL, 8x112x112, inference",
-                                   "block dense", "block sdpa", "block chunked", "block sdpa, bf16 autocast"])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "C2D R50 with NL, 8x112x112",
+        "C2D R50 with NL, 8x112x112, inference",
+        "block dense",
+        "block sdpa",
+        "block chunked",
+        "block sdpa, bf16 autocast",
+    ],
+)
 def test_estimated_peak_matches_cuda_max_memory_allocated(label):
     kind, options, shape, train, amp = MEASURED[label]
     model = _build(kind, options, shape).cuda()

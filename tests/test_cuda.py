@@ -4,6 +4,7 @@ kernel runs, a mixed-precision training run, and two-process nccl training.
 Marked ``cuda`` and skipped where torch sees no CUDA device; ``bash benchmarks/gpu.sh`` runs them on a GPU machine
 (``-m cuda``). The two-process test also needs two devices.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,7 @@ from nonlocalnet.layers import IMPLS_BY_MODE, MODES
 
 from .helpers import make_active
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 PATHS = [(m, i) for m in MODES for i in IMPLS_BY_MODE[m] if i != "dense"]
@@ -153,9 +153,19 @@ def test_a_mixed_precision_run_trains_on_cuda(tmp_path, amp, caplog):
 
     def losses(amp: str) -> list[float]:
         out = tmp_path / amp
-        cfg = load_config("configs/synthetic/nl_c2d_tiny.yaml",
-                          ["progress=false", "train.iterations=12", "train.log_every=1", f"train.amp={amp}",
-                           "device=cuda", "data.train_size=64", "data.test_size=16", f"output_dir={out}"])
+        cfg = load_config(
+            "configs/synthetic/nl_c2d_tiny.yaml",
+            [
+                "progress=false",
+                "train.iterations=12",
+                "train.log_every=1",
+                f"train.amp={amp}",
+                "device=cuda",
+                "data.train_size=64",
+                "data.test_size=16",
+                f"output_dir={out}",
+            ],
+        )
         train(cfg)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in records if r["split"] == "train"]
@@ -177,9 +187,24 @@ def test_torchrun_two_gpus_train_with_nccl_and_agree(tmp_path):
     runner = Path(__file__).with_name("_fault_runner.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLOCALNET_DUMP_FINAL": str(tmp_path)}
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
-           "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml", "--no-progress", "train.iterations=4",
-           "device=auto", "data.train_size=64", "data.test_size=32", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(runner),
+        "train",
+        "--config",
+        "configs/synthetic/nl_c2d_tiny.yaml",
+        "--no-progress",
+        "train.iterations=4",
+        "device=auto",
+        "data.train_size=64",
+        "data.test_size=32",
+        f"output_dir={out}",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "test_metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Non-local blocks in torchvision's Mask R-CNN / Keypoint R-CNN, the COCO data reader, COCOeval, training glue."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,15 @@ from torch import nn
 from torchvision.models import get_model, resnet18, resnet34, resnet50, resnet101
 
 from nonlocalnet.detection import builders
-from nonlocalnet.detection.builders import NonLocalOptions, build_detector, keypointrcnn, maskrcnn, \
-    resnet_fpn_backbone
+from nonlocalnet.detection.builders import NonLocalOptions, build_detector, keypointrcnn, maskrcnn, resnet_fpn_backbone
 from nonlocalnet.detection.config import complete_config, load_config
-from nonlocalnet.io import packaged_configs
-from nonlocalnet.detection.data import COCO_KEYPOINT_NAMES, CocoDetection, RandomHorizontalFlip, collate, \
-    make_builtin_coco
+from nonlocalnet.detection.data import (
+    COCO_KEYPOINT_NAMES,
+    CocoDetection,
+    RandomHorizontalFlip,
+    collate,
+    make_builtin_coco,
+)
 from nonlocalnet.detection.evaluate import coco_evaluate, gather_results, to_coco_results
 from nonlocalnet.detection.nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
 from nonlocalnet.detection.nonlocal_resnet import add_resnet_nonlocal as add_nonlocal
@@ -30,16 +34,28 @@ from nonlocalnet.detection.train import test as train_test
 from nonlocalnet.detection.train import train as train_detector
 from nonlocalnet.engine.checkpoint import write_checkpoint
 from nonlocalnet.engine.config import ConfigError
+from nonlocalnet.io import packaged_configs
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
 from nonlocalnet.models.placements import before_last_block
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A CPU-sized detector: resnet_tiny, narrow FPN and heads, 128-pixel images, few proposals.
-TINY = dict(arch="resnet_tiny", fpn_channels=32, representation_size=64, min_size=128, max_size=128,
-            anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
-            rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=32,
-            box_batch_size_per_image=32, trainable_layers=5)
+TINY = dict(
+    arch="resnet_tiny",
+    fpn_channels=32,
+    representation_size=64,
+    min_size=128,
+    max_size=128,
+    anchor_sizes=(16, 32, 64, 128, 256),
+    rpn_pre_nms_top_n_train=100,
+    rpn_post_nms_top_n_train=50,
+    rpn_pre_nms_top_n_test=100,
+    rpn_post_nms_top_n_test=50,
+    rpn_batch_size_per_image=32,
+    box_batch_size_per_image=32,
+    trainable_layers=5,
+)
 
 
 def _randomise_bn_stats(model: nn.Module, seed: int = 0) -> None:
@@ -69,6 +85,7 @@ def figures_data(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------
 # NL blocks in a ResNet
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_paper_placement_is_before_the_last_block_of_res4():
     assert stage_depths(resnet50()) == (3, 4, 6, 3) and stage_depths(resnet101()) == (3, 4, 23, 3)
@@ -147,8 +164,9 @@ def test_backbone_weights_file_loads_into_the_frozen_bn_nl_backbone(tmp_path):
 def test_any_torchvision_resnet_takes_the_insertion_and_starts_as_the_plain_network(arch):
     plain = get_model(arch, weights=None)
     _randomise_bn_stats(plain, seed=2)
-    nl = add_nonlocal(get_model(arch, weights=None), before_last_block(stage_depths(plain), "res4"),
-                      mode="dot_product", norm="batch")
+    nl = add_nonlocal(
+        get_model(arch, weights=None), before_last_block(stage_depths(plain), "res4"), mode="dot_product", norm="batch"
+    )
     assert set(find_nonlocal_blocks(nl)) == {"layer3.nl4"} and nl.layer3.nl4.in_channels == 1024
     load_resnet_state_dict(nl, plain.state_dict())
     plain.eval(), nl.eval()
@@ -164,8 +182,15 @@ def test_every_backbone_arch_builds_with_nl_right_before_the_last_block_of_res4(
     depth = len([n for n in backbone.body.layer3._modules if not n.startswith("nl")])
     assert list(find_nonlocal_blocks(backbone.body)) == [f"layer3.nl{depth - 2}"]
     assert list(backbone.body.layer3._modules)[-2:] == [f"nl{depth - 2}", str(depth - 1)]
-    expected_depth = {"resnet101": 23, "resnet152": 36, "resnext101_32x8d": 23, "resnext101_64x4d": 23,
-                      "wide_resnet101_2": 23, "resnet18": 2, "resnet_tiny": 2}.get(arch, 6)
+    expected_depth = {
+        "resnet101": 23,
+        "resnet152": 36,
+        "resnext101_32x8d": 23,
+        "resnext101_64x4d": 23,
+        "wide_resnet101_2": 23,
+        "resnet18": 2,
+        "resnet_tiny": 2,
+    }.get(arch, 6)
     assert depth == expected_depth
 
 
@@ -186,14 +211,36 @@ def test_nl_blocks_train_even_in_frozen_stages():
 # NL blocks in the keypoint head
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_keypoint_head_has_nl_after_every_two_convs_and_starts_as_the_plain_head():
     head = keypoint_head(16, channels=8, num_convs=8, nonlocal_after=PAPER_KEYPOINT_HEAD_NONLOCAL)
     names = [n for n, _ in head.named_children()]
-    assert names == ["0", "1", "2", "3", "nl1", "4", "5", "6", "7", "nl3", "8", "9", "10", "11", "nl5",
-                     "12", "13", "14", "15", "nl7"]
+    assert names == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "nl1",
+        "4",
+        "5",
+        "6",
+        "7",
+        "nl3",
+        "8",
+        "9",
+        "10",
+        "11",
+        "nl5",
+        "12",
+        "13",
+        "14",
+        "15",
+        "nl7",
+    ]
     plain = keypoint_head(16, channels=8, num_convs=8)
-    assert plain.load_state_dict(head.state_dict(), strict=False).unexpected_keys == \
-        [k for k in head.state_dict() if k.startswith("nl")]
+    assert plain.load_state_dict(head.state_dict(), strict=False).unexpected_keys == [
+        k for k in head.state_dict() if k.startswith("nl")
+    ]
     x = torch.randn(3, 16, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(head(x), plain(x))
@@ -202,6 +249,7 @@ def test_keypoint_head_has_nl_after_every_two_convs_and_starts_as_the_plain_head
 # ----------------------------------------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_paper_detectors_carry_nl_blocks_where_the_paper_puts_them():
     mask = maskrcnn(arch="resnet50")
@@ -212,7 +260,8 @@ def test_paper_detectors_carry_nl_blocks_where_the_paper_puts_them():
     assert extra == 2_101_760 - 2 * 1024  # norm None: no BN weight / bias
     kp = keypointrcnn(arch="resnet101")
     assert set(find_nonlocal_blocks(kp)) == {"backbone.body.layer3.nl21"} | {
-        f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)}
+        f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)
+    }
     assert all(b.in_channels == 512 for n, b in find_nonlocal_blocks(kp).items() if "keypoint_head" in n)
 
 
@@ -228,9 +277,18 @@ def test_build_detector_names_unknown_options():
 
 
 def test_build_detector_reads_placements_and_options_from_plain_data():
-    model = build_detector({"task": "keypoint", **TINY, "backbone_nonlocal": {"res4": [0, 1]},
-                            "head_nonlocal": [0], "keypoint_head_channels": 16,
-                            "nonlocal": {"mode": "dot_product", "norm": "batch"}}, num_classes=2, num_keypoints=5)
+    model = build_detector(
+        {
+            "task": "keypoint",
+            **TINY,
+            "backbone_nonlocal": {"res4": [0, 1]},
+            "head_nonlocal": [0],
+            "keypoint_head_channels": 16,
+            "nonlocal": {"mode": "dot_product", "norm": "batch"},
+        },
+        num_classes=2,
+        num_keypoints=5,
+    )
     blocks = find_nonlocal_blocks(model)
     assert set(blocks) == {"backbone.body.layer3.nl0", "backbone.body.layer3.nl1", "roi_heads.keypoint_head.nl0"}
     assert all(b.mode == "dot_product" and b.norm_type == "batch" for b in blocks.values())
@@ -240,9 +298,13 @@ def test_build_detector_reads_placements_and_options_from_plain_data():
 @pytest.mark.parametrize("norm", [None, "batch"])
 def test_every_parameter_of_the_nl_detector_gets_a_gradient(shapes_data, norm):
     dataset = CocoDetection(*shapes_data, train=True)
-    model = maskrcnn(num_classes=dataset.num_classes, mask_head_channels=16,
-                     backbone_nonlocal={"layer2": (0,), "layer3": (0, 1)},
-                     nonlocal_options=NonLocalOptions(norm=norm), **TINY)
+    model = maskrcnn(
+        num_classes=dataset.num_classes,
+        mask_head_channels=16,
+        backbone_nonlocal={"layer2": (0,), "layer3": (0, 1)},
+        nonlocal_options=NonLocalOptions(norm=norm),
+        **TINY,
+    )
     # move the NL blocks off the identity so that θ, φ, g see a gradient that is not exactly zero
     with torch.no_grad():
         for block in find_nonlocal_blocks(model).values():
@@ -265,6 +327,7 @@ def test_every_parameter_of_the_nl_detector_gets_a_gradient(shapes_data, norm):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_builtin_shapes_are_real_coco_files_read_back_by_pycocotools(shapes_data, tmp_path):
     images, ann = shapes_data
@@ -331,15 +394,33 @@ def test_reader_maps_category_ids_to_contiguous_labels_and_drops_crowds(tmp_path
     images = tmp_path / "img"
     images.mkdir()
     from PIL import Image
+
     Image.new("RGB", (40, 30)).save(images / "a.png")
     seg = [[2, 2, 12, 2, 12, 12, 2, 12]]
-    ann = {"images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}],
-           "categories": [{"id": 90, "name": "z"}, {"id": 5, "name": "y"}],
-           "annotations": [
-               {"id": 1, "image_id": 7, "category_id": 90, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0,
-                "segmentation": seg},
-               {"id": 2, "image_id": 7, "category_id": 5, "bbox": [20, 5, 10, 20], "area": 200, "iscrowd": 1,
-                "segmentation": seg}]}
+    ann = {
+        "images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30}],
+        "categories": [{"id": 90, "name": "z"}, {"id": 5, "name": "y"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 90,
+                "bbox": [2, 2, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+                "segmentation": seg,
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 5,
+                "bbox": [20, 5, 10, 20],
+                "area": 200,
+                "iscrowd": 1,
+                "segmentation": seg,
+            },
+        ],
+    }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(ann))
     dataset = CocoDetection(images, path)
@@ -355,6 +436,7 @@ def test_reader_maps_category_ids_to_contiguous_labels_and_drops_crowds(tmp_path
 # ----------------------------------------------------------------------------------------------------------
 # COCOeval on hand-made cases
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _square_mask(x0, y0, x1, y1, h=64, w=64):
     m = np.zeros((h, w), dtype=np.uint8)
@@ -373,13 +455,24 @@ def hand_gt(tmp_path):
         rle = mask_utils.encode(np.asfortranarray(_square_mask(x0, y0, x1, y1)))
         kp = np.stack([rng.uniform(x0, x1, 17), rng.uniform(y0, y1, 17), np.full(17, 2)], 1)
         keypoints.append(kp)
-        anns.append({"id": i + 1, "image_id": 1, "category_id": 3, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                     "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0, "num_keypoints": 17,
-                     "keypoints": kp.flatten().tolist(),
-                     "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()}})
-    data = {"images": [{"id": 1, "file_name": "x.png", "width": 64, "height": 64}],
-            "categories": [{"id": 3, "name": "thing", "keypoints": list(COCO_KEYPOINT_NAMES)}],
-            "annotations": anns}
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": float((x1 - x0) * (y1 - y0)),
+                "iscrowd": 0,
+                "num_keypoints": 17,
+                "keypoints": kp.flatten().tolist(),
+                "segmentation": {"size": [64, 64], "counts": rle["counts"].decode()},
+            }
+        )
+    data = {
+        "images": [{"id": 1, "file_name": "x.png", "width": 64, "height": 64}],
+        "categories": [{"id": 3, "name": "thing", "keypoints": list(COCO_KEYPOINT_NAMES)}],
+        "annotations": anns,
+    }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(data))
     coco = COCO(str(path))
@@ -387,9 +480,12 @@ def hand_gt(tmp_path):
 
 
 def _outputs(boxes, scores, keypoints=None):
-    out = {"boxes": torch.tensor(boxes, dtype=torch.float32),
-           "scores": torch.tensor(scores), "labels": torch.ones(len(boxes), dtype=torch.int64),
-           "masks": torch.stack([torch.from_numpy(_square_mask(*b)).float()[None] for b in boxes])}
+    out = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "scores": torch.tensor(scores),
+        "labels": torch.ones(len(boxes), dtype=torch.int64),
+        "masks": torch.stack([torch.from_numpy(_square_mask(*b)).float()[None] for b in boxes]),
+    }
     if keypoints is not None:
         out["keypoints"] = torch.tensor(np.stack(keypoints), dtype=torch.float32)
     return out
@@ -493,8 +589,7 @@ def test_cocoeval_with_no_detections_scores_zero(hand_gt):
 
 
 def test_coco_results_convert_boxes_and_labels_to_the_files_conventions():
-    out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]),
-           "labels": torch.tensor([2])}
+    out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([2])}
     results = to_coco_results([out], [42], [5, 90], ("bbox",))
     assert results["bbox"] == [{"image_id": 42, "category_id": 90, "score": 0.5, "bbox": [1.0, 2.0, 10.0, 20.0]}]
     with pytest.raises(ValueError, match="outside 1..2"):
@@ -510,6 +605,7 @@ def test_gather_results_without_processes_is_the_identity():
 # Configs and schedule
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_configs_in_the_repo_are_complete_and_build():
     names = sorted(p.stem for p in (packaged_configs() / "coco").glob("*.yaml"))
     assert {"maskrcnn_r50_fpn_nl_1x", "keypointrcnn_r101_fpn_nl_1x", "tiny_shapes", "tiny_figures"} <= set(names)
@@ -517,8 +613,10 @@ def test_configs_in_the_repo_are_complete_and_build():
     assert recipe["train"]["lr"] == 0.02 and recipe["train"]["lr_reference_batch"] == 16
     assert recipe["train"]["lr_steps"] == [8, 11] and recipe["train"]["epochs"] == 12
     assert recipe["model"]["arch"] == "resnet50" and recipe["model"]["backbone_nonlocal"] == "paper"
-    expected = {"tiny_shapes": {"backbone.body.layer3.nl0"},  # the paper's res4 placement, on resnet_tiny
-                "tiny_figures": {"backbone.body.layer3.nl0"} | {f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)}}
+    expected = {
+        "tiny_shapes": {"backbone.body.layer3.nl0"},  # the paper's res4 placement, on resnet_tiny
+        "tiny_figures": {"backbone.body.layer3.nl0"} | {f"roi_heads.keypoint_head.nl{i}" for i in (1, 3, 5, 7)},
+    }
     for name, blocks in expected.items():
         cfg = load_config(name)
         model = build_detector(cfg["model"], num_classes=4, num_keypoints=17)
@@ -526,8 +624,9 @@ def test_configs_in_the_repo_are_complete_and_build():
 
 
 def test_config_overrides_and_unknown_keys():
-    cfg = load_config("tiny_shapes", ["train.epochs=2", "model.backbone_nonlocal=null",
-                                      "model.nonlocal.mode=dot_product"])
+    cfg = load_config(
+        "tiny_shapes", ["train.epochs=2", "model.backbone_nonlocal=null", "model.nonlocal.mode=dot_product"]
+    )
     assert cfg["train"]["epochs"] == 2 and cfg["model"]["backbone_nonlocal"] is None
     assert cfg["model"]["nonlocal"]["mode"] == "dot_product"
     assert cfg["model"]["nonlocal"]["norm"] is None  # the file's other nonlocal option stays
@@ -541,52 +640,62 @@ def test_config_overrides_and_unknown_keys():
 
 
 def test_a_detection_config_extends_its_base_like_a_video_config(tmp_path):
-    (tmp_path / "mine.yaml").write_text(f"base: {packaged_configs() / 'coco' / 'tiny_shapes.yaml'}\n"
-                                        "model: {fpn_channels: 32}\ntrain: {epochs: 1}\n")
+    (tmp_path / "mine.yaml").write_text(
+        f"base: {packaged_configs() / 'coco' / 'tiny_shapes.yaml'}\nmodel: {{fpn_channels: 32}}\ntrain: {{epochs: 1}}\n"
+    )
     cfg = load_config(tmp_path / "mine.yaml", ["data.num_val=8"])
     shipped = load_config("tiny_shapes")
     assert cfg["model"] == {**shipped["model"], "fpn_channels": 32}
     assert cfg["train"] == {**shipped["train"], "epochs": 1} and cfg["data"] == {**shipped["data"], "num_val": 8}
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.epoch=2", "unknown config key 'train.epoch'"),
-    ("trian.epochs=2", "'trian' is not a config section"),
-    ("train.epochs=two", "train.epochs must be an integer; got 'two'"),
-    ("train.epochs=0", "train.epochs must be at least 1"),
-    ("train.lr=-0.1", "train.lr must not be negative"),
-    ("train.hflip=1.5", "train.hflip must be at least 0 and at most 1; got 1.5"),
-    ("train.lr_steps=[11, 8]", "train.lr_steps must be increasing"),
-    ("train.amp=maybe", "train.amp must be false, bf16, fp16 or true"),
-    ("data.builtin=circles", "data.builtin must be one of shapes, figures or null"),
-    ("data.builtin=null", "data needs either 'builtin' or val_images"),
-    ("model.task=segment", "model.task must be one of mask, keypoint; got 'segment'"),
-    ("train=3", "config section 'train' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epoch=2", "unknown config key 'train.epoch'"),
+        ("trian.epochs=2", "'trian' is not a config section"),
+        ("train.epochs=two", "train.epochs must be an integer; got 'two'"),
+        ("train.epochs=0", "train.epochs must be at least 1"),
+        ("train.lr=-0.1", "train.lr must not be negative"),
+        ("train.hflip=1.5", "train.hflip must be at least 0 and at most 1; got 1.5"),
+        ("train.lr_steps=[11, 8]", "train.lr_steps must be increasing"),
+        ("train.amp=maybe", "train.amp must be false, bf16, fp16 or true"),
+        ("data.builtin=circles", "data.builtin must be one of shapes, figures or null"),
+        ("data.builtin=null", "data needs either 'builtin' or val_images"),
+        ("model.task=segment", "model.task must be one of mask, keypoint; got 'segment'"),
+        ("train=3", "config section 'train' must be a mapping"),
+    ],
+)
 def test_a_bad_detection_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny_shapes", [override])
 
 
 def test_nl_blocks_of_a_detector_keep_the_input_layout_without_hooks():
-    model = build_detector({"task": "keypoint", **TINY, "head_nonlocal": [1], "keypoint_head_channels": 16,
-                            "nonlocal": {"norm": "batch"}}, num_classes=2, num_keypoints=5)
+    model = build_detector(
+        {"task": "keypoint", **TINY, "head_nonlocal": [1], "keypoint_head_channels": 16, "nonlocal": {"norm": "batch"}},
+        num_classes=2,
+        num_keypoints=5,
+    )
     blocks = find_nonlocal_blocks(model)
     assert len(blocks) == 2 and not any(b._forward_hooks or b._forward_pre_hooks for b in blocks.values())
     block = blocks["roi_heads.keypoint_head.nl1"].eval()
     x = torch.randn(2, 16, 14, 14)
     with torch.no_grad():
         assert block(x).is_contiguous()  # what the keypoint loss's .view needs
-        assert block(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
-            memory_format=torch.channels_last)
+        assert block(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_lr_schedule_warms_up_then_steps_at_the_given_epochs():
     from nonlocalnet.detection.train import Detection
     from nonlocalnet.engine.loop import RunContext
 
-    task = Detection(RunContext(load_config("tiny_shapes", ["train.lr_steps=[8,11]", "train.warmup_iters=5",
-                                                            "train.warmup_factor=0.001"]), torch.device("cpu")))
+    task = Detection(
+        RunContext(
+            load_config("tiny_shapes", ["train.lr_steps=[8,11]", "train.warmup_iters=5", "train.warmup_factor=0.001"]),
+            torch.device("cpu"),
+        )
+    )
     task.lr, task.iterations_per_epoch = 1.0, 10
     settings = task.settings()
     assert settings.lr_at(0) == pytest.approx(0.001)
@@ -615,14 +724,25 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 # Training a few steps
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _tiny_config(builtin, task, output_dir=None, **model):
-    return complete_config({
-        "output_dir": str(output_dir), "device": "cpu", "progress": False,
-        "model": {"task": task, **TINY, **model},
-        "data": {"builtin": builtin, "num_train": 8, "num_val": 4, "image_size": 128},
-        "train": {"epochs": 1, "batch_size": 2, "lr": 0.02, "lr_reference_batch": 2, "warmup_iters": 2,
-                  "workers": 0},
-    })
+    return complete_config(
+        {
+            "output_dir": str(output_dir),
+            "device": "cpu",
+            "progress": False,
+            "model": {"task": task, **TINY, **model},
+            "data": {"builtin": builtin, "num_train": 8, "num_val": 4, "image_size": 128},
+            "train": {
+                "epochs": 1,
+                "batch_size": 2,
+                "lr": 0.02,
+                "lr_reference_batch": 2,
+                "warmup_iters": 2,
+                "workers": 0,
+            },
+        }
+    )
 
 
 def test_tiny_maskrcnn_trains_a_few_steps_evaluates_and_reloads(tmp_path):
@@ -683,20 +803,45 @@ def _run(cmd, cwd):
 def test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_test(tmp_path):
     out = tmp_path / "run"
     cmd = _command("detect-train") + [
-        "--config", "tiny_figures", f"output_dir={out}", "device=cpu", "train.batch_size=2",
-        "train.max_iters_per_epoch=3", "train.epochs=1", "data.num_train=8", "data.num_val=4", "--no-progress",
-        "train.log_every=1"]
+        "--config",
+        "tiny_figures",
+        f"output_dir={out}",
+        "device=cpu",
+        "train.batch_size=2",
+        "train.max_iters_per_epoch=3",
+        "train.epochs=1",
+        "data.num_train=8",
+        "data.num_val=4",
+        "--no-progress",
+        "train.log_every=1",
+    ]
     trained = _run(cmd, tmp_path)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert "IoU metric: keypoints" in trained.stdout
     # the log line of every iteration, printed without progress bars
     lines = [line for line in trained.stdout.splitlines() if line.startswith("iteration ")]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and " images/s " in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "model_final.safetensors", "run.json", "tensorboard",
-                                                     "test_metrics.json"]
-    done = _run(_command("detect-test") + ["--checkpoint", str(out / "model_final.safetensors"),
-                                           "--results", str(tmp_path / "results.json"), "--no-progress"], tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "model_final.safetensors",
+        "run.json",
+        "tensorboard",
+        "test_metrics.json",
+    ]
+    done = _run(
+        _command("detect-test")
+        + [
+            "--checkpoint",
+            str(out / "model_final.safetensors"),
+            "--results",
+            str(tmp_path / "results.json"),
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "evaluate:" not in done.stderr  # no progress bar
     assert "keypoint AP" in done.stdout and "IoU metric: keypoints" in done.stdout
@@ -717,8 +862,16 @@ def test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_te
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the first run's final test stays where it was; the longer run's comes at its own end
-    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (3, "test"),
-                                                       (4, "train"), (5, "train"), (6, "train"), (6, "test")]
+    assert [(r["step"], r["split"]) for r in rows] == [
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+        (3, "test"),
+        (4, "train"),
+        (5, "train"),
+        (6, "train"),
+        (6, "test"),
+    ]
 
 
 @pytest.mark.slow
@@ -726,10 +879,28 @@ def test_cli_detect_train_and_detect_test_follow_the_conventions_of_train_and_te
 def test_detect_train_runs_under_torchrun_with_gloo(tmp_path):
     out = tmp_path / "run"
     module = _command("detect-train")[1:]  # ["-m", module, (command)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *module,
-           "--config", "tiny_shapes", f"output_dir={out}", "device=cpu", "train.max_iters_per_epoch=2",
-           "train.epochs=1", "data.num_train=8", "data.num_val=5", "train.batch_size=2", "model.min_size=96",
-           "model.max_size=96", "train.log_every=1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *module,
+        "--config",
+        "tiny_shapes",
+        f"output_dir={out}",
+        "device=cpu",
+        "train.max_iters_per_epoch=2",
+        "train.epochs=1",
+        "data.num_train=8",
+        "data.num_val=5",
+        "train.batch_size=2",
+        "model.min_size=96",
+        "model.max_size=96",
+        "train.log_every=1",
+        "--no-progress",
+    ]
     done = _run(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
@@ -745,9 +916,19 @@ def test_detect_train_runs_under_torchrun_with_gloo(tmp_path):
 def test_tiny_maskrcnn_learns_the_builtin_shapes_well_above_chance(tmp_path):
     # After 20 steps the detector scores box AP50 < 1% (chance); after these 256 steps (the first two epochs of
     # the tiny_shapes recipe) it scored 35-45% box AP50 on this machine. The threshold leaves room for other CPUs.
-    config = load_config("tiny_shapes", ["data.num_train=512", "data.num_val=32", "train.epochs=2",
-                                         "train.lr_steps=[]", "train.eval_every=2", "device=cpu", "progress=false",
-                                         f"output_dir={tmp_path}"])
+    config = load_config(
+        "tiny_shapes",
+        [
+            "data.num_train=512",
+            "data.num_val=32",
+            "train.epochs=2",
+            "train.lr_steps=[]",
+            "train.eval_every=2",
+            "device=cpu",
+            "progress=false",
+            f"output_dir={tmp_path}",
+        ],
+    )
     summary = train_detector(config)
     assert summary["bbox"]["AP50"] > 0.10, summary
     assert summary["segm"]["AP50"] > 0.10, summary
@@ -759,21 +940,38 @@ def test_tiny_maskrcnn_learns_the_builtin_shapes_well_above_chance(tmp_path):
 # batch past a cut epoch, its flips from the global random stream, and threw it away) and one evaluation, at the end
 # (the epoch loop's evaluations drew their DataLoader seed from that stream too, shifting the epochs after them).
 PINNED_EPOCH_LOSSES = [
-    {"loss": 3.438516060511271, "loss_box_reg": 0.26259145389000577, "loss_classifier": 1.4121887683868408,
-     "loss_mask": 1.0284020900726318, "loss_objectness": 0.690585732460022, "loss_rpn_box_reg": 0.044747972240050636},
-    {"loss": 2.559441010157267, "loss_box_reg": 0.41054131587346393, "loss_classifier": 0.7098185618718466,
-     "loss_mask": 0.7121432224909464, "loss_objectness": 0.683847983678182, "loss_rpn_box_reg": 0.043089992056290306},
+    {
+        "loss": 3.438516060511271,
+        "loss_box_reg": 0.26259145389000577,
+        "loss_classifier": 1.4121887683868408,
+        "loss_mask": 1.0284020900726318,
+        "loss_objectness": 0.690585732460022,
+        "loss_rpn_box_reg": 0.044747972240050636,
+    },
+    {
+        "loss": 2.559441010157267,
+        "loss_box_reg": 0.41054131587346393,
+        "loss_classifier": 0.7098185618718466,
+        "loss_mask": 0.7121432224909464,
+        "loss_objectness": 0.683847983678182,
+        "loss_rpn_box_reg": 0.043089992056290306,
+    },
 ]
-PINNED_BOX = {"AP": 0.00019346762262433142, "AP50": 0.0009673381131216571, "AP75": 0.0,
-              "APs": 0.0002266893356002267, "AR10": 0.0, "AR100": 0.02222222222222222}
+PINNED_BOX = {
+    "AP": 0.00019346762262433142,
+    "AP50": 0.0009673381131216571,
+    "AP75": 0.0,
+    "APs": 0.0002266893356002267,
+    "AR10": 0.0,
+    "AR100": 0.02222222222222222,
+}
 PINNED_WEIGHT_SUM = 6638.296268314047
 
 
 def test_a_fixed_seed_tiny_detection_run_gives_its_pinned_losses_ap_and_weights(tmp_path):
     # the official init, as the blocks had when the run was pinned (init "auto" gives blocks without pretrained
     # weights around them PyTorch's init, which draws other random numbers)
-    config = _tiny_config("shapes", "mask", tmp_path, mask_head_channels=16,
-                          **{"nonlocal": {"init": "official"}})
+    config = _tiny_config("shapes", "mask", tmp_path, mask_head_channels=16, **{"nonlocal": {"init": "official"}})
     config["data"]["num_train"] = 6
     config["train"].update(epochs=2, eval_every=2, log_every=3)  # a log row per epoch, one evaluation at the end
     config["train"]["lr_steps"] = [1]  # warm-up over 2 iterations, then a step after epoch 0 (iteration 3)
@@ -788,14 +986,16 @@ def test_a_fixed_seed_tiny_detection_run_gives_its_pinned_losses_ap_and_weights(
     # equal to the last digit on torch 2.14 and 2.15 CPU; the margin is for other CPUs' kernels (a schedule, data
     # order or random-stream change moves it by 1e-3 of itself)
     assert sum(float(v.double().sum()) for v in weights.values() if v.is_floating_point()) == pytest.approx(
-        PINNED_WEIGHT_SUM, rel=1e-6)
+        PINNED_WEIGHT_SUM, rel=1e-6
+    )
 
 
 def test_blocks_inserted_into_a_pretrained_backbone_get_the_official_init_and_from_scratch_pytorchs(tmp_path):
     torch.save(resnet18().state_dict(), tmp_path / "resnet18.pth")
-    pretrained = resnet_fpn_backbone("resnet18", backbone_nonlocal={"layer3": (0,)},
-                                     backbone_weights=tmp_path / "resnet18.pth")
+    pretrained = resnet_fpn_backbone(
+        "resnet18", backbone_nonlocal={"layer3": (0,)}, backbone_weights=tmp_path / "resnet18.pth"
+    )
     scratch = resnet_fpn_backbone("resnet18", backbone_nonlocal={"layer3": (0,)})
     # N(0, 0.01²) against PyTorch's conv init, U(±1/sqrt(256)) for the 256 input channels of layer3: std 0.036
     assert pretrained.body.layer3.nl0.theta.weight.std().item() == pytest.approx(0.01, rel=0.05)
-    assert scratch.body.layer3.nl0.theta.weight.std().item() == pytest.approx(256 ** -0.5 / 3 ** 0.5, rel=0.05)
+    assert scratch.body.layer3.nl0.theta.weight.std().item() == pytest.approx(256**-0.5 / 3**0.5, rel=0.05)

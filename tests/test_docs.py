@@ -14,6 +14,7 @@ An HTML comment on the line before a block changes that (the site does not show 
 - ``<!-- docs-test: needs NAME -->``: skipped with a reason while ``NAME`` (``nonlocalnet.x``, a dotted attribute,
   or ``command X``, a CLI command) does not exist.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"(?:<!--\s*docs-test:\s*(?P<marker>[^>]*?)\s*-->\s*\n)?^```(?P<lang>[\w-]*)\n(?P<code>.*?)^```",
-                   re.M | re.S)
+FENCE = re.compile(
+    r"(?:<!--\s*docs-test:\s*(?P<marker>[^>]*?)\s*-->\s*\n)?^```(?P<lang>[\w-]*)\n(?P<code>.*?)^```", re.M | re.S
+)
 
 
 @dataclass
@@ -51,8 +53,11 @@ class Block:
 
 def blocks_of(page: Path) -> list[Block]:
     text = page.read_text()
-    return [Block(page, text.count("\n", 0, m.start("code")) + 1, m["lang"], m["code"], (m["marker"] or "").strip())
-            for m in FENCE.finditer(text) if m["lang"] in ("python", "bash")]
+    return [
+        Block(page, text.count("\n", 0, m.start("code")) + 1, m["lang"], m["code"], (m["marker"] or "").strip())
+        for m in FENCE.finditer(text)
+        if m["lang"] in ("python", "bash")
+    ]
 
 
 def _gen_docs():
@@ -66,6 +71,7 @@ def _missing(need: str) -> str | None:
     """Why a ``needs`` marker's name does not exist here, or None where it does."""
     if need.startswith("command "):
         from nonlocalnet.cli import COMMANDS
+
         name = need.split(None, 1)[1]
         return None if name in COMMANDS else f"no command {name!r} yet"
     module, _, attribute = need.rpartition(".")
@@ -82,8 +88,11 @@ def _commands(code: str) -> list[str]:
 
 
 def _run_bash(block: Block, cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     for command in _commands(block.code):
         words = shlex.split(command, comments=True)
         while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
@@ -94,8 +103,10 @@ def _run_bash(block: Block, cwd: Path) -> None:
         elif words[:1] == ["python"]:
             argv = [sys.executable, *words[1:]]
         else:
-            pytest.fail(f"{block.where}: cannot run {command!r}; mark the block "
-                        "<!-- docs-test: skip (reason) --> or write it as ```text")
+            pytest.fail(
+                f"{block.where}: cannot run {command!r}; mark the block "
+                "<!-- docs-test: skip (reason) --> or write it as ```text"
+            )
         done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{block.where}: {command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
@@ -153,8 +164,10 @@ def test_a_block_that_cannot_run_is_refused_unless_marked(tmp_path, monkeypatch)
     page.write_text("```bash\nbash scripts/demo.sh\n```\n")
     with pytest.raises(pytest.fail.Exception, match="cannot run 'bash scripts/demo.sh'"):
         run_page(page, tmp_path, monkeypatch, slow=True)
-    page.write_text("<!-- docs-test: skip (runs for minutes) -->\n```bash\nbash scripts/demo.sh\n```\n"
-                    "```python\nx = 1\n```\n```text\nnot run\n```\n")
+    page.write_text(
+        "<!-- docs-test: skip (runs for minutes) -->\n```bash\nbash scripts/demo.sh\n```\n"
+        "```python\nx = 1\n```\n```text\nnot run\n```\n"
+    )
     assert run_page(page, tmp_path, monkeypatch, slow=True) == 1
 
 
@@ -169,14 +182,16 @@ def test_a_failing_block_fails_the_page_naming_its_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["cli.md", "benchmarks.md"])
 def test_generated_page_is_what_the_generator_gives_now(name):
     gen = _gen_docs()
-    assert (ROOT / "docs" / name).read_text() == gen.PAGES[name](), \
+    assert (ROOT / "docs" / name).read_text() == gen.PAGES[name](), (
         f"docs/{name} is stale: run python scripts/gen_docs.py {name}"
+    )
 
 
 @pytest.mark.slow  # counts every registered model's multiply-adds on fake tensors
 def test_the_zoo_page_is_what_the_generator_gives_now():
-    assert (ROOT / "docs" / "zoo.md").read_text() == _gen_docs().render_zoo(), \
+    assert (ROOT / "docs" / "zoo.md").read_text() == _gen_docs().render_zoo(), (
         "docs/zoo.md is stale: run python scripts/gen_docs.py zoo.md"
+    )
 
 
 def test_the_zoo_page_names_every_registered_model():
@@ -197,7 +212,8 @@ def test_a_benchmark_json_renders_as_one_table_with_its_facts(tmp_path):
     gen = _gen_docs()
     (tmp_path / "block.json").write_text(
         '{"command": "python -m benchmarks.block", "machine": "x86_64, 2 CPUs", "torch": "2.14.1", '
-        '"date": "2026-12-06", "rows": [{"shape": "res3", "path": "sdpa", "ms": 140.25, "mb": null}]}')
+        '"date": "2026-12-06", "rows": [{"shape": "res3", "path": "sdpa", "ms": 140.25, "mb": null}]}'
+    )
     page = gen.render_benchmarks(tmp_path)
     block = page.split("## block", 1)[1].split("## compare", 1)[0]
     assert "`command: python -m benchmarks.block`; machine: x86_64, 2 CPUs; torch: 2.14.1; date: 2026-12-06" in block
@@ -213,8 +229,13 @@ def _mkdocs() -> str | None:
 
 @pytest.mark.skipif(_mkdocs() is None, reason="mkdocs is not installed (pip install '.[docs]')")
 def test_the_site_builds_in_strict_mode(tmp_path):
-    done = subprocess.run([_mkdocs(), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [_mkdocs(), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "conventions" / "index.html").is_file()
 
@@ -241,12 +262,12 @@ def test_the_readme_is_a_portal():
 # --- docstrings and comments -------------------------------------------------------------------------------------
 # what a timing, a machine or a dated run looks like in prose
 PROVENANCE = re.compile(
-    r"\b\d+(?:\.\d+)?\s?(?:ms|µs|us)\b"           # durations
+    r"\b\d+(?:\.\d+)?\s?(?:ms|µs|us)\b"  # durations
     r"|\b\d+(?:\.\d+)?\s?(?:GFLOP/s|TFLOP/s|clips/s|items/s|it/s)"  # rates
     r"|\b\d+(?:\.\d+)?(?:x|×|%) (?:faster|slower)\b"  # speed-ups
-    r"|\bmeasured (?:here|on|at)\b"               # "measured here, ..."
+    r"|\bmeasured (?:here|on|at)\b"  # "measured here, ..."
     r"|\b(?:H100|H200|A100|V100|EPYC|Xeon|AVX-?512|AVX2)\b"  # machines and instruction sets
-    r"|\b20[2-3]\d-\d\d-\d\d\b"                   # dates
+    r"|\b20[2-3]\d-\d\d-\d\d\b"  # dates
 )
 
 
@@ -269,16 +290,33 @@ def _prose_of(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_pattern_finds_timings_machines_and_dates():
-    hits = ["6 against 14 ms here", "measured here, PyAV 18.1", "on an H200", "AVX-512 kernels", "since 2026-12-02",
-            "89 GFLOP/s", "11.7 against 16.0 ms", "4-6x faster forward", "1.5× slower"]
+    hits = [
+        "6 against 14 ms here",
+        "measured here, PyAV 18.1",
+        "on an H200",
+        "AVX-512 kernels",
+        "since 2026-12-02",
+        "89 GFLOP/s",
+        "11.7 against 16.0 ms",
+        "4-6x faster forward",
+        "1.5× slower",
+    ]
     assert all(PROVENANCE.search(text) for text in hits)
-    reasons = ["a chunk of 256 MB", "torch 2.4's compile tracer refuses it", "max-pool with kernel 2",
-               "O(N·C'²) memory", "mean time left"]
+    reasons = [
+        "a chunk of 256 MB",
+        "torch 2.4's compile tracer refuses it",
+        "max-pool with kernel 2",
+        "O(N·C'²) memory",
+        "mean time left",
+    ]
     assert not any(PROVENANCE.search(text) for text in reasons)
 
 
 def test_no_docstring_or_comment_of_the_package_quotes_a_timing_or_a_machine():
-    offenders = [f"{path.relative_to(ROOT)}:{line}: {PROVENANCE.search(text)[0]!r}"
-                 for path in sorted((ROOT / "nonlocalnet").rglob("*.py"))
-                 for line, text in _prose_of(path.read_text()) if PROVENANCE.search(text)]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {PROVENANCE.search(text)[0]!r}"
+        for path in sorted((ROOT / "nonlocalnet").rglob("*.py"))
+        for line, text in _prose_of(path.read_text())
+        if PROVENANCE.search(text)
+    ]
     assert not offenders, "figures belong on the benchmark pages, provenance in commits:\n" + "\n".join(offenders)

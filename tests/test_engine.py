@@ -1,4 +1,5 @@
 """Training / evaluation machinery: configs, schedule, optimiser groups, checkpoints, metrics, sampler, data."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,14 @@ from torch import nn
 
 from nonlocalnet.data import LongRangeShapes, ShardedSampler
 from nonlocalnet.data.synthetic import shape_mask
-from nonlocalnet.engine import ConfigError, build_model, evaluate, load_config
-from nonlocalnet.engine import metrics
-from nonlocalnet.engine.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                          save_checkpoint)
+from nonlocalnet.engine import ConfigError, build_model, evaluate, load_config, metrics
+from nonlocalnet.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from nonlocalnet.engine.optim import build_optimizer, parameter_groups, step_lr
 from nonlocalnet.engine.precise_bn import update_bn_stats
 
@@ -25,6 +30,7 @@ TINY = "configs/synthetic/nl_c2d_tiny.yaml"
 
 
 # --- configs ---------------------------------------------------------------------------------------------------
+
 
 def test_config_extends_its_base_and_takes_overrides():
     cfg = load_config(TINY, ["train.lr=0.02", "train.lr_steps=[5, 9]", "model.options.nonlocal_options.mode=gaussian"])
@@ -35,27 +41,30 @@ def test_config_extends_its_base_and_takes_overrides():
     assert cfg["train"]["momentum"] == 0.9  # from the defaults
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.lrr=1", "unknown config key 'train.lrr'"),
-    ("bogus=1", "unknown config key 'bogus'"),
-    ("train.lr", "key=value"),
-    ("data.type=imagenet", "data.type must be"),
-    ("train.batch_size=0", "train.batch_size must be at least 1; got 0"),
-    ("train.lr=abc", "train.lr must be a finite number; got 'abc'"),
-    ("train.lr=.inf", "train.lr must be a finite number; got inf"),
-    ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1; got 0"),
-    ("train.iterations=2.5", "train.iterations must be an integer; got 2.5"),
-    ("train.amp=yes please", "train.amp must be false, bf16, fp16 or true"),
-    ("train.amp=2", "train.amp must be false, bf16, fp16 or true"),
-    ("train.clip_grad_norm=-1", "train.clip_grad_norm must be a positive number or null; got -1"),
-    ("data.workers=-1", "data.workers must not be negative"),
-    ("data.train_scale=256", "data.train_scale must be a list; got 256"),
-    ("train.lr_steps=[a]", r"train.lr_steps\[0\] must be an integer; got 'a'"),
-    ("train=5", "config section 'train' must be a mapping of keys"),
-    ("train.lr_steps=[9, 5]", "increasing"),
-    ("data.type=kinetics", "needs data.root"),
-    ("data.decoder=ffmpeg", "data.decoder must be one of pyav, torchcodec; got 'ffmpeg'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.lr", "key=value"),
+        ("data.type=imagenet", "data.type must be"),
+        ("train.batch_size=0", "train.batch_size must be at least 1; got 0"),
+        ("train.lr=abc", "train.lr must be a finite number; got 'abc'"),
+        ("train.lr=.inf", "train.lr must be a finite number; got inf"),
+        ("train.checkpoint_every=0", "train.checkpoint_every must be at least 1; got 0"),
+        ("train.iterations=2.5", "train.iterations must be an integer; got 2.5"),
+        ("train.amp=yes please", "train.amp must be false, bf16, fp16 or true"),
+        ("train.amp=2", "train.amp must be false, bf16, fp16 or true"),
+        ("train.clip_grad_norm=-1", "train.clip_grad_norm must be a positive number or null; got -1"),
+        ("data.workers=-1", "data.workers must not be negative"),
+        ("data.train_scale=256", "data.train_scale must be a list; got 256"),
+        ("train.lr_steps=[a]", r"train.lr_steps\[0\] must be an integer; got 'a'"),
+        ("train=5", "config section 'train' must be a mapping of keys"),
+        ("train.lr_steps=[9, 5]", "increasing"),
+        ("data.type=kinetics", "needs data.root"),
+        ("data.decoder=ffmpeg", "data.decoder must be one of pyav, torchcodec; got 'ffmpeg'"),
+    ],
+)
 def test_bad_config_names_the_key(override, message):
     """Each of these started training before (a traceback mid-run) or trained with a nonsense value."""
     with pytest.raises(ConfigError, match=message):
@@ -96,20 +105,29 @@ def test_one_loader_serves_any_schema_with_base_files_and_the_same_overrides(tmp
         if cfg["run"]["name"] == "bad":
             raise ConfigError("run.name must not be 'bad'")
 
-    schema = ConfigSchema({"net": {}, "run": {"steps": 10, "lr": 0.1, "name": "x", "steps_at": [1]}},
-                          free=("net",), positive=("run.steps",), non_negative=("run.lr",), check=check)
+    schema = ConfigSchema(
+        {"net": {}, "run": {"steps": 10, "lr": 0.1, "name": "x", "steps_at": [1]}},
+        free=("net",),
+        positive=("run.steps",),
+        non_negative=("run.lr",),
+        check=check,
+    )
     (tmp_path / "base.yaml").write_text("net: {depth: 2, block: {kind: a}}\nrun: {steps: 5}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\nnet: {width: 3}\nrun: {lr: 0.5}\n")
     cfg = load_config(tmp_path / "child.yaml", ["net.block.size=4", "run.steps_at=[2, 3]"], schema=schema)
-    assert cfg == {"net": {"depth": 2, "width": 3, "block": {"kind": "a", "size": 4}},
-                   "run": {"steps": 5, "lr": 0.5, "name": "x", "steps_at": [2, 3]}}
+    assert cfg == {
+        "net": {"depth": 2, "width": 3, "block": {"kind": "a", "size": 4}},
+        "run": {"steps": 5, "lr": 0.5, "name": "x", "steps_at": [2, 3]},
+    }
     assert build_config(cfg, schema=schema) == cfg  # a complete config gives itself back
-    for override, message in [("run.step=1", "unknown config key 'run.step'; known keys of 'run'"),
-                              ("run.steps=0", "run.steps must be at least 1"),
-                              ("run.lr=-1", "run.lr must not be negative"),
-                              ("run.steps=ten", "run.steps must be an integer; got 'ten'"),
-                              ("run.name=bad", "run.name must not be 'bad'"),
-                              ("run", "override 'run' must look like key=value")]:
+    for override, message in [
+        ("run.step=1", "unknown config key 'run.step'; known keys of 'run'"),
+        ("run.steps=0", "run.steps must be at least 1"),
+        ("run.lr=-1", "run.lr must not be negative"),
+        ("run.steps=ten", "run.steps must be an integer; got 'ten'"),
+        ("run.name=bad", "run.name must not be 'bad'"),
+        ("run", "override 'run' must look like key=value"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             build_config({}, [override], schema)
     # the video schema is the default, unchanged
@@ -121,14 +139,29 @@ def test_model_options_take_the_override_syntax_of_the_configs():
 
     assert parse_override("train.lr_steps=[100, 200]") == ("train.lr_steps", [100, 200])
     assert parse_override("a=") == ("a", "") and parse_override("a=null") == ("a", None)
-    options = options_from_overrides(["width=8", "layers=[1,1,1,1]", "nonlocal_locations={res4: [0]}",
-                                      "nonlocal_options.mode=gaussian", "clip=8x8", "dropout=0.5"])
-    assert options == {"width": 8, "layers": [1, 1, 1, 1], "nonlocal_locations": {"res4": [0]},
-                       "nonlocal_options": {"mode": "gaussian"}, "clip": "8x8", "dropout": 0.5}
+    options = options_from_overrides(
+        [
+            "width=8",
+            "layers=[1,1,1,1]",
+            "nonlocal_locations={res4: [0]}",
+            "nonlocal_options.mode=gaussian",
+            "clip=8x8",
+            "dropout=0.5",
+        ]
+    )
+    assert options == {
+        "width": 8,
+        "layers": [1, 1, 1, 1],
+        "nonlocal_locations": {"res4": [0]},
+        "nonlocal_options": {"mode": "gaussian"},
+        "clip": "8x8",
+        "dropout": 0.5,
+    }
     # the same options as a video config's model.options
     cfg = load_config(TINY, ["model.options.width=8", "model.options.layers=[1,1,1,1]"])
     assert {k: cfg["model"]["options"][k] for k in ("width", "layers")} == options_from_overrides(
-        ["width=8", "layers=[1,1,1,1]"])
+        ["width=8", "layers=[1,1,1,1]"]
+    )
     with pytest.raises(ConfigError, match="override 'width' must look like key=value"):
         options_from_overrides(["width"])
     with pytest.raises(ConfigError, match="'2x' is not an option name"):
@@ -142,6 +175,7 @@ def test_model_options_take_the_override_syntax_of_the_configs():
 
 
 # --- optimiser and schedule ------------------------------------------------------------------------------------
+
 
 def test_step_schedule_with_warmup():
     assert step_lr(0, 0.01, [150000, 300000]) == 0.01
@@ -166,6 +200,7 @@ def test_no_weight_decay_on_norm_parameters():
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
+
 
 def test_checkpoints_are_atomic_and_only_the_last_k_kept(tmp_path):
     for it in (10, 20, 30, 40):
@@ -216,12 +251,23 @@ def test_restore_training_state_gives_back_weights_optimizer_schedule_and_this_p
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     scheduler.step()
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "lr_scheduler": scheduler.state_dict(), "rng_per_rank": gather_rng_states(torch.device("cpu"))}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "rng_per_rank": gather_rng_states(torch.device("cpu")),
+    }
     expected = torch.rand(3)
     other, other_optimizer, other_scheduler = parts(1)
-    assert restore_training_state(state, "run/checkpoint.pth", other, other_optimizer, torch.device("cpu"),
-                                  DistInfo(), lr_scheduler=other_scheduler)
+    assert restore_training_state(
+        state,
+        "run/checkpoint.pth",
+        other,
+        other_optimizer,
+        torch.device("cpu"),
+        DistInfo(),
+        lr_scheduler=other_scheduler,
+    )
     assert torch.equal(torch.rand(3), expected)  # the random stream goes on where the checkpoint left it
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert other_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -229,8 +275,15 @@ def test_restore_training_state_gives_back_weights_optimizer_schedule_and_this_p
     # a checkpoint of a run of another size: no random state for this process (the caller seeds it)
     assert not restore_training_state(state, "x", *parts(1)[:2], torch.device("cpu"), DistInfo(1, 2))
     with pytest.raises(CheckpointError, match="run/checkpoint.pth holds weights of another detector: .*size"):
-        restore_training_state(state, "run/checkpoint.pth", nn.Linear(3, 5), other_optimizer, torch.device("cpu"),
-                               DistInfo(), mismatch="holds weights of another detector")
+        restore_training_state(
+            state,
+            "run/checkpoint.pth",
+            nn.Linear(3, 5),
+            other_optimizer,
+            torch.device("cpu"),
+            DistInfo(),
+            mismatch="holds weights of another detector",
+        )
 
 
 def test_metric_logger_writes_rows_as_they_are_to_the_file_named(tmp_path):
@@ -250,6 +303,7 @@ def test_metric_logger_writes_rows_as_they_are_to_the_file_named(tmp_path):
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
+
 
 def test_views_are_averaged_per_video():
     scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [0.6, 0.4]])
@@ -309,6 +363,7 @@ def test_average_precision_by_hand():
 
 # --- sampler ---------------------------------------------------------------------------------------------------
 
+
 def test_sharded_sampler_splits_an_epoch_and_resumes_mid_epoch():
     shards = [ShardedSampler(10, rank=r, world_size=2, seed=3) for r in range(2)]
     for s in shards:
@@ -325,6 +380,7 @@ def test_sharded_sampler_splits_an_epoch_and_resumes_mid_epoch():
 
 # --- the built-in data -----------------------------------------------------------------------------------------
 
+
 def test_long_range_shapes_label_and_objects():
     data = LongRangeShapes(16, num_classes=3, seed=5)
     for i in range(16):
@@ -337,11 +393,12 @@ def test_long_range_shapes_label_and_objects():
         rgb = clip * 57.375 + 114.75
         shapes = []
         for t, y, x in ((ta, ya, xa), (tb, yb, xb)):
-            patch = rgb[:, t, y:y + 7, x:x + 7]
+            patch = rgb[:, t, y : y + 7, x : x + 7]
             # the shape's pixels share one colour: the first mask whose pixels are uniform (square is tried
             # first because every other mask is uniform inside a square too)
-            inside = {k: (patch[:, shape_mask(n)].std(dim=1).max().item())
-                      for k, n in enumerate(("square", "plus", "cross"))}
+            inside = {
+                k: (patch[:, shape_mask(n)].std(dim=1).max().item()) for k, n in enumerate(("square", "plus", "cross"))
+            }
             shapes.append(min(inside, key=inside.get))
             assert min(inside.values()) < 1e-3
         assert int(item["label"]) == sum(shapes) % 3
@@ -371,14 +428,22 @@ def test_long_range_shapes_labels_balanced_and_other_frames_empty():
         assert (spread > 60) == (t in with_objects)  # noise stays within ~4 sigma = 48 of the grey
 
 
-@pytest.mark.parametrize("kwargs,message", [({"frames": 7}, "even"), ({"image_size": 8}, "at least 16"),
-                                            ({"num_classes": 9}, "between 2 and"), ({"split": "dev"}, "split")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"frames": 7}, "even"),
+        ({"image_size": 8}, "at least 16"),
+        ({"num_classes": 9}, "between 2 and"),
+        ({"split": "dev"}, "split"),
+    ],
+)
 def test_long_range_shapes_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LongRangeShapes(4, **kwargs)
 
 
 # --- precise BN and evaluation ---------------------------------------------------------------------------------
+
 
 def test_precise_bn_gives_the_population_statistics():
     torch.manual_seed(0)
@@ -420,8 +485,12 @@ def test_precise_bn_under_two_processes_averages_both_ranks_batches(tmp_path):
         batches = [torch.randn(4, 2, 5) * (2 * i + rank + 1) + rank for i in range(3)]
         with torch.no_grad():
             features = [model[0](b).transpose(0, 1).reshape(3, -1) for b in batches]
-        stats.append((torch.stack([f.mean(1) for f in features]).mean(0),
-                      torch.stack([f.var(1, unbiased=True) for f in features]).mean(0)))
+        stats.append(
+            (
+                torch.stack([f.mean(1) for f in features]).mean(0),
+                torch.stack([f.var(1, unbiased=True) for f in features]).mean(0),
+            )
+        )
     for rank in (0, 1):  # every rank ends with the average over both ranks' batches
         torch.testing.assert_close(results[rank][0], (stats[0][0] + stats[1][0]) / 2)
         torch.testing.assert_close(results[rank][1], (stats[0][1] + stats[1][1]) / 2)
@@ -457,9 +526,18 @@ def test_views_report_gives_video_and_clip_level_accuracy():
 
     # video 0 (label 0): one right view of three, right once averaged; video 1 (label 1): two of three, right;
     # video 2 (label 2) has only two views, both wrong
-    scores = torch.tensor([[0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.4, 0.6, 0.0],
-                           [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.3, 0.7, 0.0],
-                           [0.5, 0.3, 0.2], [0.3, 0.5, 0.2]])
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],
+            [0.4, 0.6, 0.0],
+            [0.4, 0.6, 0.0],
+            [0.2, 0.8, 0.0],
+            [0.6, 0.4, 0.0],
+            [0.3, 0.7, 0.0],
+            [0.5, 0.3, 0.2],
+            [0.3, 0.5, 0.2],
+        ]
+    )
     videos = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     report = views_report(scores, videos, labels, num_classes=3)
@@ -469,8 +547,13 @@ def test_views_report_gives_video_and_clip_level_accuracy():
     assert report["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]  # video 2 averaged: [0.4, 0.4, 0.2]
     # multi-label: a clip-level mAP beside the video-level one
     targets = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
-    ml = views_report(torch.tensor([[0.9, 0.2], [0.1, 0.3], [0.2, 0.8], [0.3, 0.6]]), torch.tensor([0, 0, 1, 1]),
-                      targets, num_classes=2, multi_label=True)
+    ml = views_report(
+        torch.tensor([[0.9, 0.2], [0.1, 0.3], [0.2, 0.8], [0.3, 0.6]]),
+        torch.tensor([0, 0, 1, 1]),
+        targets,
+        num_classes=2,
+        multi_label=True,
+    )
     # clip level, class 0: ranked 0.9(+), 0.3(-), 0.2(-), 0.1(+) -> AP (1 + 2/4) / 2; class 1: 0.8(+), 0.6(+) first
     assert ml["clip_mAP"] == pytest.approx(((1 + 0.5) / 2 + 1.0) / 2) and ml["mAP"] == pytest.approx(1.0)
 
@@ -479,8 +562,9 @@ def test_fully_convolutional_evaluation_leaves_the_model_as_it_was():
     from nonlocalnet.engine import build_model, load_config
     from nonlocalnet.engine.trainer import evaluate
 
-    cfg = load_config("configs/synthetic/nl_c2d_tiny.yaml", ["progress=false", "data.test_size=4",
-                                                             "test.fully_convolutional=true"])
+    cfg = load_config(
+        "configs/synthetic/nl_c2d_tiny.yaml", ["progress=false", "data.test_size=4", "test.fully_convolutional=true"]
+    )
     model = build_model(cfg)
     model.score_activation = None  # raw logits, as a caller may have set; evaluation scores with softmax
     report = evaluate(model, cfg)
@@ -497,12 +581,18 @@ def test_precise_bn_reads_each_processes_own_shard():
     from nonlocalnet.engine.loop import RunContext
     from nonlocalnet.engine.trainer import precise_bn_copy
 
-    cfg = load_config("configs/synthetic/c2d_tiny.yaml", ["progress=false", "data.train_size=64",
-                                                          "train.batch_size=8", "train.precise_bn_batches=2"])
+    cfg = load_config(
+        "configs/synthetic/c2d_tiny.yaml",
+        ["progress=false", "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=2"],
+    )
     model = build_model(cfg)
     dataset = build_dataset(cfg["data"], "train", cfg["seed"])
-    stats = [precise_bn_copy(model, dataset, RunContext(cfg, torch.device("cpu"), DistInfo(rank=r, world_size=2))
-                             ).bn1.running_mean for r in (0, 1)]
+    stats = [
+        precise_bn_copy(
+            model, dataset, RunContext(cfg, torch.device("cpu"), DistInfo(rank=r, world_size=2))
+        ).bn1.running_mean
+        for r in (0, 1)
+    ]
     alone = precise_bn_copy(model, dataset, RunContext(cfg, torch.device("cpu"))).bn1.running_mean
     assert not torch.equal(stats[0], stats[1])
     assert not torch.equal(stats[1], alone)  # rank 1 does not measure the single process's batches either

@@ -1,4 +1,5 @@
 """Issue 31's tracebacks and unclear messages: each one `error:` line naming what is wrong, exit status 2."""
+
 from __future__ import annotations
 
 import errno
@@ -12,8 +13,17 @@ from nonlocalnet.commands.visualize import output_path
 from nonlocalnet.models import create_model
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
-QUICK = ["progress=false", "data.test_size=8", "data.train_size=16", "train.batch_size=8", "train.log_every=1",
-         "train.precise_bn_batches=1", "train.lr_steps=[]", "train.iterations=2", "train.checkpoint_every=1"]
+QUICK = [
+    "progress=false",
+    "data.test_size=8",
+    "data.train_size=16",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.precise_bn_batches=1",
+    "train.lr_steps=[]",
+    "train.iterations=2",
+    "train.checkpoint_every=1",
+]
 
 
 def _one_line(capsys, argv: list[str]) -> str:
@@ -23,31 +33,42 @@ def _one_line(capsys, argv: list[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize("device, message", [
-    ("banana", "device 'banana' is no device: use auto, cpu, cuda or cuda:N"),
-    ("cuda:7", "device 'cuda:7' asked for, but"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("banana", "device 'banana' is no device: use auto, cpu, cuda or cuda:N"),
+        ("cuda:7", "device 'cuda:7' asked for, but"),
+    ],
+)
 def test_a_device_that_is_not_there_is_one_error_line_in_train(capsys, tmp_path, device, message):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a GPU 7")
-    assert message in _one_line(capsys, ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path}",
-                                         f"device={device}"])
+    assert message in _one_line(
+        capsys, ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path}", f"device={device}"]
+    )
 
 
 def test_a_device_that_is_not_there_is_one_error_line_in_detect_test(capsys, tmp_path):
     path = tmp_path / "checkpoint.pth"
-    torch.save({"task": "detection", "model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}},
-               path)
-    assert "device 'banana' is no device" in _one_line(capsys, ["detect-test", "--checkpoint", str(path),
-                                                                "device=banana"])
+    torch.save(
+        {"task": "detection", "model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}}, path
+    )
+    assert "device 'banana' is no device" in _one_line(
+        capsys, ["detect-test", "--checkpoint", str(path), "device=banana"]
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["flops", "c2d_r50", "--batch", "-3"], "argument --batch: must be at least 1; got -3"),
-    (["visualize", "--checkpoint", "w.safetensors", "--video", "v.mp4", "--top-k", "-1"],
-     "argument --top-k: must be at least 1; got -1"),
-    (["feature-bank-demo", "--threads", "0"], "argument --threads: must be at least 1; got 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["flops", "c2d_r50", "--batch", "-3"], "argument --batch: must be at least 1; got -3"),
+        (
+            ["visualize", "--checkpoint", "w.safetensors", "--video", "v.mp4", "--top-k", "-1"],
+            "argument --top-k: must be at least 1; got -1",
+        ),
+        (["feature-bank-demo", "--threads", "0"], "argument --threads: must be at least 1; got 0"),
+    ],
+)
 def test_a_count_below_one_on_the_command_line_is_one_error_line(capsys, argv, message):
     assert message in _one_line(capsys, argv)
 
@@ -69,8 +90,10 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_naming_the_fil
 
     monkeypatch.setattr(torch, "save", full)
     err = _one_line(capsys, ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path}"])
-    assert f"no space left on the device while writing {tmp_path / 'checkpoints' / 'checkpoint_000000002.pt'}; " \
-           f"the files written before are intact" in err
+    assert (
+        f"no space left on the device while writing {tmp_path / 'checkpoints' / 'checkpoint_000000002.pt'}; "
+        f"the files written before are intact" in err
+    )
     assert torch.load(tmp_path / "checkpoints" / "checkpoint_000000001.pt", weights_only=True)["iteration"] == 1
 
 
@@ -125,8 +148,11 @@ def test_a_zero_dimensional_classifier_weight_is_one_error_naming_the_tensor(tmp
         state["head.fc.weight"] = torch.tensor(1.0)
 
     path = _weights(tmp_path, flat)
-    with pytest.raises(ValueError, match=r"w.safetensors: tensor 'head.fc.weight' must be 2-D \(classes x features\); "
-                                         r"got shape \[\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"w.safetensors: tensor 'head.fc.weight' must be 2-D \(classes x features\); "
+        r"got shape \[\]",
+    ):
         load_model(path)  # (before: IndexError from shape[0], a traceback in `visualize`)
 
 
@@ -141,14 +167,16 @@ def test_convert_of_a_caffe2_file_with_a_2d_stem_or_branch_is_one_error_line(cap
     blobs[blob] = np.zeros((4, 3), dtype=np.float32)
     path = write_pickle(tmp_path / "i3d_baseline_32x2.pkl", blobs)
     err = _one_line(capsys, ["convert", str(path), str(tmp_path / "out.safetensors")])
-    message = {"conv1_w": "no 5-D conv1_w blob",
-               "res2_0_branch2b_w": "res2_0_branch2b_w must be a 5-D convolution weight (out, in, t, h, w); got "
-                                    "shape [4, 3]"}[blob]
+    message = {
+        "conv1_w": "no 5-D conv1_w blob",
+        "res2_0_branch2b_w": "res2_0_branch2b_w must be a 5-D convolution weight (out, in, t, h, w); got shape [4, 3]",
+    }[blob]
     assert message in err
 
 
-def test_a_full_disk_while_writing_config_yaml_or_model_final_names_the_file_and_keeps_the_old_one(tmp_path,
-                                                                                                   monkeypatch):
+def test_a_full_disk_while_writing_config_yaml_or_model_final_names_the_file_and_keeps_the_old_one(
+    tmp_path, monkeypatch
+):
     from pathlib import Path
 
     from nonlocalnet.cli import user_error
@@ -164,6 +192,7 @@ def test_a_full_disk_while_writing_config_yaml_or_model_final_names_the_file_and
     with pytest.raises(OSError) as caught:
         write_text_atomic(target, "seed: 2\n")
     monkeypatch.undo()
-    assert user_error(caught.value) == (f"no space left on the device while writing {target}; the files written "
-                                        f"before are intact: free space and rerun")
+    assert user_error(caught.value) == (
+        f"no space left on the device while writing {target}; the files written before are intact: free space and rerun"
+    )
     assert target.read_text() == "seed: 1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

@@ -1,4 +1,7 @@
 """The long-term feature bank: the operator, the bank on disk, the builder, the long-video task and its demo."""
+
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +13,9 @@ from nonlocalnet.bank.longvideo import NUM_SHAPES, LongVideoTask
 from nonlocalnet.bank.store import FeatureBank
 from nonlocalnet.bank.train import BankSamples, evaluate_head, train_head
 from nonlocalnet.layers.feature_bank import FeatureBankClassifier, FeatureBankLayer, FeatureBankOperator
-from nonlocalnet.layers.pairwise_dense import softmax_attention_dense
-
 
 # --- the operator -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("clip_shape", [(3, 16), (3, 16, 5)])
 def test_operator_is_identity_at_init_on_the_clip_path(clip_shape):
@@ -45,7 +47,7 @@ def test_layer_equals_the_formula_written_out():
         theta = layer.theta.weight[:, :, 0] @ x[b] + layer.theta.bias[:, None]  # (4, 3)
         phi = layer.phi.weight[:, :, 0] @ bank[b] + layer.phi.bias[:, None]  # (4, 7)
         g = layer.g.weight[:, :, 0] @ bank[b] + layer.g.bias[:, None]  # (4, 7)
-        attn = torch.softmax(theta.t() @ phi * 4 ** -0.5, dim=1)  # (3, 7), scale C'^-0.5
+        attn = torch.softmax(theta.t() @ phi * 4**-0.5, dim=1)  # (3, 7), scale C'^-0.5
         y = g @ attn.t()  # (4, 3)
         y = nn.functional.layer_norm(y.t(), (4,), layer.norm.weight, layer.norm.bias).t()
         expected = x[b] + layer.out.weight[:, :, 0] @ torch.relu(y) + layer.out.bias[:, None]
@@ -72,7 +74,7 @@ def test_layer_attention_equals_the_nonlocal_block_over_a_memory():
     _, layer_weights = layer(x, bank, return_attention=True)
     z, block_weights = block(x, memory=bank, return_attention=True)
     torch.testing.assert_close(layer_weights, block_weights)
-    y = (layer.g(bank) @ layer_weights.transpose(1, 2))  # (B, C', L) @ (B, L, N) -> (B, C', N)
+    y = layer.g(bank) @ layer_weights.transpose(1, 2)  # (B, C', L) @ (B, L, N) -> (B, C', N)
     torch.testing.assert_close(z - x, y, atol=1e-5, rtol=1e-5)
 
 
@@ -132,9 +134,13 @@ def test_baseline_heads_use_the_bank_as_they_say():
 
 # --- the bank on disk and its builder -----------------------------------------------------------------------
 
+
 def test_bank_round_trips_through_safetensors(tmp_path):
-    bank = FeatureBank({"a": torch.randn(3, 5), "b/c": torch.randn(4, 5)},
-                       {"a": torch.tensor([0, 8, 16]), "b/c": torch.tensor([0, 4, 8, 12])}, {"model": "tiny"})
+    bank = FeatureBank(
+        {"a": torch.randn(3, 5), "b/c": torch.randn(4, 5)},
+        {"a": torch.tensor([0, 8, 16]), "b/c": torch.tensor([0, 4, 8, 12])},
+        {"model": "tiny"},
+    )
     path = bank.save(tmp_path / "sub" / "bank.safetensors")
     loaded = FeatureBank.load(path)
     assert set(loaded.features) == {"a", "b/c"}
@@ -180,8 +186,15 @@ class _MeanFrames(nn.Module):
 
 def test_builder_stores_every_clips_pooled_features(tmp_path):
     videos = [("v0", torch.randn(2, 12, 3, 3)), ("v1", torch.randn(2, 8, 3, 3))]
-    bank = build_feature_bank(_MeanFrames(), videos, clip_frames=2, frame_stride=2, batch_size=2,
-                              out=tmp_path / "bank.safetensors", progress=False)
+    bank = build_feature_bank(
+        _MeanFrames(),
+        videos,
+        clip_frames=2,
+        frame_stride=2,
+        batch_size=2,
+        out=tmp_path / "bank.safetensors",
+        progress=False,
+    )
     assert bank.starts["v0"].tolist() == [0, 3, 6, 9] and bank.starts["v1"].tolist() == [0, 3]
     frames = videos[0][1]
     expected = frames[:, 6:9:2].mean(dim=(2, 3)).flatten()  # clip 2: frames 6 and 8
@@ -189,11 +202,13 @@ def test_builder_stores_every_clips_pooled_features(tmp_path):
     loaded = FeatureBank.load(tmp_path / "bank.safetensors")
     torch.testing.assert_close(loaded.features["v1"], bank.features["v1"])
     assert loaded.metadata["frame_stride"] == "2"
-    torch.testing.assert_close(pooled_features(_MeanFrames(), frames[None, :, :2]),
-                               frames[:, :2].mean(dim=(2, 3)).flatten()[None])
+    torch.testing.assert_close(
+        pooled_features(_MeanFrames(), frames[None, :, :2]), frames[:, :2].mean(dim=(2, 3)).flatten()[None]
+    )
 
 
 # --- the long-video task -------------------------------------------------------------------------------------
+
 
 def test_long_video_task_is_deterministic_and_far_apart():
     task = LongVideoTask(40, seed=3)
@@ -225,8 +240,10 @@ def test_event_clips_differ_from_plain_clips():
 
 
 def test_bank_samples_pair_each_clip_with_its_whole_video():
-    bank = FeatureBank({"x": torch.arange(6.0).view(3, 2), "y": torch.arange(6.0, 12.0).view(3, 2)},
-                       {"x": torch.arange(3), "y": torch.arange(3)})
+    bank = FeatureBank(
+        {"x": torch.arange(6.0).view(3, 2), "y": torch.arange(6.0, 12.0).view(3, 2)},
+        {"x": torch.arange(3), "y": torch.arange(3)},
+    )
     samples = BankSamples.from_bank(bank, {"x": 1, "y": 0})
     clip, video_bank, label = samples.batch(torch.tensor([4]))  # video 1 ("y"), clip 1
     assert clip.tolist() == [[8.0, 9.0]] and label.tolist() == [0]
@@ -254,6 +271,7 @@ def test_heads_train_to_fit_a_bank_only_task():
 
 # --- the demo -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_quick_demo_bank_beats_clip_only(tmp_path):
     from nonlocalnet.bank.demo import QUICK, format_table, run_feature_bank_demo
@@ -264,8 +282,13 @@ def test_quick_demo_bank_beats_clip_only(tmp_path):
     bank = rows["bank_fbo"]["video_accuracy"]
     assert clip_only < 0.5  # the label is independent of any one clip: chance is 1/3
     assert bank > clip_only + 0.25, format_table(result)
-    for name in ("bank_train.safetensors", "bank_test.safetensors", "backbone.safetensors", "results.json",
-                 "results.md"):
+    for name in (
+        "bank_train.safetensors",
+        "bank_test.safetensors",
+        "backbone.safetensors",
+        "results.json",
+        "results.md",
+    ):
         assert (tmp_path / name).is_file()
     assert len(FeatureBank.load(tmp_path / "bank_test.safetensors")) == QUICK.test_videos
 
@@ -273,16 +296,39 @@ def test_quick_demo_bank_beats_clip_only(tmp_path):
 def test_demo_command_runs_and_reports_bad_sizes(tmp_path, capsys):
     from nonlocalnet.cli import main
 
-    tiny = ["feature-bank-demo", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1",
-            "--backbone-videos", "6",
-            "--train-videos", "8", "--test-videos", "4", "--num-clips", "4", "--backbone-epochs", "1",
-            "--head-epochs", "1", "--inter-channels", "8", "--width", "4"]
+    tiny = [
+        "feature-bank-demo",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--threads",
+        "1",
+        "--backbone-videos",
+        "6",
+        "--train-videos",
+        "8",
+        "--test-videos",
+        "4",
+        "--num-clips",
+        "4",
+        "--backbone-epochs",
+        "1",
+        "--head-epochs",
+        "1",
+        "--inter-channels",
+        "8",
+        "--width",
+        "4",
+    ]
     assert main(tiny) == 0
     out = capsys.readouterr().out
     assert "| clip only (linear) |" in out and "feature bank operator" in out
     result = __import__("json").loads((tmp_path / "run" / "results.json").read_text())
     assert result["config"]["test_videos"] == 4 and [r["key"] for r in result["rows"]] == [
-        "clip_only", "bank_avg", "bank_fbo"]
+        "clip_only",
+        "bank_avg",
+        "bank_fbo",
+    ]
     assert len(FeatureBank.load(tmp_path / "run" / "bank_train.safetensors")) == 8
     assert main(tiny + ["--backbone-videos", "9"]) == 2
     assert "error: backbone_videos must be in 1..train_videos (8)" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """A new user's first steps, walked as typed: each test runs the command or call a newcomer would and reads its
 output back (the paths of issue 32: starting weights, configs of one's own, names, the first commands)."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,14 @@ import torch
 from nonlocalnet.cli import main
 from nonlocalnet.models import create_model, save_weights
 from tests.helpers import video_overrides
-from tests.test_train import video_root  # noqa: F401  (a fixture)
 
 TINY_OPTIONS = ["model.name=nl_c2d_tiny"]
 
 
 # --- configs ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("base", ["kinetics/nl_c2d_r50_8x8", "configs/kinetics/nl_c2d_r50_8x8.yaml",
-                                  "nl_c2d_r50_8x8"])
+
+@pytest.mark.parametrize("base", ["kinetics/nl_c2d_r50_8x8", "configs/kinetics/nl_c2d_r50_8x8.yaml", "nl_c2d_r50_8x8"])
 def test_a_users_config_extends_a_shipped_one_by_the_name_config_takes(tmp_path, monkeypatch, base):
     monkeypatch.chdir(tmp_path)  # any folder: nothing here but the user's file
     (tmp_path / "mine.yaml").write_text(f"base: {base}\ntrain:\n  iterations: 4\n")
@@ -43,12 +43,15 @@ def test_a_missing_base_names_every_place_looked(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "mine.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"base 'kinetics/nl_c2d_r50_8x9' not found; looked at {tmp_path / 'kinetics/nl_c2d_r50_8x9'}, " \
-           f"{tmp_path / 'kinetics/nl_c2d_r50_8x9.yaml'}, then in the shipped configs under " in err
+    assert (
+        f"base 'kinetics/nl_c2d_r50_8x9' not found; looked at {tmp_path / 'kinetics/nl_c2d_r50_8x9'}, "
+        f"{tmp_path / 'kinetics/nl_c2d_r50_8x9.yaml'}, then in the shipped configs under " in err
+    )
     assert "kinetics/nl_c2d_r50_8x8.yaml" in err  # the shipped names it could have meant
 
 
 # --- the first commands ------------------------------------------------------------------------------------------
+
 
 def test_train_without_arguments_refuses_and_lists_the_shipped_configs(capsys):
     assert main(["train"]) == 2
@@ -61,8 +64,19 @@ def test_train_without_arguments_refuses_and_lists_the_shipped_configs(capsys):
 def test_test_without_config_builds_the_model_the_checkpoint_records(tmp_path, capsys):
     torch.manual_seed(0)
     save_weights(create_model("nl_c2d_tiny"), tmp_path / "w.safetensors", metadata={"model": "nl_c2d_tiny"})
-    assert main(["test", "--checkpoint", str(tmp_path / "w.safetensors"), "--no-progress", "data.test_size=8",
-                 f"output_dir={tmp_path}"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--checkpoint",
+                str(tmp_path / "w.safetensors"),
+                "--no-progress",
+                "data.test_size=8",
+                f"output_dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("nl_c2d_tiny on synthetic test data") and "views                          8 (1 per" in out
 
@@ -71,12 +85,25 @@ def test_full_frame_test_with_crop_size_null_runs_and_training_with_it_is_refuse
     # the paper's fully-convolutional test: whole 36x44 frames (short side 36), one view per clip, softmax averaged
     # over the res5 positions
     torch.manual_seed(0)
-    save_weights(create_model("nl_c2d_tiny", num_classes=3), tmp_path / "w.safetensors",
-                 metadata={"model": "nl_c2d_tiny"})
+    save_weights(
+        create_model("nl_c2d_tiny", num_classes=3), tmp_path / "w.safetensors", metadata={"model": "nl_c2d_tiny"}
+    )
     overrides = video_overrides(video_root, tmp_path / "run")
     full = ["data.crop_size=null", "data.test_crops=1", "test.batch_size=1", "test.fully_convolutional=true"]
-    assert main(["test", "--checkpoint", str(tmp_path / "w.safetensors"), *overrides, *full,
-                 "--output", str(tmp_path / "full.json")]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--checkpoint",
+                str(tmp_path / "w.safetensors"),
+                *overrides,
+                *full,
+                "--output",
+                str(tmp_path / "full.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "full.json").read_text())
     assert report["videos"] == 2 and report["views"] == 2 * 2  # 2 clips x 1 crop each
     from nonlocalnet.data import build_dataset
@@ -93,6 +120,7 @@ def test_full_frame_test_with_crop_size_null_runs_and_training_with_it_is_refuse
 
 # --- names -------------------------------------------------------------------------------------------------------
 
+
 def test_version_and_no_main_job_in_the_cli(capsys):
     from nonlocalnet import __version__
 
@@ -107,8 +135,20 @@ def test_models_command_lists_names_with_parameters_clip_and_blocks(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "parameters", "clip", "non-local", "blocks", "also"]
     assert [line.split()[0] for line in lines[1:-1]] == ["nl_i3d_r50", "nl_i3d_r50_128x1", "nl_i3d_r50_8x8"]
-    assert lines[1].split() == ["nl_i3d_r50", "35.40M", "32x2", "res3:", "1,", "3;", "res4:", "1,", "3,", "5",
-                                "(embedded_gaussian)", "nl_i3d_r50_32x2"]
+    assert lines[1].split() == [
+        "nl_i3d_r50",
+        "35.40M",
+        "32x2",
+        "res3:",
+        "1,",
+        "3;",
+        "res4:",
+        "1,",
+        "3,",
+        "5",
+        "(embedded_gaussian)",
+        "nl_i3d_r50_32x2",
+    ]
     assert lines[-1].startswith("3 model(s)")
     assert main(["models", "nl_i3d_r50_32x2"]) == 0  # an alias finds its model
     assert capsys.readouterr().out.splitlines()[1].split()[0] == "nl_i3d_r50"
@@ -155,14 +195,17 @@ def test_torch_hub_builds_and_loads_a_model_by_its_alias(tmp_path):
     small = dict(layers=(1, 4, 6, 1), width=4, num_classes=3)
     model = torch.hub.load(repo, "nl_i3d_r50_32x2", source="local", **small)
     save_weights(model, tmp_path / "w.safetensors", metadata={"model": "nl_i3d_r50"})
-    loaded = torch.hub.load(repo, "nl_i3d_r50_32x2", source="local", pretrained=str(tmp_path / "w.safetensors"),
-                            **small)
+    loaded = torch.hub.load(
+        repo, "nl_i3d_r50_32x2", source="local", pretrained=str(tmp_path / "w.safetensors"), **small
+    )
     assert torch.equal(loaded.res4.nl1.theta.weight, model.res4.nl1.theta.weight)
 
 
 def test_create_model_with_a_name_to_download_says_how_to_make_the_file(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="nonlocalnet downloads no weights. Convert a checkpoint with "
-                                                "`nonlocalnet convert IN OUT.safetensors`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="nonlocalnet downloads no weights. Convert a checkpoint with `nonlocalnet convert IN OUT.safetensors`",
+    ):
         create_model("nl_i3d_r50", pretrained="kinetics400")
     with pytest.raises(ValueError, match="pretrained must be the path of a weights file; got True"):
         create_model("nl_i3d_r50", pretrained=True)
@@ -174,8 +217,7 @@ def test_missing_videos_hint_names_the_cli_key(tmp_path, capsys, video_root):
     assert main(["train", *overrides]) == 2
     err = capsys.readouterr().err
     assert "1 of 2 videos listed in" in err and "gone.mp4" in err
-    assert "to drop them: data.skip_missing=true in a config or on the command line, skip_missing=True in Python" \
-        in err
+    assert "to drop them: data.skip_missing=true in a config or on the command line, skip_missing=True in Python" in err
 
 
 def test_a_benchmark_runs_as_a_file_from_any_folder(tmp_path):
@@ -185,7 +227,8 @@ def test_a_benchmark_runs_as_a_file_from_any_folder(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "block.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: block.py")

@@ -6,6 +6,7 @@ never a hang (each example has a deadline).
 Examples per test are bounded (``max_examples``) so the quick suite stays quick: 150 + 150 + 200 + 200 + 150 + 100
 = 950 cases in all, the same ones on every run unless ``NONLOCALNET_FUZZ_EXPLORE=1``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,12 +24,17 @@ from nonlocalnet.data.prepare import read_list_lines
 from nonlocalnet.data.video import read_video_list
 from nonlocalnet.engine.config import DEFAULTS, apply_override, build_config, load_config, to_plain
 
+
 def fuzz(examples: int) -> settings:
     """Hypothesis' settings of one fuzz test: ``examples`` cases, none of which may take 5 s (a hang). The cases
     are the same on every run (a failure in CI reproduces); ``NONLOCALNET_FUZZ_EXPLORE=1`` draws new ones."""
-    return settings(max_examples=examples, deadline=5000, database=None,
-                    derandomize=not os.environ.get("NONLOCALNET_FUZZ_EXPLORE"),
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    return settings(
+        max_examples=examples,
+        deadline=5000,
+        database=None,
+        derandomize=not os.environ.get("NONLOCALNET_FUZZ_EXPLORE"),
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
 
 def _user_error_or_valid(call) -> object:
@@ -45,8 +51,11 @@ def _user_error_or_valid(call) -> object:
 
 FULL_CONFIG = yaml.safe_dump(to_plain(DEFAULTS), sort_keys=False)
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12))
-yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 def _mutate(text: str, data: st.DataObject) -> str:
@@ -55,8 +64,32 @@ def _mutate(text: str, data: st.DataObject) -> str:
     for _ in range(data.draw(st.integers(1, 6))):
         at = data.draw(st.integers(0, len(chars)))
         kind = data.draw(st.sampled_from(["insert", "delete", "replace"]))
-        piece = data.draw(st.sampled_from([":", "-", "[", "]", "{", "}", "&a", "*a", "!!", "'", "\"", "\n", "  ",
-                                           "#", "1e9", "-1", "null", "\t", "\x00", "é"]))
+        piece = data.draw(
+            st.sampled_from(
+                [
+                    ":",
+                    "-",
+                    "[",
+                    "]",
+                    "{",
+                    "}",
+                    "&a",
+                    "*a",
+                    "!!",
+                    "'",
+                    '"',
+                    "\n",
+                    "  ",
+                    "#",
+                    "1e9",
+                    "-1",
+                    "null",
+                    "\t",
+                    "\x00",
+                    "é",
+                ]
+            )
+        )
         if kind == "insert" or not chars:
             chars[at:at] = list(piece)
         elif kind == "delete":
@@ -87,8 +120,22 @@ def test_fuzz_config_file_with_a_random_value_is_a_config_or_one_error(tmp_path,
 
 # --- the override parser ---------------------------------------------------------------------------------------
 
-keys = st.sampled_from(["train.lr", "train.lr_steps", "data.train_scale", "seed", "model.options.width",
-                        "data.frames", "train", "model.options", "test.checkpoint", "x.y", "", "train.lr.x"])
+keys = st.sampled_from(
+    [
+        "train.lr",
+        "train.lr_steps",
+        "data.train_scale",
+        "seed",
+        "model.options.width",
+        "data.frames",
+        "train",
+        "model.options",
+        "test.checkpoint",
+        "x.y",
+        "",
+        "train.lr.x",
+    ]
+)
 
 
 @fuzz(200)
@@ -106,17 +153,24 @@ def test_fuzz_override_is_applied_or_one_error(key, value):
 
 # --- the video-list reader -------------------------------------------------------------------------------------
 
-list_lines = st.lists(st.one_of(
-    st.text(max_size=30),
-    st.builds(lambda p, labels: f"{p} {labels}", st.text(min_size=1, max_size=12),
-              st.lists(st.integers(-3, 30), min_size=1, max_size=3).map(lambda ls: ",".join(map(str, ls)))),
-), max_size=6)
+list_lines = st.lists(
+    st.one_of(
+        st.text(max_size=30),
+        st.builds(
+            lambda p, labels: f"{p} {labels}",
+            st.text(min_size=1, max_size=12),
+            st.lists(st.integers(-3, 30), min_size=1, max_size=3).map(lambda ls: ",".join(map(str, ls))),
+        ),
+    ),
+    max_size=6,
+)
 
 
 @fuzz(200)
 @given(lines=list_lines, multi_label=st.booleans(), junk=st.binary(max_size=4))
-def test_fuzz_video_list_is_read_alike_by_the_dataset_and_prepare_videos_or_one_error(tmp_path, lines, multi_label,
-                                                                                    junk):
+def test_fuzz_video_list_is_read_alike_by_the_dataset_and_prepare_videos_or_one_error(
+    tmp_path, lines, multi_label, junk
+):
     path = tmp_path / "list.txt"
     path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + junk)
     dataset = _user_error_or_valid(lambda: read_video_list(path, num_classes=31, multi_label=multi_label))
@@ -128,6 +182,7 @@ def test_fuzz_video_list_is_read_alike_by_the_dataset_and_prepare_videos_or_one_
 
 
 # --- the COCO reader -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> tuple[Path, dict]:
@@ -149,9 +204,11 @@ def _paths(value, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False)
-                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @fuzz(150)

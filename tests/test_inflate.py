@@ -1,4 +1,7 @@
 """2D -> 3D inflation: a clip of one repeated frame through the inflated network gives the 2D network's features."""
+
+from __future__ import annotations
+
 import pytest
 import torch
 from torch import nn
@@ -84,7 +87,7 @@ def test_inflated_i3d_reproduces_the_2d_features_away_from_the_clip_ends(small_2
     with torch.no_grad():
         got = model.forward_features(repeated(image, frames))  # (1, 2048, 12, 1, 1)
     middle = got.shape[2] // 2
-    assert_same_features(got[:, :, middle - 1:middle + 1], expected[:, :, None].expand(-1, -1, 2, -1, -1))
+    assert_same_features(got[:, :, middle - 1 : middle + 1], expected[:, :, None].expand(-1, -1, 2, -1, -1))
 
 
 def test_nonlocal_blocks_keep_their_init_so_the_nl_model_matches_the_baseline(small_2d):
@@ -135,4 +138,4 @@ def test_real_resnets_inflate_into_nl_i3d(builder, name, frames):
     with torch.no_grad():
         got = model.forward_features(repeated(image, frames))
     middle = got.shape[2] // 2
-    assert_same_features(got[:, :, middle - 1:middle + 1], expected[:, :, None].expand(-1, -1, 2, -1, -1))
+    assert_same_features(got[:, :, middle - 1 : middle + 1], expected[:, :, None].expand(-1, -1, 2, -1, -1))

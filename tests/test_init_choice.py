@@ -11,6 +11,7 @@ weights surround) the block learns the task; with the official one the dot-produ
 baseline does. (With this recipe the embedded gaussian learns from the official init too; the test pins that the
 default learns it.)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,12 +30,21 @@ TEST_CLIPS = 512
 def top1_after_training(seed: int, nonlocal_options: dict | None, with_block: bool = True) -> float:
     """Top-1 on held-out clips of the demo's tiny network after ITERATIONS steps of the demo's recipe."""
     torch.manual_seed(seed)
-    model = ResNet3d((1, 1, 1, 1), arch="c2d", clip="8x8", width=8, num_classes=2, dropout=0.0,
-                     nonlocal_locations={"res3": (0,)} if with_block else None, nonlocal_options=nonlocal_options)
+    model = ResNet3d(
+        (1, 1, 1, 1),
+        arch="c2d",
+        clip="8x8",
+        width=8,
+        num_classes=2,
+        dropout=0.0,
+        nonlocal_locations={"res3": (0,)} if with_block else None,
+        nonlocal_options=nonlocal_options,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     model.train()
-    for i, batch in enumerate(DataLoader(LongRangeShapes(BATCH * ITERATIONS, split="train", seed=seed),
-                                         batch_size=BATCH)):
+    for i, batch in enumerate(
+        DataLoader(LongRangeShapes(BATCH * ITERATIONS, split="train", seed=seed), batch_size=BATCH)
+    ):
         for group in optimizer.param_groups:
             group["lr"] = 0.1 * min(1.0, (i + 1) / WARMUP)
         loss = torch.nn.functional.cross_entropy(model(batch["clip"]), batch["label"])
@@ -64,8 +74,10 @@ def test_a_block_trained_from_scratch_learns_with_the_default_init_where_the_off
     default = top1_after_training(seed, {"mode": "dot_product"})
     official = top1_after_training(seed, {"mode": "dot_product", "init": "official"})
     embedded_gaussian = top1_after_training(seed, None)  # every option at its default
-    print(f"seed {seed}: baseline {baseline:.3f}, dot product default init {default:.3f}, official init "
-          f"{official:.3f}, embedded gaussian default {embedded_gaussian:.3f}")
+    print(
+        f"seed {seed}: baseline {baseline:.3f}, dot product default init {default:.3f}, official init "
+        f"{official:.3f}, embedded gaussian default {embedded_gaussian:.3f}"
+    )
     assert baseline < 0.65  # no C2D solves the task: chance is 0.5
     assert official < 0.65  # the official init's saddle: the block stays the identity
     assert default > 0.9 and embedded_gaussian > 0.85  # learnt: far above chance and the baseline

@@ -1,5 +1,8 @@
 """The paper's video networks: parameter counts, Table 1 sizes, the registry, the timm-like interface, frozen BN,
 weights files, torch.hub, tracing, export and compile."""
+
+from __future__ import annotations
+
 import importlib.util
 from pathlib import Path
 
@@ -11,8 +14,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from nonlocalnet.io import UnreadableFile
 from nonlocalnet.layers import NonLocalBlock
 from nonlocalnet.models import (
-    PAPER_32X2, FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, ResNet3d, create_model,
-    freeze_batchnorm, list_models, load_weights, model_defaults, register_model, save_weights,
+    PAPER_32X2,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    ResNet3d,
+    create_model,
+    freeze_batchnorm,
+    list_models,
+    load_weights,
+    model_defaults,
+    register_model,
+    save_weights,
 )
 from nonlocalnet.models.placements import min_layers
 
@@ -20,22 +34,58 @@ REPO = Path(__file__).resolve().parents[1]
 
 # PAPER.md section 2, 400 classes
 PAPER_PARAMS = {
-    "c2d_r50": 24_327_632, "nl1_c2d_r50": 26_429_392, "nl_c2d_r50": 31_686_096, "nl10_c2d_r50": 39_044_560,
-    "i3d_r50": 28_043_472, "nl_i3d_r50": 35_401_936, "c2d_r101": 43_319_760, "nl_i3d_r101": 59_112_656,
+    "c2d_r50": 24_327_632,
+    "nl1_c2d_r50": 26_429_392,
+    "nl_c2d_r50": 31_686_096,
+    "nl10_c2d_r50": 39_044_560,
+    "i3d_r50": 28_043_472,
+    "nl_i3d_r50": 35_401_936,
+    "c2d_r101": 43_319_760,
+    "nl_i3d_r101": 59_112_656,
 }
 
 # Table 1 (and its 8x8 and 128-frame variants): (C, T, H, W) after each layer of an R50 at 224x224
-TABLE1_32X2 = {"conv1": (64, 16, 112, 112), "pool1": (64, 8, 56, 56), "res2": (256, 8, 56, 56),
-               "pool2": (256, 4, 56, 56), "res3": (512, 4, 28, 28), "res4": (1024, 4, 14, 14),
-               "res5": (2048, 4, 7, 7)}
-TABLE1_8X8 = {"conv1": (64, 8, 112, 112), "pool1": (64, 8, 56, 56), "res2": (256, 8, 56, 56),
-              "pool2": (256, 4, 56, 56), "res3": (512, 4, 28, 28), "res4": (1024, 4, 14, 14), "res5": (2048, 4, 7, 7)}
-TABLE1_128X1 = {"conv1": (64, 64, 112, 112), "pool1": (64, 32, 56, 56), "res2": (256, 32, 56, 56),
-                "pool2": (256, 16, 56, 56), "res3": (512, 16, 28, 28), "res4": (1024, 16, 14, 14),
-                "res5": (2048, 16, 7, 7)}
+TABLE1_32X2 = {
+    "conv1": (64, 16, 112, 112),
+    "pool1": (64, 8, 56, 56),
+    "res2": (256, 8, 56, 56),
+    "pool2": (256, 4, 56, 56),
+    "res3": (512, 4, 28, 28),
+    "res4": (1024, 4, 14, 14),
+    "res5": (2048, 4, 7, 7),
+}
+TABLE1_8X8 = {
+    "conv1": (64, 8, 112, 112),
+    "pool1": (64, 8, 56, 56),
+    "res2": (256, 8, 56, 56),
+    "pool2": (256, 4, 56, 56),
+    "res3": (512, 4, 28, 28),
+    "res4": (1024, 4, 14, 14),
+    "res5": (2048, 4, 7, 7),
+}
+TABLE1_128X1 = {
+    "conv1": (64, 64, 112, 112),
+    "pool1": (64, 32, 56, 56),
+    "res2": (256, 32, 56, 56),
+    "pool2": (256, 16, 56, 56),
+    "res3": (512, 16, 28, 28),
+    "res4": (1024, 16, 14, 14),
+    "res5": (2048, 16, 7, 7),
+}
 
-REQUIRED_NAMES = ["c2d_r50", "c2d_r101", "i3d_r50", "i3d_r101", "i3d3x3x3_r50", "nl_c2d_r50", "nl1_c2d_r50",
-                  "nl10_c2d_r50", "nl_c2d_r101", "nl_i3d_r50", "nl_i3d_r101"]
+REQUIRED_NAMES = [
+    "c2d_r50",
+    "c2d_r101",
+    "i3d_r50",
+    "i3d_r101",
+    "i3d3x3x3_r50",
+    "nl_c2d_r50",
+    "nl1_c2d_r50",
+    "nl10_c2d_r50",
+    "nl_c2d_r101",
+    "nl_i3d_r50",
+    "nl_i3d_r101",
+]
 
 
 def n_params(model: nn.Module) -> int:
@@ -65,6 +115,7 @@ def activate_nonlocal(model: nn.Module) -> None:
 
 
 # --- the paper's numbers ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_parameter_count_equals_the_paper(name):
@@ -102,10 +153,17 @@ def _intermediate_shapes(name: str, frames: int) -> dict:
         return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("name,frames,table", [
-    ("c2d_r50", 32, TABLE1_32X2), ("nl_i3d_r50", 32, TABLE1_32X2), ("i3d3x3x3_r50", 32, TABLE1_32X2),
-    ("c2d_r50_8x8", 8, TABLE1_8X8), ("nl_i3d_r50_8x8", 8, TABLE1_8X8), ("nl_i3d_r50_128x1", 128, TABLE1_128X1),
-])
+@pytest.mark.parametrize(
+    "name,frames,table",
+    [
+        ("c2d_r50", 32, TABLE1_32X2),
+        ("nl_i3d_r50", 32, TABLE1_32X2),
+        ("i3d3x3x3_r50", 32, TABLE1_32X2),
+        ("c2d_r50_8x8", 8, TABLE1_8X8),
+        ("nl_i3d_r50_8x8", 8, TABLE1_8X8),
+        ("nl_i3d_r50_128x1", 128, TABLE1_128X1),
+    ],
+)
 def test_output_sizes_per_stage_follow_table1(name, frames, table):
     assert _intermediate_shapes(name, frames) == table
 
@@ -121,15 +179,24 @@ def test_paper_pool_kernels_give_the_same_sizes():
 
 def test_temporal_kernels_follow_the_i3d_pattern():
     def kernels(model, conv):
-        return {s: [getattr(getattr(model, s), str(i)).__getattr__(conv).kernel_size[0]
-                    for i in range(getattr(model, s).depth)] for s in ("res2", "res3", "res4", "res5")}
+        return {
+            s: [
+                getattr(getattr(model, s), str(i)).__getattr__(conv).kernel_size[0]
+                for i in range(getattr(model, s).depth)
+            ]
+            for s in ("res2", "res3", "res4", "res5")
+        }
 
     with torch.device("meta"):
         c2d, i3d, i3d333, r101 = (create_model(n) for n in ("c2d_r50", "i3d_r50", "i3d3x3x3_r50", "i3d_r101"))
     assert (c2d.conv1.kernel_size, i3d.conv1.kernel_size) == ((1, 7, 7), (5, 7, 7))
     assert kernels(c2d, "conv_a") == {"res2": [1] * 3, "res3": [1] * 4, "res4": [1] * 6, "res5": [1] * 3}
-    assert kernels(i3d, "conv_a") == {"res2": [3, 3, 3], "res3": [3, 1, 3, 1], "res4": [3, 1, 3, 1, 3, 1],
-                                      "res5": [1, 3, 1]}
+    assert kernels(i3d, "conv_a") == {
+        "res2": [3, 3, 3],
+        "res3": [3, 1, 3, 1],
+        "res4": [3, 1, 3, 1, 3, 1],
+        "res5": [1, 3, 1],
+    }
     assert kernels(i3d, "conv_b") == kernels(c2d, "conv_b")
     assert kernels(i3d333, "conv_b") == kernels(i3d, "conv_a") and kernels(i3d333, "conv_a") == kernels(c2d, "conv_a")
     assert kernels(r101, "conv_a")["res4"] == [3 if i % 2 == 0 else 1 for i in range(23)]
@@ -145,8 +212,12 @@ def test_nonlocal_blocks_sit_where_the_paper_puts_them():
     assert placed("nl_c2d_r50") == ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5"]
     assert placed("nl_i3d_r101") == ["res3.nl1", "res3.nl3", "res4.nl13", "res4.nl20", "res4.nl6"]
     assert len(placed("nl10_c2d_r50")) == 10
-    assert [placed(f"nl1_c2d_r50_res{s}") for s in (2, 3, 4, 5)] == [["res2.nl1"], ["res3.nl2"], ["res4.nl4"],
-                                                                     ["res5.nl1"]]
+    assert [placed(f"nl1_c2d_r50_res{s}") for s in (2, 3, 4, 5)] == [
+        ["res2.nl1"],
+        ["res3.nl2"],
+        ["res4.nl4"],
+        ["res5.nl1"],
+    ]
     with torch.device("meta"):
         model = create_model("nl1_c2d_r50")
     names = list(dict(model.res4.named_children()))
@@ -166,9 +237,13 @@ def test_variants_configure_their_blocks():
         time = create_model("nl_c2d_r50_time").res3.nl1
         long = create_model("nl_i3d_r50_128x1")
     assert not hasattr(gauss, "theta") and hasattr(concat, "concat_project")
-    assert (gauss.mode, concat.mode, dot.mode, emb.mode) == ("gaussian", "concatenation", "dot_product",
-                                                             "embedded_gaussian")
-    assert emb.subsample == (1, 2, 2) and emb.scale == pytest.approx(512 ** -0.5) and dot.scale == 1.0
+    assert (gauss.mode, concat.mode, dot.mode, emb.mode) == (
+        "gaussian",
+        "concatenation",
+        "dot_product",
+        "embedded_gaussian",
+    )
+    assert emb.subsample == (1, 2, 2) and emb.scale == pytest.approx(512**-0.5) and dot.scale == 1.0
     assert (space.extent, time.extent, time.subsample) == ("space", "time", None)
     assert isinstance(long.bn1, FrozenBatchNorm3d) and isinstance(long.res4[0].bn_c, FrozenBatchNorm3d)
     assert long.res3.nl1.norm_type is None and isinstance(long.res3.nl1.norm, nn.Identity)
@@ -176,6 +251,7 @@ def test_variants_configure_their_blocks():
 
 
 # --- the registry -----------------------------------------------------------------------------------------------
+
 
 def test_registry_has_the_papers_names_for_both_clips():
     names = set(list_models())
@@ -187,8 +263,20 @@ def test_registry_has_the_papers_names_for_both_clips():
 
 
 def test_list_models_filters_with_a_glob():
-    assert list_models("nl1_c2d_r50_*") == sorted(f"nl1_c2d_r50_{s}" for s in (
-        "gaussian", "embedded_gaussian", "dot_product", "concatenation", "res2", "res3", "res4", "res5", "8x8"))
+    assert list_models("nl1_c2d_r50_*") == sorted(
+        f"nl1_c2d_r50_{s}"
+        for s in (
+            "gaussian",
+            "embedded_gaussian",
+            "dot_product",
+            "concatenation",
+            "res2",
+            "res3",
+            "res4",
+            "res5",
+            "8x8",
+        )
+    )
     assert list_models("nothing*") == []
 
 
@@ -210,13 +298,16 @@ def test_unknown_names_and_options_are_errors_that_name_them():
         ResNet3d(clip="16x4")
 
 
-@pytest.mark.parametrize("locations,message", [
-    ({"res4": (6,)}, r"res4 has 6 blocks \(indices 0..5\)"),
-    ({"res6": (0,)}, "unknown stage 'res6'"),
-    ({"res3": (1, 1)}, "repeats an index"),
-    ({"res3": 1}, "must be a sequence"),
-    ({"res3": (1.0,)}, "not a block index"),
-])
+@pytest.mark.parametrize(
+    "locations,message",
+    [
+        ({"res4": (6,)}, r"res4 has 6 blocks \(indices 0..5\)"),
+        ({"res6": (0,)}, "unknown stage 'res6'"),
+        ({"res3": (1, 1)}, "repeats an index"),
+        ({"res3": 1}, "must be a sequence"),
+        ({"res3": (1.0,)}, "not a block index"),
+    ],
+)
 def test_placements_are_checked_against_stage_depths(locations, message):
     with pytest.raises(ValueError, match=message):
         ResNet3d(layers=(3, 4, 6, 3), nonlocal_locations=locations)
@@ -233,8 +324,12 @@ def test_dict_options_merge_into_the_registered_ones():
     with torch.device("meta"):
         model = create_model("nl_i3d_r50", nonlocal_options={"impl": "dense"})
     block = model.res4.nl1
-    assert (block.impl, block.mode, block.subsample, block.scale) == ("dense", "embedded_gaussian", (1, 2, 2),
-                                                                     pytest.approx(512 ** -0.5))
+    assert (block.impl, block.mode, block.subsample, block.scale) == (
+        "dense",
+        "embedded_gaussian",
+        (1, 2, 2),
+        pytest.approx(512**-0.5),
+    )
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -279,6 +374,7 @@ def test_too_short_clips_and_wrong_channels_are_clear_errors():
 
 
 # --- timm-like interface ----------------------------------------------------------------------------------------
+
 
 def test_forward_features_head_and_reset_classifier():
     model = tiny("nl_i3d_r50").eval()
@@ -344,6 +440,7 @@ def test_reset_parameters_reinitialises_every_module():
 
 # --- frozen batch norm ------------------------------------------------------------------------------------------
 
+
 def test_freeze_batchnorm_keeps_the_eval_function_and_drops_parameters():
     model = tiny("i3d_r50", dropout=0.0)
     for m in model.modules():
@@ -363,10 +460,14 @@ def test_freeze_batchnorm_keeps_the_eval_function_and_drops_parameters():
         torch.testing.assert_close(model.train()(x), expected)  # statistics stay frozen in train mode too
 
 
-@pytest.mark.parametrize("bn_cls,frozen_cls,shape", [
-    (nn.BatchNorm1d, FrozenBatchNorm1d, (4, 6, 5)), (nn.BatchNorm2d, FrozenBatchNorm2d, (4, 6, 5, 3)),
-    (nn.BatchNorm3d, FrozenBatchNorm3d, (4, 6, 2, 5, 3)),
-])
+@pytest.mark.parametrize(
+    "bn_cls,frozen_cls,shape",
+    [
+        (nn.BatchNorm1d, FrozenBatchNorm1d, (4, 6, 5)),
+        (nn.BatchNorm2d, FrozenBatchNorm2d, (4, 6, 5, 3)),
+        (nn.BatchNorm3d, FrozenBatchNorm3d, (4, 6, 2, 5, 3)),
+    ],
+)
 def test_frozen_batchnorm_matches_batchnorm_in_eval_for_each_rank(bn_cls, frozen_cls, shape):
     bn = bn_cls(6)
     with torch.no_grad():
@@ -392,6 +493,7 @@ def test_a_batchnorm_checkpoint_loads_into_frozen_batchnorm():
 
 # --- weights files and torch.hub --------------------------------------------------------------------------------
 
+
 def test_save_and_load_weights_round_trip(tmp_path):
     a, b = tiny("nl_i3d_r50"), tiny("nl_i3d_r50")
     path = tmp_path / "w.safetensors"
@@ -409,14 +511,25 @@ def test_read_state_dict_reads_every_layout_and_names_bad_files(tmp_path):
     from nonlocalnet.models.weights import read_state_dict
 
     state = {"a.weight": torch.arange(6.0).view(2, 3), "b.bias": torch.ones(2)}
-    save_weights(state, tmp_path / "w.safetensors",
-                 metadata={"model": "nl_c2d_tiny", "model_options": json.dumps({"num_classes": 3})})
+    save_weights(
+        state,
+        tmp_path / "w.safetensors",
+        metadata={"model": "nl_c2d_tiny", "model_options": json.dumps({"num_classes": 3})},
+    )
     got, meta = read_state_dict(tmp_path / "w.safetensors")
     assert meta == {"model_name": "nl_c2d_tiny", "model_options": {"num_classes": 3}}
     torch.testing.assert_close(got["a.weight"], state["a.weight"])
     # a training checkpoint (weights under "model", DDP prefix) and a bare state dict
-    torch.save({"model": {"module." + k: v for k, v in state.items()}, "iteration": 7, "model_name": "x",
-                "model_options": {"depth": 2}, "rng": {"torch": torch.get_rng_state()}}, tmp_path / "c.pt")
+    torch.save(
+        {
+            "model": {"module." + k: v for k, v in state.items()},
+            "iteration": 7,
+            "model_name": "x",
+            "model_options": {"depth": 2},
+            "rng": {"torch": torch.get_rng_state()},
+        },
+        tmp_path / "c.pt",
+    )
     got, meta = read_state_dict(tmp_path / "c.pt")
     assert set(got) == set(state) and meta == {"model_name": "x", "model_options": {"depth": 2}}
     torch.save(state, tmp_path / "bare.pth")
@@ -449,12 +562,14 @@ def test_torch_hub_lists_and_builds_the_registered_models(tmp_path):
         torch.hub.load(str(REPO), "nl_i3d_r50", source="local", pretrained=True)
     path = tmp_path / "w.safetensors"
     save_weights(model, path)
-    loaded = torch.hub.load(str(REPO), "nl_i3d_r50", source="local", pretrained=str(path), layers=(2, 4, 6, 2),
-                            width=4, num_classes=3)
+    loaded = torch.hub.load(
+        str(REPO), "nl_i3d_r50", source="local", pretrained=str(path), layers=(2, 4, 6, 2), width=4, num_classes=3
+    )
     assert torch.equal(loaded.res4.nl1.theta.weight, model.res4.nl1.theta.weight)
 
 
 # --- trace, export, compile --------------------------------------------------------------------------------------
+
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("name", ["c2d_r50", "nl_i3d_r50"])

@@ -1,5 +1,6 @@
 """``nonlocalnet prepare-videos``: re-encoded videos keep every frame in order, at the asked size, with a key frame
 exactly every gop frames; runs resume, corrupt sources are reported, and the new list is one the dataset reads."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,7 @@ import torch
 
 from nonlocalnet.cli import main
 from nonlocalnet.commands import prepare_videos as command
-from nonlocalnet.data import VideoListDataset
-from nonlocalnet.data import prepare
+from nonlocalnet.data import VideoListDataset, prepare
 from nonlocalnet.data.prepare import encode_video, prepare_videos, read_list_lines, target_size
 
 from .helpers import write_video
@@ -41,9 +41,12 @@ def _decode(path: Path) -> tuple[np.ndarray, list[int], list[int], tuple[int, fl
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         decoded = list(container.decode(stream))
-        return (np.stack([f.to_ndarray(format="rgb24") for f in decoded]),
-                [i for i, f in enumerate(decoded) if f.key_frame], [f.pts for f in decoded],
-                (stream.frames, stream.average_rate))
+        return (
+            np.stack([f.to_ndarray(format="rgb24") for f in decoded]),
+            [i for i, f in enumerate(decoded) if f.key_frame],
+            [f.pts for f in decoded],
+            (stream.frames, stream.average_rate),
+        )
 
 
 def _stream_types(path: Path) -> list[str]:
@@ -60,8 +63,9 @@ def sources(tmp_path_factory) -> Path:
     write_video(root / "run" / "tall.avi", _frames(10, height=WIDTH, width=HEIGHT), codec="mpeg4", gop=LOSSLESS["gop"])
     write_video(root / "run" / "small.mp4", _frames(9, height=30, width=40), **LOSSLESS)  # below the short side: kept
     (root / "run" / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
-    (root / "train.txt").write_text("# class walk\nwalk/a.mp4 0\nwalk/b c.mp4 1\n\nrun/tall.avi 2\n"
-                                    "run/corrupt.mp4 1\nrun/small.mp4 2\n")
+    (root / "train.txt").write_text(
+        "# class walk\nwalk/a.mp4 0\nwalk/b c.mp4 1\n\nrun/tall.avi 2\nrun/corrupt.mp4 1\nrun/small.mp4 2\n"
+    )
     return root
 
 
@@ -177,15 +181,30 @@ def test_an_interrupted_encode_leaves_no_file_under_the_final_name(sources, tmp_
 
 def test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_new_list(sources, tmp_path, capsys):
     dst = tmp_path / "dst"
-    code = main(["prepare-videos", str(sources), str(dst), "--list", str(sources / "train.txt"), "--short-side", "32",
-                 "--gop", "4", "--workers", "2", "--no-progress"])
+    code = main(
+        [
+            "prepare-videos",
+            str(sources),
+            str(dst),
+            "--list",
+            str(sources / "train.txt"),
+            "--short-side",
+            "32",
+            "--gop",
+            "4",
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert out.strip().splitlines()[-1].startswith("4 converted, 0 skipped (already done), 1 failed;")
     assert "failed: run/corrupt.mp4 (line 6):" in err
     # the same lines, the new paths, the labels as written; the corrupt video left out
-    assert (dst / "train.txt").read_text() == ("# class walk\nwalk/a.mp4 0\nwalk/b c.mp4 1\n\nrun/tall.mp4 2\n"
-                                               "run/small.mp4 2\n")
+    assert (dst / "train.txt").read_text() == (
+        "# class walk\nwalk/a.mp4 0\nwalk/b c.mp4 1\n\nrun/tall.mp4 2\nrun/small.mp4 2\n"
+    )
     report = json.loads((dst / "train_prepare_report.json").read_text())
     assert [(f["name"], f["lines"]) for f in report["failed"]] == [("run/corrupt.mp4", [6])]
     assert (report["converted"], report["skipped"], report["listed"]) == (4, 0, 4)
@@ -193,8 +212,18 @@ def test_cli_prepares_a_list_reports_a_corrupt_video_and_the_dataset_reads_the_n
     assert not (dst / "run" / "corrupt.mp4").exists()
     assert [p.name for p in dst.rglob(".*")] == []  # no temporary left
 
-    data = VideoListDataset(dst / "train.txt", dst, split="test", num_classes=3, frames=4, sampling_rate=2,
-                            crop_size=None, test_scale=32, test_clips=2, test_crops=1)
+    data = VideoListDataset(
+        dst / "train.txt",
+        dst,
+        split="test",
+        num_classes=3,
+        frames=4,
+        sampling_rate=2,
+        crop_size=None,
+        test_scale=32,
+        test_clips=2,
+        test_crops=1,
+    )
     assert data.num_videos == 4 and data.labels == [0, 1, 2, 2]
     item = data[0]  # walk/a.mp4, clip 0 of 2: frames 0, 2, 4, 6 at 48x32
     assert item["clip"].shape == (3, 4, 32, 48) and int(item["skipped"]) == 0
@@ -213,8 +242,9 @@ def test_a_rerun_skips_the_done_videos_and_converts_only_a_deleted_one(sources, 
     os.remove(dst / "walk" / "b c.mp4")
     second = prepare_videos(sources / "train.txt", sources, dst, short_side=32, gop=4, workers=1, progress=False)
     assert (second.converted, second.skipped, len(second.failed), second.listed) == (1, 3, 1, 4)
-    assert {p: p.stat().st_mtime_ns for p in outputs if p.name != "b c.mp4"} == \
-        {p: t for p, t in stamps.items() if p.name != "b c.mp4"}
+    assert {p: p.stat().st_mtime_ns for p in outputs if p.name != "b c.mp4"} == {
+        p: t for p, t in stamps.items() if p.name != "b c.mp4"
+    }
     assert (dst / "walk" / "b c.mp4").is_file()
     with pytest.raises(ValueError, match=r"other settings \(gop 4 \(now 8\)"):  # outputs of two sizes would mix
         prepare_videos(sources / "train.txt", sources, dst, short_side=32, gop=8, workers=1, progress=False)
@@ -224,14 +254,32 @@ def _x264_options(path: Path) -> str:
     """The options libx264 wrote into the stream (its SEI user data: "... options: cabac=1 ref=3 ...")."""
     with av.open(str(path)) as container:
         data = b"".join(bytes(packet) for _, packet in zip(range(2), container.demux(video=0)))
-    return data[data.index(b"options: "):].split(b"\x00")[0].decode()
+    return data[data.index(b"options: ") :].split(b"\x00")[0].decode()
 
 
 def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(sources, tmp_path, capsys):
     plain, fast = tmp_path / "plain", tmp_path / "fast"
     prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=8, workers=1, progress=False)
-    assert main(["prepare-videos", str(sources), str(fast), "--list", str(sources / "train.txt"), "--short-side",
-                 "32", "--gop", "8", "--fast-decode", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare-videos",
+                str(sources),
+                str(fast),
+                "--list",
+                str(sources / "train.txt"),
+                "--short-side",
+                "32",
+                "--gop",
+                "8",
+                "--fast-decode",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     options = {name: _x264_options(root / "walk" / "a.mp4") for name, root in (("plain", plain), ("fast", fast))}
     assert "cabac=1" in options["plain"] and "deblock=1" in options["plain"]
     # x264's frame threads (2 here): one slice a frame, as downloads have, not PyAV's default of a slice a thread;
@@ -255,8 +303,9 @@ def test_fast_decode_is_x264s_fastdecode_tune_and_a_setting_of_the_output_root(s
     report = json.loads((fast / "train_prepare_report.json").read_text())
     assert report["settings"]["fast_decode"] is True
     with pytest.raises(ValueError, match=r"other settings \(fast_decode False \(now True\)"):
-        prepare_videos(sources / "train.txt", sources, plain, short_side=32, gop=8, fast_decode=True, workers=1,
-                       progress=False)
+        prepare_videos(
+            sources / "train.txt", sources, plain, short_side=32, gop=8, fast_decode=True, workers=1, progress=False
+        )
 
 
 def test_an_output_root_whose_report_lacks_a_setting_is_refused(tmp_path):
@@ -272,8 +321,18 @@ def test_an_output_root_whose_report_lacks_a_setting_is_refused(tmp_path):
 
 def test_dry_run_says_what_it_would_do_and_writes_nothing(sources, tmp_path, capsys):
     dst = tmp_path / "dst"
-    code = main(["prepare-videos", str(sources), str(dst), "--list", str(sources / "train.txt"), "--short-side", "32",
-                 "--dry-run"])
+    code = main(
+        [
+            "prepare-videos",
+            str(sources),
+            str(dst),
+            "--list",
+            str(sources / "train.txt"),
+            "--short-side",
+            "32",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and not dst.exists()
     assert out.startswith("dry run: 5 of 5 videos to convert, 0 already done")
@@ -285,18 +344,24 @@ def test_dry_run_says_what_it_would_do_and_writes_nothing(sources, tmp_path, cap
 def test_bad_input_is_one_error_line_naming_the_file_and_line(sources, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("walk/a.mp4 0\n# fine\nwalk/b c.mp4\n")  # line 3: no label
-    cases = [(["--list", str(bad)], f"{bad}, line 3: label 'c.mp4' is not a non-negative integer"),
-             (["--list", str(tmp_path / "none.txt")], f"no such list file: {tmp_path / 'none.txt'}"),
-             (["--list", str(sources / "train.txt"), "--short-side", "31"], "even"),
-             (["--list", str(sources / "train.txt"), "--workers", "0"], "--workers must be >= 1")]
+    cases = [
+        (["--list", str(bad)], f"{bad}, line 3: label 'c.mp4' is not a non-negative integer"),
+        (["--list", str(tmp_path / "none.txt")], f"no such list file: {tmp_path / 'none.txt'}"),
+        (["--list", str(sources / "train.txt"), "--short-side", "31"], "even"),
+        (["--list", str(sources / "train.txt"), "--workers", "0"], "--workers must be >= 1"),
+    ]
     for options, message in cases:
         assert main(["prepare-videos", str(sources), str(tmp_path / "dst"), *options]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("nonlocalnet prepare-videos: error: ") and message in err[0]
-    assert main(["prepare-videos", str(tmp_path / "nowhere"), str(tmp_path / "dst"), "--list",
-                 str(sources / "train.txt")]) == 2
-    assert capsys.readouterr().err.strip() == \
-        f"nonlocalnet prepare-videos: error: no such source folder: {tmp_path / 'nowhere'}"
+    assert (
+        main(["prepare-videos", str(tmp_path / "nowhere"), str(tmp_path / "dst"), "--list", str(sources / "train.txt")])
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"nonlocalnet prepare-videos: error: no such source folder: {tmp_path / 'nowhere'}"
+    )
     assert not (tmp_path / "dst").exists()
 
 
@@ -306,16 +371,21 @@ def test_a_list_of_only_unreadable_videos_exits_2_and_writes_no_list(sources, tm
     dst = tmp_path / "dst"
     assert main(["prepare-videos", str(sources), str(dst), "--list", str(listing), "--no-progress"]) == 2
     out, err = capsys.readouterr()
-    assert out.strip() == (f"0 converted, 0 skipped (already done), 2 failed; no new list (no video left); report "
-                           f"{dst / 'broken_prepare_report.json'}")
+    assert out.strip() == (
+        f"0 converted, 0 skipped (already done), 2 failed; no new list (no video left); report "
+        f"{dst / 'broken_prepare_report.json'}"
+    )
     assert err.strip().splitlines()[-1].startswith("nonlocalnet prepare-videos: error: no video of")
     assert "failed: run/gone.mp4 (line 2): no such file" in err
     assert not (dst / "broken.txt").exists()
 
 
 def test_command_defaults_are_the_library_defaults():
-    assert (command.DEFAULT_SHORT_SIDE, command.DEFAULT_GOP, command.DEFAULT_CRF) == \
-        (prepare.DEFAULT_SHORT_SIDE, prepare.DEFAULT_GOP, prepare.DEFAULT_CRF) == (256, 16, 23)
+    assert (
+        (command.DEFAULT_SHORT_SIDE, command.DEFAULT_GOP, command.DEFAULT_CRF)
+        == (prepare.DEFAULT_SHORT_SIDE, prepare.DEFAULT_GOP, prepare.DEFAULT_CRF)
+        == (256, 16, 23)
+    )
 
 
 def _real_footage() -> Path | None:

@@ -1,4 +1,5 @@
 """Starting weights (model.pretrained): every route the paper's recipes take, and the refusals."""
+
 from __future__ import annotations
 
 import logging
@@ -90,7 +91,12 @@ def test_nl_bn_is_folded_into_wz_of_blocks_without_norm(tmp_path, clip):
     model = create_model("nl_i3d_r50", **SMALL, nonlocal_options={"norm": None})
     report = load_pretrained(model, tmp_path / "nl.safetensors")
     assert report.kind == "non-local BN folded" and report.folded == [
-        "res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5"]
+        "res3.nl1",
+        "res3.nl3",
+        "res4.nl1",
+        "res4.nl3",
+        "res4.nl5",
+    ]
     block, folded = source.res4.nl3, model.res4.nl3
     x = torch.randn(2, block.in_channels, 4, 4, 4)
     with torch.no_grad():
@@ -114,15 +120,21 @@ def test_the_128_frame_model_starts_from_either_32_frame_model(tmp_path):
 def test_files_that_do_not_fit_are_refused_with_the_mismatch_named(tmp_path):
     model = create_model("nl_i3d_r50", **SMALL)
     cases = {
-        "deeper": (create_model("nl_i3d_r50", **{**SMALL, "layers": (2, 4, 8, 2)}).state_dict(),
-                   r"another depth: res4 has 8 residual blocks in the file, 6 in the model"),
-        "wider": (create_model("nl_i3d_r50", **{**SMALL, "width": 8}).state_dict(),
-                  r"another width or kernel: .* e\.g\. conv1\.weight is \(8, 3, 5, 7, 7\) in the file, "
-                  r"\(4, 3, 5, 7, 7\) in the model"),
+        "deeper": (
+            create_model("nl_i3d_r50", **{**SMALL, "layers": (2, 4, 8, 2)}).state_dict(),
+            r"another depth: res4 has 8 residual blocks in the file, 6 in the model",
+        ),
+        "wider": (
+            create_model("nl_i3d_r50", **{**SMALL, "width": 8}).state_dict(),
+            r"another width or kernel: .* e\.g\. conv1\.weight is \(8, 3, 5, 7, 7\) in the file, "
+            r"\(4, 3, 5, 7, 7\) in the model",
+        ),
         "c2d": (create_model("nl_c2d_r50", **SMALL).state_dict(), r"another width or kernel"),
         "not_resnet": ({"encoder.weight": torch.zeros(3)}, r"not a ResNet state dict .*encoder\.weight"),
-        "other_mode": (create_model("nl_i3d_r50", **SMALL, nonlocal_options={"mode": "concatenation"}).state_dict(),
-                       r"tensor\(s\) the model lacks: res3\.nl1\.concat_project\.0\.weight"),
+        "other_mode": (
+            create_model("nl_i3d_r50", **SMALL, nonlocal_options={"mode": "concatenation"}).state_dict(),
+            r"tensor\(s\) the model lacks: res3\.nl1\.concat_project\.0\.weight",
+        ),
     }
     for name, (state, message) in cases.items():
         torch.save(state, tmp_path / f"{name}.pt")
@@ -150,12 +162,16 @@ def test_a_file_without_classifier_and_a_frozen_bn_file_start_a_model(tmp_path):
     assert torch.equal(model.bn1.running_var, source.bn1.running_var)  # the same trained_like values
 
 
-@pytest.mark.parametrize("name, fresh_modules", [
-    ("c2d_r50_8x8", ["head.fc"]),
-    ("nl_i3d_r50_8x8", ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5", "head.fc"]),
-])
-def test_the_imagenet_start_reports_every_backbone_tensor_loaded_and_only_new_ones_fresh(tmp_path, caplog, name,
-                                                                                          fresh_modules):
+@pytest.mark.parametrize(
+    "name, fresh_modules",
+    [
+        ("c2d_r50_8x8", ["head.fc"]),
+        ("nl_i3d_r50_8x8", ["res3.nl1", "res3.nl3", "res4.nl1", "res4.nl3", "res4.nl5", "head.fc"]),
+    ],
+)
+def test_the_imagenet_start_reports_every_backbone_tensor_loaded_and_only_new_ones_fresh(
+    tmp_path, caplog, name, fresh_modules
+):
     # torchvision's ResNet-50 has 320 entries: 318 without its 1000-class fc. All 318 reach the model, the 1x1
     # convs and BNs copied as they are, the temporal kernels inflated; fresh are only the 400-class fc (2 tensors)
     # and each non-local block's 12 (θ, φ, g, W_z weights and biases, BN weight, bias, mean, var).
@@ -166,7 +182,8 @@ def test_the_imagenet_start_reports_every_backbone_tensor_loaded_and_only_new_on
     assert report.kind == "2D inflated"
     assert len(report.loaded) == 318
     assert len(report.fresh) == 2 + 12 * (len(fresh_modules) - 1)
-    assert set(report.loaded) | set(report.fresh) == {k for k in model.state_dict()
-                                                      if not (".nl" in k and k.endswith("num_batches_tracked"))}
+    assert set(report.loaded) | set(report.fresh) == {
+        k for k in model.state_dict() if not (".nl" in k and k.endswith("num_batches_tracked"))
+    }
     assert f"318 tensors loaded, {len(report.fresh)} initialised fresh" in caplog.text
     assert f"initialised fresh (not in the file): {', '.join(fresh_modules)}" in caplog.text

@@ -11,6 +11,7 @@ run then diverges depended on the pixels: the ImageNet stand-in is torchvision's
 branches' last BN at zero (``zero_init_residual``, Goyal et al.'s initialisation) and the gradient norm is clipped at 1,
 so every step stays finite whatever the clips hold (the walk tests the chain, not the training).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,32 @@ from nonlocalnet.io import packaged_configs
 
 from .helpers import write_video
 
-KINETICS = ["i3d_r50_32x2", "i3d_r50_8x8", "c2d_r50_32x2", "c2d_r50_8x8", "nl_c2d_r50_32x2", "nl_c2d_r50_8x8",
-            "nl_i3d_r50_32x2", "nl_i3d_r50_8x8"]  # the ones that start from ImageNet
-TINY = ["--no-progress", "train.iterations=2", "train.batch_size=2", "train.precise_bn_batches=1",
-        "train.log_every=1", "data.workers=0", "data.crop_size=32", "data.train_scale=[32,40]", "data.test_scale=32",
-        "data.test_clips=2", "data.test_crops=1", "test.batch_size=2", "train.clip_grad_norm=1.0",
-        "data.num_classes=null"]
+KINETICS = [
+    "i3d_r50_32x2",
+    "i3d_r50_8x8",
+    "c2d_r50_32x2",
+    "c2d_r50_8x8",
+    "nl_c2d_r50_32x2",
+    "nl_c2d_r50_8x8",
+    "nl_i3d_r50_32x2",
+    "nl_i3d_r50_8x8",
+]  # the ones that start from ImageNet
+TINY = [
+    "--no-progress",
+    "train.iterations=2",
+    "train.batch_size=2",
+    "train.precise_bn_batches=1",
+    "train.log_every=1",
+    "data.workers=0",
+    "data.crop_size=32",
+    "data.train_scale=[32,40]",
+    "data.test_scale=32",
+    "data.test_clips=2",
+    "data.test_crops=1",
+    "test.batch_size=2",
+    "train.clip_grad_norm=1.0",
+    "data.num_classes=null",
+]
 
 
 def _frames(cfg: str) -> list[str]:
@@ -45,8 +66,21 @@ def _walk(name: str) -> dict:
     """Trains the shipped config ``name`` ("kinetics/i3d_r50_32x2") on tiny sizes, then tests it by the CLI."""
     assert main(["train", "--config", f"configs/{name}.yaml", *TINY, *_frames(name)]) == 0
     run = Path("runs") / name
-    assert main(["test", "--config", str(run / "config.yaml"), "--checkpoint", str(run / "model_final.safetensors"),
-                 "--output", str(run / "cli_test.json"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                str(run / "config.yaml"),
+                "--checkpoint",
+                str(run / "model_final.safetensors"),
+                "--output",
+                str(run / "cli_test.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return json.loads((run / "cli_test.json").read_text())
 
 
@@ -75,24 +109,56 @@ def test_every_shipped_video_recipe_walks_its_chain(tmp_path, monkeypatch):
     # the 128-frame model from the I3D baseline (the config's own pretrained), then from the NL I3D (BN folded)
     reports["nl_i3d_r50_128x1"] = _walk("kinetics/nl_i3d_r50_128x1")
     nl32 = "runs/kinetics/nl_i3d_r50_32x2/model_final.safetensors"
-    assert main(["train", "--config", "configs/kinetics/nl_i3d_r50_128x1.yaml", *TINY, *_frames("128x1"),
-                 f"model.pretrained={nl32}", "output_dir=runs/kinetics/nl_i3d_r50_128x1_from_nl"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "configs/kinetics/nl_i3d_r50_128x1.yaml",
+                *TINY,
+                *_frames("128x1"),
+                f"model.pretrained={nl32}",
+                "output_dir=runs/kinetics/nl_i3d_r50_128x1_from_nl",
+            ]
+        )
+        == 0
+    )
     # Charades from the Kinetics models (157 sigmoid classes; the Kinetics classifier is left out)
     for name in ("i3d_r50_32x2", "nl_i3d_r50_32x2"):
         reports[f"charades/{name}"] = _walk(f"charades/{name}")
         assert "mAP" in reports[f"charades/{name}"]
-    walked = {f"kinetics/{n}" for n in KINETICS} | {"kinetics/nl_i3d_r50_128x1"} | \
-        {f"charades/{n}" for n in ("i3d_r50_32x2", "nl_i3d_r50_32x2")}
-    shipped = {p.relative_to(packaged_configs()).with_suffix("").as_posix()
-               for folder in ("kinetics", "charades") for p in (packaged_configs() / folder).glob("*.yaml")}
+    walked = (
+        {f"kinetics/{n}" for n in KINETICS}
+        | {"kinetics/nl_i3d_r50_128x1"}
+        | {f"charades/{n}" for n in ("i3d_r50_32x2", "nl_i3d_r50_32x2")}
+    )
+    shipped = {
+        p.relative_to(packaged_configs()).with_suffix("").as_posix()
+        for folder in ("kinetics", "charades")
+        for p in (packaged_configs() / folder).glob("*.yaml")
+    }
     assert shipped - {"kinetics/base"} == walked, "a shipped video config is not walked here"
 
 
 @pytest.mark.parametrize("name", ["c2d_tiny", "nl_c2d_tiny"])
 def test_the_builtin_data_configs_train_and_test(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--config", f"configs/synthetic/{name}.yaml", "--no-progress", "train.iterations=2",
-                 "train.batch_size=4", "data.train_size=8", "data.test_size=4", "train.precise_bn_batches=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                f"configs/synthetic/{name}.yaml",
+                "--no-progress",
+                "train.iterations=2",
+                "train.batch_size=4",
+                "data.train_size=8",
+                "data.test_size=4",
+                "train.precise_bn_batches=1",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "runs" / "synthetic" / name  # the config's own output_dir
     trained = (run / "test_metrics.json").read_text()
     assert main(["test", "--config", str(run / "config.yaml"), "--no-progress"]) == 0
@@ -102,12 +168,16 @@ def test_the_builtin_data_configs_train_and_test(tmp_path, monkeypatch, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kind,annotations", [
-    ("maskrcnn_r50_fpn_nl_1x", "shapes", "instances"),
-    ("keypointrcnn_r101_fpn_nl_1x", "figures", "person_keypoints"),
-])
-def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(tmp_path, monkeypatch, capsys,
-                                                                              name, kind, annotations):
+@pytest.mark.parametrize(
+    "name,kind,annotations",
+    [
+        ("maskrcnn_r50_fpn_nl_1x", "shapes", "instances"),
+        ("keypointrcnn_r101_fpn_nl_1x", "figures", "person_keypoints"),
+    ],
+)
+def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(
+    tmp_path, monkeypatch, capsys, name, kind, annotations
+):
     from nonlocalnet.detection.data import make_builtin_coco
 
     monkeypatch.chdir(tmp_path)  # the config's datasets/coco/... paths land here
@@ -116,10 +186,24 @@ def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(tmp_
     for split, count in (("train2017", 4), ("val2017", 2)):
         _, ann = make_builtin_coco(kind, coco, num_images=count, image_size=64, split=split)
         ann.rename(coco / "annotations" / f"{annotations}_{split}.json")
-    sizes = ["--set", "train.epochs=1", "--set", "train.batch_size=1", "--set", "train.workers=0",
-             "--set", "train.warmup_iters=1", "--set", "model.min_size=64", "--set", "model.max_size=64"]
-    assert main(["detect-train", "--config", name, "output_dir=run", "device=cpu", "train.max_iters_per_epoch=1",
-                 *sizes]) == 0
+    sizes = [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=1",
+        "--set",
+        "train.workers=0",
+        "--set",
+        "train.warmup_iters=1",
+        "--set",
+        "model.min_size=64",
+        "--set",
+        "model.max_size=64",
+    ]
+    assert (
+        main(["detect-train", "--config", name, "output_dir=run", "device=cpu", "train.max_iters_per_epoch=1", *sizes])
+        == 0
+    )
     assert main(["detect-test", "--checkpoint", "run/model_final.safetensors", "--results", "results.json"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == ({"bbox", "segm"} if kind == "shapes" else {"bbox", "keypoints"})

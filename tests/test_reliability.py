@@ -1,5 +1,6 @@
 """Runs that never lose or mix data, and files that never run code (single process; the multi-process and
 fault-injection walks are in test_faults.py)."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,18 @@ from nonlocalnet.engine.checkpoint import list_checkpoints, save_checkpoint
 from nonlocalnet.engine.rundir import RunDirectoryError, config_changes
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
-QUICK = ["progress=false", "data.test_size=16", "data.train_size=128", "train.batch_size=8", "train.log_every=2",
-         "train.precise_bn_batches=2", "model.options.dropout=0.5", "train.lr_steps=[6]", "train.iterations=8",
-         "train.checkpoint_every=3"]
+QUICK = [
+    "progress=false",
+    "data.test_size=16",
+    "data.train_size=128",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.precise_bn_batches=2",
+    "model.options.dropout=0.5",
+    "train.lr_steps=[6]",
+    "train.iterations=8",
+    "train.checkpoint_every=3",
+]
 
 
 def _cfg(out: Path, *extra: str):
@@ -53,13 +63,17 @@ def straight(tmp_path_factory) -> Path:
 
 # --- one run per directory -------------------------------------------------------------------------------------
 
+
 def test_a_fresh_run_into_a_used_directory_refuses_and_touches_nothing(tmp_path, straight):
     out = tmp_path / "run"
     train(_cfg(out))
     # (the lock file records whichever process held the directory last, the refused one too)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl.*--resume.*"
-                                                r"another directory \(output_dir=\.\.\.\)"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"already holds a run \(checkpoints, metrics.jsonl.*--resume.*"
+        r"another directory \(output_dir=\.\.\.\)",
+    ):
         train(_cfg(out, "train.lr=0.02"))
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
@@ -87,12 +101,20 @@ def test_a_start_that_fails_leaves_the_config_of_the_run_as_it_was(tmp_path):
 def test_resume_refuses_a_changed_config_unless_allowed_and_names_the_keys(tmp_path, straight, caplog):
     out = tmp_path / "run"
     train(_cfg(out), stop_after=4)
-    with pytest.raises(RunDirectoryError, match=r"train.batch_size: 8 -> 4; train.lr: 0.1 -> 0.02.*"
-                                                r"--allow-config-change"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"train.batch_size: 8 -> 4; train.lr: 0.1 -> 0.02.*"
+        r"--allow-config-change",
+    ):
         train(_cfg(out, "train.lr=0.02", "train.batch_size=4"), resume=True)
     # what does not change the computation is not a change: loader processes, progress, evaluation
-    assert config_changes(_cfg(out), _cfg(tmp_path / "elsewhere", "data.workers=2", "progress=true",
-                                          "test.batch_size=3", "train.log_every=5")) == []
+    assert (
+        config_changes(
+            _cfg(out),
+            _cfg(tmp_path / "elsewhere", "data.workers=2", "progress=true", "test.batch_size=3", "train.log_every=5"),
+        )
+        == []
+    )
     with caplog.at_level(logging.WARNING, logger="nonlocalnet"):
         report = train(_cfg(out, "train.lr=0.02"), resume=True, allow_config_change=True)
     assert "resuming" in caplog.text and "train.lr: 0.1 -> 0.02" in caplog.text
@@ -147,8 +169,13 @@ def test_resume_from_an_earlier_checkpoint_into_a_run_that_went_further_refuses(
 def test_the_demo_replaces_its_own_runs_when_rerun(tmp_path):
     from nonlocalnet.engine.demo import run_demo
 
-    args = dict(variants=["baseline"], overrides=QUICK[:-2] + ["train.iterations=2", "data.test_size=8"],
-                jobs=1, pictures=False, echo=lambda *a: None)
+    args = dict(
+        variants=["baseline"],
+        overrides=QUICK[:-2] + ["train.iterations=2", "data.test_size=8"],
+        jobs=1,
+        pictures=False,
+        echo=lambda *a: None,
+    )
     first = run_demo(tmp_path, **args)
     messages = []
     second = run_demo(tmp_path, **{**args, "echo": messages.append})
@@ -157,6 +184,7 @@ def test_the_demo_replaces_its_own_runs_when_rerun(tmp_path):
 
 
 # --- files never run code --------------------------------------------------------------------------------------
+
 
 class _Payload:
     """Unpickling this creates the marker file: what a hostile checkpoint would do instead."""
@@ -174,8 +202,9 @@ def _hostile(path: Path, marker: Path, layout: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["train-resume", "test-checkpoint", "pretrained", "convert-caffe2",
-                                     "detect-train-resume", "detect-test"])
+@pytest.mark.parametrize(
+    "command", ["train-resume", "test-checkpoint", "pretrained", "convert-caffe2", "detect-train-resume", "detect-test"]
+)
 def test_no_file_we_load_runs_code(tmp_path, capsys, command):
     marker = tmp_path / "PWNED"
     evil = _hostile(tmp_path / "evil.pt", marker, {"model": {}, "blobs": {}, "config": {}, "epoch": 0})
@@ -185,8 +214,15 @@ def test_no_file_we_load_runs_code(tmp_path, capsys, command):
         "test-checkpoint": ["test", "--config", TINY, *QUICK, f"output_dir={out}", "--checkpoint", str(evil)],
         "pretrained": ["train", "--config", TINY, *QUICK, f"output_dir={out}", f"model.pretrained={evil}"],
         "convert-caffe2": ["convert-caffe2", str(evil), str(tmp_path / "out.safetensors"), "--model", "nl_c2d_tiny"],
-        "detect-train-resume": ["detect-train", f"output_dir={out}", "--resume", str(evil),
-                                "data.num_train=2", "data.num_val=2", "device=cpu"],
+        "detect-train-resume": [
+            "detect-train",
+            f"output_dir={out}",
+            "--resume",
+            str(evil),
+            "data.num_train=2",
+            "data.num_val=2",
+            "device=cpu",
+        ],
         "detect-test": ["detect-test", "--checkpoint", str(evil), "device=cpu"],
     }[command]
     assert main(argv) == 2
@@ -198,6 +234,7 @@ def test_no_file_we_load_runs_code(tmp_path, capsys, command):
 
 # --- detection: the same guarantees ----------------------------------------------------------------------------
 
+
 def _detection_config(output_dir):
     from tests.test_detection import _tiny_config
 
@@ -207,8 +244,7 @@ def _detection_config(output_dir):
     return config
 
 
-def test_detection_resume_continues_the_epoch_order_and_ends_where_an_uninterrupted_run_does(tmp_path,
-                                                                                             monkeypatch):
+def test_detection_resume_continues_the_epoch_order_and_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
     import nonlocalnet.detection.train as detection
 
     detection.train(_detection_config(tmp_path / "a"))
@@ -264,8 +300,14 @@ def test_a_failed_detection_checkpoint_write_leaves_the_previous_checkpoint(tmp_
     monkeypatch.undo()
     assert torch.load(tmp_path / "checkpoints" / "checkpoint_000000001.pt", weights_only=True)["iteration"] == 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_000000001.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                          "run.json", "tensorboard"]  # no .tmp debris
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "run.json",
+        "tensorboard",
+    ]  # no .tmp debris
 
 
 def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_nothing(tmp_path, capsys):
@@ -281,25 +323,33 @@ def test_a_detection_rerun_into_a_used_directory_is_one_error_line_and_touches_n
 
 def _detection_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "checkpoint.pth"
-    torch.save({"task": "detection", "model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}},
-               path)
+    torch.save(
+        {"task": "detection", "model": {}, "config": {"model": {"task": "mask"}, "data": {"builtin": "shapes"}}}, path
+    )
     return path
 
 
 @pytest.mark.parametrize("command", ["detect-train", "detect-test", "train", "convert", "flops", "visualize"])
 def test_a_bad_override_is_one_error_line_naming_it_in_every_command(tmp_path, capsys, command):
     argv, message = {
-        "detect-train": (["detect-train", "device=cpu", "--set", "train.epoch=2"],
-                         "unknown config key 'train.epoch'; known keys of 'train': amp, batch_size"),
-        "detect-test": (["detect-test", "--checkpoint", str(_detection_checkpoint(tmp_path)), "device=cpu",
-                         "data.num_vall=3"],
-                        "unknown config key 'data.num_vall'"),
+        "detect-train": (
+            ["detect-train", "device=cpu", "--set", "train.epoch=2"],
+            "unknown config key 'train.epoch'; known keys of 'train': amp, batch_size",
+        ),
+        "detect-test": (
+            ["detect-test", "--checkpoint", str(_detection_checkpoint(tmp_path)), "device=cpu", "data.num_vall=3"],
+            "unknown config key 'data.num_vall'",
+        ),
         "train": (["train", "--config", TINY, "--set", "train.lr=fast"], "train.lr must be a finite number"),
-        "convert": (["convert", str(tmp_path / "in.pkl"), str(tmp_path / "out.safetensors"), "--set", "layers"],
-                    "override 'layers' must look like key=value (e.g. layers=[3,4,6,3])"),
+        "convert": (
+            ["convert", str(tmp_path / "in.pkl"), str(tmp_path / "out.safetensors"), "--set", "layers"],
+            "override 'layers' must look like key=value (e.g. layers=[3,4,6,3])",
+        ),
         "flops": (["flops", "c2d_r50", "--set", "width=[1,"], "override 'width=[1,': value is not valid YAML"),
-        "visualize": (["visualize", "--checkpoint", str(tmp_path / "w.safetensors"), "--video", "v.mp4",
-                       "--set", "2width=4"], "override '2width=4': '2width' is not an option name"),
+        "visualize": (
+            ["visualize", "--checkpoint", str(tmp_path / "w.safetensors"), "--video", "v.mp4", "--set", "2width=4"],
+            "override '2width=4': '2width' is not an option name",
+        ),
     }[command]
     assert message in _error_line(capsys, argv, command)
 
@@ -315,6 +365,7 @@ def test_detection_sampler_orders_differ_by_epoch_repeat_for_the_same_epoch_and_
 
 
 # --- corrupt data: counted once per video, never fatal while one video decodes ---------------------------------
+
 
 def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
     import shutil
@@ -333,17 +384,20 @@ def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
     names = ["g0", "bad0", "g1", "g2", "bad1", "bad2", "bad3", "g3", "g4", "g5", "g6", "g7"]
     listing = "".join(f"{n}.mp4 {i % 3}\n" for i, n in enumerate(names))
     (root / "list.txt").write_text("\ufeff" + listing)  # and a byte-order mark, as Windows editors write
-    overrides = video_overrides(root, tmp_path / "run") + [f"data.train_list={root / 'list.txt'}",
-                                                             f"data.test_list={root / 'list.txt'}",
-                                                             "train.iterations=12", "train.batch_size=4"]
+    overrides = video_overrides(root, tmp_path / "run") + [
+        f"data.train_list={root / 'list.txt'}",
+        f"data.test_list={root / 'list.txt'}",
+        "train.iterations=12",
+        "train.batch_size=4",
+    ]
     report = train(load_config(None, overrides))
     assert report["skipped_videos"] == 4  # not one per view and per replacement walked past (42 here)
     assert report["videos"] == 8 and report["views"] == 12 * 6
     assert report["skipped_videos_train"] == 4  # 48 draws of 12 videos: every corrupt one was drawn
 
 
-
 # --- COCO files: checked up front, named ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def coco_files(tmp_path_factory) -> tuple[Path, dict]:
@@ -372,14 +426,20 @@ def _break(data: dict, how: str) -> dict:
     return data
 
 
-@pytest.mark.parametrize("how,message", [
-    ("no bbox", r"annotations without 'bbox' \(ids\): 1"),
-    ("no categories", "no 'categories' list"),
-    ("no category_id", r"annotations without 'category_id' \(ids\): 1"),
-    ("unknown category_id", r"annotations of categories the file does not list \(\[1, 2, 3\]\): 1 \(category_id 99\)"),
-    ("empty segmentation", r"annotations without a mask .*\(ids\): 1"),
-    ("unknown image_id", r"annotations of images the file does not list: 1 \(image_id 12345\)"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("no bbox", r"annotations without 'bbox' \(ids\): 1"),
+        ("no categories", "no 'categories' list"),
+        ("no category_id", r"annotations without 'category_id' \(ids\): 1"),
+        (
+            "unknown category_id",
+            r"annotations of categories the file does not list \(\[1, 2, 3\]\): 1 \(category_id 99\)",
+        ),
+        ("empty segmentation", r"annotations without a mask .*\(ids\): 1"),
+        ("unknown image_id", r"annotations of images the file does not list: 1 \(image_id 12345\)"),
+    ],
+)
 def test_a_broken_coco_file_is_refused_up_front_naming_the_entry(tmp_path, coco_files, how, message):
     from nonlocalnet.detection.data import CocoDetection, CocoFormatError
 
@@ -394,19 +454,50 @@ def test_detect_commands_turn_broken_inputs_into_one_error_line(tmp_path, coco_f
     images, data = coco_files
     (tmp_path / "bad.json").write_text(json.dumps(_break(data, "unknown category_id")))
     (tmp_path / "empty.json").write_text(json.dumps({**data, "annotations": []}))
-    common = ["--set", f"data.train_images={images}", "--set", f"data.val_images={images}",
-              "--set", "data.builtin=null", f"output_dir={tmp_path / 'run'}",
-              "device=cpu", "train.max_iters_per_epoch=1"]
-    assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
-                 "--set", f"data.val_annotations={tmp_path / 'bad.json'}"]) == 2
+    common = [
+        "--set",
+        f"data.train_images={images}",
+        "--set",
+        f"data.val_images={images}",
+        "--set",
+        "data.builtin=null",
+        f"output_dir={tmp_path / 'run'}",
+        "device=cpu",
+        "train.max_iters_per_epoch=1",
+    ]
+    assert (
+        main(
+            [
+                "detect-train",
+                *common,
+                "--set",
+                f"data.train_annotations={tmp_path / 'bad.json'}",
+                "--set",
+                f"data.val_annotations={tmp_path / 'bad.json'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: " in err and "category_id 99" in err and "Traceback" not in err
-    assert main(["detect-train", *common, "--set", f"data.train_annotations={tmp_path / 'bad.json'}",
-                 "--set", f"data.val_annotations={tmp_path / 'empty.json'}"]) == 2
+    assert (
+        main(
+            [
+                "detect-train",
+                *common,
+                "--set",
+                f"data.train_annotations={tmp_path / 'bad.json'}",
+                "--set",
+                f"data.val_annotations={tmp_path / 'empty.json'}",
+            ]
+        )
+        == 2
+    )
     assert "has no annotations: there is nothing to score AP against" in capsys.readouterr().err
 
 
 # --- one error path: a user error is one `error:` line and exit status 2 --------------------------------------
+
 
 def _error_line(capsys, argv: list[str], name: str) -> str:
     assert main(argv) == 2
@@ -429,13 +520,15 @@ def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
 
     run = ["train", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'run'}"]
     assert "train.lr must be a finite number; got 'abc'" in _error_line(capsys, run + ["train.lr=abc"], "train")
-    assert "train.checkpoint_every must be at least 1" in _error_line(capsys, run + ["train.checkpoint_every=0"],
-                                                                      "train")
+    assert "train.checkpoint_every must be at least 1" in _error_line(
+        capsys, run + ["train.checkpoint_every=0"], "train"
+    )
     line = _error_line(capsys, run + ["model.name=nl_i3d_r50_8x16"], "train")
     assert "unknown model 'nl_i3d_r50_8x16'" in line and "did you mean nl_i3d_r50_8x8," in line
     (tmp_path / "five.yaml").write_text("train: 5\n")
     assert "config section 'train' must be a mapping" in _error_line(
-        capsys, ["train", "--config", str(tmp_path / "five.yaml")], "train")
+        capsys, ["train", "--config", str(tmp_path / "five.yaml")], "train"
+    )
     # data: a directory as the list, and a list of corrupt videos read by two loader processes
     (tmp_path / "videos").mkdir()
     for i in range(3):
@@ -444,8 +537,9 @@ def test_user_errors_are_one_line(tmp_path, capsys, tiny_weights):
     videos = video_overrides(tmp_path / "videos", tmp_path / "vrun")
     line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos'}"], "train")
     assert f"video list {tmp_path / 'videos'} is a directory" in line
-    line = _error_line(capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos' / 'list.txt'}",
-                                "data.workers=2"], "train")
+    line = _error_line(
+        capsys, ["train", *videos, f"data.train_list={tmp_path / 'videos' / 'list.txt'}", "data.workers=2"], "train"
+    )
     assert "every video listed in" in line and "failed to decode (3 videos)" in line
     # weights: cut short, and of another class count
     cut = tmp_path / "cut.safetensors"
@@ -462,13 +556,28 @@ def test_convert_caffe2_names_a_blob_that_is_no_array_and_creates_its_output_fol
     blobs = official_blobs(C2D_TEMP, {})
     good = write_pickle(tmp_path / "good.pkl", blobs)
     out = tmp_path / "new" / "folder" / "c2d.safetensors"
-    assert main(["convert-caffe2", str(good), str(out), "--model", "c2d_r50", "--set", "layers=[2,4,6,2]",
-                 "--set", "width=4"]) == 0
+    assert (
+        main(
+            [
+                "convert-caffe2",
+                str(good),
+                str(out),
+                "--model",
+                "c2d_r50",
+                "--set",
+                "layers=[2,4,6,2]",
+                "--set",
+                "width=4",
+            ]
+        )
+        == 0
+    )
     assert out.is_file()
     blobs["res2_0_branch2a_w"] = "not an array"
     bad = write_pickle(tmp_path / "bad.pkl", blobs)
-    line = _error_line(capsys, ["convert-caffe2", str(bad), str(tmp_path / "o.safetensors"), "--model", "c2d_r50"],
-                       "convert-caffe2")
+    line = _error_line(
+        capsys, ["convert-caffe2", str(bad), str(tmp_path / "o.safetensors"), "--model", "c2d_r50"], "convert-caffe2"
+    )
     assert "blob 'res2_0_branch2a_w' is a str, not a numeric array" in line
 
 

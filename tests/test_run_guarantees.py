@@ -1,5 +1,6 @@
 """Issue 31's reproductions of a run directory that mixed two runs, a checkpoint read without a word, and weights
 of the wrong kind: each one as the user's command, pinned to what happens now."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,18 @@ from nonlocalnet.models import create_model
 from nonlocalnet.models.weights import save_weights
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
-QUICK = ["progress=false", "data.test_size=8", "data.train_size=32", "train.batch_size=8", "train.log_every=2",
-         "train.precise_bn_batches=1", "train.lr_steps=[]", "train.iterations=4", "train.checkpoint_every=2",
-         "train.keep_checkpoints=3"]
+QUICK = [
+    "progress=false",
+    "data.test_size=8",
+    "data.train_size=32",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.precise_bn_batches=1",
+    "train.lr_steps=[]",
+    "train.iterations=4",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=3",
+]
 
 
 def _run(out: Path, *extra: str, stop_after: int | None = None) -> Path:
@@ -50,20 +60,31 @@ def finished(tmp_path_factory) -> Path:
 
 # --- 1-3: one run per directory --------------------------------------------------------------------------------
 
-def test_resume_of_another_runs_checkpoint_into_a_finished_run_refuses_and_touches_nothing(tmp_path, capsys,
-                                                                                            finished):
+
+def test_resume_of_another_runs_checkpoint_into_a_finished_run_refuses_and_touches_nothing(tmp_path, capsys, finished):
     run_b = _run(tmp_path / "b", "train.lr=0.02")
     before = _files(run_b)
-    code, err = _cli(capsys, "train", "--config", TINY, *QUICK, "train.lr=0.02", f"output_dir={run_b}",
-                     "--resume", str(_ckpt(finished, 4)), "--allow-config-change")
+    code, err = _cli(
+        capsys,
+        "train",
+        "--config",
+        TINY,
+        *QUICK,
+        "train.lr=0.02",
+        f"output_dir={run_b}",
+        "--resume",
+        str(_ckpt(finished, 4)),
+        "--allow-config-change",
+    )
     assert code == 2 and err.count("error:") == 1
     assert f"belongs to run {read_identity(finished).run_id}" in err
     assert f"holds run {read_identity(run_b).run_id}" in err and "empty directory" in err
     assert _files(run_b) == before
 
 
-def test_resume_of_another_runs_checkpoint_into_an_empty_directory_starts_a_new_run_said_plainly(tmp_path, caplog,
-                                                                                                   finished):
+def test_resume_of_another_runs_checkpoint_into_an_empty_directory_starts_a_new_run_said_plainly(
+    tmp_path, caplog, finished
+):
     out = tmp_path / "new"
     cfg = load_config(TINY, QUICK + [f"output_dir={out}"])
     with caplog.at_level("WARNING", logger="nonlocalnet"):
@@ -83,8 +104,10 @@ def test_resume_of_a_finished_run_whose_checkpoints_were_deleted_refuses_and_kee
     before = _files(out)
     code, err = _cli(capsys, "train", "--config", TINY, *QUICK, f"output_dir={out}", "train.lr=0.05", "--resume")
     assert code == 2
-    assert "holds the results of a run (metrics.jsonl, model_final.safetensors, test_metrics.json) but no " \
-           "checkpoint to resume from" in err
+    assert (
+        "holds the results of a run (metrics.jsonl, model_final.safetensors, test_metrics.json) but no "
+        "checkpoint to resume from" in err
+    )
     assert _files(out) == before
 
 
@@ -109,18 +132,20 @@ def test_every_checkpoint_and_log_row_carries_the_run_identity(finished):
 
 # --- 5, 10: checkpoints verified, every unreadable newest one falls back -----------------------------------------
 
+
 def _flip_a_tensor_byte(path: Path) -> None:
     """Flips one byte inside the stored bytes of the model's largest tensor (torch does not check the zip's CRC)."""
     state = torch.load(path, weights_only=True)
     name, tensor = max(state["model"].items(), key=lambda kv: kv[1].numel())
     data = path.read_bytes()
     at = data.index(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()[:64]) + 17
-    path.write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:])
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :])
     assert not torch.equal(torch.load(path, weights_only=True)["model"][name], tensor)  # it loads, changed
 
 
-def test_a_checkpoint_with_a_flipped_byte_is_refused_when_named_and_passed_over_by_resume(tmp_path, capsys, caplog,
-                                                                                         finished):
+def test_a_checkpoint_with_a_flipped_byte_is_refused_when_named_and_passed_over_by_resume(
+    tmp_path, capsys, caplog, finished
+):
     out = _run(tmp_path / "run", stop_after=4)
     (out / "metrics.jsonl").unlink()  # (the run stopped at 4 without its final evaluation: resume does it)
     _flip_a_tensor_byte(_ckpt(out, 4))
@@ -159,7 +184,7 @@ def test_model_final_carries_a_checksum_that_a_changed_tensor_fails(tmp_path, ca
     name = max(tensors, key=lambda k: tensors[k].numel())
     data = path.read_bytes()
     at = data.index(tensors[name].view(-1).view(torch.uint8).numpy().tobytes()[:64]) + 9
-    path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
     code, err = _cli(capsys, "test", "--config", TINY, *QUICK, f"output_dir={tmp_path}", "--checkpoint", str(path))
     assert code == 2 and "corrupt: its tensors do not match the checksum written with them" in err
 
@@ -177,6 +202,7 @@ def test_save_checkpoint_of_a_state_then_load_gives_it_back_verified(tmp_path):
 
 # --- 6: weights checked on load --------------------------------------------------------------------------------
 
+
 def _tiny_weights(path: Path, change=None) -> Path:
     state = create_model("nl_c2d_tiny", num_classes=2).state_dict()
     if change is not None:
@@ -193,8 +219,10 @@ def test_test_checkpoint_refuses_weights_that_are_not_floating_naming_the_tensor
     path = _tiny_weights(tmp_path / "w.safetensors", to_int)
     code, err = _cli(capsys, "test", "--config", TINY, *QUICK, f"output_dir={tmp_path}", "--checkpoint", str(path))
     assert code == 2
-    assert f"{path}: tensor 'conv1.weight' has dtype {str(dtype).removeprefix('torch.')}, not floating-point " \
-           f"weights" in err
+    assert (
+        f"{path}: tensor 'conv1.weight' has dtype {str(dtype).removeprefix('torch.')}, not floating-point "
+        f"weights" in err
+    )
 
 
 def test_all_nan_weights_give_no_test_report(tmp_path, capsys):
@@ -214,8 +242,9 @@ def test_a_nan_pretrained_file_is_named_as_such_not_blamed_on_the_learning_rate(
         state["res2.0.conv_a.weight"].view(-1)[3] = float("nan")
 
     path = _tiny_weights(tmp_path / "w.safetensors", one_nan)
-    code, err = _cli(capsys, "train", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'run'}",
-                     f"model.pretrained={path}")
+    code, err = _cli(
+        capsys, "train", "--config", TINY, *QUICK, f"output_dir={tmp_path / 'run'}", f"model.pretrained={path}"
+    )
     assert code == 2 and f"{path}: tensor 'res2.0.conv_a.weight' holds NaN" in err and "lr" not in err
 
 
@@ -223,11 +252,13 @@ def test_weights_written_by_training_carry_their_checksum(tmp_path):
     model = create_model("nl_c2d_tiny", num_classes=2)
     save_weights(model, tmp_path / "w.safetensors")
     from safetensors import safe_open
+
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         assert len(f.metadata()["checksum"]) == 64
 
 
 # --- 4: detection runs follow the same rules -------------------------------------------------------------------
+
 
 def _detection(out: Path, **kwargs) -> None:
     import nonlocalnet.detection.train as detection
@@ -242,8 +273,11 @@ def test_detect_train_into_a_finished_video_run_refuses_and_writes_nothing(finis
     from nonlocalnet.engine.rundir import RunDirectoryError
 
     before = _files(finished)
-    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics.jsonl, "
-                                                r"model_final.safetensors, test_metrics.json\)"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"already holds a run \(checkpoints, metrics.jsonl, "
+        r"model_final.safetensors, test_metrics.json\)",
+    ):
         _detection(finished)
     assert _files(finished) == before
 
@@ -254,9 +288,12 @@ def test_detect_train_resume_of_another_runs_checkpoint_into_a_detection_run_ref
     _detection(tmp_path / "a")
     _detection(tmp_path / "b")
     before = _files(tmp_path / "b")
-    with pytest.raises(RunDirectoryError, match=f"belongs to run {read_identity(tmp_path / 'a').run_id}, and "
-                                                f"output_dir {tmp_path / 'b'} holds run "
-                                                f"{read_identity(tmp_path / 'b').run_id}"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=f"belongs to run {read_identity(tmp_path / 'a').run_id}, and "
+        f"output_dir {tmp_path / 'b'} holds run "
+        f"{read_identity(tmp_path / 'b').run_id}",
+    ):
         _detection(tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "checkpoint_000000001.pt")
     assert _files(tmp_path / "b") == before
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -272,9 +309,26 @@ def test_two_train_commands_started_together_on_one_directory_one_runs_the_other
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "nonlocalnet.cli", "train", "--config", TINY, *QUICK,
-                               f"train.lr={lr}", f"output_dir={out}"], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for lr in (0.01, 0.02)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nonlocalnet.cli",
+                "train",
+                "--config",
+                TINY,
+                *QUICK,
+                f"train.lr={lr}",
+                f"output_dir={out}",
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for lr in (0.01, 0.02)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 2], results
     refused = next(err for code, err in results if code == 2)
@@ -282,7 +336,6 @@ def test_two_train_commands_started_together_on_one_directory_one_runs_the_other
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (4, "test")]  # each step once
     winner = read_identity(out)
-    assert {r["run"] for r in rows} == {winner.run_id} and load_checkpoint(_ckpt(out, 4))["run"] == \
-        winner.as_dict()
+    assert {r["run"] for r in rows} == {winner.run_id} and load_checkpoint(_ckpt(out, 4))["run"] == winner.as_dict()
     lr = (0.01, 0.02)[[code for code, _ in results].index(0)]
     assert load_config(out / "config.yaml")["train"]["lr"] == lr  # the config of the weights that are there

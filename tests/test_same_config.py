@@ -1,5 +1,6 @@
 """One config for all processes of a job (issue 31, item 8): under torchrun every process compares its config
 with process 0's before training and refuses a difference, naming the keys."""
+
 from __future__ import annotations
 
 import os
@@ -41,17 +42,22 @@ def test_processes_started_with_different_configs_refuse_naming_the_keys(lrs):
     if lrs[0] == lrs[1]:
         assert dict(results) == {0: "same", 1: "same"}
         return
-    expected = ("the processes of this job were started with different configs: train.lr (rank 0: 0.01, rank 1: "
-                "0.5); start every process with the same config and overrides")
+    expected = (
+        "the processes of this job were started with different configs: train.lr (rank 0: 0.01, rank 1: "
+        "0.5); start every process with the same config and overrides"
+    )
     assert dict(results) == {0: expected, 1: expected}  # every process raises the same: the CLI says it once
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("override, message", [
-    ("train.lr_gamma=-1", "train.lr_gamma must be greater than 0 and at most 1; got -1"),
-    ("model.pretrained=/nonexistent/w.safetensors", "model.pretrained: no file at /nonexistent/w.safetensors"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr_gamma=-1", "train.lr_gamma must be greater than 0 and at most 1; got -1"),
+        ("model.pretrained=/nonexistent/w.safetensors", "model.pretrained: no file at /nonexistent/w.safetensors"),
+    ],
+)
 def test_a_user_error_every_process_meets_under_torchrun_is_printed_once(tmp_path, override, message):
     import subprocess
     import sys
@@ -59,11 +65,27 @@ def test_a_user_error_every_process_meets_under_torchrun_is_printed_once(tmp_pat
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "nonlocalnet.cli", "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml", override,
-         f"output_dir={tmp_path / 'run'}"],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, capture_output=True,
-        text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "nonlocalnet.cli",
+            "train",
+            "--config",
+            "configs/synthetic/nl_c2d_tiny.yaml",
+            override,
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if "error:" in line]
     assert lines == [f"nonlocalnet train: error: {message}"]

@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM always stop a run, with its last checkpoint intact and exit status 130 / 143 (issue 31,
 item 12), also when the signal's exception is swallowed while DataLoader workers start."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_next_step(signum
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_at_a_random_moment_with_loader_workers_stops_the_run_with_its_checkpoint_intact(tmp_path, signum,
-                                                                                                   status):
+def test_a_signal_at_a_random_moment_with_loader_workers_stops_the_run_with_its_checkpoint_intact(
+    tmp_path, signum, status
+):
     """Four runs, each signalled at a random moment from its first checkpoint on (epochs of two steps, so loader
     workers start every other step): every one exits with the signal's status and its newest checkpoint reads."""
     rng = random.Random(31 + signum)
@@ -43,10 +45,29 @@ def test_a_signal_at_a_random_moment_with_loader_workers_stops_the_run_with_its_
     for attempt in range(4):
         out = tmp_path / f"run{attempt}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nonlocalnet.cli", "train", "--config", "configs/synthetic/nl_c2d_tiny.yaml",
-             "progress=false", "data.workers=2", "data.train_size=16", "data.test_size=8", "train.batch_size=8",
-             "train.iterations=400", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.lr_steps=[]",
-             f"output_dir={out}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "nonlocalnet.cli",
+                "train",
+                "--config",
+                "configs/synthetic/nl_c2d_tiny.yaml",
+                "progress=false",
+                "data.workers=2",
+                "data.train_size=16",
+                "data.test_size=8",
+                "train.batch_size=8",
+                "train.iterations=400",
+                "train.checkpoint_every=1",
+                "train.keep_checkpoints=2",
+                "train.lr_steps=[]",
+                f"output_dir={out}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 120
         while not list_checkpoints(out / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
@@ -76,9 +97,19 @@ def test_the_training_loop_stops_a_video_run_at_the_step_after_a_swallowed_signa
     from nonlocalnet.engine.rundir import lock_run_directory
 
     out = tmp_path / "run"
-    cfg = load_config("configs/synthetic/nl_c2d_tiny.yaml",
-                      ["progress=false", "data.test_size=8", "data.train_size=32", "train.batch_size=8",
-                       "train.iterations=4", "train.checkpoint_every=2", "train.lr_steps=[]", f"output_dir={out}"])
+    cfg = load_config(
+        "configs/synthetic/nl_c2d_tiny.yaml",
+        [
+            "progress=false",
+            "data.test_size=8",
+            "data.train_size=32",
+            "train.batch_size=8",
+            "train.iterations=4",
+            "train.checkpoint_every=2",
+            "train.lr_steps=[]",
+            f"output_dir={out}",
+        ],
+    )
     steps = []
 
     def step_done(iteration: int) -> None:

@@ -5,6 +5,7 @@ Tolerances: float64 rtol 1e-9 / atol 1e-10 (the order of summation differs); flo
 gradients); atol is relative to the largest value where that exceeds one. The peers (mmcv-lite, pytorchvideo, timm,
 mmaction2, slowfast) are installed in CI's environment with peers; elsewhere these tests skip.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,7 @@ def _randomise(module: nn.Module, seed: int = 0) -> None:
     """Every parameter and BN statistic random (γ and W_z nonzero: the block is far from the identity)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -47,8 +48,13 @@ def _holder(block: nn.Module, channels: int, dim: int) -> nn.Sequential:
     return nn.Sequential(conv(3, channels, 1), block)
 
 
-def _check_same_function(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, gradients: bool = True,
-                         tolerance: dict[str, float] | None = None) -> SwapReport:
+def _check_same_function(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    gradients: bool = True,
+    tolerance: dict[str, float] | None = None,
+) -> SwapReport:
     """Swaps ``model`` and compares it with a copy of the original in eval and train mode (outputs, the gradient
     with respect to the input unless ``gradients`` is False, BN statistics)."""
     model = model.to(dtype)
@@ -91,21 +97,23 @@ SHAPES = {1: (2, 3, 12), 2: (2, 3, 6, 8), 3: (2, 3, 4, 6, 4)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("dim,options", MMCV_CASES, ids=[f"{d}d-{o['mode']}-{i}" for i, (d, o) in
-                                                        enumerate(MMCV_CASES)])
+@pytest.mark.parametrize(
+    "dim,options", MMCV_CASES, ids=[f"{d}d-{o['mode']}-{i}" for i, (d, o) in enumerate(MMCV_CASES)]
+)
 def test_mmcv_blocks_swap_to_the_same_function(dim, options, dtype):
     bricks = pytest.importorskip("mmcv.cnn.bricks.non_local")
     block = getattr(bricks, f"NonLocal{dim}d")(16, **options)
     _randomise(block)
     # mmcv's concatenation divides its in-place ReLU's output in place, so its own backward pass fails: outputs only
-    report = _check_same_function(_holder(block, 16, dim), SHAPES[dim], dtype,
-                                  gradients=options["mode"] != "concatenation")
+    report = _check_same_function(
+        _holder(block, 16, dim), SHAPES[dim], dtype, gradients=options["mode"] != "concatenation"
+    )
     assert report.swapped == ["1"] and not report.left
     ours = report.model[1]
     assert isinstance(ours, NonLocalBlock) and ours.mode == options["mode"]
     assert ours.inter_channels == 16 // options.get("reduction", 2)
     use_scale = options.get("use_scale", True) and options["mode"] == "embedded_gaussian"
-    assert ours.scale == (ours.inter_channels ** -0.5 if use_scale else 1.0)
+    assert ours.scale == (ours.inter_channels**-0.5 if use_scale else 1.0)
     assert (ours.subsample is not None) == options.get("sub_sample", False)
     assert ours.norm_type == ("batch" if "norm_cfg" in options else None)
     # the same parameters train: W_z has a bias exactly where mmcv's conv_out has one (none before a norm)
@@ -114,12 +122,14 @@ def test_mmcv_blocks_swap_to_the_same_function(dim, options, dtype):
 
 def test_mmcv_blocks_with_norms_ours_lacks_are_left_with_the_reason():
     bricks = pytest.importorskip("mmcv.cnn.bricks.non_local")
-    model = nn.Sequential(bricks.NonLocal2d(16, norm_cfg=dict(type="GN", num_groups=4)),
-                          bricks.NonLocal2d(16, sub_sample=True), nn.Sequential(bricks.NonLocal2d(16)))
+    model = nn.Sequential(
+        bricks.NonLocal2d(16, norm_cfg=dict(type="GN", num_groups=4)),
+        bricks.NonLocal2d(16, sub_sample=True),
+        nn.Sequential(bricks.NonLocal2d(16)),
+    )
     report = nonlocalnet.swap_nonlocal(model)
     assert report.swapped == ["1", "2.0"]
-    assert report.left == {"0": "the norm of its conv_out is a GroupNorm; ours reproduces only BatchNorm2d or "
-                                "no norm"}
+    assert report.left == {"0": "the norm of its conv_out is a GroupNorm; ours reproduces only BatchNorm2d or no norm"}
     assert type(model[0]).__name__ == "NonLocal2d" and isinstance(model[1], NonLocalBlock)
     assert "3 non-local block(s) found, 2 swapped, 1 left" in str(report)
 
@@ -133,34 +143,50 @@ def test_a_subclass_of_a_recognised_block_is_left_in_place():
 
     model = nn.Sequential(Mine(8))
     report = nonlocalnet.swap_nonlocal(model)
-    assert report.left == {"0": "a subclass of mmcv.cnn.bricks.non_local.NonLocal2d, whose forward may differ "
-                                "from it"}
+    assert report.left == {"0": "a subclass of mmcv.cnn.bricks.non_local.NonLocal2d, whose forward may differ from it"}
     assert isinstance(model[0], Mine)
 
 
 def test_mmaction2_nl_i3d_swaps_every_block_to_the_same_function():
     from .test_zoo_convert import _mmaction2_resnet3d
+
     resnet3d, _ = _mmaction2_resnet3d()
-    net = resnet3d(depth=50, pretrained=None, base_channels=8, non_local=((0, 0, 0), (0, 1, 0, 1),
-                            (0, 1, 0, 1, 0, 1), (0, 0, 0)), non_local_cfg=dict(
-                                sub_sample=True, use_scale=False, norm_cfg=dict(type="BN3d", requires_grad=True),
-                                mode="embedded_gaussian"))
+    net = resnet3d(
+        depth=50,
+        pretrained=None,
+        base_channels=8,
+        non_local=((0, 0, 0), (0, 1, 0, 1), (0, 1, 0, 1, 0, 1), (0, 0, 0)),
+        non_local_cfg=dict(
+            sub_sample=True, use_scale=False, norm_cfg=dict(type="BN3d", requires_grad=True), mode="embedded_gaussian"
+        ),
+    )
     net.init_weights()
     for i, block in enumerate(m for m in net.modules() if type(m).__name__ == "NonLocal3d"):
         _randomise(block, seed=i)  # random weights, nonzero γ: each block changes what passes through it
     # a whole ResNet-50 at random weights: each block's summation-order differences (1e-15) grow block after block
     report = _check_same_function(net, (1, 3, 8, 32, 32), torch.float64, tolerance=dict(rtol=1e-7, atol=1e-8))
-    assert report.swapped == ["layer2.1.non_local_block", "layer2.3.non_local_block", "layer3.1.non_local_block",
-                              "layer3.3.non_local_block", "layer3.5.non_local_block"]
+    assert report.swapped == [
+        "layer2.1.non_local_block",
+        "layer2.3.non_local_block",
+        "layer3.1.non_local_block",
+        "layer3.3.non_local_block",
+        "layer3.5.non_local_block",
+    ]
 
 
 # --- PyTorchVideo, timm, PySlowFast ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("options", [dict(instantiation="softmax", pool_size=(1, 2, 2)),
-                                     dict(instantiation="dot_product", pool_size=(2, 2, 1), norm=None),
-                                     dict(instantiation="softmax", norm_eps=1e-3, norm_momentum=0.5)],
-                         ids=["softmax-pool", "dot-nonorm", "softmax-eps"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(instantiation="softmax", pool_size=(1, 2, 2)),
+        dict(instantiation="dot_product", pool_size=(2, 2, 1), norm=None),
+        dict(instantiation="softmax", norm_eps=1e-3, norm_momentum=0.5),
+    ],
+    ids=["softmax-pool", "dot-nonorm", "softmax-eps"],
+)
 def test_pytorchvideo_blocks_swap_to_the_same_function(options, dtype):
     nonlocal_net = pytest.importorskip("pytorchvideo.layers.nonlocal_net")
     block = nonlocal_net.create_nonlocal(dim_in=12, dim_inner=6, **options)
@@ -186,7 +212,7 @@ def test_timm_blocks_swap_to_the_same_function(use_scale, dtype):
     block = non_local_attn.NonLocalAttn(16, use_scale=use_scale, rd_channels=8)
     _randomise(block)
     report = _check_same_function(_holder(block, 16, 2), (2, 3, 6, 8), dtype)
-    assert report.model[1].scale == (16 ** -0.5 if use_scale else 1.0)  # C^-0.5: timm scales by C, not C'
+    assert report.model[1].scale == (16**-0.5 if use_scale else 1.0)  # C^-0.5: timm scales by C, not C'
 
 
 @pytest.mark.parametrize("norm_type", ["batchnorm", "none"])
@@ -199,6 +225,7 @@ def test_pyslowfast_blocks_swap_to_the_same_function(norm_type):
 
 
 # --- what the report measures --------------------------------------------------------------------------------
+
 
 def test_measure_reports_a_step_before_and_after_and_leaves_no_trace():
     bricks = pytest.importorskip("mmcv.cnn.bricks.non_local")

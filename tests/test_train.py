@@ -1,4 +1,5 @@
 """End-to-end training: exact resumption, real video lists, multi-label, the CLI, torchrun, the demo."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,11 +17,19 @@ from nonlocalnet.cli import main
 from nonlocalnet.data.video import DECODERS, decoder_available
 from nonlocalnet.engine import load_config, train
 
-from .helpers import video_overrides, write_video
+from .helpers import video_overrides
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
-QUICK = ["progress=false", "data.test_size=32", "data.train_size=256", "train.batch_size=8", "train.log_every=2",
-         "train.precise_bn_batches=2", "model.options.dropout=0.5", "train.lr_steps=[6]"]
+QUICK = [
+    "progress=false",
+    "data.test_size=32",
+    "data.train_size=256",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "train.precise_bn_batches=2",
+    "model.options.dropout=0.5",
+    "train.lr_steps=[6]",
+]
 
 
 def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
@@ -63,16 +71,31 @@ def test_run_directory_has_config_metrics_and_final_weights(tmp_path):
 
 
 TRAIN_ROW = ["step", "split", "loss", "lr", "skipped_videos", "seconds", "train_accuracy", "run"]
-CHECKPOINT_KEYS = ["model", "optimizer", "scaler", "iteration", "skipped_videos", "skipped_video_ids", "config",
-                   "world_size", "model_name", "model_options", "rng", "rng_per_rank", "run", "checksum"]
+CHECKPOINT_KEYS = [
+    "model",
+    "optimizer",
+    "scaler",
+    "iteration",
+    "skipped_videos",
+    "skipped_video_ids",
+    "config",
+    "world_size",
+    "model_name",
+    "model_options",
+    "rng",
+    "rng_per_rank",
+    "run",
+    "checksum",
+]
 
 
 def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(tmp_path, caplog):
     # what the trainer writes, pinned field by field: log every 2 steps and at the stop, checkpoint every 3 (the
     # last 2 kept), evaluate at 4 (eval_every, before the end) and at the end after precise BN
     out = tmp_path / "run"
-    cfg = load_config(TINY, QUICK + ["train.iterations=6", "train.checkpoint_every=3", "train.eval_every=4",
-                                     f"output_dir={out}"])
+    cfg = load_config(
+        TINY, QUICK + ["train.iterations=6", "train.checkpoint_every=3", "train.eval_every=4", f"output_dir={out}"]
+    )
     assert train(cfg, stop_after=3) == {"stopped_at": 3}
     with caplog.at_level("INFO", logger="nonlocalnet"):
         report = train(cfg, resume=True)
@@ -80,44 +103,51 @@ def test_a_stopped_and_resumed_run_writes_these_rows_checkpoints_and_log_lines(t
     assert resumed == [f"resumed from {out / 'checkpoints' / 'checkpoint_000000003.pt'} at iteration 3"]
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (3, "train"), (4, "train"), (4, "test"),
-                                                        (6, "train"), (6, "test")]
+    assert [(r["step"], r["split"]) for r in rows] == [
+        (2, "train"),
+        (3, "train"),
+        (4, "train"),
+        (4, "test"),
+        (6, "train"),
+        (6, "test"),
+    ]
     assert all(list(r) == TRAIN_ROW for r in rows if r["split"] == "train")
     # the lr of the row's last step (0-based 1, 2, 3, 5), in the warm-up from 0.1 x 0.1 over 400 steps
-    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx([0.01 + 0.09 * i / 400
-                                                                              for i in (1, 2, 3, 5)])
+    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx(
+        [0.01 + 0.09 * i / 400 for i in (1, 2, 3, 5)]
+    )
     middle, final = (r for r in rows if r["split"] == "test")
     assert "train_seconds" not in middle and final["train_seconds"] == report["train_seconds"]
     assert final["skipped_videos_train"] == 0 and final["top1"] == report["top1"]
     assert json.loads((out / "test_metrics.json").read_text()) == report
 
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_000000003.pt",
-                                                                       "checkpoint_000000006.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint_000000003.pt",
+        "checkpoint_000000006.pt",
+    ]
     state = torch.load(out / "checkpoints" / "checkpoint_000000006.pt", weights_only=True)
     assert list(state) == CHECKPOINT_KEYS
-    assert (state["iteration"], state["world_size"], state["skipped_videos"], state["skipped_video_ids"]) == \
-        (6, 1, 0, [])
+    assert (state["iteration"], state["world_size"], state["skipped_videos"], state["skipped_video_ids"]) == (
+        6,
+        1,
+        0,
+        [],
+    )
     assert (state["model_name"], state["model_options"]) == ("nl_c2d_tiny", {"dropout": 0.5})
     assert state["config"]["output_dir"] == str(out) and state["rng_per_rank"] == [state["rng"]]
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
-                                                     "model_final.safetensors", "run.json", "tensorboard",
-                                                     "test_metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "model_final.safetensors",
+        "run.json",
+        "tensorboard",
+        "test_metrics.json",
+    ]
 
 
 # --- real videos -----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def video_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("kinetics")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        write_video(root / f"v{i}.mp4", rng.integers(0, 255, (20, 36, 44, 3), dtype=np.uint8))
-    (root / "broken.mp4").write_bytes(b"\x00" * 2048)
-    (root / "train.txt").write_text("v0.mp4 0\nv1.mp4 1\nbroken.mp4 2\nv2.mp4 2\n")
-    (root / "val.txt").write_text("v3.mp4 1\nv0.mp4 0\n")
-    (root / "train_ml.txt").write_text("v0.mp4 0,2\nv1.mp4 1\nv2.mp4 2\nv3.mp4 0,1\n")
-    (root / "val_ml.txt").write_text("v3.mp4 0,1\nv1.mp4 1\nv2.mp4 2\n")  # every class: positives and negatives
-    return root
 
 
 def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
@@ -134,7 +164,11 @@ def test_skipped_video_count_survives_a_resume(tmp_path, video_root):
 
 def test_training_on_a_video_list_counts_the_corrupt_video(tmp_path, video_root):
     report = train(load_config(None, video_overrides(video_root, tmp_path / "run")))
-    assert report["videos"] == 2 and report["views"] == 2 * 2 * 3 and report["views_per_video"] == {"mean": 6, "min": 6, "max": 6}
+    assert (
+        report["videos"] == 2
+        and report["views"] == 2 * 2 * 3
+        and report["views_per_video"] == {"mean": 6, "min": 6, "max": 6}
+    )
     assert report["skipped_videos"] == 0 and report["skipped_videos_train"] == 1  # broken.mp4, drawn and skipped
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-2]["skipped_videos"] == report["skipped_videos_train"]
@@ -166,7 +200,7 @@ def test_multi_label_training_reports_map(tmp_path, video_root):
     for c in range(3):
         order = mean[:, c].argsort(descending=True)
         hits = targets[order, c].bool().tolist()
-        precisions = [sum(hits[:k + 1]) / (k + 1) for k, hit in enumerate(hits) if hit]
+        precisions = [sum(hits[: k + 1]) / (k + 1) for k, hit in enumerate(hits) if hit]
         expected.append(sum(precisions) / len(precisions))
     assert report["per_class_ap"] == pytest.approx(expected, abs=1e-6)
     assert report["mAP"] == pytest.approx(sum(expected) / 3)
@@ -180,15 +214,20 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.skipif(not decoder_available("torchcodec"), reason="torchcodec and FFmpeg's shared libraries")
 def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
     """data.decoder=torchcodec from the config to the test report: the same items, so the same run."""
-    reports = {d: train(load_config(None, video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"]))
-               for d in DECODERS}
+    reports = {
+        d: train(load_config(None, video_overrides(video_root, tmp_path / d) + [f"data.decoder={d}"])) for d in DECODERS
+    }
     assert reports["torchcodec"]["skipped_videos_train"] == 1  # broken.mp4, as through PyAV
     drop = ("time", "second")
-    rows = {d: [{k: v for k, v in r.items() if not any(w in k for w in drop)} for r in _metrics(tmp_path / d)]
-            for d in DECODERS}
+    rows = {
+        d: [{k: v for k, v in r.items() if not any(w in k for w in drop)} for r in _metrics(tmp_path / d)]
+        for d in DECODERS
+    }
     assert rows["pyav"] == rows["torchcodec"]
-    same = {d: json.dumps({k: v for k, v in r.items() if "time" not in k and "second" not in k}, sort_keys=True)
-            for d, r in reports.items()}  # as text: a class without a test video has accuracy NaN in both
+    same = {
+        d: json.dumps({k: v for k, v in r.items() if "time" not in k and "second" not in k}, sort_keys=True)
+        for d, r in reports.items()
+    }  # as text: a class without a test video has accuracy NaN in both
     assert same["pyav"] == same["torchcodec"]
 
 
@@ -210,14 +249,27 @@ def test_missing_videos_stop_the_run_with_one_clear_error(tmp_path, video_root):
 
 # --- the command line ------------------------------------------------------------------------------------------
 
+
 def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=3", f"output_dir={out}"]) == 0
     assert "top-1" in capsys.readouterr().out
     report_path = tmp_path / "again.json"
-    assert main(["test", "--config", str(out / "config.yaml"), "--checkpoint", str(out / "checkpoints"
-                                                                                        / "checkpoint_000000003.pt"),
-                 "--output", str(report_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                str(out / "config.yaml"),
+                "--checkpoint",
+                str(out / "checkpoints" / "checkpoint_000000003.pt"),
+                "--output",
+                str(report_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert f"{100 * report['top1']:.2f}" in printed and report["videos"] == 32
@@ -229,8 +281,21 @@ def test_cli_train_then_test_prints_and_writes_json(tmp_path, capsys):
 
 def test_no_progress_training_prints_a_log_line_every_log_every_iterations(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.log_every=1", "train.iterations=3",
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                TINY,
+                "--no-progress",
+                *QUICK,
+                "train.log_every=1",
+                "train.iterations=3",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration ")]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
@@ -257,8 +322,21 @@ def test_resuming_a_finished_run_says_so_and_redoes_the_final_test(tmp_path, cap
 
 def test_test_at_end_false_stops_after_the_final_weights(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", TINY, "--no-progress", *QUICK, "train.iterations=2", "test.at_end=false",
-                 f"output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                TINY,
+                "--no-progress",
+                *QUICK,
+                "train.iterations=2",
+                "test.at_end=false",
+                f"output_dir={out}",
+            ]
+        )
+        == 0
+    )
     assert "no final test (test.at_end=false)" in capsys.readouterr().out
     assert (out / "model_final.safetensors").is_file() and not (out / "test_metrics.json").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -278,8 +356,9 @@ def test_the_test_command_writes_beside_the_runs_report_never_over_it(tmp_path, 
 def test_test_metrics_json_is_strict_json_when_a_class_has_no_test_video(tmp_path):
     # 5 classes, 4 test clips: at least one class has no video, hence no accuracy (NaN in memory, null in the file)
     out = tmp_path / "run"
-    report = train(load_config(TINY, QUICK + ["train.iterations=2", "data.num_classes=5", "data.test_size=4",
-                                              f"output_dir={out}"]))
+    report = train(
+        load_config(TINY, QUICK + ["train.iterations=2", "data.num_classes=5", "data.test_size=4", f"output_dir={out}"])
+    )
     assert any(math.isnan(v) for v in report["per_class_accuracy"])
 
     def refuse(constant):
@@ -293,9 +372,11 @@ def test_num_classes_comes_from_the_list_when_null_and_a_mismatch_names_both_num
     run = video_overrides(video_root, tmp_path / "run") + ["train.iterations=1", "test.at_end=false"]
     assert main(["train", *run, "data.num_classes=400"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == (f"nonlocalnet train: error: data.num_classes is 400 but the training list "
-                    f"{video_root / 'train.txt'} has 3 classes (labels 0 to 2); set data.num_classes=3, or "
-                    f"data.num_classes=null to take it from the list")
+    assert line == (
+        f"nonlocalnet train: error: data.num_classes is 400 but the training list "
+        f"{video_root / 'train.txt'} has 3 classes (labels 0 to 2); set data.num_classes=3, or "
+        f"data.num_classes=null to take it from the list"
+    )
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert main(["train", *run, "data.num_classes=null"]) == 0
     assert load_config(tmp_path / "run" / "config.yaml")["data"]["num_classes"] == 3
@@ -329,6 +410,7 @@ def test_cli_errors_are_one_line_not_a_traceback(tmp_path, capsys):
 
 # --- many processes and the demo (slow) ------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
@@ -336,12 +418,29 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
     and both processes end with the same weights. BN frozen, no dropout and blocks without norm: per-process
     batch statistics and dropout streams are the only legitimate differences, and they are taken out here."""
     runner = Path(__file__).with_name("_fault_runner.py")
-    same = QUICK + ["train.iterations=4", "model.options.dropout=0", "train.freeze_bn=true",
-                    "model.options.nonlocal_options.norm=null"]
+    same = QUICK + [
+        "train.iterations=4",
+        "model.options.dropout=0",
+        "train.freeze_bn=true",
+        "model.options.nonlocal_options.norm=null",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLOCALNET_DUMP_FINAL": str(tmp_path)}
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
-           "train", "--config", TINY, "--no-progress", *same, f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(runner),
+        "train",
+        "--config",
+        TINY,
+        "--no-progress",
+        *same,
+        f"output_dir={out}",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "test_metrics.json").read_text())
@@ -367,11 +466,31 @@ def test_torchrun_two_cpu_processes_train_and_agree(tmp_path):
 @pytest.mark.slow
 def test_demo_compares_all_variants_and_writes_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--iterations", "6", "--no-progress", "data.test_size=16",
-                 "data.train_size=64", "train.batch_size=8", "train.precise_bn_batches=1"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--iterations",
+                "6",
+                "--no-progress",
+                "data.test_size=16",
+                "data.train_size=64",
+                "train.batch_size=8",
+                "train.precise_bn_batches=1",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
-    assert [r["variant"] for r in result["rows"]] == ["baseline", "gaussian", "embedded_gaussian", "dot_product",
-                                                       "concatenation"]
+    assert [r["variant"] for r in result["rows"]] == [
+        "baseline",
+        "gaussian",
+        "embedded_gaussian",
+        "dot_product",
+        "concatenation",
+    ]
     base, *nl = result["rows"]
     assert all(r["params"] > base["params"] and r["macs"] > base["macs"] for r in nl)
     assert all(0 <= r["attention_hit_rate"] <= 1 and (out / r["picture"]).is_file() for r in nl)
@@ -385,15 +504,27 @@ def test_demo_compares_all_variants_and_writes_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_in_parallel_processes_equals_one_network_at_a_time(tmp_path):
-    tiny = ["--iterations", "5", "--no-progress", "data.test_size=16", "data.train_size=64", "train.batch_size=8",
-            "train.precise_bn_batches=1", "--variants", "baseline", "concatenation", "embedded_gaussian"]
+    tiny = [
+        "--iterations",
+        "5",
+        "--no-progress",
+        "data.test_size=16",
+        "data.train_size=64",
+        "train.batch_size=8",
+        "train.precise_bn_batches=1",
+        "--variants",
+        "baseline",
+        "concatenation",
+        "embedded_gaussian",
+    ]
     assert main(["demo", "--out", str(tmp_path / "parallel"), "--jobs", "2", *tiny]) == 0
     assert main(["demo", "--out", str(tmp_path / "serial"), "--jobs", "1", *tiny]) == 0
     parallel, serial = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("parallel", "serial"))
     assert (parallel["jobs"], serial["jobs"]) == (2, 1)
     for a, b in zip(parallel["rows"], serial["rows"]):
-        assert {k: v for k, v in a.items() if k != "train_seconds"} == \
-            {k: v for k, v in b.items() if k != "train_seconds"}
+        assert {k: v for k, v in a.items() if k != "train_seconds"} == {
+            k: v for k, v in b.items() if k != "train_seconds"
+        }
         weights = [load_file(tmp_path / d / a["variant"] / "model_final.safetensors") for d in ("parallel", "serial")]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), a["variant"]
     # and the seed matters, so the equality above could fail
@@ -407,8 +538,12 @@ def test_final_weights_rebuild_the_trained_variant_for_visualize(tmp_path):
     from nonlocalnet.viz.loading import load_model
 
     out = tmp_path / "run"
-    train(load_config(TINY, QUICK + ["train.iterations=2", f"output_dir={out}",
-                                     "model.options.nonlocal_options.mode=concatenation"]))
+    train(
+        load_config(
+            TINY,
+            QUICK + ["train.iterations=2", f"output_dir={out}", "model.options.nonlocal_options.mode=concatenation"],
+        )
+    )
     for path in (out / "model_final.safetensors", out / "checkpoints" / "checkpoint_000000002.pt"):
         model, info = load_model(path)
         assert info["model"] == "nl_c2d_tiny" and model.res3.nl0.mode == "concatenation"
@@ -419,8 +554,14 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path, monkeypatch):
     from nonlocalnet.engine.trainer import seed_everything
     from nonlocalnet.models.batchnorm import FrozenBatchNorm
 
-    overrides = QUICK + ["train.iterations=3", "train.amp=true", "train.freeze_bn=true", "train.clip_grad_norm=1.0",
-                         "train.precise_bn_batches=0", f"output_dir={tmp_path / 'run'}"]
+    overrides = QUICK + [
+        "train.iterations=3",
+        "train.amp=true",
+        "train.freeze_bn=true",
+        "train.clip_grad_norm=1.0",
+        "train.precise_bn_batches=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     cfg = load_config(TINY, overrides)
     seed_everything(cfg["seed"])
     model = build_model(cfg)  # the same initial weights train() starts from
@@ -436,8 +577,12 @@ def test_amp_frozen_bn_and_clipping_options_train(tmp_path, monkeypatch):
     def recording_clip(parameters, max_norm, *args, **kwargs):
         parameters = [p for p in parameters if p.grad is not None]
         before = clip(parameters, max_norm, *args, **kwargs)
-        norms.append((float(before), float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])))))
+        norms.append(
+            (
+                float(before),
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))),
+            )
+        )
         return before
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
@@ -466,9 +611,26 @@ def test_a_failing_network_stops_the_demo_at_once_with_one_error_line(tmp_path, 
     # the sorted path computes only the concatenation: the gaussian network fails as it is built, while the
     # baseline (no block) would train for minutes and concatenation waits for a free process
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--iterations", "3000", "--no-progress", "--jobs", "2",
-                 "data.test_size=16", "data.train_size=64", "train.batch_size=8",
-                 "model.options.nonlocal_options.impl=sorted", "--variants", "baseline", "gaussian", "concatenation"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--iterations",
+            "3000",
+            "--no-progress",
+            "--jobs",
+            "2",
+            "data.test_size=16",
+            "data.train_size=64",
+            "train.batch_size=8",
+            "model.options.nonlocal_options.impl=sorted",
+            "--variants",
+            "baseline",
+            "gaussian",
+            "concatenation",
+        ]
+    )
     assert code == 2
     assert "error: impl 'sorted' does not compute mode 'gaussian'" in capsys.readouterr().err
     assert not (out / "baseline" / "model_final.safetensors").exists()  # stopped, not trained to the end
@@ -479,8 +641,12 @@ def test_train_amp_picks_bfloat16_where_the_device_computes_it_else_float16(monk
     from nonlocalnet.engine.trainer import amp_dtype
 
     cpu = torch.device("cpu")
-    assert [amp_dtype(cpu, a) for a in (False, True, "bf16", "fp16")] == [None, torch.bfloat16, torch.bfloat16,
-                                                                          torch.float16]
+    assert [amp_dtype(cpu, a) for a in (False, True, "bf16", "fp16")] == [
+        None,
+        torch.bfloat16,
+        torch.bfloat16,
+        torch.float16,
+    ]
     # a GPU without bfloat16 (before Ampere): true falls back to float16, bf16 is refused by name
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
@@ -501,8 +667,13 @@ def test_train_amp_runs_in_its_dtype_with_a_grad_scaler_only_for_float16(amp, sc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", recording)
-    overrides = QUICK + ["train.iterations=2", f"train.amp={amp}", "train.checkpoint_every=2",
-                         "train.precise_bn_batches=0", f"output_dir={tmp_path / 'run'}"]
+    overrides = QUICK + [
+        "train.iterations=2",
+        f"train.amp={amp}",
+        "train.checkpoint_every=2",
+        "train.precise_bn_batches=0",
+        f"output_dir={tmp_path / 'run'}",
+    ]
     train(load_config(TINY, overrides))
     want = torch.float16 if amp == "fp16" else torch.bfloat16
     assert (want, True) in seen and not any(enabled and dtype != want for dtype, enabled in seen)

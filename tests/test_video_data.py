@@ -4,6 +4,7 @@ The videos are tiny real .mp4 files written with PyAV in a temporary folder. In 
 flat grey of value ``10 + 6 t``, so the frames a clip took can be read back from its pixels; the "ramp" video is
 a static horizontal ramp ``20 + 4 x``, so crops and flips can be read back from theirs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from nonlocalnet.data import transforms
-from nonlocalnet.data import video
+from nonlocalnet.data import transforms, video
 from nonlocalnet.data.collate import collate
 from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
 
@@ -29,9 +29,10 @@ LOSSLESS = {"gop": 5, "lossless": True}  # lossless H.264, a key frame every 5 f
 HEIGHT, WIDTH = 40, 56
 
 
-needs_torchcodec = pytest.mark.skipif(not video.decoder_available("torchcodec"),
-                                      reason="torchcodec and FFmpeg's shared libraries "
-                                      "(pip install torchcodec; apt install ffmpeg)")
+needs_torchcodec = pytest.mark.skipif(
+    not video.decoder_available("torchcodec"),
+    reason="torchcodec and FFmpeg's shared libraries (pip install torchcodec; apt install ffmpeg)",
+)
 
 
 def _time_video(count: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
@@ -109,8 +110,10 @@ def test_uniform_clip_indices_evenly_spaced_from_start_to_end():
 def test_short_side_resize_shapes_and_bilinear_values():
     assert transforms.short_side_resize(torch.zeros(3, 2, 40, 56), 256).shape == (3, 2, 256, 358)  # floor(56 * 6.4)
     assert transforms.short_side_resize(torch.zeros(3, 2, 56, 40), 256).shape == (3, 2, 358, 256)
-    assert torch.equal(transforms.short_side_resize(torch.full((3, 1, 40, 56), 77, dtype=torch.uint8), 20),
-                       torch.full((3, 1, 20, 28), 77, dtype=torch.uint8))
+    assert torch.equal(
+        transforms.short_side_resize(torch.full((3, 1, 40, 56), 77, dtype=torch.uint8), 20),
+        torch.full((3, 1, 20, 28), 77, dtype=torch.uint8),
+    )
     noise = torch.randint(0, 256, (3, 2, 40, 56), dtype=torch.uint8)
     for size in (24, 64):  # shrinking and enlarging: the uint8 path is the float one, rounded
         fast, exact = transforms.short_side_resize(noise, size), transforms.short_side_resize(noise.float(), size)
@@ -137,13 +140,16 @@ def test_random_crop_flip_and_normalize():
     generator = torch.Generator().manual_seed(5)
     reference = torch.Generator().manual_seed(5)
     top, left = int(torch.randint(3, (1,), generator=reference)), int(torch.randint(5, (1,), generator=reference))
-    assert torch.equal(transforms.random_crop(clip, 8, generator), clip[..., top:top + 8, left:left + 8])
+    assert torch.equal(transforms.random_crop(clip, 8, generator), clip[..., top : top + 8, left : left + 8])
     assert transforms.horizontal_flip(clip)[0, 0, 0, :3].tolist() == [11.0, 10.0, 9.0]
-    flips = [bool(transforms.random_horizontal_flip(clip, torch.Generator().manual_seed(s))[0, 0, 0, 0] == 11) for s in
-             range(200)]
+    flips = [
+        bool(transforms.random_horizontal_flip(clip, torch.Generator().manual_seed(s))[0, 0, 0, 0] == 11)
+        for s in range(200)
+    ]
     assert 60 < sum(flips) < 140
     assert transforms.normalize(torch.tensor([0, 114.75, 172.125, 255])).tolist() == pytest.approx(
-        [-2.0, 0.0, 1.0, 2.4444], abs=1e-4)
+        [-2.0, 0.0, 1.0, 2.4444], abs=1e-4
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ list files
@@ -154,15 +160,21 @@ def test_list_files_single_and_multi_label(tmp_path):
     assert read_video_list(single, num_classes=4) == [("k/a.mp4", 3), ("dir with space/b.mp4", 0)]
     multi = _list(tmp_path, ["k/a.mp4 3,1,3", "k/b.mp4 0 2", "k/c.mp4 4,"], "multi.txt")
     assert read_video_list(multi, num_classes=5, multi_label=True) == [
-        ("k/a.mp4", (1, 3)), ("k/b.mp4", (0, 2)), ("k/c.mp4", (4,))]
+        ("k/a.mp4", (1, 3)),
+        ("k/b.mp4", (0, 2)),
+        ("k/c.mp4", (4,)),
+    ]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("k/b.mp4 7", "line 2: label 7 out of range"),
-    ("k/b.mp4 x", "line 2: label 'x' is not a non-negative integer"),
-    ("k/b.mp4", "line 2: expected 'path label'"),
-    ("k/b.mp4 1,2", "line 2: several labels"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("k/b.mp4 7", "line 2: label 7 out of range"),
+        ("k/b.mp4 x", "line 2: label 'x' is not a non-negative integer"),
+        ("k/b.mp4", "line 2: expected 'path label'"),
+        ("k/b.mp4 1,2", "line 2: several labels"),
+    ],
+)
 def test_malformed_list_line_names_file_and_line(tmp_path, line, message):
     path = _list(tmp_path, ["k/a.mp4 1", line])
     with pytest.raises(ValueError, match=message) as info:
@@ -261,8 +273,15 @@ def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
     again = _dataset(tmp_path, videos, ["k/corrupt.mp4 0", "k/a.mp4 1", "k/b.mp4 2"])[0]
     assert torch.equal(again["clip"], item["clip"]) and again["video"] == item["video"]  # replacement reproducible
     # test split: the next video takes the view, and says so
-    test = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/corrupt.mp4 1", "k/b.mp4 2"], split="test", test_clips=2,
-                    test_crops=1, test_scale=40)
+    test = _dataset(
+        tmp_path,
+        videos,
+        ["k/a.mp4 0", "k/corrupt.mp4 1", "k/b.mp4 2"],
+        split="test",
+        test_clips=2,
+        test_crops=1,
+        test_scale=40,
+    )
     views = [test[i] for i in range(len(test))]
     assert [v["video"].item() for v in views] == [0, 0, 2, 2, 2, 2]
     assert [v["skipped"].item() for v in views] == [0, 0, 1, 1, 0, 0]
@@ -277,8 +296,7 @@ def test_only_corrupt_videos_raise_after_max_retries(tmp_path, videos):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 30 + ["k/a.mp4 1"], max_retries=3)
     with pytest.raises(video.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
         data[0]  # 30 of 31 corrupt: four draws in a row fail (seed 0)
-    test = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 3, split="test", test_clips=1, test_crops=1,
-                    test_scale=40)
+    test = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 3, split="test", test_clips=1, test_crops=1, test_scale=40)
     with pytest.raises(video.CorruptData, match=r"every video listed .* \(3 videos\)"):
         test[0]
 
@@ -299,33 +317,54 @@ def test_a_long_run_of_corrupt_videos_costs_their_views_not_the_test(tmp_path, v
 
 
 def test_test_views_clips_evenly_spaced_and_three_crops(tmp_path, videos):
-    data = _dataset(tmp_path, videos, ["k/a.mp4 0", "k/ramp.mp4 1"], split="test", frames=4, sampling_rate=2,
-                    test_clips=3, test_crops=3, test_scale=40, crop_size=40)
+    data = _dataset(
+        tmp_path,
+        videos,
+        ["k/a.mp4 0", "k/ramp.mp4 1"],
+        split="test",
+        frames=4,
+        sampling_rate=2,
+        test_clips=3,
+        test_crops=3,
+        test_scale=40,
+        crop_size=40,
+    )
     assert len(data) == 2 * 9 and data.view(13) == (1, 1, 1)
     # 40 frames, window 8: starts 0, 16, 32; the three crops of one clip show the same frames
-    assert [_frame_ids(data[i]["clip"]) for i in range(0, 9, 3)] == [[0, 2, 4, 6], [16, 18, 20, 22],
-                                                                      [32, 34, 36, 38]]
+    assert [_frame_ids(data[i]["clip"]) for i in range(0, 9, 3)] == [[0, 2, 4, 6], [16, 18, 20, 22], [32, 34, 36, 38]]
     assert all(data[i]["video"].item() == i // 9 for i in range(18))
     # crops of the 40x56 ramp: left / centre / right columns start at 0, 8, 16
-    full = _dataset(tmp_path, videos, ["k/ramp.mp4 1"], split="test", frames=4, sampling_rate=2, test_clips=3,
-                    test_crops=1, test_scale=40, crop_size=None)
+    full = _dataset(
+        tmp_path,
+        videos,
+        ["k/ramp.mp4 1"],
+        split="test",
+        frames=4,
+        sampling_rate=2,
+        test_clips=3,
+        test_crops=1,
+        test_scale=40,
+        crop_size=None,
+    )
     frame = full[0]["clip"]
     assert frame.shape == (3, 4, 40, 56)
     for j, left in enumerate((0, 8, 16)):
         view = data[9 + j]["clip"]
         assert view.shape == (3, 4, 40, 40)
-        assert torch.equal(view, frame[..., left:left + 40])
+        assert torch.equal(view, frame[..., left : left + 40])
         first = (view * transforms.STD + transforms.MEAN)[:, :, :, 0].mean()
         assert abs(first.item() - (20 + 4 * left)) <= 1.001
 
 
 def test_test_crops_of_portrait_frames_run_top_to_bottom(tmp_path, videos):
-    data = _dataset(tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=3,
-                    test_scale=20, crop_size=20)
-    full = _dataset(tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=1,
-                    test_scale=20, crop_size=None)[0]["clip"]
+    data = _dataset(
+        tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=3, test_scale=20, crop_size=20
+    )
+    full = _dataset(
+        tmp_path, videos, ["k/portrait.mp4 0"], split="test", test_clips=1, test_crops=1, test_scale=20, crop_size=None
+    )[0]["clip"]
     assert full.shape == (3, 4, 28, 20)
-    assert [torch.equal(data[j]["clip"], full[..., top:top + 20, :]) for j, top in enumerate((0, 4, 8))] == [True] * 3
+    assert [torch.equal(data[j]["clip"], full[..., top : top + 20, :]) for j, top in enumerate((0, 4, 8))] == [True] * 3
 
 
 def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch):
@@ -467,10 +506,19 @@ def test_clip_indices_are_the_frames_an_item_takes(tmp_path, videos):
         data.set_epoch(epoch)
         assert _frame_ids(data[0]["clip"]) == data.clip_indices(0, 40).tolist()
         assert _frame_ids(data[1]["clip"]) == data.clip_indices(1, 24).tolist()
-    test = _dataset(tmp_path, videos, ["k/a.mp4 0"], split="test", frames=4, sampling_rate=2, test_clips=3,
-                    test_crops=3, test_scale=40, crop_size=40)
-    assert [test.clip_indices(i, 40).tolist() for i in (0, 4, 8)] == [[0, 2, 4, 6], [16, 18, 20, 22],
-                                                                       [32, 34, 36, 38]]
+    test = _dataset(
+        tmp_path,
+        videos,
+        ["k/a.mp4 0"],
+        split="test",
+        frames=4,
+        sampling_rate=2,
+        test_clips=3,
+        test_crops=3,
+        test_scale=40,
+        crop_size=40,
+    )
+    assert [test.clip_indices(i, 40).tolist() for i in (0, 4, 8)] == [[0, 2, 4, 6], [16, 18, 20, 22], [32, 34, 36, 38]]
 
 
 def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
@@ -481,8 +529,12 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
     frames, _ = read_frames(path, lambda count: index)
     assert np.array_equal(frames, np.stack([every[i] for i in index.tolist()]))
     assert video._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
-    for rows, columns in [(slice(3, 20), slice(5, 30)), (slice(0, 40), slice(29, 4, -1)),
-                          (slice(2, 10), slice(9, None, -1)), (slice(0, 40), slice(55, None, -1))]:
+    for rows, columns in [
+        (slice(3, 20), slice(5, 30)),
+        (slice(0, 40), slice(29, 4, -1)),
+        (slice(2, 10), slice(9, None, -1)),
+        (slice(0, 40), slice(55, None, -1)),
+    ]:
         part, _ = read_frames(path, lambda count: index, region=lambda h, w: (rows, columns))
         assert part.flags.c_contiguous and np.array_equal(part, frames[:, rows, columns])
     with pytest.raises(ZeroDivisionError):  # a bug in the caller's region comes through as itself, not a bad video
@@ -520,7 +572,8 @@ def test_a_frame_with_an_odd_side_is_converted_whole():
     rgb = np.random.default_rng(4).integers(0, 256, (55, 76, 3), np.uint8)
     for height, width in [(55, 76), (54, 75)]:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:height, :width]), format="rgb24").reformat(
-            format="yuv420p")
+            format="yuv420p"
+        )
         whole = frame.to_ndarray(format="rgb24")
         for columns in (slice(3, 41), slice(40, 2, -1)):
             clip = video._Clip([0], lambda h, w: (slice(1, 50), columns))
@@ -543,7 +596,7 @@ def _write_b_frame_video(path: Path, codec: str, count: int = 64, gop: int = 32)
         if codec == "mpeg4":
             stream.codec_context.max_b_frames = 2
         for t in range(count):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, t:t + WIDTH]), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, t : t + WIDTH]), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -600,8 +653,12 @@ def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(vide
         context = container.streams.video[0].codec_context
         assert context.thread_count == 1
     rng = np.random.default_rng(0)
-    for start, rate in [(0, Fraction(1, 512) * 25), (-1024, Fraction(1001, 30000) * Fraction(30000, 1001)),
-                        (7, Fraction(1, 90000) * Fraction(30000, 1001)), (3, Fraction(1, 2))]:
+    for start, rate in [
+        (0, Fraction(1, 512) * 25),
+        (-1024, Fraction(1001, 30000) * Fraction(30000, 1001)),
+        (7, Fraction(1, 90000) * Fraction(30000, 1001)),
+        (3, Fraction(1, 2)),
+    ]:
         position = video._frame_position(start, rate)
         for pts in [*rng.integers(-5000, 100000, 500).tolist(), start, start + 1, start - 1, start + 3]:
             assert position(pts) == round((pts - start) * rate), (pts, start, rate)
@@ -619,13 +676,16 @@ def test_an_unknown_or_unavailable_decoder_is_one_line_naming_it(tmp_path, video
 
 
 @needs_torchcodec
-@pytest.mark.parametrize("name, index", [("noise.mp4", [0, 4, 4, 11, 23]), ("a.mp4", list(range(20, 40, 3))),
-                                         ("short.mp4", [0, 1, 2, 3, 4, 4, 4])])
+@pytest.mark.parametrize(
+    "name, index",
+    [("noise.mp4", [0, 4, 4, 11, 23]), ("a.mp4", list(range(20, 40, 3))), ("short.mp4", [0, 1, 2, 3, 4, 4, 4])],
+)
 def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
     path = videos / "k" / name
     for region in (None, lambda h, w: (slice(2, 30), slice(40, 9, -1))):
-        frames = {d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d)
-                  for d in video.DECODERS}
+        frames = {
+            d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d) for d in video.DECODERS
+        }
         assert np.array_equal(frames["pyav"][0], frames["torchcodec"][0])  # pixel for pixel
         assert frames["torchcodec"][1].tolist() == index
 

@@ -1,5 +1,6 @@
 """One reader of the video-list format for the dataset and `prepare-videos`: the same lines accepted, the same
 refused with the same message (file and line)."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,10 @@ def test_the_dataset_and_prepare_videos_read_a_list_line_alike(tmp_path, line, m
         lines = read_list_lines(listing, multi_label=multi_label)
         assert [e[0] for e in entries] == [ln.path for ln in lines if ln.path is not None]
         return
-    for read in (lambda: read_video_list(listing, num_classes=20, multi_label=multi_label),
-                 lambda: read_list_lines(listing, multi_label=multi_label)):
+    for read in (
+        lambda: read_video_list(listing, num_classes=20, multi_label=multi_label),
+        lambda: read_list_lines(listing, multi_label=multi_label),
+    ):
         with pytest.raises(ValueError) as caught:
             read()
         assert str(caught.value).startswith(f"{listing}, line 2: ") and error in str(caught.value)

@@ -1,5 +1,8 @@
 """Attention pictures: captured weights equal the block's own, coordinates map back to input pixels, every mode
 renders, and the visualize command runs end to end on a video file."""
+
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -9,8 +12,7 @@ import torch
 from torch import nn
 
 from nonlocalnet.layers import MODES, NonLocal2d, NonLocal3d
-from nonlocalnet.viz import (capture_attention, cell_centres, find_nonlocal_blocks, render_attention,
-                             resolve_block_names)
+from nonlocalnet.viz import capture_attention, cell_centres, find_nonlocal_blocks, render_attention, resolve_block_names
 
 from .helpers import write_video
 
@@ -130,8 +132,7 @@ def test_capture_with_a_memory_input_keeps_memory_cells():
 def test_resnet_block_strides_follow_the_network():
     from nonlocalnet.models import ResNet3d
 
-    model = ResNet3d((1, 1, 1, 1), clip="8x8", width=4, num_classes=3,
-                     nonlocal_locations={"res3": (0,), "res4": (0,)})
+    model = ResNet3d((1, 1, 1, 1), clip="8x8", width=4, num_classes=3, nonlocal_locations={"res3": (0,), "res4": (0,)})
     captured = capture_attention(model, torch.randn(3, 8, 64, 64), blocks=["res3.0", "res4.nl0"])
     assert list(captured) == ["res3.nl0", "res4.nl0"]
     # 8x8 layout: time halves once (pool2); res3 has spatial stride 8, res4 16; keys pooled 1x2x2
@@ -189,8 +190,9 @@ def test_the_rendered_heat_map_is_hottest_where_the_weights_are_largest(tmp_path
         weights = torch.zeros_like(att.weights)
         weights[..., (t * hk + y) * wk + x] = 1.0  # every query puts all its weight on key cell (t, y, x)
         path = tmp_path / f"{name}.png"
-        render_attention(clip, dataclasses.replace(att, weights=weights), path, query=(3, 10, 5), top_k=1,
-                         max_panels=tk, title="")
+        render_attention(
+            clip, dataclasses.replace(att, weights=weights), path, query=(3, 10, 5), top_k=1, max_panels=tk, title=""
+        )
         return path
 
     bottom_left, top_right, next_panel = render(1, 1, 0, "bl"), render(1, 0, 1, "tr"), render(2, 1, 0, "np")
@@ -212,9 +214,17 @@ def test_the_query_ring_and_the_box_outlines_sit_on_their_pixels(tmp_path):
     weights = torch.zeros_like(att.weights)
     weights[..., 0] = 1.0  # all weight on key 0, in a panel not drawn: no arrow, a black heat map on frame 2
     out = tmp_path / "overlay.png"
-    summary = render_attention(clip, dataclasses.replace(att, weights=weights), out, query=(2, 10, 5), top_k=1,
-                               max_panels=1, title="", boxes=[(2, 1, 1, 15, 15), (2, 4, 8, 12, 14)],
-                               box_labels=["", ""])
+    summary = render_attention(
+        clip,
+        dataclasses.replace(att, weights=weights),
+        out,
+        query=(2, 10, 5),
+        top_k=1,
+        max_panels=1,
+        title="",
+        boxes=[(2, 1, 1, 15, 15), (2, 4, 8, 12, 14)],
+        box_labels=["", ""],
+    )
     assert summary["panels"] == [2] and summary["query_coords"] == (2.5, 9.5, 5.5)
     image = np.asarray(Image.open(out).convert("RGB")).astype(int)
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
@@ -288,8 +298,18 @@ def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (20, 46, 62, 3), dtype=np.uint8)
     write_video(tmp_path / "clip.mp4", frames, codec="mpeg4", rate=8)
     (tmp_path / "list.txt").write_text("clip.mp4 0\n")
-    test_set = VideoListDataset(tmp_path / "list.txt", tmp_path, split="test", num_classes=1, frames=4,
-                                sampling_rate=3, test_scale=32, crop_size=28, test_clips=1, test_crops=1)
+    test_set = VideoListDataset(
+        tmp_path / "list.txt",
+        tmp_path,
+        split="test",
+        num_classes=1,
+        frames=4,
+        sampling_rate=3,
+        test_scale=32,
+        crop_size=28,
+        test_clips=1,
+        test_crops=1,
+    )
     expected = test_set[0]["clip"]
     start = int(transforms.uniform_clip_indices(len(frames), 4, 3, clip=0, num_clips=1)[0])
     raw, clip = read_clip(tmp_path / "clip.mp4", frames=4, sampling_rate=3, start=start, size=32, crop=28)
@@ -311,16 +331,30 @@ def test_visualize_command_end_to_end(tmp_path, capsys, monkeypatch):
     frames = np.zeros((20, 64, 64, 3), dtype=np.uint8)
     frames[:, 10:30, 10:30] = 220
     write_video(tmp_path / "clip.mp4", frames, codec="mpeg4", rate=8)
-    base = ["visualize", "--checkpoint", str(tmp_path / "model.safetensors"), "--video", str(tmp_path / "clip.mp4"),
-            "--set", "layers=[1,1,1,1]", "--set", "width=4", "--set", "nonlocal_locations={res3: [0], res4: [0]}",
-            "--sampling-rate", "2"]
+    base = [
+        "visualize",
+        "--checkpoint",
+        str(tmp_path / "model.safetensors"),
+        "--video",
+        str(tmp_path / "clip.mp4"),
+        "--set",
+        "layers=[1,1,1,1]",
+        "--set",
+        "width=4",
+        "--set",
+        "nonlocal_locations={res3: [0], res4: [0]}",
+        "--sampling-rate",
+        "2",
+    ]
     assert main(base + ["--block", "res4.0", "--query", "2,20,20", "--out", str(tmp_path / "one.png")]) == 0
     assert (tmp_path / "one.png").read_bytes()[:8] == PNG_SIGNATURE
     printed = capsys.readouterr().out.splitlines()
     # res4 of 8 frames of 64x64: a 4x4x4 grid of cells of 2 frames x 16 x 16 pixels; pixel (2, 20, 20) is in cell
     # (1, 1, 1), query 1*16 + 1*4 + 1 = 21
-    assert printed[0].startswith(f"res4.nl0: wrote {tmp_path / 'one.png'}; query at (t, y, x) = (2.5, 23.5, 23.5); "
-                                 "strongest pairs, query (t, y, x) -> key (t, y, x) weight: (2.5, 23.5, 23.5)->(")
+    assert printed[0].startswith(
+        f"res4.nl0: wrote {tmp_path / 'one.png'}; query at (t, y, x) = (2.5, 23.5, 23.5); "
+        "strongest pairs, query (t, y, x) -> key (t, y, x) weight: (2.5, 23.5, 23.5)->("
+    )
     import re
 
     pairs = printed[0].split("weight: ")[1].split(", (")  # key pairs as coordinates, not flat indices
@@ -350,8 +384,9 @@ def test_wide_footage_gets_wide_panels_and_a_one_hot_weight_is_outlined(tmp_path
     weights = torch.zeros_like(att.weights)
     weights[..., (1 * hk + 1) * wk + 6] = 1.0  # one-hot: every query on key cell (1, 1, 6)
     out = tmp_path / "wide.png"
-    summary = render_attention(clip, dataclasses.replace(att, weights=weights), out, query=(3, 10, 5), top_k=1,
-                               max_panels=2, title="")
+    summary = render_attention(
+        clip, dataclasses.replace(att, weights=weights), out, query=(3, 10, 5), top_k=1, max_panels=2, title=""
+    )
     assert summary["strongest_key"] == (2.5, 11.5, 51.5)  # the cell's centre: frames 2-3, rows 8-15, columns 48-55
     width, height = Image.open(out).size
     assert width / height > 2 * 4 * 0.8  # two panels of the frames' 4:1 aspect (square panels gave 2:1)
@@ -365,6 +400,7 @@ def test_wide_footage_gets_wide_panels_and_a_one_hot_weight_is_outlined(tmp_path
 
 
 # --- does the block look at the other object? ------------------------------------------------------------------
+
 
 class MarkerModel(nn.Module):
     """A stem that averages 2x4x4 input cells, then one NL block whose attention is set by hand.
@@ -400,8 +436,7 @@ def _marker_clips(boxes):
 
 
 # A at frame 2 (rows 8-15, columns 0-7); B at frame 5, aligned to one key cell or straddling four
-TRUE_BOXES = [[(2, 8, 0, 16, 8), (5, 16, 16, 24, 24)],
-              [(2, 8, 0, 16, 8), (5, 18, 20, 26, 28)]] * 2
+TRUE_BOXES = [[(2, 8, 0, 16, 8), (5, 16, 16, 24, 24)], [(2, 8, 0, 16, 8), (5, 18, 20, 26, 28)]] * 2
 
 
 def test_hit_rate_counts_top_keys_on_the_other_object():
@@ -504,14 +539,23 @@ def test_object_picture_outlines_both_objects(tmp_path):
     from nonlocalnet.viz import render_object_attention
 
     clip = _marker_clips(TRUE_BOXES[:1])[0]
-    summary = render_object_attention(MarkerModel(), clip, torch.tensor(TRUE_BOXES[0]), tmp_path / "ab.png",
-                                      block_name="block", top_k=3)
+    summary = render_object_attention(
+        MarkerModel(), clip, torch.tensor(TRUE_BOXES[0]), tmp_path / "ab.png", block_name="block", top_k=3
+    )
     assert (tmp_path / "ab.png").read_bytes()[:8] == PNG_SIGNATURE
     assert summary["hit"] and summary["chance"] == 1 / 64 and summary["block"] == "block"
     assert 2 in summary["panels"] and 5 in summary["panels"]  # the objects' own frames are shown
     assert summary["boxes"] == [tuple(b) for b in TRUE_BOXES[0]]
     assert summary["pairs"][0][1] == 2 * 16 + 2 * 4 + 2  # the strongest arrow goes from A to B
     frames = (clip.permute(1, 2, 3, 0) * 255).to(torch.uint8).numpy()  # drawn from uint8 frames instead
-    back = render_object_attention(MarkerModel(), clip, torch.tensor(TRUE_BOXES[0]), tmp_path / "ba.png",
-                                   block_name="block", source=1, frames=frames, max_panels=2)
+    back = render_object_attention(
+        MarkerModel(),
+        clip,
+        torch.tensor(TRUE_BOXES[0]),
+        tmp_path / "ba.png",
+        block_name="block",
+        source=1,
+        frames=frames,
+        max_panels=2,
+    )
     assert back["hit"] and sorted(back["panels"]) == [2, 5]

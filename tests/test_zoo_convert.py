@@ -8,6 +8,7 @@ Tolerance: max |ours - zoo| <= 1e-5 max |zoo| (float32; the same operations in a
 ulps). Each comparison also has a positive control: the same weights in the model the zoo's network is *not*
 (the paper's layout) differ by far more, so the options the conversion carries are what makes them agree.
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,7 +80,7 @@ def test_pytorchvideo_hub_models_convert_to_the_same_function(hub_name, tmp_path
     model = load_model(out)
     clips = {"224": torch.randn(1, 3, 8, 224, 224), "256": torch.randn(1, 3, 8, 256, 256)}
     with torch.no_grad():
-        for size, clip in clips.items():  # at 256 the head's windowed average differs from a global one
+        for clip in clips.values():  # at 256 the head's windowed average differs from a global one
             _close(model(clip), zoo(clip))
         # positive control: the same weights with the paper's global-average head at 256
         paper = create_model(PYTORCHVIDEO[hub_name], num_classes=400).eval()
@@ -98,8 +99,15 @@ def test_a_tiny_pytorchvideo_model_converts_fine_tunes_and_tests(tmp_path, monke
     _fine_tune(tmp_path, monkeypatch, out, "c2d_r50_8x8", ["model.options.width=4"])
 
 
-def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: list[str],
-               config: str = "configs/kinetics/c2d_r50_8x8.yaml", classes: int = 3) -> None:
+def _fine_tune(
+    tmp_path: Path,
+    monkeypatch,
+    weights: Path,
+    name: str,
+    options: list[str],
+    config: str = "configs/kinetics/c2d_r50_8x8.yaml",
+    classes: int = 3,
+) -> None:
     """The README's way on: a shipped recipe with model.pretrained = the converted file, trained and tested."""
     from .helpers import write_video
     from .test_recipes import TINY
@@ -116,15 +124,37 @@ def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: l
     from nonlocalnet.engine.config import load_config
     from nonlocalnet.engine.trainer import build_model
 
-    overrides = [*TINY[1:], "data.frames=8", "data.sampling_rate=1", "data.num_classes=2", f"model.name={name}",
-                 f"model.pretrained={weights}", *options, "output_dir=runs/ft"]
+    overrides = [
+        *TINY[1:],
+        "data.frames=8",
+        "data.sampling_rate=1",
+        "data.num_classes=2",
+        f"model.name={name}",
+        f"model.pretrained={weights}",
+        *options,
+        "output_dir=runs/ft",
+    ]
     # what training starts from: every converted tensor but the classifier (`classes` there, 2 here)
     start, converted = build_model(load_config(config, overrides)).state_dict(), load_model(weights).state_dict()
     assert {k for k in converted if not torch.equal(converted[k], start[k])} == {"head.fc.weight", "head.fc.bias"}
     # the converted file itself is testable: `test` rebuilds it with its recorded options (the hub head)
-    assert main(["test", "--config", config, "--checkpoint", str(weights), "--no-progress", "--output", "zoo.json",
-                 *[o for o in overrides if not o.startswith(("data.num_classes", "model.pretrained"))],
-                 f"data.num_classes={classes}"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--config",
+                config,
+                "--checkpoint",
+                str(weights),
+                "--no-progress",
+                "--output",
+                "zoo.json",
+                *[o for o in overrides if not o.startswith(("data.num_classes", "model.pretrained"))],
+                f"data.num_classes={classes}",
+            ]
+        )
+        == 0
+    )
     assert json.loads(Path("zoo.json").read_text())["videos"] == 4
     assert main(["train", "--config", config, "--no-progress", *overrides]) == 0
     assert main(["test", "--config", "runs/ft/config.yaml", "--no-progress"]) == 0
@@ -135,18 +165,23 @@ def _fine_tune(tmp_path: Path, monkeypatch, weights: Path, name: str, options: l
 MMACTION2 = {  # config file of configs/recognition/i3d -> the model it converts to
     "i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb": "mmaction2_i3d_r50",
     "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb": "mmaction2_nl_i3d_r50_dot_product",
-    "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb":
-        "mmaction2_nl_i3d_r50_embedded_gaussian",
+    "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb": (
+        "mmaction2_nl_i3d_r50_embedded_gaussian"
+    ),
     "i3d_imagenet-pretrained-r50-nl-gaussian_8xb8-32x2x1-100e_kinetics400-rgb": "mmaction2_nl_i3d_r50_gaussian",
 }
 # positive controls: each difference from the paper's network the conversion carries, undone one at a time
-CONTROLS = {"pool1 of temporal kernel 2 (the official code's)": ({"clip": "32x2"}, "i3d"),
-            "blocks scaled by C'^-1/2": ({"nonlocal_options": {"scale": "auto"}}, "nl_"),
-            "keys/values pooled before the φ/g convs": ({"nonlocal_options": {"subsample_position": "input"}},
-                                                        "product|embedded")}
+CONTROLS = {
+    "pool1 of temporal kernel 2 (the official code's)": ({"clip": "32x2"}, "i3d"),
+    "blocks scaled by C'^-1/2": ({"nonlocal_options": {"scale": "auto"}}, "nl_"),
+    "keys/values pooled before the φ/g convs": (
+        {"nonlocal_options": {"subsample_position": "input"}},
+        "product|embedded",
+    ),
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mmaction2_resnet3d():
     """mmaction2's ResNet3d class from its installed wheel, without the package's ``__init__`` (which asserts
     mmcv < 2.2 and imports modules needing packages the wheel does not declare): the ``mmaction`` package is
@@ -184,8 +219,9 @@ class _I3DHead(nn.Module):
         return self.fc_cls(x.mean(dim=(2, 3, 4)))
 
 
-def _mmaction2_checkpoint(config: str, tmp_path: Path, base_channels: int = 64, with_cfg: bool = True,
-                          file_name: str | None = None):
+def _mmaction2_checkpoint(
+    config: str, tmp_path: Path, base_channels: int = 64, with_cfg: bool = True, file_name: str | None = None
+):
     resnet3d, configs = _mmaction2_resnet3d()  # skips where mmaction2 and its mmcv / mmengine are missing
     from mmengine.config import Config
 
@@ -201,8 +237,9 @@ def _mmaction2_checkpoint(config: str, tmp_path: Path, base_channels: int = 64, 
     state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
     state.update({f"cls_head.{k}": v for k, v in head.state_dict().items()})
     src = tmp_path / (file_name or f"{config}_20220812-8e1f2148.pth")
-    torch.save({"meta": {"cfg": cfg.pretty_text, "mmengine_version": "0.10.7"} if with_cfg else {},
-                "state_dict": state}, src)
+    torch.save(
+        {"meta": {"cfg": cfg.pretty_text, "mmengine_version": "0.10.7"} if with_cfg else {}, "state_dict": state}, src
+    )
     return nn.Sequential(net, head).eval(), src
 
 
@@ -230,8 +267,15 @@ def test_an_mmaction2_nl_i3d_converts_fine_tunes_and_tests_as_the_readme_says(tm
     config = "i3d_imagenet-pretrained-r50-nl-dot-product_8xb8-32x2x1-100e_kinetics400-rgb"
     _, src = _mmaction2_checkpoint(config, tmp_path, base_channels=8)
     out = _convert(src)
-    _fine_tune(tmp_path, monkeypatch, out, "mmaction2_nl_i3d_r50_dot_product", ["model.options.width=8"],
-               config="configs/kinetics/nl_i3d_r50_32x2.yaml", classes=400)
+    _fine_tune(
+        tmp_path,
+        monkeypatch,
+        out,
+        "mmaction2_nl_i3d_r50_dot_product",
+        ["model.options.width=8"],
+        config="configs/kinetics/nl_i3d_r50_32x2.yaml",
+        classes=400,
+    )
 
 
 def test_mmaction2_dot_product_and_embedded_gaussian_need_a_name_or_a_config(tmp_path):
@@ -296,13 +340,16 @@ def official_blobs_r50(temp_convs, nonlocal_after, affine):
 
 def test_a_caffe2_file_whose_name_does_not_say_32x2_or_8x8_needs_a_model(tmp_path):
     src = write_pickle(tmp_path / "model.pkl", official_blobs_r50(I3D_R50, NL5, False))
-    with pytest.raises(ConversionError, match="the 32x2 and 8x8 models have the same tensors.*"
-                                              "--model nl_i3d_r50 .*--model nl_i3d_r50_8x8"):
+    with pytest.raises(
+        ConversionError,
+        match="the 32x2 and 8x8 models have the same tensors.*--model nl_i3d_r50 .*--model nl_i3d_r50_8x8",
+    ):
         convert_checkpoint(src)
     assert convert_checkpoint(src, model="nl_i3d_r50_8x8").model.clip_name == "8x8_official"
 
 
 # --- formats, refusals, safety ------------------------------------------------------------------------------------
+
 
 def test_a_format_given_with_from_must_be_the_files(tmp_path):
     src = write_pickle(tmp_path / "c2d_baseline_32x2.pkl", official_blobs_r50(C2D_R50, {}, False))
@@ -346,6 +393,7 @@ class _RunsCode:
 
     def __reduce__(self):
         import os
+
         return os.system, (f"touch {self.marker}",)
 
 
@@ -359,14 +407,18 @@ def test_a_file_that_would_run_code_is_refused_by_convert_and_load_model(kind, t
         torch.save({"model_state": {"blocks.0.conv.weight": torch.zeros(1)}, "x": _RunsCode(marker)}, src)
     assert main(["convert", str(src), str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "system" in err and "o.safetensors" not in " ".join(p.name for p in
-                                                                                           tmp_path.iterdir())
+    assert (
+        err.count("error:") == 1
+        and "system" in err
+        and "o.safetensors" not in " ".join(p.name for p in tmp_path.iterdir())
+    )
     with pytest.raises(ValueError, match="system"):
         load_model(src, "c2d_tiny")
     assert not marker.exists()
 
 
 # --- one way back: load_model under torch.hub, visualize and model.pretrained -----------------------------------
+
 
 def test_hub_entry_points_rebuild_the_recorded_network(tmp_path):
     repo = Path(__file__).resolve().parents[1]
@@ -388,14 +440,18 @@ def test_model_pretrained_warns_when_a_zoo_network_goes_into_the_papers(tmp_path
     with caplog.at_level("WARNING", logger="nonlocalnet"):
         report = load_pretrained(create_model("mmaction2_nl_i3d_r50_gaussian", width=8, num_classes=5), out)
         assert report.kind == "same model" and not caplog.records
-        paper = create_model("nl_i3d_r50", width=8, num_classes=5,
-                             nonlocal_options={"mode": "gaussian"})  # the same tensors fit
+        paper = create_model(
+            "nl_i3d_r50", width=8, num_classes=5, nonlocal_options={"mode": "gaussian"}
+        )  # the same tensors fit
         load_pretrained(paper, out)
-    assert "computes differently from this model; to fine-tune the network the zoo trained, build " \
-           "mmaction2_nl_i3d_r50_gaussian with those options" in caplog.text
+    assert (
+        "computes differently from this model; to fine-tune the network the zoo trained, build "
+        "mmaction2_nl_i3d_r50_gaussian with those options" in caplog.text
+    )
 
 
 # --- what a review's probes found (each fails on the first version of convert) --------------------------------
+
 
 def _tiny_pytorchvideo(tmp_path: Path, name: str = "C2D_8x8_R50.pyth", **save) -> tuple[nn.Module, Path]:
     hub = pytest.importorskip("pytorchvideo.models.hub")
@@ -427,7 +483,7 @@ def test_a_config_recorded_in_an_mmaction2_file_holds_under_model_too(tmp_path):
         result = convert_checkpoint(src, model=model)
         assert result.options["nonlocal_options"] == {"scale": "auto"}
         blocks = [b for b in result.model.modules() if hasattr(b, "subsample_position")]
-        assert len(blocks) == 5 and all(b.scale == pytest.approx(b.inter_channels ** -0.5) for b in blocks)
+        assert len(blocks) == 5 and all(b.scale == pytest.approx(b.inter_channels**-0.5) for b in blocks)
 
 
 def test_skip_classifier_writes_a_model_without_one_that_loads_back_and_fine_tunes(tmp_path):
@@ -459,9 +515,11 @@ def test_old_format_and_truncated_torch_files_are_read_as_torch_files(tmp_path):
 def test_outputs_and_inputs_the_command_cannot_use_are_named(tmp_path, capsys):
     _, src = _tiny_pytorchvideo(tmp_path)
     (tmp_path / "outdir.safetensors").mkdir()
-    for args, message in ((["out.pth"], "must end in .safetensors"),
-                          (["outdir.safetensors"], "is a directory"),
-                          (["o.safetensors", "--paper-layout"], "--paper-layout applies to the official Caffe2")):
+    for args, message in (
+        (["out.pth"], "must end in .safetensors"),
+        (["outdir.safetensors"], "is a directory"),
+        (["o.safetensors", "--paper-layout"], "--paper-layout applies to the official Caffe2"),
+    ):
         assert main(["convert", str(src), str(tmp_path / args[0]), *args[1:]]) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and message in err, err

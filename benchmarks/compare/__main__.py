@@ -37,6 +37,7 @@ On a CPU that other processes share, run with OMP_NUM_THREADS=1: with more threa
 CPU flash-attention kernel (our softmax path) waits on descheduled threads and slows down several-fold, far more
 than the peers' large matrix multiplies do, which makes the comparison about the machine rather than the code.
 """
+
 from __future__ import annotations
 
 if __package__ in (None, ""):  # run as a file from any folder: import the repository's packages, as -m would
@@ -70,18 +71,27 @@ QUICK_SHAPES = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["table", "scale", "efficiency", "models"],
-                        choices=["table", "scale", "efficiency", "models"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["table", "scale", "efficiency", "models"],
+        choices=["table", "scale", "efficiency", "models"],
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes and models (a smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory from torch.cuda there)")
     parser.add_argument("--shapes", nargs="+", help="table shapes (default: all of the chosen set)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--variants", nargs="+", help="table: only these configurations (the peers' own names)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
-    parser.add_argument("--long-step-s", type=float, default=3.0,
-                        help="a step longer than this is timed once (its warm-up)")
-    parser.add_argument("--budget-gb", type=float, default=8.0,
-                        help="table: skip a peer configuration whose estimated peak exceeds this")
+    parser.add_argument(
+        "--long-step-s", type=float, default=3.0, help="a step longer than this is timed once (its warm-up)"
+    )
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        default=8.0,
+        help="table: skip a peer configuration whose estimated peak exceeds this",
+    )
     parser.add_argument("--no-memory", action="store_true", help="table: skip the peak-memory measurement")
     parser.add_argument("--show-na", action="store_true", help="table: also list configurations a peer lacks")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-budget-gb", type=float, default=4.0)
     parser.add_argument("--scale-channels", type=int, default=64)
     parser.add_argument("--scale-max-side", type=int, default=2048)
-    parser.add_argument("--scale-max-step-s", type=float, default=8.0,
-                        help="scale: stop growing once a step takes longer than this")
+    parser.add_argument(
+        "--scale-max-step-s", type=float, default=8.0, help="scale: stop growing once a step takes longer than this"
+    )
     parser.add_argument("--plot", help="scale: write the time/memory plot to this PNG")
     parser.add_argument("--efficiency-shape", help="efficiency: the shape (default res3)")
     parser.add_argument("--matmul-n", type=int, default=2048)

@@ -2,6 +2,7 @@
 without non-local blocks and PyTorchVideo's C2D / I3D R50 (no non-local blocks: it has no NL network), eager
 contiguous, channels-last, under bfloat16 autocast (``--amp``: what train.amp runs) and torch.compile
 (``--compile``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,16 +17,26 @@ from .peers import peer_unavailable
 
 # whole networks: ours (registered names) with and without NL, and PyTorchVideo's hub builders; the 8x8 layouts
 # take 8-frame clips as PyTorchVideo's C2D / I3D R50 (8x8) do
-MODELS = ["c2d_r50_8x8", "nl_c2d_r50_8x8", "i3d_r50_8x8", "nl_i3d_r50_8x8", "pytorchvideo:c2d_r50",
-          "pytorchvideo:i3d_r50"]
+MODELS = [
+    "c2d_r50_8x8",
+    "nl_c2d_r50_8x8",
+    "i3d_r50_8x8",
+    "nl_i3d_r50_8x8",
+    "pytorchvideo:c2d_r50",
+    "pytorchvideo:i3d_r50",
+]
+
 
 def _make_model(name: str) -> nn.Module:
     if name.startswith("pytorchvideo:"):
         from pytorchvideo.models import hub
+
         # the hub's builders pool a 8x224x224 clip's head with a fixed kernel; an adaptive pool takes any clip
-        return getattr(hub, name.split(":", 1)[1])(pretrained=False, head_pool=nn.AdaptiveAvgPool3d,
-                                                    model_num_class=400)
+        return getattr(hub, name.split(":", 1)[1])(
+            pretrained=False, head_pool=nn.AdaptiveAvgPool3d, model_num_class=400
+        )
     from nonlocalnet.models import create_model
+
     return create_model(name, num_classes=400)
 
 
@@ -72,24 +83,38 @@ def run_model(spec: dict[str, Any]) -> dict[str, Any]:
 def models_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     clip = tuple(args.clip)
     variants = ["eager", "channels_last"] + (["bf16"] if args.amp else []) + (["compile"] if args.compile else [])
-    print(f"\n## Whole models: clips/s, batch {args.batch}, clip {clip[0]}x{clip[1]}x{clip[2]} "
-          f"({machine(args.device)}; train = forward+backward+SGD step)\n\n"
-          "| model | params (M) | variant | train clips/s | inference clips/s | first call s (train / infer) |\n"
-          "|---|---:|---|---:|---:|---|", flush=True)
+    print(
+        f"\n## Whole models: clips/s, batch {args.batch}, clip {clip[0]}x{clip[1]}x{clip[2]} "
+        f"({machine(args.device)}; train = forward+backward+SGD step)\n\n"
+        "| model | params (M) | variant | train clips/s | inference clips/s | first call s (train / infer) |\n"
+        "|---|---:|---|---:|---:|---|",
+        flush=True,
+    )
     rows = []
     for variant in variants:  # compile last: its first calls take minutes, and must not crowd out the rest
         for model in args.models:
             if model.startswith("pytorchvideo:") and (missing := peer_unavailable("pytorchvideo")):
                 row: dict[str, Any] = dict(model=model, variant=variant, status=missing)
             else:
-                spec = dict(model=model, variant=variant, batch=args.batch, clip=clip, repeats=args.model_repeats,
-                            threads=torch.get_num_threads(), device=args.device)
+                spec = dict(
+                    model=model,
+                    variant=variant,
+                    batch=args.batch,
+                    clip=clip,
+                    repeats=args.model_repeats,
+                    threads=torch.get_num_threads(),
+                    device=args.device,
+                )
                 result = run_child("benchmarks.compare.models:run_model", spec, args.case_timeout)
                 row = dict(model=model, variant=variant, **result)
                 row.setdefault("status", "ok")
             rows.append(row)
-            first = (f"{row['train_first_s']:.1f} / {row['infer_first_s']:.1f}" if "train_first_s" in row
-                     else row["status"])
-            print(f"| {model} | {fmt(row.get('params_m'), '', 1)} | {variant} | {fmt(row.get('train_clips_s'))} | "
-                  f"{fmt(row.get('infer_clips_s'))} | {first} |", flush=True)
+            first = (
+                f"{row['train_first_s']:.1f} / {row['infer_first_s']:.1f}" if "train_first_s" in row else row["status"]
+            )
+            print(
+                f"| {model} | {fmt(row.get('params_m'), '', 1)} | {variant} | {fmt(row.get('train_clips_s'))} | "
+                f"{fmt(row.get('infer_clips_s'))} | {first} |",
+                flush=True,
+            )
     return rows

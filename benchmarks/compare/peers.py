@@ -7,6 +7,7 @@ both on one input: equivalence before speed.
 Not measured: AlexHex7/Non-local_pytorch (the PyTorch port most copied) is not on the package index; mmcv's
 NonLocal2d/3d is written after it (same subsample-after-projection layout, same modes).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -70,6 +71,7 @@ Built = tuple[nn.Module, tuple[int, ...], dict[str, Any], str]  # peer module, i
 
 def _build_mmcv(variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> Built:
     from mmcv.cnn import NonLocal2d, NonLocal3d
+
     dim = len(shape) - 2
     pools = {2: (2, 2), 3: (1, 2, 2)}  # mmcv's only subsampling: a max-pool after the φ and g convs
     if dim not in pools:
@@ -77,8 +79,14 @@ def _build_mmcv(variant: str, shape: tuple[int, ...], subsample: tuple[int, ...]
     if subsample not in (None, pools[dim]):
         raise NotApplicable(f"mmcv subsamples by {pools[dim]} only")
     peer = (NonLocal2d if dim == 2 else NonLocal3d)(shape[1], sub_sample=subsample is not None, mode=variant)
-    options = dict(dim=dim, mode=variant, subsample=subsample, subsample_position="projection",
-                   scale="auto" if variant == "embedded_gaussian" else None, norm=None)
+    options = dict(
+        dim=dim,
+        mode=variant,
+        subsample=subsample,
+        subsample_position="projection",
+        scale="auto" if variant == "embedded_gaussian" else None,
+        norm=None,
+    )
     where = "after the projections" if subsample else "none"
     return peer, shape, options, f"NonLocal{dim}d; subsample {where}; no norm"
 
@@ -98,11 +106,11 @@ def _load_mmcv(peer: nn.Module, ours: NonLocalBlock) -> None:
 
 def _build_timm(variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> Built:
     from timm.layers import NonLocalAttn
+
     if len(shape) != 4 or subsample is not None:
         raise NotApplicable("NonLocalAttn is 2D without subsampling")
     peer = NonLocalAttn(shape[1])  # its defaults: C' = C/8, scale C^-1/2 (not C'^-1/2), BatchNorm
-    options = dict(dim=2, mode="embedded_gaussian", inter_channels=peer.t.out_channels, scale=peer.scale,
-                   norm="batch")
+    options = dict(dim=2, mode="embedded_gaussian", inter_channels=peer.t.out_channels, scale=peer.scale, norm="batch")
     return peer, shape, options, f"embedded gaussian; C'=C/8={peer.t.out_channels}; scale C^-1/2"
 
 
@@ -114,6 +122,7 @@ def _load_timm(peer: nn.Module, ours: NonLocalBlock) -> None:
 
 def _build_pytorchvideo(variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> Built:
     from pytorchvideo.layers.nonlocal_net import create_nonlocal
+
     note = "subsample before the projections" if subsample else "no subsampling"
     if len(shape) == 4:  # PyTorchVideo's block is 3D only: an image is a one-frame video
         shape = (shape[0], shape[1], 1, *shape[2:])
@@ -122,17 +131,27 @@ def _build_pytorchvideo(variant: str, shape: tuple[int, ...], subsample: tuple[i
     elif len(shape) != 5:
         raise NotApplicable("PyTorchVideo's NonLocal is 3D only")
     inter = shape[1] // 2
-    peer = create_nonlocal(dim_in=shape[1], dim_inner=inter, pool_size=subsample or (1, 1, 1),
-                           instantiation=variant)
+    peer = create_nonlocal(dim_in=shape[1], dim_inner=inter, pool_size=subsample or (1, 1, 1), instantiation=variant)
     mode = {"softmax": "embedded_gaussian", "dot_product": "dot_product"}[variant]
-    options = dict(dim=3, mode=mode, inter_channels=inter, subsample=subsample, subsample_position="input",
-                   scale="auto" if variant == "softmax" else None, norm="batch")
+    options = dict(
+        dim=3,
+        mode=mode,
+        inter_channels=inter,
+        subsample=subsample,
+        subsample_position="input",
+        scale="auto" if variant == "softmax" else None,
+        norm="batch",
+    )
     return peer, shape, options, note
 
 
 def _load_pytorchvideo(peer: nn.Module, ours: NonLocalBlock) -> None:
-    for src, dst in ((peer.conv_theta, ours.theta), (peer.conv_phi, ours.phi), (peer.conv_g, ours.g),
-                     (peer.conv_out, ours.out)):
+    for src, dst in (
+        (peer.conv_theta, ours.theta),
+        (peer.conv_phi, ours.phi),
+        (peer.conv_g, ours.g),
+        (peer.conv_out, ours.out),
+    ):
         _copy_conv(src, dst)
     ours.norm.load_state_dict(peer.norm.state_dict())
 
@@ -163,8 +182,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.rand(p.shape, generator=generator) * 2 - 1)
 
 
-def build_pair(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None,
-               seed: int = 0, impl: str = "auto") -> Pair:
+def build_pair(
+    peer: str,
+    variant: str,
+    shape: tuple[int, ...],
+    subsample: tuple[int, ...] | None,
+    seed: int = 0,
+    impl: str = "auto",
+) -> Pair:
     """The peer with random weights, and our block configured as the peer and holding the same weights.
 
     Args:

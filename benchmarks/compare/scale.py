@@ -1,5 +1,6 @@
 """The ``scale`` section: the largest 2D map without subsampling each implementation handles under a memory
 budget, growing the side by √2 until the budget or a step longer than the time limit stops it."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,7 @@ from torch import Tensor
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.io import atomic_path
 
-from .._common import (fmt, machine, peak_memory_mb, print_point, run_child, synchronize,
-                       track_allocations_exactly)
+from .._common import fmt, machine, peak_memory_mb, print_point, run_child, synchronize, track_allocations_exactly
 from .peers import BUILD, peer_unavailable, short_error, step
 from .table import estimate_peer_gb
 
@@ -109,11 +109,13 @@ def run_scale(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def scale_section(args: argparse.Namespace) -> list[dict[str, Any]]:
-    print(f"\n## Scale: the largest 2D map without subsampling under {args.scale_budget_gb:g} GB "
-          f"(B=1, C={args.scale_channels}, forward+backward)\n\n"
-          "| implementation | largest side | positions | ms there | MB there | stopped by | side the budget allows |\n"
-          "|---|---:|---:|---:|---:|---|---:|",
-          flush=True)
+    print(
+        f"\n## Scale: the largest 2D map without subsampling under {args.scale_budget_gb:g} GB "
+        f"(B=1, C={args.scale_channels}, forward+backward)\n\n"
+        "| implementation | largest side | positions | ms there | MB there | stopped by | side the budget allows |\n"
+        "|---|---:|---:|---:|---:|---|---:|",
+        flush=True,
+    )
     rows = []
     for name, (who, _) in SCALE_IMPLS.items():
         if who != "ours" and who not in args.peers:
@@ -122,9 +124,15 @@ def scale_section(args: argparse.Namespace) -> list[dict[str, Any]]:
         if missing:
             result: dict[str, Any] = dict(points=[], stop=missing)
         else:
-            spec = dict(name=name, channels=args.scale_channels, budget_gb=args.scale_budget_gb,
-                        max_side=args.scale_max_side, max_step_s=args.scale_max_step_s,
-                        threads=torch.get_num_threads(), device=args.device)
+            spec = dict(
+                name=name,
+                channels=args.scale_channels,
+                budget_gb=args.scale_budget_gb,
+                max_side=args.scale_max_side,
+                max_step_s=args.scale_max_step_s,
+                threads=torch.get_num_threads(),
+                device=args.device,
+            )
             result = run_child("benchmarks.compare.scale:run_scale", spec, args.case_timeout)
             if "points" not in result:  # the child died: keep the sizes it printed
                 result = dict(points=result.get("partial", []), stop=result["status"])
@@ -135,17 +143,21 @@ def scale_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             # stopped by time, not memory: our paths' memory grows as N = side², so the budget allows about
             # side·sqrt(budget / memory there) -- a projection, not a measurement
             projected = int(best["side"] * (args.scale_budget_gb * 1000 / best["mb"]) ** 0.5)
-        rows.append(dict(name=name, points=result["points"], stop=result["stop"], largest=best,
-                         projected_side=projected))
+        rows.append(
+            dict(name=name, points=result["points"], stop=result["stop"], largest=best, projected_side=projected)
+        )
         if projected:
             allows = f"≈{projected} (projected)"
         elif best and result["stop"].startswith("time"):
             allows = f"≥{best['side']}"
         else:
             allows = best["side"] if best else "—"
-        print(f"| {name} | {best['side'] if best else '—'} | {best['positions'] if best else '—'} | "
-              f"{fmt(best['ms'] if best else None, '', 0)} | {fmt(best['mb'] if best else None, '', 0)} | "
-              f"{result['stop']} | {allows} |", flush=True)
+        print(
+            f"| {name} | {best['side'] if best else '—'} | {best['positions'] if best else '—'} | "
+            f"{fmt(best['ms'] if best else None, '', 0)} | {fmt(best['mb'] if best else None, '', 0)} | "
+            f"{result['stop']} | {allows} |",
+            flush=True,
+        )
     if args.plot:
         plot_scale(rows, args.plot, args.scale_budget_gb, args.scale_channels, machine(args.device))
         print(f"\nplot: {args.plot}")
@@ -154,8 +166,10 @@ def scale_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def plot_scale(rows: list[dict[str, Any]], path: str, budget_gb: float, channels: int, machine: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     for row in rows:
         points = row["points"]

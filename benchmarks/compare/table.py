@@ -1,5 +1,6 @@
 """The ``table`` section: forward+backward time and peak memory of each peer in each configuration it supports,
 against our block configured to compute the same function (equivalence checked first; ratios peer / ours)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 
 from .._common import count_flops, fmt, machine, peak_memory_mb, run_child, time_round_robin
 from .peers import BUILD, PEERS, NotApplicable, build_pair, check_equivalence, our_path, peer_unavailable, step
+
 
 def estimate_peer_gb(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None) -> float:
     """Rough peak of a peer's forward+backward: its dense (B, N, M) matrices dominate.
@@ -42,13 +44,15 @@ def _float32_means_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def count_pair_flops(peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None,
-                     device: str = "cpu") -> dict[str, Any]:
+def count_pair_flops(
+    peer: str, variant: str, shape: tuple[int, ...], subsample: tuple[int, ...] | None, device: str = "cpu"
+) -> dict[str, Any]:
     """GFLOP of one forward+backward of the peer and of our block (as :func:`count_flops` counts them), on fake
     tensors: shapes only, no arithmetic, so even the image's dense peers cost nothing to count. The ratio says
     how much of a time ratio is arithmetic (ours recomputing qᵀk, or the peer's dense dot product) and how much
     is speed per flop. A side that does not run on fake tensors gets None and its reason in ``flops_error``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     counts: dict[str, Any] = dict(peer_gflop=None, ours_gflop=None)
     errors = []
     with FakeTensorMode(), torch.device(device):  # built where it runs: a chunk's size depends on the device
@@ -73,8 +77,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     shape, subsample, _ = spec["shapes"][spec["shape"]]
     torch.manual_seed(spec["seed"])
-    pair = build_pair(spec["peer"], spec["variant"], tuple(shape), tuple(subsample) if subsample else None,
-                      spec["seed"])
+    pair = build_pair(
+        spec["peer"], spec["variant"], tuple(shape), tuple(subsample) if subsample else None, spec["seed"]
+    )
     device = spec["device"]
     pair.peer.to(device).train()
     pair.ours.to(device).train()
@@ -100,8 +105,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         times = time_round_robin(steps, spec["repeats"], device, warmup=False)
         row["samples"] = spec["repeats"]
     row.update(peer_ms=times["peer"] * 1e3, ours_ms=times["ours"] * 1e3)
-    row.update(count_pair_flops(spec["peer"], spec["variant"], tuple(shape),
-                                tuple(subsample) if subsample else None, device))
+    row.update(
+        count_pair_flops(spec["peer"], spec["variant"], tuple(shape), tuple(subsample) if subsample else None, device)
+    )
     if spec["memory"]:
         for name, fn in steps.items():
             gc.collect()
@@ -111,9 +117,11 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]]:
     rows = []
-    header = ("| shape | peer | configuration | max abs diff | peer ms | ours ms (path) | time peer/ours | "
-              "flops peer/ours | peer MB | ours MB | mem peer/ours | status |\n"
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    header = (
+        "| shape | peer | configuration | max abs diff | peer ms | ours ms (path) | time peer/ours | "
+        "flops peer/ours | peer MB | ours MB | mem peer/ours | status |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
     print(f"\n## Peers, forward+backward (ratios peer / ours; {machine(args.device)})\n\n{header}", flush=True)
     for shape_name in args.shapes:
         shape, subsample, _ = shapes[shape_name]
@@ -133,10 +141,18 @@ def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]
                     if need > args.budget_gb:
                         row["status"] = f"skipped: needs ~{need:.0f} GB > budget {args.budget_gb:g} GB"
                     else:
-                        spec = dict(shape=shape_name, shapes=shapes, peer=peer, variant=variant,
-                                    seed=args.seed, threads=torch.get_num_threads(), repeats=args.repeats,
-                                    device=args.device,
-                                    long_step_s=args.long_step_s, memory=not args.no_memory)
+                        spec = dict(
+                            shape=shape_name,
+                            shapes=shapes,
+                            peer=peer,
+                            variant=variant,
+                            seed=args.seed,
+                            threads=torch.get_num_threads(),
+                            repeats=args.repeats,
+                            device=args.device,
+                            long_step_s=args.long_step_s,
+                            memory=not args.no_memory,
+                        )
                         row.update(_run(spec, args.case_timeout))
                 if row["status"].startswith("n/a") and not args.show_na:
                     continue
@@ -170,6 +186,8 @@ def _table_line(r: dict[str, Any]) -> str:
     mem_ratio = r["peer_mb"] / r["ours_mb"] if r.get("peer_mb") and r.get("ours_mb") else None
     flop_ratio = r["peer_gflop"] / r["ours_gflop"] if r.get("peer_gflop") and r.get("ours_gflop") else None
     diff = f"{r['z_diff']:.1e}" if r.get("z_diff") is not None else "—"
-    return (f"| {r['shape']} | {r['peer']} | {config} | {diff} | {fmt(r.get('peer_ms'), '', 1)} | {ours} | "
-            f"{fmt(time_ratio, 'x')} | {fmt(flop_ratio, 'x')} | {fmt(r.get('peer_mb'), '', 0)} | "
-            f"{fmt(r.get('ours_mb'), '', 0)} | {fmt(mem_ratio, 'x')} | {r['status']} |")
+    return (
+        f"| {r['shape']} | {r['peer']} | {config} | {diff} | {fmt(r.get('peer_ms'), '', 1)} | {ours} | "
+        f"{fmt(time_ratio, 'x')} | {fmt(flop_ratio, 'x')} | {fmt(r.get('peer_mb'), '', 0)} | "
+        f"{fmt(r.get('ours_mb'), '', 0)} | {fmt(mem_ratio, 'x')} | {r['status']} |"
+    )

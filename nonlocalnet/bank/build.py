@@ -4,10 +4,11 @@ The clips and the features are those of ``nonlocalnet extract`` (:mod:`nonlocaln
 tiling (:func:`~nonlocalnet.data.transforms.clip_starts`) and the same feature path
 (:func:`~nonlocalnet.models.features.batched_clip_features`); ``extract``'s safetensors output is a feature bank file.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sized
 from pathlib import Path
-from typing import Iterable, Sized
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +28,19 @@ def pooled_features(model: nn.Module, clips: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def build_feature_bank(model: nn.Module, videos: Iterable[tuple[str, Tensor]], *, clip_frames: int,
-                       frame_stride: int = 1, step: int | None = None, batch_size: int = 8,
-                       device: torch.device | str | None = None, out: str | Path | None = None,
-                       metadata: dict[str, str] | None = None, progress: bool = True) -> FeatureBank:
+def build_feature_bank(
+    model: nn.Module,
+    videos: Iterable[tuple[str, Tensor]],
+    *,
+    clip_frames: int,
+    frame_stride: int = 1,
+    step: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    out: str | Path | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: bool = True,
+) -> FeatureBank:
     """Runs ``model`` over all clips of every video and collects pooled features into a :class:`FeatureBank`.
 
     Args:
@@ -56,9 +66,14 @@ def build_feature_bank(model: nn.Module, videos: Iterable[tuple[str, Tensor]], *
         device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    bank = FeatureBank(metadata={"clip_frames": str(clip_frames), "frame_stride": str(frame_stride),
-                                 "step": str(step if step is not None else (clip_frames - 1) * frame_stride + 1),
-                                 **(metadata or {})})
+    bank = FeatureBank(
+        metadata={
+            "clip_frames": str(clip_frames),
+            "frame_stride": str(frame_stride),
+            "step": str(step if step is not None else (clip_frames - 1) * frame_stride + 1),
+            **(metadata or {}),
+        }
+    )
     total = len(videos) if isinstance(videos, Sized) else None
     try:
         for vid, frames in tqdm(videos, total=total, desc="feature bank", unit="video", disable=not progress):
@@ -68,7 +83,7 @@ def build_feature_bank(model: nn.Module, videos: Iterable[tuple[str, Tensor]], *
                 raise ValueError(f"video {vid!r}: frames must be (C, F, H, W); got {tuple(frames.shape)}")
             starts = clip_starts(frames.shape[1], clip_frames, frame_stride, step)
             span = (clip_frames - 1) * frame_stride + 1
-            clips = [frames[:, s:s + span:frame_stride] for s in starts]  # views (C, T, H, W), no copies
+            clips = [frames[:, s : s + span : frame_stride] for s in starts]  # views (C, T, H, W), no copies
             bank.features[vid] = batched_clip_features(model, clips, batch_size=batch_size, device=device)  # (L, C)
             bank.starts[vid] = torch.tensor(starts, dtype=torch.long)
     finally:

@@ -8,13 +8,14 @@
    operator (two non-local layers attending from the clip to the bank, then linear).
 The label is the sum of two shapes shown in clips far apart, mod 3, so the clip alone is at chance (1/3).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,9 +31,15 @@ from .longvideo import LongVideoTask
 from .store import FeatureBank
 from .train import BankSamples, evaluate_head, train_head
 
-__all__ = ["DemoConfig", "QUICK", "run_feature_bank_demo", "format_table", "frames_to_input", "make_backbone",
-           "train_backbone"]
-
+__all__ = [
+    "DemoConfig",
+    "QUICK",
+    "run_feature_bank_demo",
+    "format_table",
+    "frames_to_input",
+    "make_backbone",
+    "train_backbone",
+]
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,9 @@ class DemoConfig:
 
 
 # a minute-scale version for tests and smoke runs
-QUICK = DemoConfig(backbone_videos=128, train_videos=256, test_videos=64, backbone_epochs=8, head_epochs=8,
-                   inter_channels=128)
+QUICK = DemoConfig(
+    backbone_videos=128, train_videos=256, test_videos=64, backbone_epochs=8, head_epochs=8, inter_channels=128
+)
 
 
 def frames_to_input(frames: np.ndarray) -> torch.Tensor:
@@ -85,8 +93,16 @@ def make_backbone(task: LongVideoTask, width: int = 8) -> nn.Module:
     return ResNet3d(layers=(1, 1, 1, 1), arch="c2d", clip="8x8", width=width, num_classes=task.num_clip_classes)
 
 
-def train_backbone(model: nn.Module, task: LongVideoTask, *, epochs: int, batch_size: int = 32, lr: float = 0.05,
-                   seed: int = 0, progress: bool = True) -> list[float]:
+def train_backbone(
+    model: nn.Module,
+    task: LongVideoTask,
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Trains ``model`` on the per-clip annotation (SGD, momentum 0.9, cosine schedule).
 
     Every epoch takes every event clip and as many event-free clips drawn at random, so the classes are balanced
@@ -117,7 +133,7 @@ def train_backbone(model: nn.Module, task: LongVideoTask, *, epochs: int, batch_
         order = rng.permutation(len(samples))
         total = 0.0
         for start in range(0, len(samples), batch_size):
-            batch = [samples[i] for i in order[start:start + batch_size]]
+            batch = [samples[i] for i in order[start : start + batch_size]]
             x = torch.stack([clip(v, c) for v, c in batch])  # (B, 3, T, H, W)
             y = torch.tensor([task.clip_label(v, c) for v, c in batch])
             loss = F.cross_entropy(model(x), y)
@@ -136,6 +152,7 @@ def train_backbone(model: nn.Module, task: LongVideoTask, *, epochs: int, batch_
 
 def _videos(task: LongVideoTask):
     """(video id, normalised frames) of every video, sized for the progress bar."""
+
     class Videos:
         def __len__(self) -> int:
             return task.num_videos
@@ -143,11 +160,16 @@ def _videos(task: LongVideoTask):
         def __iter__(self):
             for v in range(task.num_videos):
                 yield f"video{v:05d}", frames_to_input(task.video(v))
+
     return Videos()
 
 
-def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path | None = None,
-                          progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_feature_bank_demo(
+    config: DemoConfig = DemoConfig(),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Runs the whole demo and returns the table as a dict (also written to ``out_dir`` if given).
 
     Args:
@@ -157,8 +179,8 @@ def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path
         log: where progress lines go.
 
     Returns:
-        ``{"config", "rows": [{"key" ("clip_only", "bank_avg", "bank_fbo"), "head", "clip_accuracy", "video_accuracy", "parameters", "train_seconds"}],
-        "chance", "backbone": {...}, "seconds"}``.
+        ``{"config", "rows": [{"key" ("clip_only", "bank_avg", "bank_fbo"), "head", "clip_accuracy",
+        "video_accuracy", "parameters", "train_seconds"}], "chance", "backbone": {...}, "seconds"}``.
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -168,32 +190,45 @@ def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path
     out = Path(out_dir) if out_dir is not None else None
 
     if not 0 < config.backbone_videos <= config.train_videos:
-        raise ValueError(f"backbone_videos must be in 1..train_videos ({config.train_videos}); "
-                         f"got {config.backbone_videos}")
+        raise ValueError(
+            f"backbone_videos must be in 1..train_videos ({config.train_videos}); got {config.backbone_videos}"
+        )
     backbone_task = LongVideoTask(config.backbone_videos, seed=config.seed, **shape)  # the first training videos
     log(f"[1/3] training the short-term backbone on the clips of {config.backbone_videos} videos")
     backbone = make_backbone(train_task, config.width)
     t0 = time.perf_counter()
-    backbone_losses = train_backbone(backbone, backbone_task, epochs=config.backbone_epochs, seed=config.seed,
-                                     progress=progress)
+    backbone_losses = train_backbone(
+        backbone, backbone_task, epochs=config.backbone_epochs, seed=config.seed, progress=progress
+    )
     backbone_seconds = time.perf_counter() - t0
     backbone_acc = _clip_annotation_accuracy(backbone, test_task)
     log(f"      backbone per-clip annotation accuracy on test clips: {backbone_acc:.3f}")
 
     log("[2/3] building the feature banks")
-    meta = {"model": "ResNet3d(layers=(1,1,1,1), arch='c2d', clip='8x8', width=%d)" % config.width,
-            "task": json.dumps(asdict(config))}
+    meta = {
+        "model": f"ResNet3d(layers=(1,1,1,1), arch='c2d', clip='8x8', width={config.width})",
+        "task": json.dumps(asdict(config)),
+    }
     banks = {}
     for split, task in (("train", train_task), ("test", test_task)):
         path = out / f"bank_{split}.safetensors" if out is not None else None
-        banks[split] = build_feature_bank(backbone, _videos(task), clip_frames=config.clip_frames, batch_size=16,
-                                          out=path, metadata=meta, progress=progress)
+        banks[split] = build_feature_bank(
+            backbone,
+            _videos(task),
+            clip_frames=config.clip_frames,
+            batch_size=16,
+            out=path,
+            metadata=meta,
+            progress=progress,
+        )
         if path is not None:
             banks[split] = FeatureBank.load(path)  # train on what the file holds
-    train = BankSamples.from_bank(banks["train"], {f"video{v:05d}": train_task.label(v)
-                                                   for v in range(train_task.num_videos)})
-    test = BankSamples.from_bank(banks["test"], {f"video{v:05d}": test_task.label(v)
-                                                 for v in range(test_task.num_videos)})
+    train = BankSamples.from_bank(
+        banks["train"], {f"video{v:05d}": train_task.label(v) for v in range(train_task.num_videos)}
+    )
+    test = BankSamples.from_bank(
+        banks["test"], {f"video{v:05d}": test_task.label(v) for v in range(test_task.num_videos)}
+    )
     # standardise features with the training set's statistics (the same input for every head)
     mean = train.features.mean(dim=(0, 1))
     std = train.features.std(dim=(0, 1)).clamp_min(1e-6)
@@ -204,10 +239,12 @@ def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path
     channels = train.features.shape[2]
     heads = {
         ("clip_only", "clip only (linear)"): ClipOnlyHead(channels, train_task.num_classes),
-        ("bank_avg", "clip + bank, average pooled (linear)"): PooledBankHead(channels, channels,
-                                                                            train_task.num_classes),
+        ("bank_avg", "clip + bank, average pooled (linear)"): PooledBankHead(
+            channels, channels, train_task.num_classes
+        ),
         ("bank_fbo", "clip + bank, feature bank operator (2 NL layers)"): FeatureBankClassifier(
-            channels, channels, train_task.num_classes, inter_channels=config.inter_channels),
+            channels, channels, train_task.num_classes, inter_channels=config.inter_channels
+        ),
     }
     rows = []
     for i, ((key, name), head) in enumerate(heads.items()):
@@ -216,12 +253,26 @@ def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path
         train_head(head, train, epochs=config.head_epochs, seed=config.seed, progress=progress, desc=name[:28])
         seconds = time.perf_counter() - t0
         metrics = evaluate_head(head, test)
-        rows.append({"key": key, "head": name, **metrics, "parameters": sum(p.numel() for p in head.parameters()),
-                     "train_seconds": round(seconds, 1)})
-    result = {"config": asdict(config), "rows": rows, "chance": 1.0 / train_task.num_classes,
-              "backbone": {"clip_annotation_accuracy": backbone_acc, "losses": backbone_losses,
-                           "train_seconds": round(backbone_seconds, 1)},
-              "seconds": round(time.perf_counter() - start, 1)}
+        rows.append(
+            {
+                "key": key,
+                "head": name,
+                **metrics,
+                "parameters": sum(p.numel() for p in head.parameters()),
+                "train_seconds": round(seconds, 1),
+            }
+        )
+    result = {
+        "config": asdict(config),
+        "rows": rows,
+        "chance": 1.0 / train_task.num_classes,
+        "backbone": {
+            "clip_annotation_accuracy": backbone_acc,
+            "losses": backbone_losses,
+            "train_seconds": round(backbone_seconds, 1),
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         from ..models import save_weights
@@ -234,17 +285,20 @@ def run_feature_bank_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path
 
 def format_table(result: dict) -> str:
     """The demo's result as a markdown table."""
-    lines = ["| head | clip accuracy | video accuracy | parameters | train time |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| head | clip accuracy | video accuracy | parameters | train time |", "|---|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        lines.append(f"| {row['head']} | {100 * row['clip_accuracy']:.1f}% | {100 * row['video_accuracy']:.1f}% | "
-                     f"{row['parameters']:,} | {row['train_seconds']:.1f} s |")
+        lines.append(
+            f"| {row['head']} | {100 * row['clip_accuracy']:.1f}% | {100 * row['video_accuracy']:.1f}% | "
+            f"{row['parameters']:,} | {row['train_seconds']:.1f} s |"
+        )
     cfg = result["config"]
     lines.append("")
-    lines.append(f"Chance: {100 * result['chance']:.1f}%. Test: {cfg['test_videos']} videos x {cfg['num_clips']} "
-                 f"clips of {cfg['clip_frames']} frames ({cfg['size']}x{cfg['size']}), seed {cfg['seed']}; "
-                 f"backbone per-clip annotation accuracy "
-                 f"{100 * result['backbone']['clip_annotation_accuracy']:.1f}%; total {result['seconds']:.0f} s.")
+    lines.append(
+        f"Chance: {100 * result['chance']:.1f}%. Test: {cfg['test_videos']} videos x {cfg['num_clips']} "
+        f"clips of {cfg['clip_frames']} frames ({cfg['size']}x{cfg['size']}), seed {cfg['seed']}; "
+        f"backbone per-clip annotation accuracy "
+        f"{100 * result['backbone']['clip_annotation_accuracy']:.1f}%; total {result['seconds']:.0f} s."
+    )
     return "\n".join(lines)
 
 
@@ -255,7 +309,7 @@ def _clip_annotation_accuracy(model: nn.Module, task: LongVideoTask, batch_size:
     pairs = [(v, c) for v in range(task.num_videos) for c in range(task.num_clips)]
     preds, labels = [], []
     for start in range(0, len(pairs), batch_size):
-        batch = pairs[start:start + batch_size]
+        batch = pairs[start : start + batch_size]
         x = torch.stack([frames_to_input(task.clip(v, c)) for v, c in batch])
         preds.append(model(x).argmax(dim=1))
         labels.extend(task.clip_label(v, c) for v, c in batch)

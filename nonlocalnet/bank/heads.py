@@ -5,6 +5,7 @@ All heads take the same arguments as :class:`~nonlocalnet.layers.feature_bank.Fe
 (B, num_classes). The long-term feature bank paper compares its operator with average and max pooling of the
 bank in the same way (a linear classifier over the concatenation).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,9 @@ class PooledBankHead(nn.Module):
         dropout: dropout before the classifier.
     """
 
-    def __init__(self, clip_channels: int, bank_channels: int, num_classes: int, *, pooling: str = "avg",
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, clip_channels: int, bank_channels: int, num_classes: int, *, pooling: str = "avg", dropout: float = 0.5
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")

@@ -15,6 +15,7 @@ backbone).
 
 Everything is generated on the fly and is a pure function of (seed, video index, clip index).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ def _shape_mask(shape: int) -> np.ndarray:
         mask[[0, 1, -2, -1], :] = True
         mask[:, [0, 1, -2, -1]] = True
     elif shape == 1:  # plus
-        mask[n // 2 - 1:n // 2 + 2, :] = True
-        mask[:, n // 2 - 1:n // 2 + 2] = True
+        mask[n // 2 - 1 : n // 2 + 2, :] = True
+        mask[:, n // 2 - 1 : n // 2 + 2] = True
     elif shape == 2:  # X
         i = np.arange(n)
         for d in (-1, 0, 1):
@@ -140,7 +141,7 @@ class LongVideoTask:
         velocity = video_rng.uniform(-0.7, 0.7, size=2)
         for f in range(self.clip_frames):
             y, x = self._bounce(start + velocity * (t0 + f), 5)
-            frames[f, y:y + 5, x:x + 5] = 150.0
+            frames[f, y : y + 5, x : x + 5] = 150.0
         if clip in spec.event_clips:
             shape = spec.shapes[spec.event_clips.index(clip)]
             colour = rng.uniform(150, 255, size=3)
@@ -149,7 +150,7 @@ class LongVideoTask:
             drift = rng.uniform(-1.0, 1.0, size=2)
             for f in range(self.clip_frames):
                 y, x = self._bounce(pos + drift * f, SHAPE_SIZE)
-                frames[f, y:y + SHAPE_SIZE, x:x + SHAPE_SIZE][_MASKS[shape]] = colour
+                frames[f, y : y + SHAPE_SIZE, x : x + SHAPE_SIZE][_MASKS[shape]] = colour
         return np.clip(frames, 0, 255).astype(np.uint8)
 
     def video(self, video: int) -> np.ndarray:

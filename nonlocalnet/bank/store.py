@@ -6,6 +6,7 @@ Layout of the file:
     metadata  "format" = "nonlocalnet.feature_bank/1", "channels", and whatever the builder recorded
               (model name, clip length, frame stride, step), all strings as safetensors requires.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,8 +45,10 @@ class FeatureBank:
         channels = {f.shape[1] for f in self.features.values() if f.dim() == 2}
         for vid, f in self.features.items():
             if f.dim() != 2 or f.shape[0] != self.starts[vid].shape[0]:
-                raise ValueError(f"video {vid!r}: features must be (L, C) with L = len(starts); got "
-                                 f"{tuple(f.shape)} and {tuple(self.starts[vid].shape)} starts")
+                raise ValueError(
+                    f"video {vid!r}: features must be (L, C) with L = len(starts); got "
+                    f"{tuple(f.shape)} and {tuple(self.starts[vid].shape)} starts"
+                )
         if len(channels) > 1:
             raise ValueError(f"every video's features need the same channels; found {sorted(channels)}")
 
@@ -83,7 +86,7 @@ class FeatureBank:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureBank":
+    def load(cls, path: str | Path) -> FeatureBank:
         """Reads a bank written by :meth:`save`.
 
         Raises:
@@ -102,8 +105,9 @@ class FeatureBank:
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a nonlocalnet feature bank (format {metadata.get('format')!r}, "
-                             f"expected {FORMAT!r})")
+            raise ValueError(
+                f"{path} is not a nonlocalnet feature bank (format {metadata.get('format')!r}, expected {FORMAT!r})"
+            )
         features, starts = {}, {}
         for key, value in tensors.items():
             kind, _, vid = key.partition("/")

@@ -5,10 +5,11 @@ of the same video (the clip itself included, as in the long-term feature bank pa
 video's label. Accuracy is reported per clip and per video (softmax scores averaged over the video's clips,
 the paper's multi-clip testing).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class BankSamples:
             raise ValueError(f"{len(self.videos)} video ids for {self.features.shape[0]} videos")
 
     @classmethod
-    def from_bank(cls, bank: FeatureBank, labels: Mapping[str, int]) -> "BankSamples":
+    def from_bank(cls, bank: FeatureBank, labels: Mapping[str, int]) -> BankSamples:
         """Samples of every video of ``bank``, labelled by ``labels`` (video id -> label).
 
         Raises:
@@ -70,14 +71,26 @@ class BankSamples:
     def batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Samples ``index`` (flat indices video * L + clip): clip (n, C), bank (n, C, L), label (n,)."""
         video, clip = index // self.num_clips, index % self.num_clips
-        return (self.features[video, clip],  # (n, C)
-                self.features[video].transpose(1, 2),  # (n, L, C) -> (n, C, L)
-                self.labels[video])
+        return (
+            self.features[video, clip],  # (n, C)
+            self.features[video].transpose(1, 2),  # (n, L, C) -> (n, C, L)
+            self.labels[video],
+        )
 
 
-def train_head(head: nn.Module, samples: BankSamples, *, epochs: int = 20, batch_size: int = 64,
-               lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu",
-               progress: bool = True, desc: str = "train head") -> list[float]:
+def train_head(
+    head: nn.Module,
+    samples: BankSamples,
+    *,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "train head",
+) -> list[float]:
     """Trains ``head(clip, bank) -> scores`` with cross-entropy (AdamW, cosine learning rate).
 
     Args:
@@ -106,7 +119,7 @@ def train_head(head: nn.Module, samples: BankSamples, *, epochs: int = 20, batch
         order = torch.randperm(len(samples), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(samples), batch_size):
-            clip, bank, label = (t.to(device) for t in samples.batch(order[start:start + batch_size]))
+            clip, bank, label = (t.to(device) for t in samples.batch(order[start : start + batch_size]))
             loss = F.cross_entropy(head(clip, bank), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,8 +136,9 @@ def train_head(head: nn.Module, samples: BankSamples, *, epochs: int = 20, batch
 
 
 @torch.no_grad()
-def evaluate_head(head: nn.Module, samples: BankSamples, *, batch_size: int = 256,
-                  device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate_head(
+    head: nn.Module, samples: BankSamples, *, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Clip accuracy and video accuracy (softmax averaged over each video's clips) of ``head``, in eval mode."""
     head.to(device).eval()
     probs = []

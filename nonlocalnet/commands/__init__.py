@@ -4,6 +4,7 @@ Every command takes its overrides the same way: ``key=value`` with a dotted key 
 :func:`nonlocalnet.engine.config.parse_override`, given as ``--set key=value`` (repeatable) or, for the commands
 that run a config, also as bare words (``nonlocalnet train --config ... train.lr=0.02``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,19 @@ def add_override_arguments(parser: argparse.ArgumentParser, what: str, examples:
         words: also take overrides as bare words (commands whose positional arguments are not files).
     """
     if words:
-        parser.add_argument("overrides", nargs="*", metavar="key=value",
-                            help=f"{what} overrides (YAML values), e.g. {examples}")
+        parser.add_argument(
+            "overrides", nargs="*", metavar="key=value", help=f"{what} overrides (YAML values), e.g. {examples}"
+        )
     first = examples.split()[0]
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"one {what} override (a YAML value), e.g. --set {first}; repeatable"
-                             + ("; applied after the bare key=value words" if words else ""))
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"one {what} override (a YAML value), e.g. --set {first}; repeatable"
+        + ("; applied after the bare key=value words" if words else ""),
+    )
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:

@@ -9,6 +9,7 @@ rate, centred), read as ``visualize`` reads it;
 a ``.npy`` file is a clip already: (T, H, W, 3) uint8 frames. Without ``--checkpoint`` the model is the registered
 one as initialised (every block at the identity).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,30 +21,52 @@ from . import add_override_arguments, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", metavar="VIDEO_OR_CLIP",
-                        help="video files (anything PyAV reads) or .npy clips of (T, H, W, 3) uint8 frames")
-    parser.add_argument("--list", default=None, metavar="FILE",
-                        help="also every video of a video list ('path label' lines, Kinetics or Charades style)")
-    parser.add_argument("--root", default=None,
-                        help="the directory the list's paths are relative to (default: the list file's)")
-    parser.add_argument("--model", default=None,
-                        help="registered model name (default: the one the checkpoint's metadata names)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="weights: a .safetensors state dict or a training checkpoint (default: none, the model "
-                             "as initialised)")
-    parser.add_argument("--block", default="all",
-                        help="a block's module name (res4.nl5) or stage.index (res4.5), or 'all' (default)")
-    parser.add_argument("--max-queries", type=int, default=256,
-                        help="queries sampled per clip for the query distance (its cost grows with their square)")
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="VIDEO_OR_CLIP",
+        help="video files (anything PyAV reads) or .npy clips of (T, H, W, 3) uint8 frames",
+    )
+    parser.add_argument(
+        "--list",
+        default=None,
+        metavar="FILE",
+        help="also every video of a video list ('path label' lines, Kinetics or Charades style)",
+    )
+    parser.add_argument(
+        "--root", default=None, help="the directory the list's paths are relative to (default: the list file's)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="registered model name (default: the one the checkpoint's metadata names)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights: a .safetensors state dict or a training checkpoint (default: none, the model as initialised)",
+    )
+    parser.add_argument(
+        "--block", default="all", help="a block's module name (res4.nl5) or stage.index (res4.5), or 'all' (default)"
+    )
+    parser.add_argument(
+        "--max-queries",
+        type=int,
+        default=256,
+        help="queries sampled per clip for the query distance (its cost grows with their square)",
+    )
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
-    parser.add_argument("--sampling-rate", type=int, default=None,
-                        help="keep one frame every this many (default: the model's clip layout)")
+    parser.add_argument(
+        "--sampling-rate",
+        type=int,
+        default=None,
+        help="keep one frame every this many (default: the model's clip layout)",
+    )
     parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
     parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
     parser.add_argument("--out", default="attention_diagnostics.png", help="the bar charts' PNG")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the values as JSON here")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="classifier outputs (default: read from the checkpoint)")
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classifier outputs (default: read from the checkpoint)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device to run the model on")
     add_override_arguments(parser, "model option", "layers=[1,1,1,1] width=8", words=False)
 
@@ -64,17 +87,24 @@ def run(args: argparse.Namespace) -> int:
     paths = _inputs(args)
     clips = [_clip(path, model, args).unsqueeze(0).to(device) for path in paths]  # each (1, 3, T, H, W)
     diagnoses = diagnose_attention(model, clips, blocks, max_queries=args.max_queries)
-    print(f"{name} on {len(clips)} clip(s) of {'x'.join(map(str, clips[0].shape[2:]))}"
-          + ("" if args.checkpoint else " (no checkpoint: the model as initialised)"))
+    print(
+        f"{name} on {len(clips)} clip(s) of {'x'.join(map(str, clips[0].shape[2:]))}"
+        + ("" if args.checkpoint else " (no checkpoint: the model as initialised)")
+    )
     print(diagnosis_table(diagnoses))
     for line in inactive_blocks(diagnoses):
         print(f"warning: {line}")
     print(f"wrote {draw_diagnosis(diagnoses, args.out)}")
     if args.json:
-        values = {n: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(d).items()}
-                  for n, d in diagnoses.items()}
-        write_text_atomic(args.json, json.dumps({"model": name, "checkpoint": args.checkpoint,
-                                                 "inputs": paths, "blocks": values}, indent=2) + "\n")
+        values = {
+            n: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(d).items()}
+            for n, d in diagnoses.items()
+        }
+        write_text_atomic(
+            args.json,
+            json.dumps({"model": name, "checkpoint": args.checkpoint, "inputs": paths, "blocks": values}, indent=2)
+            + "\n",
+        )
     return 0
 
 
@@ -121,8 +151,9 @@ def _clip(path: str, model, args: argparse.Namespace):
 
         frames = np.load(path, allow_pickle=False)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"{path}: a .npy clip must hold (T, H, W, 3) uint8 frames; got {frames.dtype} "
-                             f"{frames.shape}")
+            raise ValueError(
+                f"{path}: a .npy clip must hold (T, H, W, 3) uint8 frames; got {frames.dtype} {frames.shape}"
+            )
         clip = T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
         if args.size is not None:
             clip = T.short_side_resize(clip, args.size)
@@ -132,7 +163,11 @@ def _clip(path: str, model, args: argparse.Namespace):
     from ..viz.loading import read_clip
 
     layout = getattr(model, "clip", None)
-    _, clip = read_clip(path, frames=args.frames or getattr(layout, "frames", 8),
-                        sampling_rate=args.sampling_rate or getattr(layout, "sampling_rate", 1), size=args.size,
-                        crop=args.crop)
+    _, clip = read_clip(
+        path,
+        frames=args.frames or getattr(layout, "frames", 8),
+        sampling_rate=args.sampling_rate or getattr(layout, "sampling_rate", 1),
+        size=args.size,
+        crop=args.crop,
+    )
     return clip

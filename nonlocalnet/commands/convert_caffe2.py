@@ -1,4 +1,5 @@
 """``nonlocalnet convert-caffe2 in.pkl out.safetensors``: ``nonlocalnet convert --from caffe2`` (kept as an alias)."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """``nonlocalnet detect-test --checkpoint runs/shapes/model_final.safetensors``: COCO box / mask / keypoint AP of a
 detect-train run's weights, with the conventions of ``test``."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,14 @@ HELP = "COCO box / mask / keypoint AP of a detect-train run's weights"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="the run's model_final.safetensors or one of its checkpoints/checkpoint_<iteration>.pt")
-    parser.add_argument("--config", default=None,
-                        help="evaluate with this config instead of the one the weights recorded")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the run's model_final.safetensors or one of its checkpoints/checkpoint_<iteration>.pt",
+    )
+    parser.add_argument(
+        "--config", default=None, help="evaluate with this config instead of the one the weights recorded"
+    )
     add_override_arguments(parser, "config", "data.num_val=200 device=cpu")
     parser.add_argument("--results", default=None, help="also write the detections (COCO results json) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -33,4 +38,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     return 0
-

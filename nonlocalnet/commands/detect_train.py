@@ -5,6 +5,7 @@ Runs under torchrun for several GPUs (or several CPU processes with gloo):
 ``torchrun --nproc_per_node 8 -m nonlocalnet.cli detect-train --config maskrcnn_r50_fpn_nl_1x``. The run folder and
 its files, ``--resume`` and the overrides are those of ``train`` (see :mod:`nonlocalnet.detection.train`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,25 @@ HELP = "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny_shapes",
-                        help="config file, or the name of one in configs/coco "
-                             "(default: tiny_shapes, the built-in data)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from the run folder's newest readable checkpoint, or from CHECKPOINT "
-                             "(without --resume, output_dir must not hold another run)")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume even when the config differs from the checkpoint's (the changes are listed)")
+    parser.add_argument(
+        "--config",
+        default="tiny_shapes",
+        help="config file, or the name of one in configs/coco (default: tiny_shapes, the built-in data)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the run folder's newest readable checkpoint, or from CHECKPOINT "
+        "(without --resume, output_dir must not hold another run)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even when the config differs from the checkpoint's (the changes are listed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     add_override_arguments(parser, "config", "output_dir=runs/shapes train.epochs=2 model.backbone_nonlocal=null")
 
@@ -45,4 +57,3 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         print(f"run directory: {config['output_dir']}")
     return 0
-

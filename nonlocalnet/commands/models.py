@@ -1,12 +1,17 @@
 """``nonlocalnet models [PATTERN]``: the registered model names with their parameters, clip and non-local blocks."""
+
 from __future__ import annotations
 
 import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pattern", nargs="?", default=None,
-                        help="a glob over the names and their aliases, e.g. 'nl*_r50*' (default: every model)")
+    parser.add_argument(
+        "pattern",
+        nargs="?",
+        default=None,
+        help="a glob over the names and their aliases, e.g. 'nl*_r50*' (default: every model)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as docs/models.md shows)")
 
 
@@ -23,12 +28,20 @@ def run(args: argparse.Namespace) -> int:
         print(models_markdown(args.pattern))
         return 0
     rows = [("name", "parameters", "clip", "non-local blocks", "also")]
-    rows += [(i.name, f"{i.parameters / 1e6:.2f}M", i.clip,
-              "-" if i.nonlocal_mode is None else f"{i.placement} ({i.nonlocal_mode})", ", ".join(i.aliases) or "-")
-             for i in infos]
+    rows += [
+        (
+            i.name,
+            f"{i.parameters / 1e6:.2f}M",
+            i.clip,
+            "-" if i.nonlocal_mode is None else f"{i.placement} ({i.nonlocal_mode})",
+            ", ".join(i.aliases) or "-",
+        )
+        for i in infos
+    ]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"{len(infos)} model(s); build one with nonlocalnet.models.create_model(NAME, num_classes=..., "
-          f"pretrained=PATH)")
+    print(
+        f"{len(infos)} model(s); build one with nonlocalnet.models.create_model(NAME, num_classes=..., pretrained=PATH)"
+    )
     return 0

@@ -10,6 +10,7 @@ file records, else the shipped Kinetics-400 / Charades names where the config na
 Exit status: 0; 1 when some videos could not be decoded (each is listed in the output with the decoder's message;
 the others are scored); 2 (one ``error:`` line) for bad input, or when no video could be decoded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,22 @@ from . import add_override_arguments, overrides_of
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the network and its weights (``predict`` and ``extract``)."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="weights: a .safetensors file (of training, or of `nonlocalnet convert`) or a training "
-                             "checkpoint (.pt)")
-    parser.add_argument("--model", default=None,
-                        help="registered model name (default: the one the checkpoint records, or the config's)")
-    parser.add_argument("--config", default=None,
-                        help="a run's YAML config (its config.yaml works): model, options and the data's clip and "
-                             "test views")
-    parser.add_argument("--root", default=None, help="folder the paths of a video list are relative to (default: "
-                                                     "the list's folder)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="weights: a .safetensors file (of training, or of `nonlocalnet convert`) or a training checkpoint (.pt)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="registered model name (default: the one the checkpoint records, or the config's)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a run's YAML config (its config.yaml works): model, options and the data's clip and test views",
+    )
+    parser.add_argument(
+        "--root", default=None, help="folder the paths of a video list are relative to (default: the list's folder)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding videos (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -41,23 +48,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("videos", nargs="+", metavar="VIDEO",
-                        help="video files, or list files (.txt/.list/.csv: one video a line; 'path label' lines of a "
-                             "training list work too)")
+    parser.add_argument(
+        "videos",
+        nargs="+",
+        metavar="VIDEO",
+        help="video files, or list files (.txt/.list/.csv: one video a line; 'path label' lines of a "
+        "training list work too)",
+    )
     add_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="classes to report per video (default 5)")
-    parser.add_argument("--views", default=None, metavar="CLIPSxCROPS",
-                        help="test views per video, e.g. 10x3 (default: the config's data.test_clips x "
-                             "data.test_crops, 10x3 without a config)")
-    parser.add_argument("--classes", default=None,
-                        help="class names, one a line (line i names class i); default: the checkpoint's")
+    parser.add_argument(
+        "--views",
+        default=None,
+        metavar="CLIPSxCROPS",
+        help="test views per video, e.g. 10x3 (default: the config's data.test_clips x "
+        "data.test_crops, 10x3 without a config)",
+    )
+    parser.add_argument(
+        "--classes", default=None, help="class names, one a line (line i names class i); default: the checkpoint's"
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON to FILE")
-    parser.add_argument("--format", choices=("text", "json"), default="text",
-                        help="what to print: a table per video (text) or the JSON")
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="what to print: a table per video (text) or the JSON"
+    )
 
 
 def parse_views(text: str) -> tuple[int, int]:
-    """"10x3" -> (10, 3)."""
+    """ "10x3" -> (10, 3)."""
     try:
         clips, crops = (int(p) for p in text.lower().split("x"))
     except ValueError:
@@ -67,8 +84,9 @@ def parse_views(text: str) -> tuple[int, int]:
     return clips, crops
 
 
-def load_network(args: argparse.Namespace, extra_overrides: list[str] = ()) -> tuple[Any, dict[str, Any],
-                                                                                        dict[str, str]]:
+def load_network(
+    args: argparse.Namespace, extra_overrides: list[str] = ()
+) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The model of ``--checkpoint`` (``--model`` / ``--config``), the run config (for data settings), and the
     checkpoint's metadata (empty for a torch file).
 
@@ -83,8 +101,7 @@ def load_network(args: argparse.Namespace, extra_overrides: list[str] = ()) -> t
         cfg = load_config(args.config, overrides)
         name = args.model or cfg["model"]["name"]
         options = {"num_classes": cfg["data"]["num_classes"], **cfg["model"]["options"]}
-        model = load_model(checkpoint, name, context=f" with data.num_classes={cfg['data']['num_classes']}",
-                           **options)
+        model = load_model(checkpoint, name, context=f" with data.num_classes={cfg['data']['num_classes']}", **options)
     else:
         model = load_model(checkpoint, args.model)
         layout = getattr(model, "clip", None)
@@ -94,8 +111,9 @@ def load_network(args: argparse.Namespace, extra_overrides: list[str] = ()) -> t
     return model, cfg, metadata
 
 
-def class_names(args: argparse.Namespace, cfg: dict[str, Any], metadata: dict[str, str],
-                num_classes: int) -> tuple[list[str] | None, str | None]:
+def class_names(
+    args: argparse.Namespace, cfg: dict[str, Any], metadata: dict[str, str], num_classes: int
+) -> tuple[list[str] | None, str | None]:
     """(names, where they come from) for a classifier of ``num_classes``; (None, None) where unknown."""
     from ..data.class_names import DATASETS, dataset_class_names, read_class_names, recorded_class_names
 
@@ -104,8 +122,11 @@ def class_names(args: argparse.Namespace, cfg: dict[str, Any], metadata: dict[st
     elif (names := recorded_class_names(metadata, args.checkpoint)) is not None:
         source = "checkpoint"
     else:
-        dataset = {"kinetics": "kinetics400", "charades": "charades"}.get(cfg["data"]["type"]) \
-            if args.config is not None else None
+        dataset = (
+            {"kinetics": "kinetics400", "charades": "charades"}.get(cfg["data"]["type"])
+            if args.config is not None
+            else None
+        )
         if dataset is None or DATASETS[dataset][1] != num_classes:
             return None, None
         names, source = dataset_class_names(dataset), dataset
@@ -128,30 +149,49 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, metadata = load_network(args, extra)
     num_classes = int(getattr(model, "num_classes", 0))
     if num_classes < 1:
-        raise ValueError(f"{args.checkpoint} holds no classifier (num_classes 0); use `nonlocalnet extract` for "
-                         f"features")
+        raise ValueError(
+            f"{args.checkpoint} holds no classifier (num_classes 0); use `nonlocalnet extract` for features"
+        )
     names, source = class_names(args, cfg, metadata, num_classes)
     if names is None:
-        print(f"nonlocalnet predict: class names unknown ({args.checkpoint} records none); showing class indices "
-              f"(--classes FILE names them)", file=sys.stderr)
-    multi_label = cfg["data"]["type"] == "charades" if args.config is not None \
-        else metadata.get("dataset") == "charades"
+        print(
+            f"nonlocalnet predict: class names unknown ({args.checkpoint} records none); showing class indices "
+            f"(--classes FILE names them)",
+            file=sys.stderr,
+        )
+    multi_label = (
+        cfg["data"]["type"] == "charades" if args.config is not None else metadata.get("dataset") == "charades"
+    )
     model.to(torch.device(args.device))
-    results = predict_videos(model, videos, cfg["data"], multi_label=multi_label,
-                             fully_convolutional=bool(cfg["test"]["fully_convolutional"]),
-                             batch_size=args.batch_size, workers=args.workers, device=args.device,
-                             progress=not args.no_progress)
+    results = predict_videos(
+        model,
+        videos,
+        cfg["data"],
+        multi_label=multi_label,
+        fully_convolutional=bool(cfg["test"]["fully_convolutional"]),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     failed = [r for r in results if r.scores is None]
     if len(failed) == len(results):
-        raise ValueError(failed[0].error if len(failed) == 1 else f"none of the {len(failed)} videos could be "
-                         f"decoded: " + "; ".join(r.error for r in failed[:3]))
+        raise ValueError(
+            failed[0].error
+            if len(failed) == 1
+            else f"none of the {len(failed)} videos could be decoded: " + "; ".join(r.error for r in failed[:3])
+        )
     report = {
-        "model": model.nonlocalnet_record["model"], "checkpoint": str(args.checkpoint),
+        "model": model.nonlocalnet_record["model"],
+        "checkpoint": str(args.checkpoint),
         "activation": "sigmoid" if multi_label else "softmax",
         "views": {"clips": cfg["data"]["test_clips"], "crops": cfg["data"]["test_crops"]},
         "class_names": source,
-        "videos": [{"video": r.video.id, "views": r.views, "top": top_classes(r.scores, args.top_k, names)}
-                   for r in results if r.scores is not None],
+        "videos": [
+            {"video": r.video.id, "views": r.views, "top": top_classes(r.scores, args.top_k, names)}
+            for r in results
+            if r.scores is not None
+        ],
         "failed": [{"video": r.video.id, "error": r.error} for r in failed],
     }
     if args.json:
@@ -176,8 +216,9 @@ def print_report(report: dict[str, Any]) -> None:
         for rank, top in enumerate(video["top"], start=1):
             print(f"  {rank:>2}. {_label(top):<{width}}  {top['score']:.4f}")
     if report["failed"]:
-        print(f"{len(report['failed'])} video(s) could not be decoded: "
-              + ", ".join(f["video"] for f in report["failed"]))
+        print(
+            f"{len(report['failed'])} video(s) could not be decoded: " + ", ".join(f["video"] for f in report["failed"])
+        )
 
 
 def _label(top: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 Runs single-process as it is, or data-parallel under torchrun:
 ``torchrun --nproc_per_node 8 -m nonlocalnet train --config ...`` (nccl on GPUs, gloo on CPUs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,17 +13,32 @@ from . import add_override_arguments, overrides_of, resume_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="a YAML config: a shipped one (synthetic/nl_c2d_tiny, kinetics/nl_i3d_r50_8x8, ...) "
-                             "or a file; without it, key=value overrides on the built-in defaults")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
-                             "(without --resume, output_dir must not hold another run)")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume even when the config differs from the checkpoint's (the changed keys are "
-                             "listed; the result is then no longer the uninterrupted run's)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars, for log files (the log line every train.log_every iterations stays)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a YAML config: a shipped one (synthetic/nl_c2d_tiny, kinetics/nl_i3d_r50_8x8, ...) "
+        "or a file; without it, key=value overrides on the built-in defaults",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
+        "(without --resume, output_dir must not hold another run)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even when the config differs from the checkpoint's (the changed keys are "
+        "listed; the result is then no longer the uninterrupted run's)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars, for log files (the log line every train.log_every iterations stays)",
+    )
     add_override_arguments(parser, "config", "train.lr=0.02 output_dir=runs/x data.workers=8")
 
 
@@ -37,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     resume = resume_of(args)
     if args.config is None and not overrides_of(args) and resume is False:
         video = ", ".join(name for name in shipped_configs() if not name.startswith("coco/"))
-        raise ConfigError(f"pass --config: a shipped config ({video}) or your own YAML file (without one, nothing "
-                          f"says what to train on, and the built-in defaults are the paper's 400,000 iterations)")
+        raise ConfigError(
+            f"pass --config: a shipped config ({video}) or your own YAML file (without one, nothing "
+            f"says what to train on, and the built-in defaults are the paper's 400,000 iterations)"
+        )
     overrides = overrides_of(args) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     try:

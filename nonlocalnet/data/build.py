@@ -1,7 +1,9 @@
 """Datasets from the ``data`` section of a run config."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -22,16 +24,32 @@ def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0, *, normali
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
     if data["type"] == "synthetic":
-        return LongRangeShapes(data["train_size"] if split == "train" else data["test_size"], split=split,
-                               frames=data["frames"], image_size=data["image_size"],
-                               num_classes=data["num_classes"], seed=seed)
-    return VideoListDataset(data["train_list"] if split == "train" else data["test_list"], data["root"],
-                            split=split, num_classes=data["num_classes"], multi_label=data["type"] == "charades",
-                            frames=data["frames"], sampling_rate=data["sampling_rate"],
-                            train_scale=tuple(data["train_scale"]), crop_size=data["crop_size"],
-                            test_scale=data["test_scale"], test_clips=data["test_clips"],
-                            test_crops=data["test_crops"], seed=seed, skip_missing=data["skip_missing"],
-                            decoder=data["decoder"], normalize=normalize)
+        return LongRangeShapes(
+            data["train_size"] if split == "train" else data["test_size"],
+            split=split,
+            frames=data["frames"],
+            image_size=data["image_size"],
+            num_classes=data["num_classes"],
+            seed=seed,
+        )
+    return VideoListDataset(
+        data["train_list"] if split == "train" else data["test_list"],
+        data["root"],
+        split=split,
+        num_classes=data["num_classes"],
+        multi_label=data["type"] == "charades",
+        frames=data["frames"],
+        sampling_rate=data["sampling_rate"],
+        train_scale=tuple(data["train_scale"]),
+        crop_size=data["crop_size"],
+        test_scale=data["test_scale"],
+        test_clips=data["test_clips"],
+        test_crops=data["test_crops"],
+        seed=seed,
+        skip_missing=data["skip_missing"],
+        decoder=data["decoder"],
+        normalize=normalize,
+    )
 
 
 def is_multi_label(data: Mapping[str, Any]) -> bool:

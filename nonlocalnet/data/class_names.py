@@ -12,17 +12,17 @@ Shipped lists (package data under ``nonlocalnet/data/classes/``), one name a lin
 A weights file records its class names in its safetensors metadata, under :data:`METADATA_KEY`, as a JSON list
 (``nonlocalnet convert`` writes them for the zoos' Kinetics-400 and Charades classifiers).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
 
-__all__ = ["DATASETS", "METADATA_KEY", "dataset_class_names", "dataset_of", "read_class_names",
-           "recorded_class_names"]
+__all__ = ["DATASETS", "METADATA_KEY", "dataset_class_names", "dataset_of", "read_class_names", "recorded_class_names"]
 
 # dataset -> (file under nonlocalnet/data/classes, number of classes)
 DATASETS: dict[str, tuple[str, int]] = {"kinetics400": ("kinetics400.txt", 400), "charades": ("charades.txt", 157)}
@@ -51,8 +51,9 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path} holds no class name (one name a line, line i naming class i)")
     for number, name in enumerate(names, start=1):
         if not name:
-            raise ValueError(f"{path}, line {number}: a blank line between class names (line i names class i - 1; "
-                             f"remove it)")
+            raise ValueError(
+                f"{path}, line {number}: a blank line between class names (line i names class i - 1; remove it)"
+            )
     if all(_CHARADES_ID.match(name) for name in names):
         names = [name[5:].strip() for name in names]
     first: dict[str, int] = {}

@@ -1,7 +1,9 @@
 """Batches of dataset items: the default collation, except that uint8 clips laid out frames-last stack as such."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import default_collate

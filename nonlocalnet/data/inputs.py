@@ -5,13 +5,14 @@ starting with ``#`` ignored), a path relative to ``root`` (default: the list fil
 ``path label`` (Kinetics) or ``path 3,17,42`` (Charades) lines work as they are: the line is the path when such a
 file exists, else the line without its last field, else its first field. Any other argument is a video file.
 """
+
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["LIST_SUFFIXES", "VideoInput", "video_inputs"]
 
@@ -62,8 +63,9 @@ def video_inputs(arguments: Sequence[str], root: str | os.PathLike | None = None
         else:
             missing.append(argument)
     if missing:
-        shown = "; ".join(missing[:MISSING_SHOWN]) + (f"; ... and {len(missing) - MISSING_SHOWN} more"
-                                                      if len(missing) > MISSING_SHOWN else "")
+        shown = "; ".join(missing[:MISSING_SHOWN]) + (
+            f"; ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        )
         raise FileNotFoundError(errno.ENOENT, f"no such video ({len(missing)} missing: {shown})", missing[0])
     if not videos:
         raise ValueError(f"no video in {', '.join(arguments) or 'the arguments'}")

@@ -34,6 +34,7 @@ List lines follow :func:`~nonlocalnet.data.video.read_video_list`: ``path label`
 so the path may contain spaces; the label may be comma-separated, ``path 3,17,42``), or with ``multi_label``
 ``path 3 17 42`` (the path is the first field). Labels are kept as written.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -43,9 +44,9 @@ import json
 import math
 import multiprocessing
 import os
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
 
 import av
 
@@ -108,7 +109,7 @@ def read_list_lines(list_file: str | os.PathLike, *, multi_label: bool = False) 
             continue
         line = text.strip()
         path = parsed[0]
-        lines.append(ListLine(number, text, path, line[len(path):]))
+        lines.append(ListLine(number, text, path, line[len(path) :]))
     if not any(line.path is not None for line in lines):
         raise ValueError(f"{list_file} lists no video")
     return lines
@@ -170,9 +171,16 @@ def probe_size(src: str | os.PathLike) -> tuple[int, int]:
         return context.width, context.height
 
 
-def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: int = DEFAULT_SHORT_SIDE,
-                 gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF, fast_decode: bool = False,
-                 threads: int = 0) -> EncodedVideo:
+def encode_video(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    gop: int = DEFAULT_GOP,
+    crf: int = DEFAULT_CRF,
+    fast_decode: bool = False,
+    threads: int = 0,
+) -> EncodedVideo:
     """Re-encode one video (see the module docstring): H.264 yuv420p in an .mp4, no audio.
 
     ``dst`` is written under a temporary name beside it and renamed when complete; on any error ``dst`` keeps
@@ -210,10 +218,12 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
                 for frame in _decode(src, container, source):
                     if stream is None:  # sized by the first decoded frame (a container may not know the size)
                         width, height = target_size(frame.width, frame.height, short_side)
-                        stream = _add_stream(output, source, width, height, rate, time_base, gop, crf,
-                                             fast_decode, threads)
-                    scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC",
-                                            threads=threads)
+                        stream = _add_stream(
+                            output, source, width, height, rate, time_base, gop, crf, fast_decode, threads
+                        )
+                    scaled = frame.reformat(
+                        width=width, height=height, format="yuv420p", interpolation="BICUBIC", threads=threads
+                    )
                     scaled.pict_type = av.video.frame.PictureType.NONE  # else the encoder copies the source's
                     if frame.pts is not None and first is None:
                         first = frame.pts
@@ -235,8 +245,18 @@ def encode_video(src: str | os.PathLike, dst: str | os.PathLike, *, short_side: 
     return EncodedVideo(count, width, height)
 
 
-def _add_stream(output, source, width: int, height: int, rate: Fraction, time_base: Fraction, gop: int,
-                crf: int, fast_decode: bool, threads: int) -> av.video.stream.VideoStream:
+def _add_stream(
+    output,
+    source,
+    width: int,
+    height: int,
+    rate: Fraction,
+    time_base: Fraction,
+    gop: int,
+    crf: int,
+    fast_decode: bool,
+    threads: int,
+) -> av.video.stream.VideoStream:
     """The H.264 stream of ``output``: ``width`` x ``height`` yuv420p, the source's rate and colour tags."""
     stream = output.add_stream("libx264", rate=rate)
     context = stream.codec_context
@@ -253,8 +273,14 @@ def _add_stream(output, source, width: int, height: int, rate: Fraction, time_ba
     # five B-frames between references, none of them a reference (no adaptive B-frames, no B-pyramid), so that
     # a clip skips the B-frames it does not take (see video.read_frames)
     context.max_b_frames = B_FRAMES
-    stream.options = {"crf": str(crf), "keyint_min": str(gop), "sc_threshold": "0", "b-pyramid": "none",
-                      "x264-params": "b-adapt=0", **({"tune": "fastdecode"} if fast_decode else {})}
+    stream.options = {
+        "crf": str(crf),
+        "keyint_min": str(gop),
+        "sc_threshold": "0",
+        "b-pyramid": "none",
+        "x264-params": "b-adapt=0",
+        **({"tune": "fastdecode"} if fast_decode else {}),
+    }
     return stream
 
 
@@ -344,18 +370,34 @@ class PrepareReport:
 
     def summary(self) -> str:
         where = f"{self.new_list} ({self.listed} videos)" if self.new_list else "no new list (no video left)"
-        return (f"{self.converted} converted, {self.skipped} skipped (already done), {len(self.failed)} failed; "
-                f"{where}; report {self.report_file}")
+        return (
+            f"{self.converted} converted, {self.skipped} skipped (already done), {len(self.failed)} failed; "
+            f"{where}; report {self.report_file}"
+        )
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "converted": self.converted, "skipped": self.skipped,
-                "failed_count": len(self.failed), "listed": self.listed,
-                "new_list": None if self.new_list is None else str(self.new_list), "failed": self.failed}
+        return {
+            "settings": self.settings,
+            "converted": self.converted,
+            "skipped": self.skipped,
+            "failed_count": len(self.failed),
+            "listed": self.listed,
+            "new_list": None if self.new_list is None else str(self.new_list),
+            "failed": self.failed,
+        }
 
 
-def plan_preparation(list_file: str | os.PathLike, src_root: str | os.PathLike, dst_root: str | os.PathLike, *,
-                     multi_label: bool = False, short_side: int = DEFAULT_SHORT_SIDE, gop: int = DEFAULT_GOP,
-                     crf: int = DEFAULT_CRF, fast_decode: bool = False) -> PreparePlan:
+def plan_preparation(
+    list_file: str | os.PathLike,
+    src_root: str | os.PathLike,
+    dst_root: str | os.PathLike,
+    *,
+    multi_label: bool = False,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    gop: int = DEFAULT_GOP,
+    crf: int = DEFAULT_CRF,
+    fast_decode: bool = False,
+) -> PreparePlan:
     """Read the list and sort its videos into outputs to make and outputs that exist; writes nothing.
 
     Raises:
@@ -369,12 +411,12 @@ def plan_preparation(list_file: str | os.PathLike, src_root: str | os.PathLike, 
     if not src_root.is_dir():
         raise FileNotFoundError(2, "no such source folder", str(src_root))
     if dst_root.resolve() == src_root.resolve():
-        raise ValueError(f"the output root {dst_root} is the source root: give another folder (outputs would "
-                         f"replace their sources)")
+        raise ValueError(
+            f"the output root {dst_root} is the source root: give another folder (outputs would replace their sources)"
+        )
     if (dst_root / list_file.name).resolve() == list_file.resolve():
         raise ValueError(f"the new list would replace the list {list_file} itself: give another output root")
-    _check_earlier_settings(dst_root, {"short_side": short_side, "gop": gop, "crf": crf,
-                                       "fast_decode": fast_decode})
+    _check_earlier_settings(dst_root, {"short_side": short_side, "gop": gop, "crf": crf, "fast_decode": fast_decode})
     jobs: dict[Path, Job] = {}
     for line in lines:
         if line.path is None:
@@ -382,8 +424,10 @@ def plan_preparation(list_file: str | os.PathLike, src_root: str | os.PathLike, 
         job = Job(src_root / line.path, dst_root / output_path(line.path), line.path, (line.number,))
         seen = jobs.get(job.dst)
         if seen is not None and seen.src != job.src:
-            raise ValueError(f"{list_file}, lines {seen.lines[0]} and {line.number}: {seen.name!r} and {line.path!r} "
-                             f"would both be written to {job.dst}")
+            raise ValueError(
+                f"{list_file}, lines {seen.lines[0]} and {line.number}: {seen.name!r} and {line.path!r} "
+                f"would both be written to {job.dst}"
+            )
         jobs[job.dst] = job if seen is None else dataclasses.replace(seen, lines=seen.lines + (line.number,))
     done = [job for job in jobs.values() if job.dst.is_file()]
     todo = [job for job in jobs.values() if not job.dst.is_file()]
@@ -399,17 +443,31 @@ def _check_earlier_settings(dst_root: Path, settings: dict) -> None:
         if not isinstance(earlier, dict):
             continue
         # a report records every setting: one it lacks is unknown, so the videos may differ
-        differ = [f"{k} {earlier[k] if k in earlier else '(not recorded)'} (now {settings[k]})" for k in SETTINGS
-                  if k not in earlier or earlier[k] != settings[k]]
+        differ = [
+            f"{k} {earlier[k] if k in earlier else '(not recorded)'} (now {settings[k]})"
+            for k in SETTINGS
+            if k not in earlier or earlier[k] != settings[k]
+        ]
         if differ:
-            raise ValueError(f"{dst_root} holds videos prepared with other settings ({', '.join(differ)}; see "
-                             f"{report}): give another output root, or the same settings")
+            raise ValueError(
+                f"{dst_root} holds videos prepared with other settings ({', '.join(differ)}; see "
+                f"{report}): give another output root, or the same settings"
+            )
 
 
-def prepare_videos(list_file: str | os.PathLike, src_root: str | os.PathLike, dst_root: str | os.PathLike, *,
-                   short_side: int = DEFAULT_SHORT_SIDE, gop: int = DEFAULT_GOP, crf: int = DEFAULT_CRF,
-                   fast_decode: bool = False, workers: int | None = None, multi_label: bool = False,
-                   progress: bool = True) -> PrepareReport:
+def prepare_videos(
+    list_file: str | os.PathLike,
+    src_root: str | os.PathLike,
+    dst_root: str | os.PathLike,
+    *,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    gop: int = DEFAULT_GOP,
+    crf: int = DEFAULT_CRF,
+    fast_decode: bool = False,
+    workers: int | None = None,
+    multi_label: bool = False,
+    progress: bool = True,
+) -> PrepareReport:
     """Re-encode every video of a list into ``dst_root`` and write the new list and the report there.
 
     Args:
@@ -443,27 +501,36 @@ def prepare_videos(list_file: str | os.PathLike, src_root: str | os.PathLike, ds
     workers = min(workers, max(1, len(plan.todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     failed: dict[Path, str] = {}
-    with tqdm(total=len(plan.todo), desc="prepare-videos", unit="video", dynamic_ncols=True,
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(plan.todo), desc="prepare-videos", unit="video", dynamic_ncols=True, disable=not progress
+    ) as bar:
         for job, reason in _run_jobs(plan.todo, settings, workers, threads):
             if reason is not None:
                 failed[job.dst] = reason
             bar.update(1)
 
-    kept = [line for line in plan.lines
-            if line.path is None or (plan.dst_root / output_path(line.path)) not in failed]
+    kept = [line for line in plan.lines if line.path is None or (plan.dst_root / output_path(line.path)) not in failed]
     listed = sum(line.path is not None for line in kept)
     new_list = None
     if listed:
         new_list = plan.new_list
-        write_text_atomic(new_list, "".join((line.text if line.path is None else output_path(line.path) + line.rest)
-                                            + "\n" for line in kept))
+        write_text_atomic(
+            new_list,
+            "".join((line.text if line.path is None else output_path(line.path) + line.rest) + "\n" for line in kept),
+        )
     jobs = {job.dst: job for job in plan.todo}
     report = PrepareReport(
-        converted=len(plan.todo) - len(failed), skipped=len(plan.done),
-        failed=[{"name": jobs[dst].name, "lines": list(jobs[dst].lines), "reason": reason}
-                for dst, reason in sorted(failed.items(), key=lambda item: jobs[item[0]].lines)],  # list order
-        listed=listed, new_list=new_list, report_file=plan.report_file, settings=settings)
+        converted=len(plan.todo) - len(failed),
+        skipped=len(plan.done),
+        failed=[
+            {"name": jobs[dst].name, "lines": list(jobs[dst].lines), "reason": reason}
+            for dst, reason in sorted(failed.items(), key=lambda item: jobs[item[0]].lines)
+        ],  # list order
+        listed=listed,
+        new_list=new_list,
+        report_file=plan.report_file,
+        settings=settings,
+    )
     write_text_atomic(plan.report_file, json.dumps(report.to_json(), indent=2) + "\n")
     return report
 
@@ -479,8 +546,7 @@ def _encode_job(job: Job, settings: dict, threads: int) -> tuple[Job, str | None
     return job, None
 
 
-def _run_jobs(jobs: Sequence[Job], settings: dict, workers: int,
-              threads: int) -> Iterator[tuple[Job, str | None]]:
+def _run_jobs(jobs: Sequence[Job], settings: dict, workers: int, threads: int) -> Iterator[tuple[Job, str | None]]:
     """(job, failure or None) for every job, in the order they finish."""
     if workers == 1:
         for job in jobs:
@@ -493,8 +559,10 @@ def _run_jobs(jobs: Sequence[Job], settings: dict, workers: int,
             for future in concurrent.futures.as_completed(futures):
                 yield future.result()
         except concurrent.futures.process.BrokenProcessPool:
-            raise ValueError("a worker process died (a crash in FFmpeg on one of the videos?); finished outputs "
-                             "are kept: rerun to resume, with --workers 1 to find the video") from None
+            raise ValueError(
+                "a worker process died (a crash in FFmpeg on one of the videos?); finished outputs "
+                "are kept: rerun to resume, with --workers 1 to find the video"
+            ) from None
         finally:
             for future in futures:
                 future.cancel()

@@ -1,8 +1,9 @@
 """A distributed, resumable sampler: the order of an epoch depends only on (seed, epoch)."""
+
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -24,8 +25,9 @@ class ShardedSampler(Sampler[int]):
         seed: the permutation's seed.
     """
 
-    def __init__(self, size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0,
-                 pad: bool = True) -> None:
+    def __init__(
+        self, size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0, pad: bool = True
+    ) -> None:
         if size < 1:
             raise ValueError("cannot sample from an empty dataset")
         self.size = size
@@ -59,6 +61,6 @@ class ShardedSampler(Sampler[int]):
             order = list(range(self.size))
         if self.pad:
             total = self.per_process * self.world_size
-            order += order[:total - len(order)]
-        share = order[self.rank::self.world_size]
-        return iter(share[self.start:])
+            order += order[: total - len(order)]
+        share = order[self.rank :: self.world_size]
+        return iter(share[self.start :])

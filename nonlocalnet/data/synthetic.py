@@ -9,6 +9,7 @@ XOR). A non-local block lets the feature at one shape look at the other shape, f
 the network can then solve the task. The data are generated on the fly from ``(seed, split, epoch, index)``,
 so every run of the same seed sees the same clips and nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,17 @@ class LongRangeShapes(Dataset):
     Training clips change with :meth:`set_epoch` (an endless stream of fresh clips); val/test clips do not.
     """
 
-    def __init__(self, size: int = 4096, *, split: str = "train", frames: int = 8, image_size: int = 32,
-                 num_classes: int = 2, seed: int = 0, noise: float = 12.0) -> None:
+    def __init__(
+        self,
+        size: int = 4096,
+        *,
+        split: str = "train",
+        frames: int = 8,
+        image_size: int = 32,
+        num_classes: int = 2,
+        seed: int = 0,
+        noise: float = 12.0,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if size < 1:
@@ -92,8 +102,14 @@ class LongRangeShapes(Dataset):
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), epoch, index])
         clip, objects, label = self.render(rng)
         clip = (torch.from_numpy(clip).permute(3, 0, 1, 2).float() - MEAN) / STD  # (T,H,W,3) -> (3,T,H,W)
-        return {"clip": clip, "label": torch.tensor(label), "video": torch.tensor(index),
-                "skipped": torch.tensor(0), "skipped_ids": torch.tensor([-1]), "objects": torch.from_numpy(objects)}
+        return {
+            "clip": clip,
+            "label": torch.tensor(label),
+            "video": torch.tensor(index),
+            "skipped": torch.tensor(0),
+            "skipped_ids": torch.tensor([-1]),
+            "objects": torch.from_numpy(objects),
+        }
 
     def render(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """One clip from a random generator: uint8 frames (T, H, W, 3), objects (2, 5) and the label."""
@@ -109,7 +125,7 @@ class LongRangeShapes(Dataset):
             y = rng.integers(0, s - 7 + 1)
             x = rng.integers(half * s // 2, (half + 1) * s // 2 - 7 + 1)
             color = rng.uniform(170, 255, size=3)  # bright, well apart from the background
-            patch = clip[frame, y:y + 7, x:x + 7]
+            patch = clip[frame, y : y + 7, x : x + 7]
             patch[self.masks[shape]] = color
             objects[i] = (frame, y, x, y + 7, x + 7)
         label = int(shapes.sum() % k)

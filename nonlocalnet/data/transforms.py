@@ -16,6 +16,7 @@ The recipe of the paper (Wang et al., 2018, section 4 and the official Caffe2 re
 
 Frames past the end of a short video repeat the last frame (indices are clamped, as PySlowFast does).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,11 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 __all__ = [
-    "MEAN", "STD", "train_clip_indices", "uniform_clip_indices", "clip_starts", "tiling_clip_indices",
-    "random_short_side", "short_side_resize", "crop",
-    "random_crop", "spatial_crop_offset", "spatial_crop", "horizontal_flip", "random_horizontal_flip", "normalize",
+    "MEAN",
+    "STD",
+    "train_clip_indices",
+    "uniform_clip_indices",
+    "clip_starts",
+    "tiling_clip_indices",
+    "random_short_side",
+    "short_side_resize",
+    "crop",
+    "random_crop",
+    "spatial_crop_offset",
+    "spatial_crop",
+    "horizontal_flip",
+    "random_horizontal_flip",
+    "normalize",
     "to_channels_first",
 ]
 
@@ -91,8 +103,9 @@ def uniform_clip_indices(num_frames: int, frames: int, sampling_rate: int, clip:
     return _clip_from_start(start, num_frames, frames, sampling_rate)
 
 
-def clip_starts(num_frames: int, clip_frames: int, frame_stride: int = 1, step: int | None = None, *,
-                allow_short: bool = False) -> list[int]:
+def clip_starts(
+    num_frames: int, clip_frames: int, frame_stride: int = 1, step: int | None = None, *, allow_short: bool = False
+) -> list[int]:
     """First frames of the clips that tile a video (the feature bank's and ``nonlocalnet extract``'s clips).
 
     A clip takes ``clip_frames`` frames, one every ``frame_stride``: it spans ``(clip_frames - 1) * frame_stride + 1``
@@ -118,8 +131,10 @@ def clip_starts(num_frames: int, clip_frames: int, frame_stride: int = 1, step: 
     if num_frames < span:
         if allow_short and num_frames >= 1:
             return [0]
-        raise ValueError(f"a video of {num_frames} frames is shorter than one clip ({clip_frames} frames with "
-                         f"stride {frame_stride} span {span})")
+        raise ValueError(
+            f"a video of {num_frames} frames is shorter than one clip ({clip_frames} frames with "
+            f"stride {frame_stride} span {span})"
+        )
     return list(range(0, num_frames - span + 1, step))
 
 
@@ -197,7 +212,7 @@ def crop(clip: Tensor, top: int, left: int, size: int) -> Tensor:
         raise ValueError(f"crop of {size}x{size} does not fit in frames of {height}x{width}")
     if not (0 <= top <= height - size and 0 <= left <= width - size):
         raise ValueError(f"crop at ({top}, {left}) of size {size} leaves frames of {height}x{width}")
-    return clip[..., top:top + size, left:left + size]
+    return clip[..., top : top + size, left : left + size]
 
 
 def random_crop(clip: Tensor, size: int, generator: torch.Generator) -> Tensor:
@@ -210,8 +225,9 @@ def random_crop(clip: Tensor, size: int, generator: torch.Generator) -> Tensor:
     return crop(clip, top, left, size)
 
 
-def random_scaled_crop(height: int, width: int, scale: tuple[int, int], size: int, generator: torch.Generator,
-                       p: float = 0.5) -> tuple[slice, slice]:
+def random_scaled_crop(
+    height: int, width: int, scale: tuple[int, int], size: int, generator: torch.Generator, p: float = 0.5
+) -> tuple[slice, slice]:
     """A training crop, as the region of a ``height`` x ``width`` frame that becomes it.
 
     The paper's augmentation scales the frame to a random short side ``s`` in ``scale``, takes a random

@@ -52,14 +52,15 @@ Each item says which corrupt videos it passed over (``skipped_ids``), so a run c
 not attempts. An error is raised only when every video of the list is corrupt, or in training when
 ``max_retries + 1`` draws in a row fail (the item's own and ``max_retries`` replacements), naming the last ones.
 """
+
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,8 +99,9 @@ class CorruptData(ValueError):
 # list files
 
 
-def read_video_list(list_file: str | Path, *, num_classes: int,
-                    multi_label: bool = False) -> list[tuple[str, int | tuple[int, ...]]]:
+def read_video_list(
+    list_file: str | Path, *, num_classes: int, multi_label: bool = False
+) -> list[tuple[str, int | tuple[int, ...]]]:
     """Parse a Kinetics-style (``path label``) or Charades-style (``path 3,17,42``) list file (the one format
     of :mod:`nonlocalnet.data.video_list`, which ``prepare-videos`` reads too).
 
@@ -138,8 +140,14 @@ def read_video_list(list_file: str | Path, *, num_classes: int,
 # decoding
 
 
-def read_frames(path: str | Path, sample: Callable[[int], Tensor], *, seek: bool = True, region: Region | None = None,
-                decoder: str = "pyav") -> tuple[np.ndarray, Tensor]:
+def read_frames(
+    path: str | Path,
+    sample: Callable[[int], Tensor],
+    *,
+    seek: bool = True,
+    region: Region | None = None,
+    decoder: str = "pyav",
+) -> tuple[np.ndarray, Tensor]:
     """Decode only the frames of a video that a clip needs, as RGB (of only the region a clip keeps).
 
     The number of frames comes from the container (``stream.frames``, else duration × frame rate); ``sample`` maps
@@ -240,8 +248,9 @@ def _count_decodable_frames(path: str | Path) -> int:
         return sum(1 for _ in container.decode(container.streams.video[0]))
 
 
-def _decode_clip(path: str | Path, container, stream, index: Tensor, *, seek: bool,
-                 region: Region | None) -> np.ndarray | None:
+def _decode_clip(
+    path: str | Path, container, stream, index: Tensor, *, seek: bool, region: Region | None
+) -> np.ndarray | None:
     """Frames ``index`` of a video, (T, H, W, 3); None if the video ends before the last of them."""
     clip = _fill_clip(path, container, stream, lambda: _Clip(index.tolist(), region), seek=seek)
     return None if clip is None else clip.frames()
@@ -305,8 +314,7 @@ class _Clip:
         if self.array is None:
             self._start(frame)
         elif (frame.height, frame.width) != self.size:
-            raise ValueError(f"a frame of {frame.width}x{frame.height} after frames of "
-                             f"{self.size[1]}x{self.size[0]}")
+            raise ValueError(f"a frame of {frame.width}x{frame.height} after frames of {self.size[1]}x{self.size[0]}")
         part = None
         if self.window is not None:
             try:
@@ -407,10 +415,14 @@ def _cut(frame: av.VideoFrame, window: tuple[int, int, int, int]) -> av.VideoFra
     frame's planes, nothing copied."""
     top, bottom, left, right = window
     planes = [np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size) for plane in frame.planes]
-    cut = av.VideoFrame.from_dlpack([planes[0][top:bottom, left:right],
-                                     planes[1][top // 2:bottom // 2, left // 2:right // 2],
-                                     planes[2][top // 2:bottom // 2, left // 2:right // 2]],
-                                    format=frame.format.name)
+    cut = av.VideoFrame.from_dlpack(
+        [
+            planes[0][top:bottom, left:right],
+            planes[1][top // 2 : bottom // 2, left // 2 : right // 2],
+            planes[2][top // 2 : bottom // 2, left // 2 : right // 2],
+        ],
+        format=frame.format.name,
+    )
     cut.colorspace, cut.color_range = frame.colorspace, frame.color_range
     return cut
 
@@ -551,9 +563,11 @@ def check_decoder(decoder: str) -> None:
             importlib.import_module("torchcodec.decoders")
         except Exception as err:  # ImportError, or the RuntimeError it raises when no FFmpeg library loads
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DecoderUnavailable("decoder 'torchcodec' needs torchcodec (the release built for torch "
-                              f"{torch.__version__.split('+')[0]}) and FFmpeg's shared libraries 4 to 8 on the system "
-                              f"(apt install ffmpeg): {reason}") from None
+            raise DecoderUnavailable(
+                "decoder 'torchcodec' needs torchcodec (the release built for torch "
+                f"{torch.__version__.split('+')[0]}) and FFmpeg's shared libraries 4 to 8 on the system "
+                f"(apt install ffmpeg): {reason}"
+            ) from None
 
 
 def decoder_available(decoder: str) -> bool:
@@ -565,8 +579,9 @@ def decoder_available(decoder: str) -> bool:
     return True
 
 
-def _read_frames_torchcodec(path: str | Path, sample: Callable[[int], Tensor],
-                            region: Region | None) -> tuple[np.ndarray, Tensor]:
+def _read_frames_torchcodec(
+    path: str | Path, sample: Callable[[int], Tensor], region: Region | None
+) -> tuple[np.ndarray, Tensor]:
     """:func:`read_frames` through torchcodec: its exact mode scans the file once, so the frame count is the
     decodable frames' and the seeks land on the key frame before the first needed frame."""
     from torchcodec.decoders import VideoDecoder
@@ -617,19 +632,39 @@ class VideoListDataset(Dataset):
         normalize: items hold normalised float32 clips; False: the uint8 clips (see the module docstring).
     """
 
-    def __init__(self, list_file: str | Path | Sequence[tuple[str, int | tuple[int, ...]]], root: str | Path, *,
-                 split: str = "train", num_classes: int,
-                 multi_label: bool = False, frames: int = 8, sampling_rate: int = 8,
-                 train_scale: tuple[int, int] = (256, 320), crop_size: int | None = 224, test_scale: int = 256,
-                 test_clips: int = 10, test_crops: int = 3, max_retries: int = 10, seed: int = 0,
-                 skip_missing: bool = False, seek: bool = True, decoder: str = "pyav",
-                 normalize: bool = True) -> None:
+    def __init__(
+        self,
+        list_file: str | Path | Sequence[tuple[str, int | tuple[int, ...]]],
+        root: str | Path,
+        *,
+        split: str = "train",
+        num_classes: int,
+        multi_label: bool = False,
+        frames: int = 8,
+        sampling_rate: int = 8,
+        train_scale: tuple[int, int] = (256, 320),
+        crop_size: int | None = 224,
+        test_scale: int = 256,
+        test_clips: int = 10,
+        test_crops: int = 3,
+        max_retries: int = 10,
+        seed: int = 0,
+        skip_missing: bool = False,
+        seek: bool = True,
+        decoder: str = "pyav",
+        normalize: bool = True,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive; got {num_classes}")
-        for name, value in (("frames", frames), ("sampling_rate", sampling_rate), ("test_scale", test_scale),
-                            ("test_clips", test_clips), ("test_crops", test_crops)):
+        for name, value in (
+            ("frames", frames),
+            ("sampling_rate", sampling_rate),
+            ("test_scale", test_scale),
+            ("test_clips", test_clips),
+            ("test_crops", test_crops),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value}")
         check_decoder(decoder)
@@ -640,8 +675,10 @@ class VideoListDataset(Dataset):
             raise ValueError(f"train_scale must be (low, high) with 1 <= low <= high; got {train_scale}")
         if crop_size is None:
             if split == "train":
-                raise ValueError("crop_size=None (data.crop_size=null: full frames) is for testing only; training "
-                                 "needs a crop size (data.crop_size=224), and `nonlocalnet test` takes the null")
+                raise ValueError(
+                    "crop_size=None (data.crop_size=null: full frames) is for testing only; training "
+                    "needs a crop size (data.crop_size=224), and `nonlocalnet test` takes the null"
+                )
             if test_crops != 1:
                 raise ValueError(f"crop_size=None (full frames) takes test_crops=1; got {test_crops}")
         elif crop_size < 1:
@@ -662,8 +699,11 @@ class VideoListDataset(Dataset):
         self.normalize = normalize
         self.epoch = 0
 
-        entries = [(str(path), label) for path, label in list_file] if given else \
-            read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
+        entries = (
+            [(str(path), label) for path, label in list_file]
+            if given
+            else read_video_list(self.list_file, num_classes=num_classes, multi_label=multi_label)
+        )
         if not entries:
             raise ValueError("no video given")
         paths = [self.root / rel for rel, _ in entries]
@@ -671,11 +711,15 @@ class VideoListDataset(Dataset):
         if missing:
             shown = "\n  ".join(str(paths[i]) for i in missing[:MISSING_SHOWN])
             more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-            message = (f"{len(missing)} of {len(paths)} videos listed in {self.list_file} are missing "
-                       f"(root {self.root}):\n  {shown}{more}")
+            message = (
+                f"{len(missing)} of {len(paths)} videos listed in {self.list_file} are missing "
+                f"(root {self.root}):\n  {shown}{more}"
+            )
             if not skip_missing:
-                raise FileNotFoundError(message + "\n(to drop them: data.skip_missing=true in a config or on the "
-                                                  "command line, skip_missing=True in Python)")
+                raise FileNotFoundError(
+                    message + "\n(to drop them: data.skip_missing=true in a config or on the "
+                    "command line, skip_missing=True in Python)"
+                )
             logger.warning("%s\ndropping them (skip_missing=True)", message)
             gone = set(missing)
             entries = [e for i, e in enumerate(entries) if i not in gone]
@@ -745,34 +789,44 @@ class VideoListDataset(Dataset):
                     clip = self._train_clip(video, time_seed, space_seed)
                 else:
                     clip = self._test_clip(video, clip_index, crop_index)
-                ids = (skipped + [-1] * self.skip_width)[:self.skip_width]
-                return {"clip": clip, "label": self._label(video),
-                        "video": torch.tensor(video, dtype=torch.int64),
-                        "skipped": torch.tensor(len(set(skipped)), dtype=torch.int64),
-                        "skipped_ids": torch.tensor(ids, dtype=torch.int64)}
+                ids = (skipped + [-1] * self.skip_width)[: self.skip_width]
+                return {
+                    "clip": clip,
+                    "label": self._label(video),
+                    "video": torch.tensor(video, dtype=torch.int64),
+                    "skipped": torch.tensor(len(set(skipped)), dtype=torch.int64),
+                    "skipped_ids": torch.tensor(ids, dtype=torch.int64),
+                }
             except VideoDecodeError as err:
                 skipped.append(video)
                 if video not in self._corrupt:
                     self._corrupt[video] = str(err)
                     logger.warning("skipping corrupt video %s (%s)", self.paths[video], err)
                 if self.split == "train":
-                    video = int(torch.randint(self.num_videos, (1,),
-                                              generator=torch.Generator().manual_seed(choice_seed)))
+                    video = int(
+                        torch.randint(self.num_videos, (1,), generator=torch.Generator().manual_seed(choice_seed))
+                    )
                 else:
                     # at test time the next video in the list, as far as it takes: a run of corrupt files
                     # costs their views, not the test
                     video = (video + 1) % self.num_videos
         last = [self._corrupt[v] for v in skipped[-3:]]
         if self.split != "train" or len(self._corrupt) == self.num_videos:
-            raise CorruptData(f"every video listed in {self.list_file} failed to decode ({self.num_videos} "
-                              f"videos); the last ones: " + "; ".join(last))
-        raise CorruptData(f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row failed to "
-                          f"decode (max_retries={self.max_retries}); the last ones: " + "; ".join(last))
+            raise CorruptData(
+                f"every video listed in {self.list_file} failed to decode ({self.num_videos} "
+                f"videos); the last ones: " + "; ".join(last)
+            )
+        raise CorruptData(
+            f"item {index} of {self.list_file}: {self.max_retries + 1} videos in a row failed to "
+            f"decode (max_retries={self.max_retries}); the last ones: " + "; ".join(last)
+        )
 
     def _seeds(self, index: int, attempt: int) -> tuple[int, int, int]:
         """The (time, space, replacement) seeds of a training item's ``attempt``-th draw in this epoch."""
-        return tuple(int(s) for s in np.random.SeedSequence(
-            [self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64))
+        return tuple(
+            int(s)
+            for s in np.random.SeedSequence([self.seed, self.epoch, index, attempt]).generate_state(3, dtype=np.uint64)
+        )
 
     def clip_indices(self, index: int, num_frames: int) -> Tensor:
         """The frame indices item ``index`` takes from its video if that video has ``num_frames`` frames (in this
@@ -831,5 +885,7 @@ class VideoListDataset(Dataset):
         return self._finish(scaled)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.list_file}, split={self.split!r}, videos={self.num_videos}, "
-                f"items={len(self)}, clip={self.frames}x{self.sampling_rate})")
+        return (
+            f"{type(self).__name__}({self.list_file}, split={self.split!r}, videos={self.num_videos}, "
+            f"items={len(self)}, clip={self.frames}x{self.sampling_rate})"
+        )

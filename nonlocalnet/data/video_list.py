@@ -7,6 +7,7 @@ integers; a single-label list refuses a comma in its label. A path is relative a
 ``..``, not absolute): the dataset reads it under ``data.root``, ``prepare-videos`` writes its output under the
 output root. The file is UTF-8 (a leading byte-order mark is ignored). Every error names the file and line.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ def read_list_text(list_file: str | os.PathLike) -> list[str]:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of a path
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise ValueError(f"{list_file}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
     lines = re.split(r"\r\n|\r|\n", text)  # the ends of line of Unix, Windows and old Macs, nothing else
     return lines[:-1] if lines[-1] == "" else lines
@@ -58,8 +59,9 @@ def parse_list_line(line: str, where: str, multi_label: bool) -> tuple[str, tupl
         raise ValueError(f"{where}: expected 'path label', got {stripped!r}")
     path = fields[0]
     if not multi_label and "," in fields[1]:
-        raise ValueError(f"{where}: several labels {fields[1]!r} in a single-label list (multi-label lists are "
-                         f"data.type=charades)")
+        raise ValueError(
+            f"{where}: several labels {fields[1]!r} in a single-label list (multi-label lists are data.type=charades)"
+        )
     tokens = [t for field in fields[1:] for t in field.split(",") if t != ""]
     if not tokens:
         raise ValueError(f"{where}: no label in {stripped!r}")

@@ -10,10 +10,25 @@
 * :mod:`.loaders`: the datasets and loaders of a config;
 * :mod:`.train`: detection as a task of the engine's one training loop (``train``), and ``test``.
 """
+
+from __future__ import annotations
+
 from .builders import ARCHS, NonLocalOptions, build_detector, keypointrcnn, maskrcnn, resnet_fpn_backbone
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, add_nonlocal_to_head, keypoint_head
 from .nonlocal_resnet import add_resnet_nonlocal, load_resnet_state_dict, placement_paths, stage_depths
 
-__all__ = ["ARCHS", "NonLocalOptions", "build_detector", "maskrcnn", "keypointrcnn", "resnet_fpn_backbone",
-           "PAPER_KEYPOINT_HEAD_NONLOCAL", "add_nonlocal_to_head", "keypoint_head", "add_resnet_nonlocal",
-           "load_resnet_state_dict", "placement_paths", "stage_depths"]
+__all__ = [
+    "ARCHS",
+    "NonLocalOptions",
+    "build_detector",
+    "maskrcnn",
+    "keypointrcnn",
+    "resnet_fpn_backbone",
+    "PAPER_KEYPOINT_HEAD_NONLOCAL",
+    "add_nonlocal_to_head",
+    "keypoint_head",
+    "add_resnet_nonlocal",
+    "load_resnet_state_dict",
+    "placement_paths",
+    "stage_depths",
+]

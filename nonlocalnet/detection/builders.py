@@ -12,12 +12,14 @@ at the sizes asked for. Where the paper puts the NL blocks in its COCO experimen
 ``backbone_nonlocal`` may instead be a placement such as ``{"layer3": (1, 3, 5)}`` or None (the baseline).
 No weights are downloaded: ``backbone_weights`` is a local torchvision ResNet state dict, or None.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 from torchvision.models import get_model
@@ -35,11 +37,27 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..layers import BLOCK_DEFAULTS, find_nonlocal_blocks
 from ..models.placements import before_last_block
 from .nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
-from .nonlocal_resnet import STAGES, add_resnet_nonlocal, block_out_channels, load_resnet_state_dict, \
-    residual_blocks, stage_depths
+from .nonlocal_resnet import (
+    STAGES,
+    add_resnet_nonlocal,
+    block_out_channels,
+    load_resnet_state_dict,
+    residual_blocks,
+    stage_depths,
+)
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+TORCHVISION_ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
 # A small ResNet for CPU tests and the built-in data: BasicBlocks, (1, 1, 2, 1) per stage, so res4 has a
 # "block before the last" for the paper's placement.
 TINY_ARCH = "resnet_tiny"
@@ -76,10 +94,15 @@ def build_resnet(arch: str) -> ResNet:
     return get_model(arch, weights=None, norm_layer=FrozenBatchNorm2d)
 
 
-def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapping[str, Sequence[int]] | None
-                        = "paper", nonlocal_options: NonLocalOptions = NonLocalOptions(),
-                        backbone_weights: str | Path | None = None, trainable_layers: int = 3,
-                        fpn_channels: int = 256) -> BackboneWithFPN:
+def resnet_fpn_backbone(
+    arch: str = "resnet50",
+    *,
+    backbone_nonlocal: str | Mapping[str, Sequence[int]] | None = "paper",
+    nonlocal_options: NonLocalOptions = NonLocalOptions(),
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+    fpn_channels: int = 256,
+) -> BackboneWithFPN:
     """A ResNet-FPN backbone (frozen BN) with NL blocks, as torchvision's detectors take it.
 
     Args:
@@ -98,8 +121,9 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
     if backbone_nonlocal == "paper":
         placement = before_last_block(stage_depths(resnet), "res4")
     elif isinstance(backbone_nonlocal, str):
-        raise ValueError(f"backbone_nonlocal must be 'paper', a placement {{stage: indices}} or None; "
-                         f"got {backbone_nonlocal!r}")
+        raise ValueError(
+            f"backbone_nonlocal must be 'paper', a placement {{stage: indices}} or None; got {backbone_nonlocal!r}"
+        )
     else:
         placement = backbone_nonlocal or {}
     add_resnet_nonlocal(resnet, placement, **nonlocal_options.as_kwargs())
@@ -113,20 +137,34 @@ def resnet_fpn_backbone(arch: str = "resnet50", *, backbone_nonlocal: str | Mapp
         if not name.startswith(tuple(to_train)) and not name.startswith(nl_prefixes):
             parameter.requires_grad_(False)
     channels = [block_out_channels(residual_blocks(getattr(resnet, s))[-1]) for s in STAGES]
-    return BackboneWithFPN(resnet, {s: str(i) for i, s in enumerate(STAGES)}, channels, fpn_channels,
-                           extra_blocks=LastLevelMaxPool())
+    return BackboneWithFPN(
+        resnet, {s: str(i) for i, s in enumerate(STAGES)}, channels, fpn_channels, extra_blocks=LastLevelMaxPool()
+    )
 
 
-def maskrcnn(*, num_classes: int = 81, arch: str = "resnet50",
-             backbone_nonlocal: str | Mapping[str, Sequence[int]] | None = "paper",
-             nonlocal_options: NonLocalOptions = NonLocalOptions(), backbone_weights: str | Path | None = None,
-             trainable_layers: int = 3, fpn_channels: int = 256, representation_size: int = 1024,
-             mask_head_channels: int = 256, min_size: int = 800, max_size: int = 1333,
-             anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), rpn_pre_nms_top_n_train: int = 2000,
-             rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: int = 2000,
-             rpn_post_nms_top_n_test: int = 1000, rpn_batch_size_per_image: int = 256,
-             box_batch_size_per_image: int = 512, box_detections_per_img: int = 100,
-             box_score_thresh: float = 0.05) -> MaskRCNN:
+def maskrcnn(
+    *,
+    num_classes: int = 81,
+    arch: str = "resnet50",
+    backbone_nonlocal: str | Mapping[str, Sequence[int]] | None = "paper",
+    nonlocal_options: NonLocalOptions = NonLocalOptions(),
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+    fpn_channels: int = 256,
+    representation_size: int = 1024,
+    mask_head_channels: int = 256,
+    min_size: int = 800,
+    max_size: int = 1333,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_batch_size_per_image: int = 256,
+    box_batch_size_per_image: int = 512,
+    box_detections_per_img: int = 100,
+    box_score_thresh: float = 0.05,
+) -> MaskRCNN:
     """torchvision's Mask R-CNN with FPN on a ResNet with NL blocks (the paper: one before the last of res4).
 
     Args:
@@ -139,32 +177,59 @@ def maskrcnn(*, num_classes: int = 81, arch: str = "resnet50",
         anchor_sizes: one anchor size per FPN level (5 levels), three aspect ratios each.
         rpn_*, box_*: torchvision's MaskRCNN options of the same names.
     """
-    backbone = resnet_fpn_backbone(arch, backbone_nonlocal=backbone_nonlocal, nonlocal_options=nonlocal_options,
-                                   backbone_weights=backbone_weights, trainable_layers=trainable_layers,
-                                   fpn_channels=fpn_channels)
+    backbone = resnet_fpn_backbone(
+        arch,
+        backbone_nonlocal=backbone_nonlocal,
+        nonlocal_options=nonlocal_options,
+        backbone_weights=backbone_weights,
+        trainable_layers=trainable_layers,
+        fpn_channels=fpn_channels,
+    )
     return MaskRCNN(
-        backbone, num_classes=None, min_size=min_size, max_size=max_size,
+        backbone,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
         **_rpn_and_box(fpn_channels, num_classes, representation_size, anchor_sizes),
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
-        box_detections_per_img=box_detections_per_img, box_score_thresh=box_score_thresh,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_detections_per_img=box_detections_per_img,
+        box_score_thresh=box_score_thresh,
         mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1),
         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
 
 
-def keypointrcnn(*, num_classes: int = 2, num_keypoints: int = 17, arch: str = "resnet101",
-                 backbone_nonlocal: str | Mapping[str, Sequence[int]] | None = "paper",
-                 head_nonlocal: str | Sequence[int] | None = "paper",
-                 nonlocal_options: NonLocalOptions = NonLocalOptions(), backbone_weights: str | Path | None = None,
-                 trainable_layers: int = 3, fpn_channels: int = 256, representation_size: int = 1024,
-                 keypoint_head_channels: int = 512, keypoint_head_convs: int = 8, min_size: int = 800,
-                 max_size: int = 1333, anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
-                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-                 rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
-                 box_detections_per_img: int = 100, box_score_thresh: float = 0.05) -> KeypointRCNN:
+def keypointrcnn(
+    *,
+    num_classes: int = 2,
+    num_keypoints: int = 17,
+    arch: str = "resnet101",
+    backbone_nonlocal: str | Mapping[str, Sequence[int]] | None = "paper",
+    head_nonlocal: str | Sequence[int] | None = "paper",
+    nonlocal_options: NonLocalOptions = NonLocalOptions(),
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+    fpn_channels: int = 256,
+    representation_size: int = 1024,
+    keypoint_head_channels: int = 512,
+    keypoint_head_convs: int = 8,
+    min_size: int = 800,
+    max_size: int = 1333,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_batch_size_per_image: int = 256,
+    box_batch_size_per_image: int = 512,
+    box_detections_per_img: int = 100,
+    box_score_thresh: float = 0.05,
+) -> KeypointRCNN:
     """torchvision's Keypoint R-CNN with FPN, NL blocks in the keypoint head and (optionally) the backbone.
 
     Args:
@@ -174,13 +239,20 @@ def keypointrcnn(*, num_classes: int = 2, num_keypoints: int = 17, arch: str = "
         keypoint_head_channels, keypoint_head_convs: the keypoint head (512 x 8 in the paper).
         Others: as :func:`maskrcnn`.
     """
-    backbone = resnet_fpn_backbone(arch, backbone_nonlocal=backbone_nonlocal, nonlocal_options=nonlocal_options,
-                                   backbone_weights=backbone_weights, trainable_layers=trainable_layers,
-                                   fpn_channels=fpn_channels)
+    backbone = resnet_fpn_backbone(
+        arch,
+        backbone_nonlocal=backbone_nonlocal,
+        nonlocal_options=nonlocal_options,
+        backbone_weights=backbone_weights,
+        trainable_layers=trainable_layers,
+        fpn_channels=fpn_channels,
+    )
     if head_nonlocal == "paper":
         if keypoint_head_convs != 8:
-            raise ValueError(f"head_nonlocal='paper' is for the 8-conv head; this one has {keypoint_head_convs}: "
-                             "give the conv indices")
+            raise ValueError(
+                f"head_nonlocal='paper' is for the 8-conv head; this one has {keypoint_head_convs}: "
+                "give the conv indices"
+            )
         after: Sequence[int] = PAPER_KEYPOINT_HEAD_NONLOCAL
     elif isinstance(head_nonlocal, str):
         raise ValueError(f"head_nonlocal must be 'paper', conv indices or None; got {head_nonlocal!r}")
@@ -189,14 +261,26 @@ def keypointrcnn(*, num_classes: int = 2, num_keypoints: int = 17, arch: str = "
     head_options = nonlocal_options.as_kwargs()
     del head_options["subsample"]  # 14x14 RoI features: no subsampling in the head
     return KeypointRCNN(
-        backbone, num_classes=None, min_size=min_size, max_size=max_size,
+        backbone,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
         **_rpn_and_box(fpn_channels, num_classes, representation_size, anchor_sizes),
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
-        box_detections_per_img=box_detections_per_img, box_score_thresh=box_score_thresh,
-        keypoint_head=keypoint_head(fpn_channels, channels=keypoint_head_channels, num_convs=keypoint_head_convs,
-                                    nonlocal_after=after, **head_options),
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_detections_per_img=box_detections_per_img,
+        box_score_thresh=box_score_thresh,
+        keypoint_head=keypoint_head(
+            fpn_channels,
+            channels=keypoint_head_channels,
+            num_convs=keypoint_head_convs,
+            nonlocal_after=after,
+            **head_options,
+        ),
         keypoint_predictor=KeypointRCNNPredictor(keypoint_head_channels, num_keypoints),
     )
 
@@ -204,8 +288,13 @@ def keypointrcnn(*, num_classes: int = 2, num_keypoints: int = 17, arch: str = "
 BUILDERS = {"mask": maskrcnn, "keypoint": keypointrcnn}
 
 
-def build_detector(config: Mapping[str, Any], *, num_classes: int | None = None,
-                   num_keypoints: int | None = None, backbone_weights: str | Path | None = None) -> nn.Module:
+def build_detector(
+    config: Mapping[str, Any],
+    *,
+    num_classes: int | None = None,
+    num_keypoints: int | None = None,
+    backbone_weights: str | Path | None = None,
+) -> nn.Module:
     """Build a detector from a config's ``model`` section (plain data, e.g. read from YAML).
 
     Args:
@@ -228,13 +317,16 @@ def build_detector(config: Mapping[str, Any], *, num_classes: int | None = None,
         options["subsample"] = tuple(options["subsample"])
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if isinstance(kwargs.get("backbone_nonlocal"), Mapping):
-        kwargs["backbone_nonlocal"] = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,)
-                                       for k, v in kwargs["backbone_nonlocal"].items()}
+        kwargs["backbone_nonlocal"] = {
+            k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in kwargs["backbone_nonlocal"].items()
+        }
     accepted = set(inspect.signature(builder).parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown} for task {task!r}; expected some of "
-                         f"{sorted(accepted - {'nonlocal_options'})} or 'nonlocal'")
+        raise ValueError(
+            f"unknown model option(s) {unknown} for task {task!r}; expected some of "
+            f"{sorted(accepted - {'nonlocal_options'})} or 'nonlocal'"
+        )
     if kwargs.get("num_classes") is None and num_classes is not None:
         kwargs["num_classes"] = num_classes
     if task == "keypoint" and kwargs.get("num_keypoints") is None and num_keypoints is not None:
@@ -245,8 +337,9 @@ def build_detector(config: Mapping[str, Any], *, num_classes: int | None = None,
     return builder(nonlocal_options=NonLocalOptions(**options), **kwargs)
 
 
-def _rpn_and_box(fpn_channels: int, num_classes: int, representation_size: int,
-                 anchor_sizes: Sequence[int]) -> dict[str, nn.Module]:
+def _rpn_and_box(
+    fpn_channels: int, num_classes: int, representation_size: int, anchor_sizes: Sequence[int]
+) -> dict[str, nn.Module]:
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per FPN level (5); got {list(anchor_sizes)}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))

@@ -6,13 +6,15 @@ A config has the sections ``model``, ``data``, ``train`` and ``test`` and, as a 
 ``model.backbone_weights`` a local torchvision ResNet state dict to start from); ``data``, ``train`` and ``test``
 hold the keys of :data:`DATA_DEFAULTS`, :data:`TRAIN_DEFAULTS` and :data:`TEST_DEFAULTS` (an unknown key, or a
 value of another type, is an error that names it). Files live in ``configs/coco/``; a config is named by path or
-by file stem (``tiny_shapes``), may extend another with ``base:``, and takes the ``key=value`` overrides of every command (``train.epochs=2
-model.backbone_nonlocal=null``, values read as YAML).
+by file stem (``tiny_shapes``), may extend another with ``base:``, and takes the ``key=value`` overrides of
+every command (``train.epochs=2 model.backbone_nonlocal=null``, values read as YAML).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..engine.config import AMP_CHOICES, ConfigError, ConfigSchema, Items, Range, build_config, check_steps
 from ..engine.config import load_config as _load_config
@@ -72,10 +74,15 @@ def _check(cfg: Mapping[str, Any]) -> None:
     if data["builtin"] is not None and data["builtin"] not in BUILTIN_KINDS:
         raise ConfigError(f"data.builtin must be one of {', '.join(BUILTIN_KINDS)} or null; got {data['builtin']!r}")
     if data["builtin"] is None and not (data["val_annotations"] and data["val_images"]):
-        raise ConfigError("data needs either 'builtin' or val_images + val_annotations (and for training "
-                          "train_images + train_annotations)")
-    if cfg["train"]["amp"] not in AMP_CHOICES or isinstance(cfg["train"]["amp"], (int, float)) \
-            and not isinstance(cfg["train"]["amp"], bool):
+        raise ConfigError(
+            "data needs either 'builtin' or val_images + val_annotations (and for training "
+            "train_images + train_annotations)"
+        )
+    if (
+        cfg["train"]["amp"] not in AMP_CHOICES
+        or isinstance(cfg["train"]["amp"], (int, float))
+        and not isinstance(cfg["train"]["amp"], bool)
+    ):
         raise ConfigError(f"train.amp must be false, bf16, fp16 or true; got {cfg['train']['amp']!r}")
     cut = cfg["train"]["max_iters_per_epoch"]
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
@@ -84,23 +91,60 @@ def _check(cfg: Mapping[str, Any]) -> None:
 
 
 SCHEMA = ConfigSchema(
-    {"output_dir": "runs/detection", "model": {}, "data": DATA_DEFAULTS, "train": TRAIN_DEFAULTS,
-     "test": TEST_DEFAULTS, "device": "auto", "progress": True},
+    {
+        "output_dir": "runs/detection",
+        "model": {},
+        "data": DATA_DEFAULTS,
+        "train": TRAIN_DEFAULTS,
+        "test": TEST_DEFAULTS,
+        "device": "auto",
+        "progress": True,
+    },
     free=("model",),
     untyped=("train.amp", "train.max_iters_per_epoch"),
-    positive=("data.num_train", "data.num_val", "data.image_size", "train.epochs", "train.lr_reference_batch",
-              "train.batch_size", "train.log_every"),
-    non_negative=("train.lr", "train.lr_gamma", "train.momentum", "train.weight_decay", "train.warmup_iters",
-                  "train.warmup_factor", "train.workers", "train.eval_every", "train.keep_checkpoints"),
+    positive=(
+        "data.num_train",
+        "data.num_val",
+        "data.image_size",
+        "train.epochs",
+        "train.lr_reference_batch",
+        "train.batch_size",
+        "train.log_every",
+    ),
+    non_negative=(
+        "train.lr",
+        "train.lr_gamma",
+        "train.momentum",
+        "train.weight_decay",
+        "train.warmup_iters",
+        "train.warmup_factor",
+        "train.workers",
+        "train.eval_every",
+        "train.keep_checkpoints",
+    ),
     check=_check,
     folder="coco",
-    ranges={"train.lr_gamma": Range(0, 1, low_open=True), "train.warmup_factor": Range(0, 1),
-            "train.momentum": Range(0, 1), "train.hflip": Range(0, 1), "train.seed": Range(0, 2 ** 63 - 1),
-            "data.seed": Range(0, 2 ** 63 - 1), "train.workers": Range(0, 1024)},
-    items={"train.lr_steps": Items("int", Range(0)), "data.kpt_oks_sigmas": Items("number", Range(0, low_open=True),
-                                                                                    1)},
-    optional={"data.builtin": (str,), "data.root": (str,), "data.train_images": (str,),
-              "data.train_annotations": (str,), "data.val_images": (str,), "data.val_annotations": (str,)},
+    ranges={
+        "train.lr_gamma": Range(0, 1, low_open=True),
+        "train.warmup_factor": Range(0, 1),
+        "train.momentum": Range(0, 1),
+        "train.hflip": Range(0, 1),
+        "train.seed": Range(0, 2**63 - 1),
+        "data.seed": Range(0, 2**63 - 1),
+        "train.workers": Range(0, 1024),
+    },
+    items={
+        "train.lr_steps": Items("int", Range(0)),
+        "data.kpt_oks_sigmas": Items("number", Range(0, low_open=True), 1),
+    },
+    optional={
+        "data.builtin": (str,),
+        "data.root": (str,),
+        "data.train_images": (str,),
+        "data.train_annotations": (str,),
+        "data.val_images": (str,),
+        "data.val_annotations": (str,),
+    },
 )
 
 

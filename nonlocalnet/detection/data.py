@@ -12,14 +12,16 @@ real COCO json + PNG files, so that training and evaluation on it go through exa
 * ``"figures"``: stick figures facing the viewer, with the 17 COCO person keypoints, RLE masks and the COCO
   skeleton (a person-keypoints file with one category).
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,13 +36,44 @@ BUILTIN_KINDS = ("shapes", "figures")
 
 # The 17 COCO person keypoints, in COCO order, and the COCO skeleton (1-based pairs, as in the json).
 COCO_KEYPOINT_NAMES = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
-    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
     "right_ankle",
 )
 COCO_SKELETON = (
-    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9), (8, 10), (9, 11),
-    (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+    (16, 14),
+    (14, 12),
+    (17, 15),
+    (15, 13),
+    (12, 13),
+    (6, 12),
+    (7, 13),
+    (6, 7),
+    (6, 8),
+    (7, 9),
+    (8, 10),
+    (9, 11),
+    (2, 3),
+    (1, 2),
+    (1, 3),
+    (2, 4),
+    (3, 5),
+    (4, 6),
+    (5, 7),
 )
 
 Target = dict[str, Tensor]
@@ -65,9 +98,16 @@ class CocoDetection(Dataset):
             :class:`RandomHorizontalFlip`).
     """
 
-    def __init__(self, images: str | Path, annotations: str | Path, *, masks: bool = True,
-                 keypoints: bool = False, train: bool = False,
-                 transform: Callable[[Tensor, Target], tuple[Tensor, Target]] | None = None) -> None:
+    def __init__(
+        self,
+        images: str | Path,
+        annotations: str | Path,
+        *,
+        masks: bool = True,
+        keypoints: bool = False,
+        train: bool = False,
+        transform: Callable[[Tensor, Target], tuple[Tensor, Target]] | None = None,
+    ) -> None:
         self.images = Path(images)
         self.annotations = Path(annotations)
         if not self.annotations.is_file():
@@ -86,13 +126,22 @@ class CocoDetection(Dataset):
         if keypoints:
             self.keypoint_names = _keypoint_names(self.coco, self.annotations)
             count = 3 * len(self.keypoint_names)
-            bad = [a["id"] for a in self.coco.dataset["annotations"] if a.get("keypoints") is not None and not (
-                isinstance(a["keypoints"], list) and len(a["keypoints"]) == count and all(
-                    _is_number(v) for v in a["keypoints"]))]
+            bad = [
+                a["id"]
+                for a in self.coco.dataset["annotations"]
+                if a.get("keypoints") is not None
+                and not (
+                    isinstance(a["keypoints"], list)
+                    and len(a["keypoints"]) == count
+                    and all(_is_number(v) for v in a["keypoints"])
+                )
+            ]
             if bad:
-                raise CocoFormatError(f"{self.annotations}: annotations whose 'keypoints' are not {count} numbers "
-                                      f"(x, y, visibility for each of the {count // 3} keypoints) (ids): "
-                                      f"{', '.join(map(str, bad[:3]))}")
+                raise CocoFormatError(
+                    f"{self.annotations}: annotations whose 'keypoints' are not {count} numbers "
+                    f"(x, y, visibility for each of the {count // 3} keypoints) (ids): "
+                    f"{', '.join(map(str, bad[:3]))}"
+                )
         ids = sorted(self.coco.getImgIds())
         if train:
             ids = [i for i in ids if self._usable(self.coco.loadAnns(self.coco.getAnnIds(imgIds=i)))]
@@ -115,9 +164,9 @@ class CocoDetection(Dataset):
         perm = []
         for name in self.keypoint_names:
             if name.startswith("left_"):
-                mirror = "right_" + name[len("left_"):]
+                mirror = "right_" + name[len("left_") :]
             elif name.startswith("right_"):
-                mirror = "left_" + name[len("right_"):]
+                mirror = "left_" + name[len("right_") :]
             else:
                 mirror = name
             perm.append(index.get(mirror, index[name]))
@@ -136,8 +185,10 @@ class CocoDetection(Dataset):
             with Image.open(path) as img:
                 image = pil_to_tensor(img.convert("RGB")).float().div_(255)  # (3, H, W)
         except (OSError, Image.DecompressionBombError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"image {info['file_name']!r} (id {image_id}) in {self.images} is not a readable "
-                             f"image: {' '.join(str(e).split())[:160]}") from None
+            raise ValueError(
+                f"image {info['file_name']!r} (id {image_id}) in {self.images} is not a readable "
+                f"image: {' '.join(str(e).split())[:160]}"
+            ) from None
         height, width = image.shape[1:]
         anns = [a for a in self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xywh
@@ -155,8 +206,9 @@ class CocoDetection(Dataset):
         }
         if self.masks:
             masks = [self.coco.annToMask(a) for a in anns]
-            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
-                               else torch.zeros((0, height, width), dtype=torch.uint8))  # (N, H, W)
+            target["masks"] = (
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+            )  # (N, H, W)
         if self.keypoints:
             kps = [a.get("keypoints") or [0.0] * (3 * self.num_keypoints) for a in anns]
             target["keypoints"] = torch.tensor(kps, dtype=torch.float32).reshape(-1, self.num_keypoints, 3)
@@ -198,38 +250,53 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
         fail(f"holds a {type(data).__name__}, not a COCO dict with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            fail(f"no {key!r} list" + (" (every annotation file lists its categories, an evaluation file its "
-                                       "annotations too)" if key != "images" else ""))
+            fail(
+                f"no {key!r} list"
+                + (
+                    " (every annotation file lists its categories, an evaluation file its annotations too)"
+                    if key != "images"
+                    else ""
+                )
+            )
     if not data["categories"]:
         fail("the 'categories' list is empty")
     bad = [c for c in data["categories"] if not isinstance(c, dict) or "id" not in c]
     if bad:
         fail("categories without an 'id'", bad)
-    bad = [i.get("id", i) if isinstance(i, dict) else i for i in data["images"]
-           if not isinstance(i, dict) or "id" not in i or "file_name" not in i]
+    bad = [
+        i.get("id", i) if isinstance(i, dict) else i
+        for i in data["images"]
+        if not isinstance(i, dict) or "id" not in i or "file_name" not in i
+    ]
     if bad:
         fail("images without 'id' or 'file_name'", bad)
     bad = [c["id"] for c in data["categories"] if not _is_id(c["id"])]
     bad += [i["id"] for i in data["images"] if not _is_id(i["id"]) or not isinstance(i["file_name"], str)]
     if bad:
         fail("ids that are not integers, or a 'file_name' that is no string", bad)
-    bad = [i["id"] for i in data["images"] if not all(_is_id(i.get(side)) and i[side] > 0 for side in ("height",
-                                                                                                        "width"))]
+    bad = [
+        i["id"] for i in data["images"] if not all(_is_id(i.get(side)) and i[side] > 0 for side in ("height", "width"))
+    ]
     if bad:
         fail("images whose 'height' or 'width' is not a positive integer (ids)", bad)
     categories = {c["id"] for c in data["categories"]}
     images = {i["id"] for i in data["images"]}
     anns = data["annotations"]
-    bad = [a.get("id", a) if isinstance(a, dict) else a for a in anns
-           if not isinstance(a, dict) or "id" not in a or "image_id" not in a]
+    bad = [
+        a.get("id", a) if isinstance(a, dict) else a
+        for a in anns
+        if not isinstance(a, dict) or "id" not in a or "image_id" not in a
+    ]
     if bad:
         fail("annotations without 'id' or 'image_id'", bad)
-    bad = [a["id"] for a in anns if not _is_id(a["id"]) or not _is_id(a["image_id"])
-           or not _is_id(a.get("category_id", 0))]
+    bad = [
+        a["id"] for a in anns if not _is_id(a["id"]) or not _is_id(a["image_id"]) or not _is_id(a.get("category_id", 0))
+    ]
     if bad:
         fail("annotations whose 'id', 'image_id' or 'category_id' is not an integer", bad)
-    bad = [a["id"] for a in anns if "num_keypoints" in a and not (_is_id(a["num_keypoints"])
-                                                                  and a["num_keypoints"] >= 0)]
+    bad = [
+        a["id"] for a in anns if "num_keypoints" in a and not (_is_id(a["num_keypoints"]) and a["num_keypoints"] >= 0)
+    ]
     if bad:
         fail("annotations whose 'num_keypoints' is not a non-negative integer (ids)", bad)
     bad = [a["id"] for a in anns if "area" in a and not _is_number(a["area"])]
@@ -238,17 +305,26 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
     bad = [a["id"] for a in anns if "iscrowd" in a and a["iscrowd"] not in (0, 1)]
     if bad:
         fail("annotations whose 'iscrowd' is not 0 or 1 (ids)", bad)
-    bad = [a["id"] for a in anns if "segmentation" in a and a["segmentation"] is not None
-           and not _valid_segmentation(a["segmentation"])]
+    bad = [
+        a["id"]
+        for a in anns
+        if "segmentation" in a and a["segmentation"] is not None and not _valid_segmentation(a["segmentation"])
+    ]
     if bad:
-        fail("annotations whose 'segmentation' is neither polygons (lists of numbers) nor an RLE ({'size': [h, w], "
-             "'counts': ...}) (ids)", bad)
+        fail(
+            "annotations whose 'segmentation' is neither polygons (lists of numbers) nor an RLE ({'size': [h, w], "
+            "'counts': ...}) (ids)",
+            bad,
+        )
     for field in ("bbox", "category_id"):
         bad = [a["id"] for a in anns if field not in a]
         if bad:
             fail(f"annotations without {field!r} (ids)", bad)
-    bad = [a["id"] for a in anns if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4
-                                         and all(_is_number(v) for v in a["bbox"]))]
+    bad = [
+        a["id"]
+        for a in anns
+        if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4 and all(_is_number(v) for v in a["bbox"]))
+    ]
     if bad:
         fail("annotations whose 'bbox' is not [x, y, width, height] (ids)", bad)
     bad = [f"{a['id']} (category_id {a['category_id']})" for a in anns if a["category_id"] not in categories]
@@ -260,8 +336,11 @@ def read_coco(path: str | Path, *, masks: bool = True) -> COCO:
     if masks:
         bad = [a["id"] for a in anns if not a.get("iscrowd", 0) and not _has_mask(a.get("segmentation"))]
         if bad:
-            fail("annotations without a mask ('segmentation' missing or empty; Mask R-CNN needs a polygon or RLE "
-                 "per object; drop them or train a box-only model) (ids)", bad)
+            fail(
+                "annotations without a mask ('segmentation' missing or empty; Mask R-CNN needs a polygon or RLE "
+                "per object; drop them or train a box-only model) (ids)",
+                bad,
+            )
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
@@ -286,8 +365,9 @@ def _valid_segmentation(segmentation: Any) -> bool:
     if not isinstance(segmentation, dict):
         return False
     size, counts = segmentation.get("size"), segmentation.get("counts")
-    if not (isinstance(size, list) and len(size) == 2 and all(_is_id(v) and not isinstance(v, str) and v >= 0
-                                                               for v in size)):
+    if not (
+        isinstance(size, list) and len(size) == 2 and all(_is_id(v) and not isinstance(v, str) and v >= 0 for v in size)
+    ):
         return False
     if isinstance(counts, list):
         return all(_is_id(v) and not isinstance(v, str) and v >= 0 for v in counts) and sum(counts) == size[0] * size[1]
@@ -334,8 +414,12 @@ class RandomHorizontalFlip:
     """Mirror an image and its target with probability ``p``: boxes, masks, and keypoints (whose left/right
     labels are swapped by ``keypoint_permutation``, e.g. :meth:`CocoDetection.flip_permutation`)."""
 
-    def __init__(self, p: float = 0.5, keypoint_permutation: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        p: float = 0.5,
+        keypoint_permutation: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.p = p
         self.keypoint_permutation = list(keypoint_permutation) if keypoint_permutation is not None else None
         self.generator = generator
@@ -373,8 +457,10 @@ def _keypoint_names(coco: COCO, path: Path) -> tuple[str, ...]:
     for cat in coco.loadCats(coco.getCatIds()):
         cat_names = tuple(cat.get("keypoints") or ())
         if not cat_names:
-            raise ValueError(f"{path}: category {cat.get('name')!r} lists no 'keypoints' names; a keypoint "
-                             "dataset needs them (person_keypoints_*.json has them)")
+            raise ValueError(
+                f"{path}: category {cat.get('name')!r} lists no 'keypoints' names; a keypoint "
+                "dataset needs them (person_keypoints_*.json has them)"
+            )
         if names is not None and cat_names != names:
             raise ValueError(f"{path}: categories list different keypoints; one keypoint head needs one set")
         names = cat_names
@@ -386,8 +472,10 @@ def _keypoint_names(coco: COCO, path: Path) -> tuple[str, ...]:
 # The built-in dataset
 # ----------------------------------------------------------------------------------------------------------
 
-def make_builtin_coco(kind: str, root: str | Path, *, num_images: int, image_size: int = 128, seed: int = 0,
-                      split: str = "train") -> tuple[Path, Path]:
+
+def make_builtin_coco(
+    kind: str, root: str | Path, *, num_images: int, image_size: int = 128, seed: int = 0, split: str = "train"
+) -> tuple[Path, Path]:
     """Draw a small COCO-format dataset and write it as ``root/<split>/*.png`` + ``root/<split>.json``.
 
     The same ``(kind, num_images, image_size, seed)`` always gives the same files.
@@ -424,11 +512,20 @@ def make_builtin_coco(kind: str, root: str | Path, *, num_images: int, image_siz
             obj.update(id=len(annotations) + 1, image_id=image_id, iscrowd=0)
             annotations.append(obj)
     if kind == "shapes":
-        categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
-                      for i, name in enumerate(("square", "disc", "triangle"))]
+        categories = [
+            {"id": i + 1, "name": name, "supercategory": "shape"}
+            for i, name in enumerate(("square", "disc", "triangle"))
+        ]
     else:
-        categories = [{"id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO_KEYPOINT_NAMES),
-                       "skeleton": [list(pair) for pair in COCO_SKELETON]}]
+        categories = [
+            {
+                "id": 1,
+                "name": "person",
+                "supercategory": "person",
+                "keypoints": list(COCO_KEYPOINT_NAMES),
+                "skeleton": [list(pair) for pair in COCO_SKELETON],
+            }
+        ]
     dataset = {
         "info": {"description": f"nonlocalnet built-in '{kind}' dataset", "version": "1.0"},
         "images": images,
@@ -481,8 +578,10 @@ def _draw_shapes_image(rng: np.random.Generator, size: int) -> tuple[Image.Image
             polygon = [(x0, y0), (x0 + w, y0), (x0 + w, y0 + h), (x0, y0 + h)]
         elif category == 2:  # disc / ellipse
             cx, cy = x0 + w / 2, y0 + h / 2
-            polygon = [(cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a))
-                       for a in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
+            polygon = [
+                (cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a))
+                for a in np.linspace(0, 2 * math.pi, 32, endpoint=False)
+            ]
         else:  # triangle, flat base at the bottom
             apex = x0 + float(rng.uniform(0.2, 0.8)) * w
             polygon = [(apex, y0), (x0 + w, y0 + h), (x0, y0 + h)]
@@ -490,12 +589,14 @@ def _draw_shapes_image(rng: np.random.Generator, size: int) -> tuple[Image.Image
         flat = [round(v, 2) for point in polygon for v in point]
         rle = mask_utils.frPyObjects([flat], size, size)
         xs, ys = flat[0::2], flat[1::2]
-        objects.append({
-            "category_id": category,
-            "segmentation": [flat],
-            "area": float(mask_utils.area(mask_utils.merge(rle))),
-            "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-        })
+        objects.append(
+            {
+                "category_id": category,
+                "segmentation": [flat],
+                "area": float(mask_utils.area(mask_utils.merge(rle))),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+            }
+        )
     return canvas, objects
 
 
@@ -573,12 +674,14 @@ def _draw_figures_image(rng: np.random.Generator, size: int) -> tuple[Image.Imag
         keypoints = []
         for x, y in kp:
             keypoints += [round(float(x), 2), round(float(y), 2), 2]
-        objects.append({
-            "category_id": 1,
-            "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-            "area": float(mask_utils.area(rle)),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "keypoints": keypoints,
-            "num_keypoints": 17,
-        })
+        objects.append(
+            {
+                "category_id": 1,
+                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                "area": float(mask_utils.area(rle)),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "keypoints": keypoints,
+                "num_keypoints": 17,
+            }
+        )
     return canvas, objects

@@ -5,11 +5,13 @@ keypoints as flat (x, y, v) lists, category ids of the annotation file); :func:`
 per IoU type and prints its summary exactly as the COCO tools do, returning the twelve (boxes / masks) or ten
 (keypoints) summary numbers by name; :func:`evaluate` runs a detector over a loader and scores it so.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +32,13 @@ BOX_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR1
 KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
-def to_coco_results(outputs: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int],
-                    category_ids: Sequence[int], iou_types: Iterable[str],
-                    mask_threshold: float = 0.5) -> dict[str, list[dict[str, Any]]]:
+def to_coco_results(
+    outputs: Sequence[Mapping[str, Tensor]],
+    image_ids: Sequence[int],
+    category_ids: Sequence[int],
+    iou_types: Iterable[str],
+    mask_threshold: float = 0.5,
+) -> dict[str, list[dict[str, Any]]]:
     """Convert torchvision detector outputs to COCO result entries, one list per IoU type.
 
     Args:
@@ -87,9 +93,12 @@ def to_coco_results(outputs: Sequence[Mapping[str, Tensor]], image_ids: Sequence
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: Mapping[str, list[dict[str, Any]]],
-                  kpt_oks_sigmas: Sequence[float] | None = None,
-                  image_ids: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+def coco_evaluate(
+    coco_gt: COCO,
+    results: Mapping[str, list[dict[str, Any]]],
+    kpt_oks_sigmas: Sequence[float] | None = None,
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, dict[str, float]]:
     """Run COCOeval for each IoU type in ``results`` and print its summary as the COCO tools do.
 
     Args:
@@ -116,8 +125,10 @@ def coco_evaluate(coco_gt: COCO, results: Mapping[str, list[dict[str, Any]]],
                     raise ValueError(f"{len(kpt_oks_sigmas)} OKS sigmas given for {num_kps} keypoints")
                 evaluator.params.kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
             elif num_kps != len(evaluator.params.kpt_oks_sigmas):
-                raise ValueError(f"the dataset has {num_kps} keypoints; COCOeval's default sigmas are for "
-                                 f"{len(evaluator.params.kpt_oks_sigmas)}: pass kpt_oks_sigmas")
+                raise ValueError(
+                    f"the dataset has {num_kps} keypoints; COCOeval's default sigmas are for "
+                    f"{len(evaluator.params.kpt_oks_sigmas)}: pass kpt_oks_sigmas"
+                )
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         print(f"IoU metric: {iou_type}")
@@ -132,14 +143,19 @@ def coco_evaluate(coco_gt: COCO, results: Mapping[str, list[dict[str, Any]]],
 def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
     """One line per IoU type: AP, AP50, AP75 in percent (the paper's numbers)."""
     label = {"bbox": "box", "segm": "mask", "keypoints": "keypoint"}
-    return "\n".join(f"{label[t]:>8} AP {100 * s['AP']:5.1f}  AP50 {100 * s['AP50']:5.1f}  AP75 {100 * s['AP75']:5.1f}"
-                     for t, s in summary.items())
+    return "\n".join(
+        f"{label[t]:>8} AP {100 * s['AP']:5.1f}  AP50 {100 * s['AP50']:5.1f}  AP75 {100 * s['AP75']:5.1f}"
+        for t, s in summary.items()
+    )
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     coco_dt = COCO()
-    coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
-                       "annotations": []}
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
     coco_dt.createIndex()
     return coco_dt
 
@@ -154,8 +170,9 @@ def _num_keypoints(coco_gt: COCO) -> int:
     raise ValueError("the ground truth has no keypoints to evaluate")
 
 
-def gather_results(results: dict[str, list[dict[str, Any]]],
-                   image_ids: Sequence[int]) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
+def gather_results(
+    results: dict[str, list[dict[str, Any]]], image_ids: Sequence[int]
+) -> tuple[dict[str, list[dict[str, Any]]], list[int]]:
     """Merge the result lists of every process (identity when not distributed).
 
     A distributed sampler pads its shards by repeating images; an image evaluated by several processes keeps
@@ -182,9 +199,16 @@ def gather_results(results: dict[str, list[dict[str, Any]]],
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, iou_types: Iterable[str], *,
-             kpt_oks_sigmas: Iterable[float] | None = None, results_file: str | Path | None = None,
-             progress: bool = True) -> dict[str, dict[str, float]]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    iou_types: Iterable[str],
+    *,
+    kpt_oks_sigmas: Iterable[float] | None = None,
+    results_file: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
     """Run the detector over ``loader`` and score it with COCOeval (printed by the main process).
 
     Args:

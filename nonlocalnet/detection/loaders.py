@@ -1,13 +1,15 @@
 """The datasets and loaders of a detection config: COCO files on disk or the built-in drawn data."""
+
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
@@ -15,8 +17,9 @@ from ..engine.distributed import process_group_info
 from .data import CocoDetection, collate, make_builtin_coco
 
 
-def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
-                   ) -> tuple[CocoDetection | None, CocoDetection]:
+def build_datasets(
+    data: Mapping[str, Any], task: str, *, train: bool = True
+) -> tuple[CocoDetection | None, CocoDetection]:
     """The (train, val) datasets of a config's ``data`` section; the built-in one is drawn into a temp folder
     (removed at exit). ``train=False`` builds only the validation set."""
     keypoints = task == "keypoint"
@@ -24,10 +27,16 @@ def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
         root = Path(tempfile.mkdtemp(prefix=f"nonlocalnet-{data['builtin']}-"))
         atexit.register(shutil.rmtree, root, True)
         size, seed = data["image_size"], data["seed"]
-        val_files = make_builtin_coco(data["builtin"], root, num_images=data["num_val"], image_size=size,
-                                      seed=seed + 1, split="val")
-        train_files = (make_builtin_coco(data["builtin"], root, num_images=data["num_train"], image_size=size,
-                                         seed=seed, split="train") if train else None)
+        val_files = make_builtin_coco(
+            data["builtin"], root, num_images=data["num_val"], image_size=size, seed=seed + 1, split="val"
+        )
+        train_files = (
+            make_builtin_coco(
+                data["builtin"], root, num_images=data["num_train"], image_size=size, seed=seed, split="train"
+            )
+            if train
+            else None
+        )
     else:
         base = Path(data["root"]) if data["root"] else Path(".")
         val_files = (base / data["val_images"], base / data["val_annotations"])
@@ -39,14 +48,14 @@ def build_datasets(data: Mapping[str, Any], task: str, *, train: bool = True
     masks = task == "mask"
     val = CocoDetection(*val_files, masks=masks, keypoints=keypoints)
     if not val.coco.dataset["annotations"]:
-        raise ValueError(f"{val.annotations} has no annotations: there is nothing to score AP against (COCOeval "
-                         f"would report -1)")
+        raise ValueError(
+            f"{val.annotations} has no annotations: there is nothing to score AP against (COCOeval would report -1)"
+        )
     train_set = None
     if train_files is not None:
         train_set = CocoDetection(*train_files, masks=masks, keypoints=keypoints, train=True)
         if train_set.category_ids != val.category_ids:
-            raise ValueError(f"train and val list different categories: {train_set.category_ids} vs "
-                             f"{val.category_ids}")
+            raise ValueError(f"train and val list different categories: {train_set.category_ids} vs {val.category_ids}")
     return train_set, val
 
 
@@ -63,18 +72,25 @@ class SkipFirst(Sampler[int]):
         return max(len(self.sampler) - self.count, 0)
 
 
-def make_loader(dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0,
-                epoch: int = 0, skip: int = 0) -> DataLoader:
+def make_loader(
+    dataset: CocoDetection, batch_size: int, workers: int, *, train: bool, seed: int = 0, epoch: int = 0, skip: int = 0
+) -> DataLoader:
     """A loader of ``dataset``: in training, epoch ``epoch``'s order, drawn from (seed, epoch) alone, in one process
     as in many, so a resumed run continues with the interrupted epoch's order; ``skip``: leave out this process's
     first items of the epoch. At most as many workers as the cores this process may run on."""
     group = process_group_info()
     if train or group.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=train,
-                                     seed=seed)
+        sampler = DistributedSampler(dataset, num_replicas=group.world_size, rank=group.rank, shuffle=train, seed=seed)
         sampler.set_epoch(epoch)
     else:
         sampler = SequentialSampler(dataset)
     workers = min(workers, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=SkipFirst(sampler, skip) if skip else sampler,
-                      num_workers=workers, collate_fn=collate, drop_last=False, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SkipFirst(sampler, skip) if skip else sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=False,
+        persistent_workers=False,
+    )

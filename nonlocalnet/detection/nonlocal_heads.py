@@ -5,10 +5,11 @@ run on the 14x14 RoI features of each detected person. The paper puts 4 NL block
 its 8 convs (:data:`PAPER_KEYPOINT_HEAD_NONLOCAL`, 0-based conv indices). Each NL block attends over the 14x14
 positions of one RoI: a person's keypoints are located with the whole person in view.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
@@ -20,11 +21,18 @@ from .nonlocal_resnet import NL_PREFIX
 PAPER_KEYPOINT_HEAD_NONLOCAL = (1, 3, 5, 7)
 
 
-def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str = BLOCK_DEFAULTS["mode"],
-                         inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
-                         subsample: int | Sequence[int] | None = BLOCK_DEFAULTS["subsample"],
-                         scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
-                         impl: str = BLOCK_DEFAULTS["impl"], init: str = BLOCK_DEFAULTS["init"]) -> nn.Sequential:
+def add_nonlocal_to_head(
+    head: nn.Sequential,
+    after: Sequence[int],
+    *,
+    mode: str = BLOCK_DEFAULTS["mode"],
+    inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
+    subsample: int | Sequence[int] | None = BLOCK_DEFAULTS["subsample"],
+    scale: None | float | str = BLOCK_DEFAULTS["scale"],
+    norm: str | None = None,
+    impl: str = BLOCK_DEFAULTS["impl"],
+    init: str = BLOCK_DEFAULTS["init"],
+) -> nn.Sequential:
     """A copy of a conv head (``nn.Sequential`` of Conv2d, activations) with 2D NL blocks after some convs.
 
     The head's modules keep their names, so its state dict still loads; each NL block, named ``nl<i>``, comes
@@ -57,19 +65,35 @@ def add_nonlocal_to_head(head: nn.Sequential, after: Sequence[int], *, mode: str
         for index in insert_before.get(position, []):
             conv = named[convs[index]][1]
             children[f"{NL_PREFIX}{index}"] = NonLocalBlock(
-                conv.out_channels, dim=2, mode=mode, inter_channels=inter_channels, subsample=subsample,
-                scale=scale, norm=norm, impl=impl, init=init).to(conv.weight.device)
+                conv.out_channels,
+                dim=2,
+                mode=mode,
+                inter_channels=inter_channels,
+                subsample=subsample,
+                scale=scale,
+                norm=norm,
+                impl=impl,
+                init=init,
+            ).to(conv.weight.device)
         if position < len(named):
             name, module = named[position]
             children[name] = module
     return nn.Sequential(children)
 
 
-def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
-                  nonlocal_after: Sequence[int] = (), mode: str = BLOCK_DEFAULTS["mode"],
-                  inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
-                  scale: None | float | str = BLOCK_DEFAULTS["scale"], norm: str | None = None,
-                  impl: str = BLOCK_DEFAULTS["impl"], init: str = BLOCK_DEFAULTS["init"]) -> nn.Sequential:
+def keypoint_head(
+    in_channels: int,
+    *,
+    channels: int = 512,
+    num_convs: int = 8,
+    nonlocal_after: Sequence[int] = (),
+    mode: str = BLOCK_DEFAULTS["mode"],
+    inter_channels: int | None = BLOCK_DEFAULTS["inter_channels"],
+    scale: None | float | str = BLOCK_DEFAULTS["scale"],
+    norm: str | None = None,
+    impl: str = BLOCK_DEFAULTS["impl"],
+    init: str = BLOCK_DEFAULTS["init"],
+) -> nn.Sequential:
     """torchvision's keypoint head (``num_convs`` 3x3 convs of ``channels``) with NL blocks after some convs.
 
     Args:
@@ -83,5 +107,6 @@ def keypoint_head(in_channels: int, *, channels: int = 512, num_convs: int = 8,
     head = KeypointRCNNHeads(in_channels, [channels] * num_convs)
     if not nonlocal_after:
         return head
-    return add_nonlocal_to_head(head, nonlocal_after, mode=mode, inter_channels=inter_channels, scale=scale,
-                                norm=norm, impl=impl, init=init)
+    return add_nonlocal_to_head(
+        head, nonlocal_after, mode=mode, inter_channels=inter_channels, scale=scale, norm=norm, impl=impl, init=init
+    )

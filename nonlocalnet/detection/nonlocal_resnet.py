@@ -8,17 +8,19 @@ and NL weights live beside them (``layer3.nl4.theta.weight``). As the NL blocks 
 ResNet's weights loaded into the NL network (:func:`load_resnet_state_dict`) give the plain network's outputs. The
 paper's placements are :mod:`nonlocalnet.models.placements`' (``before_last_block(stage_depths(resnet), "res4")``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks, init_inserted_blocks
-from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
 from nonlocalnet.models.insert import SIBLING_PREFIX, add_nonlocal
+from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.
@@ -78,8 +80,10 @@ def block_out_channels(block: nn.Module) -> int:
         conv = getattr(block, name, None)
         if isinstance(conv, nn.Conv2d):
             return conv.out_channels
-    raise TypeError(f"cannot tell the output channels of {type(block).__name__}: expected a torchvision "
-                    "Bottleneck (conv3) or BasicBlock (conv2)")
+    raise TypeError(
+        f"cannot tell the output channels of {type(block).__name__}: expected a torchvision "
+        "Bottleneck (conv3) or BasicBlock (conv2)"
+    )
 
 
 def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | Path) -> None:
@@ -104,19 +108,22 @@ def load_resnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     nl_names = tuple(f"{name}." for name in find_nonlocal_blocks(model))
     missing = [k for k in result.missing_keys if not k.startswith(nl_names)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"the state dict does not fit this ResNet: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
-                         f"{' ...' if len(result.unexpected_keys) > 8 else ''}")
-    fresh = [name for name in find_nonlocal_blocks(model)
-             if any(k.startswith(f"{name}.") for k in result.missing_keys)]
+        raise ValueError(
+            f"the state dict does not fit this ResNet: missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
+            f"{' ...' if len(result.unexpected_keys) > 8 else ''}"
+        )
+    fresh = [name for name in find_nonlocal_blocks(model) if any(k.startswith(f"{name}.") for k in result.missing_keys)]
     init_inserted_blocks(model, fresh)  # blocks new to the pretrained backbone: the official init
 
 
 def _stage(model: nn.Module, name: str) -> nn.Module:
     stage = getattr(model, name, None)
     if stage is None:
-        raise ValueError(f"{type(model).__name__} has no stage {name!r}; expected a torchvision ResNet "
-                         "(or a backbone body) with layer1..layer4")
+        raise ValueError(
+            f"{type(model).__name__} has no stage {name!r}; expected a torchvision ResNet "
+            "(or a backbone body) with layer1..layer4"
+        )
     return stage
 
 
@@ -125,8 +132,10 @@ def _resolve_placement(model: nn.Module, placement: Placement) -> dict[str, froz
     for key, indices in placement.items():
         stage_name = STAGE_ALIASES.get(key, key)
         if stage_name not in STAGES:
-            raise ValueError(f"unknown stage {key!r} in the NL placement; expected one of "
-                             f"{', '.join(STAGES)} or {', '.join(STAGE_ALIASES)}")
+            raise ValueError(
+                f"unknown stage {key!r} in the NL placement; expected one of "
+                f"{', '.join(STAGES)} or {', '.join(STAGE_ALIASES)}"
+            )
         if stage_name in resolved:
             raise ValueError(f"stage {stage_name} is named twice in the NL placement")
         if isinstance(indices, int):
@@ -134,8 +143,9 @@ def _resolve_placement(model: nn.Module, placement: Placement) -> dict[str, froz
         depth = len(residual_blocks(_stage(model, stage_name)))
         bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < depth]
         if bad:
-            raise ValueError(f"NL placement {key}: indices {bad} are outside the stage's {depth} residual "
-                             f"blocks (0..{depth - 1})")
+            raise ValueError(
+                f"NL placement {key}: indices {bad} are outside the stage's {depth} residual blocks (0..{depth - 1})"
+            )
         if len(set(indices)) != len(indices):
             raise ValueError(f"NL placement {key}: repeated indices {list(indices)}")
         resolved[stage_name] = frozenset(indices)

@@ -11,14 +11,16 @@ resume and the log line. Epochs only count iterations here: an epoch is one pass
 ``train.max_iters_per_epoch`` steps of it), ``train.lr_steps`` and ``train.eval_every`` count epochs, and a
 checkpoint is written at the end of every epoch.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +42,12 @@ from .loaders import build_datasets, make_loader
 RESUMABLE_DETECTION_KEYS = (*RESUMABLE_KEYS, "data.root", "train.workers")
 
 
-def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False, stop_after: int | None = None,
-          allow_config_change: bool = False) -> dict[str, Any]:
+def train(
+    cfg: Mapping[str, Any],
+    resume: bool | str | os.PathLike = False,
+    stop_after: int | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Trains a detector as the config says into ``cfg["output_dir"]`` and evaluates it on the val set; returns
     the final evaluation ({iou_type: {"AP": ...}}) and ``train_seconds``.
 
@@ -52,8 +58,9 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False, stop
     """
     device = resolve_device(cfg["device"])
     ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]))
-    return train_loop(Detection(ctx), ctx, resume=resume, stop_after=stop_after,
-                      allow_config_change=allow_config_change)
+    return train_loop(
+        Detection(ctx), ctx, resume=resume, stop_after=stop_after, allow_config_change=allow_config_change
+    )
 
 
 class Detection:
@@ -85,8 +92,9 @@ class Detection:
         if t["hflip"]:
             perm = train_set.flip_permutation() if self.kind == "keypoint" else None
             train_set.transform = RandomHorizontalFlip(t["hflip"], keypoint_permutation=perm)
-        model = build_detector(cfg["model"], num_classes=train_set.num_classes,
-                               num_keypoints=train_set.num_keypoints or None)
+        model = build_detector(
+            cfg["model"], num_classes=train_set.num_classes, num_keypoints=train_set.num_keypoints or None
+        )
         model.to(device)
         if t["sync_bn"] and info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -99,22 +107,37 @@ class Detection:
         cut = t["max_iters_per_epoch"]
         self.iterations_per_epoch = whole if cut is None else min(cut, whole)
         self.val_loader = make_loader(val_set, t["batch_size"], t["workers"], train=False)
-        self.meta = {"category_ids": train_set.category_ids, "num_classes": train_set.num_classes,
-                     "keypoint_names": list(train_set.keypoint_names)}
+        self.meta = {
+            "category_ids": train_set.category_ids,
+            "num_classes": train_set.num_classes,
+            "keypoint_names": list(train_set.keypoint_names),
+        }
         if info.is_main:
-            print(f"detector: {self.name} on {len(train_set)} train / {len(val_set)} val images, "
-                  f"{info.world_size} process(es) x {t['batch_size']} images, lr {self.lr:g}, {t['epochs']} epochs "
-                  f"of {self.iterations_per_epoch} iterations, device {device}", flush=True)
+            print(
+                f"detector: {self.name} on {len(train_set)} train / {len(val_set)} val images, "
+                f"{info.world_size} process(es) x {t['batch_size']} images, lr {self.lr:g}, {t['epochs']} epochs "
+                f"of {self.iterations_per_epoch} iterations, device {device}",
+                flush=True,
+            )
         return model, optimizer
 
     def settings(self) -> LoopSettings:
         t, per_epoch = self.cfg["train"], self.iterations_per_epoch
-        return LoopSettings(iterations=t["epochs"] * per_epoch, lr=self.lr,
-                            lr_steps=tuple(int(s) * per_epoch for s in t["lr_steps"]), lr_gamma=t["lr_gamma"],
-                            warmup_iterations=t["warmup_iters"], warmup_factor=t["warmup_factor"], amp=t["amp"],
-                            clip_grad_norm=None, log_every=t["log_every"], checkpoint_every=per_epoch,
-                            keep_checkpoints=t["keep_checkpoints"], eval_every=t["eval_every"] * per_epoch,
-                            test_at_end=self.cfg["test"]["at_end"])
+        return LoopSettings(
+            iterations=t["epochs"] * per_epoch,
+            lr=self.lr,
+            lr_steps=tuple(int(s) * per_epoch for s in t["lr_steps"]),
+            lr_gamma=t["lr_gamma"],
+            warmup_iterations=t["warmup_iters"],
+            warmup_factor=t["warmup_factor"],
+            amp=t["amp"],
+            clip_grad_norm=None,
+            log_every=t["log_every"],
+            checkpoint_every=per_epoch,
+            keep_checkpoints=t["keep_checkpoints"],
+            eval_every=t["eval_every"] * per_epoch,
+            test_at_end=self.cfg["test"]["at_end"],
+        )
 
     def batches(self, start: int) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
         """Epoch after epoch from iteration ``start``: each epoch's order from (seed, epoch) alone, cut to
@@ -122,8 +145,15 @@ class Detection:
         t, per_epoch = self.cfg["train"], self.iterations_per_epoch
         epoch, offset = divmod(start, per_epoch)
         while True:
-            loader = make_loader(self.train_set, t["batch_size"], t["workers"], train=True, seed=t["seed"],
-                                 epoch=epoch, skip=offset * t["batch_size"])
+            loader = make_loader(
+                self.train_set,
+                t["batch_size"],
+                t["workers"],
+                train=True,
+                seed=t["seed"],
+                epoch=epoch,
+                skip=offset * t["batch_size"],
+            )
             # no batch is drawn past the cut: its flips would shift the random stream of the steps after it
             yield from islice(loader, per_epoch - offset)
             epoch, offset = epoch + 1, 0
@@ -152,8 +182,14 @@ class Detection:
         return dict(zip(names, means.tolist()))
 
     def evaluate(self, model: nn.Module, iteration: int) -> dict[str, Any]:
-        summary = evaluate(model, self.val_loader, self.ctx.device, iou_types_for(self.kind),
-                           kpt_oks_sigmas=self.cfg["data"]["kpt_oks_sigmas"], progress=self.ctx.progress)
+        summary = evaluate(
+            model,
+            self.val_loader,
+            self.ctx.device,
+            iou_types_for(self.kind),
+            kpt_oks_sigmas=self.cfg["data"]["kpt_oks_sigmas"],
+            progress=self.ctx.progress,
+        )
         if self.ctx.info.is_main:
             print(f"epoch {iteration // self.iterations_per_epoch - 1}\n{format_summary(summary)}", flush=True)
         return summary
@@ -164,8 +200,11 @@ class Detection:
     def save_weights(self, model: nn.Module, path: Path) -> None:
         # what `nonlocalnet detect-test --checkpoint` needs to rebuild the detector and read its categories
         with atomic_path(path) as tmp:
-            save_weights(model, tmp, metadata={"task": "detection", "config": json.dumps(to_plain(self.cfg)),
-                                               "meta": json.dumps(self.meta)})
+            save_weights(
+                model,
+                tmp,
+                metadata={"task": "detection", "config": json.dumps(to_plain(self.cfg)), "meta": json.dumps(self.meta)},
+            )
 
     def test(self, model: nn.Module) -> dict[str, Any]:
         return self.evaluate(model, self.cfg["train"]["epochs"] * self.iterations_per_epoch)
@@ -178,8 +217,13 @@ class Detection:
             raise CheckpointError(f"{source} is not a checkpoint of `nonlocalnet detect-train`")
 
 
-def test(checkpoint: str | os.PathLike, *, config: Mapping[str, Any] | None = None, overrides: Iterable[str] = (),
-         results_file: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+def test(
+    checkpoint: str | os.PathLike,
+    *,
+    config: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+    results_file: str | os.PathLike | None = None,
+) -> dict[str, dict[str, float]]:
     """Evaluates a detect-train run's weights on the val set of its config (or of ``config``).
 
     Args:
@@ -195,17 +239,29 @@ def test(checkpoint: str | os.PathLike, *, config: Mapping[str, Any] | None = No
     task = config["model"].get("task")
     _, val_set = build_datasets(config["data"], task, train=False)
     if meta.get("category_ids") and list(meta["category_ids"]) != val_set.category_ids:
-        raise ValueError(f"the checkpoint was trained on categories {meta['category_ids']}; the val set lists "
-                         f"{val_set.category_ids}")
+        raise ValueError(
+            f"the checkpoint was trained on categories {meta['category_ids']}; the val set lists {val_set.category_ids}"
+        )
     model_cfg = {k: v for k, v in config["model"].items() if k != "backbone_weights"}  # the checkpoint has them
-    model = build_detector(model_cfg, num_classes=meta.get("num_classes", val_set.num_classes),
-                           num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None)
-    load_state_dict_or_raise(model, weights, f"{checkpoint} does not fit the config's detector", CheckpointError,
-                             source=str(checkpoint))
+    model = build_detector(
+        model_cfg,
+        num_classes=meta.get("num_classes", val_set.num_classes),
+        num_keypoints=len(meta.get("keypoint_names", ())) or val_set.num_keypoints or None,
+    )
+    load_state_dict_or_raise(
+        model, weights, f"{checkpoint} does not fit the config's detector", CheckpointError, source=str(checkpoint)
+    )
     model.to(device)
     loader = make_loader(val_set, config["train"]["batch_size"], config["train"]["workers"], train=False)
-    summary = evaluate(model, loader, device, iou_types_for(task), kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
-                       results_file=results_file, progress=config["progress"])
+    summary = evaluate(
+        model,
+        loader,
+        device,
+        iou_types_for(task),
+        kpt_oks_sigmas=config["data"]["kpt_oks_sigmas"],
+        results_file=results_file,
+        progress=config["progress"],
+    )
     if is_main_process():
         print(format_summary(summary))
     return summary
@@ -220,12 +276,12 @@ def _read_detection_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[s
             raise FileNotFoundError(f"no checkpoint at {path}")
         metadata = read_metadata(path)
         if metadata.get("task") != "detection" or "config" not in metadata:
-            raise CheckpointError(f"{path} is not the weights of a detect-train run (its metadata names no "
-                                  f"detection config)")
+            raise CheckpointError(
+                f"{path} is not the weights of a detect-train run (its metadata names no detection config)"
+            )
         weights, _ = read_state_dict(path)
         return weights, json.loads(metadata["config"]), json.loads(metadata.get("meta", "{}"))
     state = load_checkpoint(path)
     if state.get("task") != "detection" or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of `nonlocalnet detect-train` (needs 'model' and "
-                              f"'config')")
+        raise CheckpointError(f"{path} is not a checkpoint of `nonlocalnet detect-train` (needs 'model' and 'config')")
     return state["model"], state["config"], state.get("meta", {})

@@ -5,13 +5,15 @@ code (``torch.load(weights_only=True)``), verified against the checksum written 
 The training loop (:mod:`~nonlocalnet.engine.loop`) writes every task's here, as
 ``checkpoints/checkpoint_<iteration>.pt`` (:func:`save_checkpoint`); a resume loads its state back with
 :func:`restore_training_state`."""
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +44,9 @@ def verify_checksum(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     if recorded is None:
         return
     if not isinstance(recorded, str) or recorded != state_checksum(state):
-        raise CheckpointError(f"checkpoint {os.fspath(path)} is corrupt: its content does not match the checksum "
-                              f"written with it")
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} is corrupt: its content does not match the checksum written with it"
+        )
 
 
 def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
@@ -129,11 +132,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, model: nn.Module,
-                           optimizer: torch.optim.Optimizer, device: torch.device, info: DistInfo, *,
-                           scaler: torch.amp.GradScaler | None = None,
-                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                           mismatch: str = "holds weights of another model") -> bool:
+def restore_training_state(
+    state: Mapping[str, Any],
+    source: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    info: DistInfo,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    mismatch: str = "holds weights of another model",
+) -> bool:
     """Loads a training checkpoint's state into a run's objects, for a resume.
 
     The model's weights (other names or shapes: a :class:`CheckpointError` naming ``source``), the optimizer's
@@ -150,8 +160,9 @@ def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, 
     Returns:
         Whether this process's random state was restored (if not, the caller seeds it).
     """
-    load_state_dict_or_raise(model, state["model"], f"{os.fspath(source)} {mismatch}", CheckpointError,
-                             source=os.fspath(source))
+    load_state_dict_or_raise(
+        model, state["model"], f"{os.fspath(source)} {mismatch}", CheckpointError, source=os.fspath(source)
+    )
     optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -166,8 +177,9 @@ def restore_training_state(state: Mapping[str, Any], source: str | os.PathLike, 
     return rng is not None
 
 
-def newest_readable_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None,
-                                                                      list[tuple[Path, str]]]:
+def newest_readable_checkpoint(
+    directory: str | os.PathLike,
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
     """The newest checkpoint in ``directory`` that reads, skipping unreadable ones of every kind: truncated (a
     kill during a write on a file system without atomic rename, a full disk), corrupt (checksum mismatch), a
     directory or a dangling link in a checkpoint's name.

@@ -1,10 +1,12 @@
 """The number of classes of a run: ``data.num_classes``, or the training list's when the config leaves it null."""
+
 from __future__ import annotations
 
 import copy
 import logging
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..data import is_multi_label
 from ..data.video import read_video_list
@@ -43,6 +45,8 @@ def check_num_classes(cfg: Mapping[str, Any]) -> None:
         return
     found = classes_in_list(data)
     if data["num_classes"] != found:
-        raise ConfigError(f"data.num_classes is {data['num_classes']} but the training list {data['train_list']} "
-                          f"has {found} classes (labels 0 to {found - 1}); set data.num_classes={found}, or "
-                          f"data.num_classes=null to take it from the list")
+        raise ConfigError(
+            f"data.num_classes is {data['num_classes']} but the training list {data['train_list']} "
+            f"has {found} classes (labels 0 to {found - 1}); set data.num_classes={found}, or "
+            f"data.num_classes=null to take it from the list"
+        )

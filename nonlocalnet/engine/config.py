@@ -8,15 +8,17 @@ extends: a path relative to itself, else a shipped config named as ``--config`` 
 keys and YAML values, read by :func:`parse_override` for every command of the CLI: ``train.lr=0.02
 train.lr_steps=[100,200] model.name=nl_i3d_r50``.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -28,24 +30,24 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/default",
     "model": {
         "name": "nl_c2d_r50",
-        "options": {},            # keyword overrides of the registered model (num_classes is set from data)
-        "pretrained": None,       # a .safetensors / .pt / .pth state dict (2D ImageNet weights are inflated)
+        "options": {},  # keyword overrides of the registered model (num_classes is set from data)
+        "pretrained": None,  # a .safetensors / .pt / .pth state dict (2D ImageNet weights are inflated)
     },
     "data": {
-        "type": "synthetic",      # "synthetic" (built in), "kinetics" (path label lists), "charades" (multi-label)
-        "num_classes": 2,         # null: from the training list (its largest label + 1); a number must match it
+        "type": "synthetic",  # "synthetic" (built in), "kinetics" (path label lists), "charades" (multi-label)
+        "num_classes": 2,  # null: from the training list (its largest label + 1); a number must match it
         "root": None,
         "train_list": None,
         "test_list": None,
         "frames": 8,
         "sampling_rate": 8,
         "train_scale": [256, 320],
-        "crop_size": 224,         # null: full frames at test time (the paper's fully-convolutional test; test_crops 1)
+        "crop_size": 224,  # null: full frames at test time (the paper's fully-convolutional test; test_crops 1)
         "test_scale": 256,
         "test_clips": 10,
         "test_crops": 3,
         "skip_missing": False,
-        "decoder": "pyav",        # or "torchcodec" (an extra: torchcodec and FFmpeg's shared libraries)
+        "decoder": "pyav",  # or "torchcodec" (an extra: torchcodec and FFmpeg's shared libraries)
         "workers": 0,
         # built-in data only
         "train_size": 4096,
@@ -53,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 32,
     },
     "train": {
-        "batch_size": 8,          # clips per process
+        "batch_size": 8,  # clips per process
         "iterations": 400000,
         "lr": 0.01,
         "lr_steps": [150000, 300000],
@@ -74,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 20,
         "checkpoint_every": 5000,
         "keep_checkpoints": 3,
-        "eval_every": 0,          # iterations between evaluations during training; 0 = only at the end
+        "eval_every": 0,  # iterations between evaluations during training; 0 = only at the end
         # at this iteration, warn about each non-local block still at the identity or at uniform attention on
         # the step's first clip (nonlocalnet.viz.diagnostics); 0 = never
         "check_blocks_after": 1000,
@@ -83,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 8,
         "fully_convolutional": False,
         "checkpoint": None,
-        "at_end": True,           # test the final model when training ends (false: stop after model_final)
+        "at_end": True,  # test the final model when training ends (false: stop after model_final)
     },
     "device": "auto",
     "progress": True,
@@ -136,9 +138,13 @@ class Items:
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list; got {value!r}")
         if len(value) < self.min_length or (self.max_length is not None and len(value) > self.max_length):
-            count = (f"{self.min_length}" if self.min_length == self.max_length else
-                     f"{self.min_length} to {self.max_length}" if self.max_length is not None
-                     else f"at least {self.min_length}")
+            count = (
+                f"{self.min_length}"
+                if self.min_length == self.max_length
+                else f"{self.min_length} to {self.max_length}"
+                if self.max_length is not None
+                else f"at least {self.min_length}"
+            )
             raise ConfigError(f"{name} must hold {count} element(s); got {len(value)}: {value!r}")
         for i, item in enumerate(value):
             if self.kind == "int":
@@ -188,8 +194,9 @@ class ConfigSchema:
         return any(name.startswith(section + ".") for section in self.free)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                schema: ConfigSchema | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), schema: ConfigSchema | None = None
+) -> dict[str, Any]:
     """The schema's defaults (video's by default), updated by a YAML file (and the files it extends), then by
     ``key=value`` overrides; checked."""
     schema = schema or VIDEO
@@ -203,8 +210,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return build_config(data, overrides, schema)
 
 
-def build_config(data: Mapping[str, Any], overrides: Iterable[str] = (), schema: ConfigSchema | None = None
-                 ) -> dict[str, Any]:
+def build_config(
+    data: Mapping[str, Any], overrides: Iterable[str] = (), schema: ConfigSchema | None = None
+) -> dict[str, Any]:
     """The schema's defaults updated by ``data`` (a config as a mapping, e.g. the one a checkpoint recorded), then
     by ``key=value`` overrides; checked. A complete config gives itself back."""
     schema = schema or VIDEO
@@ -223,8 +231,12 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) is not accepted in a config: "
-                                              f"write the value out", event.start_mark)
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"an alias (*{event.anchor}) is not accepted in a config: write the value out",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -253,7 +265,7 @@ def _read_yaml_chain(path: Path, schema: ConfigSchema, seen: tuple[Path, ...] = 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"config {path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
     data = read_yaml(text, f"config {path}") or {}
     if not isinstance(data, dict):
@@ -284,12 +296,19 @@ def _find_base(base: Any, path: Path, schema: ConfigSchema) -> Path:
         return find_config(base, folder=schema.folder)
     except FileNotFoundError as e:
         looked = ", ".join(dict.fromkeys(os.fspath(p) for p in near))
-        raise ConfigError(f"config {path}: base {os.fspath(base)!r} not found; looked at {looked}, then in the "
-                          f"shipped configs under {packaged_configs()} ({e})") from None
+        raise ConfigError(
+            f"config {path}: base {os.fspath(base)!r} not found; looked at {looked}, then in the "
+            f"shipped configs under {packaged_configs()} ({e})"
+        ) from None
 
 
-def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", strict: bool = True,
-          schema: ConfigSchema | None = None) -> dict[str, Any]:
+def merge(
+    into: dict[str, Any],
+    update: Mapping[str, Any],
+    where: str = "",
+    strict: bool = True,
+    schema: ConfigSchema | None = None,
+) -> dict[str, Any]:
     """Recursively updates ``into`` with ``update``.
 
     With ``strict``, unknown keys are an error, except inside the schema's free sections (``model.options`` of a
@@ -301,12 +320,18 @@ def merge(into: dict[str, Any], update: Mapping[str, Any], where: str = "", stri
         free = schema.is_free(name)
         if strict and key not in into and not free and (where or key not in schema.defaults):
             known = ", ".join(sorted(into))
-            raise ConfigError(f"unknown config key {name!r}; known keys{f' of {where[:-1]!r}' if where else ''}: "
-                              f"{known}")
-        if isinstance(into.get(key), dict) and not free and not isinstance(value, Mapping) \
-                and (key in schema.defaults or where):
-            raise ConfigError(f"config section {name!r} must be a mapping of keys ({', '.join(sorted(into[key]))}); "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"unknown config key {name!r}; known keys{f' of {where[:-1]!r}' if where else ''}: {known}"
+            )
+        if (
+            isinstance(into.get(key), dict)
+            and not free
+            and not isinstance(value, Mapping)
+            and (key in schema.defaults or where)
+        ):
+            raise ConfigError(
+                f"config section {name!r} must be a mapping of keys ({', '.join(sorted(into[key]))}); got {value!r}"
+            )
         if isinstance(into.get(key), dict) and isinstance(value, Mapping) and not free:
             merge(into[key], value, name + ".", strict, schema)
         else:
@@ -338,7 +363,7 @@ def apply_override(cfg: dict[str, Any], item: str, schema: ConfigSchema | None =
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
-        here = ".".join(parts[:i + 1])
+        here = ".".join(parts[: i + 1])
         if part not in node and schema.is_free(here):
             node[part] = {}
         if not isinstance(node.get(part), dict):
@@ -369,7 +394,7 @@ def options_from_overrides(items: Iterable[str], example: str = "width=32") -> d
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: option {'.'.join(parts[:i + 1])!r} is not a mapping")
+                raise ConfigError(f"override {item!r}: option {'.'.join(parts[: i + 1])!r} is not a mapping")
         node[parts[-1]] = value
     return options
 
@@ -423,8 +448,10 @@ def check_config(cfg: Mapping[str, Any], schema: ConfigSchema | None = None) -> 
     for key, types in schema.optional.items():
         value = _get(cfg, key)
         if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
-            names = " or ".join({"str": "a string (a path)", "int": "an integer", "float": "a number"}.get(
-                t.__name__, t.__name__) for t in types)
+            names = " or ".join(
+                {"str": "a string (a path)", "int": "an integer", "float": "a number"}.get(t.__name__, t.__name__)
+                for t in types
+            )
             raise ConfigError(f"{key} must be {names} or null; got {value!r}")
     for key, value_range in schema.ranges.items():
         value_range.check(key, _get(cfg, key))
@@ -446,29 +473,39 @@ def check_steps(cfg: Mapping[str, Any], key: str, unit: str) -> None:
 
 
 def _check_video(cfg: Mapping[str, Any]) -> None:
-    if cfg["train"]["amp"] not in AMP_CHOICES or isinstance(cfg["train"]["amp"], (int, float)) \
-            and not isinstance(cfg["train"]["amp"], bool):
-        raise ConfigError(f"train.amp must be false, bf16, fp16 or true (bf16 where the device supports it, else "
-                          f"fp16); got {cfg['train']['amp']!r}")
+    if (
+        cfg["train"]["amp"] not in AMP_CHOICES
+        or isinstance(cfg["train"]["amp"], (int, float))
+        and not isinstance(cfg["train"]["amp"], bool)
+    ):
+        raise ConfigError(
+            f"train.amp must be false, bf16, fp16 or true (bf16 where the device supports it, else "
+            f"fp16); got {cfg['train']['amp']!r}"
+        )
     clip = cfg["train"]["clip_grad_norm"]
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
-                             or not math.isfinite(clip)):
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0 or not math.isfinite(clip)
+    ):
         raise ConfigError(f"train.clip_grad_norm must be a positive number or null; got {clip!r}")
     data = cfg["data"]
     classes = data["num_classes"]
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
-        raise ConfigError(f"data.num_classes must be a positive integer, or null to take it from the training "
-                          f"list; got {classes!r}")
+        raise ConfigError(
+            f"data.num_classes must be a positive integer, or null to take it from the training list; got {classes!r}"
+        )
     if classes is None and data["type"] == "synthetic":
-        raise ConfigError("data.num_classes=null takes the number from a video list; the built-in synthetic data "
-                          "has none: set 2 to 6")
+        raise ConfigError(
+            "data.num_classes=null takes the number from a video list; the built-in synthetic data has none: set 2 to 6"
+        )
     crop = data["crop_size"]
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
-        raise ConfigError(f"data.crop_size must be a positive integer, or null for full frames at test time; "
-                          f"got {crop!r}")
+        raise ConfigError(
+            f"data.crop_size must be a positive integer, or null for full frames at test time; got {crop!r}"
+        )
     if crop is None and data["test_crops"] != 1:
-        raise ConfigError(f"data.crop_size=null (full frames at test time) takes data.test_crops=1; got "
-                          f"{data['test_crops']}")
+        raise ConfigError(
+            f"data.crop_size=null (full frames at test time) takes data.test_crops=1; got {data['test_crops']}"
+        )
     if data["type"] not in ("synthetic", "kinetics", "charades"):
         raise ConfigError(f"data.type must be 'synthetic', 'kinetics' or 'charades'; got {data['type']!r}")
     if data["decoder"] not in DECODERS:
@@ -480,8 +517,9 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
     check_steps(cfg, "train.lr_steps", "iterations")
     low, high = data["train_scale"]
     if low > high:
-        raise ConfigError(f"data.train_scale must be [shortest, longest] with shortest <= longest; got "
-                          f"{data['train_scale']!r}")
+        raise ConfigError(
+            f"data.train_scale must be [shortest, longest] with shortest <= longest; got {data['train_scale']!r}"
+        )
     check_memory(cfg)
 
 
@@ -516,32 +554,65 @@ def check_memory(cfg: Mapping[str, Any], memory: int | None = None) -> None:
         f"{test_side})": 4 * test["batch_size"] * 3 * data["frames"] * test_side * test_side,
     }
     if data["num_classes"] is not None:  # null: taken from the training list when the run starts
-        sizes[f"the classifier (data.num_classes={data['num_classes']} x 2048 features, with its gradient and "
-              f"momentum)"] = 3 * 4 * data["num_classes"] * 2048
+        sizes[
+            f"the classifier (data.num_classes={data['num_classes']} x 2048 features, with its gradient and momentum)"
+        ] = 3 * 4 * data["num_classes"] * 2048
     for what, size in sizes.items():
         if size > memory:
-            raise ConfigError(f"{what} needs {size / 2 ** 30:,.1f} GiB, more than this machine's memory "
-                              f"({memory / 2 ** 30:,.1f} GiB); lower them")
+            raise ConfigError(
+                f"{what} needs {size / 2**30:,.1f} GiB, more than this machine's memory "
+                f"({memory / 2**30:,.1f} GiB); lower them"
+            )
 
 
 VIDEO = ConfigSchema(
     DEFAULTS,
     free=("model.options",),
     untyped=("train.amp", "data.num_classes", "data.crop_size"),  # checked by _check_video
-    positive=("train.batch_size", "train.iterations", "train.log_every", "train.checkpoint_every",
-              "test.batch_size", "data.frames", "data.sampling_rate", "data.test_clips",
-              "data.test_crops", "data.image_size", "data.train_size", "data.test_size"),
-    non_negative=("train.keep_checkpoints", "train.precise_bn_batches", "train.eval_every",
-                  "train.check_blocks_after", "train.warmup_iterations", "data.workers", "train.lr",
-                  "train.weight_decay", "train.momentum", "train.bn_weight_decay"),
+    positive=(
+        "train.batch_size",
+        "train.iterations",
+        "train.log_every",
+        "train.checkpoint_every",
+        "test.batch_size",
+        "data.frames",
+        "data.sampling_rate",
+        "data.test_clips",
+        "data.test_crops",
+        "data.image_size",
+        "data.train_size",
+        "data.test_size",
+    ),
+    non_negative=(
+        "train.keep_checkpoints",
+        "train.precise_bn_batches",
+        "train.eval_every",
+        "train.check_blocks_after",
+        "train.warmup_iterations",
+        "data.workers",
+        "train.lr",
+        "train.weight_decay",
+        "train.momentum",
+        "train.bn_weight_decay",
+    ),
     check=_check_video,
     # every other numeric key's range (the sizes' upper bound is the machine's memory: check_memory)
-    ranges={"seed": Range(0, 2 ** 63 - 1), "train.lr_gamma": Range(0, 1, low_open=True),
-            "train.warmup_factor": Range(0, 1), "train.momentum": Range(0, 1), "data.test_scale": Range(1),
-            "data.workers": Range(0, 1024)},
+    ranges={
+        "seed": Range(0, 2**63 - 1),
+        "train.lr_gamma": Range(0, 1, low_open=True),
+        "train.warmup_factor": Range(0, 1),
+        "train.momentum": Range(0, 1),
+        "data.test_scale": Range(1),
+        "data.workers": Range(0, 1024),
+    },
     items={"train.lr_steps": Items("int", Range(0)), "data.train_scale": Items("int", Range(1), 2, 2)},
-    optional={"model.pretrained": (str,), "test.checkpoint": (str,), "data.root": (str,),
-              "data.train_list": (str,), "data.test_list": (str,)},
+    optional={
+        "model.pretrained": (str,),
+        "test.checkpoint": (str,),
+        "data.root": (str,),
+        "data.train_list": (str,),
+        "data.test_list": (str,),
+    },
 )
 
 

@@ -4,14 +4,16 @@ A C2D baseline and the same network with one non-local block of each instantiati
 recipe and seed, tested on the same held-out clips and compared: top-1, parameters, multiply-adds and training
 time, plus how often each block's strongest attention from one shape lands on the other shape.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -49,9 +51,18 @@ def default_jobs(variants: int, threads: int = 1) -> int:
     return max(1, min(variants, cores // threads))
 
 
-def run_demo(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                   variants: Sequence[str] = VARIANTS, overrides: Sequence[str] = (), attention_clips: int = 256,
-                   pictures: bool = True, jobs: int | None = None, threads: int = 1, echo=print) -> dict[str, Any]:
+def run_demo(
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    variants: Sequence[str] = VARIANTS,
+    overrides: Sequence[str] = (),
+    attention_clips: int = 256,
+    pictures: bool = True,
+    jobs: int | None = None,
+    threads: int = 1,
+    echo=print,
+) -> dict[str, Any]:
     """Trains and tests every variant; writes ``results.md``, ``results.json`` and attention pictures to ``out``.
 
     The networks train as ``jobs`` parallel processes of ``threads`` torch threads each (default: one
@@ -72,11 +83,12 @@ def run_demo(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
     jobs = min(jobs, len(variants))
     cfg = variant_config(config, variants[-1], out, overrides)
     _clear_previous_runs(out, variants, echo)
-    echo(f"[demo] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
-         f"(seed {cfg['seed']}), {jobs} at a time, {threads} thread(s) each")
+    echo(
+        f"[demo] training {len(variants)} networks for {cfg['train']['iterations']} iterations "
+        f"(seed {cfg['seed']}), {jobs} at a time, {threads} thread(s) each"
+    )
     began = time.perf_counter()
-    task = dict(config=config, out=out, overrides=list(overrides), attention_clips=attention_clips,
-                pictures=pictures)
+    task = dict(config=config, out=out, overrides=list(overrides), attention_clips=attention_clips, pictures=pictures)
     if jobs == 1:
         rows = []
         previous = torch.get_num_threads()
@@ -91,10 +103,18 @@ def run_demo(out: str | os.PathLike, *, config: str | os.PathLike | None = None,
         rows = _run_in_processes(variants, task, jobs, threads, cfg, echo)
     seconds = time.perf_counter() - began
     markdown = results_markdown(rows, cfg)
-    result = {"rows": rows, "markdown": markdown, "seconds": seconds, "seed": cfg["seed"],
-              "iterations": cfg["train"]["iterations"], "threads": threads, "jobs": jobs,
-              "torch": torch.__version__, "config": os.fspath(config or DEFAULT_CONFIG),
-              "overrides": list(overrides)}
+    result = {
+        "rows": rows,
+        "markdown": markdown,
+        "seconds": seconds,
+        "seed": cfg["seed"],
+        "iterations": cfg["train"]["iterations"],
+        "threads": threads,
+        "jobs": jobs,
+        "torch": torch.__version__,
+        "config": os.fspath(config or DEFAULT_CONFIG),
+        "overrides": list(overrides),
+    }
     write_text_atomic(out / "results.md", markdown + "\n")
     write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -116,8 +136,16 @@ def _clear_previous_runs(out: Path, variants: Sequence[str], echo) -> None:
             shutil.rmtree(run)
 
 
-def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, overrides: Sequence[str],
-                attention_clips: int, pictures: bool, on_iteration=None) -> dict[str, Any]:
+def run_variant(
+    variant: str,
+    *,
+    config: str | os.PathLike | None,
+    out: Path,
+    overrides: Sequence[str],
+    attention_clips: int,
+    pictures: bool,
+    on_iteration=None,
+) -> dict[str, Any]:
     """Trains and tests one network of the comparison; its row of the table."""
     from safetensors.torch import load_file
 
@@ -133,21 +161,33 @@ def run_variant(variant: str, *, config: str | os.PathLike | None, out: Path, ov
     model.eval()
     data = cfg["data"]
     cost = count_cost(model, (1, 3, data["frames"], data["image_size"], data["image_size"]))
-    row = {"variant": variant, "mode": None if variant == "baseline" else variant, "model": cfg["model"]["name"],
-           "top1": report["top1"], "videos": report["videos"], "params": cost.params, "macs": cost.macs,
-           "train_seconds": report["train_seconds"], "mean_class_accuracy": report["mean_class_accuracy"]}
+    row = {
+        "variant": variant,
+        "mode": None if variant == "baseline" else variant,
+        "model": cfg["model"]["name"],
+        "top1": report["top1"],
+        "videos": report["videos"],
+        "params": cost.params,
+        "macs": cost.macs,
+        "train_seconds": report["train_seconds"],
+        "mean_class_accuracy": report["mean_class_accuracy"],
+    }
     if variant != "baseline" and data["type"] == "synthetic":
         test_set = build_dataset(data, "test", cfg["seed"])
         items = [test_set[i] for i in range(min(attention_clips, len(test_set)))]
         clips = torch.stack([it["clip"] for it in items])
         objects = torch.stack([it["objects"] for it in items])
         hits = attention_hits(model, clips, objects)
-        row.update(attention_hit_rate=hits.rate, attention_chance_rate=hits.chance_rate,
-                   attention_block=hits.block)
+        row.update(attention_hit_rate=hits.rate, attention_chance_rate=hits.chance_rate, attention_block=hits.block)
         if pictures:
             picture = out / f"attention_{variant}.png"
-            render_object_attention(model, items[0]["clip"], items[0]["objects"], picture,
-                                    title=f"{variant}: label {int(items[0]['label'])}")
+            render_object_attention(
+                model,
+                items[0]["clip"],
+                items[0]["objects"],
+                picture,
+                title=f"{variant}: label {int(items[0]['label'])}",
+            )
             row["picture"] = picture.name
     return row
 
@@ -175,8 +215,9 @@ def _worker(variant: str, task: dict[str, Any]) -> dict[str, Any]:
     return run_variant(variant, **task, on_iteration=on_iteration)
 
 
-def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, threads: int, cfg: dict[str, Any],
-                      echo) -> list[dict[str, Any]]:
+def _run_in_processes(
+    variants: list[str], task: dict[str, Any], jobs: int, threads: int, cfg: dict[str, Any], echo
+) -> list[dict[str, Any]]:
     """Runs :func:`run_variant` for each variant in ``jobs`` fresh processes; the rows in ``variants`` order."""
     import multiprocessing
     import queue as queues
@@ -187,13 +228,24 @@ def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, thre
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
     progress = context.Queue()
     iterations = cfg["train"]["iterations"]
-    bars = {v: tqdm(total=iterations, desc=f"{v:<17}", unit="it", position=i, leave=False, dynamic_ncols=True,
-                    disable=not cfg["progress"]) for i, v in enumerate(variants)}
+    bars = {
+        v: tqdm(
+            total=iterations,
+            desc=f"{v:<17}",
+            unit="it",
+            position=i,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not cfg["progress"],
+        )
+        for i, v in enumerate(variants)
+    }
     rows: dict[str, dict[str, Any]] = {}
     started: set[str] = set()
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                                 initargs=(threads, progress)) as pool:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(threads, progress)
+        ) as pool:
             quiet = {**task, "overrides": [*task["overrides"], "progress=false"]}  # the bars are drawn here
             pending = {pool.submit(_worker, v, quiet): v for v in variants}
             try:
@@ -231,20 +283,28 @@ def _run_in_processes(variants: list[str], task: dict[str, Any], jobs: int, thre
 def results_markdown(rows: Sequence[dict[str, Any]], cfg: dict[str, Any]) -> str:
     """The comparison table (markdown)."""
     base = next((r for r in rows if r["variant"] == "baseline"), None)
-    lines = ["| model | top-1 (%) | vs baseline | params | multiply-adds | train time (s) | top key on other shape |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | top-1 (%) | vs baseline | params | multiply-adds | train time (s) | top key on other shape |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         name = "C2D baseline" if r["variant"] == "baseline" else f"C2D + NL {r['variant'].replace('_', ' ')}"
         gap = "" if base is None or r is base else f"{100 * (r['top1'] - base['top1']):+.1f}"
-        hit = "" if "attention_hit_rate" not in r else \
-            f"{100 * r['attention_hit_rate']:.0f}% (chance {100 * r['attention_chance_rate']:.0f}%)"
-        lines.append(f"| {name} | {100 * r['top1']:.1f} | {gap} | {r['params']:,} | {r['macs'] / 1e6:.1f} M | "
-                     f"{r['train_seconds']:.0f} | {hit} |")
+        hit = (
+            ""
+            if "attention_hit_rate" not in r
+            else f"{100 * r['attention_hit_rate']:.0f}% (chance {100 * r['attention_chance_rate']:.0f}%)"
+        )
+        lines.append(
+            f"| {name} | {100 * r['top1']:.1f} | {gap} | {r['params']:,} | {r['macs'] / 1e6:.1f} M | "
+            f"{r['train_seconds']:.0f} | {hit} |"
+        )
     data = cfg["data"]
     lines.append("")
-    lines.append(f"Built-in long-range data ({data['num_classes']} classes, {data['frames']}x{data['image_size']}"
-                 f"x{data['image_size']} clips, {data['test_size']} test clips), {cfg['train']['iterations']} "
-                 f"iterations of batch {cfg['train']['batch_size']}, seed {cfg['seed']}; chance is "
-                 f"{100 / data['num_classes']:.0f}%.")
+    lines.append(
+        f"Built-in long-range data ({data['num_classes']} classes, {data['frames']}x{data['image_size']}"
+        f"x{data['image_size']} clips, {data['test_size']} test clips), {cfg['train']['iterations']} "
+        f"iterations of batch {cfg['train']['batch_size']}, seed {cfg['seed']}; chance is "
+        f"{100 / data['num_classes']:.0f}%."
+    )
     return "\n".join(lines)
-

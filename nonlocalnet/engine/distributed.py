@@ -1,4 +1,5 @@
 """torchrun / DistributedDataParallel plumbing; every function also works in a single plain process."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> this process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else the CPU; "cuda" -> this
+    """ "auto" -> this process's GPU (LOCAL_RANK under torchrun) if CUDA is available, else the CPU; "cuda" -> this
     process's GPU; any other name (``cuda:1``, ``cpu``) as it is.
 
     Raises:
@@ -116,10 +117,10 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(lengths, length)
     longest = int(max(n.item() for n in lengths))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
+    padded[: tensor.shape[0]] = tensor
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:int(n.item())] for g, n in zip(gathered, lengths)])
+    return torch.cat([g[: int(n.item())] for g, n in zip(gathered, lengths)])
 
 
 def all_gather_objects(value: Any) -> list[Any]:
@@ -176,8 +177,10 @@ def check_same_config(cfg: Any) -> None:
             shown = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
             differing.append(f"{key} ({shown})")
     if differing:
-        raise ConfigError(f"the processes of this job were started with different configs: {'; '.join(differing)}; "
-                          f"start every process with the same config and overrides")
+        raise ConfigError(
+            f"the processes of this job were started with different configs: {'; '.join(differing)}; "
+            f"start every process with the same config and overrides"
+        )
 
 
 def cleanup() -> None:

@@ -1,13 +1,15 @@
 """Testing video classifiers: every test view scored, the views of each video averaged, the metrics computed.
 
-    report = evaluate(model, cfg)                                       # a model in hand
-    report = test(cfg, checkpoint="runs/x/model_final.safetensors")    # a saved one, report written beside it
+report = evaluate(model, cfg)                                       # a model in hand
+report = test(cfg, checkpoint="runs/x/model_final.safetensors")    # a saved one, report written beside it
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,16 +34,25 @@ def model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"num_classes": cfg["data"]["num_classes"], **cfg["model"]["options"]}
 
 
-def make_loader(dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool,
-                seed: int) -> DataLoader:
+def make_loader(
+    dataset: Dataset, sampler: ShardedSampler, batch_size: int, workers: int, drop_last: bool, seed: int
+) -> DataLoader:
     """A loader of ``dataset`` in ``sampler``'s order with at most ``workers`` worker processes, never more than
     the cores this process may run on (more only queue for them)."""
     # the loader's own generator keeps worker seeding from consuming the global RNG (dropout's), so a resumed
     # run draws the same dropout masks as an uninterrupted one
     workers = min(workers, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=False, generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False, collate_fn=collate)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=False,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+        collate_fn=collate,
+    )
 
 
 def device_clips(batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -63,8 +74,14 @@ def skipped_ids(batch: Mapping[str, torch.Tensor]) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device | None = None,
-             info: DistInfo | None = None, dataset: Dataset | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    cfg: Mapping[str, Any],
+    *,
+    device: torch.device | None = None,
+    info: DistInfo | None = None,
+    dataset: Dataset | None = None,
+) -> dict[str, Any]:
     """Scores every test view, averages the views of each video and computes the metrics.
 
     Single-label: softmax scores, top-1 / top-5, per-class accuracy, confusion matrix. Multi-label (Charades):
@@ -89,8 +106,14 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, cfg["test"]["batch_size"], cfg["data"]["workers"], False, cfg["seed"])
     all_scores, all_videos, all_labels, skipped = [], [], [], set()
-    for batch in tqdm(loader, desc="test", unit="batch", leave=False, dynamic_ncols=True,
-                      disable=not (info.is_main and cfg["progress"])):
+    for batch in tqdm(
+        loader,
+        desc="test",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (info.is_main and cfg["progress"]),
+    ):
         with autocast(device, cfg["train"]["amp"]):
             out = net(device_clips(batch, device))
         out = out.float()
@@ -112,8 +135,9 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], *, device: torch.device |
     return report
 
 
-def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
-         output: str | os.PathLike | None = None) -> dict[str, Any]:
+def test(
+    cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None, output: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Evaluates the config's model with weights from ``checkpoint`` (default: the run's model_final).
 
     The report goes to ``output``, by default ``test_metrics_<checkpoint's stem>.json`` in ``output_dir``: beside
@@ -124,8 +148,12 @@ def test(cfg: Mapping[str, Any], checkpoint: str | os.PathLike | None = None,
     info = init_distributed(device)
     path = Path(checkpoint or cfg["test"]["checkpoint"] or Path(cfg["output_dir"]) / "model_final.safetensors")
     try:  # the file's recorded options (a converted zoo network's, say), the config's on top
-        model = load_model(path, cfg["model"]["name"], context=f" with data.num_classes={cfg['data']['num_classes']}",
-                           **model_options(cfg))
+        model = load_model(
+            path,
+            cfg["model"]["name"],
+            context=f" with data.num_classes={cfg['data']['num_classes']}",
+            **model_options(cfg),
+        )
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     if cfg["train"]["freeze_bn"]:

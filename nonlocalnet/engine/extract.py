@@ -20,14 +20,16 @@ Resumption: every finished video is written at once to ``<out>.parts/<index>.saf
 settings), and the last step writes ``out`` (atomically) from the parts and removes the folder. A video that could
 not be decoded has no part, so a resumed run tries it again.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,15 +137,23 @@ class VideoClips(Dataset):
         try:
             frames, _ = read_frames(self.videos[index].path, sample, decoder=s.decoder)  # (L * T, H, W, 3)
         except VideoDecodeError as err:
-            return {"index": index, "clips": torch.empty(0, dtype=torch.uint8), "starts": torch.empty(0),
-                    "error": str(err)}
+            return {
+                "index": index,
+                "clips": torch.empty(0, dtype=torch.uint8),
+                "starts": torch.empty(0),
+                "error": str(err),
+            }
         clip = T.to_channels_first(torch.from_numpy(frames))  # (L * T, H, W, 3) -> (3, L * T, H, W)
         clip = T.short_side_resize(clip, s.scale)
         if s.crop is not None:
             clip = T.spatial_crop(clip, s.crop, 0, 1)  # the centre crop, the one-crop test view's
         clips = clip.unflatten(1, (len(chosen), s.frames)).transpose(0, 1)  # (3, L, T, H, W) -> (L, 3, T, H, W)
-        return {"index": index, "clips": clips.contiguous(), "starts": torch.tensor(chosen, dtype=torch.int64),
-                "error": ""}
+        return {
+            "index": index,
+            "clips": clips.contiguous(),
+            "starts": torch.tensor(chosen, dtype=torch.int64),
+            "error": "",
+        }
 
 
 def parts_folder(output: str | Path) -> Path:
@@ -153,9 +163,18 @@ def parts_folder(output: str | Path) -> Path:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, videos: Sequence[VideoInput], output: str | Path, settings: ExtractSettings,
-                     *, batch_size: int = 8, workers: int = 0, device: torch.device | str = "cpu",
-                     progress: bool = True, stop_after: int | None = None) -> ExtractResult:
+def extract_features(
+    model: nn.Module,
+    videos: Sequence[VideoInput],
+    output: str | Path,
+    settings: ExtractSettings,
+    *,
+    batch_size: int = 8,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> ExtractResult:
     """Extracts the features of every video into ``output`` (see the module docstring), resuming a run that was
     interrupted.
 
@@ -182,8 +201,10 @@ def extract_features(model: nn.Module, videos: Sequence[VideoInput], output: str
     if output.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"the output {output} must end in .safetensors (a feature bank file) or .npy")
     if output.suffix == ".npy" and not settings.per_video:
-        raise ValueError(f"{output}: a .npy output holds one row per video: pass per-video features (--per-video), "
-                         f"or write .safetensors for the clips' features")
+        raise ValueError(
+            f"{output}: a .npy output holds one row per video: pass per-video features (--per-video), "
+            f"or write .safetensors for the clips' features"
+        )
     if output.exists():
         raise ValueError(f"{output} exists already (a finished extraction); remove it or choose another output")
     parts = parts_folder(output)
@@ -196,14 +217,30 @@ def extract_features(model: nn.Module, videos: Sequence[VideoInput], output: str
     failed: dict[str, str] = {}
     loader = DataLoader(VideoClips(videos, settings, todo), batch_size=None, num_workers=workers, shuffle=False)
     try:
-        for count, item in enumerate(tqdm(loader, desc="extract", unit="video", total=len(todo), leave=False,
-                                          dynamic_ncols=True, disable=not progress), start=1):
+        for count, item in enumerate(
+            tqdm(
+                loader,
+                desc="extract",
+                unit="video",
+                total=len(todo),
+                leave=False,
+                dynamic_ncols=True,
+                disable=not progress,
+            ),
+            start=1,
+        ):
             index = item["index"]
             if item["error"]:
                 failed[videos[index].id] = item["error"]
             else:
-                features = batched_clip_features(model, item["clips"], batch_size=batch_size, device=device,
-                                                 layer=settings.layer, prepare=T.normalize)  # (L, C)
+                features = batched_clip_features(
+                    model,
+                    item["clips"],
+                    batch_size=batch_size,
+                    device=device,
+                    layer=settings.layer,
+                    prepare=T.normalize,
+                )  # (L, C)
                 starts = item["starts"]
                 if settings.per_video:
                     features, starts = features.mean(dim=0, keepdim=True), starts.new_zeros(1)  # (1, C), (1,)
@@ -214,8 +251,7 @@ def extract_features(model: nn.Module, videos: Sequence[VideoInput], output: str
     finally:
         model.train(was_training)
     if not done:
-        raise ValueError(f"no video could be decoded ({len(failed)} tried): "
-                         + "; ".join(list(failed.values())[:3]))
+        raise ValueError(f"no video could be decoded ({len(failed)} tried): " + "; ".join(list(failed.values())[:3]))
     return _assemble(parts, output, videos, settings, done, failed, resumed=len(videos) - len(todo))
 
 
@@ -234,11 +270,15 @@ def _resume_parts(parts: Path, record: Mapping[str, Any]) -> set[int]:
     changed = [k for k in record["settings"] if earlier.get("settings", {}).get(k) != record["settings"][k]]
     if changed:
         shown = ", ".join(f"{k} {earlier.get('settings', {}).get(k)!r} -> {record['settings'][k]!r}" for k in changed)
-        raise ValueError(f"{parts} holds an interrupted extraction with other settings ({shown}); rerun it with "
-                         f"its settings, or remove {parts} to start afresh")
+        raise ValueError(
+            f"{parts} holds an interrupted extraction with other settings ({shown}); rerun it with "
+            f"its settings, or remove {parts} to start afresh"
+        )
     if earlier.get("videos") != record["videos"]:
-        raise ValueError(f"{parts} holds an interrupted extraction of other videos (another list or order); rerun "
-                         f"it with its videos, or remove {parts} to start afresh")
+        raise ValueError(
+            f"{parts} holds an interrupted extraction of other videos (another list or order); rerun "
+            f"it with its videos, or remove {parts} to start afresh"
+        )
     done = set()
     for index in range(len(record["videos"])):
         path = _part_path(parts, index)
@@ -258,12 +298,20 @@ def _part_path(parts: Path, index: int) -> Path:
 
 def _write_part(parts: Path, index: int, video_id: str, features: Tensor, starts: Tensor) -> None:
     with atomic_path(_part_path(parts, index)) as tmp:
-        save_file({"features": features.contiguous(), "starts": starts.contiguous()}, str(tmp),
-                  metadata={"video": video_id})
+        save_file(
+            {"features": features.contiguous(), "starts": starts.contiguous()}, str(tmp), metadata={"video": video_id}
+        )
 
 
-def _assemble(parts: Path, output: Path, videos: Sequence[VideoInput], settings: ExtractSettings, done: set[int],
-              failed: dict[str, str], resumed: int) -> ExtractResult:
+def _assemble(
+    parts: Path,
+    output: Path,
+    videos: Sequence[VideoInput],
+    settings: ExtractSettings,
+    done: set[int],
+    failed: dict[str, str],
+    resumed: int,
+) -> ExtractResult:
     """Writes ``output`` from the parts (atomically), then removes the parts folder."""
     features: dict[str, Tensor] = {}
     starts: dict[str, Tensor] = {}
@@ -281,8 +329,11 @@ def _assemble(parts: Path, output: Path, videos: Sequence[VideoInput], settings:
                 np.save(f, rows)
     else:
         span = (settings.frames - 1) * settings.sampling_rate + 1  # the bank builder's names for the tiling too
-        tiling = {"clip_frames": str(settings.frames), "frame_stride": str(settings.sampling_rate),
-                  "step": str(settings.stride or span)}
+        tiling = {
+            "clip_frames": str(settings.frames),
+            "frame_stride": str(settings.sampling_rate),
+            "step": str(settings.stride or span),
+        }
         FeatureBank(features, starts, metadata={**settings.record(), **tiling}).save(output)
     shutil.rmtree(parts)
     return ExtractResult(output, len(done), resumed, failed, channels)

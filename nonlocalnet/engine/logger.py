@@ -1,10 +1,12 @@
 """Metrics to a JSON-lines file and TensorBoard (main process only)."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 class MetricLogger:
@@ -21,8 +23,15 @@ class MetricLogger:
             ``run`` (None: rows without it).
     """
 
-    def __init__(self, directory: str | os.PathLike | None, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None, filename: str = "metrics.jsonl", run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike | None,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+        filename: str = "metrics.jsonl",
+        run_id: str | None = None,
+    ) -> None:
         self.enabled = enabled and directory is not None
         self.run_id = run_id
         self.path = Path(directory) / filename if directory is not None else None

@@ -14,6 +14,7 @@ plain log line every ``log_every`` iterations, and the end of a run: ``model_fin
 ``test_metrics.json``. Evaluations during training leave training's random stream as it was, so a run's trajectory
 does not depend on when it evaluates.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -185,9 +187,15 @@ class TrainingDiverged(ValueError):
 
 # --- the run ---------------------------------------------------------------------------------------------------
 
-def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = False, stop_after: int | None = None,
-               on_iteration: Callable[[int], None] | None = None, allow_config_change: bool = False
-               ) -> dict[str, Any]:
+
+def train_loop(
+    task: Task,
+    ctx: RunContext,
+    resume: bool | str | os.PathLike = False,
+    stop_after: int | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Trains ``task`` in ``ctx.out`` and tests the result; returns the test report (the main process's copy).
 
     A run folder belongs to one run: the main process locks it for the life of the run (a second run into it
@@ -219,8 +227,14 @@ def train_loop(task: Task, ctx: RunContext, resume: bool | str | os.PathLike = F
             lock.release()
 
 
-def _train(task: Task, ctx: RunContext, resume: bool | str | os.PathLike, stop_after: int | None,
-           on_iteration: Callable[[int], None] | None, allow_config_change: bool) -> dict[str, Any]:
+def _train(
+    task: Task,
+    ctx: RunContext,
+    resume: bool | str | os.PathLike,
+    stop_after: int | None,
+    on_iteration: Callable[[int], None] | None,
+    allow_config_change: bool,
+) -> dict[str, Any]:
     """:func:`train_loop` once the run folder is this run's."""
     out, info = ctx.out, ctx.info
     if not resume:
@@ -231,9 +245,16 @@ def _train(task: Task, ctx: RunContext, resume: bool | str | os.PathLike, stop_a
         check_resumable(state, source, ctx, task.resumable_keys, allow_config_change)
     run = None
     if info.is_main:  # which run this is: the folder's own, or a new one (refusing to mix two)
-        run = claim_run(out, ctx.cfg, state, source, has_checkpoints=bool(list_checkpoints(out / "checkpoints")),
-                        explicit=resume is not True and bool(resume), allowed=task.resumable_keys,
-                        say=log.warning)
+        run = claim_run(
+            out,
+            ctx.cfg,
+            state,
+            source,
+            has_checkpoints=bool(list_checkpoints(out / "checkpoints")),
+            explicit=resume is not True and bool(resume),
+            allowed=task.resumable_keys,
+            say=log.warning,
+        )
 
     model, optimizer = task.setup()
     settings = task.settings()
@@ -247,14 +268,22 @@ def _train(task: Task, ctx: RunContext, resume: bool | str | os.PathLike, stop_a
         prepare_directory(ctx, settings.iterations, start, unreadable, resumed=state is not None, run=run)
         if state is not None:
             log.info("resumed from %s at iteration %d", source, start)
-    ddp = nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if info.enabled else model
-    logger = MetricLogger(out, enabled=info.is_main, purge_step=start + 1 if start else None,
-                          run_id=run.run_id if run else None)
+    ddp = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if info.enabled
+        else model
+    )
+    logger = MetricLogger(
+        out, enabled=info.is_main, purge_step=start + 1 if start else None, run_id=run.run_id if run else None
+    )
     total = settings.iterations
     if start >= total and info.is_main:
-        log.info("the run in %s had finished its %d iterations; its final steps run again from its last checkpoint "
-                 "(%s)", out, total, "final weights and test" if settings.test_at_end else "final weights")
+        log.info(
+            "the run in %s had finished its %d iterations; its final steps run again from its last checkpoint (%s)",
+            out,
+            total,
+            "final weights and test" if settings.test_at_end else "final weights",
+        )
     end = total if stop_after is None else min(total, stop_after)
     loop = _Loop(task, ctx, settings, ddp, optimizer, scaler, logger, skipped, on_iteration, run)
     iteration, train_seconds = loop.run(start, end)
@@ -304,9 +333,19 @@ class _Window:
 class _Loop:
     """The steps from one iteration to another, with what happens between them (log, checkpoint, evaluation)."""
 
-    def __init__(self, task: Task, ctx: RunContext, settings: LoopSettings, ddp: nn.Module,
-                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, logger: MetricLogger,
-                 skipped: set[int], on_iteration: Callable[[int], None] | None, run: RunIdentity | None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        ctx: RunContext,
+        settings: LoopSettings,
+        ddp: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        logger: MetricLogger,
+        skipped: set[int],
+        on_iteration: Callable[[int], None] | None,
+        run: RunIdentity | None,
+    ) -> None:
         self.task, self.ctx, self.settings, self.ddp = task, ctx, settings, ddp
         self.optimizer, self.scaler, self.logger = optimizer, scaler, logger
         self.skipped = skipped
@@ -317,8 +356,15 @@ class _Loop:
     def run(self, start: int, end: int) -> tuple[int, float]:
         """Trains from iteration ``start`` to ``end``; returns the iteration reached and the seconds it took."""
         s, ctx, task = self.settings, self.ctx, self.task
-        bar = tqdm(total=end, initial=start, desc=f"train {task.name}", unit="it", dynamic_ncols=True,
-                   disable=not (ctx.info.is_main and ctx.progress), leave=False)
+        bar = tqdm(
+            total=end,
+            initial=start,
+            desc=f"train {task.name}",
+            unit="it",
+            dynamic_ncols=True,
+            disable=not (ctx.info.is_main and ctx.progress),
+            leave=False,
+        )
         window = _Window()
         began = time.perf_counter()
         self.ddp.train()
@@ -352,13 +398,23 @@ class _Loop:
                 if ctx.info.is_main and ctx.log_lines:
                     done = iteration - start
                     left = (end - iteration) * (time.perf_counter() - began) / done
-                    tqdm.write(log_line(iteration, s.iterations, row, lr, window, task.unit, left, ctx.device),
-                               file=sys.stdout)
+                    tqdm.write(
+                        log_line(iteration, s.iterations, row, lr, window, task.unit, left, ctx.device), file=sys.stdout
+                    )
                     sys.stdout.flush()
                 window = _Window()
             if checkpoint_now:
-                save_training_state(self.ddp, self.optimizer, self.scaler, iteration, ctx, s.keep_checkpoints,
-                                    task.checkpoint_extra(), self.skipped_all, self.run_identity)
+                save_training_state(
+                    self.ddp,
+                    self.optimizer,
+                    self.scaler,
+                    iteration,
+                    ctx,
+                    s.keep_checkpoints,
+                    task.checkpoint_extra(),
+                    self.skipped_all,
+                    self.run_identity,
+                )
             if s.eval_every and iteration % s.eval_every == 0 and iteration < s.iterations:
                 rng = _rng_state(ctx.device)  # training's random stream must not depend on evaluations
                 report = task.evaluate(unwrap_model(self.ddp), iteration)
@@ -399,26 +455,36 @@ class _Loop:
         return values
 
 
-def log_line(iteration: int, total: int, row: Mapping[str, float], lr: float, window: _Window, unit: str,
-             seconds_left: float, device: torch.device) -> str:
+def log_line(
+    iteration: int,
+    total: int,
+    row: Mapping[str, float],
+    lr: float,
+    window: _Window,
+    unit: str,
+    seconds_left: float,
+    device: torch.device,
+) -> str:
     """The plain text line of a log row: iteration/total, loss, lr, this process's speed over the window, data
     time per step, time left, peak memory."""
     speed = window.items / max(time.perf_counter() - window.began, 1e-9)
-    return (f"iteration {iteration}/{total}  loss {row['loss']:.4f}  lr {lr:.4g}  {speed:.1f} {unit}/s  "
-            f"data {window.data_seconds / window.steps:.3f}s/it  left {timedelta(seconds=round(seconds_left))}  "
-            f"memory {_memory(device)}")
+    return (
+        f"iteration {iteration}/{total}  loss {row['loss']:.4f}  lr {lr:.4g}  {speed:.1f} {unit}/s  "
+        f"data {window.data_seconds / window.steps:.3f}s/it  left {timedelta(seconds=round(seconds_left))}  "
+        f"memory {_memory(device)}"
+    )
 
 
 def _memory(device: torch.device) -> str:
     """The peak memory of this process: the accelerator's allocations on a GPU, the resident set on a CPU."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     try:
         import resource
     except ImportError:  # not on Windows
         return "n/a"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return f"{peak / (2 ** 30 if sys.platform == 'darwin' else 2 ** 20):.2f} GiB"
+    return f"{peak / (2**30 if sys.platform == 'darwin' else 2**20):.2f} GiB"
 
 
 def check_finite(loss: torch.Tensor, iteration: int, lr: float, ctx: RunContext) -> None:
@@ -433,8 +499,10 @@ def check_finite(loss: torch.Tensor, iteration: int, lr: float, ctx: RunContext)
         bad = [] if finite else [0]
     if bad:
         where = f" in process(es) {', '.join(map(str, bad))} of {info.world_size}" if info.enabled else ""
-        raise TrainingDiverged(f"training loss is not finite at iteration {iteration}{where} (lr {lr:g}); lower "
-                               f"train.lr or enable train.clip_grad_norm")
+        raise TrainingDiverged(
+            f"training loss is not finite at iteration {iteration}{where} (lr {lr:g}); lower "
+            f"train.lr or enable train.clip_grad_norm"
+        )
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -449,6 +517,7 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 
 # --- small helpers ---------------------------------------------------------------------------------------------
 
+
 def union(ids: set[int], device: torch.device) -> list[int]:
     """The union of every process's set of ids, sorted."""
     mine = torch.tensor(sorted(ids), dtype=torch.int64, device=device)
@@ -461,8 +530,11 @@ def scalars(report: Mapping[str, Any], sections: bool = False, prefix: str = "")
     for key, value in report.items():
         if sections and isinstance(value, Mapping):
             flat.update(scalars(value, True, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and not (isinstance(value, float) and not math.isfinite(value)):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not (isinstance(value, float) and not math.isfinite(value))
+        ):
             flat[f"{prefix}{key}"] = value
     return flat
 

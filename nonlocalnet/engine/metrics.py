@@ -1,4 +1,5 @@
 """Video classification metrics over multi-view aggregated scores."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,7 +22,8 @@ def aggregate_views(scores: Tensor, videos: Tensor, num_videos: int | None = Non
     n = int(videos.max()) + 1 if num_videos is None else num_videos
     total = scores.new_zeros(n, scores.shape[1]).index_add_(0, videos, scores)
     count = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(
-        0, videos, torch.ones_like(videos, dtype=scores.dtype))
+        0, videos, torch.ones_like(videos, dtype=scores.dtype)
+    )
     seen = count > 0
     return total[seen] / count[seen, None], torch.nonzero(seen).flatten()
 
@@ -38,7 +40,7 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
 def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """(K, K) counts; row = true class, column = predicted class."""
     index = labels * num_classes + predictions
-    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def per_class_accuracy(confusion: Tensor) -> Tensor:
@@ -70,9 +72,14 @@ def classification_report(scores: Tensor, labels: Tensor, num_classes: int) -> d
     confusion = confusion_matrix(scores.argmax(1), labels, num_classes)
     per_class = per_class_accuracy(confusion)
     top = topk_accuracy(scores, labels)
-    return {"videos": int(len(labels)), "top1": top[1], "top5": top[5],
-            "mean_class_accuracy": float(per_class.nanmean()), "per_class_accuracy": per_class.tolist(),
-            "confusion_matrix": confusion.tolist()}
+    return {
+        "videos": int(len(labels)),
+        "top1": top[1],
+        "top5": top[5],
+        "mean_class_accuracy": float(per_class.nanmean()),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion_matrix": confusion.tolist(),
+    }
 
 
 def multilabel_report(scores: Tensor, targets: Tensor) -> dict[str, Any]:
@@ -81,8 +88,9 @@ def multilabel_report(scores: Tensor, targets: Tensor) -> dict[str, Any]:
     return {"videos": int(len(targets)), "mAP": float(ap.nanmean()), "per_class_ap": ap.tolist()}
 
 
-def views_report(scores: Tensor, videos: Tensor, labels: Tensor, num_classes: int,
-                 multi_label: bool = False) -> dict[str, Any]:
+def views_report(
+    scores: Tensor, videos: Tensor, labels: Tensor, num_classes: int, multi_label: bool = False
+) -> dict[str, Any]:
     """The test report: video-level metrics (each video's views averaged) and clip-level ones (every view alone).
 
     The paper's and the other codebases' Kinetics numbers are video-level; clip-level top-1 is what a single
@@ -110,6 +118,12 @@ def views_report(scores: Tensor, videos: Tensor, labels: Tensor, num_classes: in
         clip = topk_accuracy(scores, labels)
         report.update(clip_top1=clip[1], clip_top5=clip[5])
     counts = torch.bincount(videos)[video_ids]
-    report.update(views=int(len(videos)), views_per_video={
-        "mean": round(len(videos) / max(len(video_ids), 1), 3), "min": int(counts.min()), "max": int(counts.max())})
+    report.update(
+        views=int(len(videos)),
+        views_per_video={
+            "mean": round(len(videos) / max(len(video_ids), 1), 3),
+            "min": int(counts.min()),
+            "max": int(counts.max()),
+        },
+    )
     return report

@@ -1,7 +1,9 @@
 """The paper's optimiser and learning-rate schedule."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +39,14 @@ def build_optimizer(model: nn.Module, train: Mapping[str, Any]) -> torch.optim.S
     return torch.optim.SGD(groups, lr=train["lr"], momentum=train["momentum"], nesterov=train["nesterov"])
 
 
-def step_lr(iteration: int, base_lr: float, steps: Sequence[int], gamma: float = 0.1, warmup_iterations: int = 0,
-            warmup_factor: float = 0.1) -> float:
+def step_lr(
+    iteration: int,
+    base_lr: float,
+    steps: Sequence[int],
+    gamma: float = 0.1,
+    warmup_iterations: int = 0,
+    warmup_factor: float = 0.1,
+) -> float:
     """The learning rate at ``iteration`` (0-based) of a step schedule with optional linear warm-up.
 
     ``base_lr * gamma ** (number of steps <= iteration)``; during the first ``warmup_iterations`` it rises

@@ -1,7 +1,8 @@
 """Precise BatchNorm statistics: the population mean/variance of the trained network, before testing."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

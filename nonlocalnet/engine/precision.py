@@ -1,4 +1,5 @@
 """The precision policy of every training and evaluation run: what ``train.amp`` computes in, on which device."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,10 @@ def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
         return None
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if amp == "bf16" and not bf16_ok:
-        raise ValueError(f"train.amp=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not compute "
-                         f"bfloat16; use fp16 (or true, which picks it)")
+        raise ValueError(
+            f"train.amp=bf16: this GPU ({torch.cuda.get_device_name(device)}) does not compute "
+            f"bfloat16; use fp16 (or true, which picks it)"
+        )
     if amp == "fp16" or (amp is True and not bf16_ok):
         return torch.float16
     return torch.bfloat16

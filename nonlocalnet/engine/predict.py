@@ -8,10 +8,12 @@ averaged) and the views of each video are averaged (:func:`~nonlocalnet.engine.m
 
 A video that cannot be decoded gets no scores: it is reported with the decoder's message, the others are scored.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +47,18 @@ class VideoScores:
 
 
 @torch.no_grad()
-def predict_videos(model: nn.Module, videos: Sequence[VideoInput], data: Mapping[str, Any], *,
-                   multi_label: bool = False, fully_convolutional: bool = False, batch_size: int = 8,
-                   workers: int = 0, device: torch.device | str = "cpu", progress: bool = True) -> list[VideoScores]:
+def predict_videos(
+    model: nn.Module,
+    videos: Sequence[VideoInput],
+    data: Mapping[str, Any],
+    *,
+    multi_label: bool = False,
+    fully_convolutional: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> list[VideoScores]:
     """Scores every video, its test views averaged.
 
     Args:
@@ -67,11 +78,21 @@ def predict_videos(model: nn.Module, videos: Sequence[VideoInput], data: Mapping
         One :class:`VideoScores` per video, in order.
     """
     device = torch.device(device)
-    dataset = VideoListDataset([(str(v.path.resolve()), 0) for v in videos], "/", split="test", num_classes=1,
-                               frames=data["frames"], sampling_rate=data["sampling_rate"],
-                               crop_size=data["crop_size"], test_scale=data["test_scale"],
-                               test_clips=data["test_clips"], test_crops=data["test_crops"],
-                               decoder=data["decoder"], normalize=False, max_retries=0)
+    dataset = VideoListDataset(
+        [(str(v.path.resolve()), 0) for v in videos],
+        "/",
+        split="test",
+        num_classes=1,
+        frames=data["frames"],
+        sampling_rate=data["sampling_rate"],
+        crop_size=data["crop_size"],
+        test_scale=data["test_scale"],
+        test_clips=data["test_clips"],
+        test_crops=data["test_crops"],
+        decoder=data["decoder"],
+        normalize=False,
+        max_retries=0,
+    )
     per_video = dataset.views_per_video
     net = model
     previous = (getattr(net, "fully_convolutional", None), getattr(net, "score_activation", None))
@@ -85,8 +106,15 @@ def predict_videos(model: nn.Module, videos: Sequence[VideoInput], data: Mapping
     scores, owners = [], []
     try:
         position = 0
-        for batch in tqdm(loader, desc="predict", unit="view", total=len(loader), leave=False, dynamic_ncols=True,
-                          disable=not progress):
+        for batch in tqdm(
+            loader,
+            desc="predict",
+            unit="view",
+            total=len(loader),
+            leave=False,
+            dynamic_ncols=True,
+            disable=not progress,
+        ):
             clips = batch["clip"].to(device)
             out = net(normalize_clips(clips)).float()
             if not fully_convolutional:
@@ -134,5 +162,7 @@ def decode_error(video: VideoInput) -> str:
 def top_classes(scores: Tensor, k: int, names: Sequence[str] | None) -> list[dict[str, Any]]:
     """The ``k`` highest scores, highest first: ``{"class": index, "name": name or None, "score": float}``."""
     values, indices = scores.topk(min(k, scores.numel()))
-    return [{"class": int(i), "name": names[int(i)] if names is not None else None, "score": float(v)}
-            for v, i in zip(values, indices)]
+    return [
+        {"class": int(i), "name": names[int(i)] if names is not None else None, "score": float(v)}
+        for v, i in zip(values, indices)
+    ]

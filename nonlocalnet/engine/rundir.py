@@ -12,6 +12,7 @@ run (main process)::
 and the identity carried by every checkpoint (``state["run"] = identity.as_dict()``) and every log row
 (``MetricLogger(..., run_id=identity.run_id)``); ``lock.release()`` when the run ends (or the process exits).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -22,9 +23,10 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from ..io import write_text_atomic
 
@@ -36,19 +38,33 @@ class RunDirectoryError(ValueError):
 
 
 # The files that mark a directory as holding a run.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "model_final.safetensors", "test_metrics.json", "checkpoint.pth",
-             "log.jsonl")
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "model_final.safetensors",
+    "test_metrics.json",
+    "checkpoint.pth",
+    "log.jsonl",
+)
 # What a run leaves besides its checkpoints: a directory holding these and no checkpoint is a run that cannot be
 # resumed (its checkpoints were deleted), which a resume must not overwrite.
 RESULT_FILES = ("metrics.jsonl", "model_final.safetensors", "test_metrics.json", "log.jsonl")
-RUN_FILE = "run.json"     # the run's identity (RunIdentity)
-LOCK_FILE = ".lock"       # held (flock) by the process that runs in the directory; names it
+RUN_FILE = "run.json"  # the run's identity (RunIdentity)
+LOCK_FILE = ".lock"  # held (flock) by the process that runs in the directory; names it
 
 # Keys a resumed run may change without changing what it computes: where output goes, how it is shown, how many
 # loader processes read the (deterministically chosen) items, when the non-local blocks are checked (a warning
 # only), and what happens after training.
-RESUMABLE_KEYS = ("output_dir", "progress", "data.workers", "train.log_every", "train.eval_every",
-                  "train.keep_checkpoints", "train.check_blocks_after", "test.*")
+RESUMABLE_KEYS = (
+    "output_dir",
+    "progress",
+    "data.workers",
+    "train.log_every",
+    "train.eval_every",
+    "train.keep_checkpoints",
+    "train.check_blocks_after",
+    "test.*",
+)
 
 
 def check_unused(directory: str | os.PathLike, files: Iterable[str] = RUN_FILES) -> None:
@@ -61,7 +77,8 @@ def check_unused(directory: str | os.PathLike, files: Iterable[str] = RUN_FILES)
     if found:
         raise RunDirectoryError(
             f"output_dir {directory} already holds a run ({', '.join(found)}); continue it with --resume, or start "
-            f"the new run in another directory (output_dir=...)")
+            f"the new run in another directory (output_dir=...)"
+        )
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,8 +97,9 @@ def _resumable(key: str, allowed: Iterable[str]) -> bool:
     return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
-                   allowed: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], allowed: Iterable[str] = RESUMABLE_KEYS
+) -> list[str]:
     """The keys whose values differ between two configs (except those in ``allowed``), as ``key: old -> new``."""
     a, b = flatten(old), flatten(new)
     allowed = tuple(allowed)
@@ -97,9 +115,15 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any],
     return changes
 
 
-def check_resume_config(old: Mapping[str, Any] | None, new: Mapping[str, Any], source: str | os.PathLike, *,
-                        allow_change: bool, warn: Callable[[str], None], allowed: Iterable[str] = RESUMABLE_KEYS
-                        ) -> list[str]:
+def check_resume_config(
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any],
+    source: str | os.PathLike,
+    *,
+    allow_change: bool,
+    warn: Callable[[str], None],
+    allowed: Iterable[str] = RESUMABLE_KEYS,
+) -> list[str]:
     """Refuses to resume ``source`` with a config other than the one it was trained with, unless ``allow_change``
     (then the changes are reported through ``warn``). Returns the changes."""
     if old is None:
@@ -109,7 +133,8 @@ def check_resume_config(old: Mapping[str, Any] | None, new: Mapping[str, Any], s
         raise RunDirectoryError(
             f"--resume {os.fspath(source)}: the config differs from the one the checkpoint was trained with "
             f"({'; '.join(changes)}); resuming so would not continue the same run. Pass --allow-config-change "
-            f"to resume anyway, or start a new run in another output_dir")
+            f"to resume anyway, or start a new run in another output_dir"
+        )
     if changes:
         warn(f"resuming {os.fspath(source)} with a changed config: {'; '.join(changes)}")
     return changes
@@ -129,9 +154,11 @@ def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], boo
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RunDirectoryError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); the run's log is "
-                                f"damaged: repair or remove that line to resume") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise RunDirectoryError(
+            f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); the run's log is "
+            f"damaged: repair or remove that line to resume"
+        ) from None
     for line in text.splitlines():
         try:
             row = json.loads(line)
@@ -148,6 +175,7 @@ def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], boo
 
 
 # --- one process at a time -------------------------------------------------------------------------------------
+
 
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``<dir>/.lock``), released by :meth:`release` or when
@@ -185,16 +213,21 @@ def lock_run_directory(directory: str | os.PathLike) -> RunLock:
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
-        raise RunDirectoryError(f"output_dir {directory} is in use by another run ({holder}); wait for it to "
-                                f"end, or start this run in another directory (output_dir=...)") from None
-    holder = (f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-              f"{' '.join(sys.argv)[:300]}")
+        raise RunDirectoryError(
+            f"output_dir {directory} is in use by another run ({holder}); wait for it to "
+            f"end, or start this run in another directory (output_dir=...)"
+        ) from None
+    holder = (
+        f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        f"{' '.join(sys.argv)[:300]}"
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode() + b"\n", 0)
     return RunLock(path, fd)
 
 
 # --- the run's identity ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RunIdentity:
@@ -236,9 +269,17 @@ def read_identity(directory: str | os.PathLike) -> RunIdentity | None:
         return None
 
 
-def claim_run(directory: str | os.PathLike, cfg: Mapping[str, Any], state: Mapping[str, Any] | None,
-              source: str | os.PathLike | None, *, has_checkpoints: bool, explicit: bool,
-              allowed: Iterable[str] = RESUMABLE_KEYS, say: Callable[[str], None] = print) -> RunIdentity:
+def claim_run(
+    directory: str | os.PathLike,
+    cfg: Mapping[str, Any],
+    state: Mapping[str, Any] | None,
+    source: str | os.PathLike | None,
+    *,
+    has_checkpoints: bool,
+    explicit: bool,
+    allowed: Iterable[str] = RESUMABLE_KEYS,
+    say: Callable[[str], None] = print,
+) -> RunIdentity:
     """Decides which run this start is, refusing a start that would mix two runs; changes nothing
     (:func:`record_run` writes the result once every other check passed).
 
@@ -271,7 +312,8 @@ def claim_run(directory: str | os.PathLike, cfg: Mapping[str, Any], state: Mappi
             raise RunDirectoryError(
                 f"output_dir {directory} holds the results of a run ({', '.join(results)}) but no checkpoint to "
                 f"resume from; starting anew there would replace them. Start the run in another directory "
-                f"(output_dir=...), or delete that directory first")
+                f"(output_dir=...), or delete that directory first"
+            )
         check_unused(directory)
         return new
     theirs = RunIdentity.from_dict(state.get("run"))
@@ -285,10 +327,13 @@ def claim_run(directory: str | os.PathLike, cfg: Mapping[str, Any], state: Mappi
             f"--resume {os.fspath(source)}: the checkpoint belongs to "
             f"{f'run {theirs.run_id}' if theirs else 'a run without an id'}, and output_dir {directory} holds "
             f"{owner} ({', '.join(found)}); continuing there would overwrite and mix that run's files. Resume "
-            f"into an empty directory (output_dir=...)")
+            f"into an empty directory (output_dir=...)"
+        )
     new = RunIdentity(new.run_id, new.config_hash, resumed_from=theirs.run_id if theirs else None)
-    say(f"starting a new run {new.run_id} in the empty directory {directory} from the checkpoint "
-        f"{os.fspath(source)} of {f'run {theirs.run_id}' if theirs else 'another run'}")
+    say(
+        f"starting a new run {new.run_id} in the empty directory {directory} from the checkpoint "
+        f"{os.fspath(source)} of {f'run {theirs.run_id}' if theirs else 'another run'}"
+    )
     return new
 
 

@@ -5,12 +5,13 @@ also recorded, and the training loops check the record at every step (:func:`che
 The CLI runs every command inside :func:`handled` and exits with 128 + the signal's number (130 for SIGINT, 143
 for SIGTERM); what a run wrote before stays intact (checkpoints are written atomically).
 """
+
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signals received while handled() is active, in order

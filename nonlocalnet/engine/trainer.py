@@ -7,15 +7,17 @@ Everything a run writes goes to ``cfg["output_dir"]``: ``config.yaml`` (the reso
 ``tensorboard/``, ``checkpoints/checkpoint_<iteration>.pt`` (the last ``train.keep_checkpoints``),
 ``model_final.safetensors`` (weights after precise BN) and ``test_metrics.json``.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import os
 import random
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +45,19 @@ from .precision import amp_dtype, autocast
 from .resume import process_seed
 from .rundir import RESUMABLE_KEYS
 
-__all__ = ["TrainingDiverged", "VideoClassification", "amp_dtype", "build_model", "evaluate", "precise_bn_copy",
-           "resolve_num_classes", "seed_everything", "test", "train", "training_data"]
+__all__ = [
+    "TrainingDiverged",
+    "VideoClassification",
+    "amp_dtype",
+    "build_model",
+    "evaluate",
+    "precise_bn_copy",
+    "resolve_num_classes",
+    "seed_everything",
+    "test",
+    "train",
+    "training_data",
+]
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
@@ -59,9 +72,14 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
-          stop_after: int | None = None, on_iteration: Callable[[int], None] | None = None,
-          allow_config_change: bool = False, log_lines: bool = True) -> dict[str, Any]:
+def train(
+    cfg: Mapping[str, Any],
+    resume: bool | str | os.PathLike = False,
+    stop_after: int | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+    allow_config_change: bool = False,
+    log_lines: bool = True,
+) -> dict[str, Any]:
     """Trains the config's model and tests it; returns the test report (the main process's copy).
 
     Args:
@@ -75,19 +93,25 @@ def train(cfg: Mapping[str, Any], resume: bool | str | os.PathLike = False,
     """
     cfg = resolve_num_classes(cfg)
     device = resolve_device(cfg["device"])
-    ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]),
-                     log_lines)
-    return train_loop(VideoClassification(ctx), ctx, resume=resume, stop_after=stop_after,
-                      on_iteration=on_iteration, allow_config_change=allow_config_change)
+    ctx = RunContext(cfg, device, init_distributed(device), Path(cfg["output_dir"]), bool(cfg["progress"]), log_lines)
+    return train_loop(
+        VideoClassification(ctx),
+        ctx,
+        resume=resume,
+        stop_after=stop_after,
+        on_iteration=on_iteration,
+        allow_config_change=allow_config_change,
+    )
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (the global stream that code outside ours may draw from)
     torch.manual_seed(seed)
 
 
 # --- the training data -----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainingData:
@@ -118,10 +142,11 @@ def training_data(cfg: Mapping[str, Any], info: DistInfo) -> TrainingData:
     batch_size = cfg["train"]["batch_size"]
     per_step = batch_size * info.world_size
     if len(dataset) < per_step:
-        raise ValueError(f"the training set has {len(dataset)} clips, fewer than one global batch of {per_step} "
-                         f"(train.batch_size {batch_size} x {info.world_size} processes)")
-    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
-                             seed=cfg["seed"])
+        raise ValueError(
+            f"the training set has {len(dataset)} clips, fewer than one global batch of {per_step} "
+            f"(train.batch_size {batch_size} x {info.world_size} processes)"
+        )
+    sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True, seed=cfg["seed"])
     return TrainingData(dataset, sampler, len(dataset) // per_step)
 
 
@@ -140,8 +165,9 @@ def precise_bn_copy(model: nn.Module, dataset: Dataset, ctx: RunContext, epoch: 
         if epoch is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         rng = torch.get_rng_state()  # the training run's dropout stream must not depend on evaluations
-        sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True,
-                                 seed=cfg["seed"] + 7919)
+        sampler = ShardedSampler(
+            len(dataset), rank=info.rank, world_size=info.world_size, shuffle=True, seed=cfg["seed"] + 7919
+        )
         loader = make_loader(dataset, sampler, cfg["train"]["batch_size"], cfg["data"]["workers"], True, cfg["seed"])
         with autocast(ctx.device, cfg["train"]["amp"]):
             update_bn_stats(final, (device_clips(batch, ctx.device) for batch in loader), n)
@@ -156,6 +182,7 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torc
 
 
 # --- the task --------------------------------------------------------------------------------------------------
+
 
 class VideoClassification:
     """Video classification as a task of :func:`~nonlocalnet.engine.loop.train_loop`: the config's registered
@@ -179,8 +206,10 @@ class VideoClassification:
         seed_everything(cfg["seed"])  # the same initial weights in every process
         model = build_model(cfg).to(self.ctx.device)
         if cfg["train"]["sync_bn"] and self.ctx.device.type != "cuda":
-            raise ValueError("train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
-                             "processes (gloo) leave it false and each process keeps its own BN statistics")
+            raise ValueError(
+                "train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "
+                "processes (gloo) leave it false and each process keeps its own BN statistics"
+            )
         if cfg["train"]["sync_bn"] and info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(model, cfg["train"])
@@ -194,12 +223,22 @@ class VideoClassification:
 
     def settings(self) -> LoopSettings:
         t = self.cfg["train"]
-        return LoopSettings(iterations=t["iterations"], lr=t["lr"], lr_steps=tuple(t["lr_steps"]),
-                            lr_gamma=t["lr_gamma"], warmup_iterations=t["warmup_iterations"],
-                            warmup_factor=t["warmup_factor"], amp=t["amp"], clip_grad_norm=t["clip_grad_norm"],
-                            log_every=t["log_every"], checkpoint_every=t["checkpoint_every"],
-                            keep_checkpoints=t["keep_checkpoints"], eval_every=t["eval_every"],
-                            test_at_end=self.cfg["test"]["at_end"], check_blocks_after=t["check_blocks_after"])
+        return LoopSettings(
+            iterations=t["iterations"],
+            lr=t["lr"],
+            lr_steps=tuple(t["lr_steps"]),
+            lr_gamma=t["lr_gamma"],
+            warmup_iterations=t["warmup_iterations"],
+            warmup_factor=t["warmup_factor"],
+            amp=t["amp"],
+            clip_grad_norm=t["clip_grad_norm"],
+            log_every=t["log_every"],
+            checkpoint_every=t["checkpoint_every"],
+            keep_checkpoints=t["keep_checkpoints"],
+            eval_every=t["eval_every"],
+            test_at_end=self.cfg["test"]["at_end"],
+            check_blocks_after=t["check_blocks_after"],
+        )
 
     def batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         """Training batches from ``start`` on, epoch after epoch; item choices depend only on (seed, epoch, index)."""
@@ -211,8 +250,9 @@ class VideoClassification:
             data.sampler.set_epoch(epoch, start=offset * batch_size)
             if hasattr(data.dataset, "set_epoch"):
                 data.dataset.set_epoch(epoch)
-            loader = make_loader(data.dataset, data.sampler, batch_size, cfg["data"]["workers"], True,
-                                 cfg["seed"] + epoch)
+            loader = make_loader(
+                data.dataset, data.sampler, batch_size, cfg["data"]["workers"], True, cfg["seed"] + epoch
+            )
             for batch in loader:
                 yield batch
                 iteration += 1
@@ -240,8 +280,7 @@ class VideoClassification:
     def window_values(self, sums: Mapping[str, float], steps: int, items: int) -> dict[str, float]:
         if self.multi_label:
             return {}
-        return {"train_accuracy": float(all_reduce_mean(torch.tensor(sums["correct"] / items,
-                                                                     device=self.ctx.device)))}
+        return {"train_accuracy": float(all_reduce_mean(torch.tensor(sums["correct"] / items, device=self.ctx.device)))}
 
     def evaluate(self, model: nn.Module, iteration: int) -> dict[str, Any]:
         return evaluate(self.final_model(model, iteration), self.cfg, device=self.ctx.device, info=self.ctx.info)
@@ -252,15 +291,20 @@ class VideoClassification:
     def save_weights(self, model: nn.Module, path: Path) -> None:
         # the metadata `nonlocalnet visualize` (nonlocalnet.viz.load_model) reads to rebuild the model
         with atomic_path(path) as tmp:
-            save_weights(model, tmp, metadata={"model": self.cfg["model"]["name"],
-                                               "model_options": json.dumps(self.cfg["model"]["options"])})
+            save_weights(
+                model,
+                tmp,
+                metadata={
+                    "model": self.cfg["model"]["name"],
+                    "model_options": json.dumps(self.cfg["model"]["options"]),
+                },
+            )
 
     def test(self, model: nn.Module) -> dict[str, Any]:
         return evaluate(model, self.cfg, device=self.ctx.device, info=self.ctx.info)
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"model_name": self.cfg["model"]["name"],
-                "model_options": to_plain(self.cfg["model"]["options"])}
+        return {"model_name": self.cfg["model"]["name"], "model_options": to_plain(self.cfg["model"]["options"])}
 
     def check_checkpoint(self, state: Mapping[str, Any], source: Path) -> None:
         if state.get("task", "video") != "video":

@@ -15,6 +15,7 @@ The attention itself is the embedded-gaussian maths of :mod:`nonlocalnet.layers.
 module because the follow-up orders the output differently (LayerNorm and ReLU *before* W_out, dropout after)
 from the block's Norm(W_z y).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,11 +41,22 @@ class FeatureBankLayer(nn.Module):
         impl: the softmax-attention path: "auto", "dense", "sdpa" or "chunked" (all exact).
     """
 
-    def __init__(self, channels: int, bank_channels: int, *, inter_channels: int = 512,
-                 scale: float | str | None = "auto", dropout: float = 0.2, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        channels: int,
+        bank_channels: int,
+        *,
+        inter_channels: int = 512,
+        scale: float | str | None = "auto",
+        dropout: float = 0.2,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("bank_channels", bank_channels),
-                            ("inter_channels", inter_channels)):
+        for name, value in (
+            ("channels", channels),
+            ("bank_channels", bank_channels),
+            ("inter_channels", inter_channels),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if not 0.0 <= dropout < 1.0:
@@ -89,15 +101,18 @@ class FeatureBankLayer(nn.Module):
         k = self.phi(bank).transpose(1, 2)  # (B, Cb, L) -> (B, C', L) -> (B, L, C')
         v = self.g(bank).transpose(1, 2)  # (B, Cb, L) -> (B, C', L) -> (B, L, C')
         # (B, N, C') and, if asked, (B, N, L): the block's path choice and precision policy (layers/pairwise.py)
-        y, weights = pairwise_step(q, k, v, "embedded_gaussian", self.scale, self.impl,
-                                   return_attention=return_attention)
+        y, weights = pairwise_step(
+            q, k, v, "embedded_gaussian", self.scale, self.impl, return_attention=return_attention
+        )
         y = y.transpose(1, 2)  # (B, N, C') -> (B, C', N)
         z = x + self.dropout(self.out(torch.relu(self.norm(y))))  # (B, C, N)
         return (z, weights) if return_attention else z
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, bank_channels={self.bank_channels}, inter_channels={self.inter_channels}, "
-                f"scale={self.scale:.4g}, impl={self.impl!r}")
+        return (
+            f"{self.channels}, bank_channels={self.bank_channels}, inter_channels={self.inter_channels}, "
+            f"scale={self.scale:.4g}, impl={self.impl!r}"
+        )
 
 
 class FeatureBankOperator(nn.Module):
@@ -113,20 +128,32 @@ class FeatureBankOperator(nn.Module):
         impl: the softmax-attention path of every layer.
     """
 
-    def __init__(self, clip_channels: int, bank_channels: int, *, inter_channels: int = 512, num_layers: int = 2,
-                 scale: float | str | None = "auto", dropout: float = 0.2, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        clip_channels: int,
+        bank_channels: int,
+        *,
+        inter_channels: int = 512,
+        num_layers: int = 2,
+        scale: float | str | None = "auto",
+        dropout: float = 0.2,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int; got {num_layers!r}")
         self.clip_channels = clip_channels
         self.bank_channels = bank_channels
         self.layers = nn.ModuleList(
-            FeatureBankLayer(clip_channels, bank_channels, inter_channels=inter_channels, scale=scale,
-                             dropout=dropout, impl=impl)
-            for _ in range(num_layers))
+            FeatureBankLayer(
+                clip_channels, bank_channels, inter_channels=inter_channels, scale=scale, dropout=dropout, impl=impl
+            )
+            for _ in range(num_layers)
+        )
 
-    def forward(self, clip: Tensor, bank: Tensor,
-                return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, clip: Tensor, bank: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """The clip feature after attending over the bank.
 
         Args:
@@ -140,8 +167,10 @@ class FeatureBankOperator(nn.Module):
         pooled = clip.dim() == 2
         x = clip.unsqueeze(-1) if pooled else clip  # (B, C) -> (B, C, 1)
         if x.dim() != 3 or x.shape[1] != self.clip_channels:
-            raise ValueError(f"clip features must be (B, {self.clip_channels}) or (B, {self.clip_channels}, N); "
-                             f"got {tuple(clip.shape)}")
+            raise ValueError(
+                f"clip features must be (B, {self.clip_channels}) or (B, {self.clip_channels}, N); "
+                f"got {tuple(clip.shape)}"
+            )
         if bank.dim() != 3 or bank.shape[1] != self.bank_channels or bank.shape[0] != x.shape[0]:
             raise ValueError(f"bank must be (B={x.shape[0]}, {self.bank_channels}, L); got {tuple(bank.shape)}")
         if bank.shape[2] == 0:
@@ -168,14 +197,31 @@ class FeatureBankClassifier(nn.Module):
         head_dropout: dropout before the final linear layer (0.5, the paper's classifier dropout).
     """
 
-    def __init__(self, clip_channels: int, bank_channels: int, num_classes: int, *, inter_channels: int = 512,
-                 num_layers: int = 2, scale: float | str | None = "auto", dropout: float = 0.2,
-                 head_dropout: float = 0.5, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        clip_channels: int,
+        bank_channels: int,
+        num_classes: int,
+        *,
+        inter_channels: int = 512,
+        num_layers: int = 2,
+        scale: float | str | None = "auto",
+        dropout: float = 0.2,
+        head_dropout: float = 0.5,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-        self.operator = FeatureBankOperator(clip_channels, bank_channels, inter_channels=inter_channels,
-                                            num_layers=num_layers, scale=scale, dropout=dropout, impl=impl)
+        self.operator = FeatureBankOperator(
+            clip_channels,
+            bank_channels,
+            inter_channels=inter_channels,
+            num_layers=num_layers,
+            scale=scale,
+            dropout=dropout,
+            impl=impl,
+        )
         self.dropout = nn.Dropout(head_dropout)
         self.fc = nn.Linear(2 * clip_channels, num_classes)
         self.reset_parameters()

@@ -6,6 +6,7 @@ saves memory on long clips by attending only within groups of k consecutive fram
 block-diagonal attention, so it is computed by folding the restricted axes into the batch: every folded batch
 entry is one independent attention problem with its own queries and keys.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def fold(t: Tensor, folding: Folding) -> Tensor:
     return fold_positions(to_positions(t), folding, tuple(t.shape[2:]))
 
 
-def scatter_attention(attn: Tensor, folding: Folding, batch: int, query_spatial: tuple[int, ...],
-                      key_spatial: tuple[int, ...]) -> Tensor:
+def scatter_attention(
+    attn: Tensor, folding: Folding, batch: int, query_spatial: tuple[int, ...], key_spatial: tuple[int, ...]
+) -> Tensor:
     """Places folded attention blocks into the full (B, N, M) matrix, zeros outside the extent.
 
     Args:
@@ -115,25 +117,32 @@ def check_folding(folding: Folding, query_spatial: tuple[int, ...], key_spatial:
     if folding.extent == "spacetime" and folding.groups == 1:
         return
     if len(query_spatial) != 3 or len(key_spatial) != 3:
-        raise ValueError(f"extent={folding.extent!r} with temporal_groups={folding.groups} needs video input "
-                         f"(B, C, T, H, W); got spatial size {tuple(query_spatial)}")
+        raise ValueError(
+            f"extent={folding.extent!r} with temporal_groups={folding.groups} needs video input "
+            f"(B, C, T, H, W); got spatial size {tuple(query_spatial)}"
+        )
     tq, tk = query_spatial[0], key_spatial[0]
     if folding.extent == "time":
         if tuple(query_spatial[1:]) != tuple(key_spatial[1:]):
             raise ValueError(
                 f"extent='time' attends to the same spatial position across frames, so keys must keep the "
                 f"query's spatial size; got queries {tuple(query_spatial)} and keys {tuple(key_spatial)} "
-                f"(use no spatial subsampling with extent='time')")
+                f"(use no spatial subsampling with extent='time')"
+            )
         return
     if folding.extent == "space":
         if tq != tk:
-            raise ValueError(f"extent='space' attends within each frame, so keys must keep all {tq} frames; got "
-                             f"{tk} (use no temporal subsampling with extent='space')")
+            raise ValueError(
+                f"extent='space' attends within each frame, so keys must keep all {tq} frames; got "
+                f"{tk} (use no temporal subsampling with extent='space')"
+            )
         return
     g = folding.groups
     if tq % g or tk % g:
-        raise ValueError(f"temporal groups: queries split into {g} groups of {tq // g} frames, but the keys' "
-                         f"{tk} frames cannot be split into {g} equal groups")
+        raise ValueError(
+            f"temporal groups: queries split into {g} groups of {tq // g} frames, but the keys' "
+            f"{tk} frames cannot be split into {g} equal groups"
+        )
 
 
 def _temporal_groups(spatial: tuple[int, ...], folding: Folding) -> int:

@@ -6,18 +6,28 @@ The maths lives in ``pairwise*.py`` (a dense reference and exact fast paths); th
 the 1x1 projections θ, φ, g, the output transform W_z and its norm, the max-pool subsampling of x̂, and the
 folding that restricts which keys each query sees.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .folding import (EXTENTS, Folding, check_folding, fold_positions, scatter_attention, to_map, to_positions,
-                      unfold_positions)
+from .folding import (
+    EXTENTS,
+    Folding,
+    check_folding,
+    fold_positions,
+    scatter_attention,
+    to_map,
+    to_positions,
+    unfold_positions,
+)
 from .pairwise import check_mode_impl, pairwise_step
 from .pooling import WindowMaxPool
 
@@ -77,11 +87,23 @@ class NonLocalBlock(nn.Module):
             :meth:`reset_parameters`.
     """
 
-    def __init__(self, in_channels: int, *, dim: int = 3, mode: str = "embedded_gaussian",
-                 inter_channels: int | None = None, subsample: int | Sequence[int] | None = None,
-                 subsample_position: str = "input", scale: None | float | str = None, norm: str | None = "batch",
-                 extent: str = "spacetime", temporal_groups: int = 1, memory_channels: int | None = None,
-                 impl: str = "auto", init: str = "auto") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        dim: int = 3,
+        mode: str = "embedded_gaussian",
+        inter_channels: int | None = None,
+        subsample: int | Sequence[int] | None = None,
+        subsample_position: str = "input",
+        scale: None | float | str = None,
+        norm: str | None = "batch",
+        extent: str = "spacetime",
+        temporal_groups: int = 1,
+        memory_channels: int | None = None,
+        impl: str = "auto",
+        init: str = "auto",
+    ) -> None:
         super().__init__()
         if dim not in _CONV:
             raise ValueError(f"dim must be 1, 2 or 3 (sequences, images, videos); got {dim!r}")
@@ -107,8 +129,10 @@ class NonLocalBlock(nn.Module):
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(map(repr, INITS))}")
         memory_channels = in_channels if memory_channels is None else memory_channels
         if mode == "gaussian" and memory_channels != in_channels:
-            raise ValueError(f"the gaussian mode compares raw features, so memory_channels ({memory_channels}) "
-                             f"must equal in_channels ({in_channels})")
+            raise ValueError(
+                f"the gaussian mode compares raw features, so memory_channels ({memory_channels}) "
+                f"must equal in_channels ({in_channels})"
+            )
 
         self.in_channels = in_channels
         self.inter_channels = inter_channels
@@ -131,8 +155,7 @@ class NonLocalBlock(nn.Module):
         self.g = conv(memory_channels, inter_channels, kernel_size=1)
         if mode == "concatenation":
             # w_f: 2C' -> 1 over each concatenated pair [θ_i, φ_j]; a 2D conv over the (N, M) pair map
-            self.concat_project = nn.Sequential(nn.Conv2d(2 * inter_channels, 1, kernel_size=1, bias=False),
-                                                nn.ReLU())
+            self.concat_project = nn.Sequential(nn.Conv2d(2 * inter_channels, 1, kernel_size=1, bias=False), nn.ReLU())
         self.out = conv(inter_channels, in_channels, kernel_size=1)
         if norm == "batch":
             self.norm = _BATCHNORM[dim](in_channels, eps=1e-5, momentum=0.1)
@@ -179,8 +202,9 @@ class NonLocalBlock(nn.Module):
             nn.init.zeros_(self.norm.weight)  # γ = 0
             nn.init.zeros_(self.norm.bias)
 
-    def forward(self, x: Tensor, memory: Tensor | None = None,
-                return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, memory: Tensor | None = None, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """z = Norm(W_z y) + x.
 
         Args:
@@ -209,8 +233,9 @@ class NonLocalBlock(nn.Module):
 
     # --- the steps of forward ----------------------------------------------------------------------------------
 
-    def _shapes(self, x: Tensor, source: Tensor, return_attention: bool
-                ) -> tuple[Folding, tuple[int, ...], tuple[int, ...]]:
+    def _shapes(
+        self, x: Tensor, source: Tensor, return_attention: bool
+    ) -> tuple[Folding, tuple[int, ...], tuple[int, ...]]:
         """The folding, the query positions' spatial size and the keys' (after subsampling), checked."""
         spatial = tuple(x.shape[2:])
         folding = self._folding(spatial)
@@ -226,8 +251,16 @@ class NonLocalBlock(nn.Module):
         """θ(x) as (B, N, C'); the raw features x (B, N, C) for the gaussian."""
         return to_positions(x) if self.mode == "gaussian" else _project(self.theta, x)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, folding: Folding, spatial: tuple[int, ...],
-                key_spatial: tuple[int, ...], return_attention: bool) -> tuple[Tensor, Tensor | None]:
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        folding: Folding,
+        spatial: tuple[int, ...],
+        key_spatial: tuple[int, ...],
+        return_attention: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         """y = 1/C(x) Σ_j f(q_i, k_j) v_j (B, N, C'), on the path and in the precision of layers/pairwise.py's
         policy, each folded group of positions (extent, temporal groups) a problem of its own."""
         batch = query.shape[0]
@@ -235,8 +268,7 @@ class NonLocalBlock(nn.Module):
         k = q if key is query else fold_positions(key, folding, key_spatial)  # (B', M', Cq)
         v = fold_positions(value, folding, key_spatial)  # (B', M', C')
         del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
-        y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(),
-                                   return_attention)
+        y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(), return_attention)
         return unfold_positions(y, folding, batch, spatial), weights
 
     def _add_residual(self, z: Tensor, x: Tensor) -> Tensor:
@@ -244,8 +276,12 @@ class NonLocalBlock(nn.Module):
         with ``norm=None``) that no forward hook (the norm's or a global one) has seen, in x's layout and dtype.
         No norm saves its output for the backward pass, so the add may overwrite it."""
         hooked = bool(self.norm._forward_hooks) or bool(nn.modules.module._global_forward_hooks)
-        if (not isinstance(self.norm, nn.Identity) and not hooked and z.stride() == x.stride()
-                and z.dtype == torch.promote_types(z.dtype, x.dtype)):
+        if (
+            not isinstance(self.norm, nn.Identity)
+            and not hooked
+            and z.stride() == x.stride()
+            and z.dtype == torch.promote_types(z.dtype, x.dtype)
+        ):
             return z.add_(x)
         return x + z  # x first: z takes the input's memory layout (convs may return another)
 
@@ -275,15 +311,17 @@ class NonLocalBlock(nn.Module):
             return Folding(self.extent, 1)
         frames = query_spatial[0]
         if frames % k:
-            raise ValueError(f"temporal_groups={k} frames per group must divide the clip's {frames} frames "
-                             f"(input spatial size {tuple(query_spatial)})")
+            raise ValueError(
+                f"temporal_groups={k} frames per group must divide the clip's {frames} frames "
+                f"(input spatial size {tuple(query_spatial)})"
+            )
         return Folding("spacetime", frames // k)
 
     def _concat_project(self) -> nn.Sequential | None:
         return self.concat_project if self.mode == "concatenation" else None
 
     # the largest (B, N, M) float32 weight matrix ``return_attention=True`` builds; set per block to allow more
-    attention_budget_bytes: int = 2 ** 31
+    attention_budget_bytes: int = 2**31
 
     def _check_attention_size(self, batch: int, spatial: tuple[int, ...], key_spatial: tuple[int, ...]) -> None:
         n, m = math.prod(spatial), math.prod(key_spatial)
@@ -293,7 +331,8 @@ class NonLocalBlock(nn.Module):
                 f"return_attention=True would build a ({batch}, {n}, {m}) float32 weight matrix of "
                 f"{size / 1e9:.1f} GB, above this block's attention_budget_bytes "
                 f"({self.attention_budget_bytes / 1e9:.1f} GB); use a smaller input or batch, subsample the keys, "
-                f"or raise block.attention_budget_bytes")
+                f"or raise block.attention_budget_bytes"
+            )
 
     def _check_inputs(self, x: Tensor, memory: Tensor | None) -> None:
         expected = self.dim + 2
@@ -301,41 +340,47 @@ class NonLocalBlock(nn.Module):
         if x.dim() != expected:
             raise ValueError(f"NonLocalBlock(dim={self.dim}) expects x of shape {names}; got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"NonLocalBlock was built for {self.in_channels} input channels; "
-                             f"x has {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"NonLocalBlock was built for {self.in_channels} input channels; "
+                f"x has {x.shape[1]} (shape {tuple(x.shape)})"
+            )
         if 0 in x.shape[2:]:
             raise ValueError(f"x has no positions to attend over (shape {tuple(x.shape)})")
         if memory is not None and memory.dim() == expected and 0 in memory.shape[2:]:
             raise ValueError(f"memory has no positions to attend to (shape {tuple(memory.shape)})")
         if memory is None:
             if self.memory_channels != self.in_channels:
-                raise ValueError(f"this block takes keys/values from a memory of {self.memory_channels} channels; "
-                                 f"pass memory=")
+                raise ValueError(
+                    f"this block takes keys/values from a memory of {self.memory_channels} channels; pass memory="
+                )
             source = x
         else:
             if memory.dim() != expected:
-                raise ValueError(f"memory must have the same number of axes as x, {names}; "
-                                 f"got {tuple(memory.shape)}")
+                raise ValueError(f"memory must have the same number of axes as x, {names}; got {tuple(memory.shape)}")
             if memory.shape[0] != x.shape[0]:
                 raise ValueError(f"memory batch size {memory.shape[0]} differs from x's {x.shape[0]}")
             if memory.shape[1] != self.memory_channels:
-                raise ValueError(f"memory has {memory.shape[1]} channels; this block was built for "
-                                 f"memory_channels={self.memory_channels}")
+                raise ValueError(
+                    f"memory has {memory.shape[1]} channels; this block was built for "
+                    f"memory_channels={self.memory_channels}"
+                )
             if self.extent != "spacetime" or self.temporal_groups != 1:
-                raise ValueError("memory= attends over another tensor: use extent='spacetime' and "
-                                 "temporal_groups=1")
+                raise ValueError("memory= attends over another tensor: use extent='spacetime' and temporal_groups=1")
             source = memory
         if self.subsample is not None:
             spatial = tuple(source.shape[2:])
             if any(k > s for k, s in zip(self.subsample, spatial)):
-                raise ValueError(f"subsample {self.subsample} is larger than the key/value input's spatial size "
-                                 f"{spatial}")
+                raise ValueError(
+                    f"subsample {self.subsample} is larger than the key/value input's spatial size {spatial}"
+                )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
-                f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
-                f"norm={self.norm_type!r}, extent={self.extent!r}, "
-                f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}")
+        return (
+            f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
+            f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
+            f"norm={self.norm_type!r}, extent={self.extent!r}, "
+            f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}"
+        )
 
 
 def _project(conv: nn.Module, t: Tensor) -> Tensor:
@@ -401,8 +446,11 @@ def init_inserted_blocks(model: nn.Module, names: Iterable[str] | None = None) -
 
 
 def _keyword_defaults() -> dict[str, Any]:
-    return {name: p.default for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        name: p.default
+        for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 # The block's options and their defaults, read from its signature: the one definition every builder reads.
@@ -413,7 +461,8 @@ BLOCK_DEFAULTS: Mapping[str, Any] = MappingProxyType(_keyword_defaults())
 # with these under a network's own options
 # (``resnet3d.NONLOCAL_DEFAULTS`` is this mapping) and the zoo registers them (``zoo.NL``).
 PAPER_VIDEO_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"})
+    {"mode": "embedded_gaussian", "subsample": (1, 2, 2), "subsample_position": "input", "scale": "auto"}
+)
 # the modes whose θᵀφ the official code scales (the logits of a softmax); the others keep scale None
 SCALED_MODES = ("gaussian", "embedded_gaussian")
 
@@ -428,8 +477,9 @@ def _parse_subsample(subsample: int | Sequence[int] | None, dim: int) -> tuple[i
     else:
         kernel = ()
     if len(kernel) != dim or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel):
-        raise ValueError(f"subsample must be a positive int or {dim} positive ints (one per spatial axis); "
-                         f"got {subsample!r}")
+        raise ValueError(
+            f"subsample must be a positive int or {dim} positive ints (one per spatial axis); got {subsample!r}"
+        )
     return None if all(k == 1 for k in kernel) else kernel
 
 
@@ -437,7 +487,7 @@ def _parse_scale(scale: None | float | str, inter_channels: int) -> float:
     if scale is None:
         return 1.0
     if scale == "auto":
-        return inter_channels ** -0.5
+        return inter_channels**-0.5
     if isinstance(scale, (str, bool)) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be None, 'auto' or a positive finite number; got {scale!r}")
     return float(scale)

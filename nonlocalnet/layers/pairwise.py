@@ -7,10 +7,11 @@
 | dot_product       | dense, linear                      | whichever does fewer multiply-adds             |
 | concatenation     | dense, sorted                      | sorted                                         |
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,9 @@ def check_mode_impl(mode: str, impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"unknown non-local impl {impl!r}; expected one of {', '.join(IMPLS)}")
     if impl != "auto" and impl not in IMPLS_BY_MODE[mode]:
-        raise ValueError(f"impl {impl!r} does not compute mode {mode!r}; its paths are "
-                         f"{', '.join(IMPLS_BY_MODE[mode])} (or 'auto')")
+        raise ValueError(
+            f"impl {impl!r} does not compute mode {mode!r}; its paths are {', '.join(IMPLS_BY_MODE[mode])} (or 'auto')"
+        )
 
 
 def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
@@ -62,8 +64,9 @@ def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
     return "sdpa"
 
 
-def dense_pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float,
-                   concat_project: nn.Sequential | None = None) -> tuple[Tensor, Tensor]:
+def dense_pairwise(
+    q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, concat_project: nn.Sequential | None = None
+) -> tuple[Tensor, Tensor]:
     """The reference: y (B, N, Cv) and the normalised weights f/C(x) (B, N, M)."""
     if mode == "dot_product":
         return dot_product_dense(q, k, v, scale)
@@ -109,8 +112,9 @@ def counting_pairwise(count: PairwiseCount | None = None) -> Iterator[PairwiseCo
         _counting = previous
 
 
-def pairwise(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str,
-             concat_project: nn.Sequential | None = None) -> Tensor:
+def pairwise(
+    q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str, concat_project: nn.Sequential | None = None
+) -> Tensor:
     """y_i = 1/C(x) Σ_j f(q_i, k_j) v_j over folded sequences, by the path ``impl`` (already resolved).
 
     Args:
@@ -181,9 +185,16 @@ def lowest_precision(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl: str = "auto",
-                  concat_project: nn.Sequential | None = None, return_attention: bool = False
-                  ) -> tuple[Tensor, Tensor | None]:
+def pairwise_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mode: str,
+    scale: float,
+    impl: str = "auto",
+    concat_project: nn.Sequential | None = None,
+    return_attention: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """The pairwise step as a layer runs it: the path chosen for these sizes and this device, autocast off and
     the inputs in :func:`pairwise_dtype`'s dtype; y is returned in the values' dtype.
 
@@ -196,8 +207,7 @@ def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl
     Returns:
         (y (B, N, Cv), weights or None).
     """
-    impl = "dense" if return_attention else resolve_impl(mode, impl, q.shape[1], k.shape[1], q.shape[2],
-                                                         v.shape[2])
+    impl = "dense" if return_attention else resolve_impl(mode, impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
     dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
     out_dtype = v.dtype
     with no_autocast(q.device.type):
@@ -208,4 +218,3 @@ def pairwise_step(q: Tensor, k: Tensor, v: Tensor, mode: str, scale: float, impl
             y, weights = dense_pairwise(q, k, v, mode, scale, concat_project)
             return y.to(out_dtype), weights
         return pairwise(q, k, v, mode, scale, impl, concat_project).to(out_dtype), None
-

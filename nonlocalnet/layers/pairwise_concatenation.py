@@ -15,6 +15,7 @@ sums and the gathers, and equal ReLU's (sub)gradient everywhere except exactly o
 The counts c_i come from one joint sort of keys and queries rather than ``torch.searchsorted``, which ONNX
 cannot express; a tie b_j = -a_i may count either way, since its term (a_i + b_j) v_j is zero.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ All functions take already-projected, folded sequences:
     v: (B, M, Cv) values  (g(x̂_j)),
 and return y: (B, N, Cv) together with the normalised weights f/C(x): (B, N, M).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def dot_product_dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     return torch.matmul(weights, v), weights  # (B, N, Cv)
 
 
-def concatenation_dense(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                        concat_project: nn.Sequential) -> tuple[Tensor, Tensor]:
+def concatenation_dense(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, concat_project: nn.Sequential
+) -> tuple[Tensor, Tensor]:
     """Concatenation: f = ReLU(s * w_fᵀ [q_i, k_j]), C(x) = M.
 
     Builds every pair [q_i, k_j] literally and applies the block's ``concat_project`` (a 1x1 conv 2Cq -> 1 then
@@ -40,9 +42,13 @@ def concatenation_dense(q: Tensor, k: Tensor, v: Tensor, scale: float,
     """
     b, n, c = q.shape
     m = k.shape[1]
-    pairs = torch.cat([q.unsqueeze(2).expand(b, n, m, c),  # (B, N, M, Cq): q_i repeated over j
-                       k.unsqueeze(1).expand(b, n, m, c)],  # (B, N, M, Cq): k_j repeated over i
-                      dim=-1)  # (B, N, M, 2Cq)
+    pairs = torch.cat(
+        [
+            q.unsqueeze(2).expand(b, n, m, c),  # (B, N, M, Cq): q_i repeated over j
+            k.unsqueeze(1).expand(b, n, m, c),
+        ],  # (B, N, M, Cq): k_j repeated over i
+        dim=-1,
+    )  # (B, N, M, 2Cq)
     conv, relu = concat_project[0], concat_project[1]
     w_f = conv.weight.to(pairs.dtype)  # (1, 2Cq, 1, 1), in the pairwise step's dtype
     logits = F.conv2d(pairs.permute(0, 3, 1, 2), w_f).squeeze(1)  # (B, 2Cq, N, M) -> (B, 1, N, M) -> (B, N, M)

@@ -5,6 +5,7 @@
 (kᵀ v) is a Cq x Cv matrix, so the time is O((N + M) Cq Cv) instead of O(N M (Cq + Cv)), and no N x M matrix
 is ever formed. It wins whenever the number of positions exceeds the channel width (long clips, large maps).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ Both compute softmax(s * q kᵀ) v without keeping the N x M matrix for the back
   channels differ from the query/key channels. When the keys are the queries (the gaussian without
   subsampling), each pair of tiles of the symmetric logits is computed once for both of its uses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .pairwise_dense import softmax_attention_dense
-
 
 # Largest number of attention weights one chunk may hold (per folded batch, all of it), on CPU: 4 M floats =
 # 16 MB, near the caches. On a GPU each chunk costs kernel launches and the GPU needs large products to be busy:
@@ -47,11 +47,15 @@ def _sdpa_training_backends(device_type: str) -> list | None:
     """
     if device_type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return None
-    allowed = [backend for backend, enabled in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
-                                                (SDPBackend.EFFICIENT_ATTENTION,
-                                                 torch.backends.cuda.mem_efficient_sdp_enabled),
-                                                (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled))
-               if enabled()]
+    allowed = [
+        backend
+        for backend, enabled in (
+            (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+            (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+            (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+        )
+        if enabled()
+    ]
     return allowed or None
 
 
@@ -75,8 +79,9 @@ def softmax_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
     return y.squeeze(1)[..., :cv]  # (B, 1, N, C) -> (B, N, Cv)
 
 
-def softmax_attention_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                              chunk_elements: int | None = None) -> Tensor:
+def softmax_attention_chunked(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, chunk_elements: int | None = None
+) -> Tensor:
     """softmax(s * q kᵀ) v in query chunks of at most ``chunk_elements`` weights (default
     :data:`CHUNK_ELEMENTS` on CPU, :data:`GPU_CHUNK_ELEMENTS` elsewhere); for the backward pass only q, k, v and
     y are kept, and each chunk's weights are recomputed, as flash attention does. No padding: the value channels
@@ -146,7 +151,8 @@ def _softmax_into(out: Tensor, logits: Tensor) -> Tensor:
 
 
 class _ChunkedSoftmaxAttention(torch.autograd.Function):
-    """y = softmax(s q kᵀ) v by query chunks; backward from (q, k, v, y), recomputing each chunk's weights P: dV = Pᵀ dY, dS = P ⊙ (dY Vᵀ - rowsum(dY ⊙ Y)), dQ = s dS K, dK = s dSᵀ Q."""
+    """y = softmax(s q kᵀ) v by query chunks; backward from (q, k, v, y), recomputing each chunk's weights P:
+    dV = Pᵀ dY, dS = P ⊙ (dY Vᵀ - rowsum(dY ⊙ Y)), dQ = s dS K, dK = s dSᵀ Q."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> Tensor:
@@ -172,8 +178,9 @@ class _ChunkedSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         q, k, v, y = ctx.saved_tensors
         with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
-            return _chunked_backward(q, k, v, y, _strided_rows(grad_y.to(y.dtype)), ctx.scale, ctx.rows,
-                                     ctx.needs_input_grad)
+            return _chunked_backward(
+                q, k, v, y, _strided_rows(grad_y.to(y.dtype)), ctx.scale, ctx.rows, ctx.needs_input_grad
+            )
 
 
 def _strided_rows(t: Tensor) -> Tensor:
@@ -188,8 +195,9 @@ def no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _chunked_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, grad_y: Tensor, scale: float, rows: int,
-                      needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+def _chunked_backward(
+    q: Tensor, k: Tensor, v: Tensor, y: Tensor, grad_y: Tensor, scale: float, rows: int, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
     b, n, _ = q.shape
     m = k.shape[1]
     grad_q = torch.empty_like(q) if needs[0] else None
@@ -248,8 +256,9 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
                 _online_update(logits, v[:, cols], y[:, rows], row_max[:, rows], row_sum[:, rows], weights)
                 if cols != rows:  # S_JI = S_IJᵀ: the queries of J against the keys of I
                     weights = weights.view(b, cols.stop - cols.start, rows.stop - rows.start)
-                    _online_update(logits.transpose(1, 2), v[:, rows], y[:, cols], row_max[:, cols],
-                                   row_sum[:, cols], weights)
+                    _online_update(
+                        logits.transpose(1, 2), v[:, rows], y[:, cols], row_max[:, cols], row_sum[:, cols], weights
+                    )
         y.div_(row_sum)
         log_sum_exp = row_sum.log_().add_(row_max)  # (B, N, 1)
         ctx.save_for_backward(x, v, y, log_sum_exp)
@@ -261,8 +270,9 @@ class _SymmetricSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         x, v, y, log_sum_exp = ctx.saved_tensors
         with no_autocast(x.device.type):
-            return _symmetric_backward(x, v, y, log_sum_exp, _strided_rows(grad_y.to(y.dtype)), ctx.scale,
-                                       ctx.side, ctx.needs_input_grad)
+            return _symmetric_backward(
+                x, v, y, log_sum_exp, _strided_rows(grad_y.to(y.dtype)), ctx.scale, ctx.side, ctx.needs_input_grad
+            )
 
 
 def _exp_(t: Tensor) -> Tensor:
@@ -276,8 +286,9 @@ def _exp_(t: Tensor) -> Tensor:
     return t.exp_()
 
 
-def _online_update(logits: Tensor, values: Tensor, y: Tensor, row_max: Tensor, row_sum: Tensor,
-                   weights: Tensor) -> None:
+def _online_update(
+    logits: Tensor, values: Tensor, y: Tensor, row_max: Tensor, row_sum: Tensor, weights: Tensor
+) -> None:
     """One block of keys into the running softmax of some queries (flash attention's update, in place): with m
     the new row maximum, y <- y e^(m_old - m) + e^(S - m) V and the row sums likewise."""
     new_max = torch.maximum(row_max, logits.amax(dim=-1, keepdim=True))
@@ -289,8 +300,16 @@ def _online_update(logits: Tensor, values: Tensor, y: Tensor, row_max: Tensor, r
     row_max.copy_(new_max)
 
 
-def _symmetric_backward(x: Tensor, v: Tensor, y: Tensor, log_sum_exp: Tensor, grad_y: Tensor, scale: float,
-                        side: int, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+def _symmetric_backward(
+    x: Tensor,
+    v: Tensor,
+    y: Tensor,
+    log_sum_exp: Tensor,
+    grad_y: Tensor,
+    scale: float,
+    side: int,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
     b, n, _ = x.shape
     tiles = _chunks(n, side)
     alpha = None if scale == 1.0 else scale

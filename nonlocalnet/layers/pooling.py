@@ -6,6 +6,7 @@ the map, which is a few vectorised passes over memory. Without gradients (infere
 scatters through the int64 argmax it kept, which is cheaper than finding each window's first maximum again from
 the input.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,11 +31,17 @@ class WindowMaxPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != len(self.kernel) + 2:
-            raise ValueError(f"expected a (B, C, *spatial) map with {len(self.kernel)} spatial axes, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"expected a (B, C, *spatial) map with {len(self.kernel)} spatial axes, got shape {tuple(x.shape)}"
+            )
         training = x.requires_grad and torch.is_grad_enabled()
-        if (training or x.device.type != "cpu" or x.dtype.is_complex or torch.jit.is_scripting()
-                or torch.jit.is_tracing()):
+        if (
+            training
+            or x.device.type != "cpu"
+            or x.dtype.is_complex
+            or torch.jit.is_scripting()
+            or torch.jit.is_tracing()
+        ):
             return _MAX_POOL[len(self.kernel)](x, self.kernel, self.kernel)  # torch's kernels (and its backward)
         return window_max(x, self.kernel)
 
@@ -44,8 +51,10 @@ class WindowMaxPool(nn.Module):
 
 def _windows(kernel: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple]:
     """Index tuples of the kernel's strided views of a map, in max-pool's scan order (last axis fastest)."""
-    return [(..., *(slice(o, o + s * k, k) for o, s, k in zip(offset, sizes, kernel)))
-            for offset in itertools.product(*(range(k) for k in kernel))]
+    return [
+        (..., *(slice(o, o + s * k, k) for o, s, k in zip(offset, sizes, kernel)))
+        for offset in itertools.product(*(range(k) for k in kernel))
+    ]
 
 
 def _pooled_sizes(x: Tensor, kernel: tuple[int, ...]) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ checkpoint of the BN model loads into the frozen one unchanged; it computes
 
 in train and eval mode alike, with no gradient to any of the four.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ class FrozenBatchNorm(nn.Module):
         nn.init.ones_(self.running_var)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._NormBase) -> "FrozenBatchNorm":
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._NormBase) -> FrozenBatchNorm:
         """A frozen copy of ``bn``'s current statistics and affine parameters (weight 1, bias 0 if it has none)."""
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"cannot freeze {bn}: it tracks no running statistics (track_running_stats=False)")
@@ -67,18 +68,23 @@ class FrozenBatchNorm(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         ranks = self._input_ranks or tuple(range(2, 16))
         if x.dim() not in ranks:
-            raise ValueError(f"{type(self).__name__} expects inputs of rank {' or '.join(map(str, ranks))} "
-                             f"(B, C, ...); got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of rank {' or '.join(map(str, ranks))} "
+                f"(B, C, ...); got shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels "
-                             f"(input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got {x.shape[1]} channels (input shape {tuple(x.shape)})"
+            )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # a BN checkpoint carries a step counter that a frozen BN has no use for
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -102,8 +108,11 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     _input_ranks = (5,)
 
 
-_FROZEN_BY_BN = {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
-                 nn.BatchNorm3d: FrozenBatchNorm3d}
+_FROZEN_BY_BN = {
+    nn.BatchNorm1d: FrozenBatchNorm1d,
+    nn.BatchNorm2d: FrozenBatchNorm2d,
+    nn.BatchNorm3d: FrozenBatchNorm3d,
+}
 
 
 def freeze_batchnorm(module: nn.Module, exclude: tuple[type, ...] = ()) -> nn.Module:

@@ -21,14 +21,16 @@ running_var = 1 - eps, so that the layer computes exactly x s + b.
 Training state (``*_momentum``, ``lr``, ``model_iter``, ``epoch``) is skipped; any other blob the model has no
 place for, and any model entry no blob fills, is an error naming it.
 """
+
 from __future__ import annotations
 
-import os
 import importlib
+import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +38,16 @@ from torch import Tensor, nn
 
 TRAINING_STATE = ("lr", "model_iter", "epoch")
 _BN_SUFFIX = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
-_BRANCH = {"conv_a": "branch2a", "conv_b": "branch2b", "conv_c": "branch2c", "shortcut.conv": "branch1",
-           "bn_a": "branch2a_bn", "bn_b": "branch2b_bn", "bn_c": "branch2c_bn", "shortcut.bn": "branch1_bn"}
+_BRANCH = {
+    "conv_a": "branch2a",
+    "conv_b": "branch2b",
+    "conv_c": "branch2c",
+    "shortcut.conv": "branch1",
+    "bn_a": "branch2a_bn",
+    "bn_b": "branch2b_bn",
+    "bn_c": "branch2c_bn",
+    "shortcut.bn": "branch1_bn",
+}
 _BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(.+)\.([a-z_]+)$")
 _NONLOCAL = re.compile(r"^res([2-5])\.nl(\d+)\.([a-z_]+)\.([a-z_]+)$")
 _NL_CONVS = ("theta", "phi", "g", "out")
@@ -50,10 +60,15 @@ class Caffe2ConversionError(ValueError):
 # What a pickle of NumPy arrays (from Python 2's cPickle or Python 3, NumPy 1 or 2) needs to name: the array
 # and dtype constructors, and the latin-1 codec Python 3 writes bytes through in protocol 2. Nothing else.
 _ARRAY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 
@@ -65,9 +80,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         if (module, name) not in _ARRAY_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refused: the pickle names {module}.{name}; an official checkpoint holds only NumPy arrays, "
-                f"and loading other objects could run code")
+                f"and loading other objects could run code"
+            )
         if module.startswith("numpy.core") and hasattr(np, "_core"):  # NumPy 2 renamed numpy.core
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         return getattr(importlib.import_module(module), name)
 
 
@@ -90,8 +106,9 @@ def load_caffe2_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise Caffe2ConversionError(f"{os.fspath(path)!r}: {exc}") from None
             raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: {exc}") from None
         except Exception as exc:  # a truncated or non-pickle file
-            raise Caffe2ConversionError(f"{os.fspath(path)!r} is not a readable pickle: "
-                                        f"{type(exc).__name__}: {exc}") from None
+            raise Caffe2ConversionError(
+                f"{os.fspath(path)!r} is not a readable pickle: {type(exc).__name__}: {exc}"
+            ) from None
     if isinstance(data, Mapping) and "blobs" in data and isinstance(data["blobs"], Mapping):
         data = data["blobs"]
     if not isinstance(data, Mapping):
@@ -159,8 +176,7 @@ class Caffe2Conversion:
     left_out: list[str] = field(default_factory=list)
 
 
-def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *,
-                         skip: tuple[str, ...] = ()) -> Caffe2Conversion:
+def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *, skip: tuple[str, ...] = ()) -> Caffe2Conversion:
     """Maps official blobs onto a model's state dict, checking names and shapes both ways.
 
     Args:
@@ -198,11 +214,14 @@ def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *,
         if blob_name not in blobs and attr in ("running_mean", "running_var"):
             # frozen-BN ("affine") file: only the folded scale and shift are there
             prefix = blob_name.rsplit("_", 1)[0]
-            if f"{prefix}_s" in blobs and f"{prefix}_b" in blobs and f"{prefix}_rm" not in blobs \
-                    and f"{prefix}_riv" not in blobs:
+            if (
+                f"{prefix}_s" in blobs
+                and f"{prefix}_b" in blobs
+                and f"{prefix}_rm" not in blobs
+                and f"{prefix}_riv" not in blobs
+            ):
                 eps = float(getattr(model.get_submodule(module), "eps", 1e-5))
-                state[name] = torch.zeros_like(tensor) if attr == "running_mean" \
-                    else torch.full_like(tensor, 1.0 - eps)
+                state[name] = torch.zeros_like(tensor) if attr == "running_mean" else torch.full_like(tensor, 1.0 - eps)
                 affine_modules.add(module)
                 continue
         if blob_name not in blobs:
@@ -219,17 +238,34 @@ def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *,
     result.affine = sorted(affine_modules)
     result.skipped = sorted(b for b in blobs if b.endswith("_momentum") or b in TRAINING_STATE)
     unplaced = sorted(set(blobs) - used - set(result.skipped) - _blobs_of_left_out(result.left_out))
-    problems = fit_problems("blob", "the official networks", mismatched, unplaced, unfilled, no_counterpart,
-                            limit=10, shape_hint=" (another arch, depth or class count?)")
+    problems = fit_problems(
+        "blob",
+        "the official networks",
+        mismatched,
+        unplaced,
+        unfilled,
+        no_counterpart,
+        limit=10,
+        shape_hint=" (another arch, depth or class count?)",
+    )
     if problems:
         raise Caffe2ConversionError("the checkpoint does not fit the model:\n  " + "\n  ".join(problems))
     return result
 
 
-def fit_problems(noun: str, networks: str, mismatched: list[str], unplaced: list[str], unfilled: list[str],
-                 no_counterpart: list[str], limit: int = 8, shape_hint: str = "") -> list[str]:
+def fit_problems(
+    noun: str,
+    networks: str,
+    mismatched: list[str],
+    unplaced: list[str],
+    unfilled: list[str],
+    no_counterpart: list[str],
+    limit: int = 8,
+    shape_hint: str = "",
+) -> list[str]:
     """One line per kind of mismatch between a checkpoint's ``noun`` s (blobs, tensors) and a model's entries,
     each listing its first names: what every converter's error says."""
+
     def listing(items: list[str], n: int, sep: str = ", ") -> str:
         return sep.join(items[:n]) + (" ..." if len(items) > n else "")
 
@@ -244,8 +280,9 @@ def fit_problems(noun: str, networks: str, mismatched: list[str], unplaced: list
     if unfilled:
         problems.append(f"{entries(unfilled)} no {noun} fills: {listing(unfilled, limit)}")
     if no_counterpart:
-        problems.append(f"{entries(no_counterpart)} with no counterpart in {networks}: "
-                        + ", ".join(no_counterpart[:6]))
+        problems.append(
+            f"{entries(no_counterpart)} with no counterpart in {networks}: " + ", ".join(no_counterpart[:6])
+        )
     return problems
 
 

@@ -3,10 +3,12 @@ the non-local blocks sit), rendered as a Markdown table by :func:`models_markdow
 ``nonlocalnet models``. Everything here is read from the registry, so a table made from it lists exactly the names
 that :func:`~nonlocalnet.models.create_model` builds.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -51,10 +53,15 @@ def model_info(name: str) -> ModelInfo:
     blocks = {n: m for n, m in model.named_modules() if type(m).__name__ == "NonLocalBlock"}
     locations: Any = getattr(model, "nonlocal_locations", {}) or {}
     aliases = tuple(a for a, target in list_aliases().items() if target == entry.name)
-    return ModelInfo(entry.name, aliases, entry.summary, sum(p.numel() for p in model.parameters()),
-                     getattr(model, "clip_name", None) or "-",
-                     {stage: tuple(i) for stage, i in locations.items()},
-                     next(iter(blocks.values())).mode if blocks else None)
+    return ModelInfo(
+        entry.name,
+        aliases,
+        entry.summary,
+        sum(p.numel() for p in model.parameters()),
+        getattr(model, "clip_name", None) or "-",
+        {stage: tuple(i) for stage, i in locations.items()},
+        next(iter(blocks.values())).mode if blocks else None,
+    )
 
 
 def model_infos(pattern: str | None = None) -> list[ModelInfo]:
@@ -73,4 +80,3 @@ def models_markdown(pattern: str | None = None) -> str:
         blocks = "-" if info.nonlocal_mode is None else f"{info.placement} ({info.nonlocal_mode})"
         rows.append(f"| `{info.name}` | {also} | {info.clip} | {blocks} | {info.parameters:,} | {info.summary} |")
     return "\n".join(rows)
-

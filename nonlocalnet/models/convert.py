@@ -19,15 +19,17 @@ file's name or its recorded config, else asked for with ``--model``: the clip la
 (the 32x2 and 8x8 models have the same tensors) and whether an mmaction2 block is a dot product or an embedded
 gaussian (the same tensors again). Torch files are read with ``weights_only=True``; no file can run code.
 """
+
 from __future__ import annotations
 
-import os
 import logging
+import os
 import re
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,20 +47,37 @@ _LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # the windowed average of PyTorchVideo's hub heads (head_pool_kernel_size of pytorchvideo/models/hub/resnet.py)
 PYTORCHVIDEO_HEAD_POOL = {"c2d_r50_8x8": (4, 7, 7), "i3d_r50_8x8": (4, 7, 7), "slow_r50_8x8": (8, 7, 7)}
 # the Kinetics-400 top-1 each zoo reports for its checkpoints (PAPER.md); the docs' zoo page is generated from it
-ZOO_TOP1 = {"caffe2": {"c2d_r50": 72.0, "nl_c2d_r50": 73.9, "i3d_r50": 73.6, "nl_i3d_r50": 74.9,
-                       "i3d_r50_128x1": 75.2, "nl_i3d_r50_128x1": 76.5, "c2d_r50_8x8": 71.9, "nl_c2d_r50_8x8": 74.4,
-                       "i3d_r50_8x8": 73.4, "nl_i3d_r50_8x8": 74.7},
-            "pytorchvideo": {"c2d_r50_8x8": 71.46, "i3d_r50_8x8": 73.27, "slow_r50_8x8": 74.58},
-            "mmaction2": {"mmaction2_i3d_r50": 73.47, "mmaction2_nl_i3d_r50_dot_product": 74.80,
-                          "mmaction2_nl_i3d_r50_embedded_gaussian": 74.73, "mmaction2_nl_i3d_r50_gaussian": 73.97}}
+ZOO_TOP1 = {
+    "caffe2": {
+        "c2d_r50": 72.0,
+        "nl_c2d_r50": 73.9,
+        "i3d_r50": 73.6,
+        "nl_i3d_r50": 74.9,
+        "i3d_r50_128x1": 75.2,
+        "nl_i3d_r50_128x1": 76.5,
+        "c2d_r50_8x8": 71.9,
+        "nl_c2d_r50_8x8": 74.4,
+        "i3d_r50_8x8": 73.4,
+        "nl_i3d_r50_8x8": 74.7,
+    },
+    "pytorchvideo": {"c2d_r50_8x8": 71.46, "i3d_r50_8x8": 73.27, "slow_r50_8x8": 74.58},
+    "mmaction2": {
+        "mmaction2_i3d_r50": 73.47,
+        "mmaction2_nl_i3d_r50_dot_product": 74.80,
+        "mmaction2_nl_i3d_r50_embedded_gaussian": 74.73,
+        "mmaction2_nl_i3d_r50_gaussian": 73.97,
+    },
+}
 
 
 # mmaction2's softmax blocks leave θᵀφ unscaled (mmcv's NonLocal3d, use_scale=False): large logits, whose
 # exponentials turn float32 rounding of the two implementations into visible differences
 UNSCALED_SOFTMAX = ("mmaction2_nl_i3d_r50_embedded_gaussian", "mmaction2_nl_i3d_r50_gaussian")
-UNSCALED_NOTE = ("its non-local blocks do not scale θᵀφ (mmaction2's use_scale=False), so in float32 this model and "
-                 "mmaction2 differ by rounding that the large softmax logits amplify; compare them in float64 "
-                 "(model.double()), where they agree to rounding")
+UNSCALED_NOTE = (
+    "its non-local blocks do not scale θᵀφ (mmaction2's use_scale=False), so in float32 this model and "
+    "mmaction2 differ by rounding that the large softmax logits amplify; compare them in float64 "
+    "(model.double()), where they agree to rounding"
+)
 _warned: list[str] = []  # the warning is given once a process
 log = logging.getLogger("nonlocalnet")
 
@@ -99,9 +118,16 @@ def detect_format(path: str | os.PathLike) -> str:
     return _read(Path(path))[0]
 
 
-def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", model: str | None = None,
-                       num_classes: int | None = None, skip_classifier: bool = False, paper_layout: bool = False,
-                       overrides: Mapping[str, Any] | None = None) -> Conversion:
+def convert_checkpoint(
+    path: str | os.PathLike,
+    *,
+    source_format: str = "auto",
+    model: str | None = None,
+    num_classes: int | None = None,
+    skip_classifier: bool = False,
+    paper_layout: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+) -> Conversion:
     """Converts a checkpoint of another zoo into the nonlocalnet model that computes the same function.
 
     Args:
@@ -126,11 +152,12 @@ def convert_checkpoint(path: str | os.PathLike, *, source_format: str = "auto", 
     found, payload, meta = _read(path)
     if source_format != "auto":
         if source_format not in FORMATS:
-            raise ConversionError(f"unknown source format {source_format!r}; expected auto or "
-                                  f"{', '.join(FORMATS)}")
+            raise ConversionError(f"unknown source format {source_format!r}; expected auto or {', '.join(FORMATS)}")
         if source_format != found:
-            raise ConversionError(f"{path} is a {found} checkpoint, not {source_format} (nonlocalnet convert "
-                                  f"recognises the format itself)")
+            raise ConversionError(
+                f"{path} is a {found} checkpoint, not {source_format} (nonlocalnet convert "
+                f"recognises the format itself)"
+            )
     if paper_layout and found != "caffe2":
         raise ConversionError(f"--paper-layout applies to the official Caffe2 checkpoints; {path} is {found}'s")
     options = dict(overrides or {})
@@ -169,6 +196,7 @@ def _is_classifier(fmt: str, key: str, classifier: str) -> bool:
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
+
 def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(format, tensors by name, {"cfg": text, ...} what else the file says)."""
     if path.is_dir():
@@ -176,14 +204,17 @@ def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
-        raise ConversionError(f"{path} is a safetensors file, already nonlocalnet's format: load it with "
-                              f"nonlocalnet.models.load_model (or model.pretrained)")
+        raise ConversionError(
+            f"{path} is a safetensors file, already nonlocalnet's format: load it with "
+            f"nonlocalnet.models.load_model (or model.pretrained)"
+        )
     with open(path, "rb") as f:
         start = f.read(16)
     # torch.save writes zip archives (older torch: a pickle that opens with its magic number); the Caffe2
     # checkpoints are bare pickles of arrays
     if not (start.startswith(b"PK\x03\x04") or start.startswith(_LEGACY_TORCH) or zipfile.is_zipfile(path)):
         from .caffe2 import Caffe2ConversionError, load_caffe2_pickle
+
         try:
             return "caffe2", load_caffe2_pickle(path), {}
         except Caffe2ConversionError as err:
@@ -209,18 +240,25 @@ def _read(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if "backbone.conv1.conv.weight" in state:
         return "mmaction2", state, meta
     if any(k.startswith("blocks.") for k in state):
-        raise ConversionError(f"{path}: a PyTorchVideo network that is not one of its ResNets (c2d_r50, i3d_r50, "
-                              f"slow_r50; no blocks.0.conv.weight stem): X3D, SlowFast, MViT and the others are "
-                              f"not networks nonlocalnet builds")
+        raise ConversionError(
+            f"{path}: a PyTorchVideo network that is not one of its ResNets (c2d_r50, i3d_r50, "
+            f"slow_r50; no blocks.0.conv.weight stem): X3D, SlowFast, MViT and the others are "
+            f"not networks nonlocalnet builds"
+        )
     if "conv1.weight" in state and any(k.startswith("res2.") for k in state):
-        raise ConversionError(f"{path} is already a nonlocalnet state dict: load it with "
-                              f"nonlocalnet.models.load_model (or model.pretrained)")
-    raise ConversionError(f"{path}: not a checkpoint of a zoo nonlocalnet converts (caffe2, pytorchvideo: "
-                          f"blocks.0.conv.weight, mmaction2: backbone.conv1.conv.weight); its first tensors: "
-                          f"{', '.join(list(state)[:4]) or 'none'}")
+        raise ConversionError(
+            f"{path} is already a nonlocalnet state dict: load it with "
+            f"nonlocalnet.models.load_model (or model.pretrained)"
+        )
+    raise ConversionError(
+        f"{path}: not a checkpoint of a zoo nonlocalnet converts (caffe2, pytorchvideo: "
+        f"blocks.0.conv.weight, mmaction2: backbone.conv1.conv.weight); its first tensors: "
+        f"{', '.join(list(state)[:4]) or 'none'}"
+    )
 
 
 # --- which model ---------------------------------------------------------------------------------------------
+
 
 def _depths(state: Mapping[str, Any], pattern: str, stages: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[int, ...]:
     """Blocks per stage: how many of ``pattern.format(stage=s, index=0, 1, ...)`` are present, for each s."""
@@ -238,8 +276,9 @@ def _depth_name(layers: tuple[int, ...], path: Path) -> str:
         return "r50"
     if layers == R101_LAYERS:
         return "r101"
-    raise ConversionError(f"{path}: a ResNet with {layers} blocks per stage, neither R50 nor R101; pass --model "
-                          f"NAME and --set layers=...")
+    raise ConversionError(
+        f"{path}: a ResNet with {layers} blocks per stage, neither R50 nor R101; pass --model NAME and --set layers=..."
+    )
 
 
 def _temporal_kernel(state: Mapping[str, Any], key: str, path: Path | None) -> int:
@@ -247,16 +286,24 @@ def _temporal_kernel(state: Mapping[str, Any], key: str, path: Path | None) -> i
     file, the key and its shape for anything else (a 2-D stem or branch: a damaged or foreign file)."""
     shape = tuple(getattr(state[key], "shape", ()))
     if len(shape) != 5:
-        raise ConversionError(f"{path}: {key} must be a 5-D convolution weight (out, in, t, h, w); got shape "
-                              f"{list(shape)}")
+        raise ConversionError(
+            f"{path}: {key} must be a 5-D convolution weight (out, in, t, h, w); got shape {list(shape)}"
+        )
     return int(shape[2])
 
 
-def _kernels(state: Mapping[str, Any], layers: tuple[int, ...], pattern: str,
-             stages: tuple[int, ...] = (1, 2, 3, 4), path: Path | None = None) -> dict[str, tuple[int, ...]]:
+def _kernels(
+    state: Mapping[str, Any],
+    layers: tuple[int, ...],
+    pattern: str,
+    stages: tuple[int, ...] = (1, 2, 3, 4),
+    path: Path | None = None,
+) -> dict[str, tuple[int, ...]]:
     """stage -> blocks whose ``pattern`` conv has a temporal kernel > 1."""
-    return {name: tuple(i for i in range(n) if _temporal_kernel(state, pattern.format(stage=s, index=i), path) > 1)
-            for name, s, n in zip(STAGES, stages, layers)}
+    return {
+        name: tuple(i for i in range(n) if _temporal_kernel(state, pattern.format(stage=s, index=i), path) > 1)
+        for name, s, n in zip(STAGES, stages, layers)
+    }
 
 
 def _differs(name: str, **inferred: Any) -> dict[str, Any]:
@@ -264,16 +311,20 @@ def _differs(name: str, **inferred: Any) -> dict[str, Any]:
     defaults = {"width": 64, **model_defaults(name)}
     layers = tuple(inferred.get("layers") or defaults.get("layers") or R50_LAYERS)
     if defaults.get("inflated_blocks") is None:  # the arch's own pattern
-        defaults["inflated_blocks"] = (slow_inflated_blocks if defaults.get("arch") == "slow"
-                                       else i3d_inflated_blocks)(layers)
+        defaults["inflated_blocks"] = (slow_inflated_blocks if defaults.get("arch") == "slow" else i3d_inflated_blocks)(
+            layers
+        )
 
     def norm(v: Any) -> Any:
         if isinstance(v, Mapping):
             return {k: norm(x) for k, x in v.items() if not (isinstance(x, (tuple, list)) and not x)}
         return tuple(v) if isinstance(v, (list, tuple)) else v
 
-    return {k: v for k, v in inferred.items() if norm(v) != norm(defaults.get(k) or {} if isinstance(v, Mapping)
-                                                                  else defaults.get(k))}
+    return {
+        k: v
+        for k, v in inferred.items()
+        if norm(v) != norm(defaults.get(k) or {} if isinstance(v, Mapping) else defaults.get(k))
+    }
 
 
 def _pytorchvideo_layout(state: Mapping[str, Any], path: Path) -> tuple[list[int], int | None]:
@@ -286,8 +337,9 @@ def _pytorchvideo_layout(state: Mapping[str, Any], path: Path) -> tuple[list[int
     return stages, (heads[0] if heads else None)
 
 
-def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path,
-                        model: str | None = None) -> tuple[str, dict]:
+def _infer_pytorchvideo(
+    state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path, model: str | None = None
+) -> tuple[str, dict]:
     stages, _ = _pytorchvideo_layout(state, path)
     conv_a = "blocks.{stage}.res_blocks.{index}.branch2.conv_a.weight"
     layers = _depths(state, conv_a, tuple(stages))
@@ -302,9 +354,11 @@ def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], pa
     elif depth == "r50" and stem_kt == 1 and inflated == slow_inflated_blocks(layers) and stages == [1, 2, 3, 4]:
         detected = "slow_r50_8x8"
     if model is None and detected is None:
-        raise ConversionError(f"{path}: a PyTorchVideo ResNet that is none of its hub's c2d_r50, i3d_r50, slow_r50 "
-                              f"({layers} blocks per stage, stem temporal kernel {stem_kt}, 3x1x1 conv_a in "
-                              f"{inflated}, stages in blocks {stages}); pass --model NAME")
+        raise ConversionError(
+            f"{path}: a PyTorchVideo ResNet that is none of its hub's c2d_r50, i3d_r50, slow_r50 "
+            f"({layers} blocks per stage, stem temporal kernel {stem_kt}, 3x1x1 conv_a in "
+            f"{inflated}, stages in blocks {stages}); pass --model NAME"
+        )
     name = model or detected
     options = _differs(name, layers=layers, width=int(state["blocks.0.conv.weight"].shape[0]))
     options["head_pool_kernel"] = PYTORCHVIDEO_HEAD_POOL.get(detected or "", (4, 7, 7))
@@ -312,16 +366,21 @@ def _infer_pytorchvideo(state: Mapping[str, Tensor], meta: Mapping[str, Any], pa
 
 
 def _nl_locations(state: Mapping[str, Any], layers: tuple[int, ...], pattern: str) -> dict[str, tuple[int, ...]]:
-    return {stage: tuple(i for i in range(n) if pattern.format(stage=s, index=i) in state)
-            for s, (stage, n) in enumerate(zip(STAGES, layers), start=1)}
+    return {
+        stage: tuple(i for i in range(n) if pattern.format(stage=s, index=i) in state)
+        for s, (stage, n) in enumerate(zip(STAGES, layers), start=1)
+    }
 
 
-def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path,
-                     model: str | None = None) -> tuple[str, dict]:
+def _infer_mmaction2(
+    state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path, model: str | None = None
+) -> tuple[str, dict]:
     layers = _depths(state, "backbone.layer{stage}.{index}.conv1.conv.weight")
     if model is None and layers != R50_LAYERS:
-        raise ConversionError(f"{path}: an mmaction2 ResNet3d with {layers} blocks per stage; nonlocalnet "
-                              f"registers its R50 networks: pass --model NAME (with --set layers=...)")
+        raise ConversionError(
+            f"{path}: an mmaction2 ResNet3d with {layers} blocks per stage; nonlocalnet "
+            f"registers its R50 networks: pass --model NAME (with --set layers=...)"
+        )
     nl = _nl_locations(state, layers, "backbone.layer{stage}.{index}.non_local_block.g.0.conv.weight")
     inflated = _kernels(state, layers, "backbone.layer{stage}.{index}.conv1.conv.weight", path=path)
     conv1_kt = _temporal_kernel(state, "backbone.conv1.conv.weight", path)
@@ -335,23 +394,29 @@ def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path:
         has_theta = any(".non_local_block.theta." in k for k in state)
         if not has_theta:
             mode = "gaussian"
-        elif (m := re.search(r"mode\s*=\s*['\"](dot_product|embedded_gaussian)['\"]", cfg)):
+        elif m := re.search(r"mode\s*=\s*['\"](dot_product|embedded_gaussian)['\"]", cfg):
             mode = m.group(1)
-        elif (m := re.search(r"(dot|embedded)[-_](product|gaussian)", path.name)):
+        elif m := re.search(r"(dot|embedded)[-_](product|gaussian)", path.name):
             mode = f"{m.group(1)}_{m.group(2)}"
         else:
             raise ConversionError(
                 f"{path}: its non-local blocks are dot products or embedded gaussians, which have the same "
                 f"tensors, and neither the file name nor a config recorded in the file says which; pass --model "
-                f"mmaction2_nl_i3d_r50_dot_product or --model mmaction2_nl_i3d_r50_embedded_gaussian")
+                f"mmaction2_nl_i3d_r50_dot_product or --model mmaction2_nl_i3d_r50_embedded_gaussian"
+            )
         name = f"mmaction2_nl_i3d_r50_{mode}"
     if any(nl.values()):
         if (m := re.search(r"use_scale\s*=\s*(True|False)", cfg)) and m.group(1) == "True":
             nl_options["scale"] = "auto"  # mmcv divides by sqrt(C'): our "auto"
         if (m := re.search(r"sub_sample\s*=\s*(True|False)", cfg)) and m.group(1) == "False":
             nl_options["subsample"] = None
-    options = _differs(name, layers=layers, inflated_blocks=inflated, width=int(
-        state["backbone.conv1.conv.weight"].shape[0]), nonlocal_locations={k: v for k, v in nl.items() if v})
+    options = _differs(
+        name,
+        layers=layers,
+        inflated_blocks=inflated,
+        width=int(state["backbone.conv1.conv.weight"].shape[0]),
+        nonlocal_locations={k: v for k, v in nl.items() if v},
+    )
     if conv1_kt != 5:
         options["conv1_temporal_kernel"] = conv1_kt
     if nl_options:
@@ -359,21 +424,30 @@ def _infer_mmaction2(state: Mapping[str, Tensor], meta: Mapping[str, Any], path:
     return name, options
 
 
-def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path,
-                  model: str | None = None) -> tuple[str, dict]:
+def _infer_caffe2(
+    blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path, model: str | None = None
+) -> tuple[str, dict]:
     if getattr(blobs.get("conv1_w"), "ndim", 0) != 5:
-        raise ConversionError(f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
-                              f"(its first blobs: {', '.join(list(blobs)[:4]) or 'none'})")
+        raise ConversionError(
+            f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
+            f"(its first blobs: {', '.join(list(blobs)[:4]) or 'none'})"
+        )
     layers = tuple(_count(blobs, f"res{s}_{{}}_branch2a_w") for s in range(2, 6))
     if model is not None:  # the name is the user's; the width and depth are the file's
         return model, _differs(model, layers=layers, width=int(blobs["conv1_w"].shape[0]))
     depth = _depth_name(layers, path)
     conv1_kt = blobs["conv1_w"].shape[2]
-    inflated_b = any(_temporal_kernel(blobs, f"res{s}_{i}_branch2b_w", path) > 1
-                     for s, n in zip(range(2, 6), layers) for i in range(n) if f"res{s}_{i}_branch2b_w" in blobs)
+    inflated_b = any(
+        _temporal_kernel(blobs, f"res{s}_{i}_branch2b_w", path) > 1
+        for s, n in zip(range(2, 6), layers)
+        for i in range(n)
+        if f"res{s}_{i}_branch2b_w" in blobs
+    )
     arch = "c2d" if conv1_kt == 1 else ("i3d3x3x3" if inflated_b else "i3d")
-    nl = {f"res{s}": tuple(i for i in range(n) if f"nonlocal_conv{s}_{i}_theta_w" in blobs)
-          for s, n in zip(range(2, 6), layers)}
+    nl = {
+        f"res{s}": tuple(i for i in range(n) if f"nonlocal_conv{s}_{i}_theta_w" in blobs)
+        for s, n in zip(range(2, 6), layers)
+    }
     nl = {k: v for k, v in nl.items() if v}
     affine = not any(k.endswith("_rm") for k in blobs)
     if not nl:
@@ -385,8 +459,10 @@ def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path,
     elif depth == "r50" and nl == NL10_R50:
         prefix = "nl10_"
     else:
-        raise ConversionError(f"{path}: non-local blocks at {nl}, not one of the paper's placements; pass --model "
-                              f"NAME (and --set nonlocal_locations=...)")
+        raise ConversionError(
+            f"{path}: non-local blocks at {nl}, not one of the paper's placements; pass --model "
+            f"NAME (and --set nonlocal_locations=...)"
+        )
     if affine:
         clip = "_128x1"
     elif re.search(r"8x8", path.name):
@@ -394,15 +470,18 @@ def _infer_caffe2(blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path,
     elif re.search(r"32x2", path.name):
         clip = ""
     else:
-        raise ConversionError(f"{path}: the 32x2 and 8x8 models have the same tensors and the file name says "
-                              f"neither; pass --model {prefix}{arch}_{depth} (32x2) or --model "
-                              f"{prefix}{arch}_{depth}_8x8")
+        raise ConversionError(
+            f"{path}: the 32x2 and 8x8 models have the same tensors and the file name says "
+            f"neither; pass --model {prefix}{arch}_{depth} (32x2) or --model "
+            f"{prefix}{arch}_{depth}_8x8"
+        )
     name = f"{prefix}{arch}_{depth}{clip}"
     try:
         get_model_entry(name)
     except KeyError:
-        raise ConversionError(f"{path}: looks like {name}, which is not a registered model; pass --model NAME") \
-            from None
+        raise ConversionError(
+            f"{path}: looks like {name}, which is not a registered model; pass --model NAME"
+        ) from None
     return name, _differs(name, layers=layers, width=int(blobs["conv1_w"].shape[0]))
 
 
@@ -414,7 +493,10 @@ def _count(blobs: Mapping[str, Any], pattern: str) -> int:
 
 
 _INFER: dict[str, Callable[..., tuple[str, dict]]] = {
-    "caffe2": _infer_caffe2, "pytorchvideo": _infer_pytorchvideo, "mmaction2": _infer_mmaction2}
+    "caffe2": _infer_caffe2,
+    "pytorchvideo": _infer_pytorchvideo,
+    "mmaction2": _infer_mmaction2,
+}
 _STEM = {"caffe2": "conv1_w", "pytorchvideo": "blocks.0.conv.weight", "mmaction2": "backbone.conv1.conv.weight"}
 
 
@@ -431,8 +513,11 @@ def _pytorchvideo_source(state: Mapping[str, Any], path: Path) -> Callable[[str]
     """model entry -> the PyTorchVideo ``create_resnet`` entry it comes from (None: no counterpart)."""
     stages, head = _pytorchvideo_layout(state, path)
 
-    renamed = {"conv1.": "blocks.0.conv.", "bn1.": "blocks.0.norm.",
-               "head.fc.": f"blocks.{head if head is not None else stages[-1] + 1}.proj."}
+    renamed = {
+        "conv1.": "blocks.0.conv.",
+        "bn1.": "blocks.0.norm.",
+        "head.fc.": f"blocks.{head if head is not None else stages[-1] + 1}.proj.",
+    }
 
     def source(key: str) -> str | None:
         if (theirs := _renamed(key, renamed)) is not None:
@@ -440,7 +525,8 @@ def _pytorchvideo_source(state: Mapping[str, Any], path: Path) -> Callable[[str]
         if m := _BLOCK.match(key):
             stage, index, part, attr = m.groups()
             part = {"shortcut.conv": "branch1_conv", "shortcut.bn": "branch1_norm"}.get(
-                part, f"branch2.{part.replace('bn_', 'norm_')}")
+                part, f"branch2.{part.replace('bn_', 'norm_')}"
+            )
             return f"blocks.{stages[int(stage) - 2]}.res_blocks.{index}.{part}.{attr}"
         return None
 
@@ -468,9 +554,16 @@ def _mmaction2_entry(key: str) -> str | None:
         return theirs
     if m := _BLOCK.match(key):
         stage, index, part, attr = m.groups()
-        part = {"conv_a": "conv1.conv", "bn_a": "conv1.bn", "conv_b": "conv2.conv", "bn_b": "conv2.bn",
-                "conv_c": "conv3.conv", "bn_c": "conv3.bn", "shortcut.conv": "downsample.conv",
-                "shortcut.bn": "downsample.bn"}[part]
+        part = {
+            "conv_a": "conv1.conv",
+            "bn_a": "conv1.bn",
+            "conv_b": "conv2.conv",
+            "bn_b": "conv2.bn",
+            "conv_c": "conv3.conv",
+            "bn_c": "conv3.bn",
+            "shortcut.conv": "downsample.conv",
+            "shortcut.bn": "downsample.bn",
+        }[part]
         return f"backbone.layer{int(stage) - 1}.{index}.{part}.{attr}"
     if m := _NL.match(key):  # mmaction2's NL blocks are mmcv's NonLocal3d with sub_sample=True
         stage, index, part, attr = m.groups()
@@ -505,8 +598,14 @@ def mmcv_nonlocal_key(key: str, *, sub_sample: bool = True, norm_name: str = "bn
 _SOURCE = {"pytorchvideo": _pytorchvideo_source, "mmaction2": _mmaction2_source}
 
 
-def _map(path: Path, fmt: str, state: Mapping[str, Tensor], model: nn.Module, name: str,
-         source_of: Callable[[str], str | None]) -> tuple[dict[str, Tensor], list[str]]:
+def _map(
+    path: Path,
+    fmt: str,
+    state: Mapping[str, Tensor],
+    model: nn.Module,
+    name: str,
+    source_of: Callable[[str], str | None],
+) -> tuple[dict[str, Tensor], list[str]]:
     """The model's state dict filled from ``state``; every tensor placed and every entry filled, or an error."""
     out: dict[str, Tensor] = {}
     used: set[str] = set()
@@ -550,14 +649,19 @@ def _build(path: Path, name: str, options: Mapping[str, Any]) -> nn.Module:
         raise ConversionError(f"{path} as {name}: {exc}") from None
 
 
-def _convert_caffe2(path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any],
-                    paper_layout: bool) -> Conversion:
+def _convert_caffe2(
+    path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any], paper_layout: bool
+) -> Conversion:
     from .caffe2 import Caffe2ConversionError, convert_caffe2_blobs
     from .resnet3d import CLIP_LAYOUTS
 
     net = _build(path, name, options)
-    if "clip" not in options and not paper_layout and net.clip_name in CLIP_LAYOUTS \
-            and f"{net.clip_name}_official" in CLIP_LAYOUTS:
+    if (
+        "clip" not in options
+        and not paper_layout
+        and net.clip_name in CLIP_LAYOUTS
+        and f"{net.clip_name}_official" in CLIP_LAYOUTS
+    ):
         options["clip"] = f"{net.clip_name}_official"  # the network the official code ran: pool1 unpadded
         net = _build(path, name, options)
     try:

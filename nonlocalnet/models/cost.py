@@ -27,11 +27,13 @@ reserve more than it allocates); buffers a kernel allocates and frees inside one
 those of the device simulated (``device``). Against measurements (tests/test_cost.py) the estimate is within a
 few percent on CPU; docs/cost.md gives the figures.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +46,16 @@ from ..layers.pairwise import IMPLS_BY_MODE, resolve_impl
 from .flops import count_cost, executed_flops
 from .memory import LiveBytes
 
-__all__ = ["AMP_DTYPES", "AS_BUILT", "BlockCost", "CostEstimate", "PathCost", "StepCost", "estimate_cost",
-           "zoo_cost_rows"]
+__all__ = [
+    "AMP_DTYPES",
+    "AS_BUILT",
+    "BlockCost",
+    "CostEstimate",
+    "PathCost",
+    "StepCost",
+    "estimate_cost",
+    "zoo_cost_rows",
+]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AS_BUILT = "as built"  # the row of the model with each block on its own impl ("auto": resolve_impl's choice)
@@ -156,46 +166,86 @@ class CostEstimate:
         """The per-block rows, then the whole-model rows, as text."""
         kind = "training" if self.train else "inference"
         precision = self.amp or "float32"
-        lines = [f"{self.model}: {kind} step on {'x'.join(map(str, self.input_shape))} ({precision}, {self.device})",
-                 f"parameters {self.params:,} ({self.params / 1e6:.2f} M), {self.macs / 1e9:.2f} G multiply-adds "
-                 f"per forward pass of the batch; parameters, buffers and input {_mib(self.state_bytes)}", ""]
+        lines = [
+            f"{self.model}: {kind} step on {'x'.join(map(str, self.input_shape))} ({precision}, {self.device})",
+            f"parameters {self.params:,} ({self.params / 1e6:.2f} M), {self.macs / 1e9:.2f} G multiply-adds "
+            f"per forward pass of the batch; parameters, buffers and input {_mib(self.state_bytes)}",
+            "",
+        ]
         if self.blocks:
             header = ("block", "mode", "input", "params", "GMACs", "path", "GMACs run", "kept MiB", "peak MiB")
             rows = []
             for b in self.blocks:
                 for i, p in enumerate(b.paths):
                     first = i == 0
-                    rows.append((b.name if first else "", b.mode if first else "",
-                                 "x".join(map(str, b.input_shape[1:])) if first else "",
-                                 f"{b.params:,}" if first else "", f"{b.macs / 1e9:.3f}" if first else "",
-                                 p.path + (" *" if p.path == b.chosen else ""), f"{p.macs / 1e9:.3f}",
-                                 _mib(p.kept_bytes, unit=False),
-                                 _mib(p.peak_bytes, unit=False)))
+                    rows.append(
+                        (
+                            b.name if first else "",
+                            b.mode if first else "",
+                            "x".join(map(str, b.input_shape[1:])) if first else "",
+                            f"{b.params:,}" if first else "",
+                            f"{b.macs / 1e9:.3f}" if first else "",
+                            p.path + (" *" if p.path == b.chosen else ""),
+                            f"{p.macs / 1e9:.3f}",
+                            _mib(p.kept_bytes, unit=False),
+                            _mib(p.peak_bytes, unit=False),
+                        )
+                    )
             lines += _format(header, rows, right=(3, 4, 6, 7, 8))
-            lines += ["(GMACs: the paper's count of a forward pass, the same on every path; * the path the block runs "
-                      "as built; GMACs run: what the path executes in the block's step, recomputation included; "
-                      "kept: saved for the backward pass besides its input and output; peak: the block's own step "
-                      "above its input)", ""]
+            lines += [
+                "(GMACs: the paper's count of a forward pass, the same on every path; * the path the block runs "
+                "as built; GMACs run: what the path executes in the block's step, recomputation included; "
+                "kept: saved for the backward pass besides its input and output; peak: the block's own step "
+                "above its input)",
+                "",
+            ]
         header = ("blocks on", "step MiB", "peak MiB")
         rows = [(s.path, _mib(s.step_bytes, unit=False), _mib(s.peak_bytes, unit=False)) for s in self.steps]
         lines += _format(header, rows, right=(1, 2))
-        lines.append("(step: the rise above parameters, buffers and input; peak: with them; optimiser state not "
-                     "included)")
+        lines.append(
+            "(step: the rise above parameters, buffers and input; peak: with them; optimiser state not included)"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON."""
-        return {"model": self.model, "input_shape": list(self.input_shape), "train": self.train, "amp": self.amp,
-                "device": self.device, "params": self.params, "macs": self.macs, "state_bytes": self.state_bytes,
-                "blocks": [{"name": b.name, "mode": b.mode, "input_shape": list(b.input_shape), "params": b.params,
-                            "macs": b.macs, "chosen": b.chosen,
-                            "paths": [vars(p) for p in b.paths]} for b in self.blocks],
-                "steps": [vars(s) for s in self.steps]}
+        return {
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "train": self.train,
+            "amp": self.amp,
+            "device": self.device,
+            "params": self.params,
+            "macs": self.macs,
+            "state_bytes": self.state_bytes,
+            "blocks": [
+                {
+                    "name": b.name,
+                    "mode": b.mode,
+                    "input_shape": list(b.input_shape),
+                    "params": b.params,
+                    "macs": b.macs,
+                    "chosen": b.chosen,
+                    "paths": [vars(p) for p in b.paths],
+                }
+                for b in self.blocks
+            ],
+            "steps": [vars(s) for s in self.steps],
+        }
 
 
-def estimate_cost(model: nn.Module | str, clip: Sequence[int] | None = None, *, batch: int = 1,
-                  train: bool = False, amp: str | None = None, impl: str | None = None, device: str = "cpu",
-                  overrides: Mapping[str, Any] | None = None, blocks_alone: bool = True) -> CostEstimate:
+def estimate_cost(
+    model: nn.Module | str,
+    clip: Sequence[int] | None = None,
+    *,
+    batch: int = 1,
+    train: bool = False,
+    amp: str | None = None,
+    impl: str | None = None,
+    device: str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    blocks_alone: bool = True,
+) -> CostEstimate:
     """Parameters, multiply-adds and the peak memory of one step, per non-local block and in total, for each
     exact path; computed on fake tensors (see the module's docstring for the method and its assumptions).
 
@@ -235,29 +285,45 @@ def estimate_cost(model: nn.Module | str, clip: Sequence[int] | None = None, *, 
     shape = _input_shape(module, clip, batch)
     nl_blocks = find_nonlocal_blocks(module)
     if impl is not None and nl_blocks and not any(impl in IMPLS_BY_MODE[b.mode] for b in nl_blocks.values()):
-        raise ValueError(f"impl {impl!r} computes none of this model's non-local modes "
-                         f"({', '.join(sorted({b.mode for b in nl_blocks.values()}))})")
+        raise ValueError(
+            f"impl {impl!r} computes none of this model's non-local modes "
+            f"({', '.join(sorted({b.mode for b in nl_blocks.values()}))})"
+        )
     inputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     with _recording_inputs(nl_blocks, inputs):
         state, as_built = _simulate(module, mode, shape, train, amp, device)
     counted = count_cost(module, shape, depth=1)
-    estimate = CostEstimate(name, shape, train, amp, device, counted.params, counted.macs, state,
-                            steps=[StepCost(AS_BUILT, as_built - state, as_built)])
-    paths = [impl] if impl is not None else [p for p in known if any(p in IMPLS_BY_MODE[b.mode]
-                                                                     for b in nl_blocks.values())]
+    estimate = CostEstimate(
+        name,
+        shape,
+        train,
+        amp,
+        device,
+        counted.params,
+        counted.macs,
+        state,
+        steps=[StepCost(AS_BUILT, as_built - state, as_built)],
+    )
+    paths = (
+        [impl]
+        if impl is not None
+        else [p for p in known if any(p in IMPLS_BY_MODE[b.mode] for b in nl_blocks.values())]
+    )
     for path in sorted(paths, key=_path_order):
         with _blocks_on(nl_blocks, path):
             state_p, peak = _simulate(module, mode, shape, train, amp, device)
         estimate.steps.append(StepCost(path, peak - state_p, peak))
     for block_name, block in nl_blocks.items():
         block_shape, dtype = inputs[block_name]
-        estimate.blocks.append(_block_cost(block_name, block, mode, block_shape, dtype, train, amp, device,
-                                           impl, blocks_alone))
+        estimate.blocks.append(
+            _block_cost(block_name, block, mode, block_shape, dtype, train, amp, device, impl, blocks_alone)
+        )
     return estimate
 
 
-def zoo_cost_rows(names: Sequence[str] | None = None, *, batch: int = 1, train: bool = True,
-                  amp: str | None = None) -> list[dict[str, Any]]:
+def zoo_cost_rows(
+    names: Sequence[str] | None = None, *, batch: int = 1, train: bool = True, amp: str | None = None
+) -> list[dict[str, Any]]:
     """One row per registered model at its own clip (its clip length at 224x224), for the docs' model zoo:
     name, clip, parameters (M), G multiply-adds, and the training (or inference) step's peak memory in MiB as
     built and with every block on each exact path of its mode.
@@ -281,16 +347,25 @@ def zoo_cost_rows(names: Sequence[str] | None = None, *, batch: int = 1, train: 
         if frames is None:
             continue
         est = estimate_cost(name, (frames, 224, 224), batch=batch, train=train, amp=amp, blocks_alone=False)
-        rows.append({"model": name, "clip": f"{frames}x224x224", "params_m": round(est.params / 1e6, 2),
-                     "gmacs": round(est.macs / batch / 1e9, 1), "peak_mib": round(est.peak_bytes / 2**20),
-                     "paths": {s.path: round(s.peak_bytes / 2**20) for s in est.steps if s.path != AS_BUILT}})
+        rows.append(
+            {
+                "model": name,
+                "clip": f"{frames}x224x224",
+                "params_m": round(est.params / 1e6, 2),
+                "gmacs": round(est.macs / batch / 1e9, 1),
+                "peak_mib": round(est.peak_bytes / 2**20),
+                "paths": {s.path: round(s.peak_bytes / 2**20) for s in est.steps if s.path != AS_BUILT},
+            }
+        )
     return rows
 
 
 # --- the simulation ---------------------------------------------------------------------------------------------
 
-def _fake_model(model: nn.Module | str, overrides: Mapping[str, Any] | None, device: str
-                ) -> tuple[str, nn.Module, FakeTensorMode]:
+
+def _fake_model(
+    model: nn.Module | str, overrides: Mapping[str, Any] | None, device: str
+) -> tuple[str, nn.Module, FakeTensorMode]:
     """(name, the module, the fake mode its step runs in): a name is built on fake tensors; a real module is
     used as it is and run on fake copies of its weights (see :func:`_simulate`)."""
     if isinstance(model, str):
@@ -328,13 +403,16 @@ def _autocast(device: str, amp: str | None) -> contextlib.AbstractContextManager
     return torch.autocast(device, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
 
 
-def _simulate(module: nn.Module, mode: FakeTensorMode, shape: Sequence[int], train: bool, amp: str | None,
-              device: str) -> tuple[int, int]:
+def _simulate(
+    module: nn.Module, mode: FakeTensorMode, shape: Sequence[int], train: bool, amp: str | None, device: str
+) -> tuple[int, int]:
     """Runs one step of ``module`` on a fake input of ``shape`` under :class:`LiveBytes`; returns (the bytes of
     parameters, buffers and input, the peak bytes of the step, those included). The module's own weights and
     train/eval flags are left as they were."""
-    state = {n: t if isinstance(t, FakeTensor) else mode.from_tensor(t).requires_grad_(t.requires_grad)
-             for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    state = {
+        n: t if isinstance(t, FakeTensor) else mode.from_tensor(t).requires_grad_(t.requires_grad)
+        for n, t in [*module.named_parameters(), *module.named_buffers()]
+    }
     live = LiveBytes()
     flags = {m: m.training for m in module.modules()}
     try:
@@ -359,9 +437,18 @@ def _simulate(module: nn.Module, mode: FakeTensorMode, shape: Sequence[int], tra
     return state_bytes, peak
 
 
-def _block_cost(name: str, block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, ...],
-                dtype: torch.dtype, train: bool, amp: str | None, device: str, impl: str | None,
-                simulate: bool) -> BlockCost:
+def _block_cost(
+    name: str,
+    block: NonLocalBlock,
+    mode: FakeTensorMode,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    train: bool,
+    amp: str | None,
+    device: str,
+    impl: str | None,
+    simulate: bool,
+) -> BlockCost:
     """The block's row: its costs, and each path's memory run alone on a fake input like the one it got."""
     macs = count_cost(block, shape, depth=1).macs
     chosen = _chosen_path(block, shape)
@@ -371,12 +458,19 @@ def _block_cost(name: str, block: NonLocalBlock, mode: FakeTensorMode, shape: tu
             continue
         with _blocks_on({name: block}, path):
             paths.append(_block_alone(block, mode, shape, dtype, train, amp, device, path))
-    return BlockCost(name, block.mode, shape, sum(p.numel() for p in block.parameters()), macs, chosen,
-                     tuple(paths))
+    return BlockCost(name, block.mode, shape, sum(p.numel() for p in block.parameters()), macs, chosen, tuple(paths))
 
 
-def _block_alone(block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype,
-                 train: bool, amp: str | None, device: str, path: str) -> PathCost:
+def _block_alone(
+    block: NonLocalBlock,
+    mode: FakeTensorMode,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    train: bool,
+    amp: str | None,
+    device: str,
+    path: str,
+) -> PathCost:
     """The block's step alone on a fake input, twice: once under :class:`LiveBytes` for its memory, once under
     the FLOP counter for what it executes (whose module hooks would add tensors of their own to the count)."""
     was = block.training
@@ -389,16 +483,26 @@ def _block_alone(block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, .
     return PathCost(path, flops // 2, kept, peak)
 
 
-def _block_step(block: NonLocalBlock, mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype, train: bool,
-                amp: str | None, device: str, live: LiveBytes | None) -> tuple[int, int]:
+def _block_step(
+    block: NonLocalBlock,
+    mode: FakeTensorMode,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    train: bool,
+    amp: str | None,
+    device: str,
+    live: LiveBytes | None,
+) -> tuple[int, int]:
     """One step of the block on a fake input (a requires-grad input when training, the mean of the output as the
     loss); returns, counted by ``live`` (zeros without it), the bytes the forward pass keeps for the backward pass
     besides input and output (0 for inference) and the step's peak above parameters, buffers and input."""
-    state = {n: t if isinstance(t, FakeTensor) else mode.from_tensor(t).requires_grad_(t.requires_grad)
-             for n, t in [*block.named_parameters(), *block.named_buffers()]}
+    state = {
+        n: t if isinstance(t, FakeTensor) else mode.from_tensor(t).requires_grad_(t.requires_grad)
+        for n, t in [*block.named_parameters(), *block.named_buffers()]
+    }
     kept = 0
     try:
-        with mode, (live or contextlib.nullcontext()):
+        with mode, live or contextlib.nullcontext():
             x = torch.zeros(shape, dtype=dtype, device=device, requires_grad=train)
             base = 0
             if live is not None:
@@ -447,12 +551,15 @@ def _blocks_on(blocks: Mapping[str, NonLocalBlock], path: str) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def _recording_inputs(blocks: Mapping[str, NonLocalBlock], into: dict[str, tuple[tuple[int, ...], torch.dtype]]
-                      ) -> Iterator[None]:
+def _recording_inputs(
+    blocks: Mapping[str, NonLocalBlock], into: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> Iterator[None]:
     """Records each block's input shape and dtype (the last call's) while in this context."""
+
     def hook(name: str):
         def record(_module: nn.Module, args: tuple) -> None:
             into[name] = (tuple(args[0].shape), args[0].dtype)
+
         return record
 
     handles = [b.register_forward_pre_hook(hook(n)) for n, b in blocks.items()]
@@ -488,7 +595,6 @@ def _format(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(f"{c:>{w}}" if i in right else f"{c:<{w}}" for i, (c, w) in enumerate(zip(r, widths))
-                         ).rstrip()
+        return "  ".join(f"{c:>{w}}" if i in right else f"{c:<{w}}" for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     return [line(header), "-" * len(line(header)), *map(line, rows)]

@@ -3,9 +3,10 @@
 This is the one place features are taken from a model: ``nonlocalnet extract`` and the feature bank's builder
 (:mod:`nonlocalnet.bank.build`) both call :func:`clip_features`.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +30,11 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
     if name not in modules or not name:
         names = [n for n in modules if n]
         close = closest_names(name, names)
-        raise ValueError(f"the model has no layer {name!r}" + (f"; closest: {', '.join(close)}" if close else "")
-                         + f" ({len(names)} layers; e.g. {', '.join(names[:3])})")
+        raise ValueError(
+            f"the model has no layer {name!r}"
+            + (f"; closest: {', '.join(close)}" if close else "")
+            + f" ({len(names)} layers; e.g. {', '.join(names[:3])})"
+        )
     return modules[name]
 
 
@@ -73,9 +77,15 @@ def clip_features(model: nn.Module, clips: Tensor, layer: str | None = None, poo
     return features
 
 
-def batched_clip_features(model: nn.Module, clips: Sequence[Tensor], *, batch_size: int,
-                          device: torch.device | str | None = None, layer: str | None = None,
-                          prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def batched_clip_features(
+    model: nn.Module,
+    clips: Sequence[Tensor],
+    *,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    layer: str | None = None,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """The pooled features of many clips, ``batch_size`` at a time: (L, C) float32 on the CPU.
 
     Args:
@@ -94,7 +104,7 @@ def batched_clip_features(model: nn.Module, clips: Sequence[Tensor], *, batch_si
     out = []
     with torch.no_grad():
         for i in range(0, len(clips), batch_size):
-            batch = torch.stack(list(clips[i:i + batch_size])).to(device)  # (b, C, T, H, W)
+            batch = torch.stack(list(clips[i : i + batch_size])).to(device)  # (b, C, T, H, W)
             if prepare is not None:
                 batch = prepare(batch)
             out.append(clip_features(model, batch, layer).float().cpu())  # (b, C)

@@ -11,11 +11,13 @@ path would run, so the figures are the same on every torch.
 By default the model runs on fake tensors (shapes only, no memory, no arithmetic), so even NL I3D R101 on a
 128-frame clip is cheap to count: nothing is computed.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,8 +69,16 @@ class CostReport:
     def table(self) -> str:
         """A text table: one line per layer, then the totals."""
         header = ("layer", "type", "output", "params", "MACs (G)")
-        lines = [(r.name, r.kind, "x".join(map(str, r.output_shape)) if r.output_shape else "-", f"{r.params:,}",
-                  f"{r.macs / 1e9:.3f}") for r in self.rows]
+        lines = [
+            (
+                r.name,
+                r.kind,
+                "x".join(map(str, r.output_shape)) if r.output_shape else "-",
+                f"{r.params:,}",
+                f"{r.macs / 1e9:.3f}",
+            )
+            for r in self.rows
+        ]
         lines.append(("total", "", "", f"{self.params:,}", f"{self.macs / 1e9:.3f}"))
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
@@ -83,8 +93,10 @@ class CostReport:
     def summary(self) -> str:
         """The totals in one line."""
         shape = "x".join(map(str, self.input_shape))
-        return (f"input {shape}: {self.params:,} parameters ({self.params / 1e6:.2f} M), "
-                f"{self.macs / 1e9:.2f} G multiply-adds ({self.flops / 1e9:.2f} GFLOPs)")
+        return (
+            f"input {shape}: {self.params:,} parameters ({self.params / 1e6:.2f} M), "
+            f"{self.macs / 1e9:.2f} G multiply-adds ({self.flops / 1e9:.2f} GFLOPs)"
+        )
 
 
 def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fake: bool = True) -> CostReport:
@@ -103,9 +115,12 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1; got {depth}")
-    rows = [(name, module) for name, module in model.named_modules()
-            if name and (name.count(".") + 1 == depth or (name.count(".") + 1 < depth
-                                                          and not any(True for _ in module.children())))]
+    rows = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name
+        and (name.count(".") + 1 == depth or (name.count(".") + 1 < depth and not any(True for _ in module.children())))
+    ]
     shapes: dict[str, tuple[int, ...] | None] = {}
     pairwise_macs = {name: 0 for name, _ in rows}  # each row's non-local pairwise multiply-adds
     started: dict[str, int] = {}
@@ -114,16 +129,21 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
     def enter(name: str):
         def hook(_module: nn.Module, _inputs: Any) -> None:
             started[name] = count.macs
+
         return hook
 
     def leave(name: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
             pairwise_macs[name] += count.macs - started.pop(name)
+
         return hook
 
-    handles = [h for name, module in rows for h in (module.register_forward_pre_hook(enter(name)),
-                                                    module.register_forward_hook(leave(name)))]
+    handles = [
+        h
+        for name, module in rows
+        for h in (module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name)))
+    ]
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
@@ -139,12 +159,22 @@ def count_cost(model: nn.Module, input_shape: Sequence[int], depth: int = 2, fak
 
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    report = CostReport(tuple(input_shape), params=sum(p.numel() for p in model.parameters()),
-                        macs=counter.get_total_flops() // 2 + count.macs)
+    report = CostReport(
+        tuple(input_shape),
+        params=sum(p.numel() for p in model.parameters()),
+        macs=counter.get_total_flops() // 2 + count.macs,
+    )
     for name, module in rows:
         flops = sum(counts.get(f"{root}.{name}", {}).values())
-        report.rows.append(LayerCost(name, type(module).__name__, sum(p.numel() for p in module.parameters()),
-                                     flops // 2 + pairwise_macs[name], shapes.get(name)))
+        report.rows.append(
+            LayerCost(
+                name,
+                type(module).__name__,
+                sum(p.numel() for p in module.parameters()),
+                flops // 2 + pairwise_macs[name],
+                shapes.get(name),
+            )
+        )
     return report
 
 
@@ -158,8 +188,15 @@ def _fake_mode(model: nn.Module) -> contextlib.AbstractContextManager:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def model_cost(name: str, input_size: Sequence[int] | None = None, *, batch: int = 1, depth: int = 2,
-               fake: bool = True, overrides: Mapping[str, Any] | None = None) -> CostReport:
+def model_cost(
+    name: str,
+    input_size: Sequence[int] | None = None,
+    *,
+    batch: int = 1,
+    depth: int = 2,
+    fake: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> CostReport:
     """Builds a registered model (on fake tensors unless ``fake=False``) and counts its cost.
 
     Args:
@@ -174,6 +211,7 @@ def model_cost(name: str, input_size: Sequence[int] | None = None, *, batch: int
 
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
+
         with FakeTensorMode():
             model = create_model(name, **(overrides or {}))
     else:
@@ -195,10 +233,14 @@ def executed_flops(fn: Callable[[], object]) -> int:
     before torch 2.15, SDPA's CPU kernel forward and backward (counted as the CUDA flash kernel is). Runs on real
     or fake tensors."""
     aten = torch.ops.aten
-    extra = {aten.baddbmm_: _torch_formula(aten.baddbmm), aten.addmm_: _torch_formula(aten.addmm),
-             aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(aten._scaled_dot_product_flash_attention),
-             aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                 _torch_formula(aten._scaled_dot_product_flash_attention_backward)}
+    extra = {
+        aten.baddbmm_: _torch_formula(aten.baddbmm),
+        aten.addmm_: _torch_formula(aten.addmm),
+        aten._scaled_dot_product_flash_attention_for_cpu: _torch_formula(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _torch_formula(
+            aten._scaled_dot_product_flash_attention_backward
+        ),
+    }
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         fn()
     return counter.get_total_flops()

@@ -10,17 +10,26 @@ over unchanged; non-local blocks have no 2D counterpart and keep their initialis
     model = create_model("nl_i3d_r50")
     report = inflate_2d_weights(model, state)   # fc skipped: 1000 ImageNet classes vs 400
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-_BRANCH = {"conv_a": "conv1", "bn_a": "bn1", "conv_b": "conv2", "bn_b": "bn2", "conv_c": "conv3", "bn_c": "bn3",
-           "shortcut.conv": "downsample.0", "shortcut.bn": "downsample.1"}
+_BRANCH = {
+    "conv_a": "conv1",
+    "bn_a": "bn1",
+    "conv_b": "conv2",
+    "bn_b": "bn2",
+    "conv_c": "conv3",
+    "bn_c": "bn3",
+    "shortcut.conv": "downsample.0",
+    "shortcut.bn": "downsample.1",
+}
 _BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(.+)\.([a-z_]+)$")
 _NONLOCAL = re.compile(r"^res[2-5]\.nl\d+\.")
 
@@ -37,7 +46,7 @@ def torchvision_name(name: str) -> str | None:
     if name.startswith(("conv1.", "bn1.")):
         return name
     if name.startswith("head.fc."):
-        return name[len("head."):]
+        return name[len("head.") :]
     match = _BLOCK.match(name)
     if match and match.group(3) in _BRANCH:
         stage, block, module, tensor = match.groups()
@@ -62,8 +71,9 @@ class InflationReport:
     unused: list[str] = field(default_factory=list)
 
 
-def inflate_2d_weights(model: nn.Module, state_dict_2d: Mapping[str, Tensor], *,
-                       load_classifier: bool | None = None) -> InflationReport:
+def inflate_2d_weights(
+    model: nn.Module, state_dict_2d: Mapping[str, Tensor], *, load_classifier: bool | None = None
+) -> InflationReport:
     """Loads a torchvision ResNet state dict into a C2D / I3D ResNet3d, inflating conv kernels over time.
 
     Args:
@@ -82,9 +92,11 @@ def inflate_2d_weights(model: nn.Module, state_dict_2d: Mapping[str, Tensor], *,
     report = InflationReport()
     fc_2d = {k for k in state_dict_2d if k.startswith("fc.")}
     if load_classifier is None:
-        load_classifier = all(k in state_dict_2d and tuple(state_dict_2d[k].shape) == tuple(target[f"head.{k}"].shape)
-                              for k in ("fc.weight", "fc.bias") if f"head.{k}" in target) and \
-            any(k.startswith("head.fc.") for k in target)
+        load_classifier = all(
+            k in state_dict_2d and tuple(state_dict_2d[k].shape) == tuple(target[f"head.{k}"].shape)
+            for k in ("fc.weight", "fc.bias")
+            if f"head.{k}" in target
+        ) and any(k.startswith("head.fc.") for k in target)
     used: set[str] = set()
     new_state: dict[str, Tensor] = {}
     for name, tensor in target.items():
@@ -96,29 +108,36 @@ def inflate_2d_weights(model: nn.Module, state_dict_2d: Mapping[str, Tensor], *,
             if source.endswith("num_batches_tracked"):
                 report.kept.append(name)
                 continue
-            raise ValueError(f"the 2D state dict has no {source!r} for the model's {name!r} "
-                             f"(is it a torchvision ResNet of the same depth?)")
+            raise ValueError(
+                f"the 2D state dict has no {source!r} for the model's {name!r} "
+                f"(is it a torchvision ResNet of the same depth?)"
+            )
         weight = state_dict_2d[source]
         used.add(source)
         if tensor.dim() == 5 and weight.dim() == 4:
             out_c, in_c, t = tensor.shape[:3]
             if tuple(weight.shape) != (out_c, in_c, *tensor.shape[3:]):
-                raise ValueError(f"{source} has shape {tuple(weight.shape)}; the model's {name} needs a 2D kernel of "
-                                 f"shape {(out_c, in_c, *tensor.shape[3:])} to inflate to {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"{source} has shape {tuple(weight.shape)}; the model's {name} needs a 2D kernel of "
+                    f"shape {(out_c, in_c, *tensor.shape[3:])} to inflate to {tuple(tensor.shape)}"
+                )
             # (O, I, kh, kw) -> (O, I, t, kh, kw), each temporal slice W / t
             new_state[name] = weight.unsqueeze(2).repeat(1, 1, t, 1, 1) / t
             (report.inflated if t > 1 else report.copied).append(name)
         else:
             if tuple(weight.shape) != tuple(tensor.shape):
-                raise ValueError(f"{source} has shape {tuple(weight.shape)}; the model's {name} has "
-                                 f"{tuple(tensor.shape)}")
+                raise ValueError(
+                    f"{source} has shape {tuple(weight.shape)}; the model's {name} has {tuple(tensor.shape)}"
+                )
             new_state[name] = weight
             report.copied.append(name)
     report.unused = sorted(set(state_dict_2d) - used)
     unexpected = [k for k in report.unused if not (k in fc_2d and not load_classifier)]
     if unexpected:
-        raise ValueError(f"{len(unexpected)} entries of the 2D state dict have no place in the model: "
-                         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} (deeper 2D network?)")
+        raise ValueError(
+            f"{len(unexpected)} entries of the 2D state dict have no place in the model: "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} (deeper 2D network?)"
+        )
     with torch.no_grad():
         for name, value in new_state.items():
             target[name].copy_(value.to(dtype=target[name].dtype))

@@ -15,14 +15,16 @@ Either way the model's own state-dict keys are unchanged, so its pretrained weig
 blocks' own), and since every block starts as the identity (γ = 0, or W_z = 0 without a norm) the model computes
 exactly what it computed before, until training moves the blocks.
 """
+
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import inspect
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +35,14 @@ SIBLING_PREFIX = "nl"  # nl<name>: the block after <name> in an nn.Sequential
 CHILD_NAME = "nonlocal_block"  # the block inside the module it follows (hooked, or last of a Sequential)
 # the options the model decides, not the caller: in_channels and dim come from the module (or a dry forward)
 _WORKED_OUT = ("in_channels", "dim")
-_NORMS_WITH_DIM = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.InstanceNorm1d: 1,
-                   nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+_NORMS_WITH_DIM = {
+    nn.BatchNorm1d: 1,
+    nn.BatchNorm2d: 2,
+    nn.BatchNorm3d: 3,
+    nn.InstanceNorm1d: 1,
+    nn.InstanceNorm2d: 2,
+    nn.InstanceNorm3d: 3,
+}
 _CONV_DIM = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
@@ -66,14 +74,21 @@ class InsertionReport:
         block = max([len(i.block) for i in self.insertions] + [5])
         lines.append(f"  {'after':<{after}}  {'block':<{block}}  {'C':>5}  dim  from       how")
         for i in self.insertions:
-            lines.append(f"  {i.after:<{after}}  {i.block:<{block}}  {i.channels:>5}  {i.dim:>3}  "
-                         f"{i.source:<9}  {i.how}")
+            lines.append(
+                f"  {i.after:<{after}}  {i.block:<{block}}  {i.channels:>5}  {i.dim:>3}  {i.source:<9}  {i.how}"
+            )
         return "\n".join(lines)
 
 
-def add_nonlocal(model: nn.Module, at: str | Sequence[str], *, example_input: Tensor | None = None,
-                 verbose: bool = True, return_report: bool = False,
-                 **block_options: Any) -> nn.Module | tuple[nn.Module, InsertionReport]:
+def add_nonlocal(
+    model: nn.Module,
+    at: str | Sequence[str],
+    *,
+    example_input: Tensor | None = None,
+    verbose: bool = True,
+    return_report: bool = False,
+    **block_options: Any,
+) -> nn.Module | tuple[nn.Module, InsertionReport]:
     """Inserts a non-local block after each submodule of ``model`` that ``at`` names, in place.
 
     Args:
@@ -113,8 +128,7 @@ def add_nonlocal(model: nn.Module, at: str | Sequence[str], *, example_input: Te
         reference = next(module.parameters(), None)
         reference = next(model.parameters(), None) if reference is None else reference
         if reference is not None:
-            block = block.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point()
-                             else None)
+            block = block.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
         planned.append((path, block, channels, dim, source))
     report = InsertionReport(options=dict(block_options))
     for path, block, channels, dim, source in planned:
@@ -163,17 +177,21 @@ def _match(pattern: str, name: str) -> bool:
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    accepted = [name for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
-                if p.kind == p.KEYWORD_ONLY]
+    accepted = [
+        name for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items() if p.kind == p.KEYWORD_ONLY
+    ]
     for name in options:
         if name in _WORKED_OUT:
-            raise ValueError(f"add_nonlocal works out {name} for each block from the module it follows; pass "
-                             f"example_input= where the module's structure does not tell")
+            raise ValueError(
+                f"add_nonlocal works out {name} for each block from the module it follows; pass "
+                f"example_input= where the module's structure does not tell"
+            )
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown non-local block option {name!r}{hint}; NonLocalBlock takes "
-                             f"{', '.join(accepted)}")
+            raise ValueError(
+                f"unknown non-local block option {name!r}{hint}; NonLocalBlock takes {', '.join(accepted)}"
+            )
 
 
 def _output_shapes(model: nn.Module, targets: list[str], example_input: Tensor) -> dict[str, tuple[int, ...]]:
@@ -182,8 +200,10 @@ def _output_shapes(model: nn.Module, targets: list[str], example_input: Tensor) 
     shapes: dict[str, Any] = {}
     handles = []
     for path in targets:
+
         def record(module: nn.Module, args: Any, output: Any, path: str = path) -> None:
             shapes[path] = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+
         handles.append(model.get_submodule(path).register_forward_hook(record))
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # a dry run must not move BN statistics
     try:
@@ -197,8 +217,9 @@ def _output_shapes(model: nn.Module, targets: list[str], example_input: Tensor) 
                 b.copy_(buffers[name])
     not_run = [p for p in targets if p not in shapes]
     if not_run:
-        raise ValueError(f"the example input's forward never ran {', '.join(not_run)}: a block after it would "
-                         f"never run either")
+        raise ValueError(
+            f"the example input's forward never ran {', '.join(not_run)}: a block after it would never run either"
+        )
     return shapes
 
 
@@ -206,26 +227,33 @@ def _channels_and_dim(path: str, module: nn.Module, shapes: dict[str, Any]) -> t
     if path in shapes:
         shape = shapes[path]
         if not isinstance(shape, tuple):
-            raise ValueError(f"{path} returns a {shape}, not a tensor: a non-local block needs a (B, C, *spatial) "
-                             f"map after it")
+            raise ValueError(
+                f"{path} returns a {shape}, not a tensor: a non-local block needs a (B, C, *spatial) map after it"
+            )
         if len(shape) not in (3, 4, 5):
-            raise ValueError(f"{path} returns a tensor of shape {shape}; a non-local block takes (B, C, L), "
-                             f"(B, C, H, W) or (B, C, T, H, W)")
+            raise ValueError(
+                f"{path} returns a tensor of shape {shape}; a non-local block takes (B, C, L), "
+                f"(B, C, H, W) or (B, C, T, H, W)"
+            )
         return shape[1], len(shape) - 2, "forward"
     convs = [m for m in module.modules() if isinstance(m, tuple(_CONV_DIM))]
     norms = [m for m in module.modules() if _norm_channels(m) is not None]
     if not convs:
-        raise ValueError(f"{path} ({type(module).__name__}) has no convolution to tell its output's channels and "
-                         f"axes; pass example_input= to read them from a forward")
+        raise ValueError(
+            f"{path} ({type(module).__name__}) has no convolution to tell its output's channels and "
+            f"axes; pass example_input= to read them from a forward"
+        )
     conv = convs[-1]
     channels, dim = conv.out_channels, next(d for t, d in _CONV_DIM.items() if isinstance(conv, t))
     if norms:
         norm = norms[-1]
         norm_dim = next((d for t, d in _NORMS_WITH_DIM.items() if isinstance(norm, t)), dim)
         if _norm_channels(norm) != channels or norm_dim != dim:
-            raise ValueError(f"{path} ({type(module).__name__}): its last conv has {channels} output channels "
-                             f"({dim}-D) but its last norm {_norm_channels(norm)} ({norm_dim}-D); pass "
-                             f"example_input= to read its output from a forward")
+            raise ValueError(
+                f"{path} ({type(module).__name__}): its last conv has {channels} output channels "
+                f"({dim}-D) but its last norm {_norm_channels(norm)} ({norm_dim}-D); pass "
+                f"example_input= to read its output from a forward"
+            )
     return channels, dim, "structure"
 
 
@@ -259,8 +287,10 @@ def _wiring(model: nn.Module, path: str) -> tuple[str, str]:
         if isinstance(existing, NonLocalBlock):
             raise ValueError(f"{path} is already followed by a non-local block ({_join(parent_path, nl_name)})")
         if existing is not None:
-            raise ValueError(f"cannot name the non-local block after {path} {nl_name!r}: {parent_path or 'the model'} "
-                             f"already has a module of that name")
+            raise ValueError(
+                f"cannot name the non-local block after {path} {nl_name!r}: {parent_path or 'the model'} "
+                f"already has a module of that name"
+            )
         return _join(parent_path, nl_name), "sibling"
     if isinstance(module._modules.get(CHILD_NAME), NonLocalBlock):
         raise ValueError(f"{path} is already followed by a non-local block ({path}.{CHILD_NAME})")
@@ -269,8 +299,10 @@ def _wiring(model: nn.Module, path: str) -> tuple[str, str]:
     if _plain_sequential(module):
         return f"{path}.{CHILD_NAME}", "last child"
     if type(module).forward is nn.Module.forward:
-        raise ValueError(f"{path} is a {type(module).__name__}, a container that is never called itself; name "
-                         f"the modules inside it ({path}.*)")
+        raise ValueError(
+            f"{path} is a {type(module).__name__}, a container that is never called itself; name "
+            f"the modules inside it ({path}.*)"
+        )
     return f"{path}.{CHILD_NAME}", "hook"
 
 
@@ -300,8 +332,10 @@ def _insert(model: nn.Module, path: str, block: NonLocalBlock) -> tuple[str, str
 def apply_nonlocal_block(module: nn.Module, args: Any, output: Any) -> Tensor:
     """The forward hook of a module that holds an inserted block: its output through the block."""
     if not isinstance(output, Tensor):
-        raise TypeError(f"{type(module).__name__} returned a {type(output).__name__}, but the non-local block "
-                        f"inserted after it takes a tensor")
+        raise TypeError(
+            f"{type(module).__name__} returned a {type(output).__name__}, but the non-local block "
+            f"inserted after it takes a tensor"
+        )
     return module._modules[CHILD_NAME](output)
 
 

@@ -15,10 +15,12 @@ autocast, with no model of them written by hand. What it cannot see are buffers 
 inside one operation below the dispatcher (oneDNN scratchpads, cuDNN workspaces, BLAS packing): tests measure
 them within a few percent on CPU (docs/cost.md).
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor

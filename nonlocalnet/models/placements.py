@@ -7,12 +7,12 @@ The stages are res2..res5 of a bottleneck ResNet; R50 has (3, 4, 6, 3) blocks in
 Table 2(b) and (c) of the paper, and the official code's R101 layout, are below; :func:`check_locations` checks
 any placement against a network's stage depths.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 # Table 2(d): which keys each query sees (the extent= option of the block), used with the 5-block layout
-from ..layers.folding import EXTENTS
 
 STAGES = ("res2", "res3", "res4", "res5")
 
@@ -53,8 +53,9 @@ def before_last_block(layers: Sequence[int], stage: str) -> dict[str, tuple[int,
     return {stage: (depth - 2,)}
 
 
-def check_locations(locations: Mapping[str, Sequence[int]] | None, layers: Sequence[int],
-                    what: str = "nonlocal_locations") -> dict[str, tuple[int, ...]]:
+def check_locations(
+    locations: Mapping[str, Sequence[int]] | None, layers: Sequence[int], what: str = "nonlocal_locations"
+) -> dict[str, tuple[int, ...]]:
     """Checks a placement against the stage depths and returns it normalised (sorted tuples, known stages).
 
     Args:
@@ -72,20 +73,20 @@ def check_locations(locations: Mapping[str, Sequence[int]] | None, layers: Seque
     if locations is None:
         return {}
     if not isinstance(locations, Mapping):
-        raise ValueError(f"{what} must map a stage name to block indices, e.g. "
-                         f"{{'res4': (4,)}}; got {locations!r}")
+        raise ValueError(f"{what} must map a stage name to block indices, e.g. {{'res4': (4,)}}; got {locations!r}")
     out: dict[str, tuple[int, ...]] = {}
     for stage, indices in locations.items():
         depth = depths[_check_stage(stage, what)]
         if isinstance(indices, int) or not isinstance(indices, Sequence):
-            raise ValueError(f"{what}[{stage!r}] must be a sequence of block indices, e.g. (1, 3); "
-                             f"got {indices!r}")
+            raise ValueError(f"{what}[{stage!r}] must be a sequence of block indices, e.g. (1, 3); got {indices!r}")
         for index in indices:
             if not isinstance(index, int) or isinstance(index, bool):
                 raise ValueError(f"{what}[{stage!r}] holds {index!r}, not a block index (int)")
             if not 0 <= index < depth:
-                raise ValueError(f"{what}[{stage!r}] names residual block {index}, but {stage} has {depth} "
-                                 f"blocks (indices 0..{depth - 1}); layers={tuple(layers)}")
+                raise ValueError(
+                    f"{what}[{stage!r}] names residual block {index}, but {stage} has {depth} "
+                    f"blocks (indices 0..{depth - 1}); layers={tuple(layers)}"
+                )
         if len(set(indices)) != len(indices):
             raise ValueError(f"{what}[{stage!r}] repeats an index: {tuple(indices)}")
         if indices:

@@ -16,14 +16,15 @@ paper's recipes insert them into a pretrained network;
 Anything else (another depth, another width or kernel, a file that is no ResNet) is refused with an error that
 names the mismatch.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -77,8 +78,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     if meta.get("converted_from") in ("pytorchvideo", "mmaction2") and meta.get("model_name"):
         _warn_if_another_network(model, meta, path)
     if not any(k.startswith(("conv1.", "res2.", "layer1.")) for k in state):
-        raise PretrainedMismatch(f"{path} is not a ResNet state dict (no conv1 / res2 / layer1 tensors; its first "
-                                 f"keys: {', '.join(list(state)[:4]) or 'none'})")
+        raise PretrainedMismatch(
+            f"{path} is not a ResNet state dict (no conv1 / res2 / layer1 tensors; its first "
+            f"keys: {', '.join(list(state)[:4]) or 'none'})"
+        )
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.dim() == 4:  # a 2D network: inflate over time
         try:
@@ -89,15 +92,21 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         # fresh: the model's own tensors the file has no counterpart for (non-local blocks, a skipped classifier)
         loaded = set(inflation.inflated) | set(inflation.copied)
         init_inserted_blocks(model)  # every block is new to the pretrained network: the official init
-        report = PretrainedReport("2D inflated", loaded=[k for k in model.state_dict() if k in loaded],
-                                  fresh=[k for k in inflation.kept if not k.endswith("num_batches_tracked")])
+        report = PretrainedReport(
+            "2D inflated",
+            loaded=[k for k in model.state_dict() if k in loaded],
+            fresh=[k for k in inflation.kept if not k.endswith("num_batches_tracked")],
+        )
         _log(path, report)
         return report
 
     own = model.state_dict()
     blocks = find_nonlocal_blocks(model)
-    folded = [name for name, block in blocks.items() if isinstance(block.norm, nn.Identity)
-              and f"{name}.norm.running_var" in state]
+    folded = [
+        name
+        for name, block in blocks.items()
+        if isinstance(block.norm, nn.Identity) and f"{name}.norm.running_var" in state
+    ]
     for name in folded:
         _fold_batchnorm(state, name)
     _check_depth(state, own, path)
@@ -105,14 +114,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
         del state[key]  # a BN step counter where the model has a frozen BN (or none)
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise PretrainedMismatch(f"{path} has {len(unexpected)} tensor(s) the model lacks: "
-                                 f"{_summary(unexpected)}")
+        raise PretrainedMismatch(f"{path} has {len(unexpected)} tensor(s) the model lacks: {_summary(unexpected)}")
     wrong = [k for k in state if state[k].shape != own[k].shape and not k.startswith("head.")]
     if wrong:
         k = wrong[0]
-        raise PretrainedMismatch(f"{path} is another width or kernel: {len(wrong)} tensor(s) of another shape, "
-                                 f"e.g. {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the "
-                                 f"model")
+        raise PretrainedMismatch(
+            f"{path} is another width or kernel: {len(wrong)} tensor(s) of another shape, "
+            f"e.g. {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the "
+            f"model"
+        )
     head = [k for k in state if state[k].shape != own[k].shape]  # another number of classes
     for key in head:
         del state[key]
@@ -124,8 +134,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
     partial = [name for name in fresh_blocks if any(k.startswith(name + ".") for k in state)]
     if partial:
         lacking = [k for k in block_keys if k.startswith(partial[0] + ".")]
-        raise PretrainedMismatch(f"{path}: the non-local block {partial[0]} is only partly in the file (it lacks "
-                                 f"{_summary(lacking)}): another mode or norm?")
+        raise PretrainedMismatch(
+            f"{path}: the non-local block {partial[0]} is only partly in the file (it lacks "
+            f"{_summary(lacking)}): another mode or norm?"
+        )
     other = [k for k in missing if k not in block_keys and k not in head]
     if other:
         raise PretrainedMismatch(f"{path} lacks {len(other)} tensor(s) of the model: {_summary(other)}")
@@ -148,15 +160,20 @@ def _warn_if_another_network(model: nn.Module, meta: Mapping, path: Path) -> Non
         zoo = create_model(name, **{**(meta.get("model_options") or {}), "num_classes": 0})
     except (TypeError, ValueError, KeyError):
         return
+
     def body(net: nn.Module) -> str:  # the network without its classifier
         return "\n".join(f"{n}: {m!r}" for n, m in net.named_children() if n != "head")
 
     if body(zoo) != body(model):
-        log.warning("pretrained %s holds %s's network as %s (options: %s), which computes differently from "
-                    "this model; to fine-tune the network the zoo trained, build %s with those options",
-                    path, meta["converted_from"], name,
-                    ", ".join(f"{k}={v}" for k, v in (meta.get("model_options") or {}).items()) or "the registered "
-                    "ones", name)
+        log.warning(
+            "pretrained %s holds %s's network as %s (options: %s), which computes differently from "
+            "this model; to fine-tune the network the zoo trained, build %s with those options",
+            path,
+            meta["converted_from"],
+            name,
+            ", ".join(f"{k}={v}" for k, v in (meta.get("model_options") or {}).items()) or "the registered ones",
+            name,
+        )
 
 
 def _fold_batchnorm(state: dict[str, Tensor], block: str, eps: float = 1e-5) -> None:
@@ -177,6 +194,7 @@ def _fold_batchnorm(state: dict[str, Tensor], block: str, eps: float = 1e-5) -> 
 
 def _check_depth(state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: Path) -> None:
     """Raises naming the stage whose number of residual blocks differs between the file and the model."""
+
     def blocks(keys) -> dict[str, int]:
         found: dict[str, set[int]] = {}
         for key in keys:
@@ -188,8 +206,10 @@ def _check_depth(state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: P
     theirs, ours = blocks(state), blocks(own)
     for stage in sorted(set(theirs) | set(ours)):
         if theirs.get(stage, 0) != ours.get(stage, 0):
-            raise PretrainedMismatch(f"{path} is another depth: {stage} has {theirs.get(stage, 0)} residual "
-                                     f"blocks in the file, {ours.get(stage, 0)} in the model")
+            raise PretrainedMismatch(
+                f"{path} is another depth: {stage} has {theirs.get(stage, 0)} residual "
+                f"blocks in the file, {ours.get(stage, 0)} in the model"
+            )
 
 
 def _summary(keys: list[str], limit: int = 5) -> str:
@@ -208,8 +228,13 @@ def _modules(keys: list[str]) -> list[str]:
 
 
 def _log(path: Path, report: PretrainedReport) -> None:
-    log.info("pretrained %s (%s): %d tensors loaded, %d initialised fresh", path, report.kind, len(report.loaded),
-             len(report.fresh))
+    log.info(
+        "pretrained %s (%s): %d tensors loaded, %d initialised fresh",
+        path,
+        report.kind,
+        len(report.loaded),
+        len(report.fresh),
+    )
     if report.fresh:
         log.info("pretrained: initialised fresh (not in the file): %s", _summary(_modules(report.fresh), 8))
     if report.folded:

@@ -7,15 +7,17 @@ the paper's networks in :mod:`nonlocalnet.models.zoo` are) also record those def
 This module holds the table and knows no model: :mod:`~nonlocalnet.models.zoo` imports it to register the paper's
 networks, and importing :mod:`nonlocalnet.models` imports the zoo.
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
 import fnmatch
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -43,8 +45,9 @@ _REGISTRY: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, str] = {}  # another name -> the registered name it builds
 
 
-def register_model(fn: Builder | None = None, *, name: str | None = None,
-                   defaults: Mapping[str, Any] | None = None) -> Any:
+def register_model(
+    fn: Builder | None = None, *, name: str | None = None, defaults: Mapping[str, Any] | None = None
+) -> Any:
     """Registers a model builder under its function name (or ``name``); a name can be registered once.
 
     Use as ``@register_model`` or ``@register_model(name="x", defaults={...})``.
@@ -110,8 +113,9 @@ def get_model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = closest_names(str(name), sorted(_REGISTRY))
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UnknownModel(f"unknown model {name!r} ({len(_REGISTRY)} registered, see "
-                           f"nonlocalnet.models.list_models()){hint}")
+        raise UnknownModel(
+            f"unknown model {name!r} ({len(_REGISTRY)} registered, see nonlocalnet.models.list_models()){hint}"
+        )
     return _REGISTRY[name]
 
 
@@ -139,8 +143,9 @@ def model_defaults(name: str) -> dict[str, Any]:
     return copy.deepcopy(dict(get_model_entry(name).defaults))
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None,
-                 **overrides: Any) -> nn.Module:
+def create_model(
+    name: str, pretrained: str | os.PathLike | None = None, num_classes: int | None = None, **overrides: Any
+) -> nn.Module:
     """Builds a registered model, e.g. ``create_model("nl_i3d_r50", num_classes=157)``.
 
     Args:
@@ -174,12 +179,17 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, num_cla
 def _check_pretrained(pretrained: Any) -> None:
     """Refuses a ``pretrained`` that is no file before a model is built: nonlocalnet downloads no weights."""
     if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)):
-        raise ValueError(f"pretrained must be the path of a weights file; got {pretrained!r} (nonlocalnet "
-                         f"downloads nothing: see docs/models.md, 'Starting weights')")
+        raise ValueError(
+            f"pretrained must be the path of a weights file; got {pretrained!r} (nonlocalnet "
+            f"downloads nothing: see docs/models.md, 'Starting weights')"
+        )
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(
-            2, f"pretrained={os.fspath(pretrained)!r} is no file; nonlocalnet downloads no weights. Convert a "
-               f"checkpoint with `nonlocalnet convert IN OUT.safetensors` (the official Caffe2 code's, "
-               f"PyTorchVideo's, mmaction2's) or save torchvision's ImageNet ResNet "
-               f"(torch.save(torchvision.models.resnet50(weights=\"IMAGENET1K_V1\").state_dict(), PATH)), then "
-               f"pass its path", os.fspath(pretrained))
+            2,
+            f"pretrained={os.fspath(pretrained)!r} is no file; nonlocalnet downloads no weights. Convert a "
+            f"checkpoint with `nonlocalnet convert IN OUT.safetensors` (the official Caffe2 code's, "
+            f"PyTorchVideo's, mmaction2's) or save torchvision's ImageNet ResNet "
+            f'(torch.save(torchvision.models.resnet50(weights="IMAGENET1K_V1").state_dict(), PATH)), then '
+            f"pass its path",
+            os.fspath(pretrained),
+        )

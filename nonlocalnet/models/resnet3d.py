@@ -26,14 +26,16 @@ Choices where the paper and the official code differ (none changes a parameter c
 Module names follow the official blobs: ``res4.2.conv_a`` is ``res4_2_branch2a``, ``res4.0.shortcut`` is
 ``res4_0_branch1``, ``res4.nl3`` is the non-local block after block 3 of res4 (``nonlocal_conv4_3``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +52,11 @@ SCORE_ACTIVATIONS = ("softmax", "sigmoid", None)
 # what the networks of the paper use unless told otherwise: the block's defaults (embedded gaussian, init "auto")
 # with the official code's video options (keys/values max-pooled 1x2x2, θᵀφ scaled by C'^-0.5)
 NONLOCAL_DEFAULTS: Mapping[str, Any] = PAPER_VIDEO_OPTIONS
-_NONLOCAL_OPTIONS = tuple(name for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
-                          if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "dim")
+_NONLOCAL_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(NonLocalBlock.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "dim"
+)
 
 
 @dataclass(frozen=True)
@@ -84,22 +89,27 @@ class ClipLayout:
 
 
 # 32 frames with every other one dropped; conv1, pool1 and pool2 each halve time: 32 -> 16 -> 8 -> (res2) -> 4
-CLIP_32X2 = ClipLayout(frames=32, sampling_rate=2, conv1_stride=2, pool1_kernel=2, pool1_stride=2,
-                       pool2_kernel=2, pool2_stride=2)
+CLIP_32X2 = ClipLayout(
+    frames=32, sampling_rate=2, conv1_stride=2, pool1_kernel=2, pool1_stride=2, pool2_kernel=2, pool2_stride=2
+)
 # the 128-frame models of Table 2(g) share the 32-frame stem: 128 -> 64 -> 32 -> 16
-CLIP_128X1 = ClipLayout(frames=128, sampling_rate=1, conv1_stride=2, pool1_kernel=2, pool1_stride=2,
-                        pool2_kernel=2, pool2_stride=2)
+CLIP_128X1 = ClipLayout(
+    frames=128, sampling_rate=1, conv1_stride=2, pool1_kernel=2, pool1_stride=2, pool2_kernel=2, pool2_stride=2
+)
 # 8 frames 8 apart: only pool2 halves time, 8 -> 4, so res3..res5 have the 32x2 model's temporal size
-CLIP_8X8 = ClipLayout(frames=8, sampling_rate=8, conv1_stride=1, pool1_kernel=1, pool1_stride=1,
-                      pool2_kernel=2, pool2_stride=2)
+CLIP_8X8 = ClipLayout(
+    frames=8, sampling_rate=8, conv1_stride=1, pool1_kernel=1, pool1_stride=1, pool2_kernel=2, pool2_stride=2
+)
 # Table 1 as printed: 3x3x3 pool1 and 3x1x1 pool2 (same sizes as CLIP_32X2)
-PAPER_32X2 = ClipLayout(frames=32, sampling_rate=2, conv1_stride=2, pool1_kernel=3, pool1_stride=2,
-                        pool2_kernel=3, pool2_stride=2)
+PAPER_32X2 = ClipLayout(
+    frames=32, sampling_rate=2, conv1_stride=2, pool1_kernel=3, pool1_stride=2, pool2_kernel=3, pool2_stride=2
+)
 
 CLIP_LAYOUTS: dict[str, ClipLayout] = {"32x2": CLIP_32X2, "8x8": CLIP_8X8, "128x1": CLIP_128X1}
 # the official Caffe2 networks: the same, with pool1 unpadded (what a converted official checkpoint was trained in)
-CLIP_LAYOUTS.update({f"{name}_official": dataclasses.replace(layout, pool1_padding=0)
-                     for name, layout in list(CLIP_LAYOUTS.items())})
+CLIP_LAYOUTS.update(
+    {f"{name}_official": dataclasses.replace(layout, pool1_padding=0) for name, layout in list(CLIP_LAYOUTS.items())}
+)
 # mmaction2's I3D R50 32x2 (configs/_base_/models/i3d_r50.py): pool1 is 1x3x3 with temporal stride 2 (kernel 1,
 # where the official code has 2); the same sizes as 32x2
 CLIP_LAYOUTS["32x2_mmaction2"] = dataclasses.replace(CLIP_32X2, pool1_kernel=1)
@@ -120,8 +130,12 @@ def i3d_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
         stage -> indices of the inflated blocks.
     """
     n2, n3, n4, n5 = layers
-    return {"res2": tuple(range(n2)), "res3": tuple(range(0, n3, 2)), "res4": tuple(range(0, n4, 2)),
-            "res5": tuple(range(1, n5, 2))}
+    return {
+        "res2": tuple(range(n2)),
+        "res3": tuple(range(0, n3, 2)),
+        "res4": tuple(range(0, n4, 2)),
+        "res5": tuple(range(1, n5, 2)),
+    }
 
 
 def slow_inflated_blocks(layers: Sequence[int]) -> dict[str, tuple[int, ...]]:
@@ -155,26 +169,46 @@ class Bottleneck3d(nn.Module):
     resolution change; ReLU follows the sum.
     """
 
-    def __init__(self, in_channels: int, inner_channels: int, out_channels: int, *, spatial_stride: int = 1,
-                 temporal_kernel_a: int = 1, temporal_kernel_b: int = 1, norm: str = "batch") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        inner_channels: int,
+        out_channels: int,
+        *,
+        spatial_stride: int = 1,
+        temporal_kernel_a: int = 1,
+        temporal_kernel_b: int = 1,
+        norm: str = "batch",
+    ) -> None:
         super().__init__()
         for name, k in (("temporal_kernel_a", temporal_kernel_a), ("temporal_kernel_b", temporal_kernel_b)):
             if k < 1 or k % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd int; got {k}")
-        self.conv_a = nn.Conv3d(in_channels, inner_channels, (temporal_kernel_a, 1, 1),
-                                padding=(temporal_kernel_a // 2, 0, 0), bias=False)
+        self.conv_a = nn.Conv3d(
+            in_channels, inner_channels, (temporal_kernel_a, 1, 1), padding=(temporal_kernel_a // 2, 0, 0), bias=False
+        )
         self.bn_a = _norm3d(norm, inner_channels)
-        self.conv_b = nn.Conv3d(inner_channels, inner_channels, (temporal_kernel_b, 3, 3),
-                                stride=(1, spatial_stride, spatial_stride), padding=(temporal_kernel_b // 2, 1, 1),
-                                bias=False)
+        self.conv_b = nn.Conv3d(
+            inner_channels,
+            inner_channels,
+            (temporal_kernel_b, 3, 3),
+            stride=(1, spatial_stride, spatial_stride),
+            padding=(temporal_kernel_b // 2, 1, 1),
+            bias=False,
+        )
         self.bn_b = _norm3d(norm, inner_channels)
         self.conv_c = nn.Conv3d(inner_channels, out_channels, 1, bias=False)
         self.bn_c = _norm3d(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         if in_channels != out_channels or spatial_stride != 1:
-            self.shortcut: nn.Module | None = nn.Sequential(OrderedDict(
-                conv=nn.Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
-                bn=_norm3d(norm, out_channels)))
+            self.shortcut: nn.Module | None = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv3d(
+                        in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False
+                    ),
+                    bn=_norm3d(norm, out_channels),
+                )
+            )
         else:
             self.shortcut = None
         self.reset_parameters()
@@ -216,17 +250,35 @@ class ResStage(nn.Module):
         nonlocal_options: keyword arguments of :class:`~nonlocalnet.layers.NonLocalBlock` (not ``dim``).
     """
 
-    def __init__(self, in_channels: int, inner_channels: int, out_channels: int, depth: int, *,
-                 spatial_stride: int, inflated: Sequence[int] = (), inflate_conv: str = "a", norm: str = "batch",
-                 nonlocal_after: Sequence[int] = (), nonlocal_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        inner_channels: int,
+        out_channels: int,
+        depth: int,
+        *,
+        spatial_stride: int,
+        inflated: Sequence[int] = (),
+        inflate_conv: str = "a",
+        norm: str = "batch",
+        nonlocal_after: Sequence[int] = (),
+        nonlocal_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         for i in range(depth):
             kt = 3 if i in inflated else 1
-            self.add_module(str(i), Bottleneck3d(
-                in_channels if i == 0 else out_channels, inner_channels, out_channels,
-                spatial_stride=spatial_stride if i == 0 else 1,
-                temporal_kernel_a=kt if inflate_conv == "a" else 1,
-                temporal_kernel_b=kt if inflate_conv == "b" else 1, norm=norm))
+            self.add_module(
+                str(i),
+                Bottleneck3d(
+                    in_channels if i == 0 else out_channels,
+                    inner_channels,
+                    out_channels,
+                    spatial_stride=spatial_stride if i == 0 else 1,
+                    temporal_kernel_a=kt if inflate_conv == "a" else 1,
+                    temporal_kernel_b=kt if inflate_conv == "b" else 1,
+                    norm=norm,
+                ),
+            )
             if i in nonlocal_after:
                 self.add_module(f"nl{i}", NonLocalBlock(out_channels, dim=3, **(nonlocal_options or {})))
         self.depth = depth
@@ -264,15 +316,18 @@ class VideoClassifierHead(nn.Module):
             positions weigh less. A map smaller than the kernel is averaged whole.
     """
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.5,
-                 pool_kernel: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, dropout: float = 0.5, pool_kernel: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative int (0 = no classifier); got {num_classes!r}")
-        if pool_kernel is not None and (len(pool_kernel) != 3 or not all(
-                isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool_kernel)):
+        if pool_kernel is not None and (
+            len(pool_kernel) != 3
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in pool_kernel)
+        ):
             raise ValueError(f"head_pool_kernel must be None or 3 positive ints (t, h, w); got {pool_kernel!r}")
         self.in_features = in_features
         self.num_classes = num_classes
@@ -371,14 +426,26 @@ class ResNet3d(nn.Module):
             :class:`VideoClassifierHead`); None for the global average alone.
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), *, arch: str = "c2d", clip: str | ClipLayout = "32x2",
-                 width: int = 64, in_channels: int = 3, num_classes: int = 400, dropout: float = 0.5,
-                 norm: str = "batch", nonlocal_locations: Mapping[str, Sequence[int]] | None = None,
-                 nonlocal_options: Mapping[str, Any] | None = None,
-                 nonlocal_stage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 inflated_blocks: Mapping[str, Sequence[int]] | None = None, fully_convolutional: bool = False,
-                 score_activation: str | None = "softmax", conv1_temporal_kernel: int | None = None,
-                 head_pool_kernel: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        *,
+        arch: str = "c2d",
+        clip: str | ClipLayout = "32x2",
+        width: int = 64,
+        in_channels: int = 3,
+        num_classes: int = 400,
+        dropout: float = 0.5,
+        norm: str = "batch",
+        nonlocal_locations: Mapping[str, Sequence[int]] | None = None,
+        nonlocal_options: Mapping[str, Any] | None = None,
+        nonlocal_stage_options: Mapping[str, Mapping[str, Any]] | None = None,
+        inflated_blocks: Mapping[str, Sequence[int]] | None = None,
+        fully_convolutional: bool = False,
+        score_activation: str | None = "softmax",
+        conv1_temporal_kernel: int | None = None,
+        head_pool_kernel: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -402,8 +469,7 @@ class ResNet3d(nn.Module):
         self.nonlocal_locations = check_locations(nonlocal_locations, self.layers)
         if arch == "c2d":
             if inflated_blocks:
-                raise ValueError("arch='c2d' has no temporal kernels; inflated_blocks needs arch='i3d' or "
-                                 "'i3d_3x3x3'")
+                raise ValueError("arch='c2d' has no temporal kernels; inflated_blocks needs arch='i3d' or 'i3d_3x3x3'")
             self.inflated_blocks: dict[str, tuple[int, ...]] = {}
         else:
             default = slow_inflated_blocks if arch == "slow" else i3d_inflated_blocks
@@ -417,25 +483,44 @@ class ResNet3d(nn.Module):
         conv1_kt = (1 if arch in ("c2d", "slow") else 5) if conv1_temporal_kernel is None else conv1_temporal_kernel
         if not isinstance(conv1_kt, int) or conv1_kt < 1 or conv1_kt % 2 == 0:
             raise ValueError(f"conv1_temporal_kernel must be a positive odd int; got {conv1_temporal_kernel!r}")
-        self.conv1 = nn.Conv3d(in_channels, width, (conv1_kt, 7, 7), stride=(clip.conv1_stride, 2, 2),
-                               padding=(conv1_kt // 2, 3, 3), bias=False)
+        self.conv1 = nn.Conv3d(
+            in_channels,
+            width,
+            (conv1_kt, 7, 7),
+            stride=(clip.conv1_stride, 2, 2),
+            padding=(conv1_kt // 2, 3, 3),
+            bias=False,
+        )
         self.bn1 = _norm3d(norm, width)
         self.relu = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool3d((clip.pool1_kernel, 3, 3), stride=(clip.pool1_stride, 2, 2),
-                                  padding=((clip.pool1_kernel - 1) // 2, clip.pool1_padding, clip.pool1_padding))
+        self.pool1 = nn.MaxPool3d(
+            (clip.pool1_kernel, 3, 3),
+            stride=(clip.pool1_stride, 2, 2),
+            padding=((clip.pool1_kernel - 1) // 2, clip.pool1_padding, clip.pool1_padding),
+        )
         channels = width
         for i, stage in enumerate(STAGES):
-            inner = width * 2 ** i
+            inner = width * 2**i
             stage_module = ResStage(
-                channels, inner, 4 * inner, self.layers[i], spatial_stride=1 if i == 0 else 2,
-                inflated=self.inflated_blocks.get(stage, ()), inflate_conv="b" if arch == "i3d_3x3x3" else "a",
-                norm=norm, nonlocal_after=self.nonlocal_locations.get(stage, ()),
-                nonlocal_options=stage_options[stage])
+                channels,
+                inner,
+                4 * inner,
+                self.layers[i],
+                spatial_stride=1 if i == 0 else 2,
+                inflated=self.inflated_blocks.get(stage, ()),
+                inflate_conv="b" if arch == "i3d_3x3x3" else "a",
+                norm=norm,
+                nonlocal_after=self.nonlocal_locations.get(stage, ()),
+                nonlocal_options=stage_options[stage],
+            )
             self.add_module(stage, stage_module)
             channels = 4 * inner
             if stage == "res2":
-                self.pool2 = nn.MaxPool3d((clip.pool2_kernel, 1, 1), stride=(clip.pool2_stride, 1, 1),
-                                          padding=((clip.pool2_kernel - 1) // 2, 0, 0))
+                self.pool2 = nn.MaxPool3d(
+                    (clip.pool2_kernel, 1, 1),
+                    stride=(clip.pool2_stride, 1, 1),
+                    padding=((clip.pool2_kernel - 1) // 2, 0, 0),
+                )
         self.num_features = channels
         self.head = VideoClassifierHead(channels, num_classes, dropout, head_pool_kernel)
         self.fully_convolutional = fully_convolutional
@@ -454,8 +539,9 @@ class ResNet3d(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the classifier by a freshly initialised one with ``num_classes`` outputs (0 removes it)."""
-        self.head = VideoClassifierHead(self.num_features, num_classes, self.head.dropout.p,
-                                        self.head.pool_kernel).to(self.conv1.weight)
+        self.head = VideoClassifierHead(self.num_features, num_classes, self.head.dropout.p, self.head.pool_kernel).to(
+            self.conv1.weight
+        )
 
     def reset_parameters(self) -> None:
         """Re-initialises the whole network; every module initialises the weights it owns."""
@@ -501,27 +587,33 @@ class ResNet3d(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.conv1.in_channels:
-            raise ValueError(f"ResNet3d expects a clip (B, {self.conv1.in_channels}, T, H, W); "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"ResNet3d expects a clip (B, {self.conv1.in_channels}, T, H, W); got shape {tuple(x.shape)}"
+            )
         t = x.shape[2]
         for name, layer in (("conv1", self.conv1), ("pool1", self.pool1), ("pool2", self.pool2)):
             k, s, p = _as3(layer.kernel_size)[0], _as3(layer.stride)[0], _as3(layer.padding)[0]
             t = (t + 2 * p - k) // s + 1
             if t < 1:
-                raise ValueError(f"a clip of {x.shape[2]} frames is too short for this network's {name} "
-                                 f"(clip layout {self.clip_name or self.clip}); give it more frames")
+                raise ValueError(
+                    f"a clip of {x.shape[2]} frames is too short for this network's {name} "
+                    f"(clip layout {self.clip_name or self.clip}); give it more frames"
+                )
 
     def extra_repr(self) -> str:
-        return (f"layers={self.layers}, arch={self.arch!r}, clip={self.clip_name or self.clip}, width={self.width}, "
-                f"norm={self.norm!r}, nonlocal_locations={self.nonlocal_locations}")
+        return (
+            f"layers={self.layers}, arch={self.arch!r}, clip={self.clip_name or self.clip}, width={self.width}, "
+            f"norm={self.norm!r}, nonlocal_locations={self.nonlocal_locations}"
+        )
 
 
 def _as3(v: int | tuple[int, ...]) -> tuple[int, ...]:
     return (v,) * 3 if isinstance(v, int) else tuple(v)
 
 
-def _nonlocal_stage_options(options: Mapping[str, Any] | None,
-                            stage_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+def _nonlocal_stage_options(
+    options: Mapping[str, Any] | None, stage_options: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
     """NONLOCAL_DEFAULTS <- options <- stage_options[stage], checked against the block's keyword arguments."""
     base = dict(NONLOCAL_DEFAULTS)
     base.update(_check_nonlocal_options(options or {}, "nonlocal_options"))
@@ -529,9 +621,10 @@ def _nonlocal_stage_options(options: Mapping[str, Any] | None,
     for stage in stage_options:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r} in nonlocal_stage_options; stages are {', '.join(STAGES)}")
-    chosen = {stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}),
-                                                        f"nonlocal_stage_options[{stage!r}]")}
-              for stage in STAGES}
+    chosen = {
+        stage: {**base, **_check_nonlocal_options(stage_options.get(stage, {}), f"nonlocal_stage_options[{stage!r}]")}
+        for stage in STAGES
+    }
     for stage, stage_chosen in chosen.items():  # the default scale is the softmax modes' (the official code's)
         asked = "scale" in (options or {}) or "scale" in stage_options.get(stage, {})
         if not asked and stage_chosen["mode"] not in SCALED_MODES:
@@ -542,6 +635,8 @@ def _nonlocal_stage_options(options: Mapping[str, Any] | None,
 def _check_nonlocal_options(options: Mapping[str, Any], what: str) -> dict[str, Any]:
     unknown = sorted(set(options) - set(_NONLOCAL_OPTIONS))
     if unknown:
-        raise ValueError(f"{what} has unknown option(s) {', '.join(map(repr, unknown))}; NonLocalBlock takes "
-                         f"{', '.join(_NONLOCAL_OPTIONS)} (dim is always 3 here)")
+        raise ValueError(
+            f"{what} has unknown option(s) {', '.join(map(repr, unknown))}; NonLocalBlock takes "
+            f"{', '.join(_NONLOCAL_OPTIONS)} (dim is always 3 here)"
+        )
     return dict(options)

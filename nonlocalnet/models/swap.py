@@ -20,11 +20,13 @@ option ours does not reproduce exactly (a GroupNorm, LayerNorm or SyncBatchNorm,
 or running statistics, an activation, a conv other than a plain 1x1, an average pool, a subclass that may change the
 forward) is left in place, and the report says why.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,21 +106,25 @@ class SwapReport:
         return {e.path: e.reason for e in self.entries if not e.swapped}
 
     def __str__(self) -> str:
-        lines = [f"swap_nonlocal: {len(self.entries)} non-local block(s) found, {len(self.swapped)} swapped, "
-                 f"{len(self.left)} left"]
+        lines = [
+            f"swap_nonlocal: {len(self.entries)} non-local block(s) found, {len(self.swapped)} swapped, "
+            f"{len(self.left)} left"
+        ]
         for e in self.entries:
             what = ", ".join(f"{k}={v!r}" for k, v in e.options.items()) if e.swapped else f"left: {e.reason}"
             lines.append(f"  {e.path}  {e.kind}  {what}")
         if (m := self.measurement) is not None:
-            lines.append(f"  one training step: {m.before_ms:.1f} -> {m.after_ms:.1f} ms, saved for backward "
-                         f"{m.before_saved_mb:.1f} -> {m.after_saved_mb:.1f} MB"
-                         + (f", peak {m.before_peak_mb:.1f} -> {m.after_peak_mb:.1f} MB"
-                            if m.before_peak_mb is not None else ""))
+            lines.append(
+                f"  one training step: {m.before_ms:.1f} -> {m.after_ms:.1f} ms, saved for backward "
+                f"{m.before_saved_mb:.1f} -> {m.after_saved_mb:.1f} MB"
+                + (f", peak {m.before_peak_mb:.1f} -> {m.after_peak_mb:.1f} MB" if m.before_peak_mb is not None else "")
+            )
         return "\n".join(lines)
 
 
-def swap_nonlocal(model: nn.Module, *, measure: Tensor | None = None, repeats: int = 3,
-                  impl: str = "auto", verbose: bool = False) -> SwapReport:
+def swap_nonlocal(
+    model: nn.Module, *, measure: Tensor | None = None, repeats: int = 3, impl: str = "auto", verbose: bool = False
+) -> SwapReport:
     """Replaces, in place, every non-local block of another framework that ``model`` holds by ours, weights mapped.
 
     Args:
@@ -143,8 +149,9 @@ def swap_nonlocal(model: nn.Module, *, measure: Tensor | None = None, repeats: i
     plans: list[tuple[str, nn.Module, str, _Plan | str]] = []
     for path, module, kind in found:
         if not path:
-            plans.append((path, module, kind, "the model itself is the block: swap_nonlocal replaces blocks "
-                                              "inside a model"))
+            plans.append(
+                (path, module, kind, "the model itself is the block: swap_nonlocal replaces blocks inside a model")
+            )
             continue
         translate = _TRANSLATORS.get(kind)
         if translate is None:
@@ -177,6 +184,7 @@ def swap_nonlocal(model: nn.Module, *, measure: Tensor | None = None, repeats: i
 
 # --- recognising ---------------------------------------------------------------------------------------------
 
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -199,12 +207,19 @@ def _recognised(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
 
 # --- checks shared by the translators -------------------------------------------------------------------------
 
+
 def _pointwise(conv: nn.Module, dim: int, what: str) -> nn.Module:
     """``conv`` if it is a plain 1x1 convolution of ``dim`` spatial axes, else why not."""
     if type(conv) is not _CONV[dim] and not (_qualified(type(conv)) in _SAME_AS_CONV and isinstance(conv, _CONV[dim])):
         raise _Unsupported(f"{what} is a {type(conv).__name__}, not a plain {_CONV[dim].__name__}")
-    if (any(k != 1 for k in conv.kernel_size) or any(s != 1 for s in conv.stride) or any(p != 0 for p in conv.padding)
-            or any(d != 1 for d in conv.dilation) or conv.groups != 1 or conv.padding_mode != "zeros"):
+    if (
+        any(k != 1 for k in conv.kernel_size)
+        or any(s != 1 for s in conv.stride)
+        or any(p != 0 for p in conv.padding)
+        or any(d != 1 for d in conv.dilation)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+    ):
         raise _Unsupported(f"{what} is not a 1x1 conv of stride 1 without padding or groups")
     if conv._forward_hooks or conv._forward_pre_hooks:
         raise _Unsupported(f"{what} has forward hooks (spectral norm, weight norm, ...)")
@@ -216,8 +231,9 @@ def _batch_norm(norm: nn.Module | None, dim: int, what: str) -> str | None:
     if norm is None:
         return None
     if type(norm) is not _BATCHNORM[dim]:
-        raise _Unsupported(f"{what} is a {type(norm).__name__}; ours reproduces only {_BATCHNORM[dim].__name__} "
-                           f"or no norm")
+        raise _Unsupported(
+            f"{what} is a {type(norm).__name__}; ours reproduces only {_BATCHNORM[dim].__name__} or no norm"
+        )
     if not norm.affine or not norm.track_running_stats:
         raise _Unsupported(f"{what} has no {'affine parameters' if not norm.affine else 'running statistics'}")
     return "batch"
@@ -234,22 +250,31 @@ def _max_pool(pool: nn.Module | None, dim: int, what: str) -> tuple[int, ...] | 
         return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dim
 
     kernel, stride = axes(pool.kernel_size), axes(pool.stride if pool.stride is not None else pool.kernel_size)
-    if (kernel != stride or any(axes(pool.padding)) or any(d != 1 for d in axes(pool.dilation)) or pool.ceil_mode
-            or pool.return_indices):
-        raise _Unsupported(f"{what} ({pool}) is not a max-pool whose stride is its kernel, without padding, "
-                           f"dilation or ceil mode")
+    if (
+        kernel != stride
+        or any(axes(pool.padding))
+        or any(d != 1 for d in axes(pool.dilation))
+        or pool.ceil_mode
+        or pool.return_indices
+    ):
+        raise _Unsupported(
+            f"{what} ({pool}) is not a max-pool whose stride is its kernel, without padding, dilation or ceil mode"
+        )
     return kernel
 
 
 def _renamed(names: dict[str, str]) -> Callable[[str], str]:
     """Our key -> theirs, by the first part of the key (``theta.weight`` -> ``conv_theta.weight``)."""
+
     def source(key: str) -> str:
         part, _, rest = key.partition(".")
         return f"{names[part]}.{rest}"
+
     return source
 
 
 # --- mmcv ----------------------------------------------------------------------------------------------------
+
 
 def _from_mmcv(block: nn.Module) -> _Plan:
     dim = {"NonLocal1d": 1, "NonLocal2d": 2, "NonLocal3d": 3}[type(block).__name__]
@@ -289,8 +314,9 @@ def _from_mmcv(block: nn.Module) -> _Plan:
     return _Plan(block.in_channels, dim, options, source, without_bias, norm_module)
 
 
-def _conv_module(module: nn.Module, dim: int, what: str, *, norm_allowed: bool = False,
-                 activation: type | None = None) -> nn.Module:
+def _conv_module(
+    module: nn.Module, dim: int, what: str, *, norm_allowed: bool = False, activation: type | None = None
+) -> nn.Module:
     """The conv of an mmcv ``ConvModule`` that is conv (then norm) and no other step, checked."""
     if _qualified(type(module)) != "mmcv.cnn.bricks.conv_module.ConvModule":
         raise _Unsupported(f"its {what} is a {type(module).__name__}, not mmcv's ConvModule")
@@ -300,8 +326,9 @@ def _conv_module(module: nn.Module, dim: int, what: str, *, norm_allowed: bool =
         raise _Unsupported(f"its {what} ConvModule has a norm {'before its conv' if norm_allowed else ''}".strip())
     if activation is None and module.with_activation:
         raise _Unsupported(f"its {what} ConvModule has an activation ({type(module.activate).__name__})")
-    if activation is not None and (type(module.activate) is not activation or
-                                   module.order.index("act") < module.order.index("conv")):
+    if activation is not None and (
+        type(module.activate) is not activation or module.order.index("act") < module.order.index("conv")
+    ):
         raise _Unsupported(f"its {what} ConvModule's activation is not a {activation.__name__} after the conv")
     return _pointwise(module.conv, dim, f"its {what} conv")
 
@@ -311,8 +338,9 @@ def _conv_module(module: nn.Module, dim: int, what: str, *, norm_allowed: bool =
 _PYTORCHVIDEO_PARTS = {"theta": "conv_theta", "phi": "conv_phi", "g": "conv_g", "out": "conv_out"}
 
 
-def _pytorchvideo_like(block: nn.Module, pool: nn.Module | None, norm_module: nn.Module | None,
-                       norm_name: str) -> _Plan:
+def _pytorchvideo_like(
+    block: nn.Module, pool: nn.Module | None, norm_module: nn.Module | None, norm_name: str
+) -> _Plan:
     """PyTorchVideo's NonLocal and PySlowFast's Nonlocal: the same layout (conv_theta, conv_phi, conv_g, conv_out,
     pool before φ/g, a norm), 3D only."""
     convs = {part: _pointwise(getattr(block, name), 3, f"its {name}") for part, name in _PYTORCHVIDEO_PARTS.items()}
@@ -338,8 +366,10 @@ def _from_pytorchvideo(block: nn.Module) -> _Plan:
 
 def _from_slowfast(block: nn.Module) -> _Plan:
     if block.norm_type == "layernorm":
-        raise _Unsupported("its norm_type 'layernorm' is a GroupNorm of one group over (C, T, H, W) without affine "
-                           "parameters; ours normalises each position over the channels")
+        raise _Unsupported(
+            "its norm_type 'layernorm' is a GroupNorm of one group over (C, T, H, W) without affine "
+            "parameters; ours normalises each position over the channels"
+        )
     if block.norm_type not in ("batchnorm", "none"):
         raise _Unsupported(f"its norm_type {block.norm_type!r} is not one ours reproduces")
     pool = block.pool if block.use_pool else None
@@ -348,16 +378,26 @@ def _from_slowfast(block: nn.Module) -> _Plan:
 
 # --- timm ----------------------------------------------------------------------------------------------------
 
+
 def _from_timm(block: nn.Module) -> _Plan:
-    convs = {part: _pointwise(getattr(block, name), 2, f"its {name}")
-             for part, name in (("theta", "t"), ("phi", "p"), ("g", "g"), ("out", "z"))}
+    convs = {
+        part: _pointwise(getattr(block, name), 2, f"its {name}")
+        for part, name in (("theta", "t"), ("phi", "p"), ("g", "g"), ("out", "z"))
+    }
     norm = _batch_norm(block.norm, 2, "its norm")
     # timm scales θᵀφ by in_channels^-0.5 (C, not C') when use_scale, else by 1
-    options = dict(mode="embedded_gaussian", inter_channels=convs["theta"].out_channels, norm=norm,
-                   scale=float(block.scale))
+    options = dict(
+        mode="embedded_gaussian", inter_channels=convs["theta"].out_channels, norm=norm, scale=float(block.scale)
+    )
     without_bias = tuple(part for part, conv in convs.items() if conv.bias is None)
-    return _Plan(convs["theta"].in_channels, 2, options, _renamed({"theta": "t", "phi": "p", "g": "g", "out": "z",
-                                                                    "norm": "norm"}), without_bias, block.norm)
+    return _Plan(
+        convs["theta"].in_channels,
+        2,
+        options,
+        _renamed({"theta": "t", "phi": "p", "g": "g", "out": "z", "norm": "norm"}),
+        without_bias,
+        block.norm,
+    )
 
 
 _TRANSLATORS: dict[str, Callable[[nn.Module], _Plan]] = {
@@ -373,6 +413,7 @@ _TRANSLATORS: dict[str, Callable[[nn.Module], _Plan]] = {
 
 # --- building ------------------------------------------------------------------------------------------------
 
+
 def _build(theirs: nn.Module, plan: _Plan, options: dict[str, Any]) -> NonLocalBlock:
     """Our block for ``theirs``: the same function, its weights and buffers, device, dtype, mode and frozen
     parameters."""
@@ -386,8 +427,10 @@ def _build(theirs: nn.Module, plan: _Plan, options: dict[str, Any]) -> NonLocalB
     for key, value in ours.state_dict().items():
         src = plan.source(key)
         if src not in their_state or their_state[src].shape != value.shape:
-            raise RuntimeError(f"{_qualified(type(theirs))}: no entry {src} of shape {tuple(value.shape)} for our "
-                               f"{key} (its entries: {', '.join(their_state)})")
+            raise RuntimeError(
+                f"{_qualified(type(theirs))}: no entry {src} of shape {tuple(value.shape)} for our "
+                f"{key} (its entries: {', '.join(their_state)})"
+            )
         mapped[key] = their_state[src]
         used.add(src)
     unplaced = sorted(set(their_state) - used)
@@ -402,6 +445,7 @@ def _build(theirs: nn.Module, plan: _Plan, options: dict[str, Any]) -> NonLocalB
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
+
 
 def _step(model: nn.Module, x: Tensor) -> None:
     out = model(x)
@@ -454,13 +498,15 @@ def _measure(model: nn.Module, x: Tensor, repeats: int, against: dict | None = N
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
-    result = dict(ms=sorted(times)[len(times) // 2] * 1e3, saved=saved_for_backward_mb(model, x),
-                  peak=_peak_mb(model, x))
+    result = dict(
+        ms=sorted(times)[len(times) // 2] * 1e3, saved=saved_for_backward_mb(model, x), peak=_peak_mb(model, x)
+    )
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     if against is None:
         return result
-    return SwapMeasurement(against["ms"], result["ms"], against["saved"], result["saved"], against["peak"],
-                           result["peak"], repeats)
+    return SwapMeasurement(
+        against["ms"], result["ms"], against["saved"], result["saved"], against["peak"], result["peak"], repeats
+    )

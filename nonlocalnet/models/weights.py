@@ -1,11 +1,13 @@
 """Model weights in safetensors files: a flat state dict plus string metadata (e.g. the model name) and the
 tensors' checksum, verified on read; weights read from any file are checked to be floating and finite."""
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -16,8 +18,9 @@ from ..checksum import CHECKSUM_KEY, state_checksum
 from ..io import UnreadableFile, load_torch_file
 
 
-def save_weights(weights: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,
-                 metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(
+    weights: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Writes a model's state dict (or any name -> tensor mapping) to a safetensors file.
 
     Args:
@@ -52,19 +55,27 @@ def check_weights(state: Mapping[str, Tensor], what: str, model: nn.Module | Non
     own = model.state_dict() if model is not None else {}
     for name, tensor in state.items():
         recorded = own.get(name)
-        allowed = tensor.is_floating_point() or (recorded is not None and tensor.dtype == recorded.dtype) or (
-            recorded is None and name.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not tensor.dtype == torch.bool)
+        allowed = (
+            tensor.is_floating_point()
+            or (recorded is not None and tensor.dtype == recorded.dtype)
+            or (recorded is None and name.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not tensor.dtype == torch.bool)
+        )
         if not allowed:
-            raise BadWeights(f"{what}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not "
-                             f"floating-point weights")
+            raise BadWeights(
+                f"{what}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not "
+                f"floating-point weights"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
-            raise BadWeights(f"{what}: tensor {name!r} holds {kind}; the weights are broken (a diverged run, a bad "
-                             f"conversion or copy)")
+            raise BadWeights(
+                f"{what}: tensor {name!r} holds {kind}; the weights are broken (a diverged run, a bad "
+                f"conversion or copy)"
+            )
 
 
-def verify_safetensors_checksum(path: str | os.PathLike, state: Mapping[str, Tensor], header: Mapping[str, str]
-                                ) -> None:
+def verify_safetensors_checksum(
+    path: str | os.PathLike, state: Mapping[str, Tensor], header: Mapping[str, str]
+) -> None:
     """Raises :class:`~nonlocalnet.io.UnreadableFile` when the file records a checksum its tensors do not match."""
     recorded = header.get(CHECKSUM_KEY)
     if recorded is not None and recorded != state_checksum(dict(state)):
@@ -101,8 +112,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
         return model.load_state_dict(state, strict=strict)
 
 
-def load_state_dict_or_raise(model: nn.Module, state: Mapping[str, Tensor], what: str,
-                             error: type[Exception] = ValueError, strict: bool = True, source: str | None = None):
+def load_state_dict_or_raise(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    what: str,
+    error: type[Exception] = ValueError,
+    strict: bool = True,
+    source: str | None = None,
+):
     """``model.load_state_dict(state)``, a mismatch (other names or shapes) raised as one line: ``error`` with
     ``what``, a colon and the first lines of torch's message; weights of a dtype the model does not keep, or not
     finite, raised likewise naming ``source`` (the file; default ``what``) and the tensor (:func:`check_weights`).
@@ -158,8 +175,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         else:
             loaded = load_torch_file(path)
             state = loaded
-            if isinstance(loaded, dict) and loaded.get(CHECKSUM_KEY) is not None \
-                    and loaded[CHECKSUM_KEY] != state_checksum(loaded):
+            if (
+                isinstance(loaded, dict)
+                and loaded.get(CHECKSUM_KEY) is not None
+                and loaded[CHECKSUM_KEY] != state_checksum(loaded)
+            ):
                 raise UnreadableFile(path, "corrupt: its content does not match the checksum written with it")
             if isinstance(loaded, dict):
                 state = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
@@ -171,8 +191,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     except Exception as err:  # noqa: BLE001 - a truncated or foreign safetensors file (SafetensorError, ...)
         raise UnreadableFile(path, f"not a readable safetensors file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} "
-                         f"entries)")
+        raise ValueError(f"{path} holds no state dict (looked at the file and its {', '.join(STATE_KEYS)} entries)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     check_weights(state, os.fspath(path))
     return state, meta
@@ -185,13 +204,20 @@ def _json_options(text: str, path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UnreadableFile(path, f"its metadata model_options is not JSON ({e.msg}): {text[:80]!r}") from None
     if not isinstance(options, dict):
-        raise UnreadableFile(path, f"its metadata model_options must be a JSON object of keyword arguments; got "
-                                   f"{text[:80]!r}")
+        raise UnreadableFile(
+            path, f"its metadata model_options must be a JSON object of keyword arguments; got {text[:80]!r}"
+        )
     return options
 
 
-def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes: int | None = None,
-               context: str = "", **overrides: Any) -> nn.Module:
+def load_model(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    num_classes: int | None = None,
+    context: str = "",
+    **overrides: Any,
+) -> nn.Module:
     """The model a weights file records, rebuilt and filled (eval mode).
 
     Reads the file with :func:`read_state_dict` (safetensors written by ``nonlocalnet convert`` or by training,
@@ -220,8 +246,9 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
     recorded = meta.get("model_name")
     name = get_model_entry(name).name if name else name  # an alias is the name it builds
     if name and recorded and recorded != name:
-        raise ValueError(f"{what} holds weights of {recorded} (recorded in the file), not {name}: set the model "
-                         f"name to {recorded}")
+        raise ValueError(
+            f"{what} holds weights of {recorded} (recorded in the file), not {name}: set the model name to {recorded}"
+        )
     name = name or recorded
     if not name:
         raise ValueError(f"{what} does not name its model: pass the model name (--model)")
@@ -232,8 +259,9 @@ def load_model(path: str | os.PathLike, name: str | None = None, *, num_classes:
     elif "num_classes" not in options:  # the file's classifier rows; a file without classifier: none
         fc = state.get("head.fc.weight")
         if fc is not None and fc.dim() != 2:
-            raise ValueError(f"{what}: tensor 'head.fc.weight' must be 2-D (classes x features); got shape "
-                             f"{list(fc.shape)}")
+            raise ValueError(
+                f"{what}: tensor 'head.fc.weight' must be 2-D (classes x features); got shape {list(fc.shape)}"
+            )
         options["num_classes"] = int(fc.shape[0]) if fc is not None else 0
     try:
         model = create_model(name, **options)

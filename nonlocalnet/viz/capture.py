@@ -12,11 +12,12 @@ coordinates of the centre of every query and key cell in input-frame pixels:
                                                                at its middle)
     key j      -> centre (j + 0.5) * k * s - 0.5             (k = the block's max-pool kernel = stride)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,8 +84,9 @@ class BlockAttention:
         """Query ``query``'s weights over the key grid: (Tk, Hk, Wk)."""
         return self.weights[batch, query].reshape(self.key_grid)  # (M,) -> (Tk, Hk, Wk)
 
-    def top_pairs(self, k: int, batch: int = 0, query: int | None = None,
-                  min_distance: float = 0.0) -> list[tuple[int, int, float]]:
+    def top_pairs(
+        self, k: int, batch: int = 0, query: int | None = None, min_distance: float = 0.0
+    ) -> list[tuple[int, int, float]]:
         """The k strongest (query, key, weight) pairs, strongest first.
 
         Strength is the weight, or its absolute value when the weights are signed.
@@ -112,8 +114,9 @@ class BlockAttention:
         return [(int(i) // m, int(i) % m, float(weights.flatten()[i])) for i in order]
 
 
-def capture_attention(model: nn.Module, clip: Tensor, blocks: str | Sequence[str] | None = None
-                      ) -> dict[str, BlockAttention]:
+def capture_attention(
+    model: nn.Module, clip: Tensor, blocks: str | Sequence[str] | None = None
+) -> dict[str, BlockAttention]:
     """Runs ``model`` on ``clip`` once and returns what its non-local blocks attend to.
 
     The forward pass runs in eval mode under ``torch.no_grad()`` (the model's train/eval flags are restored
@@ -144,8 +147,9 @@ def capture_attention(model: nn.Module, clip: Tensor, blocks: str | Sequence[str
         names = [_alias(n, available) for n in requested]
         unknown = [r for r, n in zip(requested, names) if n is None]
         if unknown:
-            raise ValueError(f"not non-local blocks of this model: {', '.join(unknown)}; "
-                             f"its blocks are: {', '.join(available)}")
+            raise ValueError(
+                f"not non-local blocks of this model: {', '.join(unknown)}; its blocks are: {', '.join(available)}"
+            )
     if clip.dim() == 4 and any(available[n].dim == 3 for n in names):
         clip = clip.unsqueeze(0)  # (C, T, H, W) -> (1, C, T, H, W)
 
@@ -163,8 +167,15 @@ def capture_attention(model: nn.Module, clip: Tensor, blocks: str | Sequence[str
                 _, weights = module(x, memory=memory, return_attention=True)
             finally:
                 running.discard(name)
-            records[name] = _place(name, module, weights, tuple(x.shape[2:]),
-                                   None if memory is None else tuple(memory.shape[2:]), tuple(clip.shape[2:]))
+            records[name] = _place(
+                name,
+                module,
+                weights,
+                tuple(x.shape[2:]),
+                None if memory is None else tuple(memory.shape[2:]),
+                tuple(clip.shape[2:]),
+            )
+
         return hook
 
     handles = [available[n].register_forward_hook(make_hook(n), with_kwargs=True) for n in names]
@@ -227,12 +238,20 @@ def _alias(name: str, available: Mapping | Sequence[str]) -> str | None:
     return alias if index.isdigit() and alias in available else None
 
 
-def _place(name: str, block: NonLocalBlock, weights: Tensor, query_spatial: tuple[int, ...],
-           memory_spatial: tuple[int, ...] | None, input_spatial: tuple[int, ...]) -> BlockAttention:
+def _place(
+    name: str,
+    block: NonLocalBlock,
+    weights: Tensor,
+    query_spatial: tuple[int, ...],
+    memory_spatial: tuple[int, ...] | None,
+    input_spatial: tuple[int, ...],
+) -> BlockAttention:
     dim = block.dim
     if len(input_spatial) < dim:
-        raise ValueError(f"block {name} works on {dim} spatial axes but the input clip has only "
-                         f"{len(input_spatial)} ({input_spatial}); cannot map its cells back to the input")
+        raise ValueError(
+            f"block {name} works on {dim} spatial axes but the input clip has only "
+            f"{len(input_spatial)} ({input_spatial}); cannot map its cells back to the input"
+        )
     input_spatial = input_spatial[-dim:]
     kernel = block.subsample or (1,) * dim
     query_stride = tuple(i / q for i, q in zip(input_spatial, query_spatial))
@@ -243,17 +262,26 @@ def _place(name: str, block: NonLocalBlock, weights: Tensor, query_spatial: tupl
     key_spatial = tuple(s // k for s, k in zip(key_source, kernel))  # max-pool, floor mode
     key_stride = tuple(s * k for s, k in zip(source_stride, kernel))
     if math.prod(query_spatial) != weights.shape[1] or math.prod(key_spatial) != weights.shape[2]:
-        raise ValueError(f"block {name}: attention of shape {tuple(weights.shape)} does not match queries "
-                         f"{query_spatial} and keys {key_spatial}")
+        raise ValueError(
+            f"block {name}: attention of shape {tuple(weights.shape)} does not match queries "
+            f"{query_spatial} and keys {key_spatial}"
+        )
     to3 = _to_thw(dim)
     reach = None if memory_spatial is not None else _reach(block, query_spatial, key_spatial)
     return BlockAttention(
-        name=name, mode=block.mode, weights=weights.detach().float().cpu(),
-        query_grid=to3(query_spatial, 1), key_grid=to3(key_spatial, 1),
-        query_stride=to3(query_stride, 1.0), key_stride=to3(key_stride, 1.0),
+        name=name,
+        mode=block.mode,
+        weights=weights.detach().float().cpu(),
+        query_grid=to3(query_spatial, 1),
+        key_grid=to3(key_spatial, 1),
+        query_stride=to3(query_stride, 1.0),
+        key_stride=to3(key_stride, 1.0),
         query_coords=cell_centres(to3(query_spatial, 1), to3(query_stride, 1.0)),
         key_coords=cell_centres(to3(key_spatial, 1), to3(key_stride, 1.0)),
-        input_size=to3(input_spatial, 1), from_memory=memory_spatial is not None, reach=reach)
+        input_size=to3(input_spatial, 1),
+        from_memory=memory_spatial is not None,
+        reach=reach,
+    )
 
 
 def _reach(block: NonLocalBlock, query_spatial: tuple[int, ...], key_spatial: tuple[int, ...]) -> Tensor | None:
@@ -272,6 +300,7 @@ def _reach(block: NonLocalBlock, query_spatial: tuple[int, ...], key_spatial: tu
 
 def _to_thw(dim: int):
     """Pads per-axis values of a dim-axis map to (t, y, x): images get t, sequences get y and x."""
+
     def pad(values: Iterable, fill):
         values = tuple(values)
         if dim == 3:
@@ -279,6 +308,7 @@ def _to_thw(dim: int):
         if dim == 2:
             return (fill,) + values
         return values + (fill, fill)
+
     return pad
 
 
@@ -287,8 +317,10 @@ def _cell_index(point: Sequence[float], grid: Sequence[int], stride: Sequence[fl
     extent = [n * s for n, s in zip(grid, stride)]
     if not all(0 <= p < e for p, e in zip(point, extent)):
         shown = ", ".join(f"{p:g}" for p in point)
-        raise ValueError(f"position (t, y, x) = ({shown}) lies outside the clip ({extent[0]:g} frames of "
-                         f"{extent[1]:g} x {extent[2]:g} pixels)")
+        raise ValueError(
+            f"position (t, y, x) = ({shown}) lies outside the clip ({extent[0]:g} frames of "
+            f"{extent[1]:g} x {extent[2]:g} pixels)"
+        )
     index = 0
     for p, n, s in zip(point, grid, stride):
         i = min(max(int((p + 0.5) // s), 0), n - 1)  # pixel p spans [p, p + 1): its centre p + 0.5 / s

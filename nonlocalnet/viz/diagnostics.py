@@ -25,13 +25,14 @@ Definitions, for one block on one clip, its weights w (N queries x M keys, :func
 
 Over several clips each value is the mean of the clips' values.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +40,16 @@ from torch import Tensor, nn
 from ..layers import NonLocalBlock, find_nonlocal_blocks
 from .capture import BlockAttention, capture_attention
 
-__all__ = ["BlockDiagnosis", "DEAD_CONTRIBUTION", "UNIFORM_ENTROPY", "diagnose_attention", "diagnosis_table",
-           "draw_diagnosis", "inactive_blocks", "warn_inactive_blocks"]
+__all__ = [
+    "BlockDiagnosis",
+    "DEAD_CONTRIBUTION",
+    "UNIFORM_ENTROPY",
+    "diagnose_attention",
+    "diagnosis_table",
+    "draw_diagnosis",
+    "inactive_blocks",
+    "warn_inactive_blocks",
+]
 
 log = logging.getLogger("nonlocalnet")
 
@@ -87,8 +96,12 @@ class BlockDiagnosis:
         return self.entropy > UNIFORM_ENTROPY
 
 
-def diagnose_attention(model: nn.Module, clips: Tensor | Iterable[Tensor], blocks: str | Sequence[str] | None = None,
-                       max_queries: int = 256) -> dict[str, BlockDiagnosis]:
+def diagnose_attention(
+    model: nn.Module,
+    clips: Tensor | Iterable[Tensor],
+    blocks: str | Sequence[str] | None = None,
+    max_queries: int = 256,
+) -> dict[str, BlockDiagnosis]:
     """Diagnoses each non-local block of ``model`` on one clip or several (see the module's docstring).
 
     Args:
@@ -124,11 +137,16 @@ def diagnose_attention(model: nn.Module, clips: Tensor | Iterable[Tensor], block
         block = available[name]
         gamma = None if block.norm_type is None else float(block.norm.weight.detach().abs().mean())
         out[name] = BlockDiagnosis(
-            name=name, mode=block.mode, query_distance=_mean([v[0] for v in values]),
+            name=name,
+            mode=block.mode,
+            query_distance=_mean([v[0] for v in values]),
             entropy=_mean([v[1] for v in values]),
             offset=tuple(_mean([v[2][a] for v in values]) for a in range(3)),  # type: ignore[arg-type]
-            contribution=_mean([v[3] for v in values]), gamma=gamma,
-            w_z_norm=float(block.out.weight.detach().float().norm()), queries=values[0][4])
+            contribution=_mean([v[3] for v in values]),
+            gamma=gamma,
+            w_z_norm=float(block.out.weight.detach().float().norm()),
+            queries=values[0][4],
+        )
     return out
 
 
@@ -138,11 +156,15 @@ def inactive_blocks(diagnoses: dict[str, BlockDiagnosis]) -> list[str]:
     for d in diagnoses.values():
         if d.at_identity:
             gamma = "" if d.gamma is None else f", mean |γ| {d.gamma:.2g}"
-            lines.append(f"non-local block {d.name} is still at the identity: its term is {d.contribution:.2g} of "
-                         f"its input (below {DEAD_CONTRIBUTION:g}{gamma}, ‖W_z‖ {d.w_z_norm:.2g})")
+            lines.append(
+                f"non-local block {d.name} is still at the identity: its term is {d.contribution:.2g} of "
+                f"its input (below {DEAD_CONTRIBUTION:g}{gamma}, ‖W_z‖ {d.w_z_norm:.2g})"
+            )
         if d.uniform:
-            lines.append(f"non-local block {d.name} still attends uniformly: normalised entropy {d.entropy:.3f} "
-                         f"(above {UNIFORM_ENTROPY:g}; 1 = uniform), query distance {d.query_distance:.3f}")
+            lines.append(
+                f"non-local block {d.name} still attends uniformly: normalised entropy {d.entropy:.3f} "
+                f"(above {UNIFORM_ENTROPY:g}; 1 = uniform), query distance {d.query_distance:.3f}"
+            )
     return lines
 
 
@@ -161,8 +183,9 @@ def warn_inactive_blocks(model: nn.Module, clip: Tensor, iteration: int) -> list
     try:
         diagnoses = diagnose_attention(model, clip)
     except (ValueError, torch.OutOfMemoryError) as exc:
-        log.warning("after %d steps, the non-local blocks could not be checked: %s", iteration,
-                    " ".join(str(exc).split()))
+        log.warning(
+            "after %d steps, the non-local blocks could not be checked: %s", iteration, " ".join(str(exc).split())
+        )
         return []
     lines = [f"after {iteration} steps, {line}" for line in inactive_blocks(diagnoses)]
     for line in lines:
@@ -172,19 +195,41 @@ def warn_inactive_blocks(model: nn.Module, clip: Tensor, iteration: int) -> list
 
 def diagnosis_table(diagnoses: dict[str, BlockDiagnosis]) -> str:
     """The diagnoses as a text table, one block a line, with a flag column."""
-    header = ("block", "mode", "query dist", "entropy", "|Δt|", "|Δy|", "|Δx|", "‖term‖/‖x‖", "mean |γ|", "‖W_z‖",
-              "flag")
+    header = (
+        "block",
+        "mode",
+        "query dist",
+        "entropy",
+        "|Δt|",
+        "|Δy|",
+        "|Δx|",
+        "‖term‖/‖x‖",
+        "mean |γ|",
+        "‖W_z‖",
+        "flag",
+    )
     rows = []
     for d in diagnoses.values():
         flags = [f for f, on in (("identity", d.at_identity), ("uniform", d.uniform)) if on]
-        rows.append((d.name or "(model)", d.mode, f"{d.query_distance:.3f}", f"{d.entropy:.3f}",
-                     *(f"{v:.1f}" for v in d.offset), f"{d.contribution:.3g}",
-                     "-" if d.gamma is None else f"{d.gamma:.3g}", f"{d.w_z_norm:.3g}", ",".join(flags) or "-"))
+        rows.append(
+            (
+                d.name or "(model)",
+                d.mode,
+                f"{d.query_distance:.3f}",
+                f"{d.entropy:.3f}",
+                *(f"{v:.1f}" for v in d.offset),
+                f"{d.contribution:.3g}",
+                "-" if d.gamma is None else f"{d.gamma:.3g}",
+                f"{d.w_z_norm:.3g}",
+                ",".join(flags) or "-",
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(f"{c:<{w}}" if i in (0, 1, 10) else f"{c:>{w}}"
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(
+            f"{c:<{w}}" if i in (0, 1, 10) else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
 
     return "\n".join([line(header), "-" * len(line(header)), *map(line, rows)])
 
@@ -203,9 +248,11 @@ def draw_diagnosis(diagnoses: dict[str, BlockDiagnosis], path: str | Path) -> Pa
     ds = list(diagnoses.values())
     x = range(len(names))
     fig, axes = plt.subplots(1, 4, figsize=(4 + 2.2 * max(4, len(names)), 3.6))
-    panels = [("query distance (0: same for all)", [d.query_distance for d in ds], (0, 1), None),
-              ("entropy / log M (1: uniform)", [d.entropy for d in ds], (0, 1), UNIFORM_ENTROPY),
-              ("‖non-local term‖ / ‖x‖", [d.contribution for d in ds], None, DEAD_CONTRIBUTION)]
+    panels = [
+        ("query distance (0: same for all)", [d.query_distance for d in ds], (0, 1), None),
+        ("entropy / log M (1: uniform)", [d.entropy for d in ds], (0, 1), UNIFORM_ENTROPY),
+        ("‖non-local term‖ / ‖x‖", [d.contribution for d in ds], None, DEAD_CONTRIBUTION),
+    ]
     for ax, (title, values, limits, threshold) in zip(axes, panels):
         ax.bar(x, values, color="tab:blue")
         if threshold is not None:  # the warning's threshold
@@ -213,8 +260,9 @@ def draw_diagnosis(diagnoses: dict[str, BlockDiagnosis], path: str | Path) -> Pa
         ax.set_title(title, fontsize=9)
         ax.set_ylim(*(limits or (0, None)))  # sizes start at 0 even when every bar is 0
     width = 0.27
-    for k, (label, colour) in enumerate((("|Δt| frames", "tab:orange"), ("|Δy| px", "tab:green"),
-                                         ("|Δx| px", "tab:red"))):
+    for k, (label, colour) in enumerate(
+        (("|Δt| frames", "tab:orange"), ("|Δy| px", "tab:green"), ("|Δx| px", "tab:red"))
+    ):
         axes[3].bar([i + (k - 1) * width for i in x], [d.offset[k] for d in ds], width, label=label, color=colour)
     axes[3].set_title("strongest key from its query", fontsize=9)
     axes[3].legend(fontsize=7)
@@ -231,11 +279,13 @@ def draw_diagnosis(diagnoses: dict[str, BlockDiagnosis], path: str | Path) -> Pa
 
 # --- the measures --------------------------------------------------------------------------------------------------
 
+
 def _ratio_hook(name: str, into: dict[str, float]):
     def hook(_block: NonLocalBlock, args: tuple, output: Tensor) -> None:
         if name not in into:  # capture re-runs the block on the same input: the first call is the one
             x = args[0].detach().float()
             into[name] = float((output.detach().float() - x).norm() / x.norm().clamp_min(1e-30))
+
     return hook
 
 
@@ -267,8 +317,9 @@ def _query_distance(record: BlockAttention, max_queries: int) -> tuple[float, in
 def _entropy(record: BlockAttention) -> float:
     p, valid = _maps(record)
     reach = record.reach
-    keys = torch.full(p.shape[1:2], float(p.shape[2]), dtype=torch.float64) if reach is None \
-        else reach.sum(-1).double()  # (N,) keys each query can reach
+    keys = (
+        torch.full(p.shape[1:2], float(p.shape[2]), dtype=torch.float64) if reach is None else reach.sum(-1).double()
+    )  # (N,) keys each query can reach
     plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))  # 0 log 0 = 0
     entropy = -plogp.sum(-1) / keys.clamp_min(2).log()  # (B, N)
     keep = valid & (keys > 1)

@@ -1,21 +1,28 @@
 """What the visualiser reads: a trained model from its checkpoint, and one clip from a video file (PyAV)."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..data import transforms
-from ..data.transforms import MEAN as PIXEL_MEAN, STD as PIXEL_STD  # the paper's pixel normalisation
+from ..data.transforms import MEAN as PIXEL_MEAN  # the paper's pixel normalisation
+from ..data.transforms import STD as PIXEL_STD
 
 __all__ = ["load_model", "read_video", "read_clip", "PIXEL_MEAN", "PIXEL_STD"]
 
 
-def load_model(checkpoint: str | Path, name: str | None = None, overrides: Mapping[str, Any] | None = None,
-               num_classes: int | None = None) -> tuple[nn.Module, dict]:
+def load_model(
+    checkpoint: str | Path,
+    name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, dict]:
     """Builds a registered model and fills it from a checkpoint (:func:`nonlocalnet.models.load_model`).
 
     Args:
@@ -64,8 +71,15 @@ def read_video(path: str | Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def read_clip(path: str | Path, *, frames: int, sampling_rate: int = 1, start: int | None = None,
-              size: int | None = None, crop: int | None = None) -> tuple[np.ndarray, Tensor]:
+def read_clip(
+    path: str | Path,
+    *,
+    frames: int,
+    sampling_rate: int = 1,
+    start: int | None = None,
+    size: int | None = None,
+    crop: int | None = None,
+) -> tuple[np.ndarray, Tensor]:
     """One clip of a video as the model takes it at test time, and the same frames for drawing.
 
     The frames are scaled and cropped by the test loader's own transforms

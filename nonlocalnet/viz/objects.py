@@ -16,11 +16,12 @@ end-exclusive: the box covers rows y0 .. y1 - 1 and columns x0 .. x1 - 1 of that
 With coarse keys a random key can overlap B often, so :func:`attention_hits` also returns the *chance* rate:
 the fraction of reachable key cells that overlap the target, i.e. the hit rate of a block attending at random.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +29,7 @@ from torch import Tensor, nn
 from .capture import BlockAttention, capture_attention, resolve_block_names
 from .render import render_attention
 
-__all__ = ["ObjectHits", "attention_hits", "attention_hit_rate", "hits_from_attention",
-           "render_object_attention"]
+__all__ = ["ObjectHits", "attention_hits", "attention_hit_rate", "hits_from_attention", "render_object_attention"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,9 @@ class ObjectHits:
         return float(self.chance.mean())
 
 
-def attention_hit_rate(model: nn.Module, clips: Tensor, object_boxes: Tensor, block_name: str | None = None,
-                       *, batch_size: int = 32) -> float:
+def attention_hit_rate(
+    model: nn.Module, clips: Tensor, object_boxes: Tensor, block_name: str | None = None, *, batch_size: int = 32
+) -> float:
     """How often a non-local block's top-attended key from one object falls on the other object.
 
     See the module docstring for the exact rule; :func:`attention_hits` gives the per-clip details and the
@@ -85,8 +86,9 @@ def attention_hit_rate(model: nn.Module, clips: Tensor, object_boxes: Tensor, bl
     return attention_hits(model, clips, object_boxes, block_name, batch_size=batch_size).rate
 
 
-def attention_hits(model: nn.Module, clips: Tensor, object_boxes: Tensor, block_name: str | None = None,
-                   *, batch_size: int = 32) -> ObjectHits:
+def attention_hits(
+    model: nn.Module, clips: Tensor, object_boxes: Tensor, block_name: str | None = None, *, batch_size: int = 32
+) -> ObjectHits:
     """Like :func:`attention_hit_rate` but returns every trial, with the chance rate (see :class:`ObjectHits`).
 
     Raises:
@@ -100,8 +102,10 @@ def attention_hits(model: nn.Module, clips: Tensor, object_boxes: Tensor, block_
     if clips.dim() != 5:
         raise ValueError(f"clips must be (B, C, T, H, W); got {tuple(clips.shape)}")
     if object_boxes.shape != (clips.shape[0], 2, 5):
-        raise ValueError(f"object_boxes must be (B={clips.shape[0]}, 2, 5) = (frame, y0, x0, y1, x1) of objects "
-                         f"A and B; got {tuple(object_boxes.shape)}")
+        raise ValueError(
+            f"object_boxes must be (B={clips.shape[0]}, 2, 5) = (frame, y0, x0, y1, x1) of objects "
+            f"A and B; got {tuple(object_boxes.shape)}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive; got {batch_size}")
     _check_boxes(object_boxes, tuple(clips.shape[2:]))
@@ -111,10 +115,12 @@ def attention_hits(model: nn.Module, clips: Tensor, object_boxes: Tensor, block_
     device = next((p.device for p in model.parameters()), clips.device)
     parts = []
     for start in range(0, clips.shape[0], batch_size):
-        attention = capture_attention(model, clips[start:start + batch_size].to(device), blocks=name)[name]
-        parts.append(hits_from_attention(attention, object_boxes[start:start + batch_size]))
-    return ObjectHits(name, *(torch.cat([getattr(p, f) for p in parts]) for f in
-                              ("hits", "chance", "queries", "top_keys", "top_weights")))
+        attention = capture_attention(model, clips[start : start + batch_size].to(device), blocks=name)[name]
+        parts.append(hits_from_attention(attention, object_boxes[start : start + batch_size]))
+    return ObjectHits(
+        name,
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("hits", "chance", "queries", "top_keys", "top_weights")),
+    )
 
 
 def hits_from_attention(attention: BlockAttention, object_boxes: Tensor) -> ObjectHits:
@@ -125,8 +131,9 @@ def hits_from_attention(attention: BlockAttention, object_boxes: Tensor) -> Obje
         object_boxes: (B, 2, 5) boxes (frame, y0, x0, y1, x1) of objects A and B, input pixels, end-exclusive.
     """
     if attention.from_memory:
-        raise ValueError(f"block {attention.name} attended over a memory tensor, not the clip: its keys are not "
-                         "places in the clip")
+        raise ValueError(
+            f"block {attention.name} attended over a memory tensor, not the clip: its keys are not places in the clip"
+        )
     batch = attention.weights.shape[0]
     if object_boxes.shape != (batch, 2, 5):
         raise ValueError(f"object_boxes must be (B={batch}, 2, 5); got {tuple(object_boxes.shape)}")
@@ -154,9 +161,19 @@ def hits_from_attention(attention: BlockAttention, object_boxes: Tensor) -> Obje
     return ObjectHits(attention.name, hits, chance, queries, top_keys, top_weights)
 
 
-def render_object_attention(model: nn.Module, clip: Tensor, objects: Tensor, out: str | Path, *,
-                            block_name: str | None = None, source: int = 0, frames: Tensor | None = None,
-                            top_k: int = 5, max_panels: int = 8, title: str | None = None) -> dict:
+def render_object_attention(
+    model: nn.Module,
+    clip: Tensor,
+    objects: Tensor,
+    out: str | Path,
+    *,
+    block_name: str | None = None,
+    source: int = 0,
+    frames: Tensor | None = None,
+    top_k: int = 5,
+    max_panels: int = 8,
+    title: str | None = None,
+) -> dict:
     """Writes a PNG of what a block attends to from one object of a clip, with both objects outlined.
 
     Args:
@@ -193,10 +210,21 @@ def render_object_attention(model: nn.Module, clip: Tensor, objects: Tensor, out
     hit = bool(result.hits[0, source])
     labels = ["A", "B"]
     if title is None:
-        title = (f"{name} ({attention.mode}): query at {labels[source]}, top key "
-                 f"{'on' if hit else 'not on'} {labels[1 - source]} (chance {float(result.chance[0, source]):.2f})")
-    summary = render_attention(clip if frames is None else frames, attention, out, query=query, top_k=top_k,
-                               max_panels=max_panels, title=title, boxes=objects, box_labels=labels)
+        title = (
+            f"{name} ({attention.mode}): query at {labels[source]}, top key "
+            f"{'on' if hit else 'not on'} {labels[1 - source]} (chance {float(result.chance[0, source]):.2f})"
+        )
+    summary = render_attention(
+        clip if frames is None else frames,
+        attention,
+        out,
+        query=query,
+        top_k=top_k,
+        max_panels=max_panels,
+        title=title,
+        boxes=objects,
+        box_labels=labels,
+    )
     return {**summary, "hit": hit, "chance": float(result.chance[0, source]), "block": name}
 
 
@@ -225,5 +253,7 @@ def _check_boxes(boxes: Tensor, input_size: Sequence[int]) -> None:
     bad = (frame < 0) | (frame >= t) | (y0 < 0) | (y1 > h) | (y0 >= y1) | (x0 < 0) | (x1 > w) | (x0 >= x1)
     if bad.any():
         index = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"object box {b[index].tolist()} at (clip, object) {index} does not lie in a clip of {t} "
-                         f"frames of {h}x{w} pixels (boxes are (frame, y0, x0, y1, x1), end-exclusive)")
+        raise ValueError(
+            f"object box {b[index].tolist()} at (clip, object) {index} does not lie in a clip of {t} "
+            f"frames of {h}x{w} pixels (boxes are (frame, y0, x0, y1, x1), end-exclusive)"
+        )

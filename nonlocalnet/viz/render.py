@@ -6,10 +6,11 @@ strongest query -> key pairs are drawn as arrows across the panels. Softmax weig
 gaussian) and concatenation weights are non-negative and use a sequential colour map from 0; dot-product
 weights can be negative and use a diverging map centred on 0 (red positive, blue negative).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from torch import Tensor
@@ -58,11 +59,20 @@ def frames_for_display(clip: Tensor | np.ndarray) -> np.ndarray:
     return np.clip(frames, 0.0, 1.0)
 
 
-def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: str | Path, *,
-                     query: Sequence[float] | None = None, batch: int = 0, top_k: int = 10,
-                     max_panels: int = 8, title: str | None = None, dpi: int = 100,
-                     boxes: Sequence[Sequence[int]] | Tensor | None = None,
-                     box_labels: Sequence[str] | None = None) -> dict:
+def render_attention(
+    clip: Tensor | np.ndarray,
+    attention: BlockAttention,
+    out: str | Path,
+    *,
+    query: Sequence[float] | None = None,
+    batch: int = 0,
+    top_k: int = 10,
+    max_panels: int = 8,
+    title: str | None = None,
+    dpi: int = 100,
+    boxes: Sequence[Sequence[int]] | Tensor | None = None,
+    box_labels: Sequence[str] | None = None,
+) -> dict:
     """Draws one block's attention over the clip and writes a PNG.
 
     Args:
@@ -106,32 +116,50 @@ def render_attention(clip: Tensor | np.ndarray, attention: BlockAttention, out: 
     _draw_arrows(fig, ax_of, attention, pairs, signed)
     _mark_query(ax_of[_key_cell(attention, q_coords[0])], q_coords)
     fig.suptitle(_default_title(attention, query, q_coords, pairs) if title is None else title, fontsize=10)
-    fig.colorbar(image, ax=list(ax_of.values()), fraction=0.025, pad=0.02,
-                 label="weight f/C(x)" + (" (signed)" if signed else ""))
+    fig.colorbar(
+        image,
+        ax=list(ax_of.values()),
+        fraction=0.025,
+        pad=0.02,
+        label="weight f/C(x)" + (" (signed)" if signed else ""),
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
-    return {"path": str(out), "query": q, "query_coords": tuple(q_coords), "pairs": pairs,
-            "panels": list(panel_frame.values()), "cmap": cmap, "boxes": drawn, "strongest_key": strongest}
+    return {
+        "path": str(out),
+        "query": q,
+        "query_coords": tuple(q_coords),
+        "pairs": pairs,
+        "panels": list(panel_frame.values()),
+        "cmap": cmap,
+        "boxes": drawn,
+        "strongest_key": strongest,
+    }
 
 
 # --- what to draw ---------------------------------------------------------------------------------------------
 
+
 def _frames_to_draw(clip: Tensor | np.ndarray, attention: BlockAttention) -> np.ndarray:
     """The clip's frames (T, H, W, 3) in [0, 1], checked to be the input the attention was captured on."""
     if attention.from_memory:
-        raise ValueError(f"block {attention.name} attended over a memory tensor, not the clip: its keys have no "
-                         "place in the frames")
+        raise ValueError(
+            f"block {attention.name} attended over a memory tensor, not the clip: its keys have no place in the frames"
+        )
     frames = frames_for_display(clip)
     if tuple(frames.shape[:3]) != _frames_shape(attention):
-        raise ValueError(f"the clip has frames of shape {tuple(frames.shape[:3])} (T, H, W) but the attention was "
-                         f"captured on an input of {attention.input_size}")
+        raise ValueError(
+            f"the clip has frames of shape {tuple(frames.shape[:3])} (T, H, W) but the attention was "
+            f"captured on an input of {attention.input_size}"
+        )
     return frames
 
 
-def _query_and_pairs(attention: BlockAttention, query: Sequence[float] | None, batch: int,
-                     top_k: int) -> tuple[int, list[tuple[int, int, float]]]:
+def _query_and_pairs(
+    attention: BlockAttention, query: Sequence[float] | None, batch: int, top_k: int
+) -> tuple[int, list[tuple[int, int, float]]]:
     """The query to show and the (query, key, weight) pairs to draw as arrows (see :func:`render_attention`)."""
     if query is not None:
         if len(query) != 3:
@@ -152,21 +180,30 @@ def _box_labels(box_labels: Sequence[str] | None, count: int) -> list[str]:
 
 # --- layout: one panel per temporal key cell ------------------------------------------------------------------
 
+
 def _key_cell(attention: BlockAttention, t: float) -> int:
     """The temporal key cell (a panel) that input frame ``t`` falls in."""
     return min(int((t + 0.5) // attention.key_stride[0]), attention.key_grid[0] - 1)
 
 
-def _layout_panels(attention: BlockAttention, pairs: Sequence[tuple[int, int, float]], q_coords: Sequence[float],
-                   box_list: Sequence[tuple[int, ...]], max_panels: int, num_frames: int) -> dict[int, int]:
+def _layout_panels(
+    attention: BlockAttention,
+    pairs: Sequence[tuple[int, int, float]],
+    q_coords: Sequence[float],
+    box_list: Sequence[tuple[int, ...]],
+    max_panels: int,
+    num_frames: int,
+) -> dict[int, int]:
     """Temporal key cell -> the frame its panel shows, left to right.
 
     The weights are constant within a key cell, so a frame from its middle stands for it; a cell holding a box
     shows the box's own frame (the first box's, if several share the cell).
     """
-    needed = [_key_cell(attention, attention.query_coords[i][0].item()) for i, _, _ in pairs] + \
-        [_key_cell(attention, attention.key_coords[j][0].item()) for _, j, _ in pairs] + \
-        [_key_cell(attention, q_coords[0])]
+    needed = (
+        [_key_cell(attention, attention.query_coords[i][0].item()) for i, _, _ in pairs]
+        + [_key_cell(attention, attention.key_coords[j][0].item()) for _, j, _ in pairs]
+        + [_key_cell(attention, q_coords[0])]
+    )
     box_cells = [_key_cell(attention, b[0]) for b in box_list]
     panels = _choose_panels(attention.key_grid[0], needed, max_panels, first=box_cells)
     kt = attention.key_stride[0]
@@ -178,6 +215,7 @@ def _layout_panels(attention: BlockAttention, pairs: Sequence[tuple[int, int, fl
 
 
 # --- drawing --------------------------------------------------------------------------------------------------
+
 
 def _pyplot():
     import matplotlib
@@ -198,8 +236,9 @@ def _colour_scale(heat: np.ndarray, signed: bool):
     return Normalize(vmin=0.0, vmax=float(heat.max()) or 1.0), SEQUENTIAL_CMAP
 
 
-def _draw_heat_maps(plt, frames: np.ndarray, heat: np.ndarray, panel_frame: dict[int, int],
-                    attention: BlockAttention, norm, cmap: str):
+def _draw_heat_maps(
+    plt, frames: np.ndarray, heat: np.ndarray, panel_frame: dict[int, int], attention: BlockAttention, norm, cmap: str
+):
     """A row of panels, each a frame under the heat map of its key cell: (figure, cell -> axes, last image)."""
     h, w = frames.shape[1:3]
     hk, wk = attention.key_grid[1:]
@@ -223,8 +262,13 @@ def _draw_heat_maps(plt, frames: np.ndarray, heat: np.ndarray, panel_frame: dict
     return fig, ax_of, image
 
 
-def _outline_boxes(ax_of: dict, panel_frame: dict[int, int], box_list: Sequence[tuple[int, ...]],
-                   labels: Sequence[str], attention: BlockAttention) -> list[tuple[int, ...]]:
+def _outline_boxes(
+    ax_of: dict,
+    panel_frame: dict[int, int],
+    box_list: Sequence[tuple[int, ...]],
+    labels: Sequence[str],
+    attention: BlockAttention,
+) -> list[tuple[int, ...]]:
     """Outlines and names each box on the panel that shows its frame; returns the boxes drawn."""
     from matplotlib.patches import Rectangle
 
@@ -236,8 +280,7 @@ def _outline_boxes(ax_of: dict, panel_frame: dict[int, int], box_list: Sequence[
         if ax is None or panel_frame[cell] != frame:
             continue
         colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                               linewidth=1.5))
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.5))
         ax.text(x0 - 0.5, y0 - 1.0, label, color=colour, fontsize=8, va="bottom")
         drawn.append(box)
     return drawn
@@ -253,14 +296,16 @@ def _outline_strongest_key(ax_of: dict, heat: np.ndarray, attention: BlockAttent
     if ax is None:
         return None
     sy, sx = attention.key_stride[1:]
-    ax.add_patch(Rectangle((x * sx - 0.5, y * sy - 0.5), sx, sy, fill=False, edgecolor=KEY_COLOUR, linewidth=1.5,
-                           linestyle="--"))
+    ax.add_patch(
+        Rectangle((x * sx - 0.5, y * sy - 0.5), sx, sy, fill=False, edgecolor=KEY_COLOUR, linewidth=1.5, linestyle="--")
+    )
     index = (int(t) * heat.shape[1] + int(y)) * heat.shape[2] + int(x)
     return tuple(attention.key_coords[index].tolist())
 
 
-def _draw_arrows(fig, ax_of: dict, attention: BlockAttention, pairs: Sequence[tuple[int, int, float]],
-                 signed: bool) -> None:
+def _draw_arrows(
+    fig, ax_of: dict, attention: BlockAttention, pairs: Sequence[tuple[int, int, float]], signed: bool
+) -> None:
     """An arrow from each pair's query to its key, across panels, as thick as its weight is strong."""
     from matplotlib.patches import ConnectionPatch
 
@@ -272,23 +317,44 @@ def _draw_arrows(fig, ax_of: dict, attention: BlockAttention, pairs: Sequence[tu
         if q_ax is None or k_ax is None:
             continue
         colour = "tab:red" if (not signed or weight >= 0) else "tab:blue"
-        arrow = ConnectionPatch(xyA=(qc[2], qc[1]), coordsA=q_ax.transData, xyB=(kc[2], kc[1]),
-                                coordsB=k_ax.transData, arrowstyle="-|>", color=colour,
-                                linewidth=0.6 + 2.0 * abs(weight) / strongest, alpha=0.85, mutation_scale=10)
+        arrow = ConnectionPatch(
+            xyA=(qc[2], qc[1]),
+            coordsA=q_ax.transData,
+            xyB=(kc[2], kc[1]),
+            coordsB=k_ax.transData,
+            arrowstyle="-|>",
+            color=colour,
+            linewidth=0.6 + 2.0 * abs(weight) / strongest,
+            alpha=0.85,
+            mutation_scale=10,
+        )
         fig.add_artist(arrow)
 
 
 def _mark_query(ax, q_coords: Sequence[float]) -> None:
     """A ring around the query's cell centre."""
-    ax.plot([q_coords[2]], [q_coords[1]], marker="o", markersize=7, markerfacecolor="none",
-            markeredgecolor=QUERY_COLOUR, markeredgewidth=2)
+    ax.plot(
+        [q_coords[2]],
+        [q_coords[1]],
+        marker="o",
+        markersize=7,
+        markerfacecolor="none",
+        markeredgecolor=QUERY_COLOUR,
+        markeredgewidth=2,
+    )
 
 
-def _default_title(attention: BlockAttention, query: Sequence[float] | None, q_coords: Sequence[float],
-                   pairs: Sequence[tuple[int, int, float]]) -> str:
+def _default_title(
+    attention: BlockAttention,
+    query: Sequence[float] | None,
+    q_coords: Sequence[float],
+    pairs: Sequence[tuple[int, int, float]],
+) -> str:
     where = "query" if query is not None else "strongest query"
-    return (f"{attention.name} ({attention.mode}): {where} at t={q_coords[0]:.1f}, y={q_coords[1]:.1f}, "
-            f"x={q_coords[2]:.1f}; top {len(pairs)} pairs")
+    return (
+        f"{attention.name} ({attention.mode}): {where} at t={q_coords[0]:.1f}, y={q_coords[1]:.1f}, "
+        f"x={q_coords[2]:.1f}; top {len(pairs)} pairs"
+    )
 
 
 def _check_boxes(boxes: Sequence[Sequence[int]] | Tensor | None, shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -303,8 +369,10 @@ def _check_boxes(boxes: Sequence[Sequence[int]] | Tensor | None, shape: Sequence
             raise ValueError(f"a box is (frame, y0, x0, y1, x1); got {row}")
         frame, y0, x0, y1, x1 = (int(v) for v in row)
         if not (0 <= frame < t and 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
-            raise ValueError(f"box {tuple(row)} (frame, y0, x0, y1, x1; end-exclusive) does not lie in a clip of "
-                             f"{t} frames of {h}x{w} pixels")
+            raise ValueError(
+                f"box {tuple(row)} (frame, y0, x0, y1, x1; end-exclusive) does not lie in a clip of "
+                f"{t} frames of {h}x{w} pixels"
+            )
         out.append((frame, y0, x0, y1, x1))
     return out
 
