@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nonlocalnet.detection.data import CocoDetection, CocoFormatError, make_builtin_coco, read_coco
+from nonlocalnet.detection.coco import CocoDetection, CocoFormatError, read_coco
+from nonlocalnet.detection.synthetic import make_builtin_coco
 
 
 @pytest.fixture(scope="module")

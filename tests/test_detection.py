@@ -18,20 +18,16 @@ from torchvision.models import get_model, resnet18, resnet34, resnet50, resnet10
 
 from nonlocalnet.detection import builders
 from nonlocalnet.detection.builders import NonLocalOptions, build_detector, keypointrcnn, maskrcnn, resnet_fpn_backbone
+from nonlocalnet.detection.coco import CocoDetection
 from nonlocalnet.detection.config import complete_config, load_config
-from nonlocalnet.detection.data import (
-    COCO_KEYPOINT_NAMES,
-    CocoDetection,
-    RandomHorizontalFlip,
-    collate,
-    make_builtin_coco,
-)
 from nonlocalnet.detection.evaluate import coco_evaluate, gather_results, to_coco_results
 from nonlocalnet.detection.nonlocal_heads import PAPER_KEYPOINT_HEAD_NONLOCAL, keypoint_head
 from nonlocalnet.detection.nonlocal_resnet import add_resnet_nonlocal as add_nonlocal
 from nonlocalnet.detection.nonlocal_resnet import load_resnet_state_dict, stage_depths
+from nonlocalnet.detection.synthetic import COCO_KEYPOINT_NAMES, make_builtin_coco
 from nonlocalnet.detection.train import test as train_test
 from nonlocalnet.detection.train import train as train_detector
+from nonlocalnet.detection.transforms import RandomHorizontalFlip, collate
 from nonlocalnet.engine.checkpoint import write_checkpoint
 from nonlocalnet.engine.config import ConfigError
 from nonlocalnet.io import packaged_configs

@@ -186,7 +186,7 @@ def test_fuzz_video_list_is_read_alike_by_the_dataset_and_prepare_videos_or_one_
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> tuple[Path, dict]:
-    from nonlocalnet.detection.data import make_builtin_coco
+    from nonlocalnet.detection.synthetic import make_builtin_coco
 
     root = tmp_path_factory.mktemp("coco")
     images, ann = make_builtin_coco("figures", root, num_images=2, image_size=64)
@@ -214,7 +214,7 @@ json_values = st.recursive(
 @fuzz(150)
 @given(data=st.data())
 def test_fuzz_coco_file_with_a_random_field_is_read_or_one_error(tmp_path, coco, data):
-    from nonlocalnet.detection.data import CocoDetection
+    from nonlocalnet.detection.coco import CocoDetection
 
     images, original = coco
     ann = copy.deepcopy(original)
@@ -240,7 +240,7 @@ def test_fuzz_coco_file_with_a_random_field_is_read_or_one_error(tmp_path, coco,
 @fuzz(100)
 @given(raw=st.binary(max_size=200))
 def test_fuzz_coco_file_of_random_bytes_is_one_error(tmp_path, raw):
-    from nonlocalnet.detection.data import read_coco
+    from nonlocalnet.detection.coco import read_coco
 
     file = tmp_path / "ann.json"
     file.write_bytes(raw)

@@ -15,7 +15,7 @@ import torch
 
 from nonlocalnet.bank.store import FeatureBank
 from nonlocalnet.cli import main
-from nonlocalnet.data import transforms as T
+from nonlocalnet.data import transforms
 from nonlocalnet.data.class_names import (
     class_names_metadata,
     dataset_class_names,
@@ -83,11 +83,11 @@ def _view(path: Path, clip: int, clips: int, crop: int, crops: int, frames=8, ra
     start = (delta + 1) // 2 if clips == 1 else round(clip * delta / (clips - 1))
     index = np.minimum(start + rate * np.arange(frames), len(video) - 1)
     x = video[index].permute(3, 0, 1, 2)  # (T, H, W, 3) -> (3, T, H, W)
-    x = T.short_side_resize(x, scale)
+    x = transforms.short_side_resize(x, scale)
     width = x.shape[-1]
     left = [0, (width - size + 1) // 2, width - size][crop] if crops == 3 else (width - size + 1) // 2
     top = (x.shape[-2] - size + 1) // 2
-    return T.normalize(x[..., top : top + size, left : left + size])[None]
+    return transforms.normalize(x[..., top : top + size, left : left + size])[None]
 
 
 def _predict(capsys, *argv) -> tuple[int, dict]:
@@ -310,9 +310,9 @@ def _hand_features(model, path: Path, starts, frames=4, rate=2, scale=32, size=3
     out = []
     for start in starts:
         index = np.minimum(start + rate * np.arange(frames), len(video) - 1)
-        x = T.short_side_resize(video[index].permute(3, 0, 1, 2), scale)  # (T, H, W, 3) -> (3, T, H, W)
+        x = transforms.short_side_resize(video[index].permute(3, 0, 1, 2), scale)  # (T, H, W, 3) -> (3, T, H, W)
         left, top = (x.shape[-1] - size + 1) // 2, (x.shape[-2] - size + 1) // 2
-        x = T.normalize(x[..., top : top + size, left : left + size])[None]
+        x = transforms.normalize(x[..., top : top + size, left : left + size])[None]
         with torch.no_grad():
             f = model.forward_features(x) if layer is None else model.forward_intermediates(x)[layer]
         out.append(f.mean(dim=(2, 3, 4))[0])  # (1, C, T, H, W) -> (C,)

@@ -178,7 +178,7 @@ def test_the_builtin_data_configs_train_and_test(tmp_path, monkeypatch, name):
 def test_the_detection_recipes_train_and_test_on_coco_files_in_their_layout(
     tmp_path, monkeypatch, capsys, name, kind, annotations
 ):
-    from nonlocalnet.detection.data import make_builtin_coco
+    from nonlocalnet.detection.synthetic import make_builtin_coco
 
     monkeypatch.chdir(tmp_path)  # the config's datasets/coco/... paths land here
     coco = tmp_path / "datasets" / "coco"

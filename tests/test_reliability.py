@@ -401,7 +401,7 @@ def test_corrupt_videos_are_counted_once_each_in_training_and_testing(tmp_path):
 
 @pytest.fixture(scope="module")
 def coco_files(tmp_path_factory) -> tuple[Path, dict]:
-    from nonlocalnet.detection.data import make_builtin_coco
+    from nonlocalnet.detection.synthetic import make_builtin_coco
 
     root = tmp_path_factory.mktemp("coco")
     images, annotations = make_builtin_coco("shapes", root, num_images=3, image_size=64, split="val")
@@ -441,7 +441,7 @@ def _break(data: dict, how: str) -> dict:
     ],
 )
 def test_a_broken_coco_file_is_refused_up_front_naming_the_entry(tmp_path, coco_files, how, message):
-    from nonlocalnet.detection.data import CocoDetection, CocoFormatError
+    from nonlocalnet.detection.coco import CocoDetection, CocoFormatError
 
     images, data = coco_files
     path = tmp_path / "instances.json"

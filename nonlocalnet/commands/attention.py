@@ -147,19 +147,19 @@ def _clip(path: str, model, args: argparse.Namespace):
         import numpy as np
         import torch
 
-        from ..data import transforms as T
+        from ..data import transforms
 
         frames = np.load(path, allow_pickle=False)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(
                 f"{path}: a .npy clip must hold (T, H, W, 3) uint8 frames; got {frames.dtype} {frames.shape}"
             )
-        clip = T.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
+        clip = transforms.to_channels_first(torch.from_numpy(frames))  # (T, H, W, 3) -> (3, T, H, W)
         if args.size is not None:
-            clip = T.short_side_resize(clip, args.size)
+            clip = transforms.short_side_resize(clip, args.size)
         if args.crop is not None:
-            clip = T.spatial_crop(clip, args.crop, position=0, num_crops=1)
-        return T.normalize(clip)
+            clip = transforms.spatial_crop(clip, args.crop, position=0, num_crops=1)
+        return transforms.normalize(clip)
     from ..viz.loading import read_clip
 
     layout = getattr(model, "clip", None)

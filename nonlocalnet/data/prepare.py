@@ -1,5 +1,8 @@
 """Re-encode the videos of a list for fast training: a small short side, a key frame every few frames.
 
+One file because it is one command's pipeline: reading the list, planning, encoding and the parallel runner of
+``prepare-videos``, each step feeding the next.
+
 Training reads a clip of 64 consecutive frames at a random position. Decoding starts at the key frame before it,
 so a source with a key frame every 250 frames costs up to 250 decoded frames per clip, and a 720p frame costs
 several times a 256p one. :func:`prepare_videos` re-encodes every video of a list (libx264, yuv420p, no audio)

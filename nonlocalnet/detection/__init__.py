@@ -4,7 +4,9 @@
   placement as paths for :func:`nonlocalnet.add_nonlocal`);
 * :mod:`.nonlocal_heads`: NL blocks in the keypoint head;
 * :mod:`.builders`: ``maskrcnn`` / ``keypointrcnn`` with NL blocks where the paper puts them;
-* :mod:`.data`: COCO-format datasets (pycocotools) and the built-in drawn dataset;
+* :mod:`.coco`: reading and checking COCO-format files, and the dataset over them (pycocotools);
+* :mod:`.synthetic`: the built-in drawn datasets (shapes, figures), written as real COCO files;
+* :mod:`.transforms`: the training flip and the collate of detection samples;
 * :mod:`.evaluate`: COCOeval box / mask / keypoint AP;
 * :mod:`.config`: the detection config schema (read by :mod:`nonlocalnet.engine.config`);
 * :mod:`.loaders`: the datasets and loaders of a config;

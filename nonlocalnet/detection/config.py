@@ -19,7 +19,7 @@ from typing import Any
 from ..engine.config import AMP_CHOICES, ConfigError, ConfigSchema, Items, Range, build_config, check_steps
 from ..engine.config import load_config as _load_config
 from .builders import TASKS
-from .data import BUILTIN_KINDS
+from .synthetic import BUILTIN_KINDS
 
 DATA_DEFAULTS: dict[str, Any] = {
     # a built-in dataset drawn on the fly ("shapes" or "figures"), or None for files on disk

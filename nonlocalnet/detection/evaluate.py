@@ -213,7 +213,7 @@ def evaluate(
 
     Args:
         model: the detector (DDP-wrapped or not).
-        loader: over a :class:`~nonlocalnet.detection.data.CocoDetection`.
+        loader: over a :class:`~nonlocalnet.detection.coco.CocoDetection`.
         iou_types: e.g. ("bbox", "segm") or ("bbox", "keypoints").
         kpt_oks_sigmas: OKS sigmas when the data has other than COCO's 17 keypoints.
         results_file: also write the detections (COCO results format) as json, {iou_type: [...]}.

@@ -14,7 +14,9 @@ from typing import Any
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, SequentialSampler
 
 from ..engine.distributed import process_group_info
-from .data import CocoDetection, collate, make_builtin_coco
+from .coco import CocoDetection
+from .synthetic import make_builtin_coco
+from .transforms import collate
 
 
 def build_datasets(

@@ -34,9 +34,9 @@ from ..io import atomic_path
 from ..models.weights import load_state_dict_or_raise, read_state_dict, save_weights
 from .builders import build_detector
 from .config import complete_config
-from .data import RandomHorizontalFlip
 from .evaluate import evaluate, format_summary, iou_types_for
 from .loaders import build_datasets, make_loader
+from .transforms import RandomHorizontalFlip
 
 # config keys a resumed run may change: those of a video run, where the data are, how many loader processes
 RESUMABLE_DETECTION_KEYS = (*RESUMABLE_KEYS, "data.root", "train.workers")

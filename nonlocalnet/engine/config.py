@@ -1,6 +1,9 @@
 """Run configurations: YAML files (a path, or a config shipped in the package, :func:`~nonlocalnet.io.find_config`)
 on top of a schema's defaults, overridable with ``key=value``.
 
+One file because it is one loader: the schema, the YAML chain, the overrides and the checks (the memory check included)
+all serve :func:`load_config` and read the same schema.
+
 One loader serves every kind of run; a :class:`ConfigSchema` says what a kind's config holds. :data:`VIDEO` (the
 default) has the sections ``model``, ``data``, ``train``, ``test`` and the top-level ``output_dir`` and ``seed``;
 the detection schema is :data:`nonlocalnet.detection.config.SCHEMA`. A YAML file may name a ``base`` file that it

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..bank.store import FeatureBank
-from ..data import transforms as T
+from ..data import transforms
 from ..data.inputs import VideoInput
 from ..data.video import VideoDecodeError, read_frames
 from ..io import atomic_path, write_text_atomic
@@ -131,8 +131,8 @@ class VideoClips(Dataset):
         chosen: list[int] = []
 
         def sample(count: int) -> Tensor:  # may be called twice (a wrong frame count): the last call counts
-            chosen[:] = T.clip_starts(count, s.frames, s.sampling_rate, s.stride, allow_short=True)
-            return T.tiling_clip_indices(count, chosen, s.frames, s.sampling_rate)
+            chosen[:] = transforms.clip_starts(count, s.frames, s.sampling_rate, s.stride, allow_short=True)
+            return transforms.tiling_clip_indices(count, chosen, s.frames, s.sampling_rate)
 
         try:
             frames, _ = read_frames(self.videos[index].path, sample, decoder=s.decoder)  # (L * T, H, W, 3)
@@ -143,10 +143,10 @@ class VideoClips(Dataset):
                 "starts": torch.empty(0),
                 "error": str(err),
             }
-        clip = T.to_channels_first(torch.from_numpy(frames))  # (L * T, H, W, 3) -> (3, L * T, H, W)
-        clip = T.short_side_resize(clip, s.scale)
+        clip = transforms.to_channels_first(torch.from_numpy(frames))  # (L * T, H, W, 3) -> (3, L * T, H, W)
+        clip = transforms.short_side_resize(clip, s.scale)
         if s.crop is not None:
-            clip = T.spatial_crop(clip, s.crop, 0, 1)  # the centre crop, the one-crop test view's
+            clip = transforms.spatial_crop(clip, s.crop, 0, 1)  # the centre crop, the one-crop test view's
         clips = clip.unflatten(1, (len(chosen), s.frames)).transpose(0, 1)  # (3, L, T, H, W) -> (L, 3, T, H, W)
         return {
             "index": index,
@@ -239,7 +239,7 @@ def extract_features(
                     batch_size=batch_size,
                     device=device,
                     layer=settings.layer,
-                    prepare=T.normalize,
+                    prepare=transforms.normalize,
                 )  # (L, C)
                 starts = item["starts"]
                 if settings.per_video:

@@ -1,6 +1,9 @@
 """One training loop for every task (video classification, detection): the task supplies its model, data, loss and
 evaluation (:class:`Task`); the loop owns everything a run guarantees.
 
+One file because it is the one loop: the settings, the run context, the task protocol and the steps are read together,
+and splitting them would scatter the guarantees listed below.
+
     report = train_loop(task, context, resume=True)
 
 What the loop owns, for every task alike: the learning-rate schedule (:func:`~nonlocalnet.engine.optim.step_lr`,

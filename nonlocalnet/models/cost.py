@@ -1,6 +1,9 @@
 """What a model costs before it runs: parameters, multiply-adds and the peak memory of one training or inference
 step, per non-local block and in total, for each exact path the blocks could take.
 
+One file because it is one estimate: the result classes, the fake-tensor simulation and the table all serve
+:func:`estimate_cost`, and none is used alone.
+
     est = estimate_cost("nl_i3d_r50", clip=(32, 224, 224), batch=8, train=True)
     print(est.table())
 

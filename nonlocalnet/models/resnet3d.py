@@ -1,5 +1,8 @@
 """The paper's video networks: C2D and I3D bottleneck ResNets, with non-local blocks where you ask for them.
 
+One file because it is one network and its parts: the bottleneck, the stage and the head exist only to be assembled by
+:class:`ResNet3d`, and reading Table 1 against the code needs them side by side.
+
 Table 1 of the paper (C2D ResNet-50, a 32x224x224 clip sampled "32x2"):
 
 | layer | spec                                           | output T x H x W |

@@ -1,5 +1,8 @@
 """Other frameworks' non-local blocks, inside a model built by that framework, replaced by ours.
 
+One file because it is one operation: recognising each framework's block, translating its options and weights, and
+measuring before and after all serve :func:`swap_nonlocal`.
+
     report = nonlocalnet.swap_nonlocal(model)      # mmaction2's NL I3D, a timm or PyTorchVideo network, ...
     print(report)                                  # found, swapped, left (and why), per path
 
