@@ -51,10 +51,11 @@ import av
 import numpy as np
 import torch
 
-from nonlocalnet.data import video
+from nonlocalnet.data import pyav_decoder
 from nonlocalnet.data.collate import collate
+from nonlocalnet.data.decoders import decoder_available
 from nonlocalnet.data.prepare import prepare_videos, target_size
-from nonlocalnet.data.video import VideoListDataset, decoder_available
+from nonlocalnet.data.video_dataset import VideoListDataset
 
 from ._common import fmt, machine, provenance, write_atomic
 
@@ -140,10 +141,10 @@ def frames_from_key_frame(path: Path, index: torch.Tensor) -> Iterator[tuple[int
     """(frame index, frame) from the key frame before the first needed frame through the last needed one."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        video._one_thread(stream)  # as every reader here (FFmpeg's default: cores + 1 slice threads)
+        pyav_decoder._one_thread(stream)  # as every reader here (FFmpeg's default: cores + 1 slice threads)
         first, last, start = int(index.min()), int(index.max()), stream.start_time or 0
         container.seek(start + int(first / stream.average_rate / stream.time_base), stream=stream, backward=True)
-        position = video._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
+        position = pyav_decoder._frame_position(start, stream.time_base * stream.average_rate)  # no Fraction a frame
         for frame in container.decode(stream):
             at = position(frame.pts)
             yield at, frame
@@ -157,7 +158,7 @@ def pure_decode(path: Path, index: torch.Tensor) -> None:
         pass
 
 
-class _DecodeOnly(video._Clip):
+class _DecodeOnly(pyav_decoder._Clip):
     """A clip that converts nothing: it notes which of its frames were decoded."""
 
     def __call__(self, position: int, frame: av.VideoFrame) -> None:
@@ -166,12 +167,12 @@ class _DecodeOnly(video._Clip):
 
 
 def dataset_decode(path: Path, index: torch.Tensor) -> None:
-    """What the dataset decodes for these frames (its own decoding, ``video._fill_clip``), without converting
+    """What the dataset decodes for these frames (its own decoding, ``pyav_decoder._fill_clip``), without converting
     any: after a seek, the limit's frames less the H.264 frames that no frame refers to and the clip does not take
-    (see ``video._decode_skipping``); every frame from the start for a clip that starts near it."""
-    with video._open_video(path) as container:
+    (see ``pyav_decoder._decode_skipping``); every frame from the start for a clip that starts near it."""
+    with pyav_decoder._open_video(path) as container:
         if (
-            video._fill_clip(
+            pyav_decoder._fill_clip(
                 path, container, container.streams.video[0], lambda: _DecodeOnly(index.tolist(), None), seek=True
             )
             is None

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from nonlocalnet.cli import user_error
 from nonlocalnet.data.prepare import read_list_lines
-from nonlocalnet.data.video import read_video_list
+from nonlocalnet.data.video_list import read_video_list
 from nonlocalnet.engine.config import DEFAULTS, apply_override, build_config, load_config, to_plain
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from nonlocalnet.cli import main
-from nonlocalnet.data.video import DECODERS, decoder_available
+from nonlocalnet.data.decoders import DECODERS, decoder_available
 from nonlocalnet.engine import load_config, train
 
 from .helpers import video_overrides

@@ -18,9 +18,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from nonlocalnet.data import transforms, video
+from nonlocalnet.data import decode_errors, decoders, pyav_decoder, transforms, video_dataset
 from nonlocalnet.data.collate import collate
-from nonlocalnet.data.video import VideoListDataset, read_frames, read_video_list
+from nonlocalnet.data.decoders import read_frames
+from nonlocalnet.data.video_dataset import VideoListDataset
+from nonlocalnet.data.video_list import read_video_list
 
 from .helpers import write_video
 
@@ -30,7 +32,7 @@ HEIGHT, WIDTH = 40, 56
 
 
 needs_torchcodec = pytest.mark.skipif(
-    not video.decoder_available("torchcodec"),
+    not decoders.decoder_available("torchcodec"),
     reason="torchcodec and FFmpeg's shared libraries (pip install torchcodec; apt install ffmpeg)",
 )
 
@@ -196,7 +198,7 @@ def test_missing_files_reported_together(tmp_path, videos, caplog):
     with pytest.raises(FileNotFoundError, match="3 of 5 videos") as info:
         _dataset(tmp_path, videos, lines)
     assert all(name in str(info.value) for name in ("gone1.mp4", "gone2.mp4", "other/gone3.mp4"))
-    with caplog.at_level(logging.WARNING, logger=video.__name__):
+    with caplog.at_level(logging.WARNING, logger=video_dataset.__name__):
         data = _dataset(tmp_path, videos, lines, skip_missing=True)
     assert len(data) == 2 and data.labels == [0, 2] and "gone3.mp4" in caplog.text
 
@@ -264,7 +266,7 @@ def test_short_video_repeats_its_last_frame(tmp_path, videos):
 
 def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0", "k/a.mp4 1", "k/b.mp4 2"])
-    with caplog.at_level(logging.WARNING, logger=video.__name__):
+    with caplog.at_level(logging.WARNING, logger=video_dataset.__name__):
         item = data[0]
     assert item["skipped"].item() == 1 and item["video"].item() in (1, 2)  # one corrupt video, however often drawn
     assert {int(i) for i in item["skipped_ids"] if i >= 0} == {0}
@@ -291,13 +293,15 @@ def test_corrupt_video_skipped_counted_and_logged(tmp_path, videos, caplog):
 
 def test_only_corrupt_videos_raise_after_max_retries(tmp_path, videos):
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"], max_retries=3)
-    with pytest.raises(video.CorruptData, match=r"every video listed in .*list.txt failed to decode \(1 videos\)"):
+    with pytest.raises(
+        video_dataset.CorruptData, match=r"every video listed in .*list.txt failed to decode \(1 videos\)"
+    ):
         data[0]
     data = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 30 + ["k/a.mp4 1"], max_retries=3)
-    with pytest.raises(video.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
+    with pytest.raises(video_dataset.CorruptData, match="item 0 of .*: 4 videos in a row failed to decode"):
         data[0]  # 30 of 31 corrupt: four draws in a row fail (seed 0)
     test = _dataset(tmp_path, videos, ["k/corrupt.mp4 0"] * 3, split="test", test_clips=1, test_crops=1, test_scale=40)
-    with pytest.raises(video.CorruptData, match=r"every video listed .* \(3 videos\)"):
+    with pytest.raises(video_dataset.CorruptData, match=r"every video listed .* \(3 videos\)"):
         test[0]
 
 
@@ -369,14 +373,14 @@ def test_test_crops_of_portrait_frames_run_top_to_bottom(tmp_path, videos):
 
 def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch):
     calls = []
-    original = video._decode_after_seek
+    original = pyav_decoder._decode_after_seek
 
     def spy(*args):
         result = original(*args)
         calls.append(result)
         return result
 
-    monkeypatch.setattr(video, "_decode_after_seek", spy)
+    monkeypatch.setattr(pyav_decoder, "_decode_after_seek", spy)
     sample = lambda count: torch.arange(count - 20, count, 3)  # noqa: E731  (starts past the seek threshold)
     sought, index = read_frames(videos / "k" / "a.mp4", sample, seek=True)
     assert calls == [True]  # the seek path was taken and agreed with the time stamps
@@ -387,7 +391,7 @@ def test_seeking_gives_the_frames_of_decoding_from_the_start(videos, monkeypatch
 
 @pytest.mark.parametrize("reported", [100, None])
 def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch, reported):
-    monkeypatch.setattr(video, "_frame_count", lambda container, stream: reported)
+    monkeypatch.setattr(pyav_decoder, "_frame_count", lambda container, stream: reported)
     counts = []
 
     def sample(count):
@@ -402,16 +406,18 @@ def test_wrong_or_missing_frame_count_falls_back_to_counting(videos, monkeypatch
 
 @pytest.mark.parametrize("reported", [40, None])
 def test_read_frames_names_a_bad_video_and_lets_a_sampling_error_through(videos, monkeypatch, reported):
-    with pytest.raises(video.VideoDecodeError, match="corrupt.mp4: InvalidDataError"):
+    with pytest.raises(decode_errors.VideoDecodeError, match="corrupt.mp4: InvalidDataError"):
         read_frames(videos / "k" / "corrupt.mp4", lambda count: torch.arange(1))
-    monkeypatch.setattr(video, "_frame_count", lambda container, stream: reported)  # the first pass or the fallback
+    monkeypatch.setattr(
+        pyav_decoder, "_frame_count", lambda container, stream: reported
+    )  # the first pass or the fallback
 
     def sample(count):
         raise ValueError(f"a bug in the sampler, not a bad video ({count} frames)")
 
     with pytest.raises(ValueError, match=r"a bug in the sampler, not a bad video \(40 frames\)") as info:
         read_frames(videos / "k" / "a.mp4", sample)
-    assert not isinstance(info.value, video.VideoDecodeError)
+    assert not isinstance(info.value, decode_errors.VideoDecodeError)
 
 
 def test_dataloader_with_two_workers_matches_in_process_items(tmp_path, videos):
@@ -528,7 +534,7 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
         every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     frames, _ = read_frames(path, lambda count: index)
     assert np.array_equal(frames, np.stack([every[i] for i in index.tolist()]))
-    assert video._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
+    assert pyav_decoder._Clip.threads == {"threads": 1}  # PyAV 14 and later would convert on every core otherwise
     for rows, columns in [
         (slice(3, 20), slice(5, 30)),
         (slice(0, 40), slice(29, 4, -1)),
@@ -541,7 +547,7 @@ def test_frames_are_pyavs_rgb_and_a_region_is_their_slices(videos):
         read_frames(path, lambda count: index, region=lambda h, w: 1 / 0)
     with pytest.raises(ValueError, match="step 1 or -1") as info:
         read_frames(path, lambda count: index, region=lambda h, w: (slice(0, 9), slice(8, 0, -2)))
-    assert not isinstance(info.value, video.VideoDecodeError)
+    assert not isinstance(info.value, decode_errors.VideoDecodeError)
     sought, _ = read_frames(path, lambda count: torch.arange(17, 24, 2), region=lambda h, w: (rows, columns))
     assert np.array_equal(sought, np.stack(every[17:24:2])[:, rows, columns])  # the seek path as well
 
@@ -553,8 +559,8 @@ def test_a_region_cut_before_conversion_is_the_slice_of_the_converted_frame(tmp_
     write_video(path, np.random.default_rng(2).integers(0, 256, (6, 66, 138, 3), np.uint8), **LOSSLESS)
     with av.open(str(path)) as container:
         every = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-    cuts, cut = [], video._cut
-    monkeypatch.setattr(video, "_cut", lambda frame, window: cuts.append(window) or cut(frame, window))
+    cuts, cut = [], pyav_decoder._cut
+    monkeypatch.setattr(pyav_decoder, "_cut", lambda frame, window: cuts.append(window) or cut(frame, window))
     index = torch.tensor([1, 4, 4])
     rng = np.random.default_rng(0)
     for top, left in [(0, 0), (1, 0), (0, 1), (1, 1), (3, 7)]:
@@ -576,10 +582,10 @@ def test_a_frame_with_an_odd_side_is_converted_whole():
         )
         whole = frame.to_ndarray(format="rgb24")
         for columns in (slice(3, 41), slice(40, 2, -1)):
-            clip = video._Clip([0], lambda h, w: (slice(1, 50), columns))
+            clip = pyav_decoder._Clip([0], lambda h, w: (slice(1, 50), columns))
             clip(0, frame)
             assert clip.window is None and not clip.bgr and np.array_equal(clip.frames()[0], whole[1:50, columns])
-    empty = video._Clip([0], lambda h, w: (slice(0, 0), slice(9, 4, -1)))  # nothing to mirror
+    empty = pyav_decoder._Clip([0], lambda h, w: (slice(0, 0), slice(9, 4, -1)))  # nothing to mirror
     empty(0, frame)
     assert empty.frames().shape == (1, 0, 5, 3)
 
@@ -614,7 +620,7 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
         kinds = [str(frame.pict_type) for frame in container.decode(video=0)]
     assert len(kinds) < len(every) - 10  # the file has frames that no frame refers to
     decoded = []
-    original = video._decode_skipping
+    original = pyav_decoder._decode_skipping
 
     def counting(*args):
         for frame in original(*args):
@@ -622,9 +628,9 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
             yield frame
 
     sought = []
-    seek = video._decode_after_seek
-    monkeypatch.setattr(video, "_decode_skipping", counting)
-    monkeypatch.setattr(video, "_decode_after_seek", lambda *args: sought.append(seek(*args)) or sought[-1])
+    seek = pyav_decoder._decode_after_seek
+    monkeypatch.setattr(pyav_decoder, "_decode_skipping", counting)
+    monkeypatch.setattr(pyav_decoder, "_decode_after_seek", lambda *args: sought.append(seek(*args)) or sought[-1])
     for index in (torch.arange(33, 64, 4), torch.arange(40, 56, 2), torch.tensor([50, 35, 35, 63])):
         decoded.clear()
         sought.clear()
@@ -639,7 +645,7 @@ def test_frames_no_clip_takes_are_skipped_and_the_rest_are_exact(tmp_path, monke
 
 
 def test_a_clip_given_a_frame_twice_is_not_complete():
-    clip = video._Clip([5, 6, 6], None)  # two frames at one position are time stamps that disagree: decode again
+    clip = pyav_decoder._Clip([5, 6, 6], None)  # two frames at one position are time stamps that disagree: decode again
     clip._note(5)
     assert not clip.complete
     clip._note(6)
@@ -649,7 +655,7 @@ def test_a_clip_given_a_frame_twice_is_not_complete():
 
 
 def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(videos):
-    with video._open_video(videos / "k" / "a.mp4") as container:
+    with pyav_decoder._open_video(videos / "k" / "a.mp4") as container:
         context = container.streams.video[0].codec_context
         assert context.thread_count == 1
     rng = np.random.default_rng(0)
@@ -659,7 +665,7 @@ def test_decoding_runs_on_one_thread_and_frame_positions_round_as_fractions(vide
         (7, Fraction(1, 90000) * Fraction(30000, 1001)),
         (3, Fraction(1, 2)),
     ]:
-        position = video._frame_position(start, rate)
+        position = pyav_decoder._frame_position(start, rate)
         for pts in [*rng.integers(-5000, 100000, 500).tolist(), start, start + 1, start - 1, start + 3]:
             assert position(pts) == round((pts - start) * rate), (pts, start, rate)
 
@@ -668,7 +674,7 @@ def test_an_unknown_or_unavailable_decoder_is_one_line_naming_it(tmp_path, video
     with pytest.raises(ValueError, match="decoder must be one of .'pyav', 'torchcodec'.; got 'ffmpeg'"):
         _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="ffmpeg")
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if it were not installed
-    with pytest.raises(video.DecoderUnavailable) as info:
+    with pytest.raises(decode_errors.DecoderUnavailable) as info:
         _dataset(tmp_path, videos, ["k/a.mp4 0"], decoder="torchcodec")
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
     assert str(info.value).startswith("decoder 'torchcodec' needs torchcodec (the release built for torch ")
@@ -684,7 +690,7 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
     path = videos / "k" / name
     for region in (None, lambda h, w: (slice(2, 30), slice(40, 9, -1))):
         frames = {
-            d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d) for d in video.DECODERS
+            d: read_frames(path, lambda count: torch.tensor(index), region=region, decoder=d) for d in decoders.DECODERS
         }
         assert np.array_equal(frames["pyav"][0], frames["torchcodec"][0])  # pixel for pixel
         assert frames["torchcodec"][1].tolist() == index
@@ -695,7 +701,7 @@ def test_torchcodec_decodes_the_frames_pyav_decodes(videos, name, index):
 def test_dataset_items_are_the_same_with_either_decoder(tmp_path, videos, split):
     lines = ["k/noise.mp4 0", "k/corrupt.mp4 1", "k/a.mp4 2", "k/short.mp4 3"]
     options = dict(seed=2) if split == "train" else dict(split="test", test_clips=2, test_crops=3, test_scale=40)
-    data = {d: _dataset(tmp_path, videos, lines, decoder=d, **options) for d in video.DECODERS}
+    data = {d: _dataset(tmp_path, videos, lines, decoder=d, **options) for d in decoders.DECODERS}
     for epoch in (0, 1):
         for d in data.values():
             d.set_epoch(epoch)

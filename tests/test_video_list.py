@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from nonlocalnet.data.prepare import read_list_lines
-from nonlocalnet.data.video import read_video_list
+from nonlocalnet.data.video_list import read_video_list
 
 LINES = [  # (line, multi_label, the error or None)
     ("a b/c d.avi 3", False, None),

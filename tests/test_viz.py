@@ -290,7 +290,7 @@ def test_render_limits_panels_and_checks_the_clip(tmp_path):
 
 def test_visualised_clip_is_the_test_loaders_clip_of_the_same_frames(tmp_path):
     from nonlocalnet.data import transforms
-    from nonlocalnet.data.video import VideoListDataset
+    from nonlocalnet.data.video_dataset import VideoListDataset
     from nonlocalnet.viz.loading import read_clip
 
     # noise frames shrunk 46 -> 32 (anti-aliasing shows) and cropped to 28 from 32x43 (the centre of 15 columns

@@ -112,7 +112,7 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     """The files to diagnose on: the positional ones, then the list's."""
     paths = list(args.inputs)
     if args.list is not None:
-        from ..data.video import read_video_list
+        from ..data.video_list import read_video_list
 
         root = Path(args.root) if args.root is not None else Path(args.list).parent
         # labels are not used here: read every style, whatever the number of classes

@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_plan(plan, short_side: int) -> None:
+    from ..data.decode_errors import VideoDecodeError
     from ..data.prepare import output_path, probe_size, target_size
-    from ..data.video import VideoDecodeError
 
     total = len(plan.todo) + len(plan.done)
     print(

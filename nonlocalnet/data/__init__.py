@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .build import build_dataset, is_multi_label
 from .collate import collate
+from .decode_errors import VideoDecodeError
 from .sampler import ShardedSampler
 from .synthetic import LongRangeShapes
-from .video import VideoDecodeError, VideoListDataset, read_video_list
+from .video_dataset import VideoListDataset
+from .video_list import read_video_list
 
 __all__ = [
     "LongRangeShapes",

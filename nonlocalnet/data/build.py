@@ -8,7 +8,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .synthetic import LongRangeShapes
-from .video import VideoListDataset
+from .video_dataset import VideoListDataset
 
 
 def build_dataset(data: Mapping[str, Any], split: str, seed: int = 0, *, normalize: bool = True) -> Dataset:

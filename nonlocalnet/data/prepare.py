@@ -17,7 +17,7 @@ so that
   which slices would only cost compression;
 * five B-frames between reference frames, none of them a reference (libx264 with ``bframes=5``, ``b-adapt=0``,
   ``b-pyramid=none``): a clip does not decode the B-frames it does not take (see
-  :func:`~nonlocalnet.data.video.read_frames`), so a training item decodes fewer frames; five is where more
+  :func:`~nonlocalnet.data.decoders.read_frames`), so a training item decodes fewer frames; five is where more
   B-frames stopped saving decode time while the quality at the same ``crf`` kept falling slightly (the data
   benchmark, ``python -m benchmarks.data``, measures the items);
 * with ``fast_decode``, libx264's ``tune=fastdecode`` (no CABAC, no deblocking filter, no weighted prediction):
@@ -33,7 +33,7 @@ left out of the new list and named, with the reason, in the report ``<list stem>
 report records the settings, and a later run into the same output root with other settings is refused (its
 outputs would mix two sizes).
 
-List lines follow :func:`~nonlocalnet.data.video.read_video_list`: ``path label`` (the label is the last field,
+List lines follow :func:`~nonlocalnet.data.video_list.read_video_list`: ``path label`` (the label is the last field,
 so the path may contain spaces; the label may be comma-separated, ``path 3,17,42``), or with ``multi_label``
 ``path 3 17 42`` (the path is the first field). Labels are kept as written.
 """
@@ -54,7 +54,7 @@ from pathlib import Path, PurePosixPath
 import av
 
 from ..io import atomic_path, write_text_atomic
-from .video import VideoDecodeError
+from .decode_errors import VideoDecodeError
 from .video_list import parse_list_line, read_list_text
 
 DEFAULT_SHORT_SIDE = 256
@@ -274,7 +274,7 @@ def _add_stream(
         setattr(context, tag, getattr(source.codec_context, tag))
     # a key frame exactly every gop frames: none at scene cuts, none where the source had one (see pict_type);
     # five B-frames between references, none of them a reference (no adaptive B-frames, no B-pyramid), so that
-    # a clip skips the B-frames it does not take (see video.read_frames)
+    # a clip skips the B-frames it does not take (see pyav_decoder.read_frames_pyav)
     context.max_b_frames = B_FRAMES
     stream.options = {
         "crf": str(crf),

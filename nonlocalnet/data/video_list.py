@@ -1,4 +1,5 @@
-"""The video-list format, read by one function for every reader (the dataset, ``prepare-videos``).
+"""The video-list format, read by one function for every reader (the dataset, ``prepare-videos``);
+:func:`read_video_list` adds the dataset's check of the labels against the number of classes.
 
 One video a line: ``path label`` (Kinetics: the label is the last field, so a path may hold spaces) or, for
 multi-label lists, ``path l1,l2 l3`` (Charades: the path is the first field, every other field holds labels,
@@ -72,3 +73,40 @@ def parse_list_line(line: str, where: str, multi_label: bool) -> tuple[str, tupl
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"{where}: the path {path!r} must be relative to the data root and stay in it")
     return path, tuple(int(t) for t in tokens)
+
+
+def read_video_list(
+    list_file: str | Path, *, num_classes: int, multi_label: bool = False
+) -> list[tuple[str, int | tuple[int, ...]]]:
+    """Parse a Kinetics-style (``path label``) or Charades-style (``path 3,17,42``) list file (the one format
+    of this module, which ``prepare-videos`` reads too), checking the labels against ``num_classes``.
+
+    Args:
+        list_file: the text file.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        multi_label: Charades style, several labels per video (comma- or space-separated, at least one).
+
+    Returns:
+        ``(relative path, label)`` per video, in file order; the label is an int, or a sorted tuple of distinct
+        ints when ``multi_label``.
+
+    Raises:
+        FileNotFoundError: no such list file.
+        ValueError: a malformed line, a label out of range, a path outside the root, or bytes that are not UTF-8,
+            naming the file and the line number.
+    """
+    list_file = Path(list_file)
+    entries: list[tuple[str, int | tuple[int, ...]]] = []
+    for number, line in enumerate(read_list_text(list_file), start=1):
+        where = f"{list_file}, line {number}"
+        parsed = parse_list_line(line, where, multi_label)
+        if parsed is None:
+            continue
+        path, labels = parsed
+        for label in labels:
+            if label >= num_classes:
+                raise ValueError(f"{where}: label {label} out of range [0, {num_classes})")
+        entries.append((path, tuple(sorted(set(labels))) if multi_label else labels[0]))
+    if not entries:
+        raise ValueError(f"{list_file} lists no video")
+    return entries

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..data import is_multi_label
-from ..data.video import read_video_list
+from ..data.video_list import read_video_list
 from .config import ConfigError
 
 log = logging.getLogger("nonlocalnet")

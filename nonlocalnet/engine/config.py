@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..data.video import DECODERS
+from ..data.decoders import DECODERS
 from ..io import find_config, packaged_configs, write_text_atomic
 
 DEFAULTS: dict[str, Any] = {

@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from ..bank.store import FeatureBank
 from ..data import transforms
+from ..data.decode_errors import VideoDecodeError
+from ..data.decoders import read_frames
 from ..data.inputs import VideoInput
-from ..data.video import VideoDecodeError, read_frames
 from ..io import atomic_path, write_text_atomic
 from ..models.features import batched_clip_features
 

@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import VideoListDataset, collate
+from ..data.decode_errors import VideoDecodeError
+from ..data.decoders import read_frames
 from ..data.inputs import VideoInput
 from ..data.transforms import normalize
-from ..data.video import CorruptData, VideoDecodeError, read_frames
+from ..data.video_dataset import CorruptData
 from .metrics import aggregate_views
 
 __all__ = ["VideoScores", "predict_videos", "top_classes"]
