@@ -20,6 +20,10 @@ running_var = 1 - eps, so that the layer computes exactly x s + b.
 
 Training state (``*_momentum``, ``lr``, ``model_iter``, ``epoch``) is skipped; any other blob the model has no
 place for, and any model entry no blob fills, is an error naming it.
+
+Which registered model a file is (:func:`infer_caffe2`) is read off its blobs: the depth from the blocks per stage,
+C2D / I3D from the temporal kernels, the paper's placement from the non-local blobs, the 128-frame models from the
+affine BN; the 32x2 and 8x8 models have the same blobs, so the file's name says which.
 """
 
 from __future__ import annotations
@@ -281,6 +285,18 @@ def _as_str(name: Any) -> str:
 def infer_caffe2(
     blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path, model: str | None = None
 ) -> tuple[str, dict]:
+    """Which registered model an official Caffe2 checkpoint's blobs are for, and the options in which the file's
+    network differs from it.
+
+    Args:
+        blobs: the file's tensors by name.
+        meta: what else the file says (``{"cfg": text}`` where it records a config).
+        path: the file, named in errors (and read for hints its tensors cannot give).
+        model: the user's choice of model; default: worked out from the tensors.
+
+    Raises:
+        ConversionError: a network that is none of the registered ones, naming what differs.
+    """
     if getattr(blobs.get("conv1_w"), "ndim", 0) != 5:
         raise ConversionError(
             f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
@@ -349,6 +365,8 @@ def _count(blobs: Mapping[str, Any], pattern: str) -> int:
 def convert_caffe2(
     path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any], paper_layout: bool
 ) -> Conversion:
+    """``blobs`` into the model ``name`` built with ``options``: the official network's pool1 (unpadded) unless
+    ``paper_layout`` or a ``clip`` option says otherwise, filled by :func:`convert_caffe2_blobs`."""
     net = build_model(path, name, options)
     if (
         "clip" not in options

@@ -174,6 +174,8 @@ def map_state(
 
 
 def build_model(path: Path, name: str, options: Mapping[str, Any]) -> nn.Module:
+    """The registered model ``name`` built with ``options``; an option it refuses is a ConversionError naming the
+    file."""
     try:
         return create_model(name, **options)
     except (TypeError, ValueError) as exc:  # an option the model does not take, or a bad value

@@ -41,6 +41,18 @@ def _nl_locations(state: Mapping[str, Any], layers: tuple[int, ...], pattern: st
 def infer_mmaction2(
     state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path, model: str | None = None
 ) -> tuple[str, dict]:
+    """Which registered model an mmaction2 state dict is for, and the options in which the file's network differs
+    from it.
+
+    Args:
+        state: the file's tensors by name.
+        meta: what else the file says (``{"cfg": text}`` where it records a config).
+        path: the file, named in errors (and read for hints its tensors cannot give).
+        model: the user's choice of model; default: worked out from the tensors.
+
+    Raises:
+        ConversionError: a network that is none of the registered ones, naming what differs.
+    """
     layers = depths(state, "backbone.layer{stage}.{index}.conv1.conv.weight")
     if model is None and layers != R50_LAYERS:
         raise ConversionError(

@@ -31,6 +31,18 @@ def _pytorchvideo_layout(state: Mapping[str, Any], path: Path) -> tuple[list[int
 def infer_pytorchvideo(
     state: Mapping[str, Tensor], meta: Mapping[str, Any], path: Path, model: str | None = None
 ) -> tuple[str, dict]:
+    """Which registered model a PyTorchVideo state dict is for, and the options in which the file's network differs
+    from it.
+
+    Args:
+        state: the file's tensors by name.
+        meta: what else the file says (``{"cfg": text}`` where it records a config).
+        path: the file, named in errors (and read for hints its tensors cannot give).
+        model: the user's choice of model; default: worked out from the tensors.
+
+    Raises:
+        ConversionError: a network that is none of the registered ones, naming what differs.
+    """
     stages, _ = _pytorchvideo_layout(state, path)
     conv_a = "blocks.{stage}.res_blocks.{index}.branch2.conv_a.weight"
     layers = depths(state, conv_a, tuple(stages))
