@@ -11,7 +11,7 @@ has no ``source="local"`` in ``torch.hub.list``, only in ``torch.hub.load``: lis
 No weights are downloaded. ``pretrained`` is a local weights file, read by ``nonlocalnet.models.load_model`` (the
 options it records are used, so a converted zoo checkpoint computes what it computed there): convert an official
 Caffe2, PyTorchVideo or mmaction2 checkpoint with ``nonlocalnet convert SRC out.safetensors``, or inflate ImageNet
-weights with ``nonlocalnet.models.inflate.inflate_2d_weights`` and save them with ``nonlocalnet.models.save_weights``.
+weights with ``nonlocalnet.models.inflate_2d_weights`` and save them with ``nonlocalnet.models.save_weights``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _NO_DOWNLOAD = (
     "nonlocalnet hosts no weights, so pretrained=True has nothing to download. Pass pretrained='path/to/file."
     "safetensors' instead: convert an official Caffe2, PyTorchVideo or mmaction2 checkpoint with "
     "`nonlocalnet convert SRC out.safetensors`, or inflate ImageNet ResNet weights "
-    "with nonlocalnet.models.inflate.inflate_2d_weights and save them with nonlocalnet.models.save_weights."
+    "with nonlocalnet.models.inflate_2d_weights and save them with nonlocalnet.models.save_weights."
 )
 
 

@@ -1,6 +1,6 @@
 """A checksum of a file's content (tensors, numbers, strings, containers), written inside the file and verified on
 read: training checkpoints (:mod:`nonlocalnet.engine.checkpoint`) and weights files
-(:func:`nonlocalnet.models.weights.save_weights`) carry one."""
+(:func:`nonlocalnet.models.checkpoints.weights.save_weights`) carry one."""
 
 from __future__ import annotations
 

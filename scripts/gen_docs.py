@@ -74,7 +74,7 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
 # --- model zoo -------------------------------------------------------------------------------------------------
 def _zoo_top1() -> dict[str, dict[str, float]]:
     """The top-1 each public zoo reports for the checkpoints ``nonlocalnet convert`` reads, by model name."""
-    for name in ("nonlocalnet.models.convert", "nonlocalnet.checkpoints", "nonlocalnet.convert"):
+    for name in ("nonlocalnet.models.checkpoints.formats",):
         try:
             module = importlib.import_module(name)
         except ImportError:

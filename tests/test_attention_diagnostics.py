@@ -110,7 +110,7 @@ def test_table_and_chart(tmp_path):
 
 def test_attention_command_prints_the_table_draws_and_writes_json(tmp_path, capsys):
     from nonlocalnet.models import create_model
-    from nonlocalnet.models.weights import save_weights
+    from nonlocalnet.models.checkpoints.weights import save_weights
 
     model = create_model("nl_c2d_tiny")
     checkpoint = tmp_path / "tiny.safetensors"

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from nonlocalnet.cli import main as cli_main
 from nonlocalnet.models import create_model, load_weights
-from nonlocalnet.models.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
-from nonlocalnet.models.weights import read_metadata
+from nonlocalnet.models.checkpoints.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
+from nonlocalnet.models.checkpoints.weights import read_metadata
 
 from .helpers import (
     C2D_TEMP,

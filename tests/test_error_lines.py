@@ -142,7 +142,7 @@ def test_safetensors_model_options_that_are_not_a_mapping_are_one_error_line(cap
 
 
 def test_a_zero_dimensional_classifier_weight_is_one_error_naming_the_tensor(tmp_path):
-    from nonlocalnet.models.weights import load_model
+    from nonlocalnet.models.checkpoints.weights import load_model
 
     def flat(state):
         state["head.fc.weight"] = torch.tensor(1.0)

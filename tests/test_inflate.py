@@ -9,7 +9,7 @@ from torchvision.models import resnet50, resnet101
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from nonlocalnet.models import ResNet3d, create_model
-from nonlocalnet.models.inflate import inflate_2d_weights, torchvision_name
+from nonlocalnet.models.checkpoints.inflate import inflate_2d_weights, torchvision_name
 
 
 def randomise_bn(net: nn.Module) -> nn.Module:

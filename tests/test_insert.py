@@ -12,8 +12,8 @@ from torchvision.models.video import r2plus1d_18, r3d_18
 
 import nonlocalnet
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks
+from nonlocalnet.models.checkpoints.weights import load_weights, save_weights
 from nonlocalnet.models.insert import match_modules
-from nonlocalnet.models.weights import load_weights, save_weights
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> None:

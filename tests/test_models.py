@@ -508,7 +508,7 @@ def test_save_and_load_weights_round_trip(tmp_path):
 def test_read_state_dict_reads_every_layout_and_names_bad_files(tmp_path):
     import json
 
-    from nonlocalnet.models.weights import read_state_dict
+    from nonlocalnet.models.checkpoints.weights import read_state_dict
 
     state = {"a.weight": torch.arange(6.0).view(2, 3), "b.bias": torch.ones(2)}
     save_weights(

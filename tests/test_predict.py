@@ -25,8 +25,8 @@ from nonlocalnet.data.class_names import (
 from nonlocalnet.data.inputs import video_inputs
 from nonlocalnet.engine.extract import ExtractSettings, extract_features, parts_folder
 from nonlocalnet.models import create_model, save_weights
+from nonlocalnet.models.checkpoints.weights import read_metadata
 from nonlocalnet.models.features import clip_features
-from nonlocalnet.models.weights import read_metadata
 from nonlocalnet.viz.loading import read_video
 
 from .helpers import write_video

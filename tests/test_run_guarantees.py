@@ -16,7 +16,7 @@ from nonlocalnet.engine import load_config, train
 from nonlocalnet.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nonlocalnet.engine.rundir import lock_run_directory, read_identity
 from nonlocalnet.models import create_model
-from nonlocalnet.models.weights import save_weights
+from nonlocalnet.models.checkpoints.weights import save_weights
 
 TINY = "configs/synthetic/nl_c2d_tiny.yaml"
 QUICK = [

@@ -28,7 +28,7 @@ from torch import nn
 
 from nonlocalnet.cli import main
 from nonlocalnet.models import ConversionError, convert_checkpoint, create_model, detect_format, load_model
-from nonlocalnet.models.weights import read_metadata
+from nonlocalnet.models.checkpoints.weights import read_metadata
 
 from .helpers import NL5, check_placed, fold_bn, official_blobs, write_pickle
 
@@ -539,7 +539,7 @@ def test_pytorchvideo_networks_that_are_not_its_resnets_are_named(tmp_path):
 def test_an_unscaled_mmaction2_embedded_gaussian_warns_once_that_float32_comparisons_differ(tmp_path, caplog):
     import logging
 
-    from nonlocalnet.models import convert as convert_module
+    from nonlocalnet.models.checkpoints import mmaction2 as convert_module
 
     config = "i3d_imagenet-pretrained-r50-nl-embedded-gaussian_8xb8-32x2x1-100e_kinetics400-rgb"
     _, src = _mmaction2_checkpoint(config, tmp_path, base_channels=8)

@@ -1,5 +1,6 @@
 """``nonlocalnet convert SRC DST``: a checkpoint of another zoo (official Caffe2, PyTorchVideo, mmaction2) into
-a safetensors file of the nonlocalnet model that computes the same function (see :mod:`nonlocalnet.models.convert`)."""
+a safetensors file of the nonlocalnet model that computes the same function (see
+:mod:`nonlocalnet.models.checkpoints.formats`)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.config import options_from_overrides
     from ..io import atomic_path
     from ..models import save_weights
-    from ..models.convert import convert_checkpoint
+    from ..models.checkpoints.formats import convert_checkpoint
 
     if not args.output.endswith(".safetensors"):
         raise ValueError(

@@ -93,7 +93,7 @@ def load_network(
     Without ``--config`` the config is the defaults with the model's clip (frames, sampling rate), then ``--set``.
     """
     from ..engine.config import load_config
-    from ..models.weights import load_model, read_metadata
+    from ..models.checkpoints.weights import load_model, read_metadata
 
     checkpoint = Path(args.checkpoint)
     overrides = [*extra_overrides, *overrides_of(args)]

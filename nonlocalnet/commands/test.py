@@ -72,7 +72,7 @@ def print_report(report: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
 def _recorded_model(checkpoint: str) -> list[str]:
     """``model.name=...``, the model a weights file records (its options are read where it is loaded), for a test
     without ``--config``; nothing when the file names none."""
-    from ..models.weights import read_state_dict
+    from ..models.checkpoints.weights import read_state_dict
 
     name = read_state_dict(checkpoint)[1].get("model_name")
     return [f"model.name={name}"] if name else []

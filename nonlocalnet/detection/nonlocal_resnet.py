@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from nonlocalnet.layers import NonLocalBlock, find_nonlocal_blocks, init_inserted_blocks
+from nonlocalnet.models.checkpoints.weights import load_state_dict_or_raise, read_state_dict
 from nonlocalnet.models.insert import SIBLING_PREFIX, add_nonlocal
-from nonlocalnet.models.weights import load_state_dict_or_raise, read_state_dict
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # The paper's stage names (res2..res5) for torchvision's layer1..layer4.

@@ -31,7 +31,7 @@ from ..engine.distributed import all_reduce_mean, init_distributed, is_main_proc
 from ..engine.loop import LoopSettings, RunContext, train_loop
 from ..engine.rundir import RESUMABLE_KEYS
 from ..io import atomic_path
-from ..models.weights import load_state_dict_or_raise, read_state_dict, save_weights
+from ..models.checkpoints.weights import load_state_dict_or_raise, read_state_dict, save_weights
 from .builders import build_detector
 from .config import complete_config
 from .evaluate import evaluate, format_summary, iou_types_for
@@ -270,7 +270,7 @@ def test(
 def _read_detection_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(weights, the config they were trained with, their categories) of a detect-train file."""
     if path.suffix == ".safetensors":
-        from ..models.weights import read_metadata
+        from ..models.checkpoints.weights import read_metadata
 
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checksum import CHECKSUM_KEY, state_checksum
 from ..io import UnreadableFile, atomic_path, load_torch_file
-from ..models.weights import load_state_dict_or_raise
+from ..models.checkpoints.weights import load_state_dict_or_raise
 from .distributed import DistInfo, set_rng_state
 
 log = logging.getLogger("nonlocalnet")

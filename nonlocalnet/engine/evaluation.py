@@ -20,7 +20,7 @@ from ..data import ShardedSampler, build_dataset, collate, is_multi_label
 from ..data.transforms import normalize
 from ..layers import NonLocalBlock
 from ..models.batchnorm import freeze_batchnorm
-from ..models.weights import load_model
+from ..models.checkpoints.weights import load_model
 from . import metrics
 from .checkpoint import CheckpointError
 from .classes import resolve_num_classes

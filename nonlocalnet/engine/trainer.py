@@ -30,8 +30,8 @@ from ..io import atomic_path
 from ..layers import NonLocalBlock
 from ..models import create_model
 from ..models.batchnorm import freeze_batchnorm
-from ..models.pretrained import load_pretrained
-from ..models.weights import save_weights
+from ..models.checkpoints.pretrained import load_pretrained
+from ..models.checkpoints.weights import save_weights
 from ..viz.diagnostics import warn_inactive_blocks
 from .checkpoint import CheckpointError
 from .classes import check_num_classes, resolve_num_classes

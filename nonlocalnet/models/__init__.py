@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from . import zoo  # noqa: F401  (registers the paper's networks)
 from .batchnorm import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
-from .caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
-from .convert import ConversionError, convert_checkpoint, detect_format
+from .checkpoints.caffe2 import Caffe2ConversionError, convert_caffe2_blobs, load_caffe2_pickle
+from .checkpoints.formats import convert_checkpoint, detect_format
+from .checkpoints.inflate import inflate_2d_weights
+from .checkpoints.mapping import ConversionError
+from .checkpoints.pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
+from .checkpoints.weights import load_model, load_weights, save_weights
 from .flops import CostReport, count_cost, model_cost
-from .inflate import inflate_2d_weights
 from .placements import check_locations
-from .pretrained import PretrainedMismatch, PretrainedReport, load_pretrained
 from .registry import (
     ModelEntry,
     create_model,
@@ -38,7 +40,6 @@ from .resnet3d import (
     VideoClassifierHead,
     i3d_inflated_blocks,
 )
-from .weights import load_model, load_weights, save_weights
 
 __all__ = [
     "ARCHS",

@@ -170,7 +170,7 @@ def create_model(
         overrides["num_classes"] = num_classes
     model = entry.builder(**overrides)
     if pretrained is not None:
-        from .pretrained import load_pretrained
+        from .checkpoints.pretrained import load_pretrained
 
         load_pretrained(model, pretrained)
     return model

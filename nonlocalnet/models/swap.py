@@ -16,9 +16,10 @@ A block is recognised by its class (module path and name), never by its attribut
 * timm's ``timm.layers.non_local_attn.NonLocalAttn``: the embedded gaussian scaled by C^-0.5 (C, not C'), BN;
 * PySlowFast's ``slowfast.models.nonlocal_helper.Nonlocal``: as PyTorchVideo's.
 
-Every weight and buffer is carried over (the mapping of mmcv's layout is :func:`~nonlocalnet.models.convert.
-mmcv_nonlocal_key`, the one the checkpoint conversion uses); a conv without bias stays without bias and a norm keeps
-its eps and momentum, so the new block computes the same function and trains the same parameters. A block with an
+Every weight and buffer is carried over (the mapping of mmcv's layout is
+:func:`~nonlocalnet.models.checkpoints.mmaction2.mmcv_nonlocal_key`, the one the checkpoint conversion uses); a conv
+without bias stays without bias and a norm keeps its eps and momentum, so the new block computes the same function
+and trains the same parameters. A block with an
 option ours does not reproduce exactly (a GroupNorm, LayerNorm or SyncBatchNorm, a norm without affine parameters
 or running statistics, an activation, a conv other than a plain 1x1, an average pool, a subclass that may change the
 forward) is left in place, and the report says why.
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import NonLocalBlock
-from .convert import mmcv_nonlocal_key
+from .checkpoints.mmaction2 import mmcv_nonlocal_key
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

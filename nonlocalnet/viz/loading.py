@@ -41,7 +41,7 @@ def load_model(
         ValueError: no model name anywhere, or the file holds no state dict.
         ValueError: the weights do not fit the model (names or shapes).
     """
-    from ..models.weights import load_model as load_recorded
+    from ..models.checkpoints.weights import load_model as load_recorded
 
     model = load_recorded(checkpoint, name, num_classes=num_classes, **dict(overrides or {}))
     return model, model.nonlocalnet_record

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checksum import CHECKSUM_KEY, state_checksum
-from ..io import UnreadableFile, load_torch_file
+from ...checksum import CHECKSUM_KEY, state_checksum
+from ...io import UnreadableFile, load_torch_file
 
 
 def save_weights(
@@ -239,7 +239,7 @@ def load_model(
         ValueError: no model named anywhere, another model than ``name``, an option the model does not take, or
             weights that do not fit (names or shapes); the message names the file.
     """
-    from .registry import create_model, get_model_entry
+    from ..registry import create_model, get_model_entry
 
     state, meta = read_state_dict(path)
     what = os.fspath(path)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..layers import find_nonlocal_blocks, init_inserted_blocks
+from ...layers import find_nonlocal_blocks, init_inserted_blocks
 from .inflate import inflate_2d_weights
 from .weights import read_state_dict
 
@@ -153,7 +153,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> PretrainedRepo
 def _warn_if_another_network(model: nn.Module, meta: Mapping, path: Path) -> None:
     """A zoo checkpoint's tensors fit the paper's network of the same name too (mmaction2's NL I3D fits
     nl_i3d_r50), which computes something else: say so, and which model computes what the zoo computed."""
-    from .registry import create_model
+    from ..registry import create_model
 
     name = meta["model_name"]
     try:

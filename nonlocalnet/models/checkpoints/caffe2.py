@@ -20,6 +20,10 @@ running_var = 1 - eps, so that the layer computes exactly x s + b.
 
 Training state (``*_momentum``, ``lr``, ``model_iter``, ``epoch``) is skipped; any other blob the model has no
 place for, and any model entry no blob fills, is an error naming it.
+
+Which registered model a file is (:func:`infer_caffe2`) is read off its blobs: the depth from the blocks per stage,
+C2D / I3D from the temporal kernels, the paper's placement from the non-local blobs, the 128-frame models from the
+affine BN; the 32x2 and 8x8 models have the same blobs, so the file's name says which.
 """
 
 from __future__ import annotations
@@ -30,11 +34,17 @@ import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..placements import NL1_R50, NL5_R50, NL5_R101, NL10_R50
+from ..registry import get_model_entry
+from ..resnet3d import CLIP_LAYOUTS
+from .mapping import Conversion, ConversionError, build_model, depth_name, differs, fit_problems, temporal_kernel
 
 TRAINING_STATE = ("lr", "model_iter", "epoch")
 _BN_SUFFIX = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
@@ -253,39 +263,6 @@ def convert_caffe2_blobs(blobs: Mapping[str, Any], model: nn.Module, *, skip: tu
     return result
 
 
-def fit_problems(
-    noun: str,
-    networks: str,
-    mismatched: list[str],
-    unplaced: list[str],
-    unfilled: list[str],
-    no_counterpart: list[str],
-    limit: int = 8,
-    shape_hint: str = "",
-) -> list[str]:
-    """One line per kind of mismatch between a checkpoint's ``noun`` s (blobs, tensors) and a model's entries,
-    each listing its first names: what every converter's error says."""
-
-    def listing(items: list[str], n: int, sep: str = ", ") -> str:
-        return sep.join(items[:n]) + (" ..." if len(items) > n else "")
-
-    def entries(items: list[str]) -> str:
-        return f"{len(items)} model entr{'y' if len(items) == 1 else 'ies'}"
-
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} {noun}(s) of the wrong shape{shape_hint}: {listing(mismatched, 6, '; ')}")
-    if unplaced:
-        problems.append(f"{len(unplaced)} {noun}(s) the model has no place for: {listing(unplaced, limit)}")
-    if unfilled:
-        problems.append(f"{entries(unfilled)} no {noun} fills: {listing(unfilled, limit)}")
-    if no_counterpart:
-        problems.append(
-            f"{entries(no_counterpart)} with no counterpart in {networks}: " + ", ".join(no_counterpart[:6])
-        )
-    return problems
-
-
 def _blobs_of_left_out(left_out: list[str]) -> set[str]:
     names = set()
     for name in left_out:
@@ -300,3 +277,113 @@ def _blobs_of_left_out(left_out: list[str]) -> set[str]:
 
 def _as_str(name: Any) -> str:
     return name.decode("latin1") if isinstance(name, bytes) else str(name)
+
+
+# --- which registered model a checkpoint is, and its conversion -------------------------------------------------
+
+
+def infer_caffe2(
+    blobs: Mapping[str, Any], meta: Mapping[str, Any], path: Path, model: str | None = None
+) -> tuple[str, dict]:
+    """Which registered model an official Caffe2 checkpoint's blobs are for, and the options in which the file's
+    network differs from it.
+
+    Args:
+        blobs: the file's tensors by name.
+        meta: what else the file says (``{"cfg": text}`` where it records a config).
+        path: the file, named in errors (and read for hints its tensors cannot give).
+        model: the user's choice of model; default: worked out from the tensors.
+
+    Raises:
+        ConversionError: a network that is none of the registered ones, naming what differs.
+    """
+    if getattr(blobs.get("conv1_w"), "ndim", 0) != 5:
+        raise ConversionError(
+            f"{path}: no 5-D conv1_w blob, so not a checkpoint of the official video ResNets "
+            f"(its first blobs: {', '.join(list(blobs)[:4]) or 'none'})"
+        )
+    layers = tuple(_count(blobs, f"res{s}_{{}}_branch2a_w") for s in range(2, 6))
+    if model is not None:  # the name is the user's; the width and depth are the file's
+        return model, differs(model, layers=layers, width=int(blobs["conv1_w"].shape[0]))
+    depth = depth_name(layers, path)
+    conv1_kt = blobs["conv1_w"].shape[2]
+    inflated_b = any(
+        temporal_kernel(blobs, f"res{s}_{i}_branch2b_w", path) > 1
+        for s, n in zip(range(2, 6), layers)
+        for i in range(n)
+        if f"res{s}_{i}_branch2b_w" in blobs
+    )
+    arch = "c2d" if conv1_kt == 1 else ("i3d3x3x3" if inflated_b else "i3d")
+    nl = {
+        f"res{s}": tuple(i for i in range(n) if f"nonlocal_conv{s}_{i}_theta_w" in blobs)
+        for s, n in zip(range(2, 6), layers)
+    }
+    nl = {k: v for k, v in nl.items() if v}
+    affine = not any(k.endswith("_rm") for k in blobs)
+    if not nl:
+        prefix = ""
+    elif nl == (NL5_R50 if depth == "r50" else NL5_R101):
+        prefix = "nl_"
+    elif depth == "r50" and nl == NL1_R50:
+        prefix = "nl1_"
+    elif depth == "r50" and nl == NL10_R50:
+        prefix = "nl10_"
+    else:
+        raise ConversionError(
+            f"{path}: non-local blocks at {nl}, not one of the paper's placements; pass --model "
+            f"NAME (and --set nonlocal_locations=...)"
+        )
+    if affine:
+        clip = "_128x1"
+    elif re.search(r"8x8", path.name):
+        clip = "_8x8"
+    elif re.search(r"32x2", path.name):
+        clip = ""
+    else:
+        raise ConversionError(
+            f"{path}: the 32x2 and 8x8 models have the same tensors and the file name says "
+            f"neither; pass --model {prefix}{arch}_{depth} (32x2) or --model "
+            f"{prefix}{arch}_{depth}_8x8"
+        )
+    name = f"{prefix}{arch}_{depth}{clip}"
+    try:
+        get_model_entry(name)
+    except KeyError:
+        raise ConversionError(
+            f"{path}: looks like {name}, which is not a registered model; pass --model NAME"
+        ) from None
+    return name, differs(name, layers=layers, width=int(blobs["conv1_w"].shape[0]))
+
+
+def _count(blobs: Mapping[str, Any], pattern: str) -> int:
+    n = 0
+    while pattern.format(n) in blobs:
+        n += 1
+    return n
+
+
+def convert_caffe2(
+    path: Path, blobs: Mapping[str, Any], name: str, options: dict[str, Any], paper_layout: bool
+) -> Conversion:
+    """``blobs`` into the model ``name`` built with ``options``: the official network's pool1 (unpadded) unless
+    ``paper_layout`` or a ``clip`` option says otherwise, filled by :func:`convert_caffe2_blobs`."""
+    net = build_model(path, name, options)
+    if (
+        "clip" not in options
+        and not paper_layout
+        and net.clip_name in CLIP_LAYOUTS
+        and f"{net.clip_name}_official" in CLIP_LAYOUTS
+    ):
+        options["clip"] = f"{net.clip_name}_official"  # the network the official code ran: pool1 unpadded
+        net = build_model(path, name, options)
+    try:
+        result = convert_caffe2_blobs(blobs, net)
+    except Caffe2ConversionError as exc:
+        raise ConversionError(f"{path} as {name}: {exc}") from None
+    net.load_state_dict(result.state_dict)
+    notes = []
+    if result.affine:
+        notes.append(f"{len(result.affine)} norm layers from affine (frozen-BN) blobs")
+    if result.skipped:
+        notes.append(f"skipped {len(result.skipped)} training-state blobs")
+    return Conversion("caffe2", name, options, net.eval(), result.state_dict, notes)
