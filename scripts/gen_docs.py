@@ -139,7 +139,41 @@ def render_zoo() -> str:
         "follows. *Public checkpoint* is the zoo whose released file `nonlocalnet convert` turns into this "
         "model, with the Kinetics-400 top-1 that zoo reports for it (see [Public checkpoints](checkpoints.md)).\n\n"
         "| name | what | parameters | multiply-adds | clip | placement | block options | paper table | "
-        "public checkpoint (top-1 %) |\n|---|---|---:|---:|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "public checkpoint (top-1 %) |\n|---|---|---:|---:|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+        + _render_zoo_memory()
+    )
+
+
+# the models whose training-step memory the zoo page shows: the baselines and NL networks of Table 1 / 2 at both
+# clips, the deeper and the 128-frame network, and one block of each instantiation
+ZOO_MEMORY_MODELS = (
+    "c2d_r50", "nl_c2d_r50", "i3d_r50", "nl_i3d_r50", "c2d_r50_8x8", "nl_c2d_r50_8x8", "i3d_r50_8x8",
+    "nl_i3d_r50_8x8", "nl_i3d_r101", "nl_i3d_r50_128x1", "nl1_c2d_r50_gaussian", "nl1_c2d_r50_dot_product",
+    "nl1_c2d_r50_concatenation",
+)  # fmt: skip
+
+
+def _render_zoo_memory(batch: int = 8) -> str:
+    from nonlocalnet.models.cost import zoo_cost_rows
+
+    rows = []
+    for row in zoo_cost_rows(ZOO_MEMORY_MODELS, batch=batch, train=True):
+        paths = ", ".join(f"{path} {mib:,.0f}" for path, mib in row["paths"].items()) if len(row["paths"]) > 1 else "—"
+        rows.append(
+            f"| `{row['model']}` | {row['clip']} | {row['params_m']:.2f} | {row['gmacs']:.1f} | "
+            f"{row['peak_mib']:,.0f} | {paths} |"
+        )
+    return (
+        "\n## Memory of a training step\n\n"
+        f"A training step of {batch} clips (the paper's batch per GPU) at each model's own clip, float32, simulated "
+        "on fake tensors for the CPU's kernels by `nonlocalnet.models.cost.zoo_cost_rows` (the method and its "
+        "accuracy against measured peaks: [Cost](cost.md)): parameters, multiply-adds per clip, the step's peak "
+        "memory in MiB as built (parameters, gradients and activations; no optimiser state), and with every "
+        "non-local block on each exact path of its mode.\n\n"
+        "| model | clip | params (M) | GMACs / clip | peak MiB, as built | peak MiB, blocks on each path |\n"
+        "|---|---|---:|---:|---:|---|\n" + "\n".join(rows) + "\n"
     )
 
 
