@@ -45,6 +45,8 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests"]
 
 QUICK = ("-m", "not slow")
+# slow tests that build a peer's network with its own package (timm, PyTorchVideo, mmaction2): tests-newest runs them
+PEER_SLOW_TESTS = ("tests/test_insert.py", "tests/test_swap.py", "tests/test_zoo_convert.py")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,10 +256,13 @@ def tests_lowest(session: nox.Session) -> None:
 
 @nox.session(name="tests-newest")
 def tests_newest(session: nox.Session) -> None:
-    """The quick tests on the newest torch / torchvision, with the peers (bench extra, mmaction2, torchcodec)."""
+    """The quick tests on the newest torch / torchvision, with the peers (bench extra, mmaction2, torchcodec), then
+    (without arguments) the slow tests that need a peer's package, which skip in every other environment."""
     with _locked("tests-newest"):
         _install(session, "newest")
         session.run("python", "-m", "pytest", *_pytest_args(session))
+        if not session.posargs:
+            session.run("python", "-m", "pytest", "-n", "2", "-m", "slow and not distributed", *PEER_SLOW_TESTS)
 
 
 @nox.session(venv_backend="none")
