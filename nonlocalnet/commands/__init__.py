@@ -52,6 +52,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The resume options every training command takes (``train``, ``detect-train``): one convention, one
+    definition; :func:`resume_of` reads ``--resume`` back."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
+        "(without --resume, output_dir must not hold another run)",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even when the config differs from the checkpoint's (the changed keys are "
+        "listed; the result is then no longer the uninterrupted run's)",
+    )
+
+
 def resume_of(args: argparse.Namespace) -> bool | str:
     """A training command's ``--resume`` (False, True or a checkpoint's path), taking back an override argparse gave
     it: in ``--resume train.lr=0.5`` the word is an override (put first among ``args.overrides``), not a file."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import add_override_arguments, overrides_of, resume_of
+from . import add_override_arguments, add_resume_arguments, overrides_of, resume_of
 
 HELP = "train torchvision's Mask R-CNN / Keypoint R-CNN with non-local blocks (COCO format)"
 
@@ -22,20 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="tiny_shapes",
         help="config file, or the name of one in configs/coco (default: tiny_shapes, the built-in data)",
     )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CHECKPOINT",
-        help="continue from the run folder's newest readable checkpoint, or from CHECKPOINT "
-        "(without --resume, output_dir must not hold another run)",
-    )
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume even when the config differs from the checkpoint's (the changes are listed)",
-    )
+    add_resume_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines stay)")
     add_override_arguments(parser, "config", "output_dir=runs/shapes train.epochs=2 model.backbone_nonlocal=null")
 

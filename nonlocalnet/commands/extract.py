@@ -15,17 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .predict import add_model_arguments, load_network
+from .predict import add_model_arguments, add_video_arguments, load_network
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "videos",
-        nargs="+",
-        metavar="VIDEO",
-        help="video files, or list files (.txt/.list/.csv: one video a line; 'path label' lines of a "
-        "training list work too)",
-    )
+    add_video_arguments(parser)
     parser.add_argument(
         "--out",
         required=True,

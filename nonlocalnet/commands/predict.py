@@ -47,7 +47,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_override_arguments(parser, "config", "data.test_scale=256 data.crop_size=224", words=False)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """The videos a command reads (``predict``, ``extract``): files, or list files of them."""
     parser.add_argument(
         "videos",
         nargs="+",
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="video files, or list files (.txt/.list/.csv: one video a line; 'path label' lines of a "
         "training list work too)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_video_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="classes to report per video (default 5)")
     parser.add_argument(

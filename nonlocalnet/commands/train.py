@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import add_override_arguments, overrides_of, resume_of
+from . import add_override_arguments, add_resume_arguments, overrides_of, resume_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,21 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a YAML config: a shipped one (synthetic/nl_c2d_tiny, kinetics/nl_i3d_r50_8x8, ...) "
         "or a file; without it, key=value overrides on the built-in defaults",
     )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="CHECKPOINT",
-        help="continue from the run directory's newest readable checkpoint, or from CHECKPOINT "
-        "(without --resume, output_dir must not hold another run)",
-    )
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume even when the config differs from the checkpoint's (the changed keys are "
-        "listed; the result is then no longer the uninterrupted run's)",
-    )
+    add_resume_arguments(parser)
     parser.add_argument(
         "--no-progress",
         action="store_true",
