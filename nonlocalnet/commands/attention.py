@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from . import add_override_arguments, overrides_of
+from .visualize import add_clip_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,15 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="queries sampled per clip for the query distance (its cost grows with their square)",
     )
-    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default: the model's)")
-    parser.add_argument(
-        "--sampling-rate",
-        type=int,
-        default=None,
-        help="keep one frame every this many (default: the model's clip layout)",
-    )
-    parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
-    parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
+    add_clip_arguments(parser)
     parser.add_argument("--out", default="attention_diagnostics.png", help="the bar charts' PNG")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the values as JSON here")
     parser.add_argument(

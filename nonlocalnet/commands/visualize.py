@@ -38,6 +38,19 @@ def output_path(out: str) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a clip is read from a video for a look at the blocks (``visualize``, ``attention``)."""
+    parser.add_argument("--frames", type=int, default=None, help="frames in a clip (default: the model's)")
+    parser.add_argument(
+        "--sampling-rate",
+        type=int,
+        default=None,
+        help="keep one frame every this many (default: the model's clip layout)",
+    )
+    parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
+    parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="registered model name (default: the 'model' entry of the checkpoint's metadata)"
@@ -70,15 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-classes", type=int, default=None, help="classifier outputs (default: read from the checkpoint)"
     )
     parser.add_argument("--start", type=int, default=None, help="first video frame of the clip (default: centred)")
-    parser.add_argument("--frames", type=int, default=None, help="frames in the clip (default: the model's)")
-    parser.add_argument(
-        "--sampling-rate",
-        type=int,
-        default=None,
-        help="keep one frame every this many (default: the model's clip layout)",
-    )
-    parser.add_argument("--size", type=int, default=None, help="scale the short side to this (default: as decoded)")
-    parser.add_argument("--crop", type=int, default=None, help="centre crop of this size (default: the full frame)")
+    add_clip_arguments(parser)
     parser.add_argument("--top-k", type=positive_int, default=10, help="arrows to draw")
     parser.add_argument("--max-panels", type=positive_int, default=8, help="at most this many frames in the row")
     parser.add_argument("--device", default="cpu", help="torch device to run the model on")
