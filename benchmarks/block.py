@@ -6,6 +6,9 @@
     python -m benchmarks.block --quick           # tiny shapes: a smoke run of the same code
     python -m benchmarks.block --autocast bf16   # every step under autocast (what mixed-precision training runs)
 
+Each (shape, mode) ends with a line saying which path ``impl="auto"`` takes there and its time as a share of
+the fastest path's (the planner's goal: within 5%).
+
 Times are measured side by side in this process, the paths of one (shape, mode) interleaved round-robin so
 that machine drift hits them alike; the ratio column is dense time / path time. Peak memory on CPU is the
 rise of the resident set size over a forward+backward, measured in a fresh child process per configuration
@@ -24,11 +27,13 @@ if __package__ in (None, ""):  # run as a file from any folder: import the repos
 import argparse
 import contextlib
 import json
+import math
 
 import torch
 
 from nonlocalnet import NonLocalBlock
 from nonlocalnet.layers import IMPLS_BY_MODE, MODES, pairwise_softmax
+from nonlocalnet.layers.pairwise import memory_budget, resolve_impl
 
 from ._common import (
     MALLOC_ENV,
@@ -89,6 +94,26 @@ def step(block: NonLocalBlock, x: torch.Tensor, autocast: str | None = None) -> 
     z.float().sum().backward()
     x.grad = None
     block.zero_grad(set_to_none=True)
+
+
+def auto_choice(shape_name: str, mode: str, device: str, autocast: str | None = None) -> str:
+    """The path a block with ``impl="auto"`` plans for this shape (spacetime extent: one problem per clip)."""
+    shape, subsample, _ = SHAPES[shape_name]
+    n = math.prod(shape[2:])
+    m = math.prod(s // k for s, k in zip(shape[2:], subsample)) if subsample else n
+    channels = shape[1]
+    return resolve_impl(
+        mode,
+        "auto",
+        n,
+        m,
+        channels if mode == "gaussian" else channels // 2,
+        channels // 2,
+        batch=shape[0],
+        device_type=torch.device(device).type,
+        dtype=AUTOCAST[autocast] if autocast else torch.float32,
+        budget=memory_budget(device),
+    )
 
 
 def paths(mode: str) -> list[str]:
@@ -182,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.chunk_elements:
         pairwise_softmax.CHUNK_ELEMENTS = pairwise_softmax.GPU_CHUNK_ELEMENTS = args.chunk_elements
-    rows = []
+    rows: list[dict] = []
+    plans: list[dict] = []  # per (shape, mode): auto's path against the fastest measured
     header = (
         "| shape | mode | path | fwd+bwd ms | × vs dense | peak MB | mem / dense |\n|---|---|---|---:|---:|---:|---:|"
     )
@@ -217,16 +243,34 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 None,
             )
-            for r in rows:
-                if r["shape"] != shape_name or r["mode"] != mode or r["ms"] is None:
-                    continue
+            chosen = auto_choice(shape_name, mode, args.device, args.autocast)
+            measured = [r for r in rows if r["shape"] == shape_name and r["mode"] == mode and r["ms"] is not None]
+            fastest = min(measured, key=lambda r: r["ms"])
+            for r in measured:
                 r["speedup"] = dense["ms"] / r["ms"] if dense else None
                 r["mem"] = (r["mb"] / dense["mb"]) if dense and r["mb"] and dense["mb"] else None
+                r["auto"] = r["impl"] == chosen
                 print(
-                    f"| {shape_name} | {mode} | {r['impl']} | {r['ms']:.1f} | "
+                    f"| {shape_name} | {mode} | {r['impl']}{' (auto)' if r['auto'] else ''} | {r['ms']:.1f} | "
                     f"{fmt(r['speedup'], 'x')} | {fmt(r['mb'], '')} | {fmt(r['mem'], '')} |",
                     flush=True,
                 )
+            auto_ms = next(r["ms"] for r in measured if r["impl"] == chosen)
+            plans.append(
+                dict(
+                    shape=shape_name,
+                    mode=mode,
+                    auto=chosen,
+                    fastest=fastest["impl"],
+                    speed_of_fastest=fastest["ms"] / auto_ms,  # 1.0: auto took the fastest path
+                )
+            )
+    print("\n| shape | mode | auto takes | fastest | auto's speed / fastest's |\n|---|---|---|---|---:|")
+    for p in plans:
+        print(f"| {p['shape']} | {p['mode']} | {p['auto']} | {p['fastest']} | {p['speed_of_fastest']:.3f} |")
+    if plans:
+        worst = min(plans, key=lambda p: p["speed_of_fastest"])
+        print(f"\nauto's worst row: {worst['shape']} {worst['mode']}, {worst['speed_of_fastest']:.3f} of the fastest")
     if args.markdown:
         lines = [header] + [
             f"| {r['shape']} | {r['mode']} | {r['impl']} | {fmt(r['ms'], '')} | "
@@ -236,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         write_atomic(args.markdown, "\n".join(lines) + "\n")
     if args.json:
         write_atomic(
-            args.json, json.dumps(dict(provenance("benchmarks.block", argv, args.device), rows=rows), indent=1)
+            args.json,
+            json.dumps(dict(provenance("benchmarks.block", argv, args.device), rows=rows, plans=plans), indent=1),
         )
 
 

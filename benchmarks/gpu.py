@@ -52,7 +52,7 @@ STEPS = {
     "block": (0.2, "the block's modes and paths, float32 (benchmarks/block.py)"),
     "block_bf16": (0.15, "the block's modes and paths under bfloat16 autocast (benchmarks/block.py)"),
     "peers": (0.2, "peers against our block (benchmarks/compare, table)"),
-    "models": (0.3, "whole networks, clips/s (benchmarks/compare, models)"),
+    "models": (0.3, "whole networks against the peers': eager, channels-last, bf16, compiled (benchmarks/compare)"),
 }
 
 
@@ -84,8 +84,11 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
         device,
         "--sections",
         "models",
-        "--amp",
-        "--compile",
+        "--model-variants",
+        "contiguous",
+        "channels_last",
+        "bf16",
+        "compile",
         "--case-timeout",
         "150",
         "--json",
@@ -95,7 +98,7 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
         for command in (block, block_bf16):
             command += ["--quick", "--shapes", "tiny_res3", "--repeats", "1"]
         peers += ["--quick", "--shapes", "res3", "--repeats", "1"]
-        models += ["--quick", "--models", "nl_c2d_tiny", "--model-repeats", "1"]
+        models += ["--quick", "--pairs", "nl_c2d_tiny=pytorchvideo:c2d_r50", "--model-repeats", "1"]
     else:
         models += [
             "--batch",
@@ -104,10 +107,6 @@ def commands(dry_run: bool, out: Path) -> dict[str, list[str]]:
             "8",
             "224",
             "224",
-            "--models",
-            "i3d_r50_8x8",
-            "nl_i3d_r50_8x8",
-            "pytorchvideo:i3d_r50",
         ]
     return dict(tests=tests, block=block, block_bf16=block_bf16, peers=peers, models=models)
 

@@ -581,19 +581,60 @@ def test_output_is_contiguous_like_the_input(mode):
 
 
 def test_auto_path_choice():
-    from nonlocalnet.layers.pairwise import resolve_impl
-    from nonlocalnet.layers.pairwise_softmax import CHUNK_ELEMENTS
+    from nonlocalnet.layers.pairwise import CPU_CHUNKED_MAX_WEIGHTS, DENSE_BYTES_PER_WEIGHT, resolve_impl
 
-    assert resolve_impl("embedded_gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
-    # gaussian: raw C-channel queries vs C/2 values; the chunked path, which needs no padding (SDPA's fused
-    # kernels want one head size, so the values would be zero-padded to C channels), on every device (the choice
-    # takes no device)
-    assert resolve_impl("gaussian", "auto", 3136, 784, 512, 256) == "chunked"
-    assert resolve_impl("gaussian", "auto", CHUNK_ELEMENTS, 2, 512, 256) == "chunked"
-    # equal channels (the embedded gaussian with an odd configuration aside): SDPA
-    assert resolve_impl("gaussian", "auto", 3136, 784, 256, 256) == "sdpa"
+    eg = dict(mode="embedded_gaussian", impl="auto", n=3136, m=784, cq=256, cv=256)
+    # CPU: the chunked path up to CPU_CHUNKED_MAX_WEIGHTS weights per call, SDPA beyond
+    assert resolve_impl(**eg, batch=2) == "chunked"
+    big = CPU_CHUNKED_MAX_WEIGHTS // (3136 * 784) + 1
+    assert resolve_impl(**eg, batch=big) == "sdpa"
+    # half precision (autocast): SDPA's fused kernels on every device
+    assert resolve_impl(**eg, batch=2, dtype=torch.bfloat16) == "sdpa"
+    assert resolve_impl(**eg, batch=2, device_type="cuda", dtype=torch.float16) == "sdpa"
+    # GPU, float32: dense where the matrices fit the budget, else the lean paths
+    need = 2 * 3136 * 784 * DENSE_BYTES_PER_WEIGHT
+    assert resolve_impl(**eg, batch=2, device_type="cuda", budget=need) == "dense"
+    assert resolve_impl(**eg, batch=2, device_type="cuda", budget=need - 1) == "sdpa"
+    gaussian = dict(mode="gaussian", impl="auto", n=3136, m=784, cq=512, cv=256, batch=2)
+    assert resolve_impl(**gaussian, device_type="cuda", budget=need) == "dense"
+    assert resolve_impl(**gaussian, device_type="cuda", budget=need - 1) == "chunked"
+    # gaussian on a CPU: raw C-channel queries vs C/2 values, the chunked path, which needs no padding (SDPA's
+    # fused kernels want one head size, so the values would be zero-padded to C channels)
+    assert resolve_impl(**gaussian) == "chunked"
+    assert resolve_impl(**gaussian, dtype=torch.bfloat16) == "chunked"
+    # dot product: the dense path only where it does fewer multiply-adds and fits
+    assert resolve_impl("dot_product", "auto", 4, 4, 16, 16) == "dense"
+    assert resolve_impl("dot_product", "auto", 4, 4, 16, 16, budget=4 * 4 * DENSE_BYTES_PER_WEIGHT - 1) == "linear"
+    assert resolve_impl("dot_product", "auto", 3136, 784, 256, 256) == "linear"
     assert resolve_impl("concatenation", "auto", 10, 10, 4, 4) == "sorted"
-    assert resolve_impl("dot_product", "dense", 10, 10, 4, 4) == "dense"
+    assert resolve_impl("dot_product", "dense", 10, 10, 4, 4, budget=0) == "dense"  # a path asked for runs
+
+
+def test_the_block_plans_once_per_shape_and_follows_its_budget(monkeypatch):
+    from nonlocalnet.layers import pairwise, set_memory_budget
+
+    calls = []
+    real = pairwise.resolve_impl
+    monkeypatch.setattr(pairwise, "resolve_impl", lambda *a, **k: calls.append(k["budget"]) or real(*a, **k))
+    block = make_active(NonLocal3d(64, mode="dot_product"))
+    x = torch.randn(2, 64, 2, 3, 3)
+    for _ in range(3):
+        block(x)
+    assert len(calls) == 1  # planned on the first call, reused after
+    block(torch.randn(1, 64, 2, 3, 3))
+    assert len(calls) == 2  # a new shape: planned again
+    assert next(iter(block._plans.values())) == "dense"  # 18 x 18 weights, C' = 32: dense does fewer multiply-adds
+    try:
+        set_memory_budget(0)  # the global setting: no dense matrix anywhere
+        block(x)
+        assert calls[-1] == 0 and list(block._plans.values())[-1] == "linear"
+        own = make_active(NonLocal3d(64, mode="dot_product", memory_budget=1 << 20))
+        own(x)
+        assert calls[-1] == 1 << 20 and list(own._plans.values())[-1] == "dense"  # the block's own budget wins
+    finally:
+        set_memory_budget(None)
+    with pytest.raises(ValueError, match="memory_budget must be a number of bytes"):
+        NonLocal3d(8, memory_budget=-1)
 
 
 @pytest.mark.parametrize("dim,layout", [(2, torch.channels_last), (3, torch.channels_last_3d)])

@@ -44,8 +44,9 @@ def test_compiled_block_equals_eager_forward_and_backward(mode):
     x.grad = None
     z_eager = block(x)
     z_eager.square().sum().backward()
-    torch.testing.assert_close(z, z_eager, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(grad_compiled, x.grad, atol=1e-5, rtol=1e-4)
+    # inductor orders the float32 sums of its fused kernels its own way: rounding-level differences
+    torch.testing.assert_close(z, z_eager, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_compiled, x.grad, atol=5e-5, rtol=1e-4)
 
 
 def _graph_breaks(module, x, context=None) -> list[str]:

@@ -91,7 +91,8 @@ def test_estimate_of_a_module_leaves_its_weights_alone_and_counts_its_parameters
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and model.training
     assert [s.path for s in est.steps] == [AS_BUILT, "dense", "sdpa", "chunked"]
-    assert est.step("sdpa").peak_bytes == est.peak_bytes  # "auto" is sdpa for the embedded gaussian
+    # "auto" is chunked for the embedded gaussian on the CPU at this size (resolve_impl)
+    assert est.step("chunked").peak_bytes == est.peak_bytes
 
 
 def test_inference_step_needs_less_than_training_and_keeps_nothing():

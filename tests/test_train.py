@@ -220,7 +220,9 @@ def test_a_run_through_torchcodec_is_the_run_through_pyav(tmp_path, video_root):
     assert reports["torchcodec"]["skipped_videos_train"] == 1  # broken.mp4, as through PyAV
     drop = ("time", "second")  # wall clock differs between two runs; so does each run's identity
     rows = {
-        d: [{k: v for k, v in r.items() if k != "run" and not any(w in k for w in drop)} for r in _metrics(tmp_path / d)]
+        d: [
+            {k: v for k, v in r.items() if k != "run" and not any(w in k for w in drop)} for r in _metrics(tmp_path / d)
+        ]
         for d in DECODERS
     }
     assert rows["pyav"] == rows["torchcodec"]

@@ -23,9 +23,10 @@ Sections (``--sections``):
 - ``efficiency``: achieved FLOP/s of each of our paths (flops counted over a forward+backward by torch's
   FlopCounterMode with what it leaves out: ``_common.count_flops``) as a fraction of a plain float32 matrix
   multiply measured in the same run.
-- ``models``: training and inference throughput (clips/s) of whole networks: ours with and without non-local
-  blocks and PyTorchVideo's C2D / I3D R50 (no non-local blocks: it has no NL network), eager contiguous,
-  channels-last, bfloat16 autocast with ``--amp`` and torch.compile with ``--compile``.
+- ``models``: train steps/s and inference clips/s of whole networks, ours as our commands run them against the
+  peers' own as their training code runs them (mmaction2's NL I3D R50, PyTorchVideo's I3D R50), each pair side by
+  side in one child process; ``--model-variants`` adds ours in other layouts and precisions, compiled, or on
+  torch's own convolution dispatch (``models.py`` says what each is).
 
 Every measurement runs in a fresh child process, so one run's allocations cannot hide another's and a peer that
 crashes or runs out of memory is reported instead of ending the benchmark. Times are medians; peer and ours of
@@ -56,7 +57,7 @@ from typing import Any
 from .._common import provenance, write_atomic
 from ..block import DEFAULT_SHAPES, SHAPES
 from .efficiency import efficiency_section
-from .models import MODELS, models_section
+from .models import PAIRS, VARIANTS, models_section
 from .peers import PEERS
 from .scale import scale_section
 from .table import table_section
@@ -105,12 +106,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="scale: write the time/memory plot to this PNG")
     parser.add_argument("--efficiency-shape", help="efficiency: the shape (default res3)")
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--models", nargs="+", help="default: " + " ".join(MODELS))
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="OURS=PEER",
+        help="models: the pairs to measure (default: " + " ".join(f"{a}={b}" for a, b in PAIRS) + ")",
+    )
+    parser.add_argument(
+        "--model-variants",
+        nargs="+",
+        default=[],
+        choices=VARIANTS,
+        help="models: ours also in these variants (default: only as our commands run it)",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--clip", type=int, nargs=3, default=(8, 112, 112), metavar=("T", "H", "W"))
     parser.add_argument("--model-repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="models: also measure torch.compile (slow)")
-    parser.add_argument("--amp", action="store_true", help="models: also measure eager under bfloat16 autocast")
     parser.add_argument("--markdown", help="write the printed tables to this markdown file")
     parser.add_argument("--json", help="write every measurement to this JSON file")
     args = parser.parse_args(argv)
@@ -127,11 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.scale_max_side = min(args.scale_max_side, 256)
         args.scale_max_step_s = min(args.scale_max_step_s, 2.0)
-        args.models = args.models or ["c2d_r50_8x8", "nl_c2d_r50_8x8"]
         args.clip = (8, 64, 64)
         args.batch = 1
         args.model_repeats = 1
-    args.models = args.models or MODELS
+    args.pairs = [tuple(p.split("=", 1)) for p in args.pairs] if args.pairs else PAIRS
+    for pair in args.pairs:
+        if len(pair) != 2 or pair[1].split(":")[0] not in ("mmaction2", "pytorchvideo"):
+            parser.error(f"--pairs takes OURS=PEER with PEER mmaction2:... or pytorchvideo:...; got {'='.join(pair)!r}")
 
     capture = _Tee() if args.markdown else None
     results: dict[str, Any] = dict(provenance("benchmarks.compare", argv, args.device))

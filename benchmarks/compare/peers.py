@@ -217,7 +217,18 @@ def our_path(pair: Pair) -> str:
     n = math.prod(shape[2:])
     m = math.prod(s // k for s, k in zip(shape[2:], block.subsample)) if block.subsample else n
     cq = block.in_channels if block.mode == "gaussian" else block.inter_channels
-    return resolve_impl(block.mode, block.impl, n, m, cq, block.inter_channels)
+    device = next(block.parameters()).device
+    return resolve_impl(
+        block.mode,
+        block.impl,
+        n,
+        m,
+        cq,
+        block.inter_channels,
+        batch=shape[0],
+        device_type=device.type,
+        budget=block.planning_budget(device),
+    )
 
 
 def step(module: nn.Module, x: Tensor) -> None:

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.no_progress,
+        amp=cfg["train"]["amp"],
+        memory_format=cfg["train"]["memory_format"],
     )
     print(
         f"wrote {result.output}: {'per-video' if settings.per_video else 'per-clip'} features ({result.channels} "

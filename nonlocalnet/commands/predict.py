@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.no_progress,
+        amp=cfg["train"]["amp"],
+        memory_format=cfg["train"]["memory_format"],
     )
     failed = [r for r in results if r.scores is None]
     if len(failed) == len(results):

@@ -27,6 +27,7 @@ import yaml
 
 from ..data.decoders import DECODERS
 from ..io import find_config, packaged_configs, write_text_atomic
+from .precision import MEMORY_FORMATS
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -70,9 +71,15 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1.0e-4,
         "bn_weight_decay": 0.0,
         "clip_grad_norm": None,
-        # mixed precision: false, bf16, fp16, or true = bf16 where the device computes it (CPUs; CUDA GPUs from
-        # Ampere on), fp16 with a GradScaler otherwise (see nonlocalnet.engine.precision.amp_dtype)
-        "amp": False,
+        # mixed precision: auto = bf16 on CUDA GPUs with bf16 tensor cores, none elsewhere (measured faster there,
+        # slower on CPUs); false; bf16; fp16 (with a GradScaler); true = bf16 where the device computes it, else
+        # fp16 (nonlocalnet.engine.precision.amp_dtype). Also what test, predict and extract run in.
+        "amp": "auto",
+        # the network's layout: auto = channels-last on CUDA, contiguous on CPUs (each the faster there), or
+        # channels_last / contiguous (nonlocalnet.engine.precision.memory_format)
+        "memory_format": "auto",
+        # torch.compile the network (model.compile()): off by default, as its first steps take minutes
+        "compile": False,
         "freeze_bn": False,
         "sync_bn": False,
         "precise_bn_batches": 200,
@@ -402,7 +409,7 @@ def options_from_overrides(items: Iterable[str], example: str = "width=32") -> d
     return options
 
 
-AMP_CHOICES = (False, True, "bf16", "fp16")
+AMP_CHOICES = ("auto", False, True, "bf16", "fp16")
 
 
 def _check_types(cfg: Mapping[str, Any], defaults: Mapping[str, Any], schema: ConfigSchema, where: str = "") -> None:
@@ -482,8 +489,12 @@ def _check_video(cfg: Mapping[str, Any]) -> None:
         and not isinstance(cfg["train"]["amp"], bool)
     ):
         raise ConfigError(
-            f"train.amp must be false, bf16, fp16 or true (bf16 where the device supports it, else "
+            f"train.amp must be auto, false, bf16, fp16 or true (bf16 where the device supports it, else "
             f"fp16); got {cfg['train']['amp']!r}"
+        )
+    if cfg["train"]["memory_format"] not in MEMORY_FORMATS:
+        raise ConfigError(
+            f"train.memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {cfg['train']['memory_format']!r}"
         )
     clip = cfg["train"]["clip_grad_norm"]
     if clip is not None and (

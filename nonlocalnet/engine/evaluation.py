@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError
 from .classes import resolve_num_classes
 from .distributed import DistInfo, all_gather_cat, init_distributed, resolve_device, unwrap_model
 from .loop import union, write_json
-from .precision import autocast
+from .precision import apply_memory_format, autocast
 
 
 def model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +103,7 @@ def evaluate(
         net.score_activation = "sigmoid" if multi_label else "softmax"
     was_training = net.training
     net.eval()
+    apply_memory_format(net, device, cfg["train"]["memory_format"])
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, cfg["test"]["batch_size"], cfg["data"]["workers"], False, cfg["seed"])
     all_scores, all_videos, all_labels, skipped = [], [], [], set()

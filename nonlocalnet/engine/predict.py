@@ -27,6 +27,7 @@ from ..data.inputs import VideoInput
 from ..data.transforms import normalize
 from ..data.video_dataset import CorruptData
 from .metrics import aggregate_views
+from .precision import apply_memory_format, autocast
 
 __all__ = ["VideoScores", "predict_videos", "top_classes"]
 
@@ -60,6 +61,8 @@ def predict_videos(
     workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    amp: bool | str = "auto",
+    memory_format: str = "auto",
 ) -> list[VideoScores]:
     """Scores every video, its test views averaged.
 
@@ -75,6 +78,8 @@ def predict_videos(
         workers: DataLoader worker processes decoding videos.
         device: where the model runs.
         progress: a progress bar (views) on stderr.
+        amp, memory_format: the precision and layout the model runs in, as ``train.amp`` and
+            ``train.memory_format`` (:mod:`nonlocalnet.engine.precision`; "auto": the faster on this device).
 
     Returns:
         One :class:`VideoScores` per video, in order.
@@ -104,6 +109,7 @@ def predict_videos(
         net.fully_convolutional, net.score_activation = True, "sigmoid" if multi_label else "softmax"
     was_training = net.training
     net.eval()
+    apply_memory_format(net, device, memory_format)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=False)
     scores, owners = [], []
     try:
@@ -118,7 +124,8 @@ def predict_videos(
             disable=not progress,
         ):
             clips = batch["clip"].to(device)
-            out = net(normalize_clips(clips)).float()
+            with autocast(device, amp):
+                out = net(normalize_clips(clips)).float()
             if not fully_convolutional:
                 out = out.sigmoid() if multi_label else out.softmax(dim=1)
             wanted = torch.arange(position, position + len(out)) // per_video  # (b,) the video each view is of

@@ -41,7 +41,7 @@ from .evaluation import device_clips, evaluate, make_loader, model_options, skip
 from .loop import LoopSettings, RunContext, TrainingDiverged, train_loop
 from .optim import build_optimizer
 from .precise_bn import update_bn_stats
-from .precision import amp_dtype, autocast
+from .precision import amp_dtype, apply_memory_format, autocast
 from .resume import process_seed
 from .rundir import RESUMABLE_KEYS
 
@@ -204,7 +204,11 @@ class VideoClassification:
     def setup(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         cfg, info = self.cfg, self.ctx.info
         seed_everything(cfg["seed"])  # the same initial weights in every process
-        model = build_model(cfg).to(self.ctx.device)
+        model = apply_memory_format(
+            build_model(cfg).to(self.ctx.device), self.ctx.device, cfg["train"]["memory_format"]
+        )
+        if cfg["train"]["compile"]:
+            model.compile()  # in place: the state dict's keys stay the model's own
         if cfg["train"]["sync_bn"] and self.ctx.device.type != "cuda":
             raise ValueError(
                 "train.sync_bn needs CUDA devices (torch's SyncBatchNorm runs only on GPU); on CPU "

@@ -13,7 +13,7 @@ from .nonlocal_block import (
     find_nonlocal_blocks,
     init_inserted_blocks,
 )
-from .pairwise import IMPLS, IMPLS_BY_MODE, MODES
+from .pairwise import IMPLS, IMPLS_BY_MODE, MODES, set_memory_budget
 
 __all__ = [
     "NonLocalBlock",
@@ -28,4 +28,5 @@ __all__ = [
     "init_inserted_blocks",
     "BLOCK_DEFAULTS",
     "PAPER_VIDEO_OPTIONS",
+    "set_memory_budget",
 ]

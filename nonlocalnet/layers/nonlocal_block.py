@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import conv as _conv
 from .folding import (
     EXTENTS,
     Folding,
@@ -28,10 +29,10 @@ from .folding import (
     to_positions,
     unfold_positions,
 )
-from .pairwise import check_mode_impl, pairwise_step
+from .pairwise import check_mode_impl, memory_budget, pairwise_step, plan_impl
 from .pooling import WindowMaxPool
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV = {1: _conv.Conv1d, 2: _conv.Conv2d, 3: _conv.Conv3d}  # nn.ConvNd on oneDNN where faster (conv.py)
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 NORMS = ("batch", "layer", None)
 SUBSAMPLE_POSITIONS = ("input", "projection")
@@ -80,6 +81,9 @@ class NonLocalBlock(nn.Module):
             None = same as ``in_channels``.
         impl: which exact path computes the pairwise step: "auto", "dense", "sdpa", "chunked" (softmax modes),
             "linear" (dot product), "sorted" (concatenation). See :mod:`nonlocalnet.layers.pairwise`.
+        memory_budget: bytes the dense path's N x M matrices may take when ``impl="auto"`` considers it; None
+            (the default) takes the global setting (:func:`nonlocalnet.layers.set_memory_budget`), by default an
+            eighth of the device's total memory.
         init: "auto" (the default: PyTorch's conv init, which a block trained from scratch needs, until weights
             of a pretrained network are loaded around the block, whose loaders then give it the official init;
             see :func:`init_inserted_blocks`), "official" (N(0, 0.01²) projections, the official code's, made for
@@ -102,6 +106,7 @@ class NonLocalBlock(nn.Module):
         temporal_groups: int = 1,
         memory_channels: int | None = None,
         impl: str = "auto",
+        memory_budget: int | None = None,
         init: str = "auto",
     ) -> None:
         super().__init__()
@@ -127,6 +132,10 @@ class NonLocalBlock(nn.Module):
             raise ValueError("temporal_groups > 1 needs video input (dim=3) and extent='spacetime'")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {', '.join(map(repr, INITS))}")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+        ):
+            raise ValueError(f"memory_budget must be a number of bytes (an int >= 0) or None; got {memory_budget!r}")
         memory_channels = in_channels if memory_channels is None else memory_channels
         if mode == "gaussian" and memory_channels != in_channels:
             raise ValueError(
@@ -140,6 +149,9 @@ class NonLocalBlock(nn.Module):
         self.dim = dim
         self.mode = mode
         self.impl = impl
+        self.memory_budget = memory_budget
+        # impl="auto"'s choice per input: planned once per shape, dtype, device and budget (plan_impl is pure)
+        self._plans: dict[tuple, str] = {}
         self.subsample = _parse_subsample(subsample, dim)
         self.subsample_position = subsample_position
         self.scale = _parse_scale(scale, inter_channels)
@@ -268,8 +280,22 @@ class NonLocalBlock(nn.Module):
         k = q if key is query else fold_positions(key, folding, key_spatial)  # (B', M', Cq)
         v = fold_positions(value, folding, key_spatial)  # (B', M', C')
         del query, key, value  # the pairwise step's inputs are q, k, v: nothing else keeps the projections
-        y, weights = pairwise_step(q, k, v, self.mode, self.scale, self.impl, self._concat_project(), return_attention)
+        impl = self.impl if return_attention or self.impl != "auto" else self._plan(q, k, v)
+        y, weights = pairwise_step(q, k, v, self.mode, self.scale, impl, self._concat_project(), return_attention)
         return unfold_positions(y, folding, batch, spatial), weights
+
+    def planning_budget(self, device: torch.device | str) -> int:
+        """Bytes the dense path may take on ``device`` when this block plans its path (see ``memory_budget``)."""
+        return memory_budget(device, self.memory_budget)
+
+    def _plan(self, q: Tensor, k: Tensor, v: Tensor) -> str:
+        """The path "auto" runs for these folded inputs, planned on the first call with their shapes."""
+        budget = self.planning_budget(q.device)
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, budget)
+        impl = self._plans.get(key)
+        if impl is None:
+            impl = self._plans[key] = plan_impl(self.mode, q, k, v, budget)
+        return impl
 
     def _add_residual(self, z: Tensor, x: Tensor) -> Tensor:
         """z + x, in place where that is safe: only where z is the norm's own new tensor (not W_z's output itself,
@@ -379,7 +405,9 @@ class NonLocalBlock(nn.Module):
             f"{self.in_channels}, dim={self.dim}, mode={self.mode!r}, inter_channels={self.inter_channels}, "
             f"subsample={self.subsample}, subsample_position={self.subsample_position!r}, scale={self.scale}, "
             f"norm={self.norm_type!r}, extent={self.extent!r}, "
-            f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, init={self.init!r}"
+            f"temporal_groups={self.temporal_groups}, impl={self.impl!r}, "
+            + (f"memory_budget={self.memory_budget}, " if self.memory_budget is not None else "")
+            + f"init={self.init!r}"
         )
 
 

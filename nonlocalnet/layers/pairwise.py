@@ -1,16 +1,18 @@
 """One definition of the non-local maths, several execution paths: which path runs for which mode.
 
-| mode              | exact paths                        | "auto" picks                                   |
-|-------------------|------------------------------------|------------------------------------------------|
-| gaussian          | dense, sdpa, chunked               | chunked (no padding, fewer multiply-adds)       |
-| embedded_gaussian | dense, sdpa, chunked               | sdpa                                           |
-| dot_product       | dense, linear                      | whichever does fewer multiply-adds             |
-| concatenation     | dense, sorted                      | sorted                                         |
+| mode              | exact paths          | "auto" picks (:func:`resolve_impl`)                            |
+|-------------------|----------------------|-----------------------------------------------------------------|
+| gaussian          | dense, sdpa, chunked | GPU: dense where it fits the memory budget; else chunked        |
+| embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: chunked,    |
+|                   |                      | sdpa on large problems                                          |
+| dot_product       | dense, linear        | the one doing fewer multiply-adds (dense only where it fits)    |
+| concatenation     | dense, sorted        | sorted                                                          |
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +25,7 @@ from .pairwise_softmax import no_autocast, softmax_attention_chunked, softmax_at
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 IMPLS = ("auto", "dense", "sdpa", "chunked", "linear", "sorted")
+HALF = (torch.float16, torch.bfloat16)
 IMPLS_BY_MODE = {
     "gaussian": ("dense", "sdpa", "chunked"),
     "embedded_gaussian": ("dense", "sdpa", "chunked"),
@@ -43,25 +46,128 @@ def check_mode_impl(mode: str, impl: str) -> None:
         )
 
 
-def resolve_impl(mode: str, impl: str, n: int, m: int, cq: int, cv: int) -> str:
-    """The path that runs: ``impl`` itself, or the choice of "auto" for these sizes (the same on every device:
-    what differs per device is the chunked path's chunk size, see pairwise_softmax).
+# --- the planner: which exact path "auto" runs ----------------------------------------------------------------
+# The constants below follow benchmarks/block.py's measurements (docs/benchmarks.md has the tables, with the
+# command, machine and torch version; docs/block.md the reasons). On a CPU in float32 the dense path is never
+# clearly faster than the chunked one, which with a single chunk is the dense computation with its weights
+# recomputed instead of kept; for the embedded gaussian SDPA's flash kernel overtakes the chunked path on large
+# problems. On a GPU in float32 one large GEMM on the whole N x M matrix is the fastest (the lean paths measured
+# slower than mmcv's dense block there), so "auto" keeps the matrix wherever it fits the memory budget.
 
-    Softmax modes use SDPA, except when the query/key channels exceed the value channels (the gaussian mode: raw
-    C-channel features against C' = C/2 values): SDPA's fused kernels want one head size, so the values would be
-    zero-padded to C channels, and the chunked path, which pads nothing and keeps no N x M matrix for the backward
-    pass either, does fewer multiply-adds. Those raw features also keep the pairwise step in float32 (see the
-    precision table below), where SDPA has no fused kernel to gain from; benchmarks/block.py compares the paths.
+# embedded gaussian on a CPU: the chunked path up to this many weights (B x N x M) per call, SDPA beyond
+CPU_CHUNKED_MAX_WEIGHTS = 1 << 25
+# the dense path's memory: the weights kept for the backward pass plus the logits they are computed from
+DENSE_BYTES_PER_WEIGHT = 2 * 4
+# the default memory budget of the dense path: this share of the device's total memory
+MEMORY_BUDGET_SHARE = 1 / 8
+
+_memory_budget: int | None = None
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+    """Sets the memory the dense path's N x M matrices may take, for every block without a ``memory_budget`` of its
+    own; None restores the default, :data:`MEMORY_BUDGET_SHARE` of the device's total memory (total, not free:
+    the choice must not change with what else runs, or a resumed run could take another path)."""
+    global _memory_budget
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
+        raise ValueError(f"the memory budget is a number of bytes (an int >= 0) or None; got {nbytes!r}")
+    _memory_budget = nbytes
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume a 16 GB machine
+        return 16 << 30
+
+
+# total memory per device, the CPU's read once here: torch.compile's tracer cannot follow os.sysconf
+_TOTAL_MEMORY: dict[tuple[str, int | None], int] = {("cpu", None): _physical_memory()}
+
+
+def _total_memory(device_type: str, index: int | None) -> int:
+    key = (device_type, index)
+    if key not in _TOTAL_MEMORY:
+        _TOTAL_MEMORY[key] = torch.cuda.get_device_properties(index or 0).total_memory
+    return _TOTAL_MEMORY[key]
+
+
+def memory_budget(device: torch.device | str = "cpu", block_budget: int | None = None) -> int:
+    """Bytes the dense path's matrices may take on ``device``: ``block_budget`` if given, else the global setting
+    (:func:`set_memory_budget`), else :data:`MEMORY_BUDGET_SHARE` of the device's total memory."""
+    if block_budget is not None:
+        return block_budget
+    if _memory_budget is not None:
+        return _memory_budget
+    device = torch.device(device)
+    if device.type != "cuda":  # the CPU's, also for the meta tensors the cost model plans on
+        return int(_total_memory("cpu", None) * MEMORY_BUDGET_SHARE)
+    return int(_total_memory("cuda", device.index) * MEMORY_BUDGET_SHARE)
+
+
+def resolve_impl(
+    mode: str,
+    impl: str,
+    n: int,
+    m: int,
+    cq: int,
+    cv: int,
+    *,
+    batch: int = 1,
+    device_type: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    budget: int | None = None,
+) -> str:
+    """The path that runs: ``impl`` itself, or the choice of "auto" for a call on ``batch`` (folded) problems of N
+    queries and M keys on this kind of device in this dtype, the dense N x M path allowed only where its matrices
+    fit ``budget`` bytes (None: unlimited). The same sizes always get the same path, so a resumed run computes
+    what the uninterrupted one did.
+
+    - dot product: the dense path where it fits and does fewer multiply-adds than ``linear``'s associative order,
+      else ``linear``;
+    - concatenation: ``sorted`` (the dense path builds an N x M x 2C' tensor);
+    - the embedded gaussian in half precision (under autocast): SDPA, whose fused kernels take it;
+    - softmax modes on a GPU: the dense path where it fits the budget (one large GEMM is the fastest there), else
+      the lean paths below;
+    - softmax modes on a CPU, and where the dense matrix does not fit: the gaussian (raw C-channel queries against
+      C' = C/2 values) on the chunked path, which pads nothing (SDPA's fused kernels want one head size, so the
+      values would be zero-padded to C channels) and does fewer multiply-adds; the embedded gaussian on the chunked
+      path up to :data:`CPU_CHUNKED_MAX_WEIGHTS` weights on a CPU, on SDPA beyond (and on a GPU).
     """
     if impl != "auto":
         return impl
+    weights = batch * n * m
+    dense_fits = budget is None or weights * DENSE_BYTES_PER_WEIGHT <= budget
     if mode == "dot_product":
-        return "linear" if dot_product_linear_is_cheaper(n, m, cq, cv) else "dense"
+        return "dense" if dense_fits and not dot_product_linear_is_cheaper(n, m, cq, cv) else "linear"
     if mode == "concatenation":
         return "sorted"
+    if dtype in HALF and cq <= cv:
+        return "sdpa"  # the fused kernels take half precision (the precision table below)
+    if device_type == "cuda" and dense_fits:
+        return "dense"
     if cq > cv:
         return "chunked"
+    if device_type == "cpu" and weights <= CPU_CHUNKED_MAX_WEIGHTS:
+        return "chunked"
     return "sdpa"
+
+
+def plan_impl(mode: str, q: Tensor, k: Tensor, v: Tensor, budget: int | None = None) -> str:
+    """:func:`resolve_impl`'s "auto" choice for these inputs (B, N, Cq), (B, M, Cq), (B, M, Cv), on their device and
+    in the dtype the pairwise step will run in, the dense path within :func:`memory_budget` (``budget`` if given)."""
+    return resolve_impl(
+        mode,
+        "auto",
+        q.shape[1],
+        k.shape[1],
+        q.shape[2],
+        v.shape[2],
+        batch=q.shape[0],
+        device_type="cuda" if q.device.type == "cuda" else "cpu",
+        dtype=lowest_precision(q, k, v),
+        budget=memory_budget(q.device, budget),
+    )
 
 
 def dense_pairwise(
@@ -163,7 +269,6 @@ def pairwise(
 # |                                    |                |                 | accumulate in float32, bfloat16's range is |
 # |                                    |                |                 | float32's                                  |
 HALF_PRECISION_PATHS = {("embedded_gaussian", "sdpa")}
-HALF = (torch.float16, torch.bfloat16)
 
 
 def pairwise_dtype(mode: str, impl: str, dtype: torch.dtype) -> torch.dtype:
@@ -201,13 +306,16 @@ def pairwise_step(
     Args:
         q, k, v: (B, N, Cq), (B, M, Cq), (B, M, Cv), as the projections returned them (half under autocast).
         mode, scale, concat_project: as :func:`pairwise`.
-        impl: a path or "auto" (resolved with :func:`resolve_impl`).
+        impl: a path or "auto" (resolved with :func:`plan_impl`).
         return_attention: compute densely and also return the weights (B, N, M).
 
     Returns:
         (y (B, N, Cv), weights or None).
     """
-    impl = "dense" if return_attention else resolve_impl(mode, impl, q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+    if return_attention:
+        impl = "dense"
+    elif impl == "auto":
+        impl = plan_impl(mode, q, k, v)
     dtype = pairwise_dtype(mode, impl, lowest_precision(q, k, v))
     out_dtype = v.dtype
     with no_autocast(q.device.type):

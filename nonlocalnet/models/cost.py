@@ -535,8 +535,12 @@ def _chosen_path(block: NonLocalBlock, shape: tuple[int, ...]) -> str:
     with torch.device("meta"):  # fold empty maps only to learn the problems' lengths: (1, 1, *S) -> (F, L, 1)
         n = fold(torch.zeros(1, 1, *spatial), folding).shape[1]
         m = fold(torch.zeros(1, 1, *key_spatial), folding).shape[1]
+    with torch.device("meta"):
+        problems = shape[0] * fold(torch.zeros(1, 1, *spatial), folding).shape[0]
     cq = block.in_channels if block.mode == "gaussian" else block.inter_channels
-    return resolve_impl(block.mode, block.impl, n, m, cq, block.inter_channels)
+    return resolve_impl(
+        block.mode, block.impl, n, m, cq, block.inter_channels, batch=problems, budget=block.planning_budget("cpu")
+    )
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import PAPER_VIDEO_OPTIONS, NonLocalBlock
+from ..layers.conv import Conv3d
 from ..layers.nonlocal_block import SCALED_MODES
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
@@ -187,11 +188,11 @@ class Bottleneck3d(nn.Module):
         for name, k in (("temporal_kernel_a", temporal_kernel_a), ("temporal_kernel_b", temporal_kernel_b)):
             if k < 1 or k % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd int; got {k}")
-        self.conv_a = nn.Conv3d(
+        self.conv_a = Conv3d(
             in_channels, inner_channels, (temporal_kernel_a, 1, 1), padding=(temporal_kernel_a // 2, 0, 0), bias=False
         )
         self.bn_a = _norm3d(norm, inner_channels)
-        self.conv_b = nn.Conv3d(
+        self.conv_b = Conv3d(
             inner_channels,
             inner_channels,
             (temporal_kernel_b, 3, 3),
@@ -200,15 +201,13 @@ class Bottleneck3d(nn.Module):
             bias=False,
         )
         self.bn_b = _norm3d(norm, inner_channels)
-        self.conv_c = nn.Conv3d(inner_channels, out_channels, 1, bias=False)
+        self.conv_c = Conv3d(inner_channels, out_channels, 1, bias=False)
         self.bn_c = _norm3d(norm, out_channels)
         self.relu = nn.ReLU(inplace=True)
         if in_channels != out_channels or spatial_stride != 1:
             self.shortcut: nn.Module | None = nn.Sequential(
                 OrderedDict(
-                    conv=nn.Conv3d(
-                        in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False
-                    ),
+                    conv=Conv3d(in_channels, out_channels, 1, stride=(1, spatial_stride, spatial_stride), bias=False),
                     bn=_norm3d(norm, out_channels),
                 )
             )
@@ -486,7 +485,7 @@ class ResNet3d(nn.Module):
         conv1_kt = (1 if arch in ("c2d", "slow") else 5) if conv1_temporal_kernel is None else conv1_temporal_kernel
         if not isinstance(conv1_kt, int) or conv1_kt < 1 or conv1_kt % 2 == 0:
             raise ValueError(f"conv1_temporal_kernel must be a positive odd int; got {conv1_temporal_kernel!r}")
-        self.conv1 = nn.Conv3d(
+        self.conv1 = Conv3d(
             in_channels,
             width,
             (conv1_kt, 7, 7),

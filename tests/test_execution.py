@@ -1,0 +1,157 @@
+"""How the networks run: the oneDNN convolutions (layers/conv.py) against torch's own, and the execution policy
+(engine/precision.py: train.memory_format, train.amp "auto", train.compile) against float32 contiguous runs,
+resume included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from nonlocalnet.engine.config import load_config
+from nonlocalnet.engine.precision import amp_dtype, apply_memory_format, fast_bf16, memory_format
+from nonlocalnet.engine.trainer import train
+from nonlocalnet.layers import conv
+from nonlocalnet.models import create_model
+
+from .test_train import QUICK, TINY
+
+# (in, out, kernel, stride, padding, dilation, groups, input (B, C, T, H, W))
+CONVS = [
+    (64, 32, 1, 1, 0, 1, 1, (2, 64, 4, 16, 16)),  # a bottleneck's 1x1x1 projection
+    (32, 48, (3, 1, 1), 1, (1, 0, 0), 1, 1, (2, 32, 4, 32, 32)),  # I3D's temporal convolution
+    (16, 16, 3, (1, 2, 2), 1, 1, 1, (1, 16, 8, 32, 32)),  # strided 3x3x3
+    (32, 32, 3, 1, 2, 2, 4, (1, 32, 4, 32, 32)),  # dilated, grouped
+]
+
+
+@pytest.mark.parametrize("spec", CONVS, ids=["1x1x1", "3x1x1", "strided", "dilated-grouped"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["ncdhw", "ndhwc"])
+def test_onednn_convolution_equals_torchs(spec, layout):
+    cin, cout, kernel, stride, padding, dilation, groups, shape = spec
+    ours = conv.Conv3d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    reference = nn.Conv3d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    assert conv.uses_onednn(x, ours.weight)  # the path under test is the one taken
+    results = []
+    for module in (ours, reference):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), xi.grad, module.weight.grad, module.bias.grad))
+        module.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert results[0][0].is_contiguous(memory_format=layout)  # the layout of the input is kept
+
+
+def test_onednn_is_left_to_torch_where_it_does_not_apply():
+    weight = torch.randn(8, 64, 1, 1, 1)
+    large = torch.randn(2, 64, 4, 16, 16)
+    assert conv.uses_onednn(large, weight)
+    assert not conv.uses_onednn(torch.randn(1, 64, 2, 4, 4), weight)  # tiny: set-up costs more than it saves
+    assert not conv.uses_onednn(large.double(), weight.double())
+    assert not conv.uses_onednn(large, weight, padding_mode="reflect")
+    assert not conv.uses_onednn(large, weight, padding="same")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv.uses_onednn(large, weight)  # autocast casts only what goes through conv3d
+    with conv.torch_conv_dispatch():
+        assert not conv.uses_onednn(large, weight)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # a dispatch mode sees torch's convolution, and counts it
+        conv.Conv3d(64, 8, 1)(large)
+    assert counter.get_total_flops() == 2 * 2 * 8 * 64 * 4 * 16 * 16
+
+
+def test_the_networks_are_built_of_onednn_convolutions_that_load_plain_state_dicts():
+    model = create_model("nl_c2d_tiny", num_classes=5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(isinstance(m, conv.Conv3d) for m in convs)
+    plain = create_model("nl_c2d_tiny", num_classes=5)
+    plain.load_state_dict(model.state_dict())  # the same keys and shapes as nn.Conv3d's
+
+
+def test_auto_execution_policy_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format(cpu) == torch.contiguous_format
+    assert memory_format(cuda) == torch.channels_last_3d
+    assert memory_format(cpu, "channels_last") == torch.channels_last_3d
+    assert memory_format(cuda, "contiguous") == torch.contiguous_format
+    with pytest.raises(ValueError, match="memory_format must be one of auto, channels_last, contiguous"):
+        memory_format(cpu, "nhwc")
+    assert not fast_bf16(cpu)
+    assert amp_dtype(cpu, "auto") is None  # no autocast on a CPU by default
+    assert amp_dtype(cpu, "bf16") is torch.bfloat16  # asked for, it is given
+
+
+def test_apply_memory_format_changes_layout_not_values():
+    model = create_model("nl_c2d_tiny", num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_memory_format(model, torch.device("cpu"), "channels_last")
+    for name, p in model.named_parameters():
+        if p.dim() == 5:
+            assert p.is_contiguous(memory_format=torch.channels_last_3d), name
+        assert torch.equal(p, before[name])
+    x = torch.randn(2, 3, 4, 32, 32)
+    model.eval()
+    reference = create_model("nl_c2d_tiny", num_classes=5).eval()
+    reference.load_state_dict(before)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_channels_last_run_trains_as_the_contiguous_one_and_resumes_exactly(tmp_path):
+    """train.memory_format=channels_last on the CPU: the losses of the default layout within float32 rounding, and a
+    stopped run resumed ends with the weights of the uninterrupted one, bit for bit."""
+    overrides = QUICK + ["train.iterations=6", "train.checkpoint_every=3"]
+    contiguous = train(load_config(TINY, overrides + [f"output_dir={tmp_path / 'a'}"]))
+    last = overrides + ["train.memory_format=channels_last"]
+    straight = train(load_config(TINY, last + [f"output_dir={tmp_path / 'b'}"]))
+    assert straight["videos"] == contiguous["videos"]
+    losses = [[r["loss"] for r in _metrics(tmp_path / d) if r["split"] == "train"] for d in "ab"]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
+    a = load_file(tmp_path / "a" / "model_final.safetensors")
+    b = load_file(tmp_path / "b" / "model_final.safetensors")
+    assert _relative_difference(a, b) < 5e-3
+    cfg = load_config(TINY, last + [f"output_dir={tmp_path / 'c'}"])
+    assert train(cfg, stop_after=3) == {"stopped_at": 3}
+    train(cfg, resume=True)
+    c = load_file(tmp_path / "c" / "model_final.safetensors")
+    assert all(torch.equal(b[key], c[key]) for key in b)
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    """|a - b| / |a| over the learned weights of two state dicts together (the BN statistics left out: precise
+    BN estimates them from two batches, where float32 rounding of near-constant channels weighs more)."""
+    keys = [k for k in a if a[k].is_floating_point() and "running_" not in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
+    return float(diff / torch.cat([a[k].flatten() for k in keys]).norm())
+
+
+def test_execution_settings_are_checked():
+    from nonlocalnet.engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.memory_format must be one of auto, channels_last, contiguous"):
+        load_config(TINY, ["train.memory_format=nhwc"])
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(TINY, ["train.compile=maybe"])
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_one(tmp_path):
+    overrides = QUICK + ["train.iterations=2", "train.precise_bn_batches=0"]
+    eager = train(load_config(TINY, overrides + [f"output_dir={tmp_path / 'a'}"]))
+    compiled = train(load_config(TINY, overrides + ["train.compile=true", f"output_dir={tmp_path / 'b'}"]))
+    assert compiled["videos"] == eager["videos"]
+    a = load_file(tmp_path / "a" / "model_final.safetensors")
+    b = load_file(tmp_path / "b" / "model_final.safetensors")
+    assert a.keys() == b.keys()  # model.compile() in place: the checkpoint's names are the model's
+    assert _relative_difference(a, b) < 5e-3
