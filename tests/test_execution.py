@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nonlocalnet.engine.config import load_config
-from nonlocalnet.engine.precision import amp_dtype, apply_memory_format, fast_bf16, memory_format
+from nonlocalnet.engine.precision import amp_dtype, apply_memory_format, fast_bf16, inference_layout, memory_format
 from nonlocalnet.engine.trainer import train
 from nonlocalnet.layers import conv
 from nonlocalnet.models import create_model
@@ -78,8 +78,9 @@ def test_the_networks_are_built_of_onednn_convolutions_that_load_plain_state_dic
 
 def test_auto_execution_policy_per_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert memory_format(cpu) == torch.contiguous_format
-    assert memory_format(cuda) == torch.channels_last_3d
+    assert memory_format(cpu) == torch.contiguous_format  # training on a CPU
+    assert memory_format(cpu, training=False) == torch.channels_last_3d  # inference on a CPU
+    assert memory_format(cuda) == memory_format(cuda, training=False) == torch.channels_last_3d
     assert memory_format(cpu, "channels_last") == torch.channels_last_3d
     assert memory_format(cuda, "contiguous") == torch.contiguous_format
     with pytest.raises(ValueError, match="memory_format must be one of auto, channels_last, contiguous"):
@@ -102,6 +103,19 @@ def test_apply_memory_format_changes_layout_not_values():
     reference = create_model("nl_c2d_tiny", num_classes=5).eval()
     reference.load_state_dict(before)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_layout_is_channels_last_on_the_cpu_and_restores_the_models_own():
+    model = create_model("nl_c2d_tiny", num_classes=5).eval()
+    conv1 = model.conv1.weight
+    x = torch.randn(2, 3, 4, 32, 32)
+    expected = model(x)
+    with inference_layout(model, torch.device("cpu")):
+        assert conv1.is_contiguous(memory_format=torch.channels_last_3d) and not conv1.is_contiguous()
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    assert conv1.is_contiguous()
+    with inference_layout(model, torch.device("cpu"), "contiguous"):
+        assert conv1.is_contiguous()
 
 
 def test_a_channels_last_run_trains_as_the_contiguous_one_and_resumes_exactly(tmp_path):

@@ -27,6 +27,8 @@ Sections (``--sections``):
   peers' own as their training code runs them (mmaction2's NL I3D R50, PyTorchVideo's I3D R50), each pair side by
   side in one child process; ``--model-variants`` adds ours in other layouts and precisions, compiled, or on
   torch's own convolution dispatch (``models.py`` says what each is).
+- ``overhead``: the host time (wall and the profiler's CPU time) of one forward+backward of a tiny block, ours
+  against each peer's, where Python and dispatch, not arithmetic, set the time.
 
 Every measurement runs in a fresh child process, so one run's allocations cannot hide another's and a peer that
 crashes or runs out of memory is reported instead of ending the benchmark. Times are medians; peer and ours of
@@ -58,6 +60,7 @@ from .._common import provenance, write_atomic
 from ..block import DEFAULT_SHAPES, SHAPES
 from .efficiency import efficiency_section
 from .models import PAIRS, VARIANTS, models_section
+from .overhead import overhead_section
 from .peers import PEERS
 from .scale import scale_section
 from .table import table_section
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["table", "scale", "efficiency", "models"],
-        choices=["table", "scale", "efficiency", "models"],
+        default=["table", "scale", "efficiency", "models", "overhead"],
+        choices=["table", "scale", "efficiency", "models", "overhead"],
     )
     parser.add_argument("--quick", action="store_true", help="small shapes and models (a smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory from torch.cuda there)")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--clip", type=int, nargs=3, default=(8, 112, 112), metavar=("T", "H", "W"))
     parser.add_argument("--model-repeats", type=int, default=3)
+    parser.add_argument("--overhead-repeats", type=int, default=200, help="overhead: timed steps per side (median)")
     parser.add_argument("--markdown", help="write the printed tables to this markdown file")
     parser.add_argument("--json", help="write every measurement to this JSON file")
     args = parser.parse_args(argv)
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         args.clip = (8, 64, 64)
         args.batch = 1
         args.model_repeats = 1
+        args.overhead_repeats = min(args.overhead_repeats, 5)
     args.pairs = [tuple(p.split("=", 1)) for p in args.pairs] if args.pairs else PAIRS
     for pair in args.pairs:
         if len(pair) != 2 or pair[1].split(":")[0] not in ("mmaction2", "pytorchvideo"):
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             results["efficiency"] = efficiency_section(args, shapes)
         if "models" in args.sections:
             results["models"] = models_section(args)
+        if "overhead" in args.sections:
+            results["overhead"] = overhead_section(args)
     finally:
         if capture:
             capture.close()

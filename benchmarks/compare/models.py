@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import time
 from typing import Any
 
@@ -27,15 +28,13 @@ import torch
 from torch import nn
 
 from .._common import fmt, machine, run_child, synchronize, time_round_robin
-from .peers import peer_unavailable
 
 # (ours, peer): ours by registered name, the peer by package:network
 PAIRS = [
     ("mmaction2_nl_i3d_r50_embedded_gaussian", "mmaction2:nl_i3d_r50"),
-    ("nl_i3d_r50_8x8", "mmaction2:nl_i3d_r50"),
+    ("nl_i3d_r50", "mmaction2:nl_i3d_r50"),  # the paper's 32x2 layout against mmaction2's
     ("i3d_r50_8x8", "pytorchvideo:i3d_r50"),
 ]
-PEER_PACKAGES = {"mmaction2": "mmaction2", "pytorchvideo": "pytorchvideo"}
 # ours in other execution variants, for --model-variants: "default" is what our commands run
 VARIANTS = ("default", "contiguous", "channels_last", "bf16", "compile", "torch_conv")
 
@@ -53,6 +52,21 @@ class _Head(nn.Module):
         return self.fc(self.dropout(self.backbone(x).mean(dim=(2, 3, 4))))
 
 
+def _unavailable(peer: str) -> str | None:
+    """None if the peer's network can be built here, else why not (the row's status)."""
+    try:
+        if peer.startswith("pytorchvideo:"):
+            importlib.import_module("pytorchvideo.models.hub")
+        else:
+            from ..swap import mmaction2_resnet3d
+
+            importlib.import_module("mmengine.config")
+            mmaction2_resnet3d()
+    except (Exception, SystemExit) as error:  # an installed but broken package fails with anything
+        return f"unavailable: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return None
+
+
 def _peer(name: str) -> tuple[nn.Module, float | None]:
     """The peer network and the gradient-norm clip its training config applies (None: none)."""
     package, network = name.split(":", 1)
@@ -66,27 +80,25 @@ def _peer(name: str) -> tuple[nn.Module, float | None]:
     return _Head(build("embedded_gaussian").backbone), 40.0  # mmaction2's sgd_100e schedule: clip_grad max_norm 40
 
 
-def _ours(name: str, variant: str, device: torch.device) -> tuple[nn.Module, Any, torch.memory_format, Any]:
-    """Our network in ``variant``: (model, optimizer settings, layout of its input, autocast context factory)."""
+def _ours(name: str, variant: str, device: torch.device) -> tuple[nn.Module, str, Any]:
+    """Our network in ``variant``: (model, its train.memory_format setting, autocast context factory)."""
     from nonlocalnet.engine.config import DEFAULTS
-    from nonlocalnet.engine.precision import apply_memory_format, autocast, memory_format
+    from nonlocalnet.engine.precision import autocast
     from nonlocalnet.models import create_model
 
     model = create_model(name, num_classes=400).to(device)
-    amp = {"bf16": "bf16", "contiguous": "auto", "channels_last": "auto"}.get(variant, DEFAULTS["train"]["amp"])
-    layout = {"contiguous": "contiguous", "channels_last": "channels_last"}.get(
-        variant, DEFAULTS["train"]["memory_format"]
-    )
-    apply_memory_format(model, device, layout)
+    amp = "bf16" if variant == "bf16" else DEFAULTS["train"]["amp"]
+    layout = variant if variant in ("contiguous", "channels_last") else DEFAULTS["train"]["memory_format"]
     if variant == "compile":
         model.compile()
-    return model, memory_format(device, layout), (lambda: autocast(device, amp))
+    return model, layout, (lambda: autocast(device, amp))
 
 
 def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     """Train steps/s and inference clips/s of one pair, ours in each requested variant, timed round-robin."""
     from nonlocalnet.engine.config import DEFAULTS
     from nonlocalnet.engine.optim import build_optimizer
+    from nonlocalnet.engine.precision import apply_memory_format, memory_format
     from nonlocalnet.layers.conv import torch_conv_dispatch
 
     torch.set_num_threads(spec["threads"])
@@ -102,7 +114,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
         model=peer,
         optimizer=torch.optim.SGD(peer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4),
         clip_norm=clip_norm,
-        input=x,
+        layout=None,  # torch's default layout
         precision=contextlib.nullcontext,
         dispatch=contextlib.nullcontext,
     )
@@ -113,7 +125,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
             model=model,
             optimizer=build_optimizer(model, DEFAULTS["train"]),
             clip_norm=DEFAULTS["train"]["clip_grad_norm"],
-            input=x.contiguous(memory_format=layout),
+            layout=layout,
             precision=precision,
             dispatch=torch_conv_dispatch if variant == "torch_conv" else contextlib.nullcontext,
         )
@@ -145,12 +157,16 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
         steps = {}
         for name, run in runs.items():
             run["model"].train(mode)
+            run["input"] = x
+            if run["layout"] is not None:  # ours: the layout our commands give this phase (train or inference)
+                apply_memory_format(run["model"], device, run["layout"], training=mode)
+                run["input"] = x.contiguous(memory_format=memory_format(device, run["layout"], training=mode))
             steps[name] = make(run)
             start = time.perf_counter()
             steps[name]()  # warm-up (compiles under torch.compile)
-            synchronize(device)
+            synchronize(spec["device"])
             out[name][f"{phase}_first_s"] = time.perf_counter() - start
-        seconds = time_round_robin(steps, spec["repeats"], device, warmup=False)
+        seconds = time_round_robin(steps, spec["repeats"], spec["device"], warmup=False)
         for name in runs:
             out[name][f"{phase}_per_s"] = (1 if phase == "train" else batch) / seconds[name]
     return out
@@ -169,7 +185,7 @@ def models_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     rows = []
     for ours, peer in args.pairs:
-        missing = peer_unavailable(PEER_PACKAGES[peer.split(":")[0]])
+        missing = _unavailable(peer)
         if missing:
             result: dict[str, Any] = dict(status=missing)
         else:

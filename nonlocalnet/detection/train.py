@@ -29,6 +29,7 @@ from ..engine.checkpoint import CheckpointError, load_checkpoint
 from ..engine.config import to_plain
 from ..engine.distributed import all_reduce_mean, init_distributed, is_main_process, resolve_device
 from ..engine.loop import LoopSettings, RunContext, train_loop
+from ..engine.optim import fused_sgd
 from ..engine.rundir import RESUMABLE_KEYS
 from ..io import atomic_path
 from ..models.checkpoints.weights import load_state_dict_or_raise, read_state_dict, save_weights
@@ -100,7 +101,9 @@ class Detection:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.lr = t["lr"] * t["batch_size"] * info.world_size / t["lr_reference_batch"]
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
+        optimizer = torch.optim.SGD(
+            params, lr=self.lr, momentum=t["momentum"], weight_decay=t["weight_decay"], fused=fused_sgd(params) or None
+        )
         self.train_set, self.val_set = train_set, val_set
         # batches of this process's share of an epoch (DistributedSampler pads the share to ceil(N / processes))
         whole = math.ceil(math.ceil(len(train_set) / info.world_size) / t["batch_size"])

@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError
 from .classes import resolve_num_classes
 from .distributed import DistInfo, all_gather_cat, init_distributed, resolve_device, unwrap_model
 from .loop import union, write_json
-from .precision import apply_memory_format, autocast
+from .precision import autocast, inference_layout
 
 
 def model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,27 +103,27 @@ def evaluate(
         net.score_activation = "sigmoid" if multi_label else "softmax"
     was_training = net.training
     net.eval()
-    apply_memory_format(net, device, cfg["train"]["memory_format"])
     sampler = ShardedSampler(len(dataset), rank=info.rank, world_size=info.world_size, shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, cfg["test"]["batch_size"], cfg["data"]["workers"], False, cfg["seed"])
     all_scores, all_videos, all_labels, skipped = [], [], [], set()
-    for batch in tqdm(
-        loader,
-        desc="test",
-        unit="batch",
-        leave=False,
-        dynamic_ncols=True,
-        disable=not (info.is_main and cfg["progress"]),
-    ):
-        with autocast(device, cfg["train"]["amp"]):
-            out = net(device_clips(batch, device))
-        out = out.float()
-        # logits in either mode (fully-convolutional: those of the positions' averaged scores)
-        out = out.sigmoid() if multi_label else out.softmax(dim=1)
-        all_scores.append(out.cpu())
-        all_videos.append(batch["video"])
-        all_labels.append(batch["label"])
-        skipped.update(skipped_ids(batch))
+    with inference_layout(net, device, cfg["train"]["memory_format"]):
+        for batch in tqdm(
+            loader,
+            desc="test",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not (info.is_main and cfg["progress"]),
+        ):
+            with autocast(device, cfg["train"]["amp"]):
+                out = net(device_clips(batch, device))
+            out = out.float()
+            # logits in either mode (fully-convolutional: those of the positions' averaged scores)
+            out = out.sigmoid() if multi_label else out.softmax(dim=1)
+            all_scores.append(out.cpu())
+            all_videos.append(batch["video"])
+            all_labels.append(batch["label"])
+            skipped.update(skipped_ids(batch))
     net.train(was_training)
     if fully_conv:
         net.fully_convolutional = previous

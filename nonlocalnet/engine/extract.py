@@ -23,6 +23,7 @@ not be decoded has no part, so a resumed run tries it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -45,7 +46,7 @@ from ..data.decoders import read_frames
 from ..data.inputs import VideoInput
 from ..io import atomic_path, write_text_atomic
 from ..models.features import batched_clip_features
-from .precision import apply_memory_format, autocast
+from .precision import autocast, inference_layout
 
 __all__ = ["ExtractSettings", "ExtractResult", "VideoClips", "extract_features", "parts_folder"]
 
@@ -220,7 +221,8 @@ def extract_features(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    apply_memory_format(model, device, memory_format)
+    layout = contextlib.ExitStack()
+    layout.enter_context(inference_layout(model, device, memory_format))
     failed: dict[str, str] = {}
     loader = DataLoader(VideoClips(videos, settings, todo), batch_size=None, num_workers=workers, shuffle=False)
     try:
@@ -257,6 +259,7 @@ def extract_features(
             if stop_after is not None and count >= stop_after and len(done) + len(failed) < len(videos):
                 return ExtractResult(parts, len(done), len(videos) - len(todo), failed)
     finally:
+        layout.close()
         model.train(was_training)
     if not done:
         raise ValueError(f"no video could be decoded ({len(failed)} tried): " + "; ".join(list(failed.values())[:3]))

@@ -4,13 +4,16 @@ layout ``train.memory_format`` gives the network, on which device, and ``train.c
 The "auto" defaults follow measurements (docs/performance.md has them with their commands): bfloat16 autocast
 on CUDA GPUs with bfloat16 tensor cores (compute capability 8.0 on), where it runs the networks faster; never on
 a CPU, where the networks' bfloat16 steps measured several times slower than float32. Channels-last on CUDA,
-where cuDNN's convolutions are faster in it; the default layout on the CPU, where the channels-last networks
-measured slower (their batch norms' backward passes copy the tensors back).
+where cuDNN's convolutions are faster in it; on a CPU channels-last for inference, where oneDNN's convolutions
+are faster in it, and the default layout for training, where the channels-last networks measured slower (their
+batch norms' backward passes copy the tensors back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -68,23 +71,50 @@ def fast_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def memory_format(device: torch.device, setting: str = "auto") -> torch.memory_format:
+def memory_format(device: torch.device, setting: str = "auto", training: bool = True) -> torch.memory_format:
     """The layout of a network's 5D weights and activations for ``train.memory_format`` on ``device``: "auto" is
-    channels-last on CUDA and the default (contiguous) layout elsewhere (see the module's docstring)."""
+    channels-last on CUDA, and on a CPU channels-last for inference and the default (contiguous) layout for
+    training, each the faster there (see the module's docstring)."""
     if setting not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; got {setting!r}")
     if setting == "auto":
-        setting = "channels_last" if device.type == "cuda" else "contiguous"
+        setting = "channels_last" if device.type == "cuda" or not training else "contiguous"
     return torch.channels_last_3d if setting == "channels_last" else torch.contiguous_format
 
 
-def apply_memory_format(model: nn.Module, device: torch.device, setting: str = "auto") -> nn.Module:
+def _video_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 5]
+
+
+def apply_memory_format(
+    model: nn.Module, device: torch.device, setting: str = "auto", training: bool = True
+) -> nn.Module:
     """Lays out ``model``'s 5D parameters and buffers (video convolutions) in :func:`memory_format`, in place, and
     returns it. The convolutions then give their outputs in that layout, whatever the input's. Values are
     untouched: a checkpoint saved from either layout loads into either."""
-    layout = memory_format(device, setting)
+    layout = memory_format(device, setting, training)
     with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.dim() == 5 and not t.is_contiguous(memory_format=layout):
+        for t in _video_tensors(model):
+            if not t.is_contiguous(memory_format=layout):
                 t.data = t.data.contiguous(memory_format=layout)
     return model
+
+
+@contextlib.contextmanager
+def inference_layout(model: nn.Module, device: torch.device, setting: str = "auto") -> Iterator[nn.Module]:
+    """``model`` in the inference layout of :func:`memory_format` within the context, its own layout restored
+    afterwards (a model that goes on training keeps its training layout)."""
+    layout = memory_format(device, setting, training=False)
+    changed = []
+    with torch.no_grad():
+        for t in _video_tensors(model):
+            if not t.is_contiguous(memory_format=layout):
+                previous = torch.channels_last_3d if t.is_contiguous(memory_format=torch.channels_last_3d) else None
+                changed.append((t, previous or torch.contiguous_format))
+                t.data = t.data.contiguous(memory_format=layout)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, previous in changed:
+                t.data = t.data.contiguous(memory_format=previous)

@@ -11,6 +11,7 @@ A video that cannot be decoded gets no scores: it is reported with the decoder's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from ..data.inputs import VideoInput
 from ..data.transforms import normalize
 from ..data.video_dataset import CorruptData
 from .metrics import aggregate_views
-from .precision import apply_memory_format, autocast
+from .precision import autocast, inference_layout
 
 __all__ = ["VideoScores", "predict_videos", "top_classes"]
 
@@ -109,9 +110,10 @@ def predict_videos(
         net.fully_convolutional, net.score_activation = True, "sigmoid" if multi_label else "softmax"
     was_training = net.training
     net.eval()
-    apply_memory_format(net, device, memory_format)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=False)
     scores, owners = [], []
+    layout = contextlib.ExitStack()
+    layout.enter_context(inference_layout(net, device, memory_format))
     try:
         position = 0
         for batch in tqdm(
@@ -136,6 +138,7 @@ def predict_videos(
     except CorruptData:  # every video failed to decode
         scores, owners = [], []
     finally:
+        layout.close()
         net.train(was_training)
         if fully_convolutional:
             net.fully_convolutional, net.score_activation = previous
