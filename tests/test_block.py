@@ -598,6 +598,10 @@ def test_auto_path_choice():
     gaussian = dict(mode="gaussian", impl="auto", n=3136, m=784, cq=512, cv=256, batch=2)
     assert resolve_impl(**gaussian, device_type="cuda", budget=need) == "dense"
     assert resolve_impl(**gaussian, device_type="cuda", budget=need - 1) == "chunked"
+    # tiny problems on a CPU: the dense path, the fewest operators
+    tiny = dict(impl="auto", n=64, m=16, cq=32, cv=32, batch=2)
+    assert resolve_impl("embedded_gaussian", **tiny) == resolve_impl("gaussian", **tiny) == "dense"
+    assert resolve_impl("embedded_gaussian", **tiny, budget=0) == "chunked"
     # gaussian on a CPU: raw C-channel queries vs C/2 values, the chunked path, which needs no padding (SDPA's
     # fused kernels want one head size, so the values would be zero-padded to C channels)
     assert resolve_impl(**gaussian) == "chunked"
@@ -808,3 +812,31 @@ def test_training_calls_of_sdpa_on_cuda_leave_out_cudnn_and_keep_the_users_choic
     finally:
         for name, on in flags.items():
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
+
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
+@pytest.mark.parametrize("position", ["input", "projection"])
+def test_stacked_projections_compute_what_the_separate_convs_compute(mode, position, monkeypatch):
+    from nonlocalnet.layers import nonlocal_block
+
+    stacked = []
+    real = nonlocal_block._project_stacked
+    monkeypatch.setattr(
+        nonlocal_block, "_project_stacked", lambda convs, t: stacked.append(len(convs)) or real(convs, t)
+    )
+    block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), subsample_position=position))
+    x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
+    params = [x, *block.parameters()]
+
+    def run():
+        z = block(x)
+        return z, torch.autograd.grad((z * torch.linspace(-1, 1, z.numel()).view_as(z)).sum(), params)
+
+    z, grads = run()
+    assert stacked == [2 if position == "input" else 3]  # φ, g of the pooled map; or θ, φ, g of x
+    block.theta.register_forward_hook(lambda *args: None)  # watched: each projection runs as its own module
+    z_separate, grads_separate = run()
+    assert stacked == [2 if position == "input" else 3]
+    torch.testing.assert_close(z, z_separate, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -104,10 +104,14 @@ def tiny_clip(model: ResNet3d, batch: int = 2, size: int = 64) -> torch.Tensor:
 
 
 def activate_nonlocal(model: nn.Module) -> None:
-    """NL blocks start as the identity (γ = 0 or W_z = 0), which leaves θ, φ, g without gradient; open them."""
+    """NL blocks start as the identity (γ = 0 or W_z = 0), which leaves θ, φ, g without gradient; open them. θ is
+    also shrunk: the features of a random frozen-BN backbone grow from stage to stage, and logits that large
+    saturate the softmax into exact one-hot weights, whose gradient is exactly zero."""
     for m in model.modules():
         if isinstance(m, NonLocalBlock):
             with torch.no_grad():
+                if hasattr(m, "theta"):
+                    m.theta.weight.mul_(1e-2)
                 if m.norm_type is None:
                     nn.init.normal_(m.out.weight, std=0.5)
                 else:

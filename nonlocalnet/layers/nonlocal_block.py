@@ -152,6 +152,7 @@ class NonLocalBlock(nn.Module):
         self.memory_budget = memory_budget
         # impl="auto"'s choice per input: planned once per shape, dtype, device and budget (plan_impl is pure)
         self._plans: dict[tuple, str] = {}
+        self._checked: dict[tuple, tuple[Folding, tuple[int, ...], tuple[int, ...]]] = {}  # per input shape
         self.subsample = _parse_subsample(subsample, dim)
         self.subsample_position = subsample_position
         self.scale = _parse_scale(scale, inter_channels)
@@ -230,11 +231,17 @@ class NonLocalBlock(nn.Module):
         Returns:
             z with the shape of x, or (z, weights).
         """
-        self._check_inputs(x, memory)
         source = x if memory is None else memory  # x̂: keys and values come from here
-        folding, spatial, key_spatial = self._shapes(x, source, return_attention)
+        # the checks and the folding depend on the shapes alone: done once per shape (the block's host time bounds
+        # small blocks on a GPU)
+        shapes = (x.shape, None if memory is None else memory.shape, return_attention and self.attention_budget_bytes)
+        checked = self._checked.get(shapes)
+        if checked is None:
+            self._check_inputs(x, memory)
+            checked = self._checked[shapes] = self._shapes(x, source, return_attention)
+        folding, spatial, key_spatial = checked
         # y = 1/C(x) Σ_j f(θ(x_i), φ(x̂_j)) g(x̂_j); the projections go straight in, so that nothing here keeps them
-        query, (key, value) = self._queries(x), self._keys_values(source)
+        query, key, value = self._projections(x, source)
         if self.mode == "gaussian" and source is x and self.pool is None:
             key = query  # the same tensor: the pairwise step may use the symmetry of x xᵀ
         y, weights = self._attend(query, key, value, folding, spatial, key_spatial, return_attention)
@@ -258,6 +265,31 @@ class NonLocalBlock(nn.Module):
         if return_attention:
             self._check_attention_size(x.shape[0], spatial, key_spatial)
         return folding, spatial, key_spatial
+
+    def _projections(self, x: Tensor, source: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, N, Cq), keys (B, M, Cq) and values (B, M, C'): θ(x), φ(x̂), g(x̂), the raw features for the
+        gaussian. Projections that read the same map run as one convolution with their weights stacked (θ, φ and
+        g of x where x̂ is x, unpooled before the projections; φ and g of x̂ pooled before them): one large GEMM
+        does the arithmetic of three small ones with a third of the calls, the same outputs up to rounding."""
+        if self.mode == "gaussian" or self._hooked():
+            return self._queries(x), *self._keys_values(source)
+        pooled_first = self.pool is not None and self.subsample_position == "input"
+        if source is x and not pooled_first:
+            spatial = tuple(x.shape[2:])
+            query, key, value = (to_positions(t) for t in _project_stacked((self.theta, self.phi, self.g), x))
+            if self.pool is not None:
+                key, value = (to_positions(self.pool(to_map(t, spatial))) for t in (key, value))
+            return query, key, value
+        if pooled_first:
+            key, value = (to_positions(t) for t in _project_stacked((self.phi, self.g), self.pool(source)))
+            return self._queries(x), key, value
+        return self._queries(x), *self._keys_values(source)
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook watches a projection (which must then run as its own module)."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.theta, self.phi, self.g) if m is not None)
 
     def _queries(self, x: Tensor) -> Tensor:
         """θ(x) as (B, N, C'); the raw features x (B, N, C) for the gaussian."""
@@ -414,6 +446,16 @@ class NonLocalBlock(nn.Module):
 def _project(conv: nn.Module, t: Tensor) -> Tensor:
     """A 1x1 conv of a (B, Cin, *S) map, as the (B, N, Cout) sequence of positions (a strided view)."""
     return to_positions(conv(t))
+
+
+def _project_stacked(convs: Sequence[nn.Module], t: Tensor) -> tuple[Tensor, ...]:
+    """The 1x1 convs ``convs`` of one map ``t`` (B, Cin, *S) as one conv with their weights stacked; each output
+    (B, Cout_i, *S) a channel slice of the stacked output."""
+    weight = torch.cat([c.weight for c in convs])
+    bias = torch.cat([c.bias for c in convs]) if all(c.bias is not None for c in convs) else None
+    if bias is None and any(c.bias is not None for c in convs):
+        return tuple(c(t) for c in convs)
+    return convs[0]._conv_forward(t, weight, bias).split([c.out_channels for c in convs], dim=1)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

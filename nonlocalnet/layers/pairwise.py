@@ -2,9 +2,10 @@
 
 | mode              | exact paths          | "auto" picks (:func:`resolve_impl`)                            |
 |-------------------|----------------------|-----------------------------------------------------------------|
-| gaussian          | dense, sdpa, chunked | GPU: dense where it fits the memory budget; else chunked        |
-| embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: chunked,    |
-|                   |                      | sdpa on large problems                                          |
+| gaussian          | dense, sdpa, chunked | GPU: dense where it fits the memory budget; else chunked (CPU:  |
+|                   |                      | dense for tiny problems)                                        |
+| embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: dense for   |
+|                   |                      | tiny problems, chunked, sdpa on large ones                      |
 | dot_product       | dense, linear        | the one doing fewer multiply-adds (dense only where it fits)    |
 | concatenation     | dense, sorted        | sorted                                                          |
 """
@@ -54,7 +55,10 @@ def check_mode_impl(mode: str, impl: str) -> None:
 # problems. On a GPU in float32 one large GEMM on the whole N x M matrix is the fastest (the lean paths measured
 # slower than mmcv's dense block there), so "auto" keeps the matrix wherever it fits the memory budget.
 
-# embedded gaussian on a CPU: the chunked path up to this many weights (B x N x M) per call, SDPA beyond
+# softmax modes on a CPU: the dense path up to this many weights (B x N x M) per call, where the step is a few
+# operators' host time and the dense path has the fewest; the embedded gaussian then on the chunked path up to
+# CPU_CHUNKED_MAX_WEIGHTS, on SDPA beyond
+CPU_DENSE_MAX_WEIGHTS = 1 << 16
 CPU_CHUNKED_MAX_WEIGHTS = 1 << 25
 # the dense path's memory: the weights kept for the backward pass plus the logits they are computed from
 DENSE_BYTES_PER_WEIGHT = 2 * 4
@@ -127,8 +131,9 @@ def resolve_impl(
       else ``linear``;
     - concatenation: ``sorted`` (the dense path builds an N x M x 2C' tensor);
     - the embedded gaussian in half precision (under autocast): SDPA, whose fused kernels take it;
-    - softmax modes on a GPU: the dense path where it fits the budget (one large GEMM is the fastest there), else
-      the lean paths below;
+    - softmax modes on a GPU: the dense path where it fits the budget (one large GEMM is the fastest there); on a
+      CPU the dense path for tiny problems (up to :data:`CPU_DENSE_MAX_WEIGHTS` weights), where host time rules
+      and it runs the fewest operators; else the lean paths below;
     - softmax modes on a CPU, and where the dense matrix does not fit: the gaussian (raw C-channel queries against
       C' = C/2 values) on the chunked path, which pads nothing (SDPA's fused kernels want one head size, so the
       values would be zero-padded to C channels) and does fewer multiply-adds; the embedded gaussian on the chunked
@@ -144,7 +149,7 @@ def resolve_impl(
         return "sorted"
     if dtype in HALF and cq <= cv:
         return "sdpa"  # the fused kernels take half precision (the precision table below)
-    if device_type == "cuda" and dense_fits:
+    if dense_fits and (device_type == "cuda" or weights <= CPU_DENSE_MAX_WEIGHTS):
         return "dense"
     if cq > cv:
         return "chunked"
