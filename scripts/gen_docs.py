@@ -45,6 +45,27 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
         "weights loaded into our block and the outputs checked equal before anything is timed; whole networks.",
     ),
     (
+        "models",
+        "python -m benchmarks.compare --sections models --model-variants torch_conv contiguous channels_last "
+        "--json docs/benchmarks/models.json",
+        "Whole networks, ours as our commands run them (train: forward, loss, backward, optimizer step; inference "
+        "clips/s) against mmaction2's and PyTorchVideo's own as their training code runs them, each pair side by "
+        "side in one process, at 8×112² clips, batch 2; ours also on torch's own convolution dispatch and in each "
+        "layout, the reasons for the defaults ([Performance](performance.md)).",
+    ),
+    (
+        "models_224",
+        "python -m benchmarks.compare --sections models --batch 1 --clip 32 224 224 "
+        "--json docs/benchmarks/models_224.json",
+        "The same at the paper's clip, 32×224², batch 1.",
+    ),
+    (
+        "overhead",
+        "python -m benchmarks.compare --sections overhead --json docs/benchmarks/overhead.json",
+        "The host time of one forward+backward of a tiny block (2, 64, 4, 8, 8), ours against each peer's with the "
+        "same weights: wall time and the profiler's CPU time of the operators.",
+    ),
+    (
         "data",
         "python -m benchmarks.data --json docs/benchmarks/data.json",
         "Video input against the decoder's limit: items per second of the dataset on real footage, as downloaded "
@@ -66,7 +87,11 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
         ("block", "the block's paths in float32."),
         ("block_bf16", "the block under bf16 autocast."),
         ("peers", "the peer table."),
-        ("models", "whole networks: eager, channels-last, bf16 autocast, torch.compile."),
+        (
+            "models",
+            "whole networks against the peers': ours as our commands run them, and eager, channels-last, "
+            "bf16 autocast, torch.compile.",
+        ),
     )
 )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import block
 from nonlocalnet.layers import pairwise_softmax
 
@@ -41,4 +43,24 @@ def test_block_benchmark_under_autocast_with_a_chunk_size(tmp_path, capsys, monk
     assert [r["impl"] for r in rows] == block.paths("gaussian")
     assert all(r["autocast"] == "bf16" and r["ms"] > 0 for r in rows)
     assert next(r for r in rows if r["impl"] == "dense")["speedup"] == 1.0
-    assert sum(f"| tiny_res3 | gaussian | {impl} |" in printed for impl in block.paths("gaussian")) == 3
+    # auto's path is marked in the table, and the summary says how it compares with the fastest measured
+    chosen = block.auto_choice("tiny_res3", "gaussian", "cpu", "bf16")
+    assert chosen == "dense"  # 1 x 392 x 98 weights: a tiny problem on a CPU (pairwise.CPU_DENSE_MAX_WEIGHTS)
+    lines = printed.splitlines()
+    assert [
+        line.split(" | ")[2] for line in lines if line.startswith("| tiny_res3 | gaussian |") and "x |" in line
+    ] == [
+        "dense (auto)",
+        "sdpa",
+        "chunked",
+    ]
+    (plan,) = saved["plans"]
+    fastest = min(rows, key=lambda r: r["ms"])
+    assert plan == dict(
+        shape="tiny_res3",
+        mode="gaussian",
+        auto="dense",
+        fastest=fastest["impl"],
+        speed_of_fastest=pytest.approx(fastest["ms"] / rows[0]["ms"]),
+    )
+    assert [r["auto"] for r in rows] == [True, False, False]

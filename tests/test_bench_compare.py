@@ -5,6 +5,9 @@ The peers come with the optional ``bench`` extra (``pip install -e ".[bench]"``)
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 
@@ -97,3 +100,54 @@ def test_peer_estimate_counts_the_dense_matrices():
     assert 0.8 < gb < 1.0
     # mmcv's concatenation repeats θ and φ to (B, C', N, M): at res3 about 4·256 such matrices of 20 MB
     assert 19 < table.estimate_peer_gb("mmcv", "concatenation", (2, 512, 4, 28, 28), (1, 2, 2)) < 22
+
+
+def test_the_models_section_times_ours_and_the_peer_side_by_side(tmp_path):
+    """The pair ran in one child: a row per variant of ours against the same peer measurement, the ratios ours /
+    peer; where the peer is not installed, its row says so and nothing is timed."""
+    from benchmarks.compare.__main__ import main
+
+    out = tmp_path / "models.json"
+    main(
+        [
+            "--quick",
+            "--sections",
+            "models",
+            "--pairs",
+            "nl_c2d_tiny=pytorchvideo:c2d_r50",
+            "--model-variants",
+            "torch_conv",
+            "--json",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())["models"]
+    assert [(r["ours"], r["variant"], r["peer"]) for r in rows] == [
+        ("nl_c2d_tiny", "default", "pytorchvideo:c2d_r50"),
+        ("nl_c2d_tiny", "torch_conv", "pytorchvideo:c2d_r50"),
+    ]
+    if importlib.util.find_spec("pytorchvideo") is None:
+        assert all(r["status"].startswith("unavailable: ModuleNotFoundError") for r in rows)
+        return
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert rows[0]["peer_train_per_s"] == rows[1]["peer_train_per_s"]  # one peer measurement for the pair
+    for r in rows:
+        assert r["train_ratio"] == r["ours_train_per_s"] / r["peer_train_per_s"]
+        assert r["infer_ratio"] == r["ours_infer_per_s"] / r["peer_infer_per_s"]
+        assert r["ours_params_m"] < 1 < r["peer_params_m"]  # the tiny network against PyTorchVideo's C2D R50
+
+
+def test_the_overhead_section_checks_the_pair_then_times_both(tmp_path):
+    pytest.importorskip("mmcv.cnn")
+    from benchmarks.compare.__main__ import main
+
+    out = tmp_path / "overhead.json"
+    main(["--quick", "--sections", "overhead", "--peers", "mmcv", "--json", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["overhead"]}
+    assert set(rows) == {"embedded_gaussian", "gaussian", "dot_product", "concatenation"}
+    assert rows["concatenation"]["status"].startswith("backward raises")  # mmcv's in-place ReLU
+    for variant in ("embedded_gaussian", "gaussian", "dot_product"):
+        r = rows[variant]
+        assert r["status"] == "ok", r
+        assert r["wall_ratio"] == r["peer_wall_ms"] / r["ours_wall_ms"]
+        assert r["cpu_ratio"] == r["peer_cpu_ms"] / r["ours_cpu_ms"]

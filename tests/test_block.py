@@ -581,7 +581,12 @@ def test_output_is_contiguous_like_the_input(mode):
 
 
 def test_auto_path_choice():
-    from nonlocalnet.layers.pairwise import CPU_CHUNKED_MAX_WEIGHTS, DENSE_BYTES_PER_WEIGHT, resolve_impl
+    from nonlocalnet.layers.pairwise import (
+        CPU_CHUNKED_MAX_WEIGHTS,
+        CPU_GAUSSIAN_DENSE_MAX_WEIGHTS,
+        DENSE_BYTES_PER_WEIGHT,
+        resolve_impl,
+    )
 
     eg = dict(mode="embedded_gaussian", impl="auto", n=3136, m=784, cq=256, cv=256)
     # CPU: the chunked path up to CPU_CHUNKED_MAX_WEIGHTS weights per call, SDPA beyond
@@ -602,10 +607,13 @@ def test_auto_path_choice():
     tiny = dict(impl="auto", n=64, m=16, cq=32, cv=32, batch=2)
     assert resolve_impl("embedded_gaussian", **tiny) == resolve_impl("gaussian", **tiny) == "dense"
     assert resolve_impl("embedded_gaussian", **tiny, budget=0) == "chunked"
-    # gaussian on a CPU: raw C-channel queries vs C/2 values, the chunked path, which needs no padding (SDPA's
+    # gaussian on a CPU (raw C-channel queries vs C/2 values): dense while it fits, up to 2^26 weights (the
+    # chunked path would recompute the C-channel logits); beyond, the chunked path, which needs no padding (SDPA's
     # fused kernels want one head size, so the values would be zero-padded to C channels)
-    assert resolve_impl(**gaussian) == "chunked"
-    assert resolve_impl(**gaussian, dtype=torch.bfloat16) == "chunked"
+    assert resolve_impl(**gaussian) == resolve_impl(**gaussian, dtype=torch.bfloat16) == "dense"
+    assert resolve_impl(**gaussian, budget=need - 1) == "chunked"
+    many = CPU_GAUSSIAN_DENSE_MAX_WEIGHTS // (3136 * 784) + 1
+    assert resolve_impl(**{**gaussian, "batch": many}) == "chunked"
     # dot product: the dense path only where it does fewer multiply-adds and fits
     assert resolve_impl("dot_product", "auto", 4, 4, 16, 16) == "dense"
     assert resolve_impl("dot_product", "auto", 4, 4, 16, 16, budget=4 * 4 * DENSE_BYTES_PER_WEIGHT - 1) == "linear"

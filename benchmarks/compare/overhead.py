@@ -54,7 +54,7 @@ def overhead_section(args: argparse.Namespace) -> list[dict[str, Any]]:
                     continue  # a configuration the peer has not for video maps (timm: 2D only)
                 x = torch.randn(SHAPE, requires_grad=True)
                 agreement = check_equivalence(pair, x)
-                if not agreement["agree"]:
+                if agreement["error"] or not agreement["agree"]:
                     row["status"] = agreement["error"] or f"mismatch (max abs difference {agreement['z_diff']:.2g})"
                 else:
                     wall = time_round_robin(

@@ -2,8 +2,8 @@
 
 | mode              | exact paths          | "auto" picks (:func:`resolve_impl`)                            |
 |-------------------|----------------------|-----------------------------------------------------------------|
-| gaussian          | dense, sdpa, chunked | GPU: dense where it fits the memory budget; else chunked (CPU:  |
-|                   |                      | dense for tiny problems)                                        |
+| gaussian          | dense, sdpa, chunked | dense where it fits the memory budget (on a CPU up to 2^26      |
+|                   |                      | weights); else chunked                                          |
 | embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: dense for   |
 |                   |                      | tiny problems, chunked, sdpa on large ones                      |
 | dot_product       | dense, linear        | the one doing fewer multiply-adds (dense only where it fits)    |
@@ -60,6 +60,9 @@ def check_mode_impl(mode: str, impl: str) -> None:
 # CPU_CHUNKED_MAX_WEIGHTS, on SDPA beyond
 CPU_DENSE_MAX_WEIGHTS = 1 << 16
 CPU_CHUNKED_MAX_WEIGHTS = 1 << 25
+# the gaussian on a CPU: the dense path up to this many weights where it fits the budget (its raw C-channel logits
+# cost the chunked path a C-channel recompute in the backward pass), the chunked path beyond
+CPU_GAUSSIAN_DENSE_MAX_WEIGHTS = 1 << 26
 # the dense path's memory: the weights kept for the backward pass plus the logits they are computed from
 DENSE_BYTES_PER_WEIGHT = 2 * 4
 # the default memory budget of the dense path: this share of the device's total memory
@@ -134,10 +137,12 @@ def resolve_impl(
     - softmax modes on a GPU: the dense path where it fits the budget (one large GEMM is the fastest there); on a
       CPU the dense path for tiny problems (up to :data:`CPU_DENSE_MAX_WEIGHTS` weights), where host time rules
       and it runs the fewest operators; else the lean paths below;
-    - softmax modes on a CPU, and where the dense matrix does not fit: the gaussian (raw C-channel queries against
-      C' = C/2 values) on the chunked path, which pads nothing (SDPA's fused kernels want one head size, so the
-      values would be zero-padded to C channels) and does fewer multiply-adds; the embedded gaussian on the chunked
-      path up to :data:`CPU_CHUNKED_MAX_WEIGHTS` weights on a CPU, on SDPA beyond (and on a GPU).
+    - the gaussian (raw C-channel queries against C' = C/2 values) on a CPU: the dense path up to
+      :data:`CPU_GAUSSIAN_DENSE_MAX_WEIGHTS` weights where it fits, else the chunked path, which pads nothing
+      (SDPA's fused kernels want one head size, so the values would be zero-padded to C channels) and does fewer
+      multiply-adds than SDPA; the same on a GPU where the dense matrix does not fit;
+    - the embedded gaussian on a CPU, and on a GPU where the dense matrix does not fit: the chunked path up to
+      :data:`CPU_CHUNKED_MAX_WEIGHTS` weights on a CPU, SDPA beyond (and on a GPU).
     """
     if impl != "auto":
         return impl
@@ -152,7 +157,7 @@ def resolve_impl(
     if dense_fits and (device_type == "cuda" or weights <= CPU_DENSE_MAX_WEIGHTS):
         return "dense"
     if cq > cv:
-        return "chunked"
+        return "dense" if dense_fits and weights <= CPU_GAUSSIAN_DENSE_MAX_WEIGHTS else "chunked"
     if device_type == "cpu" and weights <= CPU_CHUNKED_MAX_WEIGHTS:
         return "chunked"
     return "sdpa"
