@@ -40,14 +40,14 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "compare",
-        "python -m benchmarks.compare --json docs/benchmarks/compare.json",
+        "python -m benchmarks.compare --sections table --json docs/benchmarks/compare.json",
         "Our block against the implementations users would pick instead (mmcv, timm, PyTorchVideo), each peer's "
-        "weights loaded into our block and the outputs checked equal before anything is timed; whole networks.",
+        "weights loaded into our block and the outputs checked equal before anything is timed.",
     ),
     (
         "models",
         "python -m benchmarks.compare --sections models --model-variants torch_conv contiguous channels_last "
-        "--json docs/benchmarks/models.json",
+        "--model-repeats 5 --json docs/benchmarks/models.json",
         "Whole networks, ours as our commands run them (train: forward, loss, backward, optimizer step; inference "
         "clips/s) against mmaction2's and PyTorchVideo's own as their training code runs them, each pair side by "
         "side in one process, at 8×112² clips, batch 2; ours also on torch's own convolution dispatch and in each "
