@@ -85,9 +85,17 @@ def test_pytorchvideo_weights_give_pytorchvideo_output(variant, shape, subsample
     _assert_same(result)
 
 
-def test_our_path_is_what_auto_picks():
+def test_our_path_is_what_auto_picks(monkeypatch):
     pytest.importorskip("pytorchvideo.layers.nonlocal_net")
-    assert peers.our_path(peers.build_pair("pytorchvideo", "softmax", *VIDEO)) == "sdpa"
+    from nonlocalnet.layers import pairwise
+
+    pair = peers.build_pair("pytorchvideo", "softmax", *VIDEO)
+    assert peers.our_path(pair) == "dense"  # a tiny problem on a CPU
+    monkeypatch.setattr(pairwise, "_memory_budget", 0)  # no memory for the dense matrix
+    assert peers.our_path(pair) == "chunked"
+    x = torch.randn(pair.input_shape)
+    pair.ours(x)
+    assert list(pair.ours._plans.values()) == ["chunked"]  # what the block itself planned
 
 
 def test_scale_sides_double_the_positions():

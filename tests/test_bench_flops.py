@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import count_flops
 from nonlocalnet import NonLocalBlock
-from nonlocalnet.layers import pairwise_softmax
+from nonlocalnet.layers import pairwise, pairwise_softmax
 
 
 class _Ops(TorchDispatchMode):
@@ -76,6 +76,7 @@ def test_the_peer_table_counts_mmcv_against_our_chunks(monkeypatch):
     from benchmarks.compare import table
 
     monkeypatch.setattr(pairwise_softmax, "CHUNK_ELEMENTS", 2 * 18)  # many chunks, accumulated in place
+    monkeypatch.setattr(pairwise, "_memory_budget", 0)  # no memory for the dense matrix: the chunked path
     b, c, t, h, w = 1, 16, 2, 6, 6
     n, m = t * h * w, t * (h // 2) * (w // 2)
     counts = table.count_pair_flops("mmcv", "gaussian", (b, c, t, h, w), (1, 2, 2))
@@ -97,7 +98,7 @@ def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
             "--peers",
             "mmcv",
             "--variants",
-            "gaussian",
+            "embedded_gaussian",
             "--shapes",
             "res3",
             "--repeats",
@@ -109,12 +110,14 @@ def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     )
     (row,) = json.loads(out.read_text())["table"]
     assert row["status"] == "ok", row
+    assert row["ours_path"] == "chunked"  # the embedded gaussian of this size on a CPU (pairwise.resolve_impl)
     (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
     n, m = t * h * w, t * (h // 2) * (w // 2)
-    assert round((row["ours_gflop"] - row["peer_gflop"]) * 1e9) == 2 * b * n * m * c
+    # the same projections on both sides; ours keeps no N x M matrix and recomputes S = θ φᵀ (C' channels)
+    assert round((row["ours_gflop"] - row["peer_gflop"]) * 1e9) == 2 * b * n * m * (c // 2)
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("| shape | peer |")).split(" | ")
-    cells = next(line for line in lines if line.startswith("| res3 | mmcv | gaussian")).split(" | ")
+    cells = next(line for line in lines if line.startswith("| res3 | mmcv | embedded_gaussian")).split(" | ")
     assert cells[header.index("flops peer/ours")] == f"{row['peer_gflop'] / row['ours_gflop']:.2f}x"
 
 
