@@ -8,8 +8,8 @@ label (a + b) mod 2, which no C2D network can solve) with the demo's tiny networ
 A block with the official init (θ, φ, g ~ N(0, 0.01²)) sits at a saddle: the dot product θᵀφ is bilinear, its
 gradients as small as its factors. With the default init ("auto": PyTorch's conv init for a block no pretrained
 weights surround) the block learns the task; with the official one the dot-product block stays at chance, as the
-baseline does. (With this recipe the embedded gaussian learns from the official init too; the test pins that the
-default learns it.)
+baseline does, for most seeds. (With this recipe the embedded gaussian learns from the official init too; the test
+pins that the default learns it.)
 """
 
 from __future__ import annotations
@@ -67,17 +67,26 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_block_trained_from_scratch_learns_with_the_default_init_where_the_official_one_stalls(seed, one_thread):
-    baseline = top1_after_training(seed, None, with_block=False)
-    default = top1_after_training(seed, {"mode": "dot_product"})
-    official = top1_after_training(seed, {"mode": "dot_product", "init": "official"})
-    embedded_gaussian = top1_after_training(seed, None)  # every option at its default
-    print(
-        f"seed {seed}: baseline {baseline:.3f}, dot product default init {default:.3f}, official init "
-        f"{official:.3f}, embedded gaussian default {embedded_gaussian:.3f}"
-    )
-    assert baseline < 0.65  # no C2D solves the task: chance is 0.5
-    assert official < 0.65  # the official init's saddle: the block stays the identity
-    assert default > 0.9 and embedded_gaussian > 0.85  # learnt: far above chance and the baseline
+def test_a_block_trained_from_scratch_learns_with_the_default_init_where_the_official_one_stalls(one_thread):
+    """The claim holds for most seeds, not for every one: at this learning rate the training is chaotic. Two runs
+    whose block differs only in the summation order of its projections (one stacked convolution against three)
+    drift apart from 1e-6 after ten steps by about a hundredfold every ten steps, and such a run can end either
+    way; so the test asks for two seeds of three."""
+    results = {
+        seed: dict(
+            baseline=top1_after_training(seed, None, with_block=False),
+            default=top1_after_training(seed, {"mode": "dot_product"}),
+            official=top1_after_training(seed, {"mode": "dot_product", "init": "official"}),
+            embedded_gaussian=top1_after_training(seed, None),  # every option at its default
+        )
+        for seed in SEEDS
+    }
+    print(results)
+    assert all(r["baseline"] < 0.65 for r in results.values())  # no C2D solves the task: chance is 0.5
+    assert all(r["embedded_gaussian"] > 0.85 for r in results.values())  # learnt: far above chance
+    assert sum(r["default"] > 0.9 for r in results.values()) >= 2  # the dot product from the default init learns
+    assert sum(r["official"] < 0.65 for r in results.values()) >= 2  # the official init's saddle: it stays at chance
