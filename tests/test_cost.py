@@ -293,3 +293,12 @@ def test_estimated_peak_matches_cuda_max_memory_allocated(label):
     measured = torch.cuda.max_memory_allocated() - base
     ratio = measured / _estimated(label, "cuda")
     assert abs(ratio - 1) < CUDA_MARGIN, ratio
+
+
+def test_each_block_reports_the_path_it_plans_in_the_steps_precision():
+    """The blocks of the tiny network are small: "auto" plans the dense path in float32 on a CPU; under bf16
+    autocast it plans SDPA, whose fused kernels take half precision (pairwise.resolve_impl)."""
+    full = estimate_cost("nl_c2d_tiny", (8, 32, 32), batch=2, train=True)
+    half = estimate_cost("nl_c2d_tiny", (8, 32, 32), batch=2, train=True, amp="bf16")
+    assert full.blocks and [b.chosen for b in full.blocks] == ["dense"] * len(full.blocks)
+    assert [b.chosen for b in half.blocks] == ["sdpa"] * len(half.blocks)

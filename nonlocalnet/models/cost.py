@@ -454,7 +454,7 @@ def _block_cost(
 ) -> BlockCost:
     """The block's row: its costs, and each path's memory run alone on a fake input like the one it got."""
     macs = count_cost(block, shape, depth=1).macs
-    chosen = _chosen_path(block, shape)
+    chosen = _chosen_path(block, shape, device, AMP_DTYPES[amp] if amp else dtype)
     paths = []
     for path in IMPLS_BY_MODE[block.mode] if simulate else ():
         if impl is not None and path != impl:
@@ -527,19 +527,27 @@ def _block_step(
     return max(0, kept), (live.peak - base if live is not None else 0)
 
 
-def _chosen_path(block: NonLocalBlock, shape: tuple[int, ...]) -> str:
-    """The path the block runs on an input of ``shape``: resolve_impl on its folded problem sizes."""
+def _chosen_path(block: NonLocalBlock, shape: tuple[int, ...], device: str, dtype: torch.dtype) -> str:
+    """The path the block runs on an input of ``shape`` on ``device`` with its pairwise step in ``dtype`` (the
+    autocast dtype under mixed precision): resolve_impl on its folded problem sizes, as the block plans it."""
     spatial = shape[2:]
     key_spatial = spatial if block.subsample is None else tuple(s // k for s, k in zip(spatial, block.subsample))
     folding = block._folding(spatial)
-    with torch.device("meta"):  # fold empty maps only to learn the problems' lengths: (1, 1, *S) -> (F, L, 1)
-        n = fold(torch.zeros(1, 1, *spatial), folding).shape[1]
+    with torch.device("meta"):  # fold empty maps only to learn the problems' count and lengths: (1, 1, *S) -> (F, L, 1)
+        problems, n, _ = fold(torch.zeros(1, 1, *spatial), folding).shape
         m = fold(torch.zeros(1, 1, *key_spatial), folding).shape[1]
-    with torch.device("meta"):
-        problems = shape[0] * fold(torch.zeros(1, 1, *spatial), folding).shape[0]
     cq = block.in_channels if block.mode == "gaussian" else block.inter_channels
     return resolve_impl(
-        block.mode, block.impl, n, m, cq, block.inter_channels, batch=problems, budget=block.planning_budget("cpu")
+        block.mode,
+        block.impl,
+        n,
+        m,
+        cq,
+        block.inter_channels,
+        batch=shape[0] * problems,
+        device_type=device,
+        dtype=dtype,
+        budget=block.planning_budget(device),
     )
 
 
