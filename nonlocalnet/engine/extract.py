@@ -221,11 +221,11 @@ def extract_features(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    layout = contextlib.ExitStack()
-    layout.enter_context(inference_layout(model, device, memory_format))
+    layout = contextlib.ExitStack()  # closed by the finally below, with the model's mode
     failed: dict[str, str] = {}
     loader = DataLoader(VideoClips(videos, settings, todo), batch_size=None, num_workers=workers, shuffle=False)
     try:
+        layout.enter_context(inference_layout(model, device, memory_format))
         for count, item in enumerate(
             tqdm(
                 loader,

@@ -82,8 +82,17 @@ def memory_format(device: torch.device, setting: str = "auto", training: bool = 
     return torch.channels_last_3d if setting == "channels_last" else torch.contiguous_format
 
 
-def _video_tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [t for t in [*model.parameters(), *model.buffers()] if t.dim() == 5]
+def _relayout(model: nn.Module, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.memory_format]]:
+    """Lays out ``model``'s 5D parameters and buffers in ``layout``, in place; the tensors it changed, each with the
+    layout it had."""
+    changed = []
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.dim() == 5 and not t.is_contiguous(memory_format=layout):
+                was_channels_last = t.is_contiguous(memory_format=torch.channels_last_3d)
+                changed.append((t, torch.channels_last_3d if was_channels_last else torch.contiguous_format))
+                t.data = t.data.contiguous(memory_format=layout)
+    return changed
 
 
 def apply_memory_format(
@@ -92,11 +101,7 @@ def apply_memory_format(
     """Lays out ``model``'s 5D parameters and buffers (video convolutions) in :func:`memory_format`, in place, and
     returns it. The convolutions then give their outputs in that layout, whatever the input's. Values are
     untouched: a checkpoint saved from either layout loads into either."""
-    layout = memory_format(device, setting, training)
-    with torch.no_grad():
-        for t in _video_tensors(model):
-            if not t.is_contiguous(memory_format=layout):
-                t.data = t.data.contiguous(memory_format=layout)
+    _relayout(model, memory_format(device, setting, training))
     return model
 
 
@@ -104,14 +109,7 @@ def apply_memory_format(
 def inference_layout(model: nn.Module, device: torch.device, setting: str = "auto") -> Iterator[nn.Module]:
     """``model`` in the inference layout of :func:`memory_format` within the context, its own layout restored
     afterwards (a model that goes on training keeps its training layout)."""
-    layout = memory_format(device, setting, training=False)
-    changed = []
-    with torch.no_grad():
-        for t in _video_tensors(model):
-            if not t.is_contiguous(memory_format=layout):
-                previous = torch.channels_last_3d if t.is_contiguous(memory_format=torch.channels_last_3d) else None
-                changed.append((t, previous or torch.contiguous_format))
-                t.data = t.data.contiguous(memory_format=layout)
+    changed = _relayout(model, memory_format(device, setting, training=False))
     try:
         yield model
     finally:

@@ -112,9 +112,9 @@ def predict_videos(
     net.eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, shuffle=False)
     scores, owners = [], []
-    layout = contextlib.ExitStack()
-    layout.enter_context(inference_layout(net, device, memory_format))
+    layout = contextlib.ExitStack()  # closed by the finally below, with the model's mode
     try:
+        layout.enter_context(inference_layout(net, device, memory_format))
         position = 0
         for batch in tqdm(
             loader,

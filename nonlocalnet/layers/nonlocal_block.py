@@ -289,7 +289,7 @@ class NonLocalBlock(nn.Module):
         """Whether a forward hook watches a projection (which must then run as its own module)."""
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.theta, self.phi, self.g) if m is not None)
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.theta, self.phi, self.g))
 
     def _queries(self, x: Tensor) -> Tensor:
         """θ(x) as (B, N, C'); the raw features x (B, N, C) for the gaussian."""

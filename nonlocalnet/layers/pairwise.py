@@ -49,11 +49,12 @@ def check_mode_impl(mode: str, impl: str) -> None:
 
 # --- the planner: which exact path "auto" runs ----------------------------------------------------------------
 # The constants below follow benchmarks/block.py's measurements (docs/benchmarks.md has the tables, with the
-# command, machine and torch version; docs/block.md the reasons). On a CPU in float32 the dense path is never
-# clearly faster than the chunked one, which with a single chunk is the dense computation with its weights
-# recomputed instead of kept; for the embedded gaussian SDPA's flash kernel overtakes the chunked path on large
-# problems. On a GPU in float32 one large GEMM on the whole N x M matrix is the fastest (the lean paths measured
-# slower than mmcv's dense block there), so "auto" keeps the matrix wherever it fits the memory budget.
+# command, machine and torch version; docs/block.md the reasons). On a CPU in float32 the embedded gaussian's
+# chunked path, which with a single chunk is the dense computation with its weights recomputed instead of kept,
+# keeps up with the dense one until SDPA's flash kernel overtakes both on large problems; the gaussian's chunked
+# path recomputes C-channel logits, so its dense path is the faster until the matrix grows large. On a GPU in
+# float32 one large GEMM on the whole N x M matrix is the fastest (the lean paths measured slower than mmcv's
+# dense block there), so "auto" keeps the matrix wherever it fits the memory budget.
 
 # softmax modes on a CPU: the dense path up to this many weights (B x N x M) per call, where the step is a few
 # operators' host time and the dense path has the fewest; the embedded gaussian then on the chunked path up to
