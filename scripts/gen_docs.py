@@ -60,6 +60,13 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
         "The same at the paper's clip, 32×224², batch 1.",
     ),
     (
+        "conv",
+        "python -m benchmarks.conv --json docs/benchmarks/conv.json",
+        "Our convolution modules against torch's own dispatch at NL I3D R50's shapes (8×112² clips, batch 2) and "
+        "the tiny networks': inference forward in channels-last, training forward+backward in the default layout, "
+        "and which kernels ours took ([Performance](performance.md)).",
+    ),
+    (
         "overhead",
         "python -m benchmarks.compare --sections overhead --json docs/benchmarks/overhead.json",
         "The host time of one forward+backward of a tiny block (2, 64, 4, 8, 8), ours against each peer's with the "

@@ -23,12 +23,16 @@ from .test_train import QUICK, TINY
 CONVS = [
     (64, 32, 1, 1, 0, 1, 1, (2, 64, 4, 16, 16)),  # a bottleneck's 1x1x1 projection
     (32, 48, (3, 1, 1), 1, (1, 0, 0), 1, 1, (2, 32, 4, 32, 32)),  # I3D's temporal convolution
+    (16, 24, (5, 1, 1), 1, (2, 0, 0), 1, 1, (2, 16, 2, 64, 64)),  # a kernel longer than the clip: padding-only taps
+    (16, 24, (3, 1, 1), 1, 0, 1, 1, (2, 16, 6, 40, 40)),  # unpadded: the output is shorter than the input
     (16, 16, 3, (1, 2, 2), 1, 1, 1, (1, 16, 8, 32, 32)),  # strided 3x3x3
     (32, 32, 3, 1, 2, 2, 4, (1, 32, 4, 32, 32)),  # dilated, grouped
 ]
 
 
-@pytest.mark.parametrize("spec", CONVS, ids=["1x1x1", "3x1x1", "strided", "dilated-grouped"])
+@pytest.mark.parametrize(
+    "spec", CONVS, ids=["1x1x1", "3x1x1", "5x1x1-short-clip", "3x1x1-unpadded", "strided", "dilated-grouped"]
+)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["ncdhw", "ndhwc"])
 def test_onednn_convolution_equals_torchs(spec, layout):
     cin, cout, kernel, stride, padding, dilation, groups, shape = spec
@@ -49,11 +53,76 @@ def test_onednn_convolution_equals_torchs(spec, layout):
     assert results[0][0].is_contiguous(memory_format=layout)  # the layout of the input is kept
 
 
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (conv.Conv3d(24, 40, (3, 1, 1), padding=(1, 0, 0)), (2, 24, 4, 40, 40)),
+        (conv.Conv2d(24, 40, (3, 1), padding=(1, 0)), (2, 24, 16, 400)),
+        (conv.Conv1d(24, 40, 3, padding=1), (2, 24, 6400)),
+    ],
+    ids=["3d", "2d", "1d"],
+)
+def test_leading_kernel_convolutions_differentiate_like_torch_twice(module, shape):
+    """A kernel along the first axis only runs its backward on oneDNN and BLAS (not torch's reference kernels):
+    the gradients and a gradient of the gradients (double backward) equal torch's own convolution's, computed in
+    float64, to float32 rounding of the largest value."""
+    x = torch.randn(shape)
+    functional = getattr(nn.functional, f"conv{len(shape) - 2}d")
+
+    def gradients(forward, weight, bias, x):
+        xi, weight = x.clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        y = forward(xi, weight, bias)
+        if forward is ours:
+            assert type(y.grad_fn).__name__ == "_LeadingKernelConvolutionBackward"  # the path under test
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        grad_x, grad_w = torch.autograd.grad((y * weights).sum(), (xi, weight), create_graph=True)
+        (grad_x.square().sum() + grad_w.square().sum()).backward()  # through the backward itself
+        return [t.detach().double() for t in (y, grad_x, grad_w, xi.grad, weight.grad)]
+
+    def ours(t, weight, bias):
+        return module._conv_forward(t, weight, bias)
+
+    def reference(t, weight, bias):
+        return functional(t, weight, bias, padding=module.padding)
+
+    expected = gradients(reference, module.weight.double(), module.bias.detach().double(), x.double())
+    for got, want in zip(gradients(ours, module.weight, module.bias, x), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4 * want.abs().max().item())
+
+
+def test_leading_kernel_convolution_skips_the_gradients_nobody_asks_for():
+    module = conv.Conv3d(24, 40, (3, 1, 1), padding=(1, 0, 0)).requires_grad_(False)
+    x = torch.randn(2, 24, 4, 40, 40, requires_grad=True)
+    y = module(x)
+    assert type(y.grad_fn).__name__ == "_LeadingKernelConvolutionBackward"
+    y.sum().backward()
+    taps = module.weight.sum(0).view(24, 3)  # d(sum of y)/dx: the taps that see each frame (the ends see two)
+    expected = torch.stack([taps[:, :2].sum(1), taps.sum(1), taps.sum(1), taps[:, 1:].sum(1)], dim=1)
+    torch.testing.assert_close(x.grad, expected.view(1, 24, 4, 1, 1).expand_as(x), rtol=1e-5, atol=1e-5)
+    assert module.weight.grad is None
+
+
+def test_convolutions_take_the_kernels_measured_faster_for_their_size():
+    """benchmarks/conv.py's findings as rules: tiny calls and pointwise kernels on tiny maps stay on torch; a
+    temporal kernel gets its own backward only on maps large enough for it to pay."""
+    pointwise = torch.randn(512, 1024, 1, 1, 1)
+    assert not conv.uses_onednn(torch.randn(2, 1024, 1, 7, 7), pointwise)  # 49 positions: torch's matrix product
+    assert conv.uses_onednn(torch.randn(2, 1024, 1, 14, 14), pointwise)
+    temporal = conv.Conv3d(1024, 256, (3, 1, 1), padding=(1, 0, 0))
+    small, large = torch.randn(2, 1024, 1, 7, 7), torch.randn(2, 1024, 4, 7, 7)
+    assert conv.uses_onednn(small, temporal.weight) and conv.uses_onednn(large, temporal.weight)
+    assert type(temporal(small).grad_fn).__name__ == "MkldnnConvolutionBackward0"  # torch's backward: 49 positions
+    assert type(temporal(large).grad_fn).__name__ == "_LeadingKernelConvolutionBackward"  # 196
+    with torch.no_grad():
+        temporal(large)  # no graph: the plain oneDNN forward
+
+
 def test_onednn_is_left_to_torch_where_it_does_not_apply():
-    weight = torch.randn(8, 64, 1, 1, 1)
+    weight = torch.randn(64, 64, 1, 1, 1)
     large = torch.randn(2, 64, 4, 16, 16)
     assert conv.uses_onednn(large, weight)
     assert not conv.uses_onednn(torch.randn(1, 64, 2, 4, 4), weight)  # tiny: set-up costs more than it saves
+    assert not conv.uses_onednn(large, weight[:8])  # few multiply-adds (1M): the same
     assert not conv.uses_onednn(large.double(), weight.double())
     assert not conv.uses_onednn(large, weight, padding_mode="reflect")
     assert not conv.uses_onednn(large, weight, padding="same")
@@ -64,8 +133,8 @@ def test_onednn_is_left_to_torch_where_it_does_not_apply():
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:  # a dispatch mode sees torch's convolution, and counts it
-        conv.Conv3d(64, 8, 1)(large)
-    assert counter.get_total_flops() == 2 * 2 * 8 * 64 * 4 * 16 * 16
+        conv.Conv3d(64, 64, 1)(large)
+    assert counter.get_total_flops() == 2 * 2 * 64 * 64 * 4 * 16 * 16
 
 
 def test_the_networks_are_built_of_onednn_convolutions_that_load_plain_state_dicts():
