@@ -1,4 +1,5 @@
-"""Our convolutions (nonlocalnet/layers/conv.py) against torch's own dispatch, at the networks' shapes.
+"""Our convolutions (nonlocalnet/layers/conv.py) and max-pools (layers/pooling.py) against torch's own, at the
+networks' shapes.
 
     python -m benchmarks.conv                       # CPU, one thread per the environment (OMP_NUM_THREADS=1)
     python -m benchmarks.conv --json docs/benchmarks/conv.json
@@ -10,7 +11,8 @@ forward+backward pass (a training step's share) are timed with our module and wi
 (``torch_conv_dispatch``), round-robin in one process, medians. "ours on" says which kernels ours took: oneDNN
 (and, for a k x 1 x 1 kernel on a large enough map, the module's own backward) or torch's dispatch (the call is below
 ``ONEDNN_MIN_ELEMENTS`` or ``ONEDNN_MIN_MACS``). The ratio is torch's time over ours: above 1 ours is faster.
-The limit each row is measured against is torch's own kernels on the same call.
+The limit each row is measured against is torch's own kernels on the same call. A second table does the same
+for the networks' max-pools (MaxPool3d against nn.MaxPool3d, on maps in the default layout).
 """
 
 from __future__ import annotations
@@ -74,6 +76,40 @@ def measure(case: tuple, repeats: int) -> dict[str, Any]:
     return row
 
 
+# (name, input (B, C, T, H, W), kernel, stride, padding): the networks' max-pools, and a map below the threshold
+POOLS: tuple[tuple[str, tuple[int, ...], tuple[int, int, int], tuple[int, int, int], tuple[int, int, int]], ...] = (
+    ("stem 1x3x3 / 1x2x2", (2, 64, 8, 56, 56), (1, 3, 3), (1, 2, 2), (0, 1, 1)),
+    ("temporal 3x1x1 / 2x1x1", (2, 256, 8, 28, 28), (3, 1, 1), (2, 1, 1), (1, 0, 0)),
+    ("tiny 1x3x3 / 1x2x2", (2, 16, 4, 16, 16), (1, 3, 3), (1, 2, 2), (0, 1, 1)),
+)
+
+
+def measure_pool(case: tuple, repeats: int) -> dict[str, Any]:
+    """Our MaxPool3d against nn.MaxPool3d on a default-layout map (the layout a CPU training step runs in)."""
+    from torch import nn
+
+    from nonlocalnet.layers.pooling import MaxPool3d
+
+    name, shape, kernel, stride, padding = case
+    ours, plain = MaxPool3d(kernel, stride, padding), nn.MaxPool3d(kernel, stride, padding)
+    row: dict[str, Any] = dict(name=name, input=list(shape), kernel=list(kernel))
+    for phase in ("infer", "train"):
+        x = torch.randn(shape).relu().requires_grad_(phase == "train")
+
+        def step(module, x=x, phase=phase):
+            if phase == "infer":
+                with torch.inference_mode():
+                    module(x)
+            else:
+                module(x).sum().backward()
+
+        seconds = time_round_robin({"ours": lambda: step(ours), "torch": lambda: step(plain)}, repeats)
+        row[f"{phase}_ours_ms"] = seconds["ours"] * 1e3
+        row[f"{phase}_torch_ms"] = seconds["torch"] * 1e3
+        row[f"{phase}_ratio"] = seconds["torch"] / seconds["ours"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
@@ -98,8 +134,24 @@ def main(argv: list[str] | None = None) -> None:
             cells += [kernels, fmt(row[f"{phase}_ours_ms"], "", 3)]
             cells += [fmt(row[f"{phase}_torch_ms"], "", 3), fmt(row[f"{phase}_ratio"], "x")]
         print("| " + " | ".join(cells) + " |", flush=True)
+    print(
+        "\n## Our max-pool against nn.MaxPool3d, default layout (ms; ratio: torch's time / ours)\n\n"
+        "| pool | input | infer ours | torch | ratio | fwd+bwd ours | torch | ratio |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        flush=True,
+    )
+    pools = []
+    for case in POOLS:
+        row = measure_pool(case, args.repeats)
+        pools.append(row)
+        cells = [row["name"], "x".join(map(str, row["input"]))]
+        for phase in ("infer", "train"):
+            cells += [fmt(row[f"{phase}_ours_ms"], "", 3), fmt(row[f"{phase}_torch_ms"], "", 3)]
+            cells.append(fmt(row[f"{phase}_ratio"], "x"))
+        print("| " + " | ".join(cells) + " |", flush=True)
     if args.json:
-        write_atomic(args.json, json.dumps(dict(provenance("benchmarks.conv", argv), rows=rows), indent=1) + "\n")
+        result = dict(provenance("benchmarks.conv", argv), rows=rows, pools=pools)
+        write_atomic(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -16,6 +16,7 @@ def test_the_conv_benchmark_reports_the_kernels_the_rules_pick(tmp_path, capsys,
         "CASES",
         tuple(chosen[n] for n in ("res2 3x1x1 256->64", "res4 1x1x1 1024->512 (NL)", "tiny 1x1x1 16->16")),
     )
+    monkeypatch.setattr(bench, "POOLS", bench.POOLS[-1:])  # the tiny map
     out = tmp_path / "conv.json"
     bench.main(["--repeats", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -29,6 +30,9 @@ def test_the_conv_benchmark_reports_the_kernels_the_rules_pick(tmp_path, capsys,
         assert not rows[name]["train_own_backward"]
     for row in rows.values():
         assert row["train_ratio"] == pytest.approx(row["train_torch_ms"] / row["train_ours_ms"], rel=1e-12)
+    (pool,) = saved["pools"]
+    assert pool["name"] == bench.POOLS[-1][0]
+    assert pool["infer_ratio"] == pytest.approx(pool["infer_torch_ms"] / pool["infer_ours_ms"], rel=1e-12)
     printed = capsys.readouterr().out
     assert "| res2 3x1x1 256->64 | 2x256x4x28x28 | oneDNN |" in printed
     assert "oneDNN, own backward" in printed

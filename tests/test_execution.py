@@ -268,3 +268,48 @@ def test_the_fused_sgd_step_is_the_per_tensor_loops_step():
             optimizer.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "options, shape",
+    [
+        (((1, 3, 3), (1, 2, 2), (0, 1, 1), False), (2, 16, 4, 30, 30)),  # the stem's pool (odd map: padding used)
+        (((3, 1, 1), (2, 1, 1), (1, 0, 0), False), (2, 32, 7, 20, 20)),  # the temporal pool after res2
+        (((2, 3, 3), (2, 2, 2), (1, 1, 1), True), (1, 24, 5, 31, 31)),  # ceil mode
+    ],
+    ids=["stem", "temporal", "ceil"],
+)
+def test_channels_last_max_pool_equals_torchs_bit_for_bit(options, shape):
+    """The networks' max-pool on torch's channels-last kernel: the same values, the same argmax (so the same
+    gradient, ties included: the map is ReLU'd, half zeros), and a default-layout output."""
+    from nonlocalnet.layers.pooling import MaxPool3d, _ChannelsLastMaxPool
+
+    kernel, stride, padding, ceil_mode = options
+    ours = MaxPool3d(kernel, stride, padding, ceil_mode=ceil_mode)
+    plain = nn.MaxPool3d(kernel, stride, padding, ceil_mode=ceil_mode)
+    assert repr(ours) == repr(plain)
+    x = torch.randn(shape).relu()
+    results = []
+    for module in (ours, plain):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        if module is ours:
+            assert y.grad_fn.name() == _ChannelsLastMaxPool.__name__ + "Backward"  # the path under test
+            assert y.is_contiguous()
+        grad = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), xi, create_graph=True)[0]
+        (grad.square().sum()).backward()  # double backward (through the scatter: zero here, but it must run)
+        results.append((y.detach(), grad.detach()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), plain(x))
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    assert ours(channels_last).is_contiguous(memory_format=torch.channels_last_3d)  # other layouts: torch's own
+
+
+def test_the_networks_pool_with_the_channels_last_max_pool():
+    from nonlocalnet.layers.pooling import MaxPool3d
+
+    model = create_model("i3d_r50_8x8", num_classes=5)
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool3d)]
+    assert len(pools) == 2 and all(type(m) is MaxPool3d for m in pools)

@@ -62,13 +62,13 @@ def uses_onednn(x: Tensor, weight: Tensor, padding_mode: str = "zeros", padding:
     return (
         _enabled
         and type(x) is torch.Tensor  # not a fake or other subclass tensor
+        and x.numel() >= ONEDNN_MIN_ELEMENTS  # first of the rest: the cheapest check, and most tiny calls fail it
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and padding_mode == "zeros"
         and not isinstance(padding, str)  # "same" / "valid": torch resolves those itself
         and x.dim() == weight.dim()  # batched input: oneDNN has no unbatched form
-        and x.numel() >= ONEDNN_MIN_ELEMENTS
         and x.numel() * weight.shape[0] * math.prod(weight.shape[2:]) >= ONEDNN_MIN_MACS
         and (math.prod(weight.shape[2:]) > 1 or math.prod(x.shape[2:]) >= ONEDNN_MIN_POINTWISE_POSITIONS)
         and torch.backends.mkldnn.is_available()

@@ -1,10 +1,12 @@
-"""The block's subsampling: a max-pool whose kernel is its stride, with exactly max-pool's values and gradients.
+"""Max-pools with exactly torch's values and gradients, on faster CPU kernels.
 
-On the CPU, torch's max_pool2d/3d forward is slower than the elementwise maximum of the kernel's strided views of
-the map, which is a few vectorised passes over memory. Without gradients (inference, feature extraction)
-:class:`WindowMaxPool` computes that maximum; when a gradient is needed it runs torch's max-pool, whose backward
-scatters through the int64 argmax it kept, which is cheaper than finding each window's first maximum again from
-the input.
+:class:`WindowMaxPool` is the block's subsampling, a max-pool whose kernel is its stride. On the CPU, torch's
+max_pool2d/3d forward is slower than the elementwise maximum of the kernel's strided views of the map, which is a
+few vectorised passes over memory. Without gradients (inference, feature extraction) it computes that maximum; when
+a gradient is needed it runs torch's max-pool, whose backward scatters through the int64 argmax it kept, which is
+cheaper than finding each window's first maximum again from the input.
+
+:class:`MaxPool3d` is the networks' stem and temporal pools: ``nn.MaxPool3d`` on torch's channels-last kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
@@ -73,3 +76,65 @@ def window_max(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
     for view in views[2:]:
         out = torch.maximum(out, view)  # not out=: torch.func's batching has no rule for maximum.out
     return out
+
+
+# Maps with fewer elements than this stay on torch's own kernel: the two layout copies then cost about what the
+# channels-last kernel saves (benchmarks/conv.py's pooling rows)
+CHANNELS_LAST_POOL_MIN_ELEMENTS = 1 << 15
+
+
+class MaxPool3d(nn.MaxPool3d):
+    """``nn.MaxPool3d`` (same options, repr and results) whose CPU forward on a float32 map in the default layout
+    runs torch's channels-last kernel.
+
+    torch's max-pool kernel for the default, channel-major layout walks each window one element at a time; its
+    channels-last kernel compares whole channel vectors and ran about ten times faster on a ResNet's stem and
+    temporal pools, more than paying for copying the map to channels-last and the result back. Both kernels scan a
+    window in the same order and keep the first maximum (or NaN), so the output and the argmax are the same; the
+    backward scatters the gradient through that argmax with torch's kernel for the default layout. Everything else
+    (other layouts, devices and dtypes, returned indices, tiny maps, tracing, compiling, dispatch modes) is
+    ``nn.MaxPool3d`` itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            type(x) is torch.Tensor
+            and x.numel() >= CHANNELS_LAST_POOL_MIN_ELEMENTS
+            and x.dim() == 5
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and not self.return_indices
+            and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
+        ):
+            options = tuple(_triple(o) for o in (self.kernel_size, self.stride or self.kernel_size, self.padding))
+            return _ChannelsLastMaxPool.apply(x, *options, _triple(self.dilation), self.ceil_mode)
+        return super().forward(x)
+
+
+def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """max_pool3d of a default-layout map through the channels-last kernel (see :class:`MaxPool3d`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+        out, argmax = torch.ops.aten.max_pool3d_with_indices(
+            x.contiguous(memory_format=torch.channels_last_3d), kernel, stride, padding, dilation, ceil_mode
+        )
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x, argmax.contiguous())
+            ctx.options = (kernel, stride, padding, dilation, ceil_mode)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, argmax = ctx.saved_tensors
+        # differentiable in grad, so a double backward works
+        grad_x = torch.ops.aten.max_pool3d_with_indices_backward(grad.contiguous(), x, *ctx.options, argmax)
+        return grad_x, None, None, None, None, None

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..layers import PAPER_VIDEO_OPTIONS, NonLocalBlock
 from ..layers.conv import Conv3d
 from ..layers.nonlocal_block import SCALED_MODES
+from ..layers.pooling import MaxPool3d
 from .batchnorm import FrozenBatchNorm3d
 from .placements import STAGES, check_locations
 
@@ -495,7 +496,7 @@ class ResNet3d(nn.Module):
         )
         self.bn1 = _norm3d(norm, width)
         self.relu = nn.ReLU(inplace=True)
-        self.pool1 = nn.MaxPool3d(
+        self.pool1 = MaxPool3d(
             (clip.pool1_kernel, 3, 3),
             stride=(clip.pool1_stride, 2, 2),
             padding=((clip.pool1_kernel - 1) // 2, clip.pool1_padding, clip.pool1_padding),
@@ -518,7 +519,7 @@ class ResNet3d(nn.Module):
             self.add_module(stage, stage_module)
             channels = 4 * inner
             if stage == "res2":
-                self.pool2 = nn.MaxPool3d(
+                self.pool2 = MaxPool3d(
                     (clip.pool2_kernel, 1, 1),
                     stride=(clip.pool2_stride, 1, 1),
                     padding=((clip.pool2_kernel - 1) // 2, 0, 0),
