@@ -828,10 +828,8 @@ def test_stacked_projections_compute_what_the_separate_convs_compute(mode, posit
     from nonlocalnet.layers import nonlocal_block
 
     stacked = []
-    real = nonlocal_block._project_stacked
-    monkeypatch.setattr(
-        nonlocal_block, "_project_stacked", lambda convs, t: stacked.append(len(convs)) or real(convs, t)
-    )
+    real = nonlocal_block._conv_stacked
+    monkeypatch.setattr(nonlocal_block, "_conv_stacked", lambda convs, t: stacked.append(len(convs)) or real(convs, t))
     block = make_active(NonLocal3d(16, mode=mode, subsample=(1, 2, 2), subsample_position=position))
     x = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
     params = [x, *block.parameters()]
@@ -840,8 +838,11 @@ def test_stacked_projections_compute_what_the_separate_convs_compute(mode, posit
         z = block(x)
         return z, torch.autograd.grad((z * torch.linspace(-1, 1, z.numel()).view_as(z)).sum(), params)
 
+    pooled = []
+    block.pool.register_forward_hook(lambda *args: pooled.append(1))
     z, grads = run()
     assert stacked == [2 if position == "input" else 3]  # φ, g of the pooled map; or θ, φ, g of x
+    assert len(pooled) == 1  # x before the projections; or φ(x) and g(x) side by side in one call
     block.theta.register_forward_hook(lambda *args: None)  # watched: each projection runs as its own module
     z_separate, grads_separate = run()
     assert stacked == [2 if position == "input" else 3]

@@ -313,3 +313,21 @@ def test_the_networks_pool_with_the_channels_last_max_pool():
     model = create_model("i3d_r50_8x8", num_classes=5)
     pools = [m for m in model.modules() if isinstance(m, nn.MaxPool3d)]
     assert len(pools) == 2 and all(type(m) is MaxPool3d for m in pools)
+
+
+def test_the_blocks_subsampling_trains_through_the_channels_last_max_pool():
+    """The block pools φ(x) and g(x), a channel slice of one convolution's output, in one call: the channels-last
+    kernel gives torch's max-pool's values and gradients bit for bit on that strided view too."""
+    from nonlocalnet.layers.pooling import WindowMaxPool, _ChannelsLastMaxPool
+
+    stacked = torch.randn(2, 96, 4, 16, 16).relu()  # ReLU'd: ties (zeros) in most windows
+    results = []
+    for pool in (WindowMaxPool((1, 2, 2)), lambda t: nn.functional.max_pool3d(t, (1, 2, 2), (1, 2, 2))):
+        leaf = stacked.clone().requires_grad_()
+        y = pool(leaf[:, 32:])
+        if isinstance(pool, WindowMaxPool):
+            assert y.grad_fn.name() == _ChannelsLastMaxPool.__name__ + "Backward"
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), leaf.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -270,16 +270,21 @@ class NonLocalBlock(nn.Module):
         """Queries (B, N, Cq), keys (B, M, Cq) and values (B, M, C'): θ(x), φ(x̂), g(x̂), the raw features for the
         gaussian. Projections that read the same map run as one convolution with their weights stacked (θ, φ and
         g of x where x̂ is x, unpooled before the projections; φ and g of x̂ pooled before them): one large GEMM
-        does the arithmetic of three small ones with a third of the calls, the same outputs up to rounding."""
+        does the arithmetic of three small ones with a third of the calls, the same outputs up to rounding; φ(x) and
+        g(x), side by side in that output, are then pooled by one call."""
         if self.mode == "gaussian" or self._hooked():
             return self._queries(x), *self._keys_values(source)
         pooled_first = self.pool is not None and self.subsample_position == "input"
         if source is x and not pooled_first:
-            spatial = tuple(x.shape[2:])
-            query, key, value = (to_positions(t) for t in _project_stacked((self.theta, self.phi, self.g), x))
-            if self.pool is not None:
-                key, value = (to_positions(self.pool(to_map(t, spatial))) for t in (key, value))
-            return query, key, value
+            stacked = _conv_stacked((self.theta, self.phi, self.g), x)
+            if stacked is not None:
+                query, keys_values = stacked.split(
+                    [self.theta.out_channels, self.phi.out_channels + self.g.out_channels], dim=1
+                )
+                if self.pool is not None:
+                    keys_values = self.pool(keys_values)  # φ(x) and g(x) side by side: one pool for both
+                key, value = keys_values.split([self.phi.out_channels, self.g.out_channels], dim=1)
+                return to_positions(query), to_positions(key), to_positions(value)
         if pooled_first:
             key, value = (to_positions(t) for t in _project_stacked((self.phi, self.g), self.pool(source)))
             return self._queries(x), key, value
@@ -448,14 +453,23 @@ def _project(conv: nn.Module, t: Tensor) -> Tensor:
     return to_positions(conv(t))
 
 
+def _conv_stacked(convs: Sequence[nn.Module], t: Tensor) -> Tensor | None:
+    """The 1x1 convs ``convs`` of one map ``t`` (B, Cin, *S) as one conv with their weights stacked: their outputs
+    side by side along the channels, (B, Σ Cout_i, *S); None where some have a bias and some not."""
+    if len({c.bias is None for c in convs}) > 1:
+        return None
+    weight = torch.cat([c.weight for c in convs])
+    bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+    return convs[0]._conv_forward(t, weight, bias)
+
+
 def _project_stacked(convs: Sequence[nn.Module], t: Tensor) -> tuple[Tensor, ...]:
     """The 1x1 convs ``convs`` of one map ``t`` (B, Cin, *S) as one conv with their weights stacked; each output
-    (B, Cout_i, *S) a channel slice of the stacked output."""
-    weight = torch.cat([c.weight for c in convs])
-    bias = torch.cat([c.bias for c in convs]) if all(c.bias is not None for c in convs) else None
-    if bias is None and any(c.bias is not None for c in convs):
+    (B, Cout_i, *S) a channel slice of the stacked output (each conv on its own where biases differ)."""
+    stacked = _conv_stacked(convs, t)
+    if stacked is None:
         return tuple(c(t) for c in convs)
-    return convs[0]._conv_forward(t, weight, bias).split([c.out_channels for c in convs], dim=1)
+    return stacked.split([c.out_channels for c in convs], dim=1)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

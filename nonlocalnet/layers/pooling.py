@@ -3,8 +3,9 @@
 :class:`WindowMaxPool` is the block's subsampling, a max-pool whose kernel is its stride. On the CPU, torch's
 max_pool2d/3d forward is slower than the elementwise maximum of the kernel's strided views of the map, which is a
 few vectorised passes over memory. Without gradients (inference, feature extraction) it computes that maximum; when
-a gradient is needed it runs torch's max-pool, whose backward scatters through the int64 argmax it kept, which is
-cheaper than finding each window's first maximum again from the input.
+a gradient is needed it runs torch's max-pool (on the channels-last kernel for video maps, as below), whose
+backward scatters through the int64 argmax it kept, which is cheaper than finding each window's first maximum
+again from the input.
 
 :class:`MaxPool3d` is the networks' stem and temporal pools: ``nn.MaxPool3d`` on torch's channels-last kernel.
 """
@@ -38,6 +39,8 @@ class WindowMaxPool(nn.Module):
                 f"expected a (B, C, *spatial) map with {len(self.kernel)} spatial axes, got shape {tuple(x.shape)}"
             )
         training = x.requires_grad and torch.is_grad_enabled()
+        if training and _channels_last_pays(x):
+            return _ChannelsLastMaxPool.apply(x, self.kernel, self.kernel, (0, 0, 0), (1, 1, 1), False)
         if (
             training
             or x.device.type != "cpu"
@@ -97,22 +100,28 @@ class MaxPool3d(nn.MaxPool3d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            type(x) is torch.Tensor
-            and x.numel() >= CHANNELS_LAST_POOL_MIN_ELEMENTS
-            and x.dim() == 5
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and x.is_contiguous()
-            and not self.return_indices
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
-            and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-        ):
+        if not self.return_indices and _channels_last_pays(x):
             options = tuple(_triple(o) for o in (self.kernel_size, self.stride or self.kernel_size, self.padding))
             return _ChannelsLastMaxPool.apply(x, *options, _triple(self.dilation), self.ceil_mode)
         return super().forward(x)
+
+
+def _channels_last_pays(x: Tensor) -> bool:
+    """Whether max-pooling ``x`` through :class:`_ChannelsLastMaxPool` is the faster exact way: a float32 5D CPU
+    map large enough, not already channels-last (torch's own kernel is then the channels-last one), and no tracer,
+    compiler or dispatch mode that must see torch's max-pool."""
+    return (
+        type(x) is torch.Tensor
+        and x.numel() >= CHANNELS_LAST_POOL_MIN_ELEMENTS
+        and x.dim() == 5
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d))
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
