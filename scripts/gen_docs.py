@@ -64,7 +64,8 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
         "python -m benchmarks.conv --json docs/benchmarks/conv.json",
         "Our convolution modules against torch's own dispatch at NL I3D R50's shapes (8×112² clips, batch 2) and "
         "the tiny networks': inference forward in channels-last, training forward+backward in the default layout, "
-        "and which kernels ours took ([Performance](performance.md)).",
+        "and which kernels ours took; then the networks' max-pools against `nn.MaxPool3d` "
+        "([Performance](performance.md)).",
     ),
     (
         "overhead",
