@@ -17,6 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -109,9 +110,10 @@ class MaxPool3d(nn.MaxPool3d):
 def _channels_last_pays(x: Tensor) -> bool:
     """Whether max-pooling ``x`` through :class:`_ChannelsLastMaxPool` is the faster exact way: a float32 5D CPU
     map large enough, not already channels-last (torch's own kernel is then the channels-last one), and no tracer,
-    compiler or dispatch mode that must see torch's max-pool."""
+    compiler or dispatch mode that must see torch's max-pool. Fake tensors take it too, so that the cost model
+    (models/cost.py) counts the channels-last copy the real step makes."""
     return (
-        type(x) is torch.Tensor
+        ((type(x) is torch.Tensor and _get_current_dispatch_mode() is None) or isinstance(x, FakeTensor))
         and x.numel() >= CHANNELS_LAST_POOL_MIN_ELEMENTS
         and x.dim() == 5
         and x.device.type == "cpu"
@@ -120,7 +122,6 @@ def _channels_last_pays(x: Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
-        and _get_current_dispatch_mode() is None
     )
 
 
