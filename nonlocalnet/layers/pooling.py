@@ -112,6 +112,8 @@ def _channels_last_pays(x: Tensor) -> bool:
     map large enough, not already channels-last (torch's own kernel is then the channels-last one), and no tracer,
     compiler or dispatch mode that must see torch's max-pool. Fake tensors take it too, so that the cost model
     (models/cost.py) counts the channels-last copy the real step makes."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False  # first: a compiler must not trace the checks below
     return (
         ((type(x) is torch.Tensor and _get_current_dispatch_mode() is None) or isinstance(x, FakeTensor))
         and x.numel() >= CHANNELS_LAST_POOL_MIN_ELEMENTS
@@ -119,9 +121,6 @@ def _channels_last_pays(x: Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d))
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
     )
 
 
