@@ -68,9 +68,7 @@ def measure(case: tuple, repeats: int) -> dict[str, Any]:
         seconds = time_round_robin(
             {"ours": lambda: step(contextlib.nullcontext), "torch": lambda: step(conv.torch_conv_dispatch)}, repeats
         )
-        row[f"{phase}_ours_ms"] = seconds["ours"] * 1e3
-        row[f"{phase}_torch_ms"] = seconds["torch"] * 1e3
-        row[f"{phase}_ratio"] = seconds["torch"] / seconds["ours"]
+        _record(row, phase, seconds)
         row[f"{phase}_onednn"] = conv.uses_onednn(x, module.weight)
     row["train_own_backward"] = type(module(x).grad_fn).__name__ == "_LeadingKernelConvolutionBackward"
     return row
@@ -103,11 +101,18 @@ def measure_pool(case: tuple, repeats: int) -> dict[str, Any]:
             else:
                 module(x).sum().backward()
 
-        seconds = time_round_robin({"ours": lambda: step(ours), "torch": lambda: step(plain)}, repeats)
-        row[f"{phase}_ours_ms"] = seconds["ours"] * 1e3
-        row[f"{phase}_torch_ms"] = seconds["torch"] * 1e3
-        row[f"{phase}_ratio"] = seconds["torch"] / seconds["ours"]
+        _record(row, phase, time_round_robin({"ours": lambda: step(ours), "torch": lambda: step(plain)}, repeats))
     return row
+
+
+def _record(row: dict[str, Any], phase: str, seconds: dict[str, float]) -> None:
+    row[f"{phase}_ours_ms"] = seconds["ours"] * 1e3
+    row[f"{phase}_torch_ms"] = seconds["torch"] * 1e3
+    row[f"{phase}_ratio"] = seconds["torch"] / seconds["ours"]
+
+
+def _timing_cells(row: dict[str, Any], phase: str) -> list[str]:
+    return [fmt(row[f"{phase}_ours_ms"], "", 3), fmt(row[f"{phase}_torch_ms"], "", 3), fmt(row[f"{phase}_ratio"], "x")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             kernels = on[row[f"{phase}_onednn"]]
             if phase == "train" and row["train_own_backward"]:
                 kernels += ", own backward"
-            cells += [kernels, fmt(row[f"{phase}_ours_ms"], "", 3)]
-            cells += [fmt(row[f"{phase}_torch_ms"], "", 3), fmt(row[f"{phase}_ratio"], "x")]
+            cells += [kernels, *_timing_cells(row, phase)]
         print("| " + " | ".join(cells) + " |", flush=True)
     print(
         "\n## Our max-pool against nn.MaxPool3d, default layout (ms; ratio: torch's time / ours)\n\n"
@@ -144,10 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     for case in POOLS:
         row = measure_pool(case, args.repeats)
         pools.append(row)
-        cells = [row["name"], "x".join(map(str, row["input"]))]
-        for phase in ("infer", "train"):
-            cells += [fmt(row[f"{phase}_ours_ms"], "", 3), fmt(row[f"{phase}_torch_ms"], "", 3)]
-            cells.append(fmt(row[f"{phase}_ratio"], "x"))
+        cells = [row["name"], "x".join(map(str, row["input"])), *_timing_cells(row, "infer")]
+        cells += _timing_cells(row, "train")
         print("| " + " | ".join(cells) + " |", flush=True)
     if args.json:
         result = dict(provenance("benchmarks.conv", argv), rows=rows, pools=pools)
