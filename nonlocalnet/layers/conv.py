@@ -114,7 +114,6 @@ class _LeadingKernelConvolution(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        ctx.has_bias = bias is not None
         ones = (1,) * len(padding)
         return torch.mkldnn_convolution(x, weight, bias, padding, ones, ones, 1)
 
@@ -130,7 +129,7 @@ class _LeadingKernelConvolution(torch.autograd.Function):
             grad_x = torch.mkldnn_convolution(grad, flipped, None, back, ones, ones, 1)
         if ctx.needs_input_grad[1]:
             grad_weight = _leading_kernel_weight_grad(grad, x, kernel, pad).view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False for a missing bias
             grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
         return grad_x, grad_weight, grad_bias, None
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.modules.utils import _triple
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -92,8 +93,8 @@ class MaxPool3d(nn.MaxPool3d):
     runs torch's channels-last kernel.
 
     torch's max-pool kernel for the default, channel-major layout walks each window one element at a time; its
-    channels-last kernel compares whole channel vectors and ran about ten times faster on a ResNet's stem and
-    temporal pools, more than paying for copying the map to channels-last and the result back. Both kernels scan a
+    channels-last kernel compares whole channel vectors, which on a ResNet's stem and temporal pools more than pays
+    for copying the map to channels-last and the result back (benchmarks/conv.py measures both). Both kernels scan a
     window in the same order and keep the first maximum (or NaN), so the output and the argmax are the same; the
     backward scatters the gradient through that argmax with torch's kernel for the default layout. Everything else
     (other layouts, devices and dtypes, returned indices, tiny maps, tracing, compiling, dispatch modes) is
@@ -122,10 +123,6 @@ def _channels_last_pays(x: Tensor) -> bool:
         and x.dtype == torch.float32
         and (x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d))
     )
-
-
-def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
 
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
