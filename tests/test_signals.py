@@ -3,6 +3,7 @@ item 12), also when the signal's exception is swallowed while DataLoader workers
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import signal
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nonlocalnet.engine.checkpoint import list_checkpoints, load_checkpoint
-from nonlocalnet.engine.signals import Interrupted, check_interrupted, handled
+from nonlocalnet.engine.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
+from nonlocalnet.engine.signals import Interrupted, check_interrupted, deferred, handled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,63 @@ def _swallow_a_signal(signum: int = signal.SIGTERM) -> None:
         time.sleep(1)  # (the handler raises here, ending the sleep)
     except KeyboardInterrupt:
         pass
+
+
+class _SignalWhenSaved(dict):
+    """An empty dict whose pickling sends this process a signal: the signal lands inside ``torch.save``'s archive
+    writer, where a raised exception comes out as the writer's ``RuntimeError`` ("unexpected pos ... vs 0")."""
+
+    def __init__(self, *signums: int) -> None:
+        super().__init__()
+        self.signums = signums
+
+    def __reduce__(self):
+        for signum in self.signums:
+            signal.raise_signal(signum)  # the handler runs here, synchronously
+        return (collections.OrderedDict, ())
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_a_checkpoint_is_written_stops_the_run_once_the_file_and_its_rotation_are_complete(
+    tmp_path, signum, status
+):
+    folder = tmp_path / "checkpoints"
+    save_checkpoint({"iteration": 1}, folder, 1, keep=1)
+    with handled(), pytest.raises(Interrupted) as caught:
+        save_checkpoint({"iteration": 2, "marker": _SignalWhenSaved(signum)}, folder, 2, keep=1)
+    assert caught.value.exit_status == status
+    assert [p.name for p in folder.iterdir()] == [checkpoint_path(folder, 2).name]  # whole, the older one rotated
+    state = load_checkpoint(checkpoint_path(folder, 2))  # its checksum holds
+    assert state["iteration"] == 2 and state["marker"] == {}
+
+
+def test_a_second_signal_while_a_checkpoint_is_written_stops_at_once_and_leaves_the_older_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_checkpoint({"iteration": 1}, folder, 1, keep=1)
+    with handled(), pytest.raises(Interrupted):
+        save_checkpoint({"iteration": 2, "marker": _SignalWhenSaved(signal.SIGINT, signal.SIGINT)}, folder, 2, keep=1)
+    assert list_checkpoints(folder) == [checkpoint_path(folder, 1)]
+    assert load_checkpoint(checkpoint_path(folder, 1))["iteration"] == 1
+
+
+def test_an_error_a_signal_caused_where_it_landed_stops_as_the_signal():
+    with pytest.raises(Interrupted) as caught, handled():
+        _swallow_a_signal(signal.SIGTERM)
+        raise RuntimeError("unexpected pos 64 vs 0")  # what torch.save's writer raises over the KeyboardInterrupt
+    assert caught.value.exit_status == 143
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError), handled():  # without a signal an error stays itself
+        raise RuntimeError("a bug")
+
+
+def test_deferred_blocks_nest_and_only_the_outermost_raises():
+    with handled():
+        with pytest.raises(Interrupted):
+            with deferred():
+                with deferred():
+                    signal.raise_signal(signal.SIGINT)
+                reached = True  # the inner block ended without raising
+        assert reached
 
 
 def test_the_training_loop_stops_a_video_run_at_the_step_after_a_swallowed_signal_and_frees_its_folder(tmp_path):

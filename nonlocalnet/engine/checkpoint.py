@@ -22,6 +22,7 @@ from ..checksum import CHECKSUM_KEY, state_checksum
 from ..io import UnreadableFile, atomic_path, load_torch_file
 from ..models.checkpoints.weights import load_state_dict_or_raise
 from .distributed import DistInfo, set_rng_state
+from .signals import deferred
 
 log = logging.getLogger("nonlocalnet")
 
@@ -83,21 +84,24 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, iterati
     written is never deleted.
     """
     path = checkpoint_path(directory, iteration)
-    write_checkpoint(state, path)
-    if keep > 0:
-        older = [p for p in list_checkpoints(directory) if checkpoint_iteration(p) <= iteration]
-        for old in older[:-keep]:
-            old.unlink(missing_ok=True)
+    with deferred():  # a stop signal waits for the file and the rotation (see write_checkpoint)
+        write_checkpoint(state, path)
+        if keep > 0:
+            older = [p for p in list_checkpoints(directory) if checkpoint_iteration(p) <= iteration]
+            for old in older[:-keep]:
+                old.unlink(missing_ok=True)
     return path
 
 
 def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed over it: a crash or an error while
     writing leaves ``path`` as it was (and at most a hidden ``.tmp`` file, see :func:`remove_debris`). The state
-    is written with its checksum (:func:`state_checksum`), verified by :func:`load_checkpoint`."""
+    is written with its checksum (:func:`state_checksum`), verified by :func:`load_checkpoint`. A SIGINT / SIGTERM
+    under :func:`~nonlocalnet.engine.signals.handled` lets the file complete and then stops
+    (:func:`~nonlocalnet.engine.signals.deferred`)."""
     state = dict(state)
     state[CHECKSUM_KEY] = state_checksum(state)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())

@@ -3,7 +3,10 @@ at-fork handler while DataLoader workers start, Python prints "Exception ignored
 also recorded, and the training loops check the record at every step (:func:`check_interrupted`).
 
 The CLI runs every command inside :func:`handled` and exits with 128 + the signal's number (130 for SIGINT, 143
-for SIGTERM); what a run wrote before stays intact (checkpoints are written atomically).
+for SIGTERM); what a run wrote before stays intact (checkpoints are written atomically). A signal that arrives
+while a checkpoint is written (:func:`deferred`) stops the run once the file is complete: an exception raised
+inside ``torch.save``'s archive writer would otherwise surface as the writer's own ``RuntimeError`` on the way
+out, and the run would end as a crash instead of a stop.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # the signals received while handled() is active, in order
+_deferred_from: list[int] = []  # for each open deferred() block, how many signals had arrived when it began
 
 
 class Interrupted(KeyboardInterrupt):
@@ -28,6 +32,8 @@ class Interrupted(KeyboardInterrupt):
 
 def _handler(signum: int, frame: object) -> None:
     _received.append(signum)
+    if _deferred_from and len(_received) == _deferred_from[0] + 1:
+        return  # the first signal inside deferred(): raised when the block ends
     raise Interrupted(signum)
 
 
@@ -43,6 +49,12 @@ def handled() -> Iterator[None]:
     _received.clear()
     try:
         yield
+    except Exception as e:
+        # an error a stop signal caused where it landed (torch.save's writer replaces the KeyboardInterrupt with
+        # its own RuntimeError) is the stop the user asked for, not a crash
+        if _received:
+            raise Interrupted(_received[0]) from e
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -54,3 +66,18 @@ def check_interrupted() -> None:
     training loop calls it at every step, before starting its data loader, and before writing a checkpoint."""
     if _received:
         raise Interrupted(_received[0])
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, the first stop signal is recorded and raised as :class:`Interrupted` only when the block
+    ends, so the work inside (writing a checkpoint) completes; a second signal raises at once, for a user who
+    insists. Blocks nest: the outermost one raises. Outside :func:`handled` signals keep their own handlers and
+    this changes nothing."""
+    _deferred_from.append(len(_received))
+    try:
+        yield
+    finally:
+        _deferred_from.pop()
+    if not _deferred_from:
+        check_interrupted()
