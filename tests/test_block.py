@@ -15,22 +15,23 @@ from .helpers import make_active
 SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 4, 5, 6)}
 
 
-def grads(block, x, memory=None):
+def grads(block, x, memory=None, reference=False):
+    """z, the inputs' gradients and the parameters' under a non-uniform upstream gradient; ``reference``: computed
+    by the dense reference formula (what ``return_attention=True`` runs, whatever the block's impl)."""
     block.zero_grad()
     x = x.detach().clone().requires_grad_(True)
     inputs = [x]
     if memory is not None:
         memory = memory.detach().clone().requires_grad_(True)
         inputs.append(memory)
-    z = block(x, memory=memory)
+    z = block(x, memory=memory, return_attention=True)[0] if reference else block(x, memory=memory)
     weight = torch.linspace(-1, 1, z.numel()).view_as(z)  # a non-uniform upstream gradient
     (z * weight).sum().backward()
     return z.detach(), [t.grad.clone() for t in inputs], {n: p.grad.clone() for n, p in block.named_parameters()}
 
 
 def assert_same_function(block, x, impl, memory=None, atol=1e-5):
-    block.impl = "dense"
-    z_ref, in_ref, p_ref = grads(block, x, memory)
+    z_ref, in_ref, p_ref = grads(block, x, memory, reference=True)
     block.impl = impl
     z, in_g, p_g = grads(block, x, memory)
     torch.testing.assert_close(z, z_ref, atol=atol, rtol=1e-4)
@@ -43,7 +44,8 @@ def assert_same_function(block, x, impl, memory=None, atol=1e-5):
         torch.testing.assert_close(p_g[name], p_ref[name], atol=atol * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-FAST = [(mode, impl) for mode in MODES for impl in IMPLS_BY_MODE[mode] if impl != "dense"]
+# every path, the dense one too: it runs its own backward (layers/pairwise_kept.py), not the reference's autograd
+FAST = [(mode, impl) for mode in MODES for impl in IMPLS_BY_MODE[mode]]
 
 
 @pytest.mark.parametrize("mode,impl", FAST)
@@ -179,6 +181,61 @@ def test_symmetric_path_equals_dense_and_keeps_no_weight_matrix(scale, n, monkey
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("mode", ["softmax", "dot_product"])
+@pytest.mark.parametrize("layout", ["positions", "channels"])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_dense_path_keeps_the_weights_alone_and_writes_where_its_operands_lie(mode, layout, scale):
+    # the dense path's own backward (layers/pairwise_kept.py) against autograd through the reference formula:
+    # the same values and gradients; the N x M weights are the one matrix kept (not the logits besides); y and
+    # every gradient come back in their operand's layout (row-major positions or a transposed channel-major map)
+    from nonlocalnet.layers import pairwise_dense, pairwise_kept
+
+    kept, reference = {
+        "softmax": (pairwise_kept.softmax_attention_kept, pairwise_dense.softmax_attention_dense),
+        "dot_product": (pairwise_kept.dot_product_kept, pairwise_dense.dot_product_dense),
+    }[mode]
+
+    def make(n, c):
+        t = torch.randn(2, c, n, dtype=torch.float64) if layout == "channels" else torch.randn(2, n, c).double()
+        return (t.transpose(1, 2) if layout == "channels" else t).requires_grad_()
+
+    q, k, v = make(29, 6), make(40, 6), make(40, 5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = kept(q, k, v, scale)
+    outputs = [(2, 29, 5)] if mode == "softmax" else []  # y, for rowsum(dY ⊙ Y)
+    assert sorted(saved) == sorted([(2, 29, 6), (2, 40, 6), (2, 40, 5), (2, 29, 40), *outputs])
+    assert y.stride(-2 if layout == "channels" else -1) == 1
+    grad = torch.randn_like(y)
+    expected = reference(q, k, v, scale)[0]
+    torch.testing.assert_close(y, expected)
+    got = torch.autograd.grad(y, (q, k, v), grad)
+    for a, b, operand in zip(got, torch.autograd.grad(expected, (q, k, v), grad), (q, k, v)):
+        torch.testing.assert_close(a, b)
+        assert a.stride() == operand.stride()
+    # only the values need a gradient (keys and queries frozen): the others are neither computed nor returned
+    v_only = v.detach().requires_grad_()
+    (grad_v,) = torch.autograd.grad(kept(q.detach(), k.detach(), v_only, scale), (v_only,), grad)
+    torch.testing.assert_close(grad_v, got[2])
+
+
+def test_dense_path_takes_keys_that_are_the_queries_and_empty_problems():
+    from nonlocalnet.layers import pairwise_dense, pairwise_kept
+
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)  # the gaussian unsubsampled: k is q
+    v = torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True)
+    y = pairwise_kept.softmax_attention_kept(x, x, v, 1.0)
+    expected = pairwise_dense.softmax_attention_dense(x, x, v, 1.0)[0]
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, v), grad), torch.autograd.grad(expected, (x, v), grad)):
+        torch.testing.assert_close(a, b)  # both uses of x add up
+    for b, n, m in ((0, 5, 5), (2, 0, 5), (2, 5, 0)):
+        q, k, v = torch.randn(b, n, 3), torch.randn(b, m, 3), torch.randn(b, m, 4)
+        if m:  # (the dot product's 1/M has no value without keys, which the block refuses)
+            assert pairwise_kept.dot_product_kept(q, k, v, 1.0).shape == (b, n, 4)
+        assert pairwise_kept.softmax_attention_kept(q, k, v, 1.0).shape == (b, n, 4)
+
+
 @pytest.mark.parametrize("groups,memory", [(1, False), (2, False), (1, True)])
 def test_block_uses_the_symmetric_path_exactly_when_keys_are_queries(groups, memory, monkeypatch):
     from nonlocalnet.layers import pairwise_softmax
@@ -301,8 +358,20 @@ def test_every_parameter_gets_a_gradient_after_one_step(mode, norm):
         optimizer.zero_grad()
         ((block(x) - target) ** 2).mean().backward()
         optimizer.step()
+    # three biases have a gradient of zero by construction, reached up to rounding: φ's under a softmax over the
+    # keys (it shifts a query's logits alike), W_z's before a training-mode BN (the batch mean takes it out), and
+    # g's there too under a softmax (the weights of a query sum to 1, so it adds one vector at every position)
+    softmax = mode in ("gaussian", "embedded_gaussian")
+    zero = {"phi.bias"} if softmax else set()
+    if norm == "batch":
+        zero |= {"out.bias", "g.bias"} if softmax else {"out.bias"}
+    largest = max(p.grad.abs().max().item() for p in block.parameters())
     for name, p in block.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        assert p.grad is not None, f"{name} is outside the graph"
+        if name in zero:
+            assert p.grad.abs().max() <= 1e-4 * largest, f"{name}: {p.grad}"
+        else:
+            assert p.grad.abs().sum() > 1e-3 * largest, f"{name} got no gradient"
 
 
 def test_submodule_names_and_parameter_counts():

@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", help="table: only these configurations (the peers' own names)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="table: untimed steps of each side after the equivalence check's (the allocator's and oneDNN's "
+        "caches then hold what a training run's later steps find)",
+    )
+    parser.add_argument(
         "--long-step-s", type=float, default=3.0, help="a step longer than this is timed once (its warm-up)"
     )
     parser.add_argument(

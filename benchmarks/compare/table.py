@@ -102,6 +102,9 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         times = {"peer": check["peer_s"], "ours": check["ours_s"]}
         row["samples"] = 1
     else:
+        for _ in range(spec.get("warmup", 0)):  # round-robin too: both sides see the same machine state
+            for fn in steps.values():
+                fn()
         times = time_round_robin(steps, spec["repeats"], device, warmup=False)
         row["samples"] = spec["repeats"]
     row.update(peer_ms=times["peer"] * 1e3, ours_ms=times["ours"] * 1e3)
@@ -149,6 +152,7 @@ def table_section(args: argparse.Namespace, shapes: dict) -> list[dict[str, Any]
                             seed=args.seed,
                             threads=torch.get_num_threads(),
                             repeats=args.repeats,
+                            warmup=args.warmup,
                             device=args.device,
                             long_step_s=args.long_step_s,
                             memory=not args.no_memory,

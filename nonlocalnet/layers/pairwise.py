@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .pairwise_concatenation import concatenation_sorted
 from .pairwise_dense import concatenation_dense, dot_product_dense, softmax_attention_dense
 from .pairwise_dot_product import dot_product_linear, dot_product_linear_is_cheaper
+from .pairwise_kept import dot_product_kept, softmax_attention_kept
 from .pairwise_softmax import no_autocast, softmax_attention_chunked, softmax_attention_sdpa
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
@@ -248,6 +249,10 @@ def pairwise(
         _counting.macs += pairwise_macs(mode, q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2])
         return v.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
     if impl == "dense":
+        if mode == "dot_product":
+            return dot_product_kept(q, k, v, scale)
+        if mode != "concatenation":
+            return softmax_attention_kept(q, k, v, scale)
         return dense_pairwise(q, k, v, mode, scale, concat_project)[0]
     if impl == "sdpa":
         return softmax_attention_sdpa(q, k, v, scale)

@@ -1,0 +1,133 @@
+"""The dense path as a layer runs it: the reference's products (:mod:`~nonlocalnet.layers.pairwise_dense`), the
+N x M weights kept for the backward pass, with a backward pass written out instead of autograd's formulas.
+
+Autograd's backward of the reference allocates every intermediate afresh and returns each gradient in the layout
+its formula gives. Here:
+
+- the softmax's gradient dS = P ⊙ (dP - Δ) is computed in place of dP, with Δ = rowsum(dY ⊙ Y), the output's
+  (N x C') instead of a pass over the N x M product (flash attention's identity), so the backward pass holds two
+  N x M matrices instead of three;
+- the dot product's 1/M and scale ride in the products' alpha instead of two passes over N x M (forward and
+  backward);
+- y and the gradients of q, k and v are written in the layout of their inputs: channel-major where the block's
+  projections are (B, C, *S) maps seen as positions, so W_z reads y without a copy and the gradients add to the
+  map's other gradients without a strided pass.
+
+Both functions are once differentiable. Under a compiler or a tracer (``torch.compile``, ``torch.export``, ONNX,
+TorchScript) the layer runs the reference instead: a compiler fuses its operators itself, and torch 2.4's tracer
+refuses a custom backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .pairwise_dense import dot_product_dense, softmax_attention_dense
+from .pairwise_softmax import _bmm_into, _positions_like, _strided_rows, no_autocast
+
+
+def runs_kept(q: Tensor, k: Tensor) -> bool:
+    """Whether the dense path runs the functions below for these inputs: not under a compiler or a tracer, and
+    not on empty problems (which the reference handles)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    return q.shape[0] > 0 and q.shape[1] > 0 and k.shape[1] > 0
+
+
+def softmax_attention_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(s q kᵀ) v (B, N, Cv), as :func:`~nonlocalnet.layers.pairwise_dense.softmax_attention_dense`."""
+    if not runs_kept(q, k):
+        return softmax_attention_dense(q, k, v, scale)[0]
+    return _KeptSoftmaxAttention.apply(q, k, v, scale)
+
+
+def dot_product_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """(s/M) q kᵀ v (B, N, Cv), as :func:`~nonlocalnet.layers.pairwise_dense.dot_product_dense` (this order of
+    products; :func:`~nonlocalnet.layers.pairwise_dot_product.dot_product_linear` is the other)."""
+    if not runs_kept(q, k):
+        return dot_product_dense(q, k, v, scale)[0]
+    return _KeptDotProduct.apply(q, k, v, scale / k.shape[1])
+
+
+def _detached(*tensors: Tensor) -> tuple[Tensor, ...]:
+    # the products write into buffers (out=): operands that require grad are refused there
+    return tuple(t.detach() for t in tensors)
+
+
+def _grad_buffers(needs: tuple[bool, ...], *inputs: Tensor) -> list[Tensor | None]:
+    """An empty gradient per input that needs one, in that input's layout (empty_like keeps a transposed view's
+    strides)."""
+    return [torch.empty_like(t) if need else None for t, need in zip(inputs, needs)]
+
+
+class _KeptSoftmaxAttention(torch.autograd.Function):
+    """y = P v with P = softmax(s q kᵀ), P kept. Backward: dV = Pᵀ dY, dS = P ⊙ (dY Vᵀ - rowsum(dY ⊙ Y)),
+    dQ = s dS K, dK = s dSᵀ Q."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        q, k, v = _detached(q, k, v)
+        logits = q.new_empty((q.shape[0], q.shape[1], k.shape[1]))
+        _bmm_into(logits, q, k.transpose(1, 2), alpha=None if scale == 1.0 else scale)
+        weights = torch.softmax(logits, dim=-1)
+        del logits  # freed before y's product: the forward pass holds two N x M matrices at most, for a moment
+        y = _positions_like(q, v.shape[-1])
+        _bmm_into(y, weights, v)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, y, weights)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        q, k, v, y, weights = ctx.saved_tensors
+        with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
+            grad_y = _strided_rows(grad_y.to(y.dtype))
+            alpha = None if ctx.scale == 1.0 else ctx.scale
+            grad_q, grad_k, grad_v = _grad_buffers(ctx.needs_input_grad, q, k, v)
+            if grad_v is not None:
+                _bmm_into(grad_v, weights.transpose(1, 2), grad_y)  # Pᵀ dY
+            delta = (grad_y * y).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dY ⊙ Y) = Σ_j P_ij dP_ij
+            grad_s = torch.bmm(grad_y, v.transpose(1, 2))  # dP
+            grad_s.sub_(delta).mul_(weights)  # dS, in place of dP
+            if grad_q is not None:
+                _bmm_into(grad_q, grad_s, k, alpha=alpha)  # s dS K
+            if grad_k is not None:
+                _bmm_into(grad_k, grad_s.transpose(1, 2), q, alpha=alpha)  # s dSᵀ Q
+        return grad_q, grad_k, grad_v, None
+
+
+class _KeptDotProduct(torch.autograd.Function):
+    """y = W v with W = a q kᵀ (a = s/M), W kept. Backward: dV = Wᵀ dY, dW = dY Vᵀ, dQ = a dW K, dK = a dWᵀ Q."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, alpha: float) -> Tensor:
+        q, k, v = _detached(q, k, v)
+        weights = q.new_empty((q.shape[0], q.shape[1], k.shape[1]))
+        _bmm_into(weights, q, k.transpose(1, 2), alpha=alpha)
+        y = _positions_like(q, v.shape[-1])
+        _bmm_into(y, weights, v)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, weights)
+        ctx.alpha = alpha
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        q, k, v, weights = ctx.saved_tensors
+        with no_autocast(q.device.type):
+            grad_y = _strided_rows(grad_y.to(v.dtype))
+            grad_q, grad_k, grad_v = _grad_buffers(ctx.needs_input_grad, q, k, v)
+            if grad_v is not None:
+                _bmm_into(grad_v, weights.transpose(1, 2), grad_y)  # Wᵀ dY
+            if grad_q is not None or grad_k is not None:
+                grad_w = torch.bmm(grad_y, v.transpose(1, 2))  # dW
+                if grad_q is not None:
+                    _bmm_into(grad_q, grad_w, k, alpha=ctx.alpha)
+                if grad_k is not None:
+                    _bmm_into(grad_k, grad_w.transpose(1, 2), q, alpha=ctx.alpha)
+        return grad_q, grad_k, grad_v, None
