@@ -87,7 +87,7 @@ def test_the_peer_table_counts_mmcv_against_our_chunks(monkeypatch):
 
 def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     pytest.importorskip("mmcv.cnn")
-    from benchmarks.compare.__main__ import QUICK_SHAPES, main
+    from benchmarks.compare.__main__ import main
 
     out = tmp_path / "compare.json"
     main(
@@ -110,11 +110,9 @@ def test_the_peer_table_prints_the_flops_column(tmp_path, capsys):
     )
     (row,) = json.loads(out.read_text())["table"]
     assert row["status"] == "ok", row
-    assert row["ours_path"] == "chunked"  # the embedded gaussian of this size on a CPU (pairwise.resolve_impl)
-    (b, c, t, h, w), _, _ = QUICK_SHAPES["res3"]
-    n, m = t * h * w, t * (h // 2) * (w // 2)
-    # the same projections on both sides; ours keeps no N x M matrix and recomputes S = θ φᵀ (C' channels)
-    assert round((row["ours_gflop"] - row["peer_gflop"]) * 1e9) == 2 * b * n * m * (c // 2)
+    assert row["ours_path"] == "dense"  # the embedded gaussian of this size on a CPU (pairwise.resolve_impl)
+    # the same projections and the same products on both sides (ours keeps the N x M weights too)
+    assert row["ours_gflop"] == row["peer_gflop"] > 0
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("| shape | peer |")).split(" | ")
     cells = next(line for line in lines if line.startswith("| res3 | mmcv | embedded_gaussian")).split(" | ")

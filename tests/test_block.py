@@ -652,27 +652,31 @@ def test_output_is_contiguous_like_the_input(mode):
 def test_auto_path_choice():
     from nonlocalnet.layers.pairwise import (
         CPU_CHUNKED_MAX_WEIGHTS,
+        CPU_DENSE_MAX_WEIGHTS,
         CPU_GAUSSIAN_DENSE_MAX_WEIGHTS,
         DENSE_BYTES_PER_WEIGHT,
         resolve_impl,
     )
 
     eg = dict(mode="embedded_gaussian", impl="auto", n=3136, m=784, cq=256, cv=256)
-    # CPU: the chunked path up to CPU_CHUNKED_MAX_WEIGHTS weights per call, SDPA beyond
-    assert resolve_impl(**eg, batch=2) == "chunked"
-    big = CPU_CHUNKED_MAX_WEIGHTS // (3136 * 784) + 1
+    need = 2 * 3136 * 784 * DENSE_BYTES_PER_WEIGHT
+    # CPU: the dense path where it fits, up to CPU_DENSE_MAX_WEIGHTS weights per call; the chunked path where it
+    # does not fit, up to CPU_CHUNKED_MAX_WEIGHTS; SDPA beyond
+    assert resolve_impl(**eg, batch=2) == "dense"
+    assert resolve_impl(**eg, batch=2, budget=need - 1) == "chunked"
+    big = max(CPU_CHUNKED_MAX_WEIGHTS, CPU_DENSE_MAX_WEIGHTS) // (3136 * 784) + 1
     assert resolve_impl(**eg, batch=big) == "sdpa"
+    assert resolve_impl(**eg, batch=big, budget=0) == "sdpa"
     # half precision (autocast): SDPA's fused kernels on every device
     assert resolve_impl(**eg, batch=2, dtype=torch.bfloat16) == "sdpa"
     assert resolve_impl(**eg, batch=2, device_type="cuda", dtype=torch.float16) == "sdpa"
     # GPU, float32: dense where the matrices fit the budget, else the lean paths
-    need = 2 * 3136 * 784 * DENSE_BYTES_PER_WEIGHT
     assert resolve_impl(**eg, batch=2, device_type="cuda", budget=need) == "dense"
     assert resolve_impl(**eg, batch=2, device_type="cuda", budget=need - 1) == "sdpa"
     gaussian = dict(mode="gaussian", impl="auto", n=3136, m=784, cq=512, cv=256, batch=2)
     assert resolve_impl(**gaussian, device_type="cuda", budget=need) == "dense"
     assert resolve_impl(**gaussian, device_type="cuda", budget=need - 1) == "chunked"
-    # tiny problems on a CPU: the dense path, the fewest operators
+    # tiny problems on a CPU: the dense path too
     tiny = dict(impl="auto", n=64, m=16, cq=32, cv=32, batch=2)
     assert resolve_impl("embedded_gaussian", **tiny) == resolve_impl("gaussian", **tiny) == "dense"
     assert resolve_impl("embedded_gaussian", **tiny, budget=0) == "chunked"

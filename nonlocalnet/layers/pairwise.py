@@ -4,8 +4,8 @@
 |-------------------|----------------------|-----------------------------------------------------------------|
 | gaussian          | dense, sdpa, chunked | dense where it fits the memory budget (on a CPU up to 2^26      |
 |                   |                      | weights); else chunked                                          |
-| embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: dense for   |
-|                   |                      | tiny problems, chunked, sdpa on large ones                      |
+| embedded_gaussian | dense, sdpa, chunked | GPU: dense (float32) where it fits, else sdpa; CPU: dense where |
+|                   |                      | it fits up to 2^25 weights, else chunked, sdpa on large ones    |
 | dot_product       | dense, linear        | the one doing fewer multiply-adds (dense only where it fits)    |
 | concatenation     | dense, sorted        | sorted                                                          |
 """
@@ -57,10 +57,11 @@ def check_mode_impl(mode: str, impl: str) -> None:
 # float32 one large GEMM on the whole N x M matrix is the fastest (the lean paths measured slower than mmcv's
 # dense block there), so "auto" keeps the matrix wherever it fits the memory budget.
 
-# softmax modes on a CPU: the dense path up to this many weights (B x N x M) per call, where the step is a few
-# operators' host time and the dense path has the fewest; the embedded gaussian then on the chunked path up to
-# CPU_CHUNKED_MAX_WEIGHTS, on SDPA beyond
-CPU_DENSE_MAX_WEIGHTS = 1 << 16
+# softmax modes on a CPU: the dense path up to this many weights (B x N x M) per call where it fits the budget
+# (its own backward, layers/pairwise_kept.py, outran the chunked path's recompute at res3 and res4); beyond, or
+# where it does not fit, the embedded gaussian on the chunked path up to CPU_CHUNKED_MAX_WEIGHTS, on SDPA beyond
+# (whose flash kernel is the fastest at res3 of a 128-frame clip, 3.9e7 weights)
+CPU_DENSE_MAX_WEIGHTS = 1 << 25
 CPU_CHUNKED_MAX_WEIGHTS = 1 << 25
 # the gaussian on a CPU: the dense path up to this many weights where it fits the budget (its raw C-channel logits
 # cost the chunked path a C-channel recompute in the backward pass), the chunked path beyond
@@ -137,14 +138,15 @@ def resolve_impl(
     - concatenation: ``sorted`` (the dense path builds an N x M x 2C' tensor);
     - the embedded gaussian in half precision (under autocast): SDPA, whose fused kernels take it;
     - softmax modes on a GPU: the dense path where it fits the budget (one large GEMM is the fastest there); on a
-      CPU the dense path for tiny problems (up to :data:`CPU_DENSE_MAX_WEIGHTS` weights), where host time rules
-      and it runs the fewest operators; else the lean paths below;
+      CPU the same up to :data:`CPU_DENSE_MAX_WEIGHTS` weights (its own backward outruns the lean paths' recompute
+      there); else the lean paths below;
     - the gaussian (raw C-channel queries against C' = C/2 values) on a CPU: the dense path up to
       :data:`CPU_GAUSSIAN_DENSE_MAX_WEIGHTS` weights where it fits, else the chunked path, which pads nothing
       (SDPA's fused kernels want one head size, so the values would be zero-padded to C channels) and does fewer
       multiply-adds than SDPA; the same on a GPU where the dense matrix does not fit;
-    - the embedded gaussian on a CPU, and on a GPU where the dense matrix does not fit: the chunked path up to
-      :data:`CPU_CHUNKED_MAX_WEIGHTS` weights on a CPU, SDPA beyond (and on a GPU).
+    - the embedded gaussian on a CPU beyond that or where the dense matrix does not fit, and on a GPU where it
+      does not fit: the chunked path up to :data:`CPU_CHUNKED_MAX_WEIGHTS` weights on a CPU, SDPA beyond (and on
+      a GPU).
     """
     if impl != "auto":
         return impl
