@@ -57,9 +57,9 @@ def _detached(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _grad_buffers(needs: tuple[bool, ...], *inputs: Tensor) -> list[Tensor | None]:
-    """An empty gradient per input that needs one, in that input's layout (empty_like keeps a transposed view's
-    strides)."""
-    return [torch.empty_like(t) if need else None for t, need in zip(inputs, needs)]
+    """An empty gradient per input that needs one, laid out as that input: channel-major where it is (also a
+    channel slice of the stacked projections, which ``empty_like`` would hand back row-major)."""
+    return [_positions_like(t, t.shape[-1]) if need else None for t, need in zip(inputs, needs)]
 
 
 class _KeptSoftmaxAttention(torch.autograd.Function):
