@@ -32,7 +32,8 @@ Sections (``--sections``):
 
 Every measurement runs in a fresh child process, so one run's allocations cannot hide another's and a peer that
 crashes or runs out of memory is reported instead of ending the benchmark. Times are medians; peer and ours of
-one table row are interleaved round-robin; a step longer than ``--long-step-s`` is timed once (its first call).
+one table row are interleaved round-robin after ``--warmup`` untimed steps each; a step longer than
+``--long-step-s`` is timed once, after one warm-up step.
 Peak memory on CPU is the rise of the resident set over one forward+backward (see ``_common.py``); on CUDA
 torch.cuda.max_memory_allocated.
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "caches then hold what a training run's later steps find)",
     )
     parser.add_argument(
-        "--long-step-s", type=float, default=3.0, help="a step longer than this is timed once (its warm-up)"
+        "--long-step-s", type=float, default=5.0, help="a step longer than this is timed once, after one warm-up"
     )
     parser.add_argument(
         "--budget-gb",
