@@ -15,6 +15,15 @@ from .helpers import make_active
 SHAPES = {1: (2, 8, 11), 2: (2, 8, 5, 7), 3: (2, 8, 4, 5, 6)}
 
 
+@pytest.fixture(autouse=True)
+def _dense_path_own_backward_at_every_size(monkeypatch):
+    # the tests' problems are tiny, which the dense path would leave to the reference (KEPT_MIN_WEIGHTS): here
+    # every size runs its own backward, so that the tests below compare it with the reference
+    from nonlocalnet.layers import pairwise_kept
+
+    monkeypatch.setattr(pairwise_kept, "KEPT_MIN_WEIGHTS", 1)
+
+
 def grads(block, x, memory=None, reference=False):
     """z, the inputs' gradients and the parameters' under a non-uniform upstream gradient; ``reference``: computed
     by the dense reference formula (what ``return_attention=True`` runs, whatever the block's impl)."""
@@ -236,6 +245,17 @@ def test_dense_path_takes_keys_that_are_the_queries_and_empty_problems():
         if m:  # (the dot product's 1/M has no value without keys, which the block refuses)
             assert pairwise_kept.dot_product_kept(q, k, v, 1.0).shape == (b, n, 4)
         assert pairwise_kept.softmax_attention_kept(q, k, v, 1.0).shape == (b, n, 4)
+
+
+def test_dense_path_leaves_tiny_problems_to_the_reference(monkeypatch):
+    from nonlocalnet.layers import pairwise_kept
+
+    monkeypatch.setattr(pairwise_kept, "KEPT_MIN_WEIGHTS", 2 * 29 * 40)
+    for n, kept in ((29, True), (28, False)):  # 2 x 29 x 40 weights and one row fewer
+        q, k, v = (torch.randn(2, length, 6, requires_grad=True) for length in (n, 40, 40))
+        for fn in (pairwise_kept.softmax_attention_kept, pairwise_kept.dot_product_kept):
+            node = type(fn(q, k, v, 1.0).grad_fn).__name__
+            assert node.startswith("_Kept") == kept, (n, node)
 
 
 @pytest.mark.parametrize("groups,memory", [(1, False), (2, False), (1, True)])
