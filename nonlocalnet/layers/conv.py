@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .capture import capturing
+
 # Calls below either size stay on torch's dispatch: oneDNN's per-call set-up (a primitive and reorders) costs more
 # than the reference kernel saves on a tiny map or a convolution of few multiply-adds (benchmarks/conv.py measures
 # both sides at the networks' shapes; docs/performance.md has the table).
@@ -74,9 +76,7 @@ def uses_onednn(x: Tensor, weight: Tensor, padding_mode: str = "zeros", padding:
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
+        and not capturing()
         and _get_current_dispatch_mode() is None  # FLOP counters and fake modes know torch's convolution
     )
 

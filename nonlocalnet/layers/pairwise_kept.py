@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .capture import capturing
 from .pairwise_dense import dot_product_dense, softmax_attention_dense
 from .pairwise_softmax import _bmm_into, _positions_like, _strided_rows, no_autocast
 
@@ -36,9 +37,7 @@ KEPT_MIN_WEIGHTS = 1 << 18
 def runs_kept(q: Tensor, k: Tensor) -> bool:
     """Whether the dense path runs the functions below for these inputs: not under a compiler or a tracer, and
     from :data:`KEPT_MIN_WEIGHTS` weights (which also leaves empty problems to the reference)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
-    return max(1, KEPT_MIN_WEIGHTS) <= q.shape[0] * q.shape[1] * k.shape[1]
+    return not capturing() and max(1, KEPT_MIN_WEIGHTS) <= q.shape[0] * q.shape[1] * k.shape[1]
 
 
 def softmax_attention_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -21,6 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.modules.utils import _triple
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .capture import capturing
+
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
@@ -113,7 +115,7 @@ def _channels_last_pays(x: Tensor) -> bool:
     map large enough, not already channels-last (torch's own kernel is then the channels-last one), and no tracer,
     compiler or dispatch mode that must see torch's max-pool. Fake tensors take it too, so that the cost model
     (models/cost.py) counts the channels-last copy the real step makes."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if capturing():
         return False  # first: a compiler must not trace the checks below
     return (
         ((type(x) is torch.Tensor and _get_current_dispatch_mode() is None) or isinstance(x, FakeTensor))
