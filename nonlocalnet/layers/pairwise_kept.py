@@ -44,7 +44,7 @@ def softmax_attention_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Ten
     """softmax(s q kᵀ) v (B, N, Cv), as :func:`~nonlocalnet.layers.pairwise_dense.softmax_attention_dense`."""
     if not runs_kept(q, k):
         return softmax_attention_dense(q, k, v, scale)[0]
-    return _KeptSoftmaxAttention.apply(q, k, v, scale)
+    return _KeptPairwise.apply(q, k, v, scale, True)
 
 
 def dot_product_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -52,12 +52,7 @@ def dot_product_kept(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     products; :func:`~nonlocalnet.layers.pairwise_dot_product.dot_product_linear` is the other)."""
     if not runs_kept(q, k):
         return dot_product_dense(q, k, v, scale)[0]
-    return _KeptDotProduct.apply(q, k, v, scale / k.shape[1])
-
-
-def _detached(*tensors: Tensor) -> tuple[Tensor, ...]:
-    # the products write into buffers (out=): operands that require grad are refused there
-    return tuple(t.detach() for t in tensors)
+    return _KeptPairwise.apply(q, k, v, scale / k.shape[1], False)
 
 
 def _grad_buffers(needs: tuple[bool, ...], *inputs: Tensor) -> list[Tensor | None]:
@@ -66,72 +61,42 @@ def _grad_buffers(needs: tuple[bool, ...], *inputs: Tensor) -> list[Tensor | Non
     return [_positions_like(t, t.shape[-1]) if need else None for t, need in zip(inputs, needs)]
 
 
-class _KeptSoftmaxAttention(torch.autograd.Function):
-    """y = P v with P = softmax(s q kᵀ), P kept. Backward: dV = Pᵀ dY, dS = P ⊙ (dY Vᵀ - rowsum(dY ⊙ Y)),
-    dQ = s dS K, dK = s dSᵀ Q."""
+class _KeptPairwise(torch.autograd.Function):
+    """y = W v with the weights W = softmax(a q kᵀ) (the softmax modes, a = s) or a q kᵀ (the dot product,
+    a = s/M), W kept. Backward: dV = Wᵀ dY, dW = dY Vᵀ, dS = W ⊙ (dW - rowsum(dY ⊙ Y)) under the softmax and
+    dS = dW without, dQ = a dS K, dK = a dSᵀ Q."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        q, k, v = _detached(q, k, v)
-        logits = q.new_empty((q.shape[0], q.shape[1], k.shape[1]))
-        _bmm_into(logits, q, k.transpose(1, 2), alpha=None if scale == 1.0 else scale)
-        weights = torch.softmax(logits, dim=-1)
-        del logits  # freed before y's product: the forward pass holds two N x M matrices at most, for a moment
-        y = _positions_like(q, v.shape[-1])
-        _bmm_into(y, weights, v)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, y, weights)
-        ctx.scale = scale
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: Tensor):
-        q, k, v, y, weights = ctx.saved_tensors
-        with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
-            grad_y = _strided_rows(grad_y.to(y.dtype))
-            alpha = None if ctx.scale == 1.0 else ctx.scale
-            grad_q, grad_k, grad_v = _grad_buffers(ctx.needs_input_grad, q, k, v)
-            if grad_v is not None:
-                _bmm_into(grad_v, weights.transpose(1, 2), grad_y)  # Pᵀ dY
-            delta = (grad_y * y).sum(dim=-1, keepdim=True)  # (B, N, 1): rowsum(dY ⊙ Y) = Σ_j P_ij dP_ij
-            grad_s = torch.bmm(grad_y, v.transpose(1, 2))  # dP
-            grad_s.sub_(delta).mul_(weights)  # dS, in place of dP
-            if grad_q is not None:
-                _bmm_into(grad_q, grad_s, k, alpha=alpha)  # s dS K
-            if grad_k is not None:
-                _bmm_into(grad_k, grad_s.transpose(1, 2), q, alpha=alpha)  # s dSᵀ Q
-        return grad_q, grad_k, grad_v, None
-
-
-class _KeptDotProduct(torch.autograd.Function):
-    """y = W v with W = a q kᵀ (a = s/M), W kept. Backward: dV = Wᵀ dY, dW = dY Vᵀ, dQ = a dW K, dK = a dWᵀ Q."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, alpha: float) -> Tensor:
-        q, k, v = _detached(q, k, v)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, alpha: float, softmax: bool) -> Tensor:
+        # detached: the products write into buffers (out=), which refuse operands that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
         weights = q.new_empty((q.shape[0], q.shape[1], k.shape[1]))
-        _bmm_into(weights, q, k.transpose(1, 2), alpha=alpha)
+        _bmm_into(weights, q, k.transpose(1, 2), alpha=None if alpha == 1.0 else alpha)
+        if softmax:  # the logits are freed before y's product: two N x M matrices at most, for a moment
+            weights = torch.softmax(weights, dim=-1)
         y = _positions_like(q, v.shape[-1])
         _bmm_into(y, weights, v)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, weights)
+            ctx.save_for_backward(q, k, v, weights, *([y] if softmax else []))  # y for the softmax's row sums
         ctx.alpha = alpha
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        q, k, v, weights = ctx.saved_tensors
-        with no_autocast(q.device.type):
+        q, k, v, weights, *y = ctx.saved_tensors
+        with no_autocast(q.device.type):  # a backward run inside autocast: the policy's dtype still holds
             grad_y = _strided_rows(grad_y.to(v.dtype))
-            grad_q, grad_k, grad_v = _grad_buffers(ctx.needs_input_grad, q, k, v)
+            alpha = None if ctx.alpha == 1.0 else ctx.alpha
+            grad_q, grad_k, grad_v = _grad_buffers(ctx.needs_input_grad[:3], q, k, v)
             if grad_v is not None:
                 _bmm_into(grad_v, weights.transpose(1, 2), grad_y)  # Wᵀ dY
             if grad_q is not None or grad_k is not None:
-                grad_w = torch.bmm(grad_y, v.transpose(1, 2))  # dW
+                grad_s = torch.bmm(grad_y, v.transpose(1, 2))  # dW
+                if y:  # dS = W ⊙ (dW - Δ), in place of dW; Δ = rowsum(dY ⊙ Y) = Σ_j W_ij dW_ij
+                    grad_s.sub_((grad_y * y[0]).sum(dim=-1, keepdim=True)).mul_(weights)
                 if grad_q is not None:
-                    _bmm_into(grad_q, grad_w, k, alpha=ctx.alpha)
+                    _bmm_into(grad_q, grad_s, k, alpha=alpha)  # a dS K
                 if grad_k is not None:
-                    _bmm_into(grad_k, grad_w.transpose(1, 2), q, alpha=ctx.alpha)
-        return grad_q, grad_k, grad_v, None
+                    _bmm_into(grad_k, grad_s.transpose(1, 2), q, alpha=alpha)  # a dSᵀ Q
+        return grad_q, grad_k, grad_v, None, None
